@@ -1,0 +1,265 @@
+"""Size accounting: the global nonzero budget k, model size in bits, and per-layer reports.
+
+Paper convention (what ``ratio`` means): a quantized factor with ``n`` nonzeros taking ``L``
+distinct nonzero values costs ``n * max(1, ceil(log2 L)) + 32 * L`` bits (codes plus a 32-bit
+codebook entry per level; zeros are implicit, positions are not counted). A factor without a
+quantizer costs ``32 * n``. The dense size is ``32 *`` the number of conv + linear weights.
+Biases and norm layers are neither compressed nor counted.
+
+``packed`` bits are the honest storage cost: per factor the cheaper of dense b-bit codes
+(the zero is a code) and CSR (codes + column indices + 32-bit row pointers), plus the codebook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from atmc_triton.config import ATMCConfig
+from atmc_triton.layers import ATMCLayer
+
+__all__ = [
+    "CODEBOOK_ENTRY_BITS",
+    "FactorSize",
+    "SizeReport",
+    "atmc_layers",
+    "dense_bits",
+    "factor_bits",
+    "model_size_bits",
+    "nnz_budget",
+    "size_report",
+    "unwrap",
+]
+
+CODEBOOK_ENTRY_BITS = 32
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+        )
+        if inner is None:
+            return model
+        model = inner
+
+
+def atmc_layers(model: nn.Module) -> list[tuple[str, ATMCLayer]]:
+    """``(name, layer)`` of every ATMC layer, in module order (the flat-buffer order)."""
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, ATMCLayer)]
+
+
+def _code_bits(levels: int) -> int:
+    return max(1, math.ceil(math.log2(levels))) if levels > 0 else 0
+
+
+def factor_bits(nnz: int, levels: int, bits: int | None) -> int:
+    """Paper-convention bits of one factor with ``nnz`` nonzeros over ``levels`` distinct values."""
+    if nnz == 0:
+        return 0
+    if bits is None:
+        return 32 * nnz
+    return nnz * _code_bits(levels) + CODEBOOK_ENTRY_BITS * levels
+
+
+def _packed_bits(nnz: int, levels: int, rows: int, cols: int, bits: int | None) -> int:
+    if nnz == 0:
+        return 0
+    value_bits = 32 if bits is None else _code_bits(levels)
+    book = 0 if bits is None else CODEBOOK_ENTRY_BITS * levels
+    dense = rows * cols * (32 if bits is None else _code_bits(levels + 1))
+    csr = nnz * (value_bits + _code_bits(cols)) + 32 * (rows + 1)
+    return min(dense, csr) + book
+
+
+def dense_bits(model: nn.Module) -> int:
+    """32 x the number of conv + linear weights (ATMC layers count at their original shape)."""
+    n = 0
+    for m in unwrap(model).modules():
+        if isinstance(m, ATMCLayer):
+            n += m.C.numel()
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            n += m.weight.numel()
+    return 32 * n
+
+
+def _desc(v: Tensor) -> Tensor:
+    """``v`` sorted descending (numpy's SIMD sort on CPU)."""
+    if v.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(np.sort(v.numpy())[::-1]))
+    return torch.sort(v, descending=True).values
+
+
+@torch.no_grad()
+def nnz_budget(layers: list[tuple[str, ATMCLayer]], cfg: ATMCConfig, dense: int) -> tuple[int, int | None]:
+    """Global nonzero budget ``k`` and size budget in bits (``None`` for an explicit ``nnz``).
+
+    For a ``ratio``: ``k`` is the largest count such that keeping the top-``k`` magnitudes of
+    the *current* factors costs at most ``ratio * dense`` bits, counting every nonzero at its
+    layer's full ``b`` bits and a codebook of ``min(2^b, nnz_f)`` levels per nonzero factor
+    (``32 * k`` without a quantizer). Training may move nonzeros between factors;
+    :func:`atmc_triton.finalize_` then fits the real cost exactly.
+    """
+    factors = [(layer.nbits, p) for _, layer in layers for _, p in layer.factors()]
+    total = sum(p.numel() for _, p in factors)
+    if cfg.nnz is not None:
+        return min(cfg.nnz, total), None
+    budget = math.floor(cfg.ratio * dense)
+    if cfg.bits is None:
+        k = min(budget // 32, total)
+    else:
+        mags = [_desc(p.detach().abs().reshape(-1).float().cpu()) for _, p in factors]
+        everything = _desc(torch.cat(mags))
+
+        def cost(k: int) -> int:  # bound on the bits of the top-k entries
+            tau = everything[k - 1]
+            c = 0
+            for (b, _), m in zip(factors, mags):
+                n = int(torch.searchsorted(-m, -tau, right=True))  # entries >= tau
+                c += n * b + CODEBOOK_ENTRY_BITS * min(2**b, n) if n else 0
+            return c
+
+        lo, hi = 0, min(total, budget // min(b for b, _ in factors))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cost(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        k = lo
+    if k <= 0:
+        raise ValueError(
+            f"ATMCConfig.ratio={cfg.ratio} leaves no nonzeros at bits={cfg.bits}: the budget is {budget} bits "
+            f"of a {dense}-bit dense model (a nonzero costs at least {cfg.bits or 32} bits plus its codebook)"
+        )
+    return k, budget
+
+
+@dataclass(frozen=True)
+class FactorSize:
+    layer: str
+    factor: str
+    shape: tuple[int, int]
+    bits: int | None
+    nnz: int
+    levels: int
+    paper_bits: int
+    packed_bits: int
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Per-factor sizes plus totals. ``str(report)`` is a table."""
+
+    factors: tuple[FactorSize, ...]
+    dense_bits: int
+
+    @property
+    def total_bits(self) -> int:
+        return sum(f.paper_bits for f in self.factors)
+
+    @property
+    def packed_bits(self) -> int:
+        return sum(f.packed_bits for f in self.factors)
+
+    @property
+    def packed_bytes(self) -> int:
+        return math.ceil(self.packed_bits / 8)
+
+    @property
+    def nnz(self) -> int:
+        return sum(f.nnz for f in self.factors)
+
+    @property
+    def ratio(self) -> float:
+        return self.total_bits / self.dense_bits if self.dense_bits else 0.0
+
+    def __str__(self) -> str:
+        head = (f"{'layer':<24}{'f':>2}{'shape':>14}{'bits':>5}{'nnz':>10}{'levels':>7}"
+                f"{'paper bits':>12}{'packed B':>10}")
+        rows = [head, "-" * len(head)]
+        for f in self.factors:
+            shape = f"{f.shape[0]}x{f.shape[1]}"
+            rows.append(f"{f.layer[-24:]:<24}{f.factor:>2}{shape:>14}{f.bits or 32:>5}{f.nnz:>10}{f.levels:>7}"
+                        f"{f.paper_bits:>12}{math.ceil(f.packed_bits / 8):>10}")
+        rows.append(f"total: {self.nnz} nonzeros, {self.total_bits} bits = {self.ratio:.3e} of dense "
+                    f"({self.dense_bits} bits); packed {self.packed_bytes} bytes")
+        return "\n".join(rows)
+
+
+def _levels(t: Tensor) -> int:
+    nz = t[t != 0]
+    return int(torch.unique(nz).numel()) if nz.numel() else 0
+
+
+@torch.no_grad()
+def size_report(model: nn.Module) -> SizeReport:
+    """Size of every factor of every ATMC layer, in the paper's convention and as packed bits."""
+    rows = []
+    for name, layer in atmc_layers(model):
+        for f, p in layer.factors():
+            nnz, levels = int((p != 0).sum()), _levels(p)
+            rows.append(FactorSize(name, f, tuple(p.shape), layer.nbits, nnz, levels,
+                                   factor_bits(nnz, levels, layer.nbits),
+                                   _packed_bits(nnz, levels, p.shape[0], p.shape[1], layer.nbits)))
+    if not rows:
+        raise ValueError("size_report: the model has no ATMC layers (call atmc_triton.compress_ first)")
+    return SizeReport(tuple(rows), dense_bits(model))
+
+
+def model_size_bits(model: nn.Module) -> int:
+    """Compressed size in bits, paper convention (see the module docstring).
+
+    Example:
+        >>> import atmc_triton as at
+        >>> m = at.compress_(nn.Sequential(nn.Linear(8, 4)), at.ATMCConfig(nnz=5))
+        >>> at.model_size_bits(m) > 0
+        True
+    """
+    return size_report(model).total_bits
+
+
+def fit_budget_(flat: Tensor, offsets: list[int], bits: list[int | None], k: int, budget: int | None) -> int:
+    """Keep the largest prefix of the top-``k`` order (|w| desc, index asc) that fits ``budget``.
+
+    ``flat`` holds every factor back to back (already projected to at most ``k`` nonzeros);
+    entries beyond the prefix are zeroed in place. Returns the number of nonzeros kept.
+    Cost is monotone in the prefix length, so a binary search finds the exact fit.
+    """
+    idx = torch.nonzero(flat).view(-1)
+    if budget is None or idx.numel() == 0:
+        return idx.numel()
+    a = flat[idx].abs()
+    order = idx[torch.sort(-a, stable=True).indices]  # ties: lower flat index first
+    off = torch.tensor(offsets, device=flat.device)
+    seg = torch.searchsorted(off, order, right=True) - 1  # factor of each entry
+    vals = flat[order]
+    key = seg * (1 << 32) + (vals.view(torch.int32).long() & 0xFFFFFFFF)  # (factor, exact value)
+    _, inv = torch.unique(key, return_inverse=True)
+    pos = torch.arange(order.numel(), device=flat.device)
+    first = torch.full((int(inv.max()) + 1,), order.numel(), device=flat.device).scatter_reduce(
+        0, inv, pos, reduce="amin")
+    is_first = first[inv] == pos  # first time this factor sees this value
+    S = len(bits)
+
+    def cost(n: int) -> int:
+        nnz = torch.bincount(seg[:n], minlength=S).tolist()
+        lev = torch.bincount(seg[:n][is_first[:n]], minlength=S).tolist()
+        return sum(factor_bits(c, lv, b) for c, lv, b in zip(nnz, lev, bits))
+
+    lo, hi = 0, order.numel()  # cost(lo) fits; find the largest n with cost(n) <= budget
+    if cost(hi) <= budget:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    flat[order[lo:]] = 0
+    return lo

@@ -1,0 +1,145 @@
+"""Frozen, validated configuration for ATMC compression."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["ATMCConfig", "INITS"]
+
+INITS = ("identity", "svd")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_bits(name: str, b: object) -> None:
+    if not (_is_int(b) and 1 <= b <= 8):
+        raise ValueError(f"{name} must be an int in 1..8, got {b!r}")
+
+
+@dataclass(frozen=True)
+class ATMCConfig:
+    """How ATMC compresses a model: budget, quantizer, ADMM penalty and factor init.
+
+    Give exactly one budget: ``ratio`` (the paper's x-axis, compressed bits over the
+    32-bit dense size of all compressed conv+linear weights) or ``nnz`` (the global
+    number of nonzeros ``k`` kept across every U, V and C).
+
+    Args:
+        ratio: size ratio in (0, 1); turned into ``k`` by :func:`atmc_triton.nnz_budget`.
+        nnz: explicit global nonzero budget ``k >= 0``.
+        bits: codebook bits ``b`` in 1..8 (2^b free centres plus a pinned zero), or
+            ``None`` for 32-bit factors with no quantizer (the paper's "ATMC-32b").
+        layer_bits: per-layer override ``{module name or fnmatch pattern: bits}``;
+            the first matching entry wins (exact names are tried before patterns).
+        rho: ADMM penalty ``rho / 2 * ||W - Z + u||^2``.
+        rho_factor, rho_every: multiply ``rho`` by ``rho_factor`` after every
+            ``rho_every`` quantizer steps (the Robust-ADMM schedule; 1.0 = constant).
+        quant_interval: run the quantizer + dual update every this many steps.
+        max_iter, tol: Lloyd iteration cap and relative-SSE tolerance.
+        init: ``"identity"`` (the reference's W = (B + I) A + C, full rank) or
+            ``"svd"`` (truncated SVD, U V = best rank-r approximation, C = 0).
+        rank: SVD rank, an int ``>= 1`` or a fraction in (0, 1] of ``min(out, in*kh*kw)``;
+            only with ``init="svd"`` (``None`` = full rank).
+
+    Example:
+        >>> cfg = ATMCConfig(ratio=0.01, bits=8)
+        >>> cfg.bits_for("features.0")
+        8
+    """
+
+    ratio: float | None = None
+    nnz: int | None = None
+    bits: int | None = 8
+    layer_bits: Mapping[str, int] | None = field(default=None)
+    rho: float = 0.1
+    rho_factor: float = 1.0
+    rho_every: int = 1
+    quant_interval: int = 10
+    max_iter: int = 20
+    tol: float = 1e-5
+    init: str = "identity"
+    rank: int | float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.nnz is None):
+            raise ValueError("ATMCConfig needs exactly one budget: ratio=... or nnz=...")
+        if self.ratio is not None and not (_is_real(self.ratio) and 0.0 < self.ratio < 1.0):
+            raise ValueError(f"ATMCConfig.ratio must be a number in (0, 1), got {self.ratio!r}")
+        if self.nnz is not None and not (_is_int(self.nnz) and self.nnz >= 0):
+            raise ValueError(f"ATMCConfig.nnz must be an int >= 0, got {self.nnz!r}")
+        if self.bits is not None:
+            _check_bits("ATMCConfig.bits", self.bits)
+        lb = dict(self.layer_bits or {})
+        if lb and self.bits is None:
+            raise ValueError("ATMCConfig.layer_bits needs a quantizer: set bits to 1..8, not None")
+        for name, b in lb.items():
+            if not isinstance(name, str):
+                raise ValueError(f"ATMCConfig.layer_bits keys must be module names, got {name!r}")
+            _check_bits(f"ATMCConfig.layer_bits[{name!r}]", b)
+        # freeze the mapping so the dataclass stays hashable and immutable
+        object.__setattr__(self, "layer_bits", tuple(lb.items()) or None)
+        if not (_is_real(self.rho) and self.rho >= 0):
+            raise ValueError(f"ATMCConfig.rho must be a finite number >= 0, got {self.rho!r}")
+        if not (_is_real(self.rho_factor) and self.rho_factor > 0):
+            raise ValueError(f"ATMCConfig.rho_factor must be > 0, got {self.rho_factor!r}")
+        for name in ("rho_every", "quant_interval"):
+            v = getattr(self, name)
+            if not (_is_int(v) and v >= 1):
+                raise ValueError(f"ATMCConfig.{name} must be an int >= 1, got {v!r}")
+        if not (_is_int(self.max_iter) and self.max_iter >= 0):
+            raise ValueError(f"ATMCConfig.max_iter must be an int >= 0, got {self.max_iter!r}")
+        if not (_is_real(self.tol) and self.tol >= 0):
+            raise ValueError(f"ATMCConfig.tol must be a finite number >= 0, got {self.tol!r}")
+        if self.init not in INITS:
+            raise ValueError(f"ATMCConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.rank is not None:
+            if self.init != "svd":
+                raise ValueError(
+                    "ATMCConfig.rank applies to init='svd' only; init='identity' is full rank"
+                )
+            if _is_int(self.rank):
+                if self.rank < 1:
+                    raise ValueError(f"ATMCConfig.rank must be >= 1, got {self.rank!r}")
+            elif not (_is_real(self.rank) and 0.0 < self.rank <= 1.0):
+                raise ValueError(
+                    f"ATMCConfig.rank must be an int >= 1 or a fraction in (0, 1], got {self.rank!r}"
+                )
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the Lloyd quantizer (and the ADMM coupling) is on."""
+        return self.bits is not None
+
+    def bits_for(self, name: str) -> int | None:
+        """Bits for the module called ``name`` (``layer_bits`` override, else ``bits``)."""
+        entries = self.layer_bits or ()
+        for pattern, b in entries:
+            if pattern == name:
+                return b
+        for pattern, b in entries:
+            if fnmatch.fnmatchcase(name, pattern):
+                return b
+        return self.bits
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """Rank r of ``U [out, r] V [r, in]`` for a layer of that shape."""
+        full = min(out_features, in_features)
+        if self.rank is None:
+            return full
+        if _is_int(self.rank):
+            if self.rank > full:
+                raise ValueError(
+                    f"ATMCConfig.rank={self.rank} is larger than this layer allows "
+                    f"(min(out={out_features}, in={in_features}) = {full})"
+                )
+            return self.rank
+        return max(1, min(full, round(self.rank * full)))

@@ -1,0 +1,231 @@
+"""ATMC layers: every weight is ``W = U V + C`` (plus the identity of the identity init)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from atmc_triton.config import ATMCConfig
+from atmc_triton.kernels import IDENTITY_NONE, IDENTITY_U, IDENTITY_V, NUM_SLOTS, lloyd_quantize
+
+__all__ = ["ATMCLayer", "ATMCLinear", "ATMCConv2d", "FACTORS", "IDENTITY_NONE", "IDENTITY_U", "IDENTITY_V"]
+
+FACTORS = ("U", "V", "C")
+
+
+def _factor_init(w2d: Tensor, cfg: ATMCConfig) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(U [out, r], V [r, in], C [out, in], identity)`` reproducing ``w2d [out, in]``."""
+    out, inn = w2d.shape
+    C = torch.zeros_like(w2d)
+    if cfg.init == "identity":  # the reference: one factor holds W, the other is 0 (+ I)
+        if inn <= out:  # r = in:  W = U (V + I) + C with U = W, V = 0
+            return w2d.clone(), torch.zeros(inn, inn, dtype=w2d.dtype, device=w2d.device), C, IDENTITY_V
+        return torch.zeros(out, out, dtype=w2d.dtype, device=w2d.device), w2d.clone(), C, IDENTITY_U
+    r = cfg.rank_for(out, inn)
+    P, S, Qh = torch.linalg.svd(w2d.double(), full_matrices=False)
+    s = S[:r].sqrt()
+    U = (P[:, :r] * s).to(w2d.dtype)
+    V = (s[:, None] * Qh[:r]).to(w2d.dtype)
+    return U, V, C, IDENTITY_NONE
+
+
+class ATMCLayer(nn.Module):
+    """Shared state of :class:`ATMCLinear` and :class:`ATMCConv2d`.
+
+    Parameters ``U [out, r]``, ``V [r, in]``, ``C [out, in]`` (``in`` = in_channels * kh * kw
+    for convolutions). Buffers, updated in place by :class:`atmc_triton.ADMM`:
+    ``{U,V,C}_z`` (quantized copy Z), ``{U,V,C}_u`` (dual u), ``{U,V,C}_mask`` (nonzeros),
+    ``codebook [3, 257]`` (rows U, V, C; slot 0 is the pinned zero), ``bits`` (0 = no
+    quantizer), ``identity`` (0 none, 1: W = (U + I) V + C, 2: W = U (V + I) + C) and
+    ``finalized``.
+    """
+
+    def _setup(self, out: int, inn: int, rank: int, identity: int, bits: int | None, bias: bool, dd: dict):
+        if identity == IDENTITY_U and rank != out or identity == IDENTITY_V and rank != inn:
+            raise ValueError(f"identity={identity} needs full rank, got rank={rank} for [{out}, {inn}]")
+        if not 1 <= rank <= min(out, inn):
+            raise ValueError(f"rank must be in 1..{min(out, inn)} for a [{out}, {inn}] weight, got {rank}")
+        if bits is not None and not 1 <= bits <= 8:
+            raise ValueError(f"bits must be in 1..8 or None, got {bits}")
+        self.rank = rank
+        self._identity = identity
+        shapes = {"U": (out, rank), "V": (rank, inn), "C": (out, inn)}
+        for f, shape in shapes.items():
+            self.register_parameter(f, nn.Parameter(torch.zeros(shape, **dd)))
+            self.register_buffer(f"{f}_z", torch.zeros(shape, **dd))
+            self.register_buffer(f"{f}_u", torch.zeros(shape, **dd))
+            self.register_buffer(f"{f}_mask", torch.zeros(shape, dtype=torch.bool, device=dd["device"]))
+        self.bias = nn.Parameter(torch.zeros(out, **dd)) if bias else None
+        self.register_buffer("codebook", torch.zeros(3, NUM_SLOTS, dtype=torch.float32, device=dd["device"]))
+        self.register_buffer("bits", torch.tensor(bits or 0, dtype=torch.int8, device=dd["device"]))
+        self.register_buffer("identity", torch.tensor(identity, dtype=torch.int8, device=dd["device"]))
+        self.register_buffer("finalized", torch.tensor(False, device=dd["device"]))
+
+    @property
+    def nbits(self) -> int | None:
+        """Codebook bits of this layer, or ``None`` without a quantizer."""
+        return int(self.bits) or None
+
+    def factors(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f, getattr(self, f)) for f in FACTORS]
+
+    def weight_2d(self) -> Tensor:
+        """The effective weight as ``[out, in]``: ``U V + C`` plus the identity term."""
+        w = torch.addmm(self.C, self.U, self.V)
+        if self._identity == IDENTITY_U:  # (U + I) V = U V + V
+            w = w + self.V
+        elif self._identity == IDENTITY_V:  # U (V + I) = U V + U
+            w = w + self.U
+        return w
+
+    @property
+    def weight(self) -> Tensor:
+        """Materialized weight in the original layer's shape (differentiable)."""
+        return self.weight_2d().view(self.weight_shape)
+
+    @torch.no_grad()
+    def _load_dense(self, module: nn.Module, cfg: ATMCConfig) -> None:
+        U, V, C, identity = _factor_init(module.weight.detach().reshape(self.C.shape), cfg)
+        if identity != self._identity:
+            raise AssertionError("identity side disagrees with the constructor")
+        for f, t in zip(FACTORS, (U, V, C)):
+            getattr(self, f).copy_(t)
+        if self.bias is not None:
+            self.bias.copy_(module.bias.detach())
+        self.reset_admm_state(cfg.max_iter, cfg.tol)
+
+    @torch.no_grad()
+    def reset_admm_state(self, max_iter: int = 20, tol: float = 1e-5) -> None:
+        """Z := Quant_b(factor) (or the factor itself without a quantizer), u := 0, masks := nonzeros."""
+        vals = [getattr(self, f).detach().reshape(-1).float() for f in FACTORS]
+        if self.nbits is not None:
+            flat = torch.cat(vals)
+            n = [v.numel() for v in vals]
+            offsets = torch.tensor([0, n[0], n[0] + n[1], sum(n)], dtype=torch.int64, device=flat.device)
+            bits = torch.full((3,), self.nbits, dtype=torch.int32, device=flat.device)
+            book, _, q, _ = lloyd_quantize(flat, offsets, bits, max_iter, tol)
+            vals = list(torch.split(q, n))
+            self.codebook.copy_(book)
+        for f, v in zip(FACTORS, vals):
+            p = getattr(self, f)
+            getattr(self, f"{f}_z").copy_(v.view(p.shape))
+            getattr(self, f"{f}_u").zero_()
+            getattr(self, f"{f}_mask").copy_(p != 0)
+        self.finalized.fill_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("bits", "identity"):
+            key = prefix + name
+            if key in state_dict and int(state_dict[key]) != int(getattr(self, name)):
+                raise ValueError(
+                    f"{prefix or 'layer '}{name}: checkpoint has {int(state_dict[key])}, this layer has "
+                    f"{int(getattr(self, name))}; it was saved from another ATMC config"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_dense(module: nn.Module, kind: type) -> None:
+    if not isinstance(module, kind):
+        raise ValueError(f"from_dense expects {kind.__name__}, got {type(module).__name__}")
+    if not module.weight.dtype.is_floating_point:
+        raise ValueError(f"can only compress floating-point weights, got dtype {module.weight.dtype}")
+
+
+class ATMCLinear(ATMCLayer):
+    """``nn.Linear`` with ``W = U V + C``: same shapes and bias as the original.
+
+    Example:
+        >>> lin = nn.Linear(7, 5)
+        >>> atmc = ATMCLinear.from_dense(lin, ATMCConfig(ratio=0.1))
+        >>> torch.allclose(atmc(torch.ones(2, 7)), lin(torch.ones(2, 7)), atol=1e-6)
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int | None = None,
+                 identity: int = IDENTITY_NONE, bits: int | None = 8, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        rank = min(out_features, in_features) if rank is None else rank
+        self._setup(out_features, in_features, rank, identity, bits, bias, {"device": device, "dtype": dtype})
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, cfg: ATMCConfig, bits: int | None = ...) -> ATMCLinear:
+        """Build from a trained ``nn.Linear`` (``bits`` overrides ``cfg.bits`` for this layer)."""
+        _check_dense(module, nn.Linear)
+        out, inn = module.weight.shape
+        identity = (IDENTITY_V if inn <= out else IDENTITY_U) if cfg.init == "identity" else IDENTITY_NONE
+        layer = cls(inn, out, module.bias is not None, rank=cfg.rank_for(out, inn), identity=identity,
+                    bits=cfg.bits if bits is ... else bits, device=module.weight.device, dtype=module.weight.dtype)
+        layer._load_dense(module, cfg)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_2d(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bits={self.nbits}, bias={self.bias is not None}")
+
+
+class ATMCConv2d(ATMCLayer):
+    """``nn.Conv2d`` (groups = 1) with ``W [out, in*kh*kw] = U V + C``; same stride, padding,
+    dilation, padding mode and bias as the original.
+
+    Example:
+        >>> conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        >>> atmc = ATMCConv2d.from_dense(conv, ATMCConfig(ratio=0.1))
+        >>> x = torch.randn(1, 3, 9, 9)
+        >>> torch.allclose(atmc(x), conv(x), atol=1e-5)
+        True
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, rank: int | None = None,
+                 identity: int = IDENTITY_NONE, bits: int | None = 8, device=None, dtype=None):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"ATMCConv2d supports groups=1 only, got groups={groups}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.groups, self.padding_mode = 1, padding_mode
+        self.weight_shape = (out_channels, in_channels, *self.kernel_size)
+        inn = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        rank = min(out_channels, inn) if rank is None else rank
+        self._setup(out_channels, inn, rank, identity, bits, bias, {"device": device, "dtype": dtype})
+        if padding_mode != "zeros":
+            if isinstance(padding, str):
+                raise ValueError(f"ATMCConv2d: padding={padding!r} with padding_mode={padding_mode!r} is unsupported")
+            self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, cfg: ATMCConfig, bits: int | None = ...) -> ATMCConv2d:
+        """Build from a trained ``nn.Conv2d`` (``bits`` overrides ``cfg.bits`` for this layer)."""
+        _check_dense(module, nn.Conv2d)
+        if module.groups != 1:
+            raise ValueError(f"ATMC compresses Conv2d with groups=1 only, got groups={module.groups}")
+        out = module.out_channels
+        inn = module.weight[0].numel()
+        identity = (IDENTITY_V if inn <= out else IDENTITY_U) if cfg.init == "identity" else IDENTITY_NONE
+        layer = cls(module.in_channels, out, module.kernel_size, module.stride, module.padding, module.dilation,
+                    1, module.bias is not None, module.padding_mode, rank=cfg.rank_for(out, inn),
+                    identity=identity, bits=cfg.bits if bits is ... else bits,
+                    device=module.weight.device, dtype=module.weight.dtype)
+        layer._load_dense(module, cfg)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight_2d().view(self.weight_shape)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, self.bias, self.stride, _pair(0), self.dilation)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.nbits}, "
+                f"bias={self.bias is not None}")

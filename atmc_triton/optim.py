@@ -1,0 +1,169 @@
+"""The ATMC ADMM optimizer, a real ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from atmc_triton.budget import atmc_layers, unwrap
+from atmc_triton.config import ATMCConfig
+from atmc_triton.kernels import admm_step, lloyd_quantize
+from atmc_triton.store import FactorStore
+
+__all__ = ["ADMM"]
+
+
+class ADMM(torch.optim.Optimizer):
+    """ADMM for ATMC: projected momentum SGD on ``loss + rho/2 ||W - Z + u||^2`` with a global
+    top-k projection every step, and ``Z = Lloyd_b(W + u); u += W - Z`` every
+    ``cfg.quant_interval`` steps. Other parameters (biases, norms, uncompressed layers) take
+    ordinary momentum SGD steps with the same ``lr``, ``momentum`` and ``weight_decay``.
+
+    Param group 0 holds the factors (keys ``rho`` and ``k`` besides the SGD ones); group 1,
+    if present, the other parameters. LR schedulers act on both. ``state_dict`` carries
+    momenta, the step count and the current ``rho``.
+
+    Args:
+        model: a model after :func:`atmc_triton.compress_` (DDP / compiled wrappers are fine).
+        cfg: the config given to ``compress_``.
+        check_finite: raise ``FloatingPointError`` before writing anything if a grad is
+            NaN/Inf (one device sync per step; the training loop may turn it off).
+
+    Example:
+        >>> import atmc_triton as at
+        >>> model = at.compress_(nn.Sequential(nn.Linear(8, 4)), at.ATMCConfig(nnz=10))
+        >>> opt = at.ADMM(model, at.ATMCConfig(nnz=10), lr=0.1)
+        >>> model(torch.randn(3, 8)).sum().backward(); opt.step()
+        >>> sum(int((p != 0).sum()) for n, p in model.named_parameters() if n[-1] in "UVC") <= 10
+        True
+    """
+
+    def __init__(self, model: nn.Module, cfg: ATMCConfig, lr: float = 0.01, momentum: float = 0.9,
+                 weight_decay: float = 1e-4, nesterov: bool = False, check_finite: bool = True):
+        if not isinstance(cfg, ATMCConfig):
+            raise ValueError(f"ADMM: cfg must be an ATMCConfig, got {type(cfg).__name__}")
+        for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"ADMM: {name} must be a number >= 0, got {v!r}")
+        if nesterov and momentum <= 0:
+            raise ValueError("ADMM: nesterov needs momentum > 0")
+        model = unwrap(model)
+        layers = [layer for _, layer in atmc_layers(model)]
+        if not layers:
+            raise ValueError("ADMM: the model has no ATMC layers; call atmc_triton.compress_(model, cfg) first")
+        k = getattr(model, "atmc_nnz_budget", None)
+        if k is None:
+            raise ValueError("ADMM: the model has no budget buffer; compress it with atmc_triton.compress_")
+        factor_ids = {id(p) for layer in layers for _, p in layer.factors()}
+        factors = [p for layer in layers for _, p in layer.factors()]
+        others = [p for p in model.parameters() if id(p) not in factor_ids and p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": factors, "atmc": True, "rho": float(cfg.rho), "k": int(k)}]
+        if others:
+            groups.append({"params": others, "atmc": False})
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}
+        super().__init__(groups, defaults)
+        self.cfg = cfg
+        self.check_finite = check_finite
+        self.store = FactorStore(layers)
+        self.state["admm"] = {"step": 0, "quant_steps": 0}
+        self._point_state()
+
+    # -- flat-state plumbing -------------------------------------------------------------
+    def _point_state(self) -> None:
+        for s, p in enumerate(self.param_groups[0]["params"]):
+            self.state[p]["momentum_buffer"] = self.store.view(self.store.mom, s)
+
+    def _sync(self) -> None:
+        if self.store.sync():
+            self._point_state()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero grads; factor grads are always zeroed in place in the flat buffer."""
+        self._sync()
+        self.store.zero_grad()
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._sync()
+        with torch.no_grad():
+            for s, p in enumerate(self.param_groups[0]["params"]):
+                buf = self.state[p].get("momentum_buffer")
+                view = self.store.view(self.store.mom, s)
+                if buf is None:
+                    view.zero_()
+                elif buf.data_ptr() != view.data_ptr():
+                    view.copy_(buf)
+        self._point_state()
+        self.state.setdefault("admm", {"step": 0, "quant_steps": 0})
+
+    # -- the step --------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return self.state["admm"]["step"]
+
+    def _check_finite(self) -> None:
+        bad = [~torch.isfinite(self.store.grad).all()]
+        dense = [p.grad for g in self.param_groups[1:] for p in g["params"] if p.grad is not None]
+        bad += [~torch.isfinite(g).all() for g in dense]
+        if bool(torch.stack(bad).any()):
+            raise FloatingPointError("ADMM.step: a gradient has NaN or Inf; nothing was updated")
+
+    @torch.no_grad()
+    def step(self, closure=None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync()
+        if self.check_finite:
+            self._check_finite()
+        st = self.state["admm"]
+        st["step"] += 1
+        fg = self.param_groups[0]
+        quantized = self.cfg.quantized
+        admm_step(self.store.w, self.store.grad, self.store.mom, self.store.z, self.store.u, self.store.mask,
+                  float(fg["lr"]), float(fg["momentum"]), float(fg["weight_decay"]),
+                  float(fg["rho"]) if quantized else 0.0, int(fg["k"]), bool(fg["nesterov"]))
+        for group in self.param_groups[1:]:
+            self._sgd(group)
+        if quantized and st["step"] % self.cfg.quant_interval == 0:
+            self.quantize_()
+            st["quant_steps"] += 1
+            if st["quant_steps"] % self.cfg.rho_every == 0:
+                fg["rho"] *= self.cfg.rho_factor
+        return loss
+
+    def _sgd(self, group: dict[str, Any]) -> None:
+        lr, mom, wd, nest = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
+            if mom:
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(mom).add_(g)
+                g = g.add(buf, alpha=mom) if nest else buf
+            p.add_(g, alpha=-lr)
+
+    @torch.no_grad()
+    def quantize_(self) -> Tensor:
+        """``Z = Lloyd_b(W + u)`` for every factor, then ``u += W - Z``; returns the per-factor error."""
+        s = self.store
+        book, _, q, err = lloyd_quantize(s.w + s.u, s.offsets_t, s.bits_t, self.cfg.max_iter, self.cfg.tol)
+        s.z.copy_(q)
+        s.codebook.copy_(book)
+        s.u.add_(s.w - s.z)
+        return err

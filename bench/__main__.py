@@ -1,0 +1,65 @@
+"""Run every benchmark: ``python -m bench --out DIR [--only admm,lloyd] [--quick]``.
+
+Each module in ``MODULES`` exposes ``run(ctx) -> (rows, targets)``. On a GPU this measures
+everything in one call (budget: under 8 minutes) and ends with one summary table against the
+targets; ``--quick`` runs tiny sizes on whatever device is present (a smoke test of the code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench.common import Ctx, environment, write_results
+
+MODULES = ["bench.admm", "bench.lloyd", "bench.gemm", "bench.e2e"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for results.md / results.jsonl")
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(m[6:] for m in MODULES))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test of the benchmark code)")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.quick:
+        print("no CUDA GPU: the benchmarks measure GPU kernels; use --quick for a CPU smoke run", file=sys.stderr)
+        return 2
+    wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+    ctx = Ctx(device=device, quick=args.quick, out=args.out)
+    rows, targets, failed = [], [], []
+    for name in MODULES:
+        if wanted and name[6:] not in wanted:
+            continue
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                print(f"[bench] {name}: not present, skipped", flush=True)
+                continue
+            raise
+        t0 = time.time()
+        try:
+            r, t = mod.run(ctx)
+        except Exception:  # one broken benchmark must not hide the others
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        rows += r
+        targets += t
+        print(f"[bench] {name}: {len(r)} rows in {time.time() - t0:.1f}s", flush=True)
+    md = write_results(args.out, environment(device), rows, targets)
+    print(md)
+    if failed:
+        print("FAILED: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

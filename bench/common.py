@@ -1,0 +1,108 @@
+"""Shared benchmark plumbing: timing, bandwidth floor, result rows and the summary table."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["Ctx", "Row", "Target", "bench_ms", "copy_bandwidth", "environment", "write_results"]
+
+
+@dataclass
+class Ctx:
+    """What a benchmark module gets: the device, quick mode (tiny CPU smoke sizes) and an output dir."""
+
+    device: torch.device
+    quick: bool
+    out: Path
+
+
+@dataclass
+class Row:
+    bench: str  # e.g. "admm"
+    case: str  # e.g. "resnet34 (42.5M)"
+    variant: str  # e.g. "triton", "eager reference", "torch.compile(reference)"
+    median_ms: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Target:
+    bench: str
+    what: str  # e.g. "triton vs eager reference, resnet34"
+    value: float
+    goal: str  # e.g. ">= 20x"
+    met: bool
+
+
+def bench_ms(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median milliseconds of ``fn()``: CUDA events via triton.testing.do_bench on GPU, wall clock on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    t_end = time.perf_counter() + rep_ms / 1000
+    while time.perf_counter() < t_end or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes = 1 << 26
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a), device)
+    return 2 * nbytes / (ms / 1000)
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU)"
+    return {"gpu": gpu, "commit": commit, "date": _dt.date.today().isoformat(), "torch": torch.__version__}
+
+
+def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target]) -> str:
+    """Write ``results.jsonl`` and ``results.md`` under ``out``; return the markdown summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({**env, **asdict(r)}) + "\n")
+        for t in targets:
+            f.write(json.dumps({**env, "target": asdict(t)}) + "\n")
+    head = f"GPU: {env['gpu']} | commit {env['commit']} | {env['date']} | torch {env['torch']}"
+    timings = _fmt_table(
+        ["bench", "case", "variant", "median ms", "notes"],
+        [[r.bench, r.case, r.variant, f"{r.median_ms:.4g}",
+          ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())]
+         for r in rows],
+    )
+    summary = _fmt_table(
+        ["bench", "target", "measured", "goal", "met"],
+        [[t.bench, t.what, f"{t.value:.3g}", t.goal, "yes" if t.met else "NO"] for t in targets],
+    )
+    md = f"{head}\n\n### Timings (medians)\n\n{timings}\n\n### Targets\n\n{summary}\n"
+    (out / "results.md").write_text(md)
+    return md

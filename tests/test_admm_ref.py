@@ -1,0 +1,341 @@
+"""The reference ADMM step and projection, and the ADMM optimizer built on them."""
+
+import copy
+
+import pytest
+import torch
+from atmc_triton.kernels import admm_step, admm_step_ref, project_topk_
+from helpers import factor_nnz, lenet, small_cnn, train_steps
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import atmc_triton as at
+
+
+def flat_inputs(n: int, seed: int = 0, ties: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g)
+    if ties:
+        w = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
+    return dict(
+        w=w, grad=torch.randn(n, generator=g), mom=torch.randn(n, generator=g) * 0.1,
+        z=torch.randn(n, generator=g), u=torch.randn(n, generator=g) * 0.1, mask=torch.zeros(n, dtype=torch.bool),
+    )
+
+
+def autograd_step(t, lr, momentum, wd, rho, k, nesterov):
+    """The reference code's formulation: autograd on the prox term, torch SGD, then top-k."""
+    w = t["w"].clone().requires_grad_(True)
+    (rho / 2 * (w - t["z"] + t["u"]).square().sum()).backward()
+    g = w.grad + t["grad"]
+    opt = torch.optim.SGD([w], lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+    opt.state[w]["momentum_buffer"] = t["mom"].clone()
+    w.grad = g
+    opt.step()
+    w = w.detach()
+    mom = opt.state[w]["momentum_buffer"] if w in opt.state else None
+    return w, mom
+
+
+@given(n=st.sampled_from([1, 7, 63, 1000]), k_frac=st.floats(0, 1), seed=st.integers(0, 99),
+       nesterov=st.booleans(), ties=st.booleans())
+def test_step_matches_autograd_sgd_then_topk(n, k_frac, seed, nesterov, ties):
+    k = round(k_frac * n)
+    t = flat_inputs(n, seed, ties)
+    w_ag, _ = autograd_step(t, 0.05, 0.9, 1e-3, 0.3, k, nesterov)
+    mom_expect = 0.9 * t["mom"] + t["grad"] + 1e-3 * t["w"] + 0.3 * (t["w"] - t["z"] + t["u"])
+    tau = admm_step_ref(**t, lr=0.05, momentum=0.9, weight_decay=1e-3, rho=0.3, k=k, nesterov=nesterov)
+    keep = torch.zeros(n, dtype=torch.bool)
+    if k:
+        keep[torch.sort(-w_ag.abs(), stable=True).indices[:k]] = True  # ties: lowest index first
+    assert torch.allclose(t["w"], torch.where(keep, w_ag, 0.0), atol=1e-6)
+    assert torch.allclose(t["mom"], torch.where(keep, mom_expect, 0.0), atol=1e-6)
+    assert torch.equal(t["mask"], keep & (t["w"] != 0))
+    assert int(keep.sum()) == min(k, n)
+    if 0 < k < n:
+        assert float(tau) == float(w_ag.abs()[keep].min())
+
+
+def test_budget_edge_cases():
+    for k, expect in [(0, 0), (1, 1), (50, 50)]:
+        t = flat_inputs(50, ties=True)
+        tau = admm_step_ref(**t, lr=0.0, momentum=0.0, weight_decay=0.0, rho=0.0, k=k, nesterov=False)
+        assert int((t["w"] != 0).sum()) <= expect and int(t["mask"].sum()) == int((t["w"] != 0).sum())
+    assert float(tau) == 0.0  # nothing pruned
+    t = flat_inputs(50)
+    tau = admm_step_ref(**t, lr=0.0, momentum=0.0, weight_decay=0.0, rho=0.0, k=0, nesterov=False)
+    assert float(tau) == float("inf") and not t["mask"].any() and not t["w"].any()
+
+
+def test_heavy_ties_keep_exactly_k_lowest_indices():
+    w = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 1.0])
+    keep, tau = project_topk_(w, 3)
+    assert keep.tolist() == [True, True, True, False, False, False] and float(tau) == 1.0
+    w = torch.ones(1000)
+    keep, _ = project_topk_(w, 10)
+    assert keep.nonzero().view(-1).tolist() == list(range(10))
+
+
+def test_step_rejects_bad_inputs():
+    t = flat_inputs(10)
+    base = dict(lr=0.1, momentum=0.9, weight_decay=0.0, rho=0.1, k=3, nesterov=False)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        admm_step_ref(**{**t, "mask": torch.zeros(10)}, **base)
+    with pytest.raises(ValueError, match="z must be 1-D with 10"):
+        admm_step_ref(**{**t, "z": torch.zeros(9)}, **base)
+    with pytest.raises(ValueError, match="float32"):
+        admm_step_ref(**{**t, "w": t["w"].double()}, **base)
+    with pytest.raises(ValueError, match="k must be"):
+        admm_step_ref(**t, **{**base, "k": -1})
+    with pytest.raises(ValueError, match="contiguous"):
+        admm_step_ref(**{**t, "u": torch.zeros(20)[::2]}, **base)
+
+
+def test_half_precision_grads_are_accepted():
+    t = flat_inputs(100)
+    t32 = copy.deepcopy(t)
+    t["grad"] = t["grad"].bfloat16()
+    t32["grad"] = t["grad"].float()
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, rho=0.1, k=40, nesterov=False)
+    admm_step(**t, **kw)
+    admm_step(**t32, **kw)
+    assert torch.equal(t["w"], t32["w"])
+
+
+# --- the optimizer --------------------------------------------------------------------------
+
+
+def setup(cfg=None, model_fn=small_cnn, **opt_kw):
+    cfg = cfg or at.ATMCConfig(ratio=0.3, bits=3, quant_interval=2)
+    model = at.compress_(model_fn(), cfg)
+    return model, at.ADMM(model, cfg, lr=0.05, **opt_kw), cfg
+
+
+def batch(model_fn=small_cnn):
+    if model_fn is lenet:
+        return torch.rand(6, 1, 28, 28), torch.arange(6) % 10
+    return torch.randn(6, 3, 8, 8), torch.arange(6) % 5
+
+
+@given(ratio=st.sampled_from([0.05, 0.2, 0.5]), bits=st.sampled_from([None, 1, 3, 8]),
+       steps=st.integers(1, 6), interval=st.integers(1, 3))
+def test_nnz_never_exceeds_k(ratio, bits, steps, interval):
+    cfg = at.ATMCConfig(ratio=ratio, bits=bits, quant_interval=interval)
+    model, opt, _ = setup(cfg)
+    k = opt.param_groups[0]["k"]
+    x, y = batch()
+    dense_count = sum(p.numel() for _, l in at.atmc_layers(model) for _, p in l.factors())
+
+    def check():
+        nnz = factor_nnz(model)
+        assert nnz <= k
+        if k < dense_count:
+            assert nnz == k  # the budget binds: gradient steps make every entry nonzero
+        for _, layer in at.atmc_layers(model):
+            for f, p in layer.factors():
+                assert torch.equal(getattr(layer, f"{f}_mask"), p != 0)
+
+    train_steps(model, opt, steps, x, y, check)
+
+
+def test_quantizer_runs_every_interval_and_dual_update():
+    model, opt, cfg = setup()
+    x, y = batch()
+    layer = at.atmc_layers(model)[0][1]
+    z0, u0 = opt.store.z.clone(), opt.store.u.clone()
+    train_steps(model, opt, 1, x, y)
+    assert torch.equal(opt.store.z, z0) and torch.equal(opt.store.u, u0)
+    assert opt.state["admm"]["quant_steps"] == 0
+    train_steps(model, opt, 1, x, y)
+    assert opt.state["admm"]["quant_steps"] == 1
+    assert not torch.equal(opt.store.z, z0) and not torch.equal(opt.store.u, u0)
+    for f, _ in layer.factors():
+        assert torch.unique(getattr(layer, f"{f}_z")).numel() <= 2**3 + 1
+
+
+def test_dual_update_formula():
+    model, opt, cfg = setup()
+    x, y = batch()
+    train_steps(model, opt, 1, x, y)
+    s = opt.store
+    u_before, w_now = s.u.clone(), s.w.clone()
+    err = opt.quantize_()
+    assert torch.allclose(s.u, u_before + w_now - s.z)
+    ref = at.kernels.lloyd_quantize_ref(w_now + u_before, s.offsets_t, s.bits_t, cfg.max_iter, cfg.tol)
+    assert torch.equal(s.z, ref[2]) and torch.allclose(err, ref[3])
+
+
+def test_rho_schedule():
+    cfg = at.ATMCConfig(ratio=0.3, bits=3, quant_interval=1, rho=0.1, rho_factor=2.0, rho_every=2)
+    model, opt, _ = setup(cfg)
+    x, y = batch()
+    train_steps(model, opt, 5, x, y)
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.1 * 2**2)
+
+
+def test_dense_params_follow_torch_sgd():
+    model, opt, _ = setup(weight_decay=1e-3, momentum=0.9)
+    ref_model = copy.deepcopy(model)
+    names = [n for n, p in model.named_parameters() if n.split(".")[-1] not in "UVC"]
+    ref_params = [p for n, p in ref_model.named_parameters() if n in names]
+    sgd = torch.optim.SGD(ref_params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    x, y = batch()
+    for _ in range(3):
+        for m, o in ((model, opt), (ref_model, sgd)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        sgd.step()
+        ref_model.load_state_dict({k: v for k, v in model.state_dict().items() if k.split(".")[-1][0] in "UVC"},
+                                  strict=False)  # keep factors in lockstep
+    for n, p in model.named_parameters():
+        if n in names:
+            assert torch.allclose(p, dict(ref_model.named_parameters())[n], atol=1e-6), n
+
+
+def test_state_dict_resume_is_exact():
+    x, y = batch()
+    model, opt, cfg = setup()
+    train_steps(model, opt, 3, x, y)
+    ckpt_model = copy.deepcopy(model.state_dict())
+    ckpt_opt = copy.deepcopy(opt.state_dict())
+    train_steps(model, opt, 4, x, y)
+    torch.manual_seed(1)
+    model2 = at.compress_(small_cnn(), cfg)
+    model2.load_state_dict(ckpt_model)
+    opt2 = at.ADMM(model2, cfg, lr=0.05)
+    opt2.load_state_dict(ckpt_opt)
+    assert opt2.steps == 3
+    train_steps(model2, opt2, 4, x, y)
+    for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert opt2.state["admm"] == opt.state["admm"]
+
+
+def test_lr_scheduler_drives_both_groups():
+    model, opt, _ = setup()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = batch()
+    train_steps(model, opt, 1, x, y)
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.025, 0.025]
+
+
+def test_nonfinite_grad_raises_before_writing():
+    model, opt, _ = setup()
+    x, y = batch()
+    train_steps(model, opt, 2, x, y)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    at.atmc_layers(model)[1][1].V.grad[0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    mom = opt.store.mom.clone()
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(opt.store.mom, mom) and opt.steps == 2
+
+
+def test_views_survive_set_to_none_and_reassignment():
+    model, opt, _ = setup()
+    x, y = batch()
+    train_steps(model, opt, 1, x, y)
+    model.zero_grad(set_to_none=True)  # user bypasses opt.zero_grad
+    nn.functional.cross_entropy(model(x), y).backward()
+    layer = at.atmc_layers(model)[0][1]
+    g = layer.U.grad.clone()
+    opt.step()
+    assert torch.equal(layer.U.grad, g)  # the fresh grad was routed into the flat buffer
+    # load_state_dict(assign=True) replaces tensors; the store re-adopts them
+    sd = copy.deepcopy(model.state_dict())
+    model.load_state_dict(sd, assign=True)
+    train_steps(model, opt, 2, x, y)
+    assert factor_nnz(model) <= opt.param_groups[0]["k"]
+    assert layer.U.data_ptr() == opt.store.w.data_ptr() + 0
+
+
+def test_admm_errors():
+    with pytest.raises(ValueError, match="no ATMC layers"):
+        at.ADMM(small_cnn(), at.ATMCConfig(ratio=0.1))
+    model = at.compress_(small_cnn(), at.ATMCConfig(ratio=0.3))
+    with pytest.raises(ValueError, match="lr"):
+        at.ADMM(model, at.ATMCConfig(ratio=0.3), lr=-1)
+    with pytest.raises(ValueError, match="ATMCConfig"):
+        at.ADMM(model, None)
+    model.double()
+    with pytest.raises(ValueError, match="float32"):
+        at.ADMM(model, at.ATMCConfig(ratio=0.3))
+
+
+@given(ratio=st.sampled_from([3e-3, 1e-2, 5e-2, 0.2]), bits=st.sampled_from([None, 1, 2, 4, 8]),
+       steps=st.integers(0, 4), which=st.sampled_from(["lenet", "cnn", "mlp"]))
+def test_finalize_meets_levels_and_ratio(ratio, bits, steps, which):
+    fn = {"lenet": lenet, "cnn": small_cnn, "mlp": lambda: nn.Sequential(nn.Linear(37, 64), nn.ReLU(),
+                                                                           nn.Linear(64, 5))}[which]
+    cfg = at.ATMCConfig(ratio=ratio, bits=bits, quant_interval=2)
+    try:
+        model = at.compress_(fn(), cfg)
+    except ValueError as e:
+        assert "leaves no nonzeros" in str(e)
+        return
+    opt = at.ADMM(model, cfg, lr=0.05)
+    x, y = batch(lenet if which == "lenet" else small_cnn)
+    if which == "mlp":
+        x, y = torch.randn(6, 37), torch.arange(6) % 5
+    train_steps(model, opt, steps, x, y)
+    at.finalize_(model)
+    assert at.is_finalized(model)
+    assert at.model_size_bits(model) <= ratio * at.dense_bits(model)
+    assert factor_nnz(model) <= opt.param_groups[0]["k"]
+    for _, layer in at.atmc_layers(model):
+        for f, p in layer.factors():
+            vals = torch.unique(p)
+            if bits is not None:
+                assert vals.numel() <= 2**bits + 1
+                nz = vals[vals != 0]
+                row = layer.codebook["UVC".index(f)]
+                assert torch.equal(row[1 : 1 + nz.numel()], nz)
+            assert torch.equal(getattr(layer, f"{f}_z"), p)
+            assert torch.count_nonzero(getattr(layer, f"{f}_u")) == 0
+
+
+def test_finalize_binds_to_exact_budget():
+    cfg = at.ATMCConfig(ratio=0.01, bits=8)
+    model = at.compress_(lenet(), cfg)
+    k = int(model.atmc_nnz_budget)
+    # k assumed the 3 factors holding weights; put large distinct values into all 12 instead
+    with torch.no_grad():
+        for _, layer in at.atmc_layers(model):
+            for _, p in layer.factors():
+                flat = p.view(-1)
+                flat.zero_()
+                idx = torch.randperm(flat.numel())[: min(flat.numel(), k // 12)]
+                flat[idx] = 1 + torch.rand(idx.numel())
+            layer.reset_admm_state()
+    at.finalize_(model)
+    assert factor_nnz(model) < k
+    bits = at.model_size_bits(model)
+    assert bits <= 0.01 * at.dense_bits(model)
+    assert bits > 0.0099 * at.dense_bits(model)  # the cut is tight, not wasteful
+
+
+def test_tiny_run_is_deterministic():
+    def run():
+        torch.manual_seed(7)
+        cfg = at.ATMCConfig(ratio=0.01, bits=4, quant_interval=3)
+        model = at.compress_(lenet(), cfg)
+        opt = at.ADMM(model, cfg, lr=0.02)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(7):
+            x, y = torch.rand(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        at.finalize_(model)
+        return model.state_dict()
+
+    a, b = run(), run()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,159 @@
+"""The reference Lloyd quantizer: semantics, invariants and an independent brute-force oracle."""
+
+import numpy as np
+import pytest
+import torch
+from atmc_triton.kernels import NUM_SLOTS, lloyd_quantize, lloyd_quantize_ref
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def brute_force_lloyd(x: np.ndarray, b: int, max_iter: int):
+    """Dense-distance Lloyd in numpy with the documented init, pinned zero and tie rules (tol = 0)."""
+    K = 2**b
+    nz = np.sort(x[x != 0])
+    m = nz.size
+    if m <= K:
+        return np.unique(nz), x.copy()
+    free = nz[((2 * np.arange(K) + 1) * m) // (2 * K)].astype(np.float32)
+
+    def assign(free):
+        cents = np.sort(np.concatenate([free, [np.float32(0)]]))  # ascending: argmin picks the lower on ties
+        d = (x[:, None].astype(np.float64) - cents[None, :].astype(np.float64)) ** 2
+        return cents, d.argmin(1)
+
+    prev = None
+    for _ in range(max_iter):
+        cents, a = assign(free)
+        if prev is not None and np.array_equal(a, prev):
+            break
+        new = cents.copy()
+        for j, c in enumerate(cents):
+            members = x[a == j]
+            if c != 0 and members.size:
+                new[j] = np.float32(members.astype(np.float64).mean())
+        free = new[cents != 0] if np.count_nonzero(cents == 0) == 1 else np.delete(new, np.where(cents == 0)[0][0])
+        prev = a
+    cents, a = assign(free)
+    return np.sort(free), cents[a]
+
+
+def run(values, offsets, bits, max_iter=20, tol=0.0):
+    return lloyd_quantize_ref(
+        torch.as_tensor(values, dtype=torch.float32),
+        torch.as_tensor(offsets, dtype=torch.int64),
+        torch.as_tensor(bits, dtype=torch.int32),
+        max_iter,
+        tol,
+    )
+
+
+@st.composite
+def segment(draw, max_len=300):
+    n = draw(st.integers(0, max_len))
+    kind = draw(st.sampled_from(["normal", "heavy", "dups", "sparse"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if kind == "normal":
+        x = rng.standard_normal(n)
+    elif kind == "heavy":
+        x = rng.standard_t(1.5, n)
+    elif kind == "dups":
+        x = rng.integers(-3, 4, n) * 0.25
+    else:
+        x = rng.standard_normal(n) * (rng.random(n) < 0.2)
+    return x.astype(np.float32)
+
+
+@given(x=segment(), b=st.integers(1, 5), max_iter=st.sampled_from([0, 1, 3, 20]))
+def test_matches_brute_force(x, b, max_iter):
+    book, codes, q, err = run(x, [0, x.size], [b], max_iter)
+    centres, q_bf = brute_force_lloyd(x, b, max_iter)
+    np.testing.assert_array_equal(q.numpy(), q_bf)
+    used = book[0, 1 : 1 + centres.size].numpy()
+    np.testing.assert_allclose(used, centres, rtol=1e-6)
+    np.testing.assert_allclose(float(err[0]), float(((x.astype(np.float64) - q_bf) ** 2).sum()), rtol=1e-5, atol=1e-6)
+
+
+@given(xs=st.lists(segment(max_len=200), min_size=1, max_size=6), data=st.data())
+def test_invariants(xs, data):
+    bits = [data.draw(st.integers(1, 8)) for _ in xs]
+    offsets = np.cumsum([0] + [x.size for x in xs])
+    values = np.concatenate(xs) if xs else np.zeros(0, np.float32)
+    book, codes, q, err = run(values, offsets, bits)
+    assert book.shape == (len(xs), NUM_SLOTS) and codes.dtype == torch.int16
+    assert torch.all(book[:, 0] == 0)
+    for s, x in enumerate(xs):
+        a, e = offsets[s], offsets[s + 1]
+        qs, cs = q[a:e], codes[a:e].long()
+        assert torch.equal(qs, book[s][cs])  # codes decode to q
+        zero = torch.from_numpy(x) == 0
+        assert torch.all(qs[zero] == 0) and torch.all(cs[zero] == 0)  # zeros stay zero
+        assert torch.unique(qs).numel() <= 2 ** bits[s] + 1
+        assert torch.all(cs <= 2 ** bits[s])
+        if np.count_nonzero(x) <= 2 ** bits[s]:  # kept exactly
+            assert torch.equal(qs, torch.from_numpy(x)) and float(err[s]) == 0.0
+        direct = float(((torch.from_numpy(x).double() - qs.double()) ** 2).sum())
+        assert float(err[s]) == pytest.approx(direct, rel=1e-5, abs=1e-6)
+
+
+@given(x=segment(max_len=400), b=st.integers(1, 6))
+def test_error_never_increases_across_iterations(x, b):
+    errs = [float(run(x, [0, x.size], [b], t)[3][0]) for t in range(0, 12)]
+    for before, after in zip(errs, errs[1:]):
+        assert after <= before * (1 + 1e-9) + 1e-12, errs
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 1000])  # 2^b - 1, 2^b, 2^b + 1 for b = 2
+def test_boundary_lengths(n):
+    x = torch.arange(1, n + 1, dtype=torch.float32) * 0.37 - 0.1 * n
+    book, codes, q, err = run(x, [0, n], [2])
+    nnz = int((x != 0).sum())
+    if nnz <= 4:
+        assert torch.equal(q, x)
+    else:
+        assert torch.unique(q).numel() <= 5 and float(err[0]) > 0
+
+
+def test_all_zero_and_constant_segments():
+    x = torch.cat([torch.zeros(50), torch.full((50,), 0.5), torch.tensor([1.0, -1.0] * 20)])
+    book, codes, q, err = run(x, [0, 50, 100, 140], [3, 1, 1])
+    assert torch.all(q[:50] == 0) and float(err[0]) == 0
+    assert torch.all(q[50:100] == 0.5) and float(err[1]) == 0  # duplicates: one level
+    assert set(q[100:].tolist()) == {1.0, -1.0} and float(err[2]) == 0
+
+
+def test_empty_cluster_keeps_its_centre():
+    # two tight groups, 4 free centres: two centres start inside one group, one ends empty
+    x = torch.tensor([1.0] * 30 + [1.0001] * 30 + [5.0] * 40)
+    book, codes, q, err = run(x, [0, 100], [2])
+    assert torch.unique(q).numel() <= 4 and float(err[0]) < 1e-5
+
+
+def test_tolerance_stops_early():
+    x = torch.randn(5000)
+    e_loose = float(run(x, [0, 5000], [4], 50, tol=0.5)[3][0])
+    e_tight = float(run(x, [0, 5000], [4], 50, tol=0.0)[3][0])
+    assert e_tight < e_loose
+
+
+def test_op_dispatches_to_reference_on_cpu():
+    x = torch.randn(300)
+    args = (x, torch.tensor([0, 100, 300]), torch.tensor([3, 5], dtype=torch.int32), 20, 1e-5)
+    for a, b in zip(lloyd_quantize(*args), lloyd_quantize_ref(*args)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "values, offsets, bits, needle",
+    [
+        (torch.zeros(4, dtype=torch.float64), [0, 4], [2], "float32"),
+        (torch.zeros(4), [0, 3], [2], "offsets"),
+        (torch.zeros(4), [0, 2, 4], [2], "bits"),
+        (torch.zeros(4), [0, 4], [9], "bits"),
+        (torch.zeros(4), [0, 4], [0], "bits"),
+        (torch.zeros(4), [0, 5, 4], [1, 1], "offsets"),
+    ],
+)
+def test_bad_inputs(values, offsets, bits, needle):
+    with pytest.raises(ValueError, match=needle):
+        lloyd_quantize_ref(values, torch.tensor(offsets), torch.tensor(bits, dtype=torch.int32), 20, 0.0)
