@@ -30,7 +30,7 @@ from atmc_triton.budget import (
     size_report,
 )
 from atmc_triton.config import ATMCConfig
-from atmc_triton.layers import ATMCConv2d, ATMCLayer, ATMCLinear
+from atmc_triton.layers import ATMCConv2d, ATMCLayer, ATMCLinear, cached_weights
 from atmc_triton.optim import ADMM
 from atmc_triton.store import FactorStore
 
@@ -46,6 +46,7 @@ __all__ = [
     "FactorStore",
     "SizeReport",
     "atmc_layers",
+    "cached_weights",
     "compress_",
     "dense_bits",
     "factor_bits",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,7 +12,16 @@ from torch.nn.modules.utils import _pair
 from atmc_triton.config import ATMCConfig
 from atmc_triton.kernels import IDENTITY_NONE, IDENTITY_U, IDENTITY_V, NUM_SLOTS, lloyd_quantize
 
-__all__ = ["ATMCLayer", "ATMCLinear", "ATMCConv2d", "FACTORS", "IDENTITY_NONE", "IDENTITY_U", "IDENTITY_V"]
+__all__ = [
+    "ATMCLayer",
+    "ATMCLinear",
+    "ATMCConv2d",
+    "FACTORS",
+    "IDENTITY_NONE",
+    "IDENTITY_U",
+    "IDENTITY_V",
+    "cached_weights",
+]
 
 FACTORS = ("U", "V", "C")
 
@@ -71,8 +82,12 @@ class ATMCLayer(nn.Module):
     def factors(self) -> list[tuple[str, nn.Parameter]]:
         return [(f, getattr(self, f)) for f in FACTORS]
 
+    _cached_w: Tensor | None = None
+
     def weight_2d(self) -> Tensor:
         """The effective weight as ``[out, in]``: ``U V + C`` plus the identity term."""
+        if self._cached_w is not None:
+            return self._cached_w
         w = torch.addmm(self.C, self.U, self.V)
         if self._identity == IDENTITY_U:  # (U + I) V = U V + V
             w = w + self.V
@@ -124,6 +139,32 @@ class ATMCLayer(nn.Module):
                     f"{int(getattr(self, name))}; it was saved from another ATMC config"
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def cached_weights(model: nn.Module):
+    """Inside this context every ATMC layer of ``model`` reuses one detached ``U V + C``.
+
+    For attacks and evaluation: the factors do not change there and only input gradients are
+    needed, so materializing W once per context instead of once per forward saves a matmul per
+    layer and PGD step. Factors get no gradients inside.
+
+    Example:
+        >>> model = nn.Sequential(ATMCLinear.from_dense(nn.Linear(4, 2), ATMCConfig(nnz=8)))
+        >>> with cached_weights(model):
+        ...     y = model(torch.ones(1, 4))
+    """
+    layers = [m for m in model.modules() if isinstance(m, ATMCLayer)]
+    saved = [m._cached_w for m in layers]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m._cached_w = None
+                m._cached_w = m.weight_2d().detach()
+        yield model
+    finally:
+        for m, w in zip(layers, saved):
+            m._cached_w = w
 
 
 def _check_dense(module: nn.Module, kind: type) -> None:

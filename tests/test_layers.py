@@ -130,3 +130,16 @@ def test_compiled_model_trains_with_admm():
         nn.functional.cross_entropy(compiled(x), y).backward()
         opt.step()
     assert sum(int((p != 0).sum()) for _, l in at.atmc_layers(model) for _, p in l.factors()) == 2000
+
+
+def test_cached_weights_context():
+    model = at.compress_(small_cnn(), at.ATMCConfig(ratio=0.2, bits=4))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    ref = model(x)
+    with at.cached_weights(model):
+        out = model(x)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        assert all(layer._cached_w is not None for _, layer in at.atmc_layers(model))
+    assert torch.equal(out, ref) and gx.abs().sum() > 0
+    assert all(layer._cached_w is None for _, layer in at.atmc_layers(model))
+    assert model(x).grad_fn is not None
