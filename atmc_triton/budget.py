@@ -91,7 +91,7 @@ def dense_bits(model: nn.Module) -> int:
 def _desc(v: Tensor) -> Tensor:
     """``v`` sorted descending (numpy's SIMD sort on CPU)."""
     if v.device.type == "cpu":
-        return torch.from_numpy(np.ascontiguousarray(np.sort(v.numpy())[::-1]))
+        return torch.from_numpy(np.sort(v.numpy())[::-1].copy())
     return torch.sort(v, descending=True).values
 
 

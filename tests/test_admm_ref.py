@@ -269,22 +269,41 @@ def test_admm_errors():
         at.ADMM(model, at.ATMCConfig(ratio=0.3))
 
 
-@given(ratio=st.sampled_from([3e-3, 1e-2, 5e-2, 0.2]), bits=st.sampled_from([None, 1, 2, 4, 8]),
-       steps=st.integers(0, 4), which=st.sampled_from(["lenet", "cnn", "mlp"]))
-def test_finalize_meets_levels_and_ratio(ratio, bits, steps, which):
-    fn = {"lenet": lenet, "cnn": small_cnn, "mlp": lambda: nn.Sequential(nn.Linear(37, 64), nn.ReLU(),
-                                                                           nn.Linear(64, 5))}[which]
+@st.composite
+def random_model(draw):
+    """A random conv stack (odd channels/kernels, stride, padding, bias) followed by random linears."""
+    c_in = c = draw(st.integers(1, 3))
+    layers, hw = [], 9
+    for _ in range(draw(st.integers(0, 2))):
+        out, k = draw(st.integers(1, 13)), draw(st.sampled_from([1, 3]))
+        layers += [nn.Conv2d(c, out, k, stride=draw(st.integers(1, 2)), padding=k // 2, bias=draw(st.booleans())),
+                   nn.ReLU()]
+        hw = (hw - 1) // layers[-2].stride[0] + 1
+        c = out
+    layers.append(nn.Flatten())
+    feat = c * hw * hw
+    for _ in range(draw(st.integers(1, 3))):
+        out = draw(st.integers(1, 40))
+        layers += [nn.Linear(feat, out, bias=draw(st.booleans())), nn.ReLU()]
+        feat = out
+    return nn.Sequential(*layers[:-1]), c_in
+
+
+@given(arch=random_model(), ratio=st.sampled_from([3e-3, 1e-2, 5e-2, 0.2, 0.6]),
+       bits=st.sampled_from([None, 1, 2, 4, 8]), steps=st.integers(0, 4), seed=st.integers(0, 9))
+def test_finalize_meets_levels_and_ratio(arch, ratio, bits, steps, seed):
+    net, c = arch
+    torch.manual_seed(seed)
     cfg = at.ATMCConfig(ratio=ratio, bits=bits, quant_interval=2)
     try:
-        model = at.compress_(fn(), cfg)
+        model = at.compress_(net, cfg)
     except ValueError as e:
         assert "leaves no nonzeros" in str(e)
         return
     opt = at.ADMM(model, cfg, lr=0.05)
-    x, y = batch(lenet if which == "lenet" else small_cnn)
-    if which == "mlp":
-        x, y = torch.randn(6, 37), torch.arange(6) % 5
-    train_steps(model, opt, steps, x, y)
+    x = torch.randn(5, c, 9, 9)
+    out = model(x)
+    train_steps(model, opt, steps, x, torch.randint(0, out.shape[1], (5,)))
     at.finalize_(model)
     assert at.is_finalized(model)
     assert at.model_size_bits(model) <= ratio * at.dense_bits(model)

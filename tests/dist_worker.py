@@ -1,0 +1,51 @@
+"""Worker for tests/test_distributed.py: a user's own loop with compress_ -> ADMM -> DDP.
+
+Run under ``torchrun --nproc-per-node N tests/dist_worker.py OUT_DIR`` (or plainly for world size 1).
+Every rank sees the same global batch per step and trains on its shard; each rank saves its final
+model state (weights, Z, u, masks, codebooks) and flat momenta to ``OUT_DIR/rank{r}.pt``.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import atmc_triton as at
+
+STEPS, GLOBAL_BATCH = 7, 8
+
+
+def model_fn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 16), nn.ReLU(),
+                         nn.Linear(16, 4))
+
+
+def main(out: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    cfg = at.ATMCConfig(ratio=0.1, bits=3, quant_interval=3)  # quantizer due at steps 3 and 6
+    model = at.compress_(model_fn(), cfg)
+    opt = at.ADMM(model, cfg, lr=0.05)
+    net = DDP(model) if world > 1 else model
+    data = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.rand(GLOBAL_BATCH, 1, 8, 8, generator=data)
+        y = torch.randint(0, 4, (GLOBAL_BATCH,), generator=data)
+        shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[shard]), y[shard]).backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "mom": opt.store.mom.clone(), "admm": opt.state["admm"]},
+               os.path.join(out, f"rank{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
