@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from atmc_triton.budget import atmc_layers, unwrap
 from atmc_triton.config import ATMCConfig
 from atmc_triton.kernels import admm_step, lloyd_quantize
-from atmc_triton.store import FactorStore
+from atmc_triton.store import FactorStore, check_plain_factors
 
 __all__ = ["ADMM"]
 
@@ -53,6 +53,7 @@ class ADMM(torch.optim.Optimizer):
         layers = [layer for _, layer in atmc_layers(model)]
         if not layers:
             raise ValueError("ADMM: the model has no ATMC layers; call atmc_triton.compress_(model, cfg) first")
+        check_plain_factors(layers)
         k = getattr(model, "atmc_nnz_budget", None)
         if k is None:
             raise ValueError("ADMM: the model has no budget buffer; compress it with atmc_triton.compress_")

@@ -19,9 +19,30 @@ from torch import Tensor
 from atmc_triton.kernels import NUM_SLOTS
 from atmc_triton.layers import FACTORS, ATMCLayer
 
-__all__ = ["FactorStore"]
+__all__ = ["FactorStore", "check_plain_factors"]
 
 _BUFFERS = ("_z", "_u", "_mask")
+
+
+def check_plain_factors(layers: list[ATMCLayer]) -> None:
+    """Refuse factors that are not plain, registered parameters (FSDP, DTensor/tensor parallel).
+
+    ATMC's projection and quantizer are whole-tensor operations over every factor of every layer;
+    the flat store needs the full, unsharded factors on each rank (DDP, not FSDP).
+    """
+    for layer in layers:
+        for f in FACTORS:
+            p = layer._parameters.get(f)
+            if p is None:
+                raise ValueError(
+                    f"ADMM: factor {f} of {type(layer).__name__} is not a registered parameter; FSDP (which "
+                    "flattens parameters) is not supported: wrap the model in DistributedDataParallel instead"
+                )
+            if type(p.data) is not torch.Tensor:
+                raise ValueError(
+                    f"ADMM: factor {f} of {type(layer).__name__} is a {type(p.data).__name__}; sharded "
+                    "parameters (FSDP2 fully_shard, DTensor, tensor parallel) are not supported: use DDP"
+                )
 
 
 class FactorStore:

@@ -40,3 +40,40 @@ def test_ddp_ranks_identical_and_match_single_process(tmp_path):
             assert torch.equal(a, b), k
         else:
             assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), k
+
+
+FSDP_SCRIPT = r"""
+import sys, tempfile, torch, torch.distributed as dist
+from torch import nn
+import atmc_triton as at
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+cfg = at.ATMCConfig(nnz=20)
+make = lambda: at.compress_(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), cfg)
+msgs = []
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+m = make()
+fully_shard(m, mesh=init_device_mesh("cpu", (1,)))
+try:
+    at.ADMM(m, cfg)
+except ValueError as e:
+    msgs.append(str(e))
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+try:
+    at.ADMM(FSDP(make(), device_id=torch.device("cpu")), cfg)
+except ValueError as e:
+    msgs.append(str(e))
+dist.destroy_process_group()
+print("\n".join(msgs))
+"""
+
+
+def test_fsdp_is_refused_with_a_clear_error():
+    """FSDP is documented as unsupported (the projection and k-means need whole factors): say so clearly."""
+    res = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert "FSDP2 fully_shard" in lines[0] and "use DDP" in lines[0]
+    assert "FSDP" in lines[1] and "DistributedDataParallel" in lines[1]
