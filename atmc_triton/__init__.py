@@ -17,8 +17,9 @@ Example:
     True
 """
 
-from atmc_triton import kernels
+from atmc_triton import attacks, data, kernels, models, train
 from atmc_triton.api import compress_, finalize_, is_finalized
+from atmc_triton.attacks import apgd_ce, fgsm, pgd, robust_attack, wrm
 from atmc_triton.budget import (
     FactorSize,
     SizeReport,
@@ -29,10 +30,26 @@ from atmc_triton.budget import (
     nnz_budget,
     size_report,
 )
+from atmc_triton.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
 from atmc_triton.config import ATMCConfig
+from atmc_triton.data import load_dataset
 from atmc_triton.layers import ATMCConv2d, ATMCLayer, ATMCLinear, cached_weights
+from atmc_triton.models import build_model
 from atmc_triton.optim import ADMM
+from atmc_triton.packed import (
+    PackedConv2d,
+    PackedLayer,
+    PackedLinear,
+    load_packed,
+    pack_,
+    packed_layers,
+    packed_nbytes,
+    save_packed,
+    to_dense,
+    unpack,
+)
 from atmc_triton.store import FactorStore
+from atmc_triton.train import PROTOCOLS, EvalResult, Experiment, Protocol, Schedule, evaluate, fit
 
 __version__ = "0.1.0"
 
@@ -42,18 +59,49 @@ __all__ = [
     "ATMCConv2d",
     "ATMCLayer",
     "ATMCLinear",
+    "EvalResult",
+    "Experiment",
     "FactorSize",
     "FactorStore",
+    "PackedConv2d",
+    "PackedLayer",
+    "PackedLinear",
+    "PROTOCOLS",
+    "Protocol",
+    "Schedule",
+    "apgd_ce",
+    "attacks",
+    "build_model",
     "SizeReport",
     "atmc_layers",
     "cached_weights",
     "compress_",
+    "data",
     "dense_bits",
+    "evaluate",
+    "export_safetensors",
     "factor_bits",
+    "fgsm",
     "finalize_",
+    "fit",
     "is_finalized",
     "kernels",
+    "load_checkpoint",
+    "load_dataset",
+    "load_packed",
     "model_size_bits",
+    "models",
     "nnz_budget",
+    "pack_",
+    "packed_layers",
+    "packed_nbytes",
+    "pgd",
+    "robust_attack",
+    "save_checkpoint",
+    "save_packed",
     "size_report",
+    "to_dense",
+    "train",
+    "unpack",
+    "wrm",
 ]

@@ -110,6 +110,7 @@ def finalize_(model: nn.Module) -> nn.Module:
         offsets.append(offsets[-1] + v.numel())
     project_topk_(flat, k)
     fit_budget_(flat, offsets, [layer.nbits for layer, _ in segs], k, None if budget < 0 else budget)
+    flat.add_(0.0)  # -0.0 -> +0.0: zeros are implicit in every packed format
     for s, (layer, f) in enumerate(segs):
         p = getattr(layer, f)
         v = flat[offsets[s] : offsets[s + 1]].view(p.shape).to(p.dtype)

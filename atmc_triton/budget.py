@@ -6,8 +6,11 @@ codebook entry per level; zeros are implicit, positions are not counted). A fact
 quantizer costs ``32 * n``. The dense size is ``32 *`` the number of conv + linear weights.
 Biases and norm layers are neither compressed nor counted.
 
-``packed`` bits are the honest storage cost: per factor the cheaper of dense b-bit codes
-(the zero is a code) and CSR (codes + column indices + 32-bit row pointers), plus the codebook.
+``packed`` bits are the honest storage cost, the exact bytes :func:`atmc_triton.pack_` writes:
+per factor the smaller of dense bit-packed codes (the zero is a code) and CSR (codes + 16/32-bit
+column indices + 32-bit row pointers), plus a float32 codebook
+(:mod:`atmc_triton.kernels.packed_format`). Packed models report the same two figures, the
+packed one read off their tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from atmc_triton.config import ATMCConfig
+from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
 from atmc_triton.layers import ATMCLayer
 
 __all__ = [
@@ -68,21 +72,27 @@ def factor_bits(nnz: int, levels: int, bits: int | None) -> int:
 
 
 def _packed_bits(nnz: int, levels: int, rows: int, cols: int, bits: int | None) -> int:
-    if nnz == 0:
-        return 0
-    value_bits = 32 if bits is None else _code_bits(levels)
-    book = 0 if bits is None else CODEBOOK_ENTRY_BITS * levels
-    dense = rows * cols * (32 if bits is None else _code_bits(levels + 1))
-    csr = nnz * (value_bits + _code_bits(cols)) + 32 * (rows + 1)
-    return min(dense, csr) + book
+    """Bits of the factor as :func:`atmc_triton.pack_` stores it (the smaller format)."""
+    raw = bits is None
+    fmt = choose_format(rows, cols, nnz, levels, raw)
+    return 8 * factor_nbytes(fmt, rows, cols, nnz, levels, raw)
+
+
+def _packed_layer_types() -> tuple[type, ...]:
+    from atmc_triton.packed import PackedLayer  # packed imports this module
+
+    return (PackedLayer,)
 
 
 def dense_bits(model: nn.Module) -> int:
     """32 x the number of conv + linear weights (ATMC layers count at their original shape)."""
     n = 0
+    packed = _packed_layer_types()
     for m in unwrap(model).modules():
         if isinstance(m, ATMCLayer):
             n += m.C.numel()
+        elif isinstance(m, packed):
+            n += m.out_dim * m.in_dim
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             n += m.weight.numel()
     return 32 * n
@@ -175,6 +185,14 @@ class SizeReport:
     def nnz(self) -> int:
         return sum(f.nnz for f in self.factors)
 
+    def per_layer(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (paper bits, packed bytes)}``."""
+        out: dict[str, tuple[int, int]] = {}
+        for f in self.factors:
+            paper, packed = out.get(f.layer, (0, 0))
+            out[f.layer] = (paper + f.paper_bits, packed + f.packed_bits // 8)
+        return out
+
     @property
     def ratio(self) -> float:
         return self.total_bits / self.dense_bits if self.dense_bits else 0.0
@@ -199,14 +217,21 @@ def _levels(t: Tensor) -> int:
 
 @torch.no_grad()
 def size_report(model: nn.Module) -> SizeReport:
-    """Size of every factor of every ATMC layer, in the paper's convention and as packed bits."""
+    """Size of every factor of every ATMC or packed layer, in the paper's convention and as packed bits."""
     rows = []
-    for name, layer in atmc_layers(model):
-        for f, p in layer.factors():
-            nnz, levels = int((p != 0).sum()), _levels(p)
-            rows.append(FactorSize(name, f, tuple(p.shape), layer.nbits, nnz, levels,
-                                   factor_bits(nnz, levels, layer.nbits),
-                                   _packed_bits(nnz, levels, p.shape[0], p.shape[1], layer.nbits)))
+    packed = _packed_layer_types()
+    for name, layer in unwrap(model).named_modules():
+        if isinstance(layer, ATMCLayer):
+            for f, p in layer.factors():
+                nnz, levels = int((p != 0).sum()), _levels(p)
+                rows.append(FactorSize(name, f, tuple(p.shape), layer.nbits, nnz, levels,
+                                       factor_bits(nnz, levels, layer.nbits),
+                                       _packed_bits(nnz, levels, p.shape[0], p.shape[1], layer.nbits)))
+        elif isinstance(layer, packed):
+            for f in ("U", "V", "C"):
+                nnz, levels = layer.nnz[f], layer.levels[f]
+                rows.append(FactorSize(name, f, layer.shapes[f], layer.bits, nnz, levels,
+                                       factor_bits(nnz, levels, layer.bits), 8 * layer.factor_nbytes(f)))
     if not rows:
         raise ValueError("size_report: the model has no ATMC layers (call atmc_triton.compress_ first)")
     return SizeReport(tuple(rows), dense_bits(model))

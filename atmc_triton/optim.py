@@ -9,7 +9,14 @@ from torch import Tensor, nn
 
 from atmc_triton.budget import atmc_layers, unwrap
 from atmc_triton.config import ATMCConfig
-from atmc_triton.kernels import admm_step, lloyd_quantize
+from atmc_triton.kernels import (
+    admm_dual_update,
+    admm_dual_update_ref,
+    admm_step,
+    admm_step_ref,
+    lloyd_quantize,
+    lloyd_quantize_ref,
+)
 from atmc_triton.store import FactorStore, check_plain_factors
 
 __all__ = ["ADMM"]
@@ -28,8 +35,13 @@ class ADMM(torch.optim.Optimizer):
     Args:
         model: a model after :func:`atmc_triton.compress_` (DDP / compiled wrappers are fine).
         cfg: the config given to ``compress_``.
-        check_finite: raise ``FloatingPointError`` before writing anything if a grad is
-            NaN/Inf (one device sync per step; the training loop may turn it off).
+        check_finite: raise ``FloatingPointError``, with nothing written, if a grad (or the
+            factor update) is NaN/Inf: one host sync per step. With ``False`` there is no sync:
+            such a step is voided on the device (factors, dense parameters and momenta keep
+            their values; the step count, quantizer and rho schedule still advance) and counted
+            in :attr:`nonfinite_steps`.
+        backend: ``"auto"`` runs the ``torch.ops.atmc`` ops (Triton on CUDA, the references on
+            CPU); ``"reference"`` always runs the pure-PyTorch references (for comparisons).
 
     Example:
         >>> import atmc_triton as at
@@ -41,7 +53,8 @@ class ADMM(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, cfg: ATMCConfig, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, nesterov: bool = False, check_finite: bool = True):
+                 weight_decay: float = 1e-4, nesterov: bool = False, check_finite: bool = True,
+                 backend: str = "auto"):
         if not isinstance(cfg, ATMCConfig):
             raise ValueError(f"ADMM: cfg must be an ATMCConfig, got {type(cfg).__name__}")
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -67,8 +80,16 @@ class ADMM(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.cfg = cfg
         self.check_finite = check_finite
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"ADMM: backend must be 'auto' or 'reference', got {backend!r}")
+        self.backend = backend
+        ref = backend == "reference"
+        self._step_op = admm_step_ref if ref else admm_step
+        self._lloyd_op = lloyd_quantize_ref if ref else lloyd_quantize
+        self._dual_op = admm_dual_update_ref if ref else admm_dual_update
         self.store = FactorStore(layers)
         self.state["admm"] = {"step": 0, "quant_steps": 0}
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.store.device)
         self._point_state()
 
     # -- flat-state plumbing -------------------------------------------------------------
@@ -112,12 +133,21 @@ class ADMM(torch.optim.Optimizer):
     def steps(self) -> int:
         return self.state["admm"]["step"]
 
-    def _check_finite(self) -> None:
-        bad = [~torch.isfinite(self.store.grad).all()]
+    @property
+    def nonfinite_steps(self) -> Tensor:
+        """Steps voided on the device because a gradient or the update was NaN/Inf (only counts
+        with ``check_finite=False``; a 0-dim int64 tensor, reading it syncs)."""
+        return self._nonfinite
+
+    def _void_if_dense_nonfinite(self) -> None:
+        """A NaN/Inf dense grad voids the whole step: it is passed on to the factor op (which then
+        writes nothing and returns tau = NaN) as a NaN in the first factor grad; no host sync."""
         dense = [p.grad for g in self.param_groups[1:] for p in g["params"] if p.grad is not None]
-        bad += [~torch.isfinite(g).all() for g in dense]
-        if bool(torch.stack(bad).any()):
-            raise FloatingPointError("ADMM.step: a gradient has NaN or Inf; nothing was updated")
+        if not dense:
+            return
+        bad = ~torch.isfinite(torch.stack([x.float() for x in torch._foreach_norm(dense, float("inf"))])).all()
+        g0 = self.store.grad[:1]
+        g0.copy_(torch.where(bad.to(g0.device), float("nan"), g0))
 
     @torch.no_grad()
     def step(self, closure=None) -> Tensor | None:
@@ -126,17 +156,27 @@ class ADMM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync()
-        if self.check_finite:
-            self._check_finite()
+        self._void_if_dense_nonfinite()
         st = self.state["admm"]
-        st["step"] += 1
         fg = self.param_groups[0]
         quantized = self.cfg.quantized
-        admm_step(self.store.w, self.store.grad, self.store.mom, self.store.z, self.store.u, self.store.mask,
-                  float(fg["lr"]), float(fg["momentum"]), float(fg["weight_decay"]),
-                  float(fg["rho"]) if quantized else 0.0, int(fg["k"]), bool(fg["nesterov"]))
+        tau = self._step_op(self.store.w, self.store.grad, self.store.mom, self.store.z, self.store.u, self.store.mask,
+                        float(fg["lr"]), float(fg["momentum"]), float(fg["weight_decay"]),
+                        float(fg["rho"]) if quantized else 0.0, int(fg["k"]), bool(fg["nesterov"]))
+        bad = torch.isnan(tau)  # the op refused a non-finite update and wrote nothing
+        ok = None
+        if self.check_finite:
+            if bool(bad):  # the one host sync of this mode
+                raise FloatingPointError("ADMM.step: a gradient (or the factor update) has NaN or Inf; "
+                                         "nothing was updated")
+        else:
+            ok = ~bad
+            if self._nonfinite.device != bad.device:
+                self._nonfinite = self._nonfinite.to(bad.device)
+            self._nonfinite += bad
         for group in self.param_groups[1:]:
-            self._sgd(group)
+            self._sgd(group, ok)
+        st["step"] += 1
         if quantized and st["step"] % self.cfg.quant_interval == 0:
             self.quantize_()
             st["quant_steps"] += 1
@@ -144,7 +184,8 @@ class ADMM(torch.optim.Optimizer):
                 fg["rho"] *= self.cfg.rho_factor
         return loss
 
-    def _sgd(self, group: dict[str, Any]) -> None:
+    def _sgd(self, group: dict[str, Any], ok: Tensor | None) -> None:
+        """torch.optim.SGD on ``group``; with a device flag ``ok``, a no-op where it is False."""
         lr, mom, wd, nest = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
         for p in group["params"]:
             if p.grad is None:
@@ -153,18 +194,23 @@ class ADMM(torch.optim.Optimizer):
             if mom:
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = g.clone()
-                else:
+                    buf = self.state[p]["momentum_buffer"] = g.clone() if ok is None else torch.where(ok, g, 0.0)
+                elif ok is None:
                     buf.mul_(mom).add_(g)
+                else:
+                    buf.copy_(torch.where(ok, buf * mom + g, buf))
                 g = g.add(buf, alpha=mom) if nest else buf
-            p.add_(g, alpha=-lr)
+            if ok is None:
+                p.add_(g, alpha=-lr)
+            else:
+                p.copy_(torch.where(ok, p.add(g, alpha=-lr), p))
 
     @torch.no_grad()
     def quantize_(self) -> Tensor:
         """``Z = Lloyd_b(W + u)`` for every factor, then ``u += W - Z``; returns the per-factor error."""
         s = self.store
-        book, _, q, err = lloyd_quantize(s.w + s.u, s.offsets_t, s.bits_t, self.cfg.max_iter, self.cfg.tol)
+        book, _, q, err = self._lloyd_op(s.w + s.u, s.offsets_t, s.bits_t, self.cfg.max_iter, self.cfg.tol)
         s.z.copy_(q)
         s.codebook.copy_(book)
-        s.u.add_(s.w - s.z)
+        self._dual_op(s.u, s.w, s.z)
         return err

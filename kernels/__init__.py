@@ -5,12 +5,13 @@ Installed as ``atmc_triton.kernels``. Each entry point is a ``torch.library`` op
 """
 
 from ._registry import HAS_TRITON
-from .admm import admm_dual_update_ref, admm_step, admm_step_ref, kth_largest, project_topk_
-from .lloyd import MAX_BITS, NUM_SLOTS, lloyd_quantize, lloyd_quantize_ref
+from .admm import admm_dual_update, admm_dual_update_ref, admm_step, admm_step_ref, kth_largest, project_topk_
+from .lloyd import MAX_BITS, NUM_SLOTS, errors_for_bits, errors_for_bits_ref, lloyd_quantize, lloyd_quantize_ref
 from .lowrank_gemm import (
     IDENTITY_NONE,
     IDENTITY_U,
     IDENTITY_V,
+    atmc_decode,
     atmc_linear,
     atmc_linear_ref,
     dequantize,
@@ -23,12 +24,16 @@ __all__ = [
     "IDENTITY_V",
     "MAX_BITS",
     "NUM_SLOTS",
+    "admm_dual_update",
     "admm_dual_update_ref",
     "admm_step",
     "admm_step_ref",
+    "atmc_decode",
     "atmc_linear",
     "atmc_linear_ref",
     "dequantize",
+    "errors_for_bits",
+    "errors_for_bits_ref",
     "kth_largest",
     "lloyd_quantize",
     "lloyd_quantize_ref",

@@ -13,19 +13,33 @@ the nonzero count is exactly k whenever more than k entries are nonzero. Zeroing
 momentum of pruned weights is a deliberate choice: a pruned weight restarts from rest if it
 re-enters the top k, instead of being pushed by stale velocity.
 
+Non-finite updates: if any updated weight or momentum is NaN/Inf (a NaN/Inf grad always
+gives one), the step writes nothing (``w``, ``mom``, ``mask`` keep their values) and returns
+``tau = NaN``. No exception and no host sync: the caller decides (``ADMM`` raises
+``FloatingPointError`` by default).
+
 The dual update ``u += w - z`` after a quantizer step is :func:`admm_dual_update_ref`.
+
+Both are ``torch.library`` ops (``admm_step``, ``admm_dual_update``): with Triton they run the
+kernels of ``admm_triton.py`` on CUDA tensors, the references here on CPU.
 """
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._registry import register_op
+from ._registry import HAS_TRITON, register_op
+
+if HAS_TRITON:
+    from .admm_triton import interpreted, launch_admm_step, launch_dual_update
 
 __all__ = [
+    "admm_dual_update",
+    "admm_dual_update_ref",
+    "admm_dual_update_triton",
     "admm_step",
     "admm_step_ref",
-    "admm_dual_update_ref",
+    "admm_step_triton",
     "kth_largest",
     "project_topk_",
 ]
@@ -110,26 +124,140 @@ def admm_step_ref(
     """One ADMM step over flat ``[n]`` buffers (reference). Mutates ``w``, ``mom``, ``mask``.
 
     Returns the threshold ``tau`` (0-dim float32): the k-th largest ``|w|`` after the
-    gradient step (0 when nothing is cut, +inf when k = 0).
+    gradient step (0 when nothing is cut, +inf when k = 0, NaN when the update was not
+    finite and nothing was written).
+
+    Example:
+        >>> w, mask = torch.tensor([0.5, -2.0, 0.5, 1.0]), torch.zeros(4, dtype=torch.bool)
+        >>> g = torch.zeros(4)
+        >>> float(admm_step_ref(w, g, g.clone(), g.clone(), g.clone(), mask, 0.1, 0.9, 0.0, 0.0, 3, False))
+        0.5
+        >>> w.tolist(), mask.tolist()
+        ([0.5, -2.0, 0.0, 1.0], [True, True, False, True])
     """
     _check(w, grad, mom, z, u, mask, k)
     g = grad.float() + weight_decay * w + rho * (w - z + u)
-    mom.mul_(momentum).add_(g)
-    w.sub_(lr * (g + momentum * mom if nesterov else mom))
-    keep, tau = project_topk_(w, k, mom)
-    mask.copy_(keep & (w != 0))
-    return tau.float()
+    m = mom * momentum + g
+    wn = w - lr * (g + momentum * m if nesterov else m)
+    ok = (torch.isfinite(wn) & torch.isfinite(m)).all()  # no host sync: select, don't branch
+    keep, tau = project_topk_(wn, k, m)
+    w.copy_(torch.where(ok, wn, w))
+    mom.copy_(torch.where(ok, m, mom))
+    mask.copy_(torch.where(ok, keep & (wn != 0), mask))
+    return torch.where(ok, tau.float(), float("nan"))
+
+
+def _check_dual(u: Tensor, w: Tensor, z: Tensor) -> None:
+    for name, t in (("u", u), ("w", w), ("z", z)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"admm_dual_update: {name} must be float32, got {t.dtype}")
+        if t.shape != u.shape:
+            raise ValueError(f"admm_dual_update: {name} has shape {tuple(t.shape)}, u has {tuple(u.shape)}")
+        if t.device != u.device:
+            raise ValueError(f"admm_dual_update: {name} is on {t.device}, u is on {u.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"admm_dual_update: {name} must be contiguous")
 
 
 def admm_dual_update_ref(u: Tensor, w: Tensor, z: Tensor) -> None:
-    """``u += w - z`` in place (reference for the dual step after a quantizer step)."""
+    """``u += w - z`` in place (reference for the dual step after a quantizer step).
+
+    Example:
+        >>> u = torch.zeros(2); admm_dual_update_ref(u, torch.tensor([1.0, 2.0]), torch.ones(2)); u.tolist()
+        [0.0, 1.0]
+    """
+    _check_dual(u, w, z)
     u.add_(w - z)
+
+
+def _tracing(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def _metadata_only(t: Tensor, name: str) -> bool:
+    """Whether the launcher only propagates metadata: a fake-tensor trace under Triton's CPU
+    interpreter, whose kernels cannot be traced (the op itself then runs its CPU reference)."""
+    if not (interpreted() and _tracing(t)):
+        return False
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(t, FunctionalTensor):
+        raise RuntimeError(
+            f"{name}: the Triton kernels cannot be traced into a graph under TRITON_INTERPRET=1; "
+            "compile on a GPU, or use torch.compile(backend='eager') on CPU"
+        )
+    return True
+
+
+def _check_triton_device(t: Tensor, name: str) -> None:
+    if _tracing(t) or t.device.type == "cuda" or (t.device.type == "cpu" and interpreted()):
+        return
+    raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {t.device}")
+
+
+def admm_step_triton(
+    w: Tensor,
+    grad: Tensor,
+    mom: Tensor,
+    z: Tensor,
+    u: Tensor,
+    mask: Tensor,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    rho: float,
+    k: int,
+    nesterov: bool,
+) -> Tensor:
+    """Triton launcher of ``atmc::admm_step``: same contract as :func:`admm_step_ref`.
+
+    A fixed sequence of launches (update + top-digit histogram, two refinement passes, three
+    one-program scans, write; see ``admm_triton.py``), no host sync, grids set by ``n`` alone.
+    ``grad`` may be float16/bfloat16 (upcast in the kernel).
+
+    Example:
+        >>> tau = admm_step_triton(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, k, False)  # CUDA [n]
+    """
+    _check(w, grad, mom, z, u, mask, k)
+    n = w.numel()
+    if n >= 2**31:
+        raise ValueError(f"admm_step: at most 2**31 - 1 elements per call, got {n}")
+    _check_triton_device(w, "admm_step")
+    if n == 0 or _metadata_only(w, "admm_step"):
+        return w.new_zeros(())
+    wn, mn, tau = torch.empty_like(w), torch.empty_like(w), w.new_empty(())
+    launch_admm_step(w, grad, mom, z, u, mask, wn, mn, tau, lr, momentum, weight_decay, rho, k, nesterov)
+    return tau
+
+
+def admm_dual_update_triton(u: Tensor, w: Tensor, z: Tensor) -> None:
+    """Triton launcher of ``atmc::admm_dual_update`` (``u += w - z``, one launch)."""
+    _check_dual(u, w, z)
+    if u.numel() >= 2**31:
+        raise ValueError(f"admm_dual_update: at most 2**31 - 1 elements per call, got {u.numel()}")
+    _check_triton_device(u, "admm_dual_update")
+    if not _metadata_only(u, "admm_dual_update"):
+        launch_dual_update(u, w, z)
 
 
 def _admm_step_fake(w, grad, mom, z, u, mask, lr, momentum, weight_decay, rho, k, nesterov):
     return w.new_empty(())
 
 
+def _dual_update_fake(u, w, z):
+    return None
+
+
+if not HAS_TRITON:  # the package works without Triton: the references serve every device
+    admm_step_triton = admm_dual_update_triton = None
+
 admm_step = register_op(
-    "admm_step", reference=admm_step_ref, fake=_admm_step_fake, mutates_args=("w", "mom", "mask")
+    "admm_step", reference=admm_step_ref, fake=_admm_step_fake, launcher=admm_step_triton,
+    mutates_args=("w", "mom", "mask"),
+)
+admm_dual_update = register_op(
+    "admm_dual_update", reference=admm_dual_update_ref, fake=_dual_update_fake, launcher=admm_dual_update_triton,
+    mutates_args=("u",),
 )

@@ -21,15 +21,28 @@ Output layout, shared with the Triton kernel: ``codebook [S, 257]`` float32 with
 centre in slot 0 and the free centres ascending in slots ``1..K`` (unused slots are 0);
 ``codes [n]`` int16 slot indices (2**8 free centres plus the zero are 257 symbols, one more
 than uint8 holds); ``q = codebook[seg, codes]``; ``err [S]`` float32 squared error.
+
+The op ``atmc::lloyd_quantize`` runs this reference on CPU and the Triton launcher
+(:mod:`.lloyd_triton`: one segmented sort, one Lloyd launch for all segments) on CUDA.
+``atmc::lloyd_errors_for_bits`` (:func:`errors_for_bits_ref`) tabulates every segment's error
+for b = 1..8 from one sort, the input of a per-layer bit allocation.
 """
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._registry import register_op
+from ._registry import HAS_TRITON, register_op
 
-__all__ = ["NUM_SLOTS", "MAX_BITS", "lloyd_quantize", "lloyd_quantize_ref", "round_down_midpoints"]
+__all__ = [
+    "MAX_BITS",
+    "NUM_SLOTS",
+    "errors_for_bits",
+    "errors_for_bits_ref",
+    "lloyd_quantize",
+    "lloyd_quantize_ref",
+    "round_down_midpoints",
+]
 
 MAX_BITS = 8
 NUM_SLOTS = 2**MAX_BITS + 1
@@ -47,15 +60,24 @@ def round_down_midpoints(c: Tensor) -> Tensor:
     return torch.where(too_big, torch.nextafter(mid32, torch.full_like(mid32, -float("inf"))), mid32)
 
 
-def _check_inputs(values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float) -> None:
+def _check_inputs(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float) -> list[int]:
+    """Validate the arguments (reading offsets and bits back); return the offsets as a list."""
     if values.dim() != 1 or values.dtype != torch.float32:
         raise ValueError(f"lloyd_quantize: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
     if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
         raise ValueError("lloyd_quantize: offsets must be a 1-D int64 tensor [S + 1]")
-    if bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64):
+    if bits is not None and (
+        bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64)
+    ):
         raise ValueError("lloyd_quantize: bits must be a 1-D int32/int64 tensor [S]")
     if max_iter < 0 or not (tol >= 0):
         raise ValueError(f"lloyd_quantize: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != values.numel() or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError("lloyd_quantize: offsets must rise from 0 to values.numel()")
+    if bits is not None and any(not 1 <= b <= MAX_BITS for b in bits.tolist()):
+        raise ValueError(f"lloyd_quantize: bits must lie in 1..{MAX_BITS}, got {bits.tolist()}")
+    return bounds
 
 
 def _sorted_nonzeros(x: Tensor) -> Tensor:
@@ -75,26 +97,22 @@ def _prefix_sum(s: Tensor) -> Tensor:
     return torch.cat([s.new_zeros(1, dtype=torch.float64), torch.cumsum(s.double(), 0)])
 
 
-def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, codes: Tensor, q: Tensor) -> Tensor:
-    """Quantize one segment ``x [n]`` into ``book [NUM_SLOTS]``, ``codes [n]``, ``q [n]``; return its error."""
-    s = _sorted_nonzeros(x)  # [m]
-    m, K = s.numel(), 2**b
-    if m <= K:  # kept exactly
-        uniq = torch.unique(s)  # sorted
-        book[1 : 1 + uniq.numel()] = uniq
-        nzm = x != 0
-        codes.copy_(torch.where(nzm, torch.searchsorted(uniq, x) + 1, 0))
-        q.copy_(x)
-        return x.new_zeros((), dtype=torch.float64)
+def _sorted_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted nonzeros ``s [m]``, their float64 prefix sums ``[m + 1]`` and float64 sum of squares."""
+    s = _sorted_nonzeros(x)
+    return s, _prefix_sum(s), s.double().square().sum()
 
-    p1 = _prefix_sum(s)  # [m + 1] float64
-    total_sq = s.double().square().sum()
-    j = torch.arange(K, device=x.device)
+
+def _fit(s: Tensor, p1: Tensor, total_sq: Tensor, K: int, max_iter: int, tol: float) -> tuple[Tensor, int, Tensor]:
+    """Lloyd on sorted nonzeros ``s [m]`` (``m > K``): all centres ``c [K+1]`` ascending, the index
+    ``nneg`` of the pinned zero among them, and the final squared error (float64)."""
+    m = s.numel()
+    j = torch.arange(K, device=s.device)
     free = s[((2 * j + 1) * m) // (2 * K)]  # [K] midpoint-quantile init, ascending
     nneg = int((free < 0).sum())  # the pinned zero sits between negatives and positives
-    is_free = torch.ones(K + 1, dtype=torch.bool, device=x.device)
+    is_free = torch.ones(K + 1, dtype=torch.bool, device=s.device)
     is_free[nneg] = False
-    c = torch.zeros(K + 1, dtype=torch.float32, device=x.device)  # all centres, ascending
+    c = torch.zeros(K + 1, dtype=torch.float32, device=s.device)  # all centres, ascending
     c[is_free] = free
 
     def assign(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,9 +125,9 @@ def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, c
         cd = c.double()
         return total_sq - torch.where(is_free & (cnt > 0), 2 * cd * s1 - cnt * cd * cd, 0.0).sum()
 
-    prev_err = torch.full((), float("inf"), dtype=torch.float64, device=x.device)
-    prev_hi = torch.full((K + 1,), -1, dtype=torch.int64, device=x.device)
-    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    prev_err = torch.full((), float("inf"), dtype=torch.float64, device=s.device)
+    prev_hi = torch.full((K + 1,), -1, dtype=torch.int64, device=s.device)
+    done = torch.zeros((), dtype=torch.bool, device=s.device)
     for _ in range(max_iter):
         hi, cnt, s1 = assign(c)
         mean = torch.where(cnt > 0, s1 / cnt.clamp(min=1), c.double()).float()
@@ -121,7 +139,22 @@ def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, c
         done = done | fixed | small
         prev_err = torch.where(done, prev_err, err)
         prev_hi = hi
+    _, cnt, s1 = assign(c)
+    return c, nneg, sse(c, cnt, s1)
 
+
+def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, codes: Tensor, q: Tensor) -> Tensor:
+    """Quantize one segment ``x [n]`` into ``book [NUM_SLOTS]``, ``codes [n]``, ``q [n]``; return its error."""
+    s, p1, total_sq = _sorted_stats(x)  # [m], [m + 1], []
+    K = 2**b
+    if s.numel() <= K:  # kept exactly
+        uniq = torch.unique(s)  # sorted
+        book[1 : 1 + uniq.numel()] = uniq
+        nzm = x != 0
+        codes.copy_(torch.where(nzm, torch.searchsorted(uniq, x) + 1, 0))
+        q.copy_(x)
+        return x.new_zeros((), dtype=torch.float64)
+    c, nneg, err = _fit(s, p1, total_sq, K, max_iter, tol)
     book[1 : 1 + nneg] = c[:nneg]
     book[1 + nneg : 1 + K] = c[nneg + 1 :]
     # slot of each sorted centre: negatives -> 1.., the zero -> 0, positives -> nneg+1..
@@ -131,8 +164,7 @@ def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, c
     pos = torch.bucketize(x, round_down_midpoints(c), out_int32=True)  # [n]; zeros land on the zero
     torch.index_select(slot, 0, pos, out=codes)
     torch.index_select(c, 0, pos, out=q)
-    _, cnt, s1 = assign(c)
-    return sse(c, cnt, s1)
+    return err
 
 
 def lloyd_quantize_ref(
@@ -153,23 +185,45 @@ def lloyd_quantize_ref(
         >>> int((q != 0).sum()), int(torch.unique(q).numel()) <= 3
         (4, True)
     """
-    _check_inputs(values, offsets, bits, max_iter, tol)
+    bounds = _check_inputs(values, offsets, bits, max_iter, tol)
     S = bits.numel()
     book = torch.zeros(S, NUM_SLOTS, dtype=torch.float32, device=values.device)
     codes = torch.zeros(values.numel(), dtype=torch.int16, device=values.device)
     q = torch.zeros_like(values)
     err = torch.zeros(S, dtype=torch.float32, device=values.device)
-    bounds = offsets.tolist()
     bl = bits.tolist()
-    if bounds[0] != 0 or bounds[-1] != values.numel() or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError("lloyd_quantize: offsets must rise from 0 to values.numel()")
-    if any(not 1 <= b <= MAX_BITS for b in bl):
-        raise ValueError(f"lloyd_quantize: bits must lie in 1..{MAX_BITS}, got {bl}")
     for i in range(S):
         a, b = bounds[i], bounds[i + 1]
         if a < b:
             err[i] = _lloyd_segment(values[a:b], bl[i], max_iter, tol, book[i], codes[a:b], q[a:b])
     return book, codes, q, err
+
+
+def errors_for_bits_ref(values: Tensor, offsets: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Squared error of every segment quantized with b = 1..8 bits, one sort per segment (reference).
+
+    Column ``b - 1`` equals ``lloyd_quantize_ref(values, offsets, full(b), max_iter, tol)[3]``;
+    the table is the input of a per-layer bit allocation (a knapsack over segments).
+
+    Args:
+        values: ``[n]`` float32; offsets: ``[S + 1]`` int64 (as for :func:`lloyd_quantize_ref`).
+    Returns:
+        ``err [S, 8]`` float32.
+
+    Example:
+        >>> e = errors_for_bits_ref(torch.randn(1000), torch.tensor([0, 400, 1000]), 20, 0.0)
+        >>> e.shape, bool((e[:, 1:] <= e[:, :-1]).all())
+        (torch.Size([2, 8]), True)
+    """
+    bounds = _check_inputs(values, offsets, None, max_iter, tol)
+    S = len(bounds) - 1
+    err = torch.zeros(S, MAX_BITS, dtype=torch.float32, device=values.device)
+    for i in range(S):
+        s, p1, total_sq = _sorted_stats(values[bounds[i] : bounds[i + 1]])
+        for b in range(1, MAX_BITS + 1):
+            if s.numel() > 2**b:
+                err[i, b - 1] = _fit(s, p1, total_sq, 2**b, max_iter, tol)[2]
+    return err
 
 
 def _lloyd_fake(values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float):
@@ -182,4 +236,18 @@ def _lloyd_fake(values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, to
     )
 
 
-lloyd_quantize = register_op("lloyd_quantize", reference=lloyd_quantize_ref, fake=_lloyd_fake)
+def _errors_fake(values: Tensor, offsets: Tensor, max_iter: int, tol: float):
+    return values.new_empty(offsets.shape[0] - 1, MAX_BITS)
+
+
+if HAS_TRITON:
+    from .lloyd_triton import errors_for_bits_triton, lloyd_quantize_triton
+else:  # the package works without Triton: the references serve every device
+    errors_for_bits_triton = lloyd_quantize_triton = None
+
+lloyd_quantize = register_op(
+    "lloyd_quantize", reference=lloyd_quantize_ref, fake=_lloyd_fake, launcher=lloyd_quantize_triton
+)
+errors_for_bits = register_op(
+    "lloyd_errors_for_bits", reference=errors_for_bits_ref, fake=_errors_fake, launcher=errors_for_bits_triton
+)

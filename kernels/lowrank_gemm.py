@@ -1,24 +1,45 @@
-"""Dequantize-sparse-lowrank linear layer: the PyTorch reference.
+"""Dequantize-sparse-lowrank linear layer on packed factors: the PyTorch reference and the ops.
 
-A finalized ATMC layer stores each factor as integer codes into a small codebook (slot 0 is
-the pinned zero, see :mod:`atmc_triton.kernels.lloyd`). Its forward is
+A packed ATMC layer stores each factor ``U [N, r]``, ``V [r, K]``, ``C [N, K]`` as bit-packed
+codes into a small codebook, dense or CSR (:mod:`atmc_triton.kernels.packed_format`). Its
+forward is
 
     y = x W^T + bias,   W = deq(U) deq(V) + deq(C)   (+ the identity of the identity init)
 
 computed without forming W:  t = x deq(V)^T  [M, r],  y = t deq(U)^T + x deq(C)^T + bias.
 ``identity`` = 1 means W = (U + I) V + C (so y gains t, r = N); 2 means W = U (V + I) + C
 (so t gains x, r = K); 0 means no identity term.
+
+Ops (namespace ``atmc``): ``atmc_linear`` (the layer, differentiable in ``x`` and ``bias``) and
+``atmc_decode`` (one factor to a dense float32 matrix). Each factor enters as ``fmt`` plus its
+four tensors ``codes`` (int32 words), ``book`` (float32), ``indptr`` (int32), ``indices``
+(int16/int32); unused ones are empty. The Triton launchers (:mod:`.lowrank_gemm_triton`)
+serve CUDA tensors; these references are the CPU kernels and the test oracle.
 """
 
+from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ._registry import register_op
+from ._registry import HAS_TRITON, register_op
+from .packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, MAX_BOOK, code_width, decode_factor_ref, packed_words
 
-__all__ = ["IDENTITY_NONE", "IDENTITY_U", "IDENTITY_V", "dequantize", "atmc_linear", "atmc_linear_ref"]
+__all__ = [
+    "IDENTITY_NONE",
+    "IDENTITY_U",
+    "IDENTITY_V",
+    "atmc_decode",
+    "atmc_decode_ref",
+    "atmc_linear",
+    "atmc_linear_ref",
+    "check_factor",
+    "check_linear",
+    "dequantize",
+]
 
 IDENTITY_NONE, IDENTITY_U, IDENTITY_V = 0, 1, 2
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def dequantize(codes: Tensor, book: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -26,62 +47,183 @@ def dequantize(codes: Tensor, book: Tensor, dtype: torch.dtype = torch.float32) 
     return book.to(dtype).index_select(0, codes.reshape(-1).long()).view(codes.shape)
 
 
-def _check(x: Tensor, u_codes: Tensor, v_codes: Tensor, c_codes: Tensor, bias: Tensor | None, identity: int):
-    if x.dim() != 2:
-        raise ValueError(f"atmc_linear: x must be [M, K], got {tuple(x.shape)}")
+def check_factor(op: str, name: str, fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor,
+                 indptr: Tensor, indices: Tensor, device: torch.device) -> None:
+    """Validate one packed factor's format, dtypes, devices and sizes (not its index values)."""
+    where = f"{op}: factor {name} [{rows}, {cols}]"
+    if fmt not in (FMT_EMPTY, FMT_DENSE, FMT_CSR):
+        raise ValueError(f"{where}: fmt must be 0 (empty), 1 (dense) or 2 (csr), got {fmt}")
+    for t, what, dtypes in ((codes, "codes", (torch.int32,)), (book, "book", (torch.float32,)),
+                            (indptr, "indptr", (torch.int32,)), (indices, "indices", (torch.int16, torch.int32))):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in dtypes:
+            raise ValueError(f"{where}: {what} must be a 1-D {'/'.join(map(str, dtypes))} tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != device:
+            raise ValueError(f"{where}: {what} is on {t.device}, x is on {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{where}: {what} must be contiguous")
+    nbook = book.numel()
+    if fmt == FMT_EMPTY:
+        if codes.numel() or nbook or indptr.numel() or indices.numel():
+            raise ValueError(f"{where}: an empty factor has empty codes, book, indptr and indices")
+        return
+    if nbook == 1 or nbook > MAX_BOOK:
+        raise ValueError(f"{where}: book must hold the zero plus 1..256 levels (or nothing for raw values), "
+                         f"got {nbook} entries")
+    width = code_width(fmt, nbook - 1, nbook == 0)
+    if fmt == FMT_DENSE:
+        count = rows * cols
+        if indptr.numel() or indices.numel():
+            raise ValueError(f"{where}: a dense factor has empty indptr and indices")
+    else:
+        count = indices.numel()
+        if indptr.numel() != rows + 1:
+            raise ValueError(f"{where}: indptr must have rows + 1 = {rows + 1} entries, got {indptr.numel()}")
+        if indices.dtype == torch.int16 and cols > 2**15:
+            raise ValueError(f"{where}: int16 column indices cannot address {cols} columns")
+    if codes.numel() != packed_words(count, width):
+        raise ValueError(f"{where}: codes must hold {packed_words(count, width)} int32 words "
+                         f"({count} codes of {width} bits plus a pad word), got {codes.numel()}")
+
+
+def check_linear(op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> None:
+    """Validate ``atmc_linear`` arguments; ``factors`` is ``[(fmt, codes, book, indptr, indices)] * 3`` (U, V, C)."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"{op}: x must be a 2-D float tensor [M, K], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     K = x.shape[1]
-    N, r = u_codes.shape
-    if v_codes.shape != (r, K) or c_codes.shape != (N, K):
-        raise ValueError(
-            f"atmc_linear: shapes disagree: x [M, {K}], U {tuple(u_codes.shape)}, "
-            f"V {tuple(v_codes.shape)}, C {tuple(c_codes.shape)}"
-        )
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"atmc_linear: bias must be [{N}], got {tuple(bias.shape)}")
+    if n < 1 or r < 1 or K < 1:
+        raise ValueError(f"{op}: need N, r, K >= 1, got N={n}, r={r}, K={K}")
     if identity not in (IDENTITY_NONE, IDENTITY_U, IDENTITY_V):
-        raise ValueError(f"atmc_linear: identity must be 0, 1 or 2, got {identity}")
-    if (identity == IDENTITY_U and r != N) or (identity == IDENTITY_V and r != K):
-        raise ValueError(f"atmc_linear: identity={identity} needs r == {'N' if identity == 1 else 'K'}")
+        raise ValueError(f"{op}: identity must be 0, 1 or 2, got {identity}")
+    if (identity == IDENTITY_U and r != n) or (identity == IDENTITY_V and r != K):
+        raise ValueError(f"{op}: identity={identity} needs r == {'N' if identity == IDENTITY_U else 'K'}, "
+                         f"got r={r}, N={n}, K={K}")
+    if bias is not None:
+        if bias.shape != (n,) or bias.dtype not in _FLOATS:
+            raise ValueError(f"{op}: bias must be a float tensor [{n}], got {bias.dtype} {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device}, x is on {x.device}")
+    for name, (rows, cols), f in zip("UVC", ((n, r), (r, K), (n, K)), factors):
+        check_factor(op, name, f[0], rows, cols, *f[1:], device=x.device)
+
+
+def _decoded(fmt, rows, cols, codes, book, indptr, indices, dtype) -> Tensor | None:
+    if fmt == FMT_EMPTY:
+        return None
+    return decode_factor_ref(fmt, rows, cols, codes, book, indptr, indices).to(dtype)
 
 
 def atmc_linear_ref(
     x: Tensor,
-    u_codes: Tensor,
-    u_book: Tensor,
-    v_codes: Tensor,
-    v_book: Tensor,
-    c_codes: Tensor,
-    c_book: Tensor,
     bias: Tensor | None,
+    n: int,
+    r: int,
     identity: int,
+    u_fmt: int, u_codes: Tensor, u_book: Tensor, u_indptr: Tensor, u_indices: Tensor,
+    v_fmt: int, v_codes: Tensor, v_book: Tensor, v_indptr: Tensor, v_indices: Tensor,
+    c_fmt: int, c_codes: Tensor, c_book: Tensor, c_indptr: Tensor, c_indices: Tensor,
 ) -> Tensor:
-    """``y [M, N]`` for ``x [M, K]`` from coded factors ``U [N, r]``, ``V [r, K]``, ``C [N, K]``.
+    """``y [M, n]`` for ``x [M, K]`` from packed factors ``U [n, r]``, ``V [r, K]``, ``C [n, K]``.
 
-    Accumulates in float32 (float64 if ``x`` is float64) and returns ``x.dtype``.
+    Dequantizes each factor densely, then ``t = x V^T``, ``y = t U^T + x C^T + bias`` (plus
+    the identity terms). Accumulates in float32 (float64 for float64 ``x``); returns ``x.dtype``.
 
     Example:
-        >>> book = torch.zeros(257); book[1] = 1.0
-        >>> eye = torch.eye(2, dtype=torch.int16)
-        >>> y = atmc_linear_ref(torch.ones(1, 2), eye, book, eye, book, 0 * eye, book, None, 0)
-        >>> y.tolist()
-        [[1.0, 1.0]]
+        >>> from atmc_triton.kernels.packed_format import pack_bits
+        >>> e = torch.empty(0, dtype=torch.int32)
+        >>> book = torch.tensor([0.0, 2.0])
+        >>> u = (1, pack_bits(torch.tensor([1, 0, 0, 1]), 1), book, e, e.short())  # U = 2 I
+        >>> none = (0, e, e.float(), e, e.short())
+        >>> atmc_linear_ref(torch.ones(1, 2), None, 2, 2, 2, *u, *none, *none).tolist()  # U (0 + I) x
+        [[2.0, 2.0]]
     """
-    _check(x, u_codes, v_codes, c_codes, bias, identity)
+    factors = ((u_fmt, u_codes, u_book, u_indptr, u_indices), (v_fmt, v_codes, v_book, v_indptr, v_indices),
+               (c_fmt, c_codes, c_book, c_indptr, c_indices))
+    check_linear("atmc_linear", x, bias, n, r, identity, factors)
+    K = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    U, V, C = (_decoded(f[0], rows, cols, *f[1:], acc) for f, (rows, cols) in zip(factors, ((n, r), (r, K), (n, K))))
     xf = x.to(acc)
-    t = xf @ dequantize(v_codes, v_book, acc).T  # [M, r]
-    if identity == IDENTITY_V:
-        t = t + xf
-    y = t @ dequantize(u_codes, u_book, acc).T + xf @ dequantize(c_codes, c_book, acc).T  # [M, N]
-    if identity == IDENTITY_U:
-        y = y + t
+    y = xf.new_zeros(x.shape[0], n)
+    if U is not None or identity == IDENTITY_U:
+        t = xf @ V.T if V is not None else xf.new_zeros(x.shape[0], r)  # [M, r]
+        if identity == IDENTITY_V:
+            t = t + xf
+        if U is not None:
+            y = y + t @ U.T
+        if identity == IDENTITY_U:
+            y = y + t
+    if C is not None:
+        y = y + xf @ C.T
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
 
 
-def _atmc_linear_fake(x, u_codes, u_book, v_codes, v_book, c_codes, c_book, bias, identity):
-    return x.new_empty(x.shape[0], u_codes.shape[0])
+def _linear_fake(x, bias, n, r, identity, *factors):
+    return x.new_empty(x.shape[0], n)
 
 
-atmc_linear = register_op("atmc_linear", reference=atmc_linear_ref, fake=_atmc_linear_fake)
+def atmc_decode_ref(fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor,
+                    indices: Tensor) -> Tensor:
+    """The dense float32 factor ``[rows, cols]`` of a packed one (validated).
+
+    Example:
+        >>> from atmc_triton.kernels.packed_format import pack_bits
+        >>> e = torch.empty(0, dtype=torch.int32)
+        >>> atmc_decode_ref(1, 1, 3, pack_bits(torch.tensor([2, 0, 1]), 2), torch.tensor([0.0, 0.5, 4.0]),
+        ...                 e, e.short()).tolist()
+        [[4.0, 0.0, 0.5]]
+    """
+    check_factor("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices, codes.device)
+    return decode_factor_ref(fmt, rows, cols, codes, book, indptr, indices)
+
+
+def _decode_fake(fmt, rows, cols, codes, book, indptr, indices):
+    return codes.new_empty(rows, cols, dtype=torch.float32)
+
+
+if HAS_TRITON:
+    from .lowrank_gemm_triton import atmc_decode_triton, atmc_linear_triton
+else:  # the package works without Triton: the references serve every device
+    atmc_decode_triton = atmc_linear_triton = None
+
+atmc_linear = register_op("atmc_linear", reference=atmc_linear_ref, fake=_linear_fake, launcher=atmc_linear_triton)
+atmc_decode = register_op("atmc_decode", reference=atmc_decode_ref, fake=_decode_fake, launcher=atmc_decode_triton)
+
+
+# --- autograd: y = x W^T + b, so dx = g W and db = sum(g); the packed factors are constants ----------------------
+
+def _setup_context(ctx, inputs, output):
+    x, bias, n, r, identity = inputs[:5]
+    ctx.meta = (x.shape[1], n, r, identity, x.dtype, None if bias is None else bias.dtype)
+    ctx.fmts = inputs[5::5]
+    ctx.save_for_backward(*(t for i in range(3) for t in inputs[6 + 5 * i : 10 + 5 * i]))
+
+
+def _backward(ctx, grad):
+    K, n, r, identity, dtype, bias_dtype = ctx.meta
+    saved = ctx.saved_tensors
+    shapes = ((n, r), (r, K), (n, K))
+    g = grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    U, V, C = (
+        atmc_decode(fmt, rows, cols, *saved[4 * i : 4 * i + 4]).to(g.dtype) if fmt != FMT_EMPTY else None
+        for i, (fmt, (rows, cols)) in enumerate(zip(ctx.fmts, shapes))
+    )
+    dx = g.new_zeros(g.shape[0], K)
+    if U is not None or identity == IDENTITY_U:
+        s = g @ U if U is not None else g.new_zeros(g.shape[0], r)  # [M, r]
+        if identity == IDENTITY_U:
+            s = s + g
+        if V is not None:
+            dx = dx + s @ V
+        if identity == IDENTITY_V:
+            dx = dx + s
+    if C is not None:
+        dx = dx + g @ C
+    db = grad.sum(0).to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[1] else None
+    return (dx.to(dtype), db) + (None,) * 18
+
+
+atmc_linear.register_autograd(_backward, setup_context=_setup_context)

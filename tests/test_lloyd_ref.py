@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from atmc_triton.kernels import NUM_SLOTS, lloyd_quantize, lloyd_quantize_ref
+from atmc_triton.kernels.lloyd import errors_for_bits, errors_for_bits_ref
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -157,3 +158,21 @@ def test_op_dispatches_to_reference_on_cpu():
 def test_bad_inputs(values, offsets, bits, needle):
     with pytest.raises(ValueError, match=needle):
         lloyd_quantize_ref(values, torch.tensor(offsets), torch.tensor(bits, dtype=torch.int32), 20, 0.0)
+
+
+@given(xs=st.lists(segment(max_len=300), min_size=1, max_size=4), tol=st.sampled_from([0.0, 1e-4]))
+def test_errors_for_bits_columns_are_the_quantizer_errors(xs, tol):
+    offsets = np.cumsum([0] + [x.size for x in xs])
+    values = torch.from_numpy(np.concatenate(xs))
+    table = errors_for_bits_ref(values, torch.from_numpy(offsets), 20, tol)
+    assert table.shape == (len(xs), 8) and table.dtype == torch.float32
+    for b in range(1, 9):
+        assert torch.equal(table[:, b - 1], run(values, offsets, [b] * len(xs), 20, tol)[3])
+    assert torch.equal(errors_for_bits(values, torch.from_numpy(offsets), 20, tol), table)  # CPU op = reference
+
+
+def test_errors_for_bits_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="offsets"):
+        errors_for_bits_ref(torch.zeros(4), torch.tensor([0, 3]), 20, 0.0)
+    with pytest.raises(ValueError, match="tol"):
+        errors_for_bits_ref(torch.zeros(4), torch.tensor([0, 4]), 20, -1.0)

@@ -1,0 +1,224 @@
+"""Checkpoints: atomic writes, safe loads, exact resume.
+
+A checkpoint is a ``torch.save`` file of plain containers and tensors only, read back with
+``torch.load(weights_only=True)`` (a file with pickled Python objects is refused), holding:
+
+* ``meta``: what was trained (model and dataset names, classes, input shape, stage, the
+  :class:`~atmc_triton.ATMCConfig` as a dict, protocol, schedule, seed);
+* ``model``: the model's ``state_dict`` (ATMC factors, Z, u, masks, codebooks included);
+* ``optimizer``: the optimizer's ``state_dict`` (ADMM: momenta, step count, current rho);
+* ``epoch`` (completed epochs), ``step`` (optimizer steps) and ``rng`` (python, numpy, torch
+  CPU and CUDA generator states), so a resumed run continues exactly.
+
+Files are written to a temporary file in the same directory, flushed, fsynced and renamed
+over the target (``os.replace``), so a crash never leaves a half-written checkpoint.
+:func:`export_safetensors` writes just the weights as safetensors (contiguous copies: the ATMC
+factors are views into shared flat buffers, which safetensors refuses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pickle
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from atmc_triton.config import ATMCConfig
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "check_meta",
+    "config_from_dict",
+    "config_to_dict",
+    "export_safetensors",
+    "get_rng_state",
+    "load_checkpoint",
+    "load_safetensors",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+FORMAT = "atmc-triton-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (unreadable, unsafe, or from another model/dataset/config)."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it over ``path``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+        >>> _ = atomic_write(p, lambda f: f.write(b"ok")); p.read_bytes()
+        b'ok'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = None
+    try:  # make the rename durable too (not possible on every platform)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return path
+
+
+# -- RNG state ------------------------------------------------------------------------------
+def get_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (if initialized) CUDA generator states, as safe-to-load values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned (CUDA states only where CUDA is present)."""
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# -- config -----------------------------------------------------------------------------------
+def config_to_dict(cfg: ATMCConfig | None) -> dict[str, Any] | None:
+    """``ATMCConfig`` as plain values (``layer_bits`` as a dict)."""
+    if cfg is None:
+        return None
+    d = dataclasses.asdict(cfg)
+    d["layer_bits"] = dict(cfg.layer_bits) if cfg.layer_bits else None
+    return d
+
+
+def config_from_dict(d: dict[str, Any] | None) -> ATMCConfig | None:
+    """Inverse of :func:`config_to_dict`."""
+    return None if d is None else ATMCConfig(**d)
+
+
+# -- save / load --------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, meta: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None, epoch: int = 0, step: int = 0,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically (see the module docstring). Returns the path.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.pt"
+        >>> _ = save_checkpoint(p, model=nn.Linear(2, 2), meta={"model": "toy"}, epoch=3)
+        >>> load_checkpoint(p)["epoch"]
+        3
+    """
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": dict(meta),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "step": int(step),
+        "rng": get_rng_state(),
+        "extra": dict(extra or {}),
+    }
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; refuse unsafe or foreign files.
+
+    Raises:
+        CheckpointError: missing file, pickled objects beyond tensors and plain containers,
+            or not a file written by :func:`save_checkpoint`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [ln.strip() for ln in str(e).splitlines() if "unsupported global" in ln.lower()]
+        if not found:
+            raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (UnpicklingError)") from None
+        raise CheckpointError(f"refusing to load {str(path)!r}: it holds pickled Python objects, not just "
+                              f"tensors and plain containers (weights_only=True): {found[0][:160]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an atmc_triton checkpoint")
+    if ck.get("version") != VERSION:
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {ck.get('version')}, expected {VERSION}")
+    return ck
+
+
+def check_meta(ck: dict[str, Any], path: str | os.PathLike, **expected: Any) -> None:
+    """Raise :class:`CheckpointError` (one line) if ``ck["meta"]`` disagrees with any ``expected`` value.
+
+    Example:
+        >>> check_meta({"meta": {"model": "lenet"}}, "x.pt", model="lenet")
+    """
+    meta = ck.get("meta", {})
+    bad = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in expected.items() if meta.get(k) != v]
+    if bad:
+        what = f"model {meta.get('model')!r} on {meta.get('dataset')!r}"
+        raise CheckpointError(f"checkpoint {str(path)!r} is from {what}: " + ", ".join(bad))
+
+
+def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model.state_dict()`` as safetensors (contiguous CPU copies; no shared storage), atomically.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = export_safetensors(nn.Linear(2, 2), pathlib.Path(tempfile.mkdtemp()) / "m.safetensors")
+        >>> sorted(load_safetensors(p))
+        ['bias', 'weight']
+    """
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    blob = save(tensors, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    return atomic_write(path, lambda f: f.write(blob))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (load them with ``model.load_state_dict``)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,546 @@
+"""Packed inference: a finalized ATMC model stored as b-bit codes, codebooks and sparse indices.
+
+:func:`pack_` swaps every finalized :class:`~atmc_triton.ATMCLinear` / :class:`~atmc_triton.ATMCConv2d`
+for a :class:`PackedLinear` / :class:`PackedConv2d` holding, per factor, the smaller of dense
+bit-packed codes and CSR (:mod:`atmc_triton.kernels.packed_format`) plus a float32 codebook;
+:func:`unpack` is its exact inverse. A packed model's ``state_dict`` holds only those packed
+tensors (and the biases); :func:`save_packed` / :func:`load_packed` write and read it as
+safetensors, building the packed modules directly from the file (empty or meta tensors, no
+dense intermediate) and validating every index and code before use.
+
+``PackedLinear`` runs the fused Triton kernel (op ``atmc::atmc_linear``) on CUDA and the
+reference on CPU. ``PackedConv2d`` dequantizes its factors once into a cached dense weight and
+calls cuDNN (``conv_mode="dense"``, the default), or runs the decomposed form: a conv with
+``V`` as ``[r, in, kh, kw]``, a 1x1 conv with ``U``, plus a conv with ``C``
+(``conv_mode="decomposed"``). Convolutions are compute-bound and their weights small: the
+decomposed form costs ``r (in kh kw + out)`` MACs per output pixel against ``out in kh kw``,
+more whenever ``r > out in kh kw / (in kh kw + out)`` (every identity-initialized layer, where
+``r = min(out, in kh kw)``), and a nonzero ``C`` needs its own full-size conv on top (cuDNN
+has no sparse conv). ``bench/gemm.py`` times both. The cached weight is a non-persistent buffer
+made by the first eager forward (a graph compiled afterwards reads it; before, it decodes in the
+graph) and dropped on ``load_state_dict`` / ``.to()``.
+
+Exactness: ``unpack(pack_(m))`` reproduces every tensor of a finalized model bit for bit, except
+that a factor entry stored as ``-0.0`` comes back as ``+0.0`` (zeros are not stored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from atmc_triton.budget import atmc_layers, unwrap
+from atmc_triton.kernels import IDENTITY_U, IDENTITY_V
+from atmc_triton.kernels.lowrank_gemm import atmc_decode, atmc_linear, check_factor
+from atmc_triton.kernels.packed_format import (
+    FMT_CSR,
+    FMT_DENSE,
+    FMT_EMPTY,
+    FORMAT_NAMES,
+    code_width,
+    encode_factor,
+    index_dtype,
+    packed_words,
+    unpack_bits,
+)
+from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear
+
+__all__ = [
+    "PackedConv2d",
+    "PackedLayer",
+    "PackedLinear",
+    "load_packed",
+    "pack_",
+    "packed_layers",
+    "packed_nbytes",
+    "save_packed",
+    "to_dense",
+    "unpack",
+]
+
+_PARTS = ("codes", "book", "indptr", "indices")
+META_KEY = "atmc_packed"
+FORMAT_VERSION = 1
+
+
+class PackedLayer(nn.Module):
+    """Shared state of :class:`PackedLinear` and :class:`PackedConv2d`.
+
+    Buffers per factor ``F`` in ``U [out, r]``, ``V [r, in]``, ``C [out, in]``: ``F_codes``
+    (int32 words), ``F_book`` (float32, slot 0 the zero), ``F_indptr`` (int32) and ``F_indices``
+    (int16/int32), empty where the format has no use for them. Python attributes hold the
+    formats, shapes, rank, identity and bits (they are in the file's metadata, not the state dict).
+    """
+
+    def _setup(self, out: int, inn: int, rank: int, identity: int, bits: int | None, bias: bool,
+               factors: dict[str, dict[str, Any]], dtype: torch.dtype, device) -> None:
+        self.out_dim, self.in_dim, self.rank, self._identity, self.bits = out, inn, rank, identity, bits
+        self.shapes = {"U": (out, rank), "V": (rank, inn), "C": (out, inn)}
+        self.fmts = {f: int(factors[f]["fmt"]) for f in FACTORS}
+        self.nnz = {f: int(factors[f]["nnz"]) for f in FACTORS}
+        self.levels = {f: int(factors[f]["levels"]) for f in FACTORS}
+        self._dtype = dtype
+        self._cache: tuple | None = None
+        raw = bits is None
+        for f in FACTORS:
+            fmt, rows, cols = self.fmts[f], *self.shapes[f]
+            nnz, levels = self.nnz[f], self.levels[f]
+            empty = fmt == FMT_EMPTY
+            count = rows * cols if fmt == FMT_DENSE else nnz
+            sizes = {
+                "codes": (0 if empty else packed_words(count, code_width(fmt, levels, raw)), torch.int32),
+                "book": (0 if empty or raw else levels + 1, torch.float32),
+                "indptr": (rows + 1 if fmt == FMT_CSR else 0, torch.int32),
+                "indices": (nnz if fmt == FMT_CSR else 0, index_dtype(cols) if fmt == FMT_CSR else torch.int16),
+            }
+            for part, (n, dt) in sizes.items():
+                self.register_buffer(f"{f}_{part}", torch.empty(n, dtype=dt, device=device))
+        self.bias = nn.Parameter(torch.empty(out, dtype=dtype, device=device)) if bias else None
+
+    # --- factors ------------------------------------------------------------------------------------------------
+
+    def factor(self, f: str) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+        """``(fmt, codes, book, indptr, indices)`` of factor ``f`` ("U", "V" or "C")."""
+        return (self.fmts[f], *(getattr(self, f"{f}_{p}") for p in _PARTS))
+
+    def factor_args(self) -> list:
+        """The 15 factor arguments of op ``atmc_linear`` (U, V, C)."""
+        return [a for f in FACTORS for a in self.factor(f)]
+
+    def factor_nbytes(self, f: str) -> int:
+        """Real bytes of factor ``f`` (its four tensors)."""
+        return sum(getattr(self, f"{f}_{p}").nbytes for p in _PARTS)
+
+    def decode(self, f: str) -> Tensor | None:
+        """Dense float32 factor ``f`` (``None`` when it is all zero)."""
+        if self.fmts[f] == FMT_EMPTY:
+            return None
+        return atmc_decode(self.fmts[f], *self.shapes[f], *self.factor(f)[1:])
+
+    def weight_2d(self) -> Tensor:
+        """Dense float32 ``W [out, in] = U V + C`` (plus the identity term), from the packed factors."""
+        U, V, C = (self.decode(f) for f in FACTORS)
+        w = C if C is not None else self.U_codes.new_zeros(self.out_dim, self.in_dim, dtype=torch.float32)
+        if U is not None and V is not None:
+            w = torch.addmm(w, U, V)
+        if self._identity == IDENTITY_U and V is not None:  # (U + I) V = U V + V
+            w = w + V
+        if self._identity == IDENTITY_V and U is not None:  # U (V + I) = U V + U
+            w = w + U
+        return w
+
+    # --- conversion ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def from_atmc(cls, layer: ATMCLayer) -> PackedLayer:
+        """Pack a finalized ATMC layer."""
+        if not bool(layer.finalized):
+            raise ValueError(f"{type(layer).__name__} is not finalized: call atmc_triton.finalize_(model) first")
+        raw = layer.nbits is None
+        enc, factors = {}, {}
+        for f in FACTORS:
+            p = getattr(layer, f).detach()
+            if raw and not torch.equal(p.float().to(p.dtype), p):
+                raise ValueError(f"factor {f} has values float32 cannot hold exactly ({p.dtype})")
+            enc[f] = encode_factor(p, raw)
+            nz = p[p != 0]
+            factors[f] = {"fmt": enc[f][0], "nnz": nz.numel(),
+                          "levels": int(torch.unique(nz).numel()) if nz.numel() else 0}
+        spec = _layer_spec(layer)
+        spec["factors"] = factors
+        packed = _from_spec(spec, layer.C.device, layer.C.dtype)
+        for f in FACTORS:
+            for part, t in zip(_PARTS, enc[f][1:]):
+                getattr(packed, f"{f}_{part}").copy_(t)
+        if layer.bias is not None:
+            packed.bias.copy_(layer.bias.detach())
+        return packed
+
+    @torch.no_grad()
+    def to_atmc(self) -> ATMCLayer:
+        """The finalized ATMC layer this packed layer came from (exactly)."""
+        dev = self.U_codes.device
+        cls = ATMCConv2d if isinstance(self, PackedConv2d) else ATMCLinear
+        kw = {"rank": self.rank, "identity": self._identity, "bits": self.bits, "device": dev, "dtype": self._dtype}
+        if cls is ATMCLinear:
+            layer = ATMCLinear(self.in_dim, self.out_dim, self.bias is not None, **kw)
+        else:
+            layer = ATMCConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                               self.dilation, 1, self.bias is not None, self.padding_mode, **kw)
+        for i, f in enumerate(FACTORS):
+            w = self.decode(f)
+            v = torch.zeros(self.shapes[f], device=dev) if w is None else w
+            v = v.to(self._dtype)
+            getattr(layer, f).copy_(v)
+            getattr(layer, f"{f}_z").copy_(v)
+            getattr(layer, f"{f}_mask").copy_(v != 0)
+            book = getattr(self, f"{f}_book")
+            if book.numel():
+                layer.codebook[i, 1 : book.numel()] = book[1:]
+        if self.bias is not None:
+            layer.bias.copy_(self.bias.detach())
+        layer.finalized.fill_(True)
+        return layer
+
+    # --- validation ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, name: str = "") -> None:
+        """Check every factor: sizes and dtypes, codes within the codebook, CSR structure and column ranges.
+
+        Raises ``ValueError`` on the first problem; a validated layer never makes a kernel read out of bounds.
+        """
+        where = f"packed layer {name or type(self).__name__}"
+        for f in FACTORS:
+            fmt, codes, book, indptr, indices = self.factor(f)
+            rows, cols = self.shapes[f]
+            check_factor(where, f, fmt, rows, cols, codes, book, indptr, indices, codes.device)
+            if fmt == FMT_EMPTY:
+                if self.nnz[f]:
+                    raise ValueError(f"{where}: factor {f} is empty but its metadata says {self.nnz[f]} nonzeros")
+                continue
+            raw = book.numel() == 0
+            if raw != (self.bits is None):
+                raise ValueError(f"{where}: factor {f} has {'no ' if raw else ''}codebook but bits={self.bits}")
+            levels = book.numel() - 1
+            if not raw:
+                lv = book[1:]
+                if book[0] != 0 or bool((lv == 0).any()) or bool((lv[1:] <= lv[:-1]).any()):
+                    raise ValueError(f"{where}: factor {f}: the codebook must be 0 then distinct nonzero levels "
+                                     "ascending")
+                if self.bits is not None and levels > 2**self.bits:
+                    raise ValueError(f"{where}: factor {f} has {levels} levels, more than 2^{self.bits}")
+            width = code_width(fmt, levels, raw)
+            if fmt == FMT_DENSE:
+                nnz = rows * cols
+                if not raw:
+                    c = unpack_bits(codes, rows * cols, width)
+                    if int(c.max()) > levels:
+                        raise ValueError(f"{where}: factor {f} has code {int(c.max())} past its {levels} levels")
+                    nnz = int((c != 0).sum())
+                else:
+                    nnz = int((codes[:-1].view(torch.float32) != 0).sum())
+            else:
+                nnz = indices.numel()
+                ip = indptr.long()
+                if int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip[1:] < ip[:-1]).any()):
+                    raise ValueError(f"{where}: factor {f}: indptr must rise from 0 to nnz={nnz}")
+                col = indices.long()
+                if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+                    raise ValueError(f"{where}: factor {f} has column indices outside [0, {cols})")
+                row = torch.repeat_interleave(torch.arange(rows, device=col.device), ip[1:] - ip[:-1])
+                if bool(((row[1:] == row[:-1]) & (col[1:] <= col[:-1])).any()):
+                    raise ValueError(f"{where}: factor {f}: column indices must ascend within each row")
+                if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
+                    raise ValueError(f"{where}: factor {f} has codes past its {levels} levels")
+            if nnz != self.nnz[f]:
+                raise ValueError(f"{where}: factor {f} holds {nnz} nonzeros, its metadata says {self.nnz[f]}")
+
+    # --- module plumbing ----------------------------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description (shapes, formats, counts) from which :func:`load_packed` rebuilds the layer."""
+        spec = _layer_spec(self)
+        spec["factors"] = {f: {"fmt": self.fmts[f], "nnz": self.nnz[f], "levels": self.levels[f]} for f in FACTORS}
+        return spec
+
+    def _apply(self, fn, recurse=True):
+        # Codebooks stay float32 (model.half() must not round them); only their device follows.
+        books = {f: getattr(self, f"{f}_book") for f in FACTORS}
+        out = super()._apply(fn, recurse)
+        for f, book in books.items():
+            moved = getattr(self, f"{f}_book")
+            if moved.dtype != torch.float32:
+                self._buffers[f"{f}_book"] = book.to(moved.device)
+        self._dtype = fn(torch.empty(0, dtype=self._dtype)).dtype
+        self._drop_caches()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_caches()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _drop_caches(self) -> None:
+        self._cache = None
+        if "weight_cache" in self._buffers:
+            self._buffers["weight_cache"] = None
+
+    def _format_repr(self) -> str:
+        return ", ".join(f"{f}={FORMAT_NAMES[self.fmts[f]]}" for f in FACTORS)
+
+
+class PackedLinear(PackedLayer):
+    """Inference ``nn.Linear`` on packed ATMC factors: ``y = x (U V + C)^T + bias`` by the fused kernel.
+
+    Example:
+        >>> import atmc_triton as at
+        >>> m = at.finalize_(at.compress_(nn.Sequential(nn.Linear(8, 4)), at.ATMCConfig(nnz=12, bits=2)))
+        >>> y = m(torch.ones(2, 8))
+        >>> torch.allclose(pack_(m)(torch.ones(2, 8)), y, atol=1e-6)
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, rank: int, identity: int,
+                 bits: int | None, factors: dict[str, dict[str, Any]], device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._setup(out_features, in_features, rank, identity, bits, bias, factors, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = atmc_linear(x2, self.bias, self.out_features, self.rank, self._identity, *self.factor_args())
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bits={self.bits}, {self._format_repr()}, bias={self.bias is not None}")
+
+
+class PackedConv2d(PackedLayer):
+    """Inference ``nn.Conv2d`` on packed ATMC factors (``conv_mode``: "dense" cached weight or "decomposed")."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, padding_mode: str = "zeros", *, rank: int, identity: int, bits: int | None,
+                 factors: dict[str, dict[str, Any]], conv_mode: str = "dense", device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+        self.weight_shape = (out_channels, in_channels, *self.kernel_size)
+        self.conv_mode = conv_mode
+        if conv_mode not in ("dense", "decomposed"):
+            raise ValueError(f"PackedConv2d: conv_mode must be 'dense' or 'decomposed', got {conv_mode!r}")
+        inn = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._setup(out_channels, inn, rank, identity, bits, bias, factors, dtype, device)
+        # the dequantized weight, made by the first eager forward; a non-persistent buffer, so a graph
+        # compiled after that reads it like any other buffer (and the state dict stays packed)
+        self.register_buffer("weight_cache", None, persistent=False)
+
+    def _cached(self, dtype: torch.dtype, make):
+        """``make()`` once per (dtype, device) in eager mode; recomputed in a compiled graph."""
+        if torch.compiler.is_compiling():
+            return make()
+        key = (dtype, self.U_codes.device)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, make())
+        return self._cache[1]
+
+    def _conv(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's convolution (stride, padding, dilation, padding mode) with weight ``w``."""
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), w, bias, self.stride, _pair(0), self.dilation)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+
+    def _dense_weight(self, dtype: torch.dtype) -> Tensor:
+        w = self.weight_cache
+        if w is not None and w.dtype == dtype and w.device == self.U_codes.device:
+            return w
+        with torch.no_grad():
+            w = self.weight_2d().to(dtype).view(self.weight_shape)
+        if not torch.compiler.is_compiling():
+            self.weight_cache = w
+        return w
+
+    def _decomposed_weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        def make():
+            U, V, C = (self.decode(f) for f in FACTORS)
+            r, cin, (kh, kw) = self.rank, self.in_channels, self.kernel_size
+            eye = torch.eye(r, device=self.U_codes.device)
+            if U is None and V is None:
+                u = v = None
+            else:
+                U = torch.zeros(self.shapes["U"], device=eye.device) if U is None else U
+                V = torch.zeros(self.shapes["V"], device=eye.device) if V is None else V
+                U = U + eye if self._identity == IDENTITY_U else U
+                V = V + eye if self._identity == IDENTITY_V else V
+                u, v = U.to(dtype).view(self.out_channels, r, 1, 1), V.to(dtype).view(r, cin, kh, kw)
+            c = None if C is None else C.to(dtype).view(self.weight_shape)
+            return u, v, c
+        return self._cached(dtype, make)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.conv_mode == "dense":
+            return self._conv(x, self._dense_weight(x.dtype), self.bias)
+        u, v, c = self._decomposed_weights(x.dtype)
+        y = None
+        if u is not None:
+            y = F.conv2d(self._conv(x, v, None), u)
+        if c is not None:
+            yc = self._conv(x, c, None)
+            y = yc if y is None else y + yc
+        if y is None:  # all factors are zero
+            y = self._conv(x, x.new_zeros(self.weight_shape), None)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.bits}, "
+                f"{self._format_repr()}, conv_mode={self.conv_mode}, bias={self.bias is not None}")
+
+
+# --- specs: what the file's metadata says about each packed layer ---------------------------------------------------
+
+def _layer_spec(layer: nn.Module) -> dict[str, Any]:
+    bits = layer.nbits if isinstance(layer, ATMCLayer) else layer.bits
+    spec = {"rank": layer.rank, "identity": int(layer._identity), "bits": bits, "bias": layer.bias is not None,
+            "dtype": str(layer.C.dtype if isinstance(layer, ATMCLayer) else layer._dtype).removeprefix("torch.")}
+    if isinstance(layer, (ATMCConv2d, PackedConv2d)):
+        spec |= {"type": "conv2d", "in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                 "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+                 "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+                 "dilation": list(layer.dilation), "padding_mode": layer.padding_mode}
+        if isinstance(layer, PackedConv2d):
+            spec["conv_mode"] = layer.conv_mode
+    else:
+        spec |= {"type": "linear", "in_features": layer.in_features, "out_features": layer.out_features}
+    return spec
+
+
+def _from_spec(spec: dict[str, Any], device, dtype: torch.dtype | None = None) -> PackedLayer:
+    """An (uninitialized) packed layer of ``spec`` with buffers of the right sizes on ``device``."""
+    try:
+        dtype = dtype or getattr(torch, spec["dtype"])
+        common = {"rank": int(spec["rank"]), "identity": int(spec["identity"]), "bits": spec["bits"],
+                  "factors": spec["factors"], "device": device, "dtype": dtype}
+        if spec["type"] == "linear":
+            return PackedLinear(int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"]), **common)
+        if spec["type"] == "conv2d":
+            padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+            return PackedConv2d(int(spec["in_channels"]), int(spec["out_channels"]), tuple(spec["kernel_size"]),
+                                tuple(spec["stride"]), padding, tuple(spec["dilation"]), bool(spec["bias"]),
+                                spec["padding_mode"], conv_mode=spec.get("conv_mode", "dense"), **common)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"bad packed-layer metadata {spec!r}: {e}") from None
+    raise ValueError(f"bad packed-layer metadata: unknown type {spec.get('type')!r}")
+
+
+# --- model-level API -------------------------------------------------------------------------------------------------
+
+def packed_layers(model: nn.Module) -> list[tuple[str, PackedLayer]]:
+    """``(name, layer)`` of every packed layer, in module order."""
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, PackedLayer)]
+
+
+def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> None:
+    for parent in root.modules():  # every reference, so shared modules stay shared
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in swaps:
+                parent._modules[child_name] = swaps[id(child)]
+
+
+def pack_(model: nn.Module) -> nn.Module:
+    """Swap every finalized ATMC layer of ``model`` for its packed inference layer, in place.
+
+    Layers that are already packed stay as they are; an unfinalized ATMC layer is refused.
+    Returns ``model``.
+
+    Example:
+        >>> import atmc_triton as at
+        >>> m = at.finalize_(at.compress_(nn.Sequential(nn.Linear(8, 4)), at.ATMCConfig(nnz=12, bits=2)))
+        >>> pack_(m)[0]  # doctest: +ELLIPSIS
+        PackedLinear(in_features=8, out_features=4, rank=4, bits=2, U=..., V=..., C=..., bias=True)
+    """
+    root = unwrap(model)
+    if isinstance(root, (ATMCLayer, PackedLayer)):
+        raise ValueError("pack_ swaps submodules in place; wrap a bare layer first, e.g. nn.Sequential(layer)")
+    layers = atmc_layers(root)
+    if not layers and not packed_layers(root):
+        raise ValueError("pack_: the model has no ATMC layers (call atmc_triton.compress_ and finalize_ first)")
+    todo = [n for n, layer in layers if not bool(layer.finalized)]
+    if todo:
+        raise ValueError(f"pack_: {', '.join(todo)} not finalized: call atmc_triton.finalize_(model) first")
+    _swap(root, {id(layer): PackedLayer.from_atmc(layer) for _, layer in layers})
+    return model
+
+
+def unpack(model: nn.Module) -> nn.Module:
+    """Exact inverse of :func:`pack_`: every packed layer becomes its finalized ATMC layer again, in place."""
+    root = unwrap(model)
+    if isinstance(root, PackedLayer):
+        raise ValueError("unpack swaps submodules in place; wrap a bare layer first, e.g. nn.Sequential(layer)")
+    layers = packed_layers(root)
+    if not layers:
+        raise ValueError("unpack: the model has no packed layers")
+    _swap(root, {id(layer): layer.to_atmc() for _, layer in layers})
+    return model
+
+
+to_dense = unpack
+
+
+def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
+    """Write a packed model's ``state_dict`` as safetensors, with each packed layer's spec in the header.
+
+    Returns the file size in bytes: the header plus exactly the bytes of the tensors.
+    """
+    from safetensors.torch import save_file
+
+    root = unwrap(model)
+    layers = packed_layers(root)
+    if not layers:
+        raise ValueError("save_packed: the model has no packed layers (call atmc_triton.pack_ first)")
+    if atmc_layers(root):
+        raise ValueError("save_packed: the model still has ATMC layers (call atmc_triton.pack_ first)")
+    tensors = {k: v.detach().contiguous() for k, v in root.state_dict().items()}
+    header = {"version": FORMAT_VERSION, "layers": {n: layer.spec() for n, layer in layers}}
+    save_file(tensors, os.fspath(path), metadata={META_KEY: json.dumps(header)})
+    return os.path.getsize(path)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if child not in parent._modules:
+        raise ValueError(f"load_packed: the model has no submodule {name!r} to replace")
+    parent._modules[child] = module
+
+
+def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu",
+                strict: bool = True) -> nn.Module:
+    """Load a file written by :func:`save_packed` into ``model`` (same architecture; may live on ``meta``).
+
+    Every layer named in the file's header is replaced by a packed layer built straight from its
+    spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
+    tensors on ``device`` and every packed layer is validated. Returns ``model``.
+    """
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
+        meta = (fh.metadata() or {}).get(META_KEY)
+        if meta is None:
+            raise ValueError(f"load_packed: {path} was not written by save_packed (no {META_KEY!r} header)")
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    header = json.loads(meta)
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"load_packed: unsupported packed format version {header.get('version')}")
+    root = unwrap(model)
+    for name, spec in header["layers"].items():
+        _set_module(root, name, _from_spec(spec, "meta"))
+    for key in ("atmc_nnz_budget", "atmc_bits_budget"):  # buffers compress_ put on the root
+        if key in tensors and key not in root._buffers:
+            root.register_buffer(key, torch.empty((), dtype=tensors[key].dtype, device="meta"))
+    try:
+        root.load_state_dict(tensors, strict=strict, assign=True)
+    except RuntimeError as e:  # missing / unexpected keys, size or dtype mismatches
+        raise ValueError(f"load_packed: {path} does not fit the model: {e}") from None
+    for name, layer in packed_layers(root):
+        layer.validate(name)
+    return model
+
+
+def packed_nbytes(model: nn.Module) -> int:
+    """Bytes of every packed factor of ``model`` (codes, codebooks, indices; not biases)."""
+    return sum(layer.factor_nbytes(f) for _, layer in packed_layers(model) for f in FACTORS)
+

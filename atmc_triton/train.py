@@ -1,0 +1,487 @@
+"""The robust compression pipeline as functions: dense adversarial pretraining (DA), ATMC under PGD
+training, :func:`atmc_triton.finalize_`, and evaluation (TA, PGD, FGSM, WRM, APGD/AutoAttack, size).
+
+Training loss per batch: ``clean_weight * CE(f(x), y) + (1 - clean_weight) * CE(f(x_pgd), y)``
+(the paper: 0.5 for MNIST and CIFAR-10, 0 = adversarial CE only for CIFAR-100 and SVHN).
+Training attacks use a random start and, by default, the model's train mode
+(``Protocol.train_attack_mode``); evaluation attacks run in eval mode.
+
+Every epoch appends a JSON line to ``<out>/metrics.jsonl`` and writes ``<out>/<stage>.pt``
+atomically (model, optimizer, epoch, step, RNG). Data order, augmentation and attack starts
+come from generators seeded by ``(seed, stage, epoch)``, so a run stopped after any epoch and
+resumed (``resume=True``) ends with bit-identical weights to an uninterrupted one on CPU.
+
+Example:
+    >>> import atmc_triton as at
+    >>> from atmc_triton.data import load_dataset
+    >>> exp = Experiment("digits_cnn", load_dataset("digits", subset=64, test_subset=32),
+    ...                  Protocol(eps=0.1, pgd_steps=2, apgd_steps=5))
+    >>> dense, _ = exp.pretrain(Schedule(epochs=1, lr=0.05, batch_size=32))
+    >>> model, _ = exp.compress(dense, at.ATMCConfig(ratio=0.05, bits=4), Schedule(epochs=1, lr=0.01))
+    >>> exp.evaluate(model).ratio <= 0.05
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from atmc_triton.api import compress_, finalize_
+from atmc_triton.attacks import fgsm, pgd, robust_attack, wrm
+from atmc_triton.budget import atmc_layers, dense_bits, size_report
+from atmc_triton.checkpoint import (
+    check_meta,
+    config_to_dict,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from atmc_triton.config import ATMCConfig
+from atmc_triton.data import DataBundle, Split, iterate_batches
+from atmc_triton.models import build_model
+from atmc_triton.optim import ADMM
+
+__all__ = ["ATTACKS", "PROTOCOLS", "EvalResult", "Experiment", "Protocol", "Schedule", "evaluate", "fit",
+           "model_size", "resolve_device"]
+
+ATTACKS = ("pgd", "fgsm", "wrm", "apgd")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Threat model and attack settings for training and evaluation.
+
+    Args:
+        eps: L-inf radius in pixel units (inputs in [0, 1]).
+        pgd_steps: PGD steps for training (and evaluation unless ``eval_pgd_steps``).
+        pgd_alpha: PGD step; ``None`` = ``2.5 * eps / steps`` (Madry et al.'s rule:
+            enough to cross the ball from any start), for training and evaluation each.
+        clean_weight: loss = ``clean_weight * CE(clean) + (1 - clean_weight) * CE(adv)``.
+        apgd_steps: APGD-CE iterations of the robustness check (when AutoAttack is absent).
+        wrm_gamma, wrm_steps, wrm_lr: WRM evaluation (see :func:`atmc_triton.attacks.wrm`).
+        train_attack_mode: ``"train"`` (attack the model in train mode, BatchNorm statistics
+            restored afterwards) or ``"eval"``.
+    """
+
+    eps: float
+    pgd_steps: int
+    pgd_alpha: float | None = None
+    clean_weight: float = 0.5
+    eval_pgd_steps: int | None = None
+    apgd_steps: int = 100
+    wrm_gamma: float = 0.4
+    wrm_steps: int = 15
+    wrm_lr: float = 1.0
+    train_attack_mode: str = "train"
+
+    def __post_init__(self):
+        if not (math.isfinite(self.eps) and 0 <= self.eps <= 1):
+            raise ValueError(f"eps must be in [0, 1] (pixel units), got {self.eps}")
+        if self.pgd_steps < 0 or (self.eval_pgd_steps is not None and self.eval_pgd_steps < 0):
+            raise ValueError("PGD steps must be >= 0")
+        if self.pgd_alpha is not None and not self.pgd_alpha > 0:
+            raise ValueError(f"pgd_alpha must be > 0, got {self.pgd_alpha}")
+        if not 0 <= self.clean_weight <= 1:
+            raise ValueError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
+        if self.apgd_steps < 1:
+            raise ValueError(f"apgd_steps must be >= 1, got {self.apgd_steps}")
+        if self.train_attack_mode not in ("train", "eval"):
+            raise ValueError(f"train_attack_mode must be 'train' or 'eval', got {self.train_attack_mode!r}")
+
+    @property
+    def alpha(self) -> float:
+        return self.pgd_alpha if self.pgd_alpha is not None else 2.5 * self.eps / max(self.pgd_steps, 1)
+
+    @property
+    def eval_steps(self) -> int:
+        return self.pgd_steps if self.eval_pgd_steps is None else self.eval_pgd_steps
+
+    @property
+    def eval_alpha(self) -> float:
+        return self.pgd_alpha if self.pgd_alpha is not None else 2.5 * self.eps / max(self.eval_steps, 1)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # 8x8 digits have 17 grey levels: eps 0.2 is about 3 levels; PGD-10 to train, PGD-20 to evaluate
+    "digits": Protocol(eps=0.2, pgd_steps=10, eval_pgd_steps=20, clean_weight=0.5),
+    # the paper: MNIST eps 0.3 with PGD-16, CIFAR / SVHN eps 4/255 with PGD-7; 0.5 clean + 0.5 adversarial CE
+    # for MNIST and CIFAR-10, adversarial CE only for CIFAR-100 and SVHN. Step 2.5 eps / steps (0.047 on MNIST)
+    "mnist": Protocol(eps=0.3, pgd_steps=16, clean_weight=0.5),
+    "cifar10": Protocol(eps=4 / 255, pgd_steps=7, clean_weight=0.5),
+    "cifar100": Protocol(eps=4 / 255, pgd_steps=7, clean_weight=0.0),
+    "svhn": Protocol(eps=4 / 255, pgd_steps=7, clean_weight=0.0),
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """SGD schedule of one stage: ``lr`` decays by ``lr_schedule`` (cosine or constant) per step."""
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    lr_schedule: str = "cosine"
+    nesterov: bool = False
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {self}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+
+    def lr_at(self, step: int, total: int) -> float:
+        if self.lr_schedule == "constant" or total <= 0:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when present, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA GPU is available")
+    return device
+
+
+def _seed(seed: int, stage: str, epoch: int, what: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{stage}/{epoch}/{what}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _nnz(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    if isinstance(optimizer, ADMM):
+        return int(torch.count_nonzero(optimizer.store.w))
+    layers = atmc_layers(model)
+    if layers:
+        return sum(int(torch.count_nonzero(p)) for _, layer in layers for _, p in layer.factors())
+    return sum(int(torch.count_nonzero(m.weight)) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def model_size(model: nn.Module) -> dict[str, int]:
+    """``size_bits`` (paper convention), ``dense_bits``, ``packed_bytes`` and ``nnz`` of ``model``.
+
+    A model without ATMC layers counts as dense 32-bit weights.
+    """
+    if atmc_layers(model):
+        rep = size_report(model)
+        return {"size_bits": rep.total_bits, "dense_bits": rep.dense_bits, "packed_bytes": rep.packed_bytes,
+                "nnz": rep.nnz}
+    d = dense_bits(model)
+    return {"size_bits": d, "dense_bits": d, "packed_bytes": d // 8, "nnz": _nnz(model)}
+
+
+@dataclass
+class EvalResult:
+    """Accuracies (fractions in [0, 1]; ``None`` = not run), size and time of one evaluation."""
+
+    n: int
+    clean_acc: float
+    pgd_acc: float | None = None
+    fgsm_acc: float | None = None
+    wrm_acc: float | None = None
+    apgd_acc: float | None = None
+    apgd_method: str | None = None
+    size_bits: int = 0
+    dense_bits: int = 0
+    packed_bytes: int = 0
+    nnz: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Compressed size over the dense 32-bit size (the paper's x-axis)."""
+        return self.size_bits / self.dense_bits if self.dense_bits else 1.0
+
+    @property
+    def gradient_masking(self) -> bool:
+        """APGD/AutoAttack accuracy more than 3 points below PGD's: PGD was likely fooled by masking."""
+        return self.pgd_acc is not None and self.apgd_acc is not None and self.pgd_acc - self.apgd_acc > 0.03
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "gradient_masking": self.gradient_masking}
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    return int((model(x).argmax(1) == y).sum())
+
+
+def evaluate(model: nn.Module, split: Split, protocol: Protocol, *, attacks: Sequence[str] = ("pgd", "apgd"),
+             batch_size: int = 256, device: torch.device | str | None = None, seed: int = 0,
+             use_autoattack: bool | None = None, progress: bool = False) -> EvalResult:
+    """Clean accuracy plus each of ``attacks`` (``pgd``, ``fgsm``, ``wrm``, ``apgd``) on ``split``, in eval mode.
+
+    ``apgd`` is AutoAttack when installed, else the built-in APGD-CE; see
+    :attr:`EvalResult.gradient_masking`. The model's train/eval mode is restored.
+    """
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+    device = resolve_device(device)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device).manual_seed(_seed(seed, "eval", 0, "attack"))
+    counts = dict.fromkeys(("clean", *attacks), 0)
+    method = None
+    p = protocol
+    try:
+        for x, y in tqdm(iterate_batches(split, batch_size, device=device), desc="eval", leave=False,
+                         total=math.ceil(len(split) / batch_size), disable=None if progress else True):
+            counts["clean"] += _correct(model, x, y)
+            if "pgd" in attacks:
+                counts["pgd"] += _correct(model, pgd(model, x, y, p.eps, p.eval_alpha, p.eval_steps, generator=gen), y)
+            if "fgsm" in attacks:
+                counts["fgsm"] += _correct(model, fgsm(model, x, y, p.eps), y)
+            if "wrm" in attacks:
+                counts["wrm"] += _correct(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr), y)
+            if "apgd" in attacks:
+                adv, method = robust_attack(model, x, y, p.eps, steps=p.apgd_steps, generator=gen,
+                                            use_autoattack=use_autoattack)
+                counts["apgd"] += _correct(model, adv, y)
+    finally:
+        model.train(was_training)
+    n = max(len(split), 1)
+    acc = {k: v / n for k, v in counts.items()}
+    return EvalResult(len(split), acc["clean"], acc.get("pgd"), acc.get("fgsm"), acc.get("wrm"), acc.get("apgd"),
+                      method, **model_size(model), seconds=time.perf_counter() - t0)
+
+
+def _log(path: Path | None, record: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _drop_log(path: Path | None, stage: str, from_epoch: int) -> None:
+    """Remove ``stage`` records of epochs > ``from_epoch`` (a fresh or resumed stage rewrites them)."""
+    if path is None or not path.is_file():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        rec = json.loads(ln) if ln.strip() else None
+        if rec is not None and not (rec.get("stage") == stage and rec.get("epoch", 0) > from_epoch):
+            keep.append(ln + "\n")
+    path.write_text("".join(keep))
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, protocol: Protocol,
+        schedule: Schedule, *, stage: str, adversarial: bool = True, seed: int = 0,
+        device: torch.device | str | None = None, checkpoint: Path | None = None, meta: dict[str, Any] | None = None,
+        resume: bool = False, log: Path | None = None, progress: bool = False, eval_size: int = 1000,
+        on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place for ``schedule.epochs`` epochs; returns the last epoch's metrics.
+
+    With ``checkpoint``, saves it after every epoch; with ``resume`` and an existing checkpoint
+    whose ``meta`` equals ``meta``, continues after its last epoch (a finished stage is a no-op).
+    ``on_epoch_end(epoch)`` runs after each saved epoch (epochs count from 1).
+    """
+    device = resolve_device(device)
+    meta = {**(meta or {}), "stage": stage, "adversarial": adversarial, "protocol": asdict(protocol),
+            "schedule": asdict(schedule), "seed": seed}
+    start, step = 0, 0
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        ck = load_checkpoint(checkpoint)
+        check_meta(ck, checkpoint, **meta)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        start, step = ck["epoch"], ck["step"]
+        set_rng_state(ck["rng"])
+    _drop_log(log, stage, start)
+    train = data.train.to(device) if device.type == "cuda" else data.train
+    test = data.test.subset(eval_size, seed) if eval_size else None
+    spe = len(train) // schedule.batch_size if len(train) >= schedule.batch_size else 1
+    total = spe * schedule.epochs
+    p, cw = protocol, protocol.clean_weight
+    last: dict[str, Any] = {}
+    for epoch in range(start, schedule.epochs):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(_seed(seed, stage, epoch, "data"))
+        atk_gen = torch.Generator(device).manual_seed(_seed(seed, stage, epoch, "attack"))
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, clean correct, adv correct
+        seen = 0
+        bar = tqdm(iterate_batches(train, schedule.batch_size, generator=gen, spec=data.spec, device=device,
+                                   drop_last=True), total=spe, desc=f"{stage} {epoch + 1}/{schedule.epochs}",
+                   leave=False, disable=None if progress else True)  # None: bars only on a terminal
+        for i, (x, y) in enumerate(bar):
+            lr = schedule.lr_at(step, total)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x_adv = None
+            if adversarial and cw < 1:  # clean_weight 1 is natural training: no attack needed
+                x_adv = pgd(model, x, y, p.eps, p.alpha, p.pgd_steps, random_start=True,
+                            eval_mode=p.train_attack_mode == "eval", generator=atk_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            logits_c = logits_a = None
+            if not adversarial or cw > 0:
+                logits_c = model(x)
+                loss = loss + (cw if adversarial else 1.0) * F.cross_entropy(logits_c, y)
+            if x_adv is not None:
+                logits_a = model(x_adv)
+                loss = loss + (1.0 - cw) * F.cross_entropy(logits_a, y)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += y.numel()
+            with torch.no_grad():
+                sums[0] += loss.detach() * y.numel()
+                if logits_c is not None:
+                    sums[1] += (logits_c.argmax(1) == y).sum()
+                if logits_a is not None:
+                    sums[2] += (logits_a.argmax(1) == y).sum()
+            if progress and (i % 10 == 0 or i == spe - 1):  # one device sync every 10 steps
+                avg = (sums / seen).tolist()
+                post = {"loss": f"{avg[0]:.3f}"}
+                if logits_c is not None:
+                    post["acc"] = f"{avg[1]:.3f}"
+                if logits_a is not None:
+                    post["adv_acc"] = f"{avg[2]:.3f}"
+                post["nnz"] = _nnz(model, optimizer)
+                bar.set_postfix(post, refresh=False)
+        bar.close()
+        avg = (sums / max(seen, 1)).tolist()
+        last = {"stage": stage, "epoch": epoch + 1, "step": step, "lr": schedule.lr_at(step, total),
+                "loss": avg[0], "train_acc": avg[1] if not adversarial or cw > 0 else None,
+                "train_adv_acc": avg[2] if adversarial and cw < 1 else None, "nnz": _nnz(model, optimizer),
+                "train_seconds": time.perf_counter() - t0}
+        if test is not None and len(test):
+            ev = evaluate(model, test, protocol, attacks=("pgd",), device=device, seed=seed)
+            last.update(test_acc=ev.clean_acc, test_pgd_acc=ev.pgd_acc, test_n=ev.n)
+        _log(log, last)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model=model, optimizer=optimizer, meta=meta, epoch=epoch + 1, step=step)
+        if progress:
+            shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in last.items() if v is not None}
+            tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+    model.eval()
+    return last
+
+
+@dataclass
+class Experiment:
+    """One model on one dataset under one protocol: pretrain, compress, evaluate, with checkpoints in ``out``.
+
+    Args:
+        model_name: a key of :data:`atmc_triton.models.MODELS`.
+        data: the dataset (:func:`atmc_triton.data.load_dataset`).
+        out: directory for ``<stage>.pt`` checkpoints and ``metrics.jsonl`` (``None``: keep nothing).
+        eval_size: test examples for the per-epoch check (0 = none).
+        attacks: what :meth:`evaluate` runs besides clean accuracy.
+    """
+
+    model_name: str
+    data: DataBundle
+    protocol: Protocol
+    out: Path | None = None
+    seed: int = 0
+    device: str | torch.device | None = None
+    progress: bool = False
+    resume: bool = False
+    eval_size: int = 1000
+    eval_batch_size: int = 256
+    attacks: tuple[str, ...] = ("pgd", "apgd")
+    use_autoattack: bool | None = None
+    on_epoch_end: Callable[[str, int], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.device = resolve_device(self.device)
+        self.out = Path(self.out) if self.out is not None else None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        s = self.data.spec
+        return {"model": self.model_name, "dataset": self.data.name, "num_classes": s.num_classes,
+                "in_shape": list(s.in_shape)}
+
+    def new_model(self) -> nn.Module:
+        """A freshly initialized model (seeded by ``seed``), on the experiment's device."""
+        torch.manual_seed(self.seed)
+        s = self.data.spec
+        return build_model(self.model_name, s.num_classes, s.in_shape, s.mean, s.std).to(self.device)
+
+    def path(self, stage: str) -> Path | None:
+        return self.out / f"{stage}.pt" if self.out is not None else None
+
+    def _fit(self, model, opt, schedule, stage, adversarial, meta) -> None:
+        hook = (lambda e: self.on_epoch_end(stage, e)) if self.on_epoch_end else None
+        fit(model, opt, self.data, self.protocol, schedule, stage=stage, adversarial=adversarial, seed=self.seed,
+            device=self.device, checkpoint=self.path(stage), meta=meta, resume=self.resume,
+            log=self.out / "metrics.jsonl" if self.out else None, progress=self.progress,
+            eval_size=self.eval_size, on_epoch_end=hook)
+
+    def pretrain(self, schedule: Schedule, *, adversarial: bool = True, stage: str | None = None
+                 ) -> tuple[nn.Module, float]:
+        """Dense training (PGD adversarial, or natural with ``adversarial=False``); returns (model, seconds)."""
+        t0 = time.perf_counter()
+        stage = stage or ("dense" if adversarial else "natural")
+        model = self.new_model()
+        opt = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                              weight_decay=schedule.weight_decay, nesterov=schedule.nesterov)
+        self._fit(model, opt, schedule, stage, adversarial, {**self.identity, "atmc": None})
+        return model, time.perf_counter() - t0
+
+    def load(self, path: str | Path, *, stages: Sequence[str] | None = None) -> nn.Module:
+        """Rebuild a model from a checkpoint of this model/dataset (ATMC layers included), on the device."""
+        ck = load_checkpoint(path)
+        check_meta(ck, path, **self.identity)
+        if stages is not None and ck["meta"].get("stage") not in stages:
+            raise ValueError(f"checkpoint {str(path)!r} is a {ck['meta'].get('stage')!r} checkpoint, "
+                             f"expected one of {', '.join(stages)}")
+        model = self.new_model()
+        if ck["meta"].get("atmc") is not None:
+            compress_(model, ATMCConfig(**ck["meta"]["atmc"]))
+        try:
+            model.load_state_dict(ck["model"])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint {str(path)!r} does not fit {self.model_name}: "
+                             f"{str(e).strip().splitlines()[0][:200]}") from None
+        return model.eval()
+
+    def compress(self, dense: nn.Module, cfg: ATMCConfig, schedule: Schedule, *, stage: str = "atmc"
+                 ) -> tuple[nn.Module, float]:
+        """ATMC from a dense model (left untouched): compress_, ADMM + PGD training, finalize_.
+
+        Returns the finalized model and the seconds taken; writes ``<stage>.pt`` every epoch
+        and ``<stage>_final.pt`` at the end.
+        """
+        t0 = time.perf_counter()
+        model = copy.deepcopy(dense).to(self.device)
+        compress_(model, cfg)
+        opt = ADMM(model, cfg, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
+                   nesterov=schedule.nesterov)
+        meta = {**self.identity, "atmc": config_to_dict(cfg)}
+        self._fit(model, opt, schedule, stage, True, meta)
+        finalize_(model)
+        if self.out is not None:
+            save_checkpoint(self.out / f"{stage}_final.pt", model=model, epoch=schedule.epochs,
+                            meta={**meta, "stage": "final", "protocol": asdict(self.protocol), "seed": self.seed})
+        return model.eval(), time.perf_counter() - t0
+
+    def evaluate(self, model: nn.Module, attacks: Sequence[str] | None = None) -> EvalResult:
+        """:func:`evaluate` on the full test split."""
+        return evaluate(model, self.data.test, self.protocol, attacks=self.attacks if attacks is None else attacks,
+                        batch_size=self.eval_batch_size, device=self.device, seed=self.seed,
+                        use_autoattack=self.use_autoattack, progress=self.progress)

@@ -1,0 +1,314 @@
+"""Packed ATMC linear layers: the fused Triton kernel against what a user would otherwise run.
+
+Side by side in one run, fp16 activations, per (layer, compression, M):
+
+* ``cuBLAS fp16 dense``: ``F.linear`` on the dense fp16 weight ``W = U (V + I) + C``;
+* ``dequant+matmul (PyTorch)``: decode the packed factors with torch ops, form W, ``F.linear``;
+* ``torch.sparse CSR``: CSR factors as ``torch.sparse_csr_tensor`` (cuSPARSE SpMM), dense-coded
+  ones decoded to fp16 for cuBLAS, in the factored order ``t = x (V + I)^T``, ``y = t U^T + x C^T``;
+* ``triton``: op ``atmc::atmc_linear`` (autotuned);
+
+timed as CUDA graphs (``do_bench_cudagraph``: the GPU time, no Python launch overhead; a variant
+that cannot be captured falls back to ``do_bench``, noted in the row). Every row reports
+``floor``: the compressed-bytes floor (packed factor bytes + x + y, over the measured copy
+bandwidth) divided by its time, i.e. the fraction of the floor it reaches.
+
+Layers are synthetic packed factors at a paper-convention size ``ratio * 32 N K`` bits: ``nnz =
+(ratio 32 N K - 3 * 32 * 2^b) / b`` nonzeros over ``2^b`` levels per factor, placed as in an
+identity-initialized ATMC layer: the factor that started as W holds 85% and C 15% (the other
+factor is empty, as ``finalize_`` leaves it without training; "identity+V" gives it 5%, which
+costs a second GEMM at large M), plus one low-rank ("svd" init) layer whose dense-coded U, V
+hold half of the nonzeros (the fused extra K-steps).
+
+Grid (subsampled to fit about two minutes on an H100, most important first; a soft deadline
+skips the tail and says so): 4096x4096 at ratios 0.05/0.01/0.002, b = 8 and 4, M = 1, 16, 1024,
+8192 (M = 128 at 0.05/b=8); 11008x4096 at 0.05, b = 8/4, M = 1, 16, 1024; the low-rank layer;
+the identity+V layer;
+LeNet's fc1 and three ResNet34 conv GEMMs at 0.01/b=8, M = 1 and 1024. End to end: packed
+LeNet and ResNet34 (ratio 0.01, b = 8) at batch 1 and 256 against the dense fp16 model, both
+under ``torch.compile``; the packed convs also eager in both conv modes (cached dense weight
+vs decomposed) for that design decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from atmc_triton.kernels.lowrank_gemm import IDENTITY_NONE, IDENTITY_U, IDENTITY_V, atmc_linear
+from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, decode_factor_ref, encode_factor
+
+import atmc_triton as at
+from bench.common import Ctx, Row, Target, bench_ms, copy_bandwidth
+
+BENCH = "gemm"
+BUDGET_S = float(os.environ.get("ATMC_BENCH_GEMM_BUDGET_S", "150"))
+
+
+# --- synthetic packed layers ----------------------------------------------------------------------------------------
+
+class Layer:
+    """Packed factors of one synthetic layer ``W [N, K]`` and its dense fp16 weight."""
+
+    def __init__(self, name: str, N: int, K: int, ratio: float, bits: int, structure: str, device, seed: int = 0):
+        self.name, self.N, self.K = name, N, K
+        nnz = max(3, int((ratio * 32 * N * K - 3 * 32 * 2**bits) // bits))
+        g = torch.Generator(device=device).manual_seed(seed)
+        if structure == "svd":
+            self.identity = IDENTITY_NONE
+            self.r = max(1, min(N, K, nnz // 2 // (N + K)))
+            want = {"U": (N * self.r, 1.0), "V": (self.r * K, 1.0), "C": (nnz - self.r * (N + K), None)}
+        else:  # identity init: W = U (V + I) + C (K <= N) or (U + I) V + C
+            self.identity = IDENTITY_V if K <= N else IDENTITY_U
+            self.r = K if K <= N else N
+            main, other = ("U", "V") if K <= N else ("V", "U")
+            share = (0.8, 0.05) if structure == "identity+V" else (0.85, 0.0)
+            want = {main: (int(share[0] * nnz), None), other: (int(share[1] * nnz), None),
+                    "C": (int(0.15 * nnz), None)}
+        shapes = {"U": (N, self.r), "V": (self.r, K), "C": (N, K)}
+        self.factors, self.dense = [], []
+        for f in "UVC":
+            rows, cols = shapes[f]
+            count, density = want[f]
+            density = min(1.0, count / (rows * cols)) if density is None else density
+            keep = torch.rand(rows, cols, generator=g, device=device) < density
+            book = torch.randn(2**bits, generator=g, device=device) * 0.02
+            book = book + torch.sign(book) * 1e-3
+            w = torch.where(keep, book[torch.randint(0, 2**bits, (rows, cols), generator=g, device=device)], 0.0)
+            enc = encode_factor(w, raw=False)
+            self.factors.append(enc)
+            self.dense.append(w)
+        self.fmts = "".join({FMT_EMPTY: "-", FMT_DENSE: "d", FMT_CSR: "s"}[f[0]] for f in self.factors)
+        self.nbytes = sum(t.nbytes for f in self.factors for t in f[1:])
+        U, V, C = self.dense
+        eye = torch.eye(self.r, device=device)
+        W = (U + eye if self.identity == IDENTITY_U else U) @ (V + eye if self.identity == IDENTITY_V else V) + C
+        self.w16 = W.half()
+        self.args = [a for f in self.factors for a in f]
+        self.case = f"{name} r={ratio} b={bits} [{self.fmts}]"
+
+    def triton(self, x):
+        return atmc_linear(x, None, self.N, self.r, self.identity, *self.args)
+
+    def torch_dequant(self, x):
+        U, V, C = (decode_factor_ref(f[0], rows, cols, *f[1:]).half()
+                   for f, (rows, cols) in zip(self.factors, ((self.N, self.r), (self.r, self.K), (self.N, self.K))))
+        if self.identity == IDENTITY_V:
+            W = torch.addmm(C + U, U, V)
+        elif self.identity == IDENTITY_U:
+            W = torch.addmm(C + V, U, V)
+        else:
+            W = torch.addmm(C, U, V)
+        return F.linear(x, W)
+
+    def make_sparse(self):
+        """cuSPARSE operands: CSR factors as sparse fp16 tensors, dense-coded ones as dense fp16."""
+        ops = []
+        for f, w in zip(self.factors, self.dense):
+            if f[0] == FMT_CSR:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                    ops.append(w.half().to_sparse_csr())
+            elif f[0] == FMT_DENSE:
+                ops.append(w.half())
+            else:
+                ops.append(None)
+        self.sparse_ops = ops
+
+    def torch_sparse(self, x):
+        U, V, C = self.sparse_ops
+        xt = x.t()
+        tt = None  # t^T [r, M]
+        if U is not None or self.identity == IDENTITY_U:
+            tt = V @ xt if V is not None else None
+            if self.identity == IDENTITY_V:
+                tt = xt if tt is None else tt + xt
+        yt = None
+        if U is not None and tt is not None:
+            yt = U @ tt
+        if self.identity == IDENTITY_U and tt is not None:
+            yt = tt if yt is None else yt + tt
+        if C is not None:
+            yt = C @ xt if yt is None else yt + C @ xt
+        return yt.t() if yt is not None else x.new_zeros(x.shape[0], self.N)
+
+
+# --- timing ---------------------------------------------------------------------------------------------------------
+
+def time_ms(fn, device) -> tuple[float, str]:
+    """Median ms as a CUDA graph (GPU time), or with ``bench_ms`` where capture fails / on CPU."""
+    fn()
+    if device.type == "cuda":
+        from triton.testing import do_bench_cudagraph
+
+        try:
+            return float(do_bench_cudagraph(fn, rep=50, return_mode="median")), "graph"
+        except Exception:  # noqa: BLE001 (cuSPARSE / allocator paths that refuse capture)
+            torch.cuda.synchronize()
+    return bench_ms(fn, device, warmup_ms=10, rep_ms=60 if device.type == "cuda" else 20), "eager"
+
+
+def gemm_cases(quick: bool) -> list[tuple]:
+    """``(name, N, K, ratio, bits, structure, Ms)``, most important first."""
+    if quick:
+        return [("256x384", 256, 384, 0.05, 8, "identity", (1, 40)), ("256x384", 256, 384, 0.05, 4, "svd", (1, 40)),
+                ("lenet fc1 500x800", 500, 800, 0.01, 8, "identity", (1,))]
+    big = (1, 16, 1024, 8192)
+    cases = [("4096x4096", 4096, 4096, 0.05, 8, "identity", (1, 16, 128, 1024, 8192)),
+             ("4096x4096", 4096, 4096, 0.05, 4, "identity", big),
+             ("4096x4096", 4096, 4096, 0.01, 8, "identity", big),
+             ("4096x4096", 4096, 4096, 0.002, 8, "identity", big),
+             ("4096x4096", 4096, 4096, 0.002, 4, "identity", big),
+             ("11008x4096", 11008, 4096, 0.05, 8, "identity", (1, 16, 1024)),
+             ("11008x4096", 11008, 4096, 0.05, 4, "identity", (1, 16, 1024)),
+             ("4096x4096 lowrank", 4096, 4096, 0.05, 4, "svd", (1, 16, 1024)),
+             ("4096x4096 ident+V", 4096, 4096, 0.05, 8, "identity+V", (1, 16, 1024, 8192)),
+             ("lenet fc1 500x800", 500, 800, 0.01, 8, "identity", (1, 1024)),
+             ("resnet34 conv 512x4608", 512, 4608, 0.01, 8, "identity", (1, 1024)),
+             ("resnet34 conv 256x2304", 256, 2304, 0.01, 8, "identity", (1, 1024)),
+             ("resnet34 conv 128x1152", 128, 1152, 0.01, 8, "identity", (1, 1024)),
+             ("4096x4096", 4096, 4096, 0.01, 4, "identity", big)]
+    return cases
+
+
+def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Target]]:
+    rows, targets = [], []
+    dev = ctx.device
+    for name, N, K, ratio, bits, structure, Ms in gemm_cases(ctx.quick):
+        if time.time() > deadline:
+            rows.append(Row(BENCH, f"{name} r={ratio} b={bits}", "skipped", float("nan"), {"why": "time budget"}))
+            continue
+        layer = Layer(name, N, K, ratio, bits, structure, dev)
+        layer.make_sparse()
+        for M in Ms:
+            x = torch.randn(M, K, device=dev).half() if dev.type == "cuda" else torch.randn(M, K)
+            floor_ms = (layer.nbytes + x.nbytes + M * N * x.element_size()) / bw * 1e3
+            w = layer.w16 if dev.type == "cuda" else layer.w16.float()
+            variants = {"cuBLAS fp16 dense": lambda x=x, w=w: F.linear(x, w),
+                        "dequant+matmul (PyTorch)": lambda x=x, lay=layer: lay.torch_dequant(x),
+                        "torch.sparse CSR": lambda x=x, lay=layer: lay.torch_sparse(x),
+                        "triton": lambda x=x, lay=layer: lay.triton(x)}
+            if dev.type != "cuda":  # smoke run: the op is the reference on CPU, and nothing is fp16
+                variants = {"F.linear fp32 (CPU)": variants["cuBLAS fp16 dense"],
+                            "atmc_linear reference (CPU)": variants["triton"]}
+            times = {}
+            for variant, fn in variants.items():
+                try:
+                    ms, how = time_ms(fn, dev)
+                except Exception as e:  # noqa: BLE001 (e.g. cuSPARSE without half support)
+                    rows.append(Row(BENCH, f"{layer.case} M={M}", variant, float("nan"), {"error": type(e).__name__}))
+                    continue
+                times[variant] = ms
+                rows.append(Row(BENCH, f"{layer.case} M={M}", variant, ms,
+                                {"floor": floor_ms / ms, "timing": how, "packed_MB": layer.nbytes / 2**20}))
+            if "triton" in times and "cuBLAS fp16 dense" in times:
+                speed = times["cuBLAS fp16 dense"] / times["triton"]
+                case = f"triton vs cuBLAS fp16, {layer.case} M={M}"
+                if M <= 16 and ratio <= 0.05:
+                    targets.append(Target(BENCH, case, speed, ">= 3x faster", speed >= 3.0))
+                elif M >= 1024:
+                    targets.append(Target(BENCH, case + " (time ratio)", 1 / speed, "<= 1.1x cuBLAS time",
+                                          1 / speed <= 1.1))
+    return rows, targets
+
+
+def run_diagnostics(ctx: Ctx, bw: float) -> list[Row]:
+    """The design measurements: codebook in L1 vs tl.gather; CSR SpMM vs densified tiles; output RMW cost."""
+    if ctx.device.type != "cuda":
+        return []
+    from atmc_triton.kernels import lowrank_gemm_triton as lt
+
+    rows = []
+    layer = Layer("4096x4096", 4096, 4096, 0.05, 4, "identity", ctx.device)
+    for M in (1, 1024):
+        x = torch.randn(M, 4096, device=ctx.device).half()
+        facs = [tuple(layer.factors[i]) for i in range(3)]
+        for label, cfg in (("triton, codebook via tl.gather", {"book_gather": True}),
+                           ("triton, CSR factors densified" if M > 16 else "triton, CSR factors as CSR SpMV",
+                            {"densify": M > 16}),
+                           ("triton, CSR factors as CSR SpMM" if M > 16 else "triton, CSR factors densified",
+                            {"densify": M <= 16})):
+            cfg = {**cfg, "tile": (lt.FIXED_CONFIG["tile_small"] | {"BLOCK_K": 128, "SPLIT_K": 8}
+                                   if M <= 16 else lt.TILE_LARGE_CONFIGS[0].kwargs)}
+            ms, how = time_ms(lambda x=x, cfg=cfg, facs=facs: lt.linear_launch(x, None, 4096, layer.r,
+                                                                                layer.identity, facs, cfg), ctx.device)
+            rows.append(Row(BENCH, f"{layer.case} M={M} (fixed tiles)", label, ms, {"timing": how}))
+        y = torch.zeros(M, 4096, device=ctx.device, dtype=torch.float16)
+        ms, how = time_ms(lambda y=y: y.add_(1), ctx.device)
+        rows.append(Row(BENCH, f"[{M}, 4096] fp16", "one output read-modify-write pass", ms,
+                        {"timing": how, "why": "what a separate CSR kernel adds over a fused one"}))
+    return rows
+
+
+# --- end to end -----------------------------------------------------------------------------------------------------
+
+def _packed_model(name: str, device, ratio: float, bits: int):
+    from atmc_triton.models import build_model
+    from atmc_triton.packed import pack_
+
+    shape = (1, 28, 28) if name == "lenet" else (3, 32, 32)
+    torch.manual_seed(0)
+    dense = build_model(name, 10, shape).to(device).eval()
+    model = copy.deepcopy(dense)
+    at.compress_(model, at.ATMCConfig(ratio=ratio, bits=bits))
+    at.finalize_(model)
+    packed = pack_(model).eval()
+    return dense, packed, shape
+
+
+def run_e2e(ctx: Ctx, deadline: float) -> list[Row]:
+    from atmc_triton.packed import packed_layers, save_packed
+
+    rows = []
+    dev = ctx.device
+    half = dev.type == "cuda"
+    for name in ("lenet",) if ctx.quick else ("lenet", "resnet34"):
+        if time.time() > deadline:
+            rows.append(Row(BENCH, f"e2e {name}", "skipped", float("nan"), {"why": "time budget"}))
+            continue
+        dense, packed, shape = _packed_model(name, dev, 0.01, 8)
+        rep = at.size_report(packed)
+        with tempfile.TemporaryDirectory() as d:
+            file_bytes = save_packed(packed, os.path.join(d, "m.safetensors"))
+        dense_bytes = at.dense_bits(dense) // 32 * 2  # fp16 weights
+        if half:
+            dense, packed = dense.half(), packed.half()
+        dtype = torch.float16 if half else torch.float32
+        batches = (1, 256) if not ctx.quick else (1, 8)
+        labels = ("dense fp16, torch.compile", "packed, torch.compile") if half else (
+            "dense fp32 eager (CPU)", "packed eager (CPU)")
+        torch._dynamo.reset()
+        # one compile per model for both batch sizes (dynamic batch): compiling ResNet34 is the slow part
+        compiled = [torch.compile(m, dynamic=True) if half else m for m in (dense, packed)]
+        with torch.no_grad():
+            for batch in batches:
+                x = torch.rand(batch, *shape, device=dev, dtype=dtype)
+                for conv_mode in ("decomposed", "dense"):  # ends in "dense", the mode compiled below
+                    for _, layer in packed_layers(packed):
+                        if hasattr(layer, "conv_mode"):
+                            layer.conv_mode = conv_mode
+                    ms, how = time_ms(lambda x=x, m=packed: m(x), dev)
+                    rows.append(Row(BENCH, f"e2e {name} batch {batch}", f"packed eager, conv {conv_mode}", ms,
+                                    {"timing": how}))
+                # the eager forwards above cached the convs' dense weights: the compiled graph reads them
+                for label, fn, nbytes in zip(labels, compiled, (dense_bytes, rep.packed_bytes)):
+                    ms, how = time_ms(lambda fn=fn, x=x: fn(x), dev)
+                    rows.append(Row(BENCH, f"e2e {name} batch {batch}", label, ms,
+                                    {"timing": how, "weight_bytes": nbytes, "file_bytes": file_bytes}))
+    return rows
+
+
+def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
+    t0 = time.time()
+    deadline = t0 + BUDGET_S
+    bw = copy_bandwidth(ctx.device)
+    rows, targets = run_gemm(ctx, bw, t0 + 0.55 * BUDGET_S)
+    rows += run_diagnostics(ctx, bw)
+    rows += run_e2e(ctx, deadline)
+    rows.append(Row(BENCH, "copy bandwidth", "torch copy_", float("nan"), {"GB_s": bw / 1e9}))
+    return rows, targets

@@ -1,0 +1,414 @@
+"""Segmented Lloyd quantizer: Triton kernels and launchers (every segment in one Lloyd launch).
+
+Same semantics and output layout as :func:`atmc_triton.kernels.lloyd.lloyd_quantize_ref`.
+The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
+``torch.compile(fullgraph=True)``:
+
+1. segmented sort: one float32 sort of all values, then a stable sort of their segment ids
+   (a 1-2 pass radix sort on uint8/int16 keys) leaves every segment ascending in its own
+   range ``[offsets[s], offsets[s+1])`` (zeros included, in the middle of the segment);
+2. float64 inclusive prefix sums of the sorted buffer, and per-segment sums of squares;
+3. ONE Lloyd launch, one program per segment (``[S, 8]`` programs for :func:`errors_for_bits`),
+   every iteration in registers: 256 lanes hold the free centres, each iteration is a binary
+   search of the float32 round-down midpoints over the segment's sorted values plus
+   prefix-sum differences (O(K log n)); per-segment convergence, no host synchronisation;
+4. an elementwise pass that writes codes and q in the original order by searching each value
+   against its segment's midpoints.
+
+Floating point: means are float64 prefix-sum differences rounded to float32, like the
+reference. The prefix sums are taken over the whole sorted buffer (not restarted per
+segment) and in a different order than the reference's, so a centre can differ from the
+reference by one float32 ulp where a float64 mean lies within rounding noise of a float32
+rounding boundary; that is rare and only moves codes of values within an ulp of a midpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+__all__ = ["errors_for_bits_triton", "lloyd_quantize_triton"]
+
+LANES = 256  # 2**8: free centres (and midpoints) per segment, one lane each
+NUM_SLOTS = LANES + 1  # codebook row: the zero in slot 0, free centres in 1..K
+NBITS = 8  # bit widths 1..8
+SPLIT = 32  # programs per segment for the sum of squares
+SUMSQ_BLOCK = 1024
+CODES_BLOCK = 1024
+LLOYD_WARPS = 4
+
+
+@triton.jit
+def _search_steps(length):
+    """Steps of a halving search that settle any window of ``length`` elements (scalar)."""
+    return tl.ceil(tl.log2(length.to(tl.float32) + 1.0)).to(tl.int32) + 2  # + slack for log2 rounding
+
+
+@triton.jit
+def _count_le(data_ptr, lo, hi, target, steps, STRICT: tl.constexpr):
+    """Per lane, the first position in ``[lo, hi)`` whose value is ``> target`` (``>= target``
+    when ``STRICT``), for ascending data there; lanes with ``lo == hi`` load nothing."""
+    for _ in range(steps):
+        active = lo < hi
+        mid = lo + (hi - lo) // 2
+        v = tl.load(data_ptr + mid, mask=active, other=0)
+        if STRICT:
+            go_right = v < target
+        else:
+            go_right = v <= target
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & (~go_right), mid, hi)
+    return lo
+
+
+@triton.jit
+def _round_down_f32(x):
+    """Largest float32 ``<= x`` for float64 ``x`` (finite)."""
+    r = x.to(tl.float32)  # round to nearest
+    bits = r.to(tl.int32, bitcast=True)
+    # one ulp towards -inf: |r| grows for negatives (and -0.0), shrinks for positives
+    down = tl.where(bits < 0, bits + 1, bits - 1).to(tl.float32, bitcast=True)
+    return tl.where(r.to(tl.float64) > x, down, r)
+
+
+@triton.jit
+def _prefix(prefix_ptr, p, mask):
+    """Sum of the sorted buffer before global position ``p`` (float64), from inclusive prefix sums."""
+    return tl.load(prefix_ptr + p - 1, mask=mask & (p > 0), other=0.0)
+
+
+@triton.jit
+def _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, K, nneg, LANES: tl.constexpr):
+    """Boundaries, counts and sums of the clusters of the free centres ``F [LANES]``.
+
+    The ``K + 1`` sorted centres are ``F[:nneg], 0, F[nneg:K]``. Returns the round-down
+    midpoints (``+inf`` past ``K``), each midpoint's boundary (sorted values ``<=`` it, relative
+    to ``start``), and per free centre its cluster's count and float64 sum.
+    """
+    lane = tl.arange(0, LANES)
+    act = lane < K
+    f_prev = tl.gather(F, tl.maximum(lane - 1, 0), 0)
+    f_next = tl.gather(F, tl.minimum(lane + 1, LANES - 1), 0)
+    c_lo = tl.where(lane < nneg, F, tl.where(lane == nneg, 0.0, f_prev))  # centre i
+    c_hi = tl.where(lane + 1 < nneg, f_next, tl.where(lane + 1 == nneg, 0.0, F))  # centre i + 1
+    mid = _round_down_f32((c_lo.to(tl.float64) + c_hi.to(tl.float64)) * 0.5)
+    mid = tl.where(act, mid, float("inf"))
+    end = start + n_s
+    bound = _count_le(sorted_ptr, tl.where(act, start, end), end + lane * 0, mid, steps, STRICT=False)
+    rel = (bound - start).to(tl.int32)  # [LANES]
+    r_prev = tl.gather(rel, tl.maximum(lane - 1, 0), 0)
+    r_next = tl.gather(rel, tl.minimum(lane + 1, LANES - 1), 0)
+    n32 = n_s.to(tl.int32)
+    # free centre f is sorted centre f (f < nneg) or f + 1 (f >= nneg)
+    lo = tl.where(lane < nneg, tl.where(lane == 0, 0, r_prev), rel)
+    hi = tl.where(lane < nneg, rel, tl.where(lane + 1 >= K, n32, r_next))
+    cnt = hi - lo
+    s1 = _prefix(prefix_ptr, start + hi, act) - _prefix(prefix_ptr, start + lo, act)
+    return mid, rel, cnt, s1
+
+
+@triton.jit
+def _gain(F, cnt, s1, act):
+    """``sum over free clusters of 2 c s1 - cnt c^2`` in float64 (the SSE is total_sq - gain)."""
+    cd = tl.where(act, F, 0.0).to(tl.float64)  # padding lanes hold +inf
+    term = 2.0 * cd * s1 - cnt.to(tl.float64) * cd * cd
+    return tl.sum(tl.where(act & (cnt > 0), term, 0.0), 0)
+
+
+@triton.jit(do_not_specialize=["max_iter"])
+def _lloyd_kernel(
+    sorted_ptr,  # [n] f32: each segment ascending within its range
+    prefix_ptr,  # [n] f64: inclusive prefix sums of sorted
+    sumsq_ptr,  # [S, SPLIT] f64: partial sums of squares
+    offsets_ptr,  # [S + 1] i64
+    bits_ptr,  # [S] i32 (unused when ALL_BITS)
+    tol_ptr,  # [1] f64
+    book_ptr,  # [S, LANES + 1] f32 out
+    mids_ptr,  # [S, LANES] f32 out: round-down midpoints, +inf padded
+    nneg_ptr,  # [S] i32 out: negative free centres
+    err_ptr,  # [S] f32 out, or [S, NBITS] when ALL_BITS
+    max_iter,  # i32
+    ALL_BITS: tl.constexpr,  # grid (S, NBITS): bits = program_id(1) + 1, only err is written
+    NBITS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    LANES: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    if ALL_BITS:
+        b = tl.program_id(1) + 1
+    else:
+        b = tl.load(bits_ptr + seg)
+    K = (b * 0 + 1) << b  # i32 scalar
+    start = tl.load(offsets_ptr + seg)
+    end = tl.load(offsets_ptr + seg + 1)
+    n_s = end - start
+    steps = _search_steps(n_s)
+    zlo = _count_le(sorted_ptr, start, end, 0.0, steps, STRICT=True)  # first value >= 0
+    zhi = _count_le(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
+    zneg = zlo - start
+    m = n_s - (zhi - zlo)  # nonzeros
+    exact = m <= K
+    lane = tl.arange(0, LANES)
+    j = lane.to(tl.int64)
+    exact_v = (j * 0 + m) <= K  # [LANES] copy of `exact` (a scalar & vector mask trips the interpreter)
+
+    # kept exactly: the free centres are the distinct nonzeros (m <= K <= LANES of them)
+    inr = exact_v & (j < m)
+    v = tl.load(sorted_ptr + tl.where(j < zneg, start + j, zhi + (j - zneg)), mask=inr, other=float("inf"))
+    v_prev = tl.gather(v, tl.maximum(lane - 1, 0), 0)
+    first = inr & ((lane == 0) | (v != v_prev))
+    csum = tl.cumsum(first.to(tl.int32), 0)  # [LANES], non-decreasing
+    n_uniq = tl.sum(first.to(tl.int32), 0)
+    at = tl.zeros([LANES], tl.int32)  # lane r: index of the (r+1)-th distinct value = #{csum <= r}
+    for i in tl.static_range(8):
+        step = LANES >> (i + 1)
+        at = tl.where(tl.gather(csum, at + step - 1, 0) <= lane, at + step, at)
+    f_exact = tl.where(lane < n_uniq, tl.gather(v, at, 0), float("inf"))
+
+    # Lloyd: midpoint-quantile init over the sorted nonzeros
+    idx = ((2 * j + 1) * m) // (2 * K)
+    f_init = tl.load(
+        sorted_ptr + tl.where(idx < zneg, start + idx, zhi + (idx - zneg)),
+        mask=(lane < K) & (~exact_v),
+        other=float("inf"),
+    )
+    F = tl.where(exact, f_exact, f_init)  # [LANES] ascending, +inf padded
+    Keff = tl.where(exact, n_uniq, K)
+    act = lane < Keff
+    nneg = tl.sum((act & (F < 0)).to(tl.int32), 0)
+    total_sq = tl.sum(tl.load(sumsq_ptr + seg * SPLIT + tl.arange(0, SPLIT)), 0)
+    tol = tl.load(tol_ptr)
+
+    prev_rel = tl.full([LANES], -1, tl.int32)
+    prev_err = tl.zeros((), tl.float64) + float("inf")
+    done = exact.to(tl.int32)
+    it = tl.zeros((), tl.int32)
+    while (it < max_iter) & (done == 0):
+        mid, rel, cnt, s1 = _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, Keff, nneg, LANES)
+        mean = (s1 / tl.maximum(cnt, 1).to(tl.float64)).to(tl.float32)
+        F = tl.where(act & (cnt > 0), mean, F)  # an empty cluster keeps its centre
+        err = total_sq - _gain(F, cnt, s1, act)
+        fixed = tl.sum((act & (rel != prev_rel)).to(tl.int32), 0) == 0
+        finite = prev_err < float("inf")
+        prev = tl.where(finite, prev_err, 0.0)  # (avoids 0 * inf)
+        small = finite & ((prev - err) <= tol * prev)
+        done = (fixed | small).to(tl.int32)
+        prev_err = err
+        prev_rel = rel
+        it += 1
+
+    mid, rel, cnt, s1 = _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, Keff, nneg, LANES)
+    err = tl.where(exact, 0.0, total_sq - _gain(F, cnt, s1, act))
+    if ALL_BITS:
+        tl.store(err_ptr + seg * NBITS + b - 1, err.to(tl.float32))
+    else:
+        tl.store(mids_ptr + seg * LANES + lane, mid)
+        tl.store(book_ptr + seg * (LANES + 1) + 1 + lane, tl.where(act, F, 0.0))
+        tl.store(book_ptr + seg * (LANES + 1), 0.0)
+        tl.store(nneg_ptr + seg, nneg)
+        tl.store(err_ptr + seg, err.to(tl.float32))
+
+
+@triton.jit
+def _sumsq_kernel(
+    sorted_ptr,  # [n] f32
+    offsets_ptr,  # [S + 1] i64
+    out_ptr,  # [S, SPLIT] f64 out
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    part = tl.program_id(1)
+    start = tl.load(offsets_ptr + seg)
+    end = tl.load(offsets_ptr + seg + 1)
+    acc = tl.zeros([BLOCK], tl.float64)
+    for off in range(start + part * BLOCK, end, SPLIT * BLOCK):
+        p = off + tl.arange(0, BLOCK)
+        x = tl.load(sorted_ptr + p, mask=p < end, other=0.0).to(tl.float64)
+        acc += x * x
+    tl.store(out_ptr + seg * SPLIT + part, tl.sum(acc, 0))
+
+
+@triton.jit(do_not_specialize=["n", "S"])
+def _codes_kernel(
+    values_ptr,  # [n] f32, original order
+    offsets_ptr,  # [S + 1] i64
+    mids_ptr,  # [S, LANES] f32
+    nneg_ptr,  # [S] i32
+    book_ptr,  # [S, LANES + 1] f32
+    codes_ptr,  # [n] i16 out
+    q_ptr,  # [n] f32 out
+    n,  # i64 / i32
+    S,  # i32
+    LANES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = p < n
+    x = tl.load(values_ptr + p, mask=inb, other=0.0)
+    # segment of p: number of offsets[1..S] that are <= p
+    lo = tl.full([BLOCK], 1, tl.int64)
+    hi = tl.where(inb, S + 1, 1).to(tl.int64)
+    seg = _count_le(offsets_ptr, lo, hi, p, _search_steps(tl.zeros((), tl.int32) + S), STRICT=False) - 1
+    seg = tl.where(inb, seg, 0)
+    # sorted centre of x: number of midpoints < x (ties go to the lower centre)
+    row = mids_ptr + seg * LANES
+    k = tl.zeros([BLOCK], tl.int32)
+    for i in tl.static_range(9):  # 2 * LANES virtual slots, +inf past LANES
+        step = LANES >> i
+        probe = k + step - 1
+        mv = tl.load(row + probe, mask=inb & (probe < LANES), other=float("inf"))
+        k = tl.where(mv < x, k + step, k)
+    nn = tl.load(nneg_ptr + seg, mask=inb, other=0)
+    code = tl.where(k < nn, k + 1, tl.where(k == nn, 0, k))
+    q = tl.load(book_ptr + seg * (LANES + 1) + code, mask=inb, other=0.0)
+    tl.store(codes_ptr + p, code.to(tl.int16), mask=inb)
+    tl.store(q_ptr + p, q, mask=inb)
+
+
+def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float, name: str) -> None:
+    """Metadata checks (always) and value checks (eager only: they read offsets and bits back)."""
+    if values.dim() != 1 or values.dtype != torch.float32:
+        raise ValueError(f"{name}: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
+    if not values.is_contiguous():
+        raise ValueError(f"{name}: values must be contiguous")
+    if values.numel() >= 2**31:
+        raise ValueError(f"{name}: at most 2**31 - 1 values per call, got {values.numel()}")
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64 or not offsets.is_contiguous():
+        raise ValueError(f"{name}: offsets must be a contiguous 1-D int64 tensor [S + 1]")
+    if bits is not None and (
+        bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(f"{name}: bits must be a 1-D int32/int64 tensor [S]")
+    for t, what in ((offsets, "offsets"), (bits, "bits")):
+        if t is not None and t.device != values.device:
+            raise ValueError(f"{name}: {what} is on {t.device}, values on {values.device}")
+    if max_iter < 0 or not (tol >= 0):
+        raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
+    if _tracing(values):
+        return
+    if not (values.device.type == "cuda" or (values.device.type == "cpu" and _interpreted())):
+        raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), "
+                         f"got {values.device}")
+    if offsets.numel() > 1 or values.numel() > 0:
+        o = offsets.tolist()
+        if o[0] != 0 or o[-1] != values.numel() or any(a > b for a, b in zip(o, o[1:])):
+            raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
+    if bits is not None and bits.numel() and not bool(((bits >= 1) & (bits <= NBITS)).all()):
+        raise ValueError(f"{name}: bits must lie in 1..{NBITS}, got {bits.tolist()}")
+
+
+def _interpreted() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return not isinstance(_lloyd_kernel, triton.runtime.JITFunction)
+
+
+def _tracing(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def _metadata_only(values: Tensor) -> bool:
+    """True for fake-tensor propagation under Triton's CPU interpreter, where kernels cannot be traced.
+
+    With compiled Triton, ``wrap_triton`` records the kernels into the graph; under
+    ``TRITON_INTERPRET=1`` it returns the raw interpreted kernel, which cannot run on fake
+    tensors. Dynamo's fake propagation only needs output metadata (the op itself runs its CPU
+    reference), so the launcher returns its allocated outputs; a functionalizing trace (AOT
+    autograd decomposing the op into its kernels) cannot work there and is refused loudly.
+    """
+    if not (_interpreted() and _tracing(values)):
+        return False
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(values, FunctionalTensor):
+        raise RuntimeError(
+            "atmc lloyd kernels cannot be traced into a graph under TRITON_INTERPRET=1; "
+            "compile on a GPU, or use torch.compile(backend='eager') on CPU"
+        )
+    return True
+
+
+def _segment_sort(values: Tensor, offsets: Tensor) -> Tensor:
+    """``values`` with each segment sorted ascending in place of its range: ``[n]`` float32."""
+    S = offsets.numel() - 1
+    by_value, idx = torch.sort(values)  # [n], [n] int64
+    seg = torch.searchsorted(offsets[1:], idx, right=True, out_int32=True)  # segment of each sorted value
+    key_dtype = torch.uint8 if S <= 256 else torch.int16 if S <= 2**15 else torch.int32
+    perm = torch.sort(seg.to(key_dtype), stable=True)[1]  # few radix passes on a narrow key
+    return by_value.index_select(0, perm)
+
+
+def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output allocation (tests poison it with NaN / sentinels to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _prepare(values: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Segment-sorted values, their float64 inclusive prefix sums and ``[S, SPLIT]`` partial sums of squares."""
+    S = offsets.numel() - 1
+    srt = _segment_sort(values, offsets)
+    prefix = torch.cumsum(srt, 0, dtype=torch.float64)
+    sumsq = _new((S, SPLIT), torch.float64, values.device)
+    if S:
+        wrap_triton(_sumsq_kernel)[(S, SPLIT)](
+            sorted_ptr=srt, offsets_ptr=offsets, out_ptr=sumsq, SPLIT=SPLIT, BLOCK=SUMSQ_BLOCK
+        )
+    return srt, prefix, sumsq
+
+
+def lloyd_quantize_triton(
+    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton launcher of ``atmc::lloyd_quantize`` (same contract as the reference).
+
+    Example:
+        >>> v = torch.tensor([0.0, 1.0, 1.1, 5.0, -2.0], device="cuda")
+        >>> book, codes, q, err = lloyd_quantize_triton(v, torch.tensor([0, 5], device="cuda"),
+        ...                                             torch.tensor([1], device="cuda"), 20, 0.0)
+    """
+    _check(values, offsets, bits, max_iter, tol, "lloyd_quantize")
+    n, S, dev = values.numel(), bits.numel(), values.device
+    book = _new((S, NUM_SLOTS), torch.float32, dev)
+    codes = _new((n,), torch.int16, dev)
+    q = _new((n,), torch.float32, dev)
+    err = _new((S,), torch.float32, dev)
+    if S == 0 or _metadata_only(values):
+        return book, codes, q, err
+    srt, prefix, sumsq = _prepare(values, offsets)
+    mids = _new((S, LANES), torch.float32, dev)
+    nneg = _new((S,), torch.int32, dev)
+    tol_t = torch.full((1,), tol, dtype=torch.float64, device=dev)
+    wrap_triton(_lloyd_kernel)[(S,)](
+        sorted_ptr=srt, prefix_ptr=prefix, sumsq_ptr=sumsq, offsets_ptr=offsets, bits_ptr=bits.to(torch.int32),
+        tol_ptr=tol_t, book_ptr=book, mids_ptr=mids, nneg_ptr=nneg, err_ptr=err, max_iter=max_iter,
+        ALL_BITS=False, NBITS=NBITS, SPLIT=SPLIT, LANES=LANES, num_warps=LLOYD_WARPS,
+    )  # fmt: skip
+    if n:
+        wrap_triton(_codes_kernel)[(triton.cdiv(n, CODES_BLOCK),)](
+            values_ptr=values, offsets_ptr=offsets, mids_ptr=mids, nneg_ptr=nneg, book_ptr=book, codes_ptr=codes,
+            q_ptr=q, n=n, S=S, LANES=LANES, BLOCK=CODES_BLOCK, num_warps=4,
+        )  # fmt: skip
+    return book, codes, q, err
+
+
+def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Triton launcher of ``atmc::lloyd_errors_for_bits``: ``[S, 8]`` float32 errors for b = 1..8, one sort."""
+    _check(values, offsets, None, max_iter, tol, "errors_for_bits")
+    S, dev = offsets.numel() - 1, values.device
+    err = _new((S, NBITS), torch.float32, dev)
+    if S == 0 or _metadata_only(values):
+        return err
+    srt, prefix, sumsq = _prepare(values, offsets)
+    tol_t = torch.full((1,), tol, dtype=torch.float64, device=dev)
+    unused = _new((1,), torch.int32, dev)  # codebook / midpoint / nneg outputs are not written here
+    wrap_triton(_lloyd_kernel)[(S, NBITS)](
+        sorted_ptr=srt, prefix_ptr=prefix, sumsq_ptr=sumsq, offsets_ptr=offsets, bits_ptr=unused, tol_ptr=tol_t,
+        book_ptr=unused, mids_ptr=unused, nneg_ptr=unused, err_ptr=err, max_iter=max_iter,
+        ALL_BITS=True, NBITS=NBITS, SPLIT=SPLIT, LANES=LANES, num_warps=LLOYD_WARPS,
+    )  # fmt: skip
+    return err

@@ -1,0 +1,237 @@
+"""Triton kernels of the packed ATMC linear layer (launchers: :mod:`.lowrank_gemm_triton`).
+
+Factors arrive as bit-packed codes (:mod:`.packed_format`): ``_codes_at`` unpacks a code that
+may straddle two int32 words (int64 arithmetic on the word pair), ``_dequant`` looks it up in
+the codebook (or reinterprets raw float32 bits). Every index is masked or clamped, so corrupt
+codes or column indices never read out of bounds.
+"""
+
+import triton
+import triton.language as tl
+
+# ------------------------------------------------------------------------------------------------ device helpers
+
+@triton.jit
+def _codes_at(words_ptr, idx, mask, WIDTH: tl.constexpr):
+    """Codes (int64) of elements ``idx`` (int64) of a little-endian ``WIDTH``-bit stream in int32 words."""
+    bit = idx * WIDTH
+    wi = bit >> 5
+    sh = bit & 31
+    lo = tl.load(words_ptr + wi, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    if 32 % WIDTH == 0:  # a code never straddles two words
+        code = (lo >> sh) & ((1 << WIDTH) - 1)
+    else:
+        hi = tl.load(words_ptr + wi + 1, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+        code = ((lo >> sh) | ((hi & ((1 << WIDTH) - 1)) << (32 - sh))) & ((1 << WIDTH) - 1)
+    return code
+
+
+@triton.jit
+def _dequant(words_ptr, book_ptr, book_len, idx, mask, WIDTH: tl.constexpr, SLOT0: tl.constexpr):
+    """float32 values of stored entries ``idx``: raw bit patterns (WIDTH 32) or ``book[code + SLOT0]``."""
+    if WIDTH == 32:
+        v = tl.load(words_ptr + idx, mask=mask, other=0).to(tl.float32, bitcast=True)
+    else:
+        slot = tl.minimum(_codes_at(words_ptr, idx, mask, WIDTH) + SLOT0, book_len - 1)  # never past the book
+        v = tl.load(book_ptr + slot, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _b_tile(b_ptr, book_ptr, book_len, book, stride_bn, stride_bk, K, N, kk, rn,
+            KIND: tl.constexpr, WIDTH: tl.constexpr, BOOK_GATHER: tl.constexpr,
+            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a factor ``B [N, K]``."""
+    mask = (kk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
+    idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None].to(tl.int64) * stride_bk  # [BK, BN]
+    if KIND == 2:  # plain float matrix
+        b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    elif WIDTH == 32:  # raw float32 values
+        b = tl.load(b_ptr + idx, mask=mask, other=0).to(tl.float32, bitcast=True)
+    elif BOOK_GATHER:  # codebook held in registers / shared memory
+        slot = tl.minimum(_codes_at(b_ptr, idx, mask, WIDTH), book_len - 1).to(tl.int32)
+        b = tl.reshape(tl.gather(book, tl.reshape(slot, (BLOCK_K * BLOCK_N,)), 0), (BLOCK_K, BLOCK_N))
+    else:  # small-table load: the codebook stays in L1
+        b = _dequant(b_ptr, book_ptr, book_len, idx, mask, WIDTH, 0)
+    return b
+
+
+@triton.jit
+def _mma(acc, a, b, DOT: tl.constexpr):
+    if DOT == 0:
+        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
+    elif DOT == 1:
+        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    else:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    return acc
+
+
+@triton.jit
+def _load_book(book_ptr, book_len, KIND: tl.constexpr, WIDTH: tl.constexpr, BOOK_GATHER: tl.constexpr,
+               BOOK_SIZE: tl.constexpr):
+    if BOOK_GATHER and KIND == 1 and WIDTH != 32:
+        r = tl.arange(0, BOOK_SIZE)
+        book = tl.load(book_ptr + r, mask=r < book_len, other=0.0)  # [BOOK_SIZE]
+    else:
+        book = tl.zeros((BOOK_SIZE,), dtype=tl.float32)
+    return book
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _tile_kernel(
+    out_ptr, stride_om, M, N,
+    a1_ptr, stride_a1m, K1, b1_ptr, book1_ptr, book1_len, stride_b1n, stride_b1k,
+    a2_ptr, stride_a2m, K2, b2_ptr, book2_ptr, book2_len, stride_b2n, stride_b2k,
+    e_ptr, stride_em, bias_ptr, M_BUCKET,
+    KIND1: tl.constexpr, WIDTH1: tl.constexpr, BOOK1: tl.constexpr,
+    KIND2: tl.constexpr, WIDTH2: tl.constexpr, BOOK2: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, BOOK_GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``out [M, N] (+)= A1 deq(B1)^T + A2 deq(B2)^T + E + bias`` for ``A_s [M, K_s]``, ``B_s [N, K_s]``.
+
+    ``KIND_s``: 0 absent, 1 bit-packed codes (``WIDTH_s`` bits; 32 = raw float32), 2 a plain
+    float matrix. ``B_s[n, k]`` is element ``n * stride_bsn + k * stride_bsk``. The K-steps of
+    both products form one sequence that ``SPLIT_K`` programs share (fp32 atomics when > 1);
+    split 0 adds ``E`` (the identity term) and the bias.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * grid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rm64 = rm.to(tl.int64)  # row offsets of big outputs pass 2^31
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rk = tl.arange(0, BLOCK_K)  # [BK]
+    book1 = _load_book(book1_ptr, book1_len, KIND1, WIDTH1, BOOK_GATHER, BOOK1)
+    book2 = _load_book(book2_ptr, book2_len, KIND2, WIDTH2, BOOK_GATHER, BOOK2)
+    steps1 = 0
+    steps2 = 0
+    if KIND1 != 0:
+        steps1 = tl.cdiv(K1, BLOCK_K)
+    if KIND2 != 0:
+        steps2 = tl.cdiv(K2, BLOCK_K)
+    per = tl.cdiv(steps1 + steps2, SPLIT_K)
+    s0 = pid_k * per
+    s1 = tl.minimum(s0 + per, steps1 + steps2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if KIND1 != 0:
+        for s in range(s0, tl.minimum(s1, steps1)):
+            kk = s * BLOCK_K + rk
+            a = tl.load(a1_ptr + rm64[:, None] * stride_a1m + kk[None, :],
+                        mask=(rm[:, None] < M) & (kk[None, :] < K1), other=0.0)  # [BM, BK]
+            b = _b_tile(b1_ptr, book1_ptr, book1_len, book1, stride_b1n, stride_b1k, K1, N, kk, rn,
+                        KIND1, WIDTH1, BOOK_GATHER, BLOCK_K, BLOCK_N)  # [BK, BN]
+            acc = _mma(acc, a, b, DOT)
+    if KIND2 != 0:
+        for s in range(tl.maximum(s0, steps1) - steps1, tl.maximum(s1, steps1) - steps1):
+            kk = s * BLOCK_K + rk
+            a = tl.load(a2_ptr + rm64[:, None] * stride_a2m + kk[None, :],
+                        mask=(rm[:, None] < M) & (kk[None, :] < K2), other=0.0)  # [BM, BK]
+            b = _b_tile(b2_ptr, book2_ptr, book2_len, book2, stride_b2n, stride_b2k, K2, N, kk, rn,
+                        KIND2, WIDTH2, BOOK_GATHER, BLOCK_K, BLOCK_N)  # [BK, BN]
+            acc = _mma(acc, a, b, DOT)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)  # [BM, BN]
+    first = (rn * 0 + pid_k) == 0  # [BN]: only split 0 adds the bias and the identity term
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=(rn < N) & first, other=0.0).to(tl.float32)[None, :]
+    if HAS_ADDEND:
+        acc += tl.load(e_ptr + rm64[:, None] * stride_em + rn[None, :], mask=mask & first[None, :],
+                       other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _csr_mm_kernel(
+    out_ptr, stride_om, M, N,
+    a_ptr, stride_am, stride_ak, K,
+    indptr_ptr, indices_ptr, words_ptr, book_ptr, book_len, nnz,
+    e_ptr, stride_em, bias_ptr, M_BUCKET,
+    WIDTH: tl.constexpr, INIT: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """``out[m, n] (+)= sum_j A[m, col_j] * val_j`` over the nonzeros ``j`` of CSR row ``n`` of ``S [N, K]``.
+
+    One program: ``BLOCK_M`` rows of ``A``/``out`` times ``BLOCK_R`` rows of ``S``; it owns those
+    output elements (plain read-modify-write, no atomics). ``INIT``: write ``E + bias + ...``
+    instead of adding to ``out`` (the first launch of a stage, no zero fill). Out-of-range
+    indices are masked.
+    """
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    row_ok = rows < N
+    start = tl.load(indptr_ptr + rows, mask=row_ok, other=0)
+    end = tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_ok = rm < M
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rj = tl.arange(0, BLOCK_J)  # [BJ]
+    longest = tl.max(end - start, axis=0)
+    for j0 in range(0, longest, BLOCK_J):
+        jj = start[:, None] + j0 + rj[None, :]  # [BR, BJ]
+        ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
+        col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
+        ok = ok & (col >= 0) & (col < K)
+        val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)  # [BR, BJ]
+        a = tl.load(a_ptr + rm64[:, None, None] * stride_am + col[None, :, :].to(tl.int64) * stride_ak,
+                    mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)  # [BM, BR, BJ]
+        acc += tl.sum(a.to(tl.float32) * val[None, :, :], axis=2)
+    ptrs = out_ptr + rm64[:, None] * stride_om + rows[None, :]
+    mask = m_ok[:, None] & row_ok[None, :]
+    if INIT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_ADDEND:
+            acc += tl.load(e_ptr + rm64[:, None] * stride_em + rows[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_dense_kernel(out_ptr, stride_o, rows, cols, words_ptr, book_ptr, book_len,
+                         WIDTH: tl.constexpr, ACCUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``out[:rows, :cols] (+)= deq(codes)`` for a dense-coded factor."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    v = _dequant(words_ptr, book_ptr, book_len, r[:, None].to(tl.int64) * cols + c[None, :], mask, WIDTH, 0)
+    ptrs = out_ptr + r[:, None].to(tl.int64) * stride_o + c[None, :]
+    if ACCUM:
+        v += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_csr_kernel(out_ptr, stride_o, rows, cols, indptr_ptr, indices_ptr, words_ptr, book_ptr, book_len, nnz,
+                       WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """``out[row, col] += val`` for every nonzero of a CSR factor (a row's columns are distinct)."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rr < rows
+    start = tl.load(indptr_ptr + rr, mask=row_ok, other=0)
+    end = tl.load(indptr_ptr + rr + 1, mask=row_ok, other=0)
+    rj = tl.arange(0, BLOCK_J)
+    for j0 in range(0, tl.max(end - start, axis=0), BLOCK_J):
+        jj = start[:, None] + j0 + rj[None, :]  # [BR, BJ]
+        ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
+        col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
+        ok = ok & (col >= 0) & (col < cols)
+        val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)
+        ptrs = out_ptr + rr[:, None].to(tl.int64) * stride_o + col
+        prev = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(ptrs, (prev + val).to(out_ptr.dtype.element_ty), mask=ok)

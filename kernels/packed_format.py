@@ -1,0 +1,207 @@
+"""Storage of one packed ATMC factor: bit-packed codes (dense or CSR) plus a small codebook.
+
+A factor ``[rows, cols]`` of a finalized layer takes ``L <= 2^b`` distinct nonzero values.
+Its packed form is four tensors (unused ones are empty) and a format tag:
+
+* ``FMT_EMPTY``: the factor is all zero; every tensor is empty.
+* ``FMT_DENSE``: ``codes`` holds ``rows * cols`` codes in row-major order, ``width =
+  bit_length(L)`` bits each (code 0 is the zero, code ``c`` is ``book[c]``).
+* ``FMT_CSR``: ``indptr [rows + 1]`` int32, ``indices [nnz]`` column indices (int16 when
+  ``cols <= 32768``, else int32, ascending within a row) and ``codes`` holds the nonzeros'
+  level indices, ``width = max(1, bit_length(L - 1))`` bits each (value ``book[code + 1]``).
+
+``book [L + 1]`` float32 holds the zero in slot 0 and the levels ascending in slots ``1..L``.
+A layer without a quantizer (``bits = 0``) stores raw float32 values instead of codes:
+``book`` is empty and ``width`` is 32 (the words are the values' bit patterns).
+
+Codes are a little-endian bit stream in int32 words: code ``i`` occupies bits
+``[i * width, (i + 1) * width)``; codes may straddle two words, and one zero pad word at the
+end lets a reader always load the pair ``(w, w + 1)``. The format with fewer bytes wins
+(dense on ties); :func:`factor_nbytes` is that exact byte count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FMT_CSR",
+    "FMT_DENSE",
+    "FMT_EMPTY",
+    "FORMAT_NAMES",
+    "MAX_BOOK",
+    "choose_format",
+    "code_width",
+    "decode_factor_ref",
+    "encode_factor",
+    "factor_nbytes",
+    "index_dtype",
+    "pack_bits",
+    "packed_words",
+    "unpack_bits",
+]
+
+FMT_EMPTY, FMT_DENSE, FMT_CSR = 0, 1, 2
+FORMAT_NAMES = {FMT_EMPTY: "empty", FMT_DENSE: "dense", FMT_CSR: "csr"}
+MAX_BOOK = 257  # the zero plus 2^8 levels
+
+
+def code_width(fmt: int, levels: int, raw: bool) -> int:
+    """Bits per stored code: 32 for raw values, ``bit_length(L)`` dense, ``max(1, bit_length(L - 1))`` CSR."""
+    if fmt == FMT_EMPTY:
+        return 0
+    if raw:
+        return 32
+    if levels < 1:
+        raise ValueError(f"a coded factor needs at least one level, got {levels}")
+    return levels.bit_length() if fmt == FMT_DENSE else max(1, (levels - 1).bit_length())
+
+
+def packed_words(count: int, width: int) -> int:
+    """int32 words holding ``count`` codes of ``width`` bits, plus the pad word."""
+    return (count * width + 31) // 32 + 1
+
+
+def index_dtype(cols: int) -> torch.dtype:
+    """Column-index dtype of a CSR factor with ``cols`` columns."""
+    return torch.int16 if cols <= 2**15 else torch.int32
+
+
+def factor_nbytes(fmt: int, rows: int, cols: int, nnz: int, levels: int, raw: bool) -> int:
+    """Exact bytes of a factor stored in ``fmt`` (codes, codebook, and for CSR indptr + indices)."""
+    if fmt == FMT_EMPTY:
+        return 0
+    book = 0 if raw else 4 * (levels + 1)
+    width = code_width(fmt, levels, raw)
+    if fmt == FMT_DENSE:
+        return 4 * packed_words(rows * cols, width) + book
+    isz = torch.empty(0, dtype=index_dtype(cols)).element_size()
+    return 4 * (rows + 1) + isz * nnz + 4 * packed_words(nnz, width) + book
+
+
+def choose_format(rows: int, cols: int, nnz: int, levels: int, raw: bool) -> int:
+    """The format with the fewest bytes (dense on ties; empty when ``nnz == 0``)."""
+    if nnz == 0:
+        return FMT_EMPTY
+    dense = factor_nbytes(FMT_DENSE, rows, cols, nnz, levels, raw)
+    csr = factor_nbytes(FMT_CSR, rows, cols, nnz, levels, raw)
+    return FMT_DENSE if dense <= csr else FMT_CSR
+
+
+def _to_int32_words(w64: Tensor) -> Tensor:
+    return torch.where(w64 >= 2**31, w64 - 2**32, w64).to(torch.int32)
+
+
+def pack_bits(codes: Tensor, width: int) -> Tensor:
+    """Bit-pack non-negative ``codes [n]`` (< 2^width) into int32 words ``[packed_words(n, width)]``.
+
+    Example:
+        >>> pack_bits(torch.tensor([1, 2, 3]), 2).tolist()
+        [57, 0]
+    """
+    c = codes.reshape(-1).to(torch.int64)
+    n = c.numel()
+    words = torch.zeros(packed_words(n, width), dtype=torch.int64, device=c.device)
+    if n:
+        c = c & ((1 << width) - 1)
+        bit = torch.arange(n, device=c.device, dtype=torch.int64) * width
+        wi, sh = bit >> 5, bit & 31
+        words.index_add_(0, wi, (c << sh) & 0xFFFFFFFF)  # the bit ranges are disjoint: add == or
+        spill = sh + width > 32
+        words.index_add_(0, wi[spill] + 1, c[spill] >> (32 - sh[spill]))
+    return _to_int32_words(words)
+
+
+def unpack_bits(words: Tensor, count: int, width: int) -> Tensor:
+    """The ``count`` codes (int64) of a stream written by :func:`pack_bits`.
+
+    Example:
+        >>> unpack_bits(pack_bits(torch.tensor([5, 0, 7, 1]), 3), 4, 3).tolist()
+        [5, 0, 7, 1]
+    """
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64, device=words.device)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    mask = (1 << width) - 1
+    bit = torch.arange(count, device=words.device, dtype=torch.int64) * width
+    wi, sh = bit >> 5, bit & 31
+    return ((w[wi] >> sh) | ((w[wi + 1] & mask) << (32 - sh))) & mask
+
+
+def _values(fmt: int, count: int, codes: Tensor, book: Tensor) -> Tensor:
+    """float32 values of the ``count`` stored entries (raw bit patterns or codebook lookups)."""
+    raw = book.numel() == 0
+    levels = book.numel() - 1
+    width = code_width(fmt, levels, raw)
+    if raw:
+        return codes[:count].view(torch.float32)
+    slot = unpack_bits(codes, count, width) + (1 if fmt == FMT_CSR else 0)
+    return book.index_select(0, slot.clamp_max(levels))
+
+
+def decode_factor_ref(fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor,
+                      indices: Tensor) -> Tensor:
+    """The dense float32 factor ``[rows, cols]`` of a packed one (the reference decoder).
+
+    Example:
+        >>> book = torch.tensor([0.0, -1.0, 2.0])
+        >>> codes = pack_bits(torch.tensor([0, 2, 1, 0]), 2)
+        >>> decode_factor_ref(FMT_DENSE, 2, 2, codes, book, None, None).tolist()
+        [[0.0, 2.0], [-1.0, 0.0]]
+    """
+    out = torch.zeros(rows, cols, dtype=torch.float32, device=codes.device)
+    if fmt == FMT_DENSE:
+        out.view(-1).copy_(_values(fmt, rows * cols, codes, book))
+    elif fmt == FMT_CSR:
+        nnz = indices.numel()
+        counts = (indptr[1:] - indptr[:-1]).long()
+        row = torch.repeat_interleave(torch.arange(rows, device=codes.device), counts, output_size=nnz)
+        out[row, indices.long()] = _values(fmt, nnz, codes, book)
+    return out
+
+
+def encode_factor(w: Tensor, raw: bool, fmt: int | None = None) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+    """Pack ``w [rows, cols]`` into ``(fmt, codes, book, indptr, indices)``; inverse of :func:`decode_factor_ref`.
+
+    ``raw``: store float32 values (no quantizer); otherwise ``w`` may take at most 256 distinct
+    nonzero values, which become the codebook. ``fmt`` forces a format (default: the smaller one);
+    an all-zero factor is always ``FMT_EMPTY``.
+
+    Example:
+        >>> w = torch.tensor([[0.0, 0.5], [0.5, -2.0]])
+        >>> fmt, codes, book, indptr, indices = encode_factor(w, raw=False)
+        >>> fmt, book.tolist(), torch.equal(decode_factor_ref(fmt, 2, 2, codes, book, indptr, indices), w)
+        (1, [0.0, -2.0, 0.5], True)
+    """
+    if w.dim() != 2:
+        raise ValueError(f"encode_factor: w must be 2-D, got {tuple(w.shape)}")
+    rows, cols = w.shape
+    dev = w.device
+    flat = w.detach().reshape(-1).to(torch.float32)
+    nz = flat != 0
+    nnz = int(nz.sum())
+    levels = flat.new_zeros(0) if raw else torch.unique(flat[nz])
+    if levels.numel() > MAX_BOOK - 1:
+        raise ValueError(f"encode_factor: {levels.numel()} distinct nonzero values, a codebook holds at most 256")
+    fmt = choose_format(rows, cols, nnz, levels.numel(), raw) if fmt is None or nnz == 0 else fmt
+    i32 = torch.zeros(0, dtype=torch.int32, device=dev)
+    book = flat.new_zeros(0) if raw or fmt == FMT_EMPTY else torch.cat([flat.new_zeros(1), levels])
+    if fmt == FMT_EMPTY:
+        return fmt, i32, book, i32, torch.zeros(0, dtype=torch.int16, device=dev)
+    width = code_width(fmt, levels.numel(), raw)
+    if fmt == FMT_DENSE:
+        if raw:
+            return fmt, torch.cat([flat.view(torch.int32), i32.new_zeros(1)]), book, i32, i32.short()
+        slot = torch.where(nz, torch.searchsorted(levels, flat) + 1, 0)
+        return fmt, pack_bits(slot, width), book, i32, i32.short()
+    if fmt != FMT_CSR:
+        raise ValueError(f"encode_factor: unknown format {fmt}")
+    idx = torch.nonzero(nz).view(-1)  # ascending: row-major order, columns ascending within a row
+    counts = torch.bincount(idx // cols, minlength=rows)
+    indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+    indices = (idx % cols).to(index_dtype(cols))
+    vals = flat[idx]
+    codes = torch.cat([vals.view(torch.int32), i32.new_zeros(1)]) if raw else pack_bits(
+        torch.searchsorted(levels, vals), width)
+    return fmt, codes, book, indptr, indices

@@ -1,0 +1,261 @@
+"""Attacks: eps-ball and [0, 1] bounds, a real random start, strength order, no side effects on the model,
+and exact agreement with torchattacks' PGD, FGSM and APGD."""
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from pipeline_helpers import digits, one_thread, trained_digits_model
+from torch import nn
+
+import atmc_triton as at
+from atmc_triton.attacks import apgd_ce, attack_context, fgsm, pgd, robust_attack, wrm
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def batch():
+    d = digits()
+    idx = torch.arange(120)
+    return d.test.take(idx)
+
+
+def _acc(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+ATTACKS = {
+    "pgd": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4, 5),
+    "pgd_no_start": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4, 5, random_start=False),
+    "fgsm": lambda m, x, y, eps: fgsm(m, x, y, eps),
+    "apgd": lambda m, x, y, eps: apgd_ce(m, x, y, eps, steps=10),
+    "robust": lambda m, x, y, eps: robust_attack(m, x, y, eps, steps=10, use_autoattack=False)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+@given(eps=st.sampled_from([0.0, 1e-3, 0.07, 0.3]), seed=st.integers(0, 2**16))
+def test_adversarial_examples_stay_in_ball_and_unit_box(batch, name, eps, seed):
+    model = trained_digits_model()
+    x, y = batch[0][:24], batch[1][:24]  # digits hold many exact 0s and 1s: the box clamp matters
+    torch.manual_seed(seed)
+    adv = ATTACKS[name](model, x, y, eps)
+    assert adv.shape == x.shape and adv.dtype == x.dtype and not adv.requires_grad
+    assert float((adv - x).abs().max()) <= eps + 1e-6
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+
+
+def test_wrm_stays_in_unit_box_and_moves(batch):
+    model = trained_digits_model()
+    x, y = batch
+    adv = wrm(model, x, y, gamma=0.4, steps=10, lr=1.0)
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    assert float((adv - x).abs().max()) > 0.05
+    # the penalty sets the size: a larger gamma keeps the points closer
+    near = wrm(model, x, y, gamma=50.0, steps=10, lr=0.01)
+    assert (near - x).norm() < (adv - x).norm()
+    assert _acc(model, adv, y) < _acc(model, x, y)
+
+
+def test_random_start_really_happens(batch):
+    model = trained_digits_model()
+    x, y = batch
+    eps = 0.1
+    interior = (x > eps) & (x < 1 - eps)
+    start = pgd(model, x, y, eps, alpha=0.01, steps=0, random_start=True)
+    d = (start - x)[interior]
+    assert float((d != 0).float().mean()) > 0.99  # every interior pixel moved ...
+    assert float(d.abs().max()) <= eps + 1e-7 and float(d.abs().max()) > 0.95 * eps  # ... uniformly in the ball
+    assert abs(float(d.mean())) < 0.01 and abs(float(d.abs().mean()) - eps / 2) < 0.01
+    assert torch.equal(pgd(model, x, y, eps, 0.01, 0, random_start=False), x)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = pgd(model, x, y, eps, 0.01, 3, generator=g1)
+    assert torch.equal(a, pgd(model, x, y, eps, 0.01, 3, generator=g2))
+    assert not torch.equal(a, pgd(model, x, y, eps, 0.01, 3, generator=torch.Generator().manual_seed(2)))
+
+
+def test_strength_order_on_a_trained_model(batch):
+    model = trained_digits_model()
+    x, y = batch
+    eps = 0.1
+    clean = _acc(model, x, y)
+    acc_fgsm = _acc(model, fgsm(model, x, y, eps), y)
+    acc_pgd = _acc(model, pgd(model, x, y, eps, 2.5 * eps / 10, 10), y)
+    acc_apgd = _acc(model, apgd_ce(model, x, y, eps, steps=20), y)
+    assert clean > 0.9
+    assert acc_pgd <= acc_fgsm <= clean
+    assert acc_pgd < clean - 0.2  # a natural model is far from robust at eps 0.1
+    assert acc_apgd <= acc_pgd + 0.02
+
+
+class _Stateful(nn.Module):
+    """BatchNorm (running stats), dropout, a frozen layer, and a parameter with a live .grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+        self.frozen = nn.Linear(10, 10)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.drop(F.relu(self.bn(self.conv(x))))
+        return self.frozen(self.fc(h.flatten(1)))
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: (p.requires_grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()})
+
+
+def _assert_same(model, snap):
+    state, grads, modes = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for n, p in model.named_parameters():
+        rg, g = grads[n]
+        assert p.requires_grad == rg, n
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g), n
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+ALL = {**ATTACKS, "wrm": lambda m, x, y, eps: wrm(m, x, y, 0.4, 3, 0.5),
+       "pgd_train_mode": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4, 3, eval_mode=False),
+       "fgsm_train_mode": lambda m, x, y, eps: fgsm(m, x, y, eps, eval_mode=False)}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
+def test_attacks_leave_the_model_unchanged(batch, name, mode):
+    torch.manual_seed(0)
+    model = _Stateful()
+    x, y = batch[0][:16], batch[1][:16]
+    model.train()
+    F.cross_entropy(model(x), y).backward()  # BN stats moved away from init, grads present
+    model.fc.bias.grad = None  # ... and one grad is None
+    if mode == "eval":
+        model.eval()
+    elif mode == "mixed":
+        model.bn.eval()
+    snap = _snapshot(model)
+    ALL[name](model, x, y, 0.1)
+    _assert_same(model, snap)
+
+
+def test_attacks_leave_an_atmc_model_unchanged(batch):
+    x, y = batch[0][:16], batch[1][:16]
+    model = trained_digits_model()
+    cfg = at.ATMCConfig(ratio=0.05, bits=4, quant_interval=1)
+    at.compress_(model, cfg)
+    opt = at.ADMM(model, cfg, lr=0.01)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    snap = _snapshot(model)
+    for name, atk in ALL.items():
+        atk(model, x, y, 0.1)
+        _assert_same(model, snap)
+        assert all(layer._cached_w is None for _, layer in at.atmc_layers(model)), name
+
+
+def test_attack_context_restores_after_an_exception():
+    model = _Stateful().train()
+    with pytest.raises(RuntimeError), attack_context(model):
+        assert not model.training
+        raise RuntimeError("boom")
+    assert model.training and model.bn.training
+
+
+def test_pgd_matches_torchattacks(batch):
+    torchattacks = pytest.importorskip("torchattacks")
+    model = trained_digits_model()
+    x, y = batch
+    for eps, alpha, steps in ((0.1, 0.025, 10), (0.3, 0.05, 7), (8 / 255, 2 / 255, 5)):
+        ref = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y)
+        ours = pgd(model, x, y, eps, alpha, steps, random_start=False)
+        assert torch.equal(ours, ref), (eps, float((ours - ref).abs().max()))
+    assert torch.equal(fgsm(model, x, y, 0.1), torchattacks.FGSM(model, eps=0.1)(x, y))
+
+
+def test_apgd_matches_torchattacks(batch):
+    torchattacks = pytest.importorskip("torchattacks")
+    model = trained_digits_model()
+    x, y = batch
+    for eps, steps in ((0.1, 20), (0.2, 37)):
+        ref = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss="ce")(x, y)
+        ours = apgd_ce(model, x, y, eps, steps=steps, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            fooled_ref, fooled = model(ref).argmax(1) != y, model(ours).argmax(1) != y
+        assert torch.equal(fooled, fooled_ref) and int(fooled.sum()) > 20
+        # the same adversarial examples where the attack succeeds (up to float rounding in a few pixels)
+        torch.testing.assert_close(ours[fooled], ref[fooled].detach(), atol=1e-6, rtol=0)
+        same = (ours[fooled] == ref[fooled]).flatten(1).all(1).float().mean()
+        assert float(same) > 0.9
+
+
+def test_apgd_restarts_only_attack_robust_points(batch):
+    model = trained_digits_model()
+    x, y = batch
+    one = _acc(model, apgd_ce(model, x, y, 0.1, steps=10, generator=torch.Generator().manual_seed(0)), y)
+    adv = apgd_ce(model, x, y, 0.1, steps=10, n_restarts=3, generator=torch.Generator().manual_seed(0))
+    three = _acc(model, adv, y)
+    assert three <= one
+
+
+def test_robust_attack_uses_autoattack_when_installed(batch, monkeypatch):
+    calls = {}
+
+    class FakeAutoAttack:
+        def __init__(self, model, norm, eps, version, verbose, device):
+            calls.update(norm=norm, eps=eps, version=version)
+            self.model = model
+
+        def run_standard_evaluation(self, x, y, bs):
+            calls["training"] = self.model.training
+            return (x + 1.0).clamp(0, 1)  # out of the ball on purpose: the helper must project
+
+    monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=FakeAutoAttack))
+    model = trained_digits_model().train()
+    x, y = batch[0][:8], batch[1][:8]
+    adv, how = robust_attack(model, x, y, 0.05)
+    assert how == "autoattack-standard" and calls == {"norm": "Linf", "eps": 0.05, "version": "standard",
+                                                     "training": False}
+    assert float((adv - x).abs().max()) <= 0.05 + 1e-6 and model.training
+    assert robust_attack(model, x, y, 0.05, steps=3, use_autoattack=False)[1] == "apgd-ce-3"
+
+
+def test_robust_attack_without_autoattack(batch, monkeypatch):
+    monkeypatch.setitem(sys.modules, "autoattack", None)  # import fails
+    model = trained_digits_model()
+    x, y = batch[0][:8], batch[1][:8]
+    assert robust_attack(model, x, y, 0.05, steps=3)[1] == "apgd-ce-3"
+    with pytest.raises(ValueError, match="AutoAttack is not installed"):
+        robust_attack(model, x, y, 0.05, use_autoattack=True)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda m, x, y: pgd(m, x * 2, y, 0.1, 0.01, 1),  # outside [0, 1]
+    lambda m, x, y: pgd(m, x, y[:-1], 0.1, 0.01, 1),  # label count
+    lambda m, x, y: pgd(m, x, y, -0.1, 0.01, 1),  # eps
+    lambda m, x, y: pgd(m, x, y, 0.1, 0.01, -1),  # steps
+    lambda m, x, y: pgd(m, (x * 255).to(torch.uint8), y, 0.1, 0.01, 1),  # dtype
+    lambda m, x, y: apgd_ce(m, x, y, 0.1, steps=0),
+    lambda m, x, y: wrm(m, x, y, gamma=0.0),
+])
+def test_attacks_validate_inputs(batch, bad):
+    model = trained_digits_model()
+    with pytest.raises(ValueError):
+        bad(model, batch[0][:4], batch[1][:4])
