@@ -78,9 +78,8 @@ def project_topk_(w: Tensor, k: int, mom: Tensor | None = None) -> tuple[Tensor,
     a = w.abs()
     tau = kth_largest(a, k).to(w.device)
     keep = a > tau
-    ties = a == tau
-    need = k - keep.sum()
-    keep |= ties & (torch.cumsum(ties, 0) <= need)
+    need = k - int(keep.sum())  # >= 1: tau itself is one of the k largest
+    keep[torch.nonzero(a == tau).view(-1)[:need]] = True  # ties: the lowest flat indices
     w.mul_(keep)
     if mom is not None:
         mom.mul_(keep)
