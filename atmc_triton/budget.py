@@ -43,7 +43,13 @@ CODEBOOK_ENTRY_BITS = 32
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers.
+
+    Raises:
+        ValueError: ``model`` is not a ``torch.nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
     while True:
         inner = getattr(model, "_orig_mod", None) or (
             model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None

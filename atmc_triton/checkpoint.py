@@ -8,10 +8,18 @@ A checkpoint is a ``torch.save`` file of plain containers and tensors only, read
 * ``model``: the model's ``state_dict`` (ATMC factors, Z, u, masks, codebooks included);
 * ``optimizer``: the optimizer's ``state_dict`` (ADMM: momenta, step count, current rho);
 * ``epoch`` (completed epochs), ``step`` (optimizer steps) and ``rng`` (python, numpy, torch
-  CPU and CUDA generator states), so a resumed run continues exactly.
+  CPU and CUDA generator states), so a resumed run continues exactly;
+* ``digest``: SHA-256 of everything else (tensor bytes, dtypes, shapes and plain values), checked
+  on load: ``torch.save`` files carry no checksum of their tensor data, so without it a flipped
+  bit on disk would load silently.
 
 Files are written to a temporary file in the same directory, flushed, fsynced and renamed
-over the target (``os.replace``), so a crash never leaves a half-written checkpoint.
+over the target (``os.replace``), so a crash (even SIGKILL in the middle of a write) never
+leaves a half-written checkpoint: the previous one stays in place, and the partial temporary
+file is removed by :func:`remove_partial_writes` (the trainer calls it when it starts).
+Loading never runs code from the file: pickled objects other than tensors and plain containers
+are refused before anything is built, truncated or corrupted files and foreign files raise
+:class:`CheckpointError` with one line.
 :func:`export_safetensors` writes just the weights as safetensors (contiguous copies: the ATMC
 factors are views into shared flat buffers, which safetensors refuses).
 """
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import hashlib
 import os
 import pickle
 import random
@@ -44,16 +54,44 @@ __all__ = [
     "get_rng_state",
     "load_checkpoint",
     "load_safetensors",
+    "payload_digest",
+    "remove_partial_writes",
     "save_checkpoint",
     "set_rng_state",
 ]
 
 FORMAT = "atmc-triton-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: SHA-256 digest of the payload
+_REQUIRED = {"meta": dict, "model": dict, "epoch": int, "step": int, "rng": dict, "extra": dict, "digest": str}
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used (unreadable, unsafe, or from another model/dataset/config)."""
+
+
+_TMP_SUFFIX = ".tmp"
+
+
+def remove_partial_writes(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_write` of ``path`` left behind.
+
+    Only call it while nothing else writes ``path``. Returns the removed paths.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / ".m.pt.x1y2.tmp").write_bytes(b"half")
+        >>> [p.name for p in remove_partial_writes(d / "m.pt")]
+        ['.m.pt.x1y2.tmp']
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    gone = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            gone.append(p)
+    return gone
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
@@ -67,7 +105,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -134,6 +172,40 @@ def config_from_dict(d: dict[str, Any] | None) -> ATMCConfig | None:
     return None if d is None else ATMCConfig(**d)
 
 
+# -- integrity ------------------------------------------------------------------------------------
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint payload without its ``digest`` entry: tensor bytes, dtypes,
+    shapes and plain values, in order.
+
+    Example:
+        >>> payload_digest({"a": torch.zeros(2)}) == payload_digest({"a": torch.zeros(2)})
+        True
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "digest"})
+    return h.hexdigest()
+
+
 # -- save / load --------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, meta: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = 0, step: int = 0,
@@ -158,6 +230,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, meta: dict[str
         "rng": get_rng_state(),
         "extra": dict(extra or {}),
     }
+    payload["digest"] = payload_digest(payload)
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -165,10 +238,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint with ``torch.load(weights_only=True)``; refuse unsafe or foreign files.
 
     Raises:
-        CheckpointError: missing file, pickled objects beyond tensors and plain containers,
-            or not a file written by :func:`save_checkpoint`.
+        CheckpointError: missing file, pickled objects beyond tensors and plain containers (their
+            code never runs), truncated or corrupted data (checksum), or not a file written by
+            :func:`save_checkpoint`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -176,15 +252,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as e:
         found = [ln.strip() for ln in str(e).splitlines() if "unsupported global" in ln.lower()]
         if not found:
-            raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (UnpicklingError)") from None
+            raise CheckpointError(f"{str(path)!r} is not a readable checkpoint, truncated or corrupted "
+                                  "(UnpicklingError)") from None
         raise CheckpointError(f"refusing to load {str(path)!r}: it holds pickled Python objects, not just "
                               f"tensors and plain containers (weights_only=True): {found[0][:160]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # truncated / corrupted archives fail in many ways (zip, pickle, storage sizes)
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint, truncated or corrupted "
+                              f"({type(e).__name__})") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an atmc_triton checkpoint")
     if ck.get("version") != VERSION:
         raise CheckpointError(f"{str(path)!r} has checkpoint version {ck.get('version')}, expected {VERSION}")
+    bad = [k for k, t in _REQUIRED.items() if not isinstance(ck.get(k), t) or (t is int and isinstance(ck[k], bool))]
+    if bad:
+        raise CheckpointError(f"{str(path)!r} is not a complete atmc_triton checkpoint (bad or missing: "
+                              f"{', '.join(bad)})")
+    if payload_digest(ck) != ck["digest"]:
+        raise CheckpointError(f"{str(path)!r} is corrupted: its contents do not match their SHA-256 checksum")
     return ck
 
 
@@ -218,7 +302,19 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file (load them with ``model.load_state_dict``)."""
+    """Tensors of a safetensors file (load them with ``model.load_state_dict``).
+
+    Raises:
+        CheckpointError: missing, truncated or malformed file (safetensors holds no code, and its
+            header is checked against the file size before any tensor is read).
+    """
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    if not Path(path).is_file():
+        raise CheckpointError(f"safetensors file {str(path)!r} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors_rust.SafetensorError, OSError, ...
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {msg})") \
+            from None

@@ -2,7 +2,17 @@
 
 ``atmc train`` with no arguments adversarially trains, compresses and evaluates a small CNN on
 scikit-learn's embedded 8x8 digits (no download) and prints a table. Bad arguments end with a
-one-line ``atmc: error: ...`` on stderr and exit code 2.
+one-line ``atmc: error: ...`` on stderr and exit code 2; a run stopped by NaN/Inf steps
+(``--max-nonfinite``) exits with code 3.
+
+Multi-GPU / multi-node: run the same command under ``torchrun`` (DistributedDataParallel, one
+process per GPU; gloo on CPU). ``--batch-size`` stays the global batch, only rank 0 writes to
+``--out`` (a directory every node shares), and a group restarted by ``torchrun --max-restarts``
+resumes from the last complete checkpoints by itself::
+
+    torchrun --standalone --nproc-per-node 8 -m atmc_triton train --dataset cifar10 --data-root data
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        --rdzv-id run1 --max-restarts 3 -m atmc_triton train --dataset cifar10 --out /shared/run1
 """
 
 from __future__ import annotations
@@ -10,18 +20,21 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atmc_triton.checkpoint import CheckpointError, load_checkpoint
+from atmc_triton import distributed
+from atmc_triton.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from atmc_triton.config import INITS, ATMCConfig
 from atmc_triton.data import DATASETS, load_dataset
 from atmc_triton.models import MODELS
-from atmc_triton.train import ATTACKS, PROTOCOLS, EvalResult, Experiment, Protocol, Schedule
+from atmc_triton.train import ATTACKS, PROTOCOLS, EvalResult, Experiment, NonFiniteError, Protocol, Schedule
 
 __all__ = ["RECIPES", "Recipe", "main"]
 
@@ -159,7 +172,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     b.add_argument("--rank", type=_rank, help="SVD rank (int) or fraction (init=svd only)")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, help="output directory (default atmc_runs/<dataset>_<model>)")
-    r.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    r.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (automatic "
+                   "when torchrun restarts the group)")
+    r.add_argument("--max-nonfinite", type=_positive_int, default=5, help="NaN/Inf loss or gradient: skip the step "
+                   "(warning, counted in metrics.jsonl); stop after this many in a row (default 5)")
     r.add_argument("--dense-checkpoint", type=Path, help="start from this dense checkpoint (skip pretraining)")
     r.add_argument("--natural-baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="also train and evaluate an undefended model (default: on for digits only)")
@@ -208,14 +224,26 @@ def _setup(a: argparse.Namespace) -> _Setup:
     dense = Schedule(epochs=_pick(a.epochs, recipe.epochs), lr=_pick(a.lr, recipe.lr), **common)
     atmc = Schedule(epochs=_pick(a.atmc_epochs, recipe.atmc_epochs), lr=_pick(a.atmc_lr, recipe.atmc_lr), **common)
     out = a.out or Path("atmc_runs") / f"{a.dataset}_{model}"
-    data = load_dataset(a.dataset, a.data_root, download=a.download, subset=a.subset, test_subset=a.test_subset,
-                        seed=a.seed)
-    exp = Experiment(model, data, protocol, out=out, seed=a.seed, device=a.device, progress=not a.no_progress,
-                     resume=a.resume, eval_size=a.eval_size, eval_batch_size=a.batch_size_eval, attacks=attacks,
-                     use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack])
+    device = distributed.init_from_env(a.device)
+    data = _load(a.dataset, a.data_root, download=a.download, subset=a.subset, test_subset=a.test_subset,
+                 seed=a.seed)
+    resume = a.resume or distributed.restart_count() > 0  # a torchrun restart picks up where the group died
+    exp = Experiment(model, data, protocol, out=out, seed=a.seed, device=device, progress=not a.no_progress,
+                     resume=resume, eval_size=a.eval_size, eval_batch_size=a.batch_size_eval, attacks=attacks,
+                     use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack],
+                     max_nonfinite=a.max_nonfinite)
     natural = recipe.natural_baseline if a.natural_baseline is None else a.natural_baseline
     _threads(a.threads or recipe.threads)
     return _Setup(exp, recipe, dense, atmc, natural)
+
+
+def _load(name: str, root: Path | None, *, download: bool, **kw: Any):
+    """``load_dataset``; under torchrun with ``--download``, local rank 0 fetches the files first."""
+    if download and distributed.is_distributed():
+        if distributed.local_rank() == 0:
+            load_dataset(name, root, download=True, **kw)
+        distributed.barrier()
+    return load_dataset(name, root, download=download, **kw)
 
 
 def _threads(n: int | None) -> None:
@@ -246,7 +274,8 @@ def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _row(label: str, r: EvalResult, train_s: float) -> dict[str, Any]:
@@ -273,8 +302,10 @@ def format_table(rows: list[dict[str, Any]], protocol: Protocol) -> str:
 
 
 def _finish(rows: list[dict[str, Any]], s: _Setup, t0: float, name: str) -> None:
+    if not distributed.is_main():
+        return
     s.exp.out.mkdir(parents=True, exist_ok=True)
-    (s.exp.out / name).write_text(json.dumps(rows, indent=1))
+    atomic_write(s.exp.out / name, lambda f: f.write(json.dumps(rows, indent=1).encode()))
     p = s.exp.protocol
     print(f"\n{s.exp.model_name} on {s.exp.data.name} ({len(s.exp.data.test)} test examples), eps={p.eps:.4g}, "
           f"device {s.exp.device}")
@@ -327,14 +358,17 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def _write_sweep(rows: list[dict[str, Any]], s: _Setup) -> None:
+    if not distributed.is_main():
+        return
     out = s.exp.out
     out.mkdir(parents=True, exist_ok=True)
     keys = ["model", "target_ratio", "ratio", "size_bits", "dense_bits", "packed_bytes", "nnz", "clean_acc",
             "pgd_acc", "apgd_acc", "apgd_method", "gradient_masking", "train_seconds", "wall_seconds"]
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "sweep.csv", lambda f: f.write(text.getvalue().encode()))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,15 +404,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} holds model {meta.get('model')!r}, not {a.model!r}")
     if meta.get("dataset") not in DATASETS or meta.get("model") not in MODELS:
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} names an unknown model/dataset")
-    base = Protocol(**meta["protocol"]) if meta.get("protocol") else PROTOCOLS[meta["dataset"]]
+    try:
+        base = Protocol(**meta["protocol"]) if meta.get("protocol") else PROTOCOLS[meta["dataset"]]
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} has a bad protocol: {e}") from None
     over = {k: getattr(a, k) for k in ("eps", "pgd_alpha", "apgd_steps", "wrm_gamma", "wrm_steps", "wrm_lr")
             if getattr(a, k) is not None}
     if a.pgd_steps is not None:
         over["eval_pgd_steps"] = a.pgd_steps
     protocol = dataclasses.replace(base, **over)
     _threads(a.threads or RECIPES[meta["dataset"]].threads)
-    data = load_dataset(meta["dataset"], a.data_root, download=a.download, test_subset=a.test_subset, seed=a.seed)
-    exp = Experiment(meta["model"], data, protocol, seed=a.seed, device=a.device,
+    device = distributed.init_from_env(a.device)  # under torchrun the test split is shared out to the ranks
+    data = _load(meta["dataset"], a.data_root, download=a.download, test_subset=a.test_subset, seed=a.seed)
+    exp = Experiment(meta["model"], data, protocol, seed=a.seed, device=device,
                      eval_batch_size=a.batch_size_eval, use_autoattack={"auto": None, "yes": True, "no": False}[
                          a.autoattack])
     model = exp.load(a.checkpoint)
@@ -391,6 +429,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         _say("[atmc] note: an unfinalized ATMC checkpoint (W = UV + C, not yet quantized); --finalize commits it")
     r = exp.evaluate(model, attacks=tuple(a.attack))
     res = r.as_dict()
+    if not distributed.is_main():
+        return 0
     if a.json:
         print(json.dumps(res))
         return 0
@@ -436,19 +476,38 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _log_to_stderr() -> None:
+    """``atmc_triton`` log records (e.g. "resuming ...") as ``[atmc] ...`` lines on rank 0's stderr."""
+    logger = logging.getLogger("atmc_triton")
+    if any(getattr(h, "_atmc_cli", False) for h in logger.handlers):
+        return
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("[atmc] %(message)s"))
+    h.addFilter(lambda record: distributed.is_main())
+    h._atmc_cli = True
+    logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atmc`` console script; returns the exit code."""
     ap = _parser()
     a = ap.parse_args(argv)
+    _log_to_stderr()
     try:
         return a.func(a)
     except (ValueError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"atmc: error: {msg}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"atmc: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("atmc: interrupted (continue with --resume)", file=sys.stderr)
         return 130
+    finally:
+        distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ def _is_int(x: object) -> bool:
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past float range
+        return False
 
 
 def _check_bits(name: str, b: object) -> None:
@@ -78,7 +83,11 @@ class ATMCConfig:
             raise ValueError(f"ATMCConfig.nnz must be an int >= 0, got {self.nnz!r}")
         if self.bits is not None:
             _check_bits("ATMCConfig.bits", self.bits)
-        lb = dict(self.layer_bits or {})
+        lb = self.layer_bits
+        pairs = isinstance(lb, tuple) and all(isinstance(e, tuple) and len(e) == 2 for e in lb)  # a frozen copy
+        if lb is not None and not isinstance(lb, Mapping) and not pairs:
+            raise ValueError(f"ATMCConfig.layer_bits must be a mapping {{module name or pattern: bits}}, got {lb!r}")
+        lb = dict(lb or {})
         if lb and self.bits is None:
             raise ValueError("ATMCConfig.layer_bits needs a quantizer: set bits to 1..8, not None")
         for name, b in lb.items():

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from atmc_triton import distributed
 from atmc_triton.budget import atmc_layers, unwrap
 from atmc_triton.config import ATMCConfig
 from atmc_triton.kernels import (
@@ -42,6 +43,12 @@ class ADMM(torch.optim.Optimizer):
             in :attr:`nonfinite_steps`.
         backend: ``"auto"`` runs the ``torch.ops.atmc`` ops (Triton on CUDA, the references on
             CPU); ``"reference"`` always runs the pure-PyTorch references (for comparisons).
+        sync_quantizer: data parallel training (DDP): after each quantizer step, overwrite Z and
+            the codebooks with rank 0's (one broadcast of ``n + 257 S`` floats every
+            ``cfg.quant_interval`` steps; u follows from them). The ops are deterministic, so this
+            is insurance, e.g. against a non-deterministic reduction on some GPU. ``None`` (default):
+            on whenever a ``torch.distributed`` process group of more than one rank is running;
+            set ``False`` when ranks train different models. Every rank must step together.
 
     Example:
         >>> import atmc_triton as at
@@ -54,7 +61,7 @@ class ADMM(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, cfg: ATMCConfig, lr: float = 0.01, momentum: float = 0.9,
                  weight_decay: float = 1e-4, nesterov: bool = False, check_finite: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", sync_quantizer: bool | None = None):
         if not isinstance(cfg, ATMCConfig):
             raise ValueError(f"ADMM: cfg must be an ATMCConfig, got {type(cfg).__name__}")
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -83,11 +90,15 @@ class ADMM(torch.optim.Optimizer):
         if backend not in ("auto", "reference"):
             raise ValueError(f"ADMM: backend must be 'auto' or 'reference', got {backend!r}")
         self.backend = backend
+        if sync_quantizer not in (None, True, False):
+            raise ValueError(f"ADMM: sync_quantizer must be None, True or False, got {sync_quantizer!r}")
+        self.sync_quantizer = sync_quantizer
         ref = backend == "reference"
         self._step_op = admm_step_ref if ref else admm_step
         self._lloyd_op = lloyd_quantize_ref if ref else lloyd_quantize
         self._dual_op = admm_dual_update_ref if ref else admm_dual_update
         self.store = FactorStore(layers)
+        self._layers = layers
         self.state["admm"] = {"step": 0, "quant_steps": 0}
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.store.device)
         self._point_state()
@@ -176,6 +187,12 @@ class ADMM(torch.optim.Optimizer):
             self._nonfinite += bad
         for group in self.param_groups[1:]:
             self._sgd(group, ok)
+        flags = [layer.finalized for layer in self._layers]  # trained factors need finalize_ again before pack_
+        if ok is None:
+            torch._foreach_zero_(flags)
+        else:
+            for f in flags:
+                f.logical_and_(bad.to(f.device))
         st["step"] += 1
         if quantized and st["step"] % self.cfg.quant_interval == 0:
             self.quantize_()
@@ -210,6 +227,9 @@ class ADMM(torch.optim.Optimizer):
         """``Z = Lloyd_b(W + u)`` for every factor, then ``u += W - Z``; returns the per-factor error."""
         s = self.store
         book, _, q, err = self._lloyd_op(s.w + s.u, s.offsets_t, s.bits_t, self.cfg.max_iter, self.cfg.tol)
+        if self.sync_quantizer is not False and distributed.is_distributed():
+            q, book = q.contiguous(), book.contiguous()
+            distributed.broadcast_([q, book])
         s.z.copy_(q)
         s.codebook.copy_(book)
         self._dual_op(s.u, s.w, s.z)

@@ -263,9 +263,28 @@ class PackedLayer(nn.Module):
         self._drop_caches()
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A plain load_state_dict must validate as load_packed does: a bad index would make a kernel read out of
+        # bounds. On a failed check the previous tensors are put back and ValueError is raised.
         self._drop_caches()
-        super()._load_from_state_dict(*args, **kwargs)
+        names = [f"{f}_{p}" for f in FACTORS for p in _PARTS]
+        old = {n: self._buffers[n] for n in names}
+        saved = {n: t.clone() for n, t in old.items() if not t.is_meta}
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) > errors or any(self._buffers[n].is_meta for n in names):
+            return  # load_state_dict reports the mismatch itself; meta tensors hold nothing to check
+        try:
+            self.validate(prefix.rstrip("."))
+        except ValueError:
+            for n in names:
+                if self._buffers[n] is old[n] and n in saved:
+                    old[n].copy_(saved[n])
+                else:
+                    self._buffers[n] = old[n]
+            raise
 
     def _drop_caches(self) -> None:
         self._cache = None
@@ -410,8 +429,20 @@ def _layer_spec(layer: nn.Module) -> dict[str, Any]:
 
 def _from_spec(spec: dict[str, Any], device, dtype: torch.dtype | None = None) -> PackedLayer:
     """An (uninitialized) packed layer of ``spec`` with buffers of the right sizes on ``device``."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"bad packed-layer metadata {spec!r}: not a mapping")
     try:
         dtype = dtype or getattr(torch, spec["dtype"])
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype {spec['dtype']!r} is not a floating-point torch dtype")
+        rank, identity, bits = spec["rank"], spec["identity"], spec["bits"]
+        if not (type(rank) is int and rank >= 0 and type(identity) is int and identity in (0, 1, 2)
+                and (bits is None or (type(bits) is int and 1 <= bits <= 8))):
+            raise ValueError("rank must be an int >= 0, identity 0, 1 or 2 and bits None or 1..8")
+        dims = [spec[k] for k in (("in_features", "out_features") if spec["type"] == "linear" else
+                                  ("in_channels", "out_channels"))] if spec["type"] in ("linear", "conv2d") else []
+        if any(type(d) is not int or d < 1 for d in dims):
+            raise ValueError(f"sizes must be ints >= 1, got {dims}")
         common = {"rank": int(spec["rank"]), "identity": int(spec["identity"]), "bits": spec["bits"],
                   "factors": spec["factors"], "device": device, "dtype": dtype}
         if spec["type"] == "linear":
@@ -421,7 +452,7 @@ def _from_spec(spec: dict[str, Any], device, dtype: torch.dtype | None = None) -
             return PackedConv2d(int(spec["in_channels"]), int(spec["out_channels"]), tuple(spec["kernel_size"]),
                                 tuple(spec["stride"]), padding, tuple(spec["dilation"]), bool(spec["bias"]),
                                 spec["padding_mode"], conv_mode=spec.get("conv_mode", "dense"), **common)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise ValueError(f"bad packed-layer metadata {spec!r}: {e}") from None
     raise ValueError(f"bad packed-layer metadata: unknown type {spec.get('type')!r}")
 
@@ -493,18 +524,28 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         raise ValueError("save_packed: the model has no packed layers (call atmc_triton.pack_ first)")
     if atmc_layers(root):
         raise ValueError("save_packed: the model still has ATMC layers (call atmc_triton.pack_ first)")
-    tensors = {k: v.detach().contiguous() for k, v in root.state_dict().items()}
-    header = {"version": FORMAT_VERSION, "layers": {n: layer.spec() for n, layer in layers}}
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in root.state_dict(keep_vars=True).items():  # a shared module's tensors appear under each name
+        key = (id(v), v.shape, v.dtype)
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            tensors[k] = v.detach().contiguous()
+    header = {"version": FORMAT_VERSION, "layers": {n: layer.spec() for n, layer in layers}, "aliases": aliases}
     save_file(tensors, os.fspath(path), metadata={META_KEY: json.dumps(header)})
     return os.path.getsize(path)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    if child not in parent._modules:
+    try:
+        parent = root.get_submodule(parent_name) if parent_name else root
+    except AttributeError:
+        parent = None
+    if parent is None or child not in parent._modules:
         raise ValueError(f"load_packed: the model has no submodule {name!r} to replace")
-    parent._modules[child] = module
+    _swap(root, {id(parent._modules[child]): module})  # every reference: a shared module stays shared
 
 
 def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -517,16 +558,34 @@ def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.d
     """
     from safetensors import safe_open
 
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
-        meta = (fh.metadata() or {}).get(META_KEY)
-        if meta is None:
-            raise ValueError(f"load_packed: {path} was not written by save_packed (no {META_KEY!r} header)")
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    header = json.loads(meta)
-    if header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"load_packed: unsupported packed format version {header.get('version')}")
+    if not os.path.isfile(path):
+        raise ValueError(f"load_packed: {path} does not exist or is not a file")
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
+            meta = (fh.metadata() or {}).get(META_KEY)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if meta is not None else {}
+    except Exception as e:  # SafetensorError (truncated, bad header), OSError, ...
+        msg = " ".join(str(e).split())[:160]
+        raise ValueError(f"load_packed: {path} is not a readable safetensors file, truncated or corrupted "
+                         f"({type(e).__name__}: {msg})") from None
+    if meta is None:
+        raise ValueError(f"load_packed: {path} was not written by save_packed (no {META_KEY!r} header)")
+    try:
+        header = json.loads(meta)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_packed: {path} has a corrupted {META_KEY!r} header ({e})") from None
+    if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
+        version = header.get("version") if isinstance(header, dict) else None
+        raise ValueError(f"load_packed: unsupported packed format version {version}")
+    layers = header.get("layers")
+    if not isinstance(layers, dict) or not layers or not all(isinstance(n, str) and n for n in layers):
+        raise ValueError(f"load_packed: {path}: the header's 'layers' must map layer names to specs")
+    aliases = header.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
+        raise ValueError(f"load_packed: {path}: bad 'aliases' in the header")
+    tensors |= {k: tensors[v] for k, v in aliases.items()}  # the names of shared modules' tensors
     root = unwrap(model)
-    for name, spec in header["layers"].items():
+    for name, spec in layers.items():
         _set_module(root, name, _from_spec(spec, "meta"))
     for key in ("atmc_nnz_budget", "atmc_bits_budget"):  # buffers compress_ put on the root
         if key in tensors and key not in root._buffers:

@@ -11,6 +11,16 @@ atomically (model, optimizer, epoch, step, RNG). Data order, augmentation and at
 come from generators seeded by ``(seed, stage, epoch)``, so a run stopped after any epoch and
 resumed (``resume=True``) ends with bit-identical weights to an uninterrupted one on CPU.
 
+Under ``torchrun`` (:mod:`atmc_triton.distributed`) each stage trains a DDP-wrapped model: every
+rank draws the same global batch of ``Schedule.batch_size`` examples and the same attack starts
+as one process would, and trains on its strided share; metrics are summed over ranks, only rank 0
+writes checkpoints and logs, and every rank resumes from rank 0's checkpoint.
+
+A step whose loss or gradient is NaN/Inf is skipped with a :class:`NonFiniteWarning` (weights,
+optimizer state, ADMM's Z, u, masks and codebooks and BatchNorm statistics untouched) and
+counted in the epoch's ``nonfinite_steps``; ``max_nonfinite`` such steps in a row raise
+:class:`NonFiniteError`, leaving the last complete checkpoint in place.
+
 Example:
     >>> import atmc_triton as at
     >>> from atmc_triton.data import load_dataset
@@ -27,9 +37,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,24 +53,48 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atmc_triton.api import compress_, finalize_
-from atmc_triton.attacks import fgsm, pgd, robust_attack, wrm
+from atmc_triton.attacks import _input_grad, _project, attack_context, fgsm, pgd, robust_attack, wrm
 from atmc_triton.budget import atmc_layers, dense_bits, size_report
 from atmc_triton.checkpoint import (
+    CheckpointError,
+    atomic_write,
     check_meta,
     config_to_dict,
     load_checkpoint,
+    remove_partial_writes,
     save_checkpoint,
     set_rng_state,
 )
 from atmc_triton.config import ATMCConfig
 from atmc_triton.data import DataBundle, Split, iterate_batches
+from atmc_triton.distributed import (
+    agree,
+    all_reduce_,
+    barrier,
+    is_distributed,
+    is_main,
+    rank,
+    shard,
+    world_size,
+    wrap_ddp,
+)
+from atmc_triton.layers import ATMCLayer
 from atmc_triton.models import build_model
 from atmc_triton.optim import ADMM
 
-__all__ = ["ATTACKS", "PROTOCOLS", "EvalResult", "Experiment", "Protocol", "Schedule", "evaluate", "fit",
-           "model_size", "resolve_device"]
+__all__ = ["ATTACKS", "PROTOCOLS", "EvalResult", "Experiment", "NonFiniteError", "NonFiniteWarning", "Protocol",
+           "Schedule", "evaluate", "fit", "model_size", "resolve_device"]
 
 ATTACKS = ("pgd", "fgsm", "wrm", "apgd")
+_logger = logging.getLogger("atmc_triton")
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A training step had a NaN/Inf loss or gradient and was skipped (see :func:`fit`)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """``max_nonfinite`` training steps in a row had a NaN/Inf loss or gradient (see :func:`fit`)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +165,9 @@ PROTOCOLS: dict[str, Protocol] = {
 
 @dataclass(frozen=True)
 class Schedule:
-    """SGD schedule of one stage: ``lr`` decays by ``lr_schedule`` (cosine or constant) per step."""
+    """SGD schedule of one stage: ``lr`` decays by ``lr_schedule`` per step: ``"cosine"``, ``"constant"``,
+    or ``"step"`` (multiplied by ``gamma`` at each of the epochs in ``milestones``, as the public ATMC
+    code's ``--decreasing_lr 80,120,150``)."""
 
     epochs: int
     lr: float
@@ -138,16 +176,26 @@ class Schedule:
     batch_size: int = 128
     lr_schedule: str = "cosine"
     nesterov: bool = False
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {self}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("cosine", "constant", "step"):
+            raise ValueError(f"lr_schedule must be 'cosine', 'constant' or 'step', got {self.lr_schedule!r}")
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be ascending epochs >= 1, got {self.milestones}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
 
     def lr_at(self, step: int, total: int) -> float:
         if self.lr_schedule == "constant" or total <= 0:
             return self.lr
+        if self.lr_schedule == "step":  # epoch of this step (0-based), from the uniform steps per epoch
+            epoch = step * self.epochs // total if self.epochs else 0
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
@@ -226,20 +274,28 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> int:
 
 def evaluate(model: nn.Module, split: Split, protocol: Protocol, *, attacks: Sequence[str] = ("pgd", "apgd"),
              batch_size: int = 256, device: torch.device | str | None = None, seed: int = 0,
-             use_autoattack: bool | None = None, progress: bool = False) -> EvalResult:
+             use_autoattack: bool | None = None, progress: bool = False, distributed: bool = False) -> EvalResult:
     """Clean accuracy plus each of ``attacks`` (``pgd``, ``fgsm``, ``wrm``, ``apgd``) on ``split``, in eval mode.
 
     ``apgd`` is AutoAttack when installed, else the built-in APGD-CE; see
     :attr:`EvalResult.gradient_masking`. The model's train/eval mode is restored.
+    ``distributed``: every rank of the running process group calls this together; each
+    evaluates its strided share of ``split`` (attack starts seeded per rank) and the counts are
+    summed, so all ranks return the result for the whole split.
     """
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
     device = resolve_device(device)
     t0 = time.perf_counter()
+    n_all = len(split)
+    world = world_size() if distributed else 1
+    me = rank() if world > 1 else 0
+    if world > 1:
+        split = Split(shard(split.x, me, world), shard(split.y, me, world))
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device).manual_seed(_seed(seed, "eval", 0, "attack"))
+    gen = torch.Generator(device).manual_seed(_seed(seed, "eval", me, "attack"))
     counts = dict.fromkeys(("clean", *attacks), 0)
     method = None
     p = protocol
@@ -259,9 +315,12 @@ def evaluate(model: nn.Module, split: Split, protocol: Protocol, *, attacks: Seq
                 counts["apgd"] += _correct(model, adv, y)
     finally:
         model.train(was_training)
-    n = max(len(split), 1)
+    if world > 1:
+        total = all_reduce_(torch.tensor(list(counts.values()), dtype=torch.int64, device=device))
+        counts = dict(zip(counts, total.tolist()))
+    n = max(n_all, 1)
     acc = {k: v / n for k, v in counts.items()}
-    return EvalResult(len(split), acc["clean"], acc.get("pgd"), acc.get("fgsm"), acc.get("wrm"), acc.get("apgd"),
+    return EvalResult(n_all, acc["clean"], acc.get("pgd"), acc.get("fgsm"), acc.get("wrm"), acc.get("apgd"),
                       method, **model_size(model), seconds=time.perf_counter() - t0)
 
 
@@ -273,45 +332,145 @@ def _log(path: Path | None, record: dict[str, Any]) -> None:
 
 
 def _drop_log(path: Path | None, stage: str, from_epoch: int) -> None:
-    """Remove ``stage`` records of epochs > ``from_epoch`` (a fresh or resumed stage rewrites them)."""
+    """Remove ``stage`` records of epochs > ``from_epoch`` (a fresh or resumed stage rewrites them),
+    and any line a killed run left half-written; the file is replaced atomically."""
     if path is None or not path.is_file():
         return
     keep = []
     for ln in path.read_text().splitlines():
-        rec = json.loads(ln) if ln.strip() else None
-        if rec is not None and not (rec.get("stage") == stage and rec.get("epoch", 0) > from_epoch):
+        try:
+            rec = json.loads(ln) if ln.strip() else None
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and not (rec.get("stage") == stage and rec.get("epoch", 0) > from_epoch):
             keep.append(ln + "\n")
-    path.write_text("".join(keep))
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (torch's load_state_dict errors span several)."""
+    text = " ".join(str(e).split())
+    return (text[:limit] + " ...") if len(text) > limit else (text or type(e).__name__)
+
+
+def _pgd_shard(model: nn.Module, x: Tensor, y: Tensor, rows: int, p: Protocol, eval_mode: bool,
+               generator: torch.Generator) -> Tensor:
+    """Training PGD on this rank's share ``x`` of a global batch of ``rows`` examples.
+
+    The random start is drawn for the whole global batch (the generator advances as in one
+    process) and sharded like the batch; the steps are those of :func:`atmc_triton.attacks.pgd`,
+    so N ranks attack their shares exactly as one process attacks the global batch.
+    """
+    noise = shard(torch.rand((rows, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype))
+    x = x.detach()
+    with attack_context(model, eval_mode):
+        adv = (x + (2.0 * noise - 1.0) * p.eps).clamp(0.0, 1.0)
+        for _ in range(p.pgd_steps):
+            g = _input_grad(model, adv, y, F.cross_entropy)
+            adv = _project(adv.detach() + p.alpha * g.sign(), x, p.eps).detach()
+    return adv
+
+
+def _nonfinite(loss: Tensor, params: list[Tensor]) -> bool:
+    """Whether the loss or any gradient is NaN/Inf on any rank (one host sync)."""
+    bad = ~torch.isfinite(loss.detach()).all()
+    grads = [q.grad for q in params if q.grad is not None]
+    if grads:
+        norms = torch.stack([v.float().to(bad.device) for v in torch._foreach_norm(grads, float("inf"))])
+        bad = bad | ~torch.isfinite(norms).all()
+    if is_distributed():
+        flag = all_reduce_(bad.reshape(1).to(torch.int32), "max")
+        return bool(flag[0])
+    return bool(bad)
+
+
+def _step(optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer.step()``; False when ADMM refused a non-finite update (it then wrote nothing)."""
+    try:
+        optimizer.step()
+    except FloatingPointError:
+        if not isinstance(optimizer, ADMM):
+            raise
+        return False
+    return True
+
+
+class _BufferGuard:
+    """Copies of the buffers a training forward pass may change (BatchNorm statistics; ATMC layers'
+    buffers change only in ``optimizer.step``), to undo the forward pass of a skipped step."""
+
+    def __init__(self, model: nn.Module):
+        self.bufs = [b for m in model.modules() if not isinstance(m, ATMCLayer) for b in m.buffers(recurse=False)]
+        self.saved = [b.detach().clone() for b in self.bufs]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        if self.bufs:
+            torch._foreach_copy_(self.saved, self.bufs)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.bufs:
+            torch._foreach_copy_(self.bufs, self.saved)
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, protocol: Protocol,
         schedule: Schedule, *, stage: str, adversarial: bool = True, seed: int = 0,
         device: torch.device | str | None = None, checkpoint: Path | None = None, meta: dict[str, Any] | None = None,
         resume: bool = False, log: Path | None = None, progress: bool = False, eval_size: int = 1000,
-        on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+        on_epoch_end: Callable[[int], None] | None = None, max_nonfinite: int = 5) -> dict[str, Any]:
     """Train ``model`` in place for ``schedule.epochs`` epochs; returns the last epoch's metrics.
 
     With ``checkpoint``, saves it after every epoch; with ``resume`` and an existing checkpoint
     whose ``meta`` equals ``meta``, continues after its last epoch (a finished stage is a no-op).
     ``on_epoch_end(epoch)`` runs after each saved epoch (epochs count from 1).
+
+    Under a process group of N ranks (torchrun), every rank calls ``fit`` with the same
+    arguments: ``model`` is wrapped in DDP (:func:`atmc_triton.distributed.wrap_ddp`) for the
+    stage, ``schedule.batch_size`` is the global batch (divisible by N), and only rank 0 writes
+    ``checkpoint`` and ``log`` (every rank reads ``checkpoint`` on resume: with several nodes it
+    must be on a shared filesystem).
+
+    A NaN/Inf loss or gradient skips the step (:class:`NonFiniteWarning`; nothing is updated, the
+    batch is consumed); ``max_nonfinite`` such steps in a row raise :class:`NonFiniteError`.
     """
     device = resolve_device(device)
+    if not (isinstance(max_nonfinite, int) and max_nonfinite >= 1):
+        raise ValueError(f"max_nonfinite must be an int >= 1, got {max_nonfinite!r}")
+    world, main = world_size(), is_main()
+    if schedule.batch_size % world:
+        raise ValueError(f"the batch size {schedule.batch_size} is global: it must be divisible by the {world} "
+                         "processes")
     meta = {**(meta or {}), "stage": stage, "adversarial": adversarial, "protocol": asdict(protocol),
             "schedule": asdict(schedule), "seed": seed}
-    start, step = 0, 0
+    start, step, run = 0, 0, 0  # run: non-finite steps in a row
+    if checkpoint is not None and main:
+        remove_partial_writes(checkpoint)  # what a run killed while writing left behind
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         ck = load_checkpoint(checkpoint)
         check_meta(ck, checkpoint, **meta)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        try:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not fit this model or optimizer: "
+                                  f"{_one_line(e)}") from None
         start, step = ck["epoch"], ck["step"]
+        run = int(ck["extra"].get("nonfinite_run", 0))
         set_rng_state(ck["rng"])
-    _drop_log(log, stage, start)
+        if main and start:
+            _logger.info("resuming %s from %s after epoch %d", stage, checkpoint, start)
+    agree(start, f"completed epochs of stage {stage!r} to resume from")
+    if main:
+        _drop_log(log, stage, start)
     train = data.train.to(device) if device.type == "cuda" else data.train
     test = data.test.subset(eval_size, seed) if eval_size else None
     spe = len(train) // schedule.batch_size if len(train) >= schedule.batch_size else 1
     total = spe * schedule.epochs
     p, cw = protocol, protocol.clean_weight
+    net = wrap_ddp(model, device) if world > 1 else model  # the attacks run on the bare model
+    params = [q for q in model.parameters() if q.requires_grad]
+    guard = _BufferGuard(model)
     last: dict[str, Any] = {}
     for epoch in range(start, schedule.epochs):
         t0 = time.perf_counter()
@@ -319,30 +478,51 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
         atk_gen = torch.Generator(device).manual_seed(_seed(seed, stage, epoch, "attack"))
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, clean correct, adv correct
-        seen = 0
+        seen = skipped = 0
         bar = tqdm(iterate_batches(train, schedule.batch_size, generator=gen, spec=data.spec, device=device,
                                    drop_last=True), total=spe, desc=f"{stage} {epoch + 1}/{schedule.epochs}",
-                   leave=False, disable=None if progress else True)  # None: bars only on a terminal
+                   leave=False, disable=None if progress and main else True)  # None: bars only on a terminal
         for i, (x, y) in enumerate(bar):
             lr = schedule.lr_at(step, total)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            rows = y.shape[0]
+            if world > 1:  # this rank's share of the global batch
+                x, y = shard(x), shard(y)
             x_adv = None
             if adversarial and cw < 1:  # clean_weight 1 is natural training: no attack needed
-                x_adv = pgd(model, x, y, p.eps, p.alpha, p.pgd_steps, random_start=True,
-                            eval_mode=p.train_attack_mode == "eval", generator=atk_gen)
+                if world > 1:
+                    x_adv = _pgd_shard(model, x, y, rows, p, p.train_attack_mode == "eval", atk_gen)
+                else:
+                    x_adv = pgd(model, x, y, p.eps, p.alpha, p.pgd_steps, random_start=True,
+                                eval_mode=p.train_attack_mode == "eval", generator=atk_gen)
             optimizer.zero_grad(set_to_none=True)
+            guard.save()
             loss = torch.zeros((), device=device)
             logits_c = logits_a = None
             if not adversarial or cw > 0:
-                logits_c = model(x)
+                logits_c = net(x)
                 loss = loss + (cw if adversarial else 1.0) * F.cross_entropy(logits_c, y)
             if x_adv is not None:
-                logits_a = model(x_adv)
+                logits_a = net(x_adv)
                 loss = loss + (1.0 - cw) * F.cross_entropy(logits_a, y)
             loss.backward()
-            optimizer.step()
             step += 1
+            if _nonfinite(loss, params) or not _step(optimizer):
+                guard.restore()
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                run += 1
+                if run >= max_nonfinite:
+                    where = f"; the last complete checkpoint is {checkpoint}" if checkpoint is not None else ""
+                    raise NonFiniteError(f"{run} training steps in a row had a NaN/Inf loss or gradient ({stage} "
+                                         f"epoch {epoch + 1}, step {step}); stopped, nothing updated since the "
+                                         f"last finite step{where}. Lower the learning rate or check the data.")
+                if main:
+                    warnings.warn(f"{stage} epoch {epoch + 1} step {step}: NaN/Inf loss or gradient, step skipped "
+                                  f"({run} in a row; {max_nonfinite} stop the run)", NonFiniteWarning, stacklevel=2)
+                continue
+            run = 0
             seen += y.numel()
             with torch.no_grad():
                 sums[0] += loss.detach() * y.numel()
@@ -350,8 +530,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
                     sums[1] += (logits_c.argmax(1) == y).sum()
                 if logits_a is not None:
                     sums[2] += (logits_a.argmax(1) == y).sum()
-            if progress and (i % 10 == 0 or i == spe - 1):  # one device sync every 10 steps
-                avg = (sums / seen).tolist()
+            if progress and main and (i % 10 == 0 or i == spe - 1):  # one device sync every 10 steps
+                avg = (sums / max(seen, 1)).tolist()
                 post = {"loss": f"{avg[0]:.3f}"}
                 if logits_c is not None:
                     post["acc"] = f"{avg[1]:.3f}"
@@ -360,18 +540,24 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
                 post["nnz"] = _nnz(model, optimizer)
                 bar.set_postfix(post, refresh=False)
         bar.close()
+        if world > 1:  # sum the shares: loss * n and correct counts, and the examples seen
+            both = all_reduce_(torch.cat([sums, sums.new_tensor([seen])]))
+            sums, seen = both[:3], int(both[3])
         avg = (sums / max(seen, 1)).tolist()
         last = {"stage": stage, "epoch": epoch + 1, "step": step, "lr": schedule.lr_at(step, total),
                 "loss": avg[0], "train_acc": avg[1] if not adversarial or cw > 0 else None,
                 "train_adv_acc": avg[2] if adversarial and cw < 1 else None, "nnz": _nnz(model, optimizer),
-                "train_seconds": time.perf_counter() - t0}
+                "nonfinite_steps": skipped, "train_seconds": time.perf_counter() - t0}
         if test is not None and len(test):
-            ev = evaluate(model, test, protocol, attacks=("pgd",), device=device, seed=seed)
+            ev = evaluate(model, test, protocol, attacks=("pgd",), device=device, seed=seed, distributed=world > 1)
             last.update(test_acc=ev.clean_acc, test_pgd_acc=ev.pgd_acc, test_n=ev.n)
-        _log(log, last)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model=model, optimizer=optimizer, meta=meta, epoch=epoch + 1, step=step)
-        if progress:
+        if main:
+            _log(log, last)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model=model, optimizer=optimizer, meta=meta, epoch=epoch + 1, step=step,
+                                extra={"nonfinite_run": run})
+        barrier()  # the checkpoint is complete before any rank goes on (or fails)
+        if progress and main:
             shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in last.items() if v is not None}
             tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
         if on_epoch_end is not None:
@@ -390,6 +576,10 @@ class Experiment:
         out: directory for ``<stage>.pt`` checkpoints and ``metrics.jsonl`` (``None``: keep nothing).
         eval_size: test examples for the per-epoch check (0 = none).
         attacks: what :meth:`evaluate` runs besides clean accuracy.
+        max_nonfinite: NaN/Inf training steps in a row that stop a stage (see :func:`fit`).
+
+    Under torchrun every rank builds the same ``Experiment``; stages train with DDP, evaluations
+    are sharded over the ranks, and only rank 0 writes files.
     """
 
     model_name: str
@@ -405,6 +595,7 @@ class Experiment:
     attacks: tuple[str, ...] = ("pgd", "apgd")
     use_autoattack: bool | None = None
     on_epoch_end: Callable[[str, int], None] | None = field(default=None, repr=False)
+    max_nonfinite: int = 5
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
@@ -430,7 +621,7 @@ class Experiment:
         fit(model, opt, self.data, self.protocol, schedule, stage=stage, adversarial=adversarial, seed=self.seed,
             device=self.device, checkpoint=self.path(stage), meta=meta, resume=self.resume,
             log=self.out / "metrics.jsonl" if self.out else None, progress=self.progress,
-            eval_size=self.eval_size, on_epoch_end=hook)
+            eval_size=self.eval_size, on_epoch_end=hook, max_nonfinite=self.max_nonfinite)
 
     def pretrain(self, schedule: Schedule, *, adversarial: bool = True, stage: str | None = None
                  ) -> tuple[nn.Module, float]:
@@ -456,8 +647,7 @@ class Experiment:
         try:
             model.load_state_dict(ck["model"])
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"checkpoint {str(path)!r} does not fit {self.model_name}: "
-                             f"{str(e).strip().splitlines()[0][:200]}") from None
+            raise ValueError(f"checkpoint {str(path)!r} does not fit {self.model_name}: {_one_line(e)}") from None
         return model.eval()
 
     def compress(self, dense: nn.Module, cfg: ATMCConfig, schedule: Schedule, *, stage: str = "atmc"
@@ -475,13 +665,15 @@ class Experiment:
         meta = {**self.identity, "atmc": config_to_dict(cfg)}
         self._fit(model, opt, schedule, stage, True, meta)
         finalize_(model)
-        if self.out is not None:
+        if self.out is not None and is_main():
             save_checkpoint(self.out / f"{stage}_final.pt", model=model, epoch=schedule.epochs,
                             meta={**meta, "stage": "final", "protocol": asdict(self.protocol), "seed": self.seed})
+        barrier()
         return model.eval(), time.perf_counter() - t0
 
     def evaluate(self, model: nn.Module, attacks: Sequence[str] | None = None) -> EvalResult:
         """:func:`evaluate` on the full test split."""
         return evaluate(model, self.data.test, self.protocol, attacks=self.attacks if attacks is None else attacks,
                         batch_size=self.eval_batch_size, device=self.device, seed=self.seed,
-                        use_autoattack=self.use_autoattack, progress=self.progress)
+                        use_autoattack=self.use_autoattack, progress=self.progress and is_main(),
+                        distributed=is_distributed())

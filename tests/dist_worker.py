@@ -23,6 +23,25 @@ def model_fn() -> nn.Module:
                          nn.Linear(16, 4))
 
 
+def sync_check(out: str) -> None:
+    """Ranks whose ``W + u`` differ (rank 1's u perturbed): with ``sync_quantizer`` (the default under a
+    process group) both end with rank 0's Z and codebooks; with ``sync_quantizer=False`` rank 1 keeps its own."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    got = {}
+    for sync in (None, False):
+        torch.manual_seed(0)
+        cfg = at.ATMCConfig(ratio=0.5, bits=2)
+        model = at.compress_(model_fn(), cfg)
+        opt = at.ADMM(model, cfg, sync_quantizer=sync)
+        if rank == 1:
+            opt.store.u.add_(0.01 * torch.randn_like(opt.store.u))
+        opt.quantize_()
+        got[str(sync)] = {"z": opt.store.z.clone(), "codebook": opt.store.codebook.clone(), "u": opt.store.u.clone()}
+    torch.save(got, os.path.join(out, f"sync{rank}.pt"))
+    dist.destroy_process_group()
+
+
 def main(out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -48,4 +67,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sync_check(sys.argv[1]) if sys.argv[2:] == ["sync"] else main(sys.argv[1])

@@ -10,13 +10,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def run_worker(out: Path, nproc: int) -> None:
+def run_worker(out: Path, nproc: int, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     if nproc == 1:
-        cmd = [sys.executable, str(HERE / "dist_worker.py"), str(out)]
+        cmd = [sys.executable, str(HERE / "dist_worker.py"), str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(HERE / "dist_worker.py"), str(out)]
+               str(HERE / "dist_worker.py"), str(out), *extra]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
@@ -40,6 +40,15 @@ def test_ddp_ranks_identical_and_match_single_process(tmp_path):
             assert torch.equal(a, b), k
         else:
             assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), k
+
+
+def test_sync_quantizer_gives_every_rank_rank0s_codebooks(tmp_path):
+    run_worker(tmp_path, 2, "sync")
+    r0, r1 = (torch.load(tmp_path / f"sync{r}.pt", weights_only=True) for r in (0, 1))
+    for k in ("z", "codebook"):  # default (None: on under a process group): rank 0's quantizer output everywhere
+        assert torch.equal(r0["None"][k], r1["None"][k]), k
+        assert not torch.equal(r0["False"][k], r1["False"][k]), k  # off: rank 1 quantized its own W + u
+    assert not torch.equal(r0["None"]["u"], r1["None"]["u"])  # u = u_own + W - Z: the perturbation stays visible
 
 
 FSDP_SCRIPT = r"""
