@@ -259,7 +259,8 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = 
             r["method"], tr, r.get("bits", "-"), _pct(r["clean_acc"]), _pct(r["pgd_acc"]), _pct(r["apgd_acc"]) + flag,
             _pct(r["fgsm_acc"]), _pct(r["wrm_acc"]), f"{r['size_bits']:,}", f"{r['ratio']:.2e}",
             f"{r['packed_bytes']:,}", f"{r['train_seconds']:.0f}"]) + " |")
-    masked = [f"{r['method']} @ {r['target_ratio']}" for r in rows if r["gradient_masking"]]
+    masked = [r["method"] + ("" if r["target_ratio"] is None else f" @ {r['target_ratio']:g}") for r in rows
+              if r["gradient_masking"]]
     text = "\n".join(lines) + "\n\ngradient-masking flags (APGD more than 3 points below PGD): " + \
         (", ".join(masked) if masked else "none") + "\n"
     if paper:
@@ -339,7 +340,8 @@ def run(cfg: StudyConfig, data_root: Path | None, out: Path, *, name: str = "mni
     if resume and record.is_file():
         defaults = json.loads(json.dumps(asdict(dataclasses.replace(cfg, methods=StudyConfig.methods))))
         old = {**defaults, **json.loads(record.read_text()).get("config", {})}  # fields added since: defaults
-        if old != spec:
+        free = ("methods", "ratios")  # points are cached per method and ratio: adding or dropping some is fine
+        if {k: v for k, v in old.items() if k not in free} != {k: v for k, v in spec.items() if k not in free}:
             raise ValueError(f"{out} holds a study with another configuration ({record}); use another --out")
     study = Study(cfg, data_root, out, device=device, progress=progress, resume=resume)
     env = _environment(study.exp.device)

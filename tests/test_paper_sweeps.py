@@ -105,12 +105,17 @@ def test_synthetic_sweep_runs_every_stage(tmp_path, preset):
     before = (out / "metrics.jsonl").read_text()
     assert _run(tmp_path, preset, "--model", "lenet", "--ratios", "0.05", "--threads", "1") == out
     assert (out / "metrics.jsonl").read_text() == before
+    # choosing fewer methods reuses the same study (points are cached per method and ratio)
+    assert _run(tmp_path, preset, "--model", "lenet", "--ratios", "0.05", "--methods", "AP", "--threads", "1") == out
+    assert (out / "metrics.jsonl").read_text() == before
+    rows = list(csv.DictReader(open(out / f"sweep_{preset}.csv")))
+    assert [r["method"] for r in rows] == ["DA", "NAT", "AP"]
 
 
 def test_sweep_refuses_a_changed_config_in_the_same_out(tmp_path, capsys):
     _run(tmp_path, "svhn", "--model", "lenet", "--ratios", "0.05", "--threads", "1")
     rc = paper_sweeps.main(["--preset", "svhn", "--synthetic", "--out", str(tmp_path / "svhn"), "--model", "lenet",
-                            "--ratios", "0.01"])
+                            "--ratios", "0.05", "--apgd-steps", "3"])  # another evaluation: refused
     assert rc == 2
     assert "another configuration" in capsys.readouterr().err
 
