@@ -2,7 +2,9 @@
 same global batch, only rank 0 writes, and an elastic restart (``--max-restarts 1``) resumes from the checkpoint."""
 
 import json
+import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,3 +80,25 @@ def test_elastic_restart_resumes_from_the_checkpoint(ddp_run):
     assert all(torch.equal(a[k], b[k]) for k in b)
     logs = [json.loads(ln) for ln in (d / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in logs] == [("dense", 1), ("atmc", 1), ("atmc", 2)]
+
+
+def test_two_nodes_with_c10d_rendezvous_match_the_one_node_run(ddp_run):
+    """``--nnodes 2`` (two torchrun agents on this host, one process each, c10d rendezvous) trains exactly as
+    ``--nproc-per-node 2`` on one node."""
+    ref, _ = ddp_run
+    d = scratch("atmc_nodes_")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=atmc_test", torchrun_cmd(1)[-1], "--out", str(d / "out")]
+    env = worker_env(ATMC_TEST_DUMP=str(d))
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    for got, want in zip(_dumps(d), _dumps(ref)):
+        for k in want["model"]:
+            assert torch.equal(got["model"][k], want["model"][k]), k
+        assert torch.equal(got["mom"], want["mom"]) and got["admm"] == want["admm"]
+    assert sum(log.count("| ATMC-compressed |") for log in logs) == 1  # only global rank 0 prints
