@@ -31,7 +31,9 @@ class ADMM(torch.optim.Optimizer):
 
     Param group 0 holds the factors (keys ``rho`` and ``k`` besides the SGD ones); group 1,
     if present, the other parameters. LR schedulers act on both. ``state_dict`` carries
-    momenta, the step count and the current ``rho``.
+    momenta, the step count and the current ``rho``. A step that updates the factors clears the
+    layers' ``finalized`` flags: after training a finalized model, call ``finalize_`` again
+    before ``pack_``.
 
     Args:
         model: a model after :func:`atmc_triton.compress_` (DDP / compiled wrappers are fine).
