@@ -90,12 +90,15 @@ def _input_grad(model: nn.Module, adv: Tensor, y: Tensor, loss_fn: LossFn) -> Te
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, random_start: bool = True,
-        loss_fn: LossFn | None = None, *, eval_mode: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        loss_fn: LossFn | None = None, *, eval_mode: bool = True, generator: torch.Generator | None = None,
+        noise: Tensor | None = None) -> Tensor:
     """L-inf PGD (Madry et al.): ``x' <- Proj(x' + alpha * sign(grad loss))``, ``steps`` times.
 
     ``random_start`` draws the start uniformly from the eps-ball (then clamps to ``[0, 1]``),
-    from ``generator`` when given (on ``x``'s device). ``loss_fn(logits, y)`` defaults to
-    mean cross-entropy, so the step rule equals ``torchattacks.PGD``.
+    from ``generator`` when given (on ``x``'s device), or takes ``noise`` (uniform ``[0, 1)``
+    draws shaped like ``x``: ``x + (2 noise - 1) eps``), e.g. a data-parallel rank's rows of
+    the draws for the global batch. ``loss_fn(logits, y)`` defaults to mean cross-entropy, so
+    the step rule equals ``torchattacks.PGD``.
 
     Args:
         x: ``[N, ...]`` inputs in ``[0, 1]``; y: ``[N]`` labels.
@@ -111,12 +114,16 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     _check(x, y, eps)
     if steps < 0 or not alpha >= 0:
         raise ValueError(f"pgd needs steps >= 0 and alpha >= 0, got steps={steps}, alpha={alpha}")
+    if noise is not None and (not random_start or noise.shape != x.shape):
+        raise ValueError(f"pgd: noise must have x's shape {tuple(x.shape)} and needs random_start=True, got "
+                         f"shape {tuple(noise.shape)}, random_start={random_start}")
     loss_fn = loss_fn or F.cross_entropy
     x = x.detach()
     with attack_context(model, eval_mode):
         adv = x.clone()
         if random_start:
-            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if noise is None:
+                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             adv = (x + (2.0 * noise - 1.0) * eps).clamp(0.0, 1.0)
         for _ in range(steps):
             g = _input_grad(model, adv, y, loss_fn)

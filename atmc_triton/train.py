@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atmc_triton.api import compress_, finalize_
-from atmc_triton.attacks import _input_grad, _project, attack_context, fgsm, pgd, robust_attack, wrm
+from atmc_triton.attacks import fgsm, pgd, robust_attack, wrm
 from atmc_triton.budget import atmc_layers, dense_bits, size_report
 from atmc_triton.checkpoint import (
     CheckpointError,
@@ -353,24 +353,6 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return (text[:limit] + " ...") if len(text) > limit else (text or type(e).__name__)
 
 
-def _pgd_shard(model: nn.Module, x: Tensor, y: Tensor, rows: int, p: Protocol, eval_mode: bool,
-               generator: torch.Generator) -> Tensor:
-    """Training PGD on this rank's share ``x`` of a global batch of ``rows`` examples.
-
-    The random start is drawn for the whole global batch (the generator advances as in one
-    process) and sharded like the batch; the steps are those of :func:`atmc_triton.attacks.pgd`,
-    so N ranks attack their shares exactly as one process attacks the global batch.
-    """
-    noise = shard(torch.rand((rows, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype))
-    x = x.detach()
-    with attack_context(model, eval_mode):
-        adv = (x + (2.0 * noise - 1.0) * p.eps).clamp(0.0, 1.0)
-        for _ in range(p.pgd_steps):
-            g = _input_grad(model, adv, y, F.cross_entropy)
-            adv = _project(adv.detach() + p.alpha * g.sign(), x, p.eps).detach()
-    return adv
-
-
 def _nonfinite(loss: Tensor, params: list[Tensor]) -> bool:
     """Whether the loss or any gradient is NaN/Inf on any rank (one host sync)."""
     bad = ~torch.isfinite(loss.detach()).all()
@@ -491,11 +473,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
                 x, y = shard(x), shard(y)
             x_adv = None
             if adversarial and cw < 1:  # clean_weight 1 is natural training: no attack needed
-                if world > 1:
-                    x_adv = _pgd_shard(model, x, y, rows, p, p.train_attack_mode == "eval", atk_gen)
-                else:
-                    x_adv = pgd(model, x, y, p.eps, p.alpha, p.pgd_steps, random_start=True,
-                                eval_mode=p.train_attack_mode == "eval", generator=atk_gen)
+                # the random start is drawn for the whole global batch (the generator advances as in one
+                # process) and sharded like it, so N ranks attack their shares as one process attacks the batch
+                noise = shard(torch.rand((rows, *x.shape[1:]), generator=atk_gen, device=x.device, dtype=x.dtype))
+                x_adv = pgd(model, x, y, p.eps, p.alpha, p.pgd_steps, random_start=True,
+                            eval_mode=p.train_attack_mode == "eval", noise=noise)
             optimizer.zero_grad(set_to_none=True)
             guard.save()
             loss = torch.zeros((), device=device)

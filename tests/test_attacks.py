@@ -82,6 +82,9 @@ def test_random_start_really_happens(batch):
     a = pgd(model, x, y, eps, 0.01, 3, generator=g1)
     assert torch.equal(a, pgd(model, x, y, eps, 0.01, 3, generator=g2))
     assert not torch.equal(a, pgd(model, x, y, eps, 0.01, 3, generator=torch.Generator().manual_seed(2)))
+    # given noise, the start is x + (2 noise - 1) eps: the draws of the same generator give the same attack
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, pgd(model, x, y, eps, 0.01, 3, noise=noise))
 
 
 def test_strength_order_on_a_trained_model(batch):
@@ -252,6 +255,8 @@ def test_robust_attack_without_autoattack(batch, monkeypatch):
     lambda m, x, y: pgd(m, x, y, -0.1, 0.01, 1),  # eps
     lambda m, x, y: pgd(m, x, y, 0.1, 0.01, -1),  # steps
     lambda m, x, y: pgd(m, (x * 255).to(torch.uint8), y, 0.1, 0.01, 1),  # dtype
+    lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, noise=torch.rand(x[1:].shape)),  # noise shape
+    lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, random_start=False, noise=torch.rand(x.shape)),  # noise, no start
     lambda m, x, y: apgd_ce(m, x, y, 0.1, steps=0),
     lambda m, x, y: wrm(m, x, y, gamma=0.0),
 ])
