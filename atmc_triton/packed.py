@@ -554,7 +554,7 @@ def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.d
 
     Every layer named in the file's header is replaced by a packed layer built straight from its
     spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
-    tensors on ``device`` and every packed layer is validated. Returns ``model``.
+    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``.
     """
     from safetensors import safe_open
 
@@ -594,8 +594,9 @@ def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.d
         root.load_state_dict(tensors, strict=strict, assign=True)
     except RuntimeError as e:  # missing / unexpected keys, size or dtype mismatches
         raise ValueError(f"load_packed: {path} does not fit the model: {e}") from None
-    for name, layer in packed_layers(root):
-        layer.validate(name)
+    for name, layer in packed_layers(root):  # load_state_dict validated every layer it filled (_load_from_state_dict)
+        if any(t.is_meta for t in layer.state_dict().values()):  # strict=False and the file lacks its tensors
+            raise ValueError(f"load_packed: {path} holds no tensors for packed layer {name!r}")
     return model
 
 

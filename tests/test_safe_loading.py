@@ -259,6 +259,21 @@ def test_packed_metadata_that_lies_is_refused(packed_file, tmp_path):
                         factors={f: {"fmt": 0, "nnz": 0, "levels": 0} for f in "UVC"})
 
 
+def test_packed_file_lacking_a_layers_tensors_is_refused_even_without_strict(packed_file, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(packed_file), "pt") as fh:
+        meta = fh.metadata()
+    dst = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in load_file(str(packed_file)).items() if not k.startswith("0.U_")}, str(dst),
+              metadata=meta)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        pk.load_packed(_skeleton(), dst)
+    with pytest.raises(ValueError, match="holds no tensors for packed layer '0'"):
+        pk.load_packed(_skeleton(), dst, strict=False)
+
+
 def test_packed_corrupt_header_json_is_a_value_error(packed_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
