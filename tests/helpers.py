@@ -1,9 +1,37 @@
 """Small models and utilities shared by the tests."""
 
+import numpy as np
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 import atmc_triton as at
+
+SEGMENT_KINDS = ("normal", "heavy", "dups", "sparse")
+
+
+@st.composite
+def segment(draw, max_len: int = 300, kinds: tuple[str, ...] = SEGMENT_KINDS) -> np.ndarray:
+    """A float32 1-D array for the quantizer tests: ``normal``, heavy-tailed, few repeated values,
+    sparse, all ``zeros``, or ``tiny`` (around 2^b nonzeros: kept exactly or just not)."""
+    n = draw(st.integers(0, max_len))
+    kind = draw(st.sampled_from(kinds))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if kind == "normal":
+        x = rng.standard_normal(n)
+    elif kind == "heavy":
+        x = rng.standard_t(1.5, n)
+    elif kind == "dups":
+        x = rng.integers(-3, 4, n) * 0.25
+    elif kind == "sparse":
+        x = rng.standard_normal(n) * (rng.random(n) < 0.2)
+    elif kind == "zeros":
+        x = np.zeros(n)
+    elif kind == "tiny":
+        x = rng.standard_normal(min(n, draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17]))))
+    else:
+        raise ValueError(f"unknown segment kind {kind!r}")
+    return x.astype(np.float32)
 
 
 def lenet() -> nn.Module:

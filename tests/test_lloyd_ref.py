@@ -5,6 +5,7 @@ import pytest
 import torch
 from atmc_triton.kernels import NUM_SLOTS, lloyd_quantize, lloyd_quantize_ref
 from atmc_triton.kernels.lloyd import errors_for_bits, errors_for_bits_ref
+from helpers import segment
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -47,22 +48,6 @@ def run(values, offsets, bits, max_iter=20, tol=0.0):
         max_iter,
         tol,
     )
-
-
-@st.composite
-def segment(draw, max_len=300):
-    n = draw(st.integers(0, max_len))
-    kind = draw(st.sampled_from(["normal", "heavy", "dups", "sparse"]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
-    if kind == "normal":
-        x = rng.standard_normal(n)
-    elif kind == "heavy":
-        x = rng.standard_t(1.5, n)
-    elif kind == "dups":
-        x = rng.integers(-3, 4, n) * 0.25
-    else:
-        x = rng.standard_normal(n) * (rng.random(n) < 0.2)
-    return x.astype(np.float32)
 
 
 @given(x=segment(), b=st.integers(1, 5), max_iter=st.sampled_from([0, 1, 3, 20]))

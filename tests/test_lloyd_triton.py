@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import helpers  # noqa: E402
 from atmc_triton.kernels import lloyd_triton as lt  # noqa: E402
 from atmc_triton.kernels.lloyd import (  # noqa: E402
     NUM_SLOTS,
@@ -66,24 +67,8 @@ def assert_matches_reference(values, offsets, bits, max_iter=20, tol=0.0):
     return got
 
 
-@st.composite
-def segment(draw, max_len=400):
-    n = draw(st.integers(0, max_len))
-    kind = draw(st.sampled_from(["normal", "heavy", "dups", "sparse", "zeros", "tiny"]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
-    if kind == "normal":
-        x = rng.standard_normal(n)
-    elif kind == "heavy":
-        x = rng.standard_t(1.5, n)
-    elif kind == "dups":
-        x = rng.integers(-3, 4, n) * 0.25
-    elif kind == "sparse":
-        x = rng.standard_normal(n) * (rng.random(n) < 0.2)
-    elif kind == "zeros":
-        x = np.zeros(n)
-    else:  # few values: around 2^b nonzeros, kept exactly or just not
-        x = rng.standard_normal(min(n, draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17]))))
-    return x.astype(np.float32)
+def segment(max_len=400):
+    return helpers.segment(max_len, (*helpers.SEGMENT_KINDS, "zeros", "tiny"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
