@@ -469,8 +469,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
             for g in optimizer.param_groups:
                 g["lr"] = lr
             rows = y.shape[0]
-            if world > 1:  # this rank's share of the global batch
-                x, y = shard(x), shard(y)
+            x, y = shard(x), shard(y)  # this rank's share of the global batch (all of it for one process)
             x_adv = None
             if adversarial and cw < 1:  # clean_weight 1 is natural training: no attack needed
                 # the random start is drawn for the whole global batch (the generator advances as in one
