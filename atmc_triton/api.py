@@ -19,8 +19,9 @@ def _default_filter(module: nn.Module, name: str) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
-def compress_(model: nn.Module, cfg: ATMCConfig,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+def compress_(
+    model: nn.Module, cfg: ATMCConfig, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` (that ``filter_fn(module, name)`` accepts) for an
     :class:`ATMCLinear` / :class:`ATMCConv2d` built from its trained weights, in place.
 
@@ -41,8 +42,7 @@ def compress_(model: nn.Module, cfg: ATMCConfig,
     if atmc_layers(model):
         raise ValueError("compress_: the model already has ATMC layers")
     keep = filter_fn or _default_filter
-    targets = [(n, m) for n, m in model.named_modules()
-               if n and isinstance(m, (nn.Linear, nn.Conv2d)) and keep(m, n)]
+    targets = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d)) and keep(m, n)]
     if not targets:
         raise ValueError("compress_: the model has nothing to compress (no nn.Linear / nn.Conv2d matched filter_fn)")
     swaps: dict[int, ATMCLayer] = {}
@@ -50,8 +50,10 @@ def compress_(model: nn.Module, cfg: ATMCConfig,
         if not m.weight.dtype.is_floating_point:
             raise ValueError(f"compress_: {name} has non-float weights ({m.weight.dtype})")
         if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"compress_: {name} is a grouped conv (groups={m.groups}); ATMC needs groups=1 "
-                             "(exclude it with filter_fn)")
+            raise ValueError(
+                f"compress_: {name} is a grouped conv (groups={m.groups}); ATMC needs groups=1 "
+                "(exclude it with filter_fn)"
+            )
         if isinstance(m, nn.Conv2d) and len(m.kernel_size) != 2:
             raise ValueError(f"compress_: {name} is not 2-D")
         cls = ATMCConv2d if isinstance(m, nn.Conv2d) else ATMCLinear
@@ -68,8 +70,9 @@ def compress_(model: nn.Module, cfg: ATMCConfig,
     k, budget = nnz_budget(layers, cfg, dense)
     dev = layers[0][1].C.device
     model.register_buffer("atmc_nnz_budget", torch.tensor(k, dtype=torch.int64, device=dev))
-    model.register_buffer("atmc_bits_budget", torch.tensor(-1 if budget is None else budget,
-                                                           dtype=torch.int64, device=dev))
+    model.register_buffer(
+        "atmc_bits_budget", torch.tensor(-1 if budget is None else budget, dtype=torch.int64, device=dev)
+    )
     return model
 
 

@@ -89,9 +89,20 @@ def _input_grad(model: nn.Module, adv: Tensor, y: Tensor, loss_fn: LossFn) -> Te
     return g
 
 
-def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, random_start: bool = True,
-        loss_fn: LossFn | None = None, *, eval_mode: bool = True, generator: torch.Generator | None = None,
-        noise: Tensor | None = None) -> Tensor:
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool = True,
+    loss_fn: LossFn | None = None,
+    *,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
     """L-inf PGD (Madry et al.): ``x' <- Proj(x' + alpha * sign(grad loss))``, ``steps`` times.
 
     ``random_start`` draws the start uniformly from the eps-ball (then clamps to ``[0, 1]``),
@@ -115,8 +126,10 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps:
     if steps < 0 or not alpha >= 0:
         raise ValueError(f"pgd needs steps >= 0 and alpha >= 0, got steps={steps}, alpha={alpha}")
     if noise is not None and (not random_start or noise.shape != x.shape):
-        raise ValueError(f"pgd: noise must have x's shape {tuple(x.shape)} and needs random_start=True, got "
-                         f"shape {tuple(noise.shape)}, random_start={random_start}")
+        raise ValueError(
+            f"pgd: noise must have x's shape {tuple(x.shape)} and needs random_start=True, got "
+            f"shape {tuple(noise.shape)}, random_start={random_start}"
+        )
     loss_fn = loss_fn or F.cross_entropy
     x = x.detach()
     with attack_context(model, eval_mode):
@@ -142,8 +155,16 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, eval_mode: bool 
     return pgd(model, x, y, eps, eps, 1, random_start=False, eval_mode=eval_mode)
 
 
-def wrm(model: nn.Module, x: Tensor, y: Tensor, gamma: float = 0.4, steps: int = 15, lr: float = 1.0, *,
-        eval_mode: bool = True) -> Tensor:
+def wrm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    gamma: float = 0.4,
+    steps: int = 15,
+    lr: float = 1.0,
+    *,
+    eval_mode: bool = True,
+) -> Tensor:
     """WRM (Sinha, Namkoong & Duchi 2018): gradient ascent on ``CE(f(x'), y) - gamma ||x' - x||_2^2`` per sample.
 
     Step ``t`` (from 0) moves by ``lr / sqrt(t + 1)`` times the gradient of the summed
@@ -171,8 +192,9 @@ def wrm(model: nn.Module, x: Tensor, y: Tensor, gamma: float = 0.4, steps: int =
     return adv.detach()
 
 
-def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, rho: float,
-              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _apgd_run(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, rho: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
     """One APGD-CE run; returns ``(x_adv, fooled [N] bool)`` (``x_adv``: a fooling point if any, else max loss)."""
     n = x.shape[0]
     view = (n,) + (1,) * (x.dim() - 1)
@@ -228,8 +250,18 @@ def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, rh
     return torch.where(fooled.view(view), x_fool, x_best), fooled
 
 
-def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 100, *, n_restarts: int = 1,
-            rho: float = 0.75, eval_mode: bool = True, generator: torch.Generator | None = None) -> Tensor:
+def apgd_ce(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int = 100,
+    *,
+    n_restarts: int = 1,
+    rho: float = 0.75,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """APGD-CE (Croce & Hein 2020): L-inf PGD with momentum 0.75 and the step-size schedule of the paper.
 
     The step starts at ``2 eps`` and halves at a checkpoint (after 22% of the steps, then ever
@@ -272,9 +304,17 @@ def autoattack_available() -> bool:
     return True
 
 
-def robust_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, steps: int = 100,
-                  version: str = "standard", use_autoattack: bool | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, str]:
+def robust_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    steps: int = 100,
+    version: str = "standard",
+    use_autoattack: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, str]:
     """The strongest available check: AutoAttack when installed (unless ``use_autoattack=False``), else APGD-CE.
 
     Runs in eval mode. Returns ``(x_adv, method)``, ``method`` being ``"autoattack-<version>"``

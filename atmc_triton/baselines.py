@@ -39,8 +39,11 @@ Filter = Callable[[nn.Module, str], bool]
 
 def prunable(model: nn.Module, filter_fn: Filter | None = None) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` that ``filter_fn(module, name)`` accepts."""
-    return [(n, m) for n, m in unwrap(model).named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and (filter_fn is None or filter_fn(m, n))]
+    return [
+        (n, m)
+        for n, m in unwrap(model).named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and (filter_fn is None or filter_fn(m, n))
+    ]
 
 
 def nnz_for_ratio(model: nn.Module, ratio: float) -> int:
@@ -110,8 +113,15 @@ class MaskedSGD(torch.optim.SGD):
         lr, momentum, weight_decay, nesterov: as ``torch.optim.SGD``.
     """
 
-    def __init__(self, model: nn.Module, masks: dict[str, Tensor], lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: dict[str, Tensor],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ):
         modules = dict(unwrap(model).named_modules())
         pairs = []
         for name, mask in masks.items():
@@ -162,5 +172,9 @@ def pruned_size(model: nn.Module, filter_fn: Filter | None = None) -> dict[str, 
         n = int(torch.count_nonzero(w))
         nnz += n
         packed += factor_nbytes(choose_format(rows, cols, n, 0, True), rows, cols, n, 0, True)
-    return {"size_bits": 32 * nnz, "dense_bits": 32 * sum(m.weight.numel() for _, m in layers),
-            "packed_bytes": packed, "nnz": nnz}
+    return {
+        "size_bits": 32 * nnz,
+        "dense_bits": 32 * sum(m.weight.numel() for _, m in layers),
+        "packed_bytes": packed,
+        "nnz": nnz,
+    }

@@ -71,8 +71,10 @@ class _Problem:
             energy.append(max(e, 1e-30))
         self.energy = energy
         self.mags = [v.abs() for v in self.vals]
-        self.tail = [torch.cat([v.double().square().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
-                     for v in self.vals]  # tail[f][n] = squared mass dropped when keeping n entries
+        self.tail = [
+            torch.cat([v.double().square().flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+            for v in self.vals
+        ]  # tail[f][n] = squared mass dropped when keeping n entries
         everything = torch.cat(self.mags)
         self.sorted_all = torch.sort(everything, descending=True).values
         self._err: dict[tuple[int, int, int], float] = {}
@@ -141,7 +143,7 @@ def allocation_report(model: nn.Module, cfg: ATMCConfig, candidates: Sequence[in
             for b in cands:
                 if b == cur[j]:
                     continue
-                trial = cur[:j] + [b] + cur[j + 1:]
+                trial = cur[:j] + [b] + cur[j + 1 :]
                 kk, dd = prob.distortion(trial)
                 if dd < best[0] * (1 - 1e-9):
                     best = (dd, j, b, kk)

@@ -204,15 +204,20 @@ class SizeReport:
         return self.total_bits / self.dense_bits if self.dense_bits else 0.0
 
     def __str__(self) -> str:
-        head = (f"{'layer':<24}{'f':>2}{'shape':>14}{'bits':>5}{'nnz':>10}{'levels':>7}"
-                f"{'paper bits':>12}{'packed B':>10}")
+        head = (
+            f"{'layer':<24}{'f':>2}{'shape':>14}{'bits':>5}{'nnz':>10}{'levels':>7}{'paper bits':>12}{'packed B':>10}"
+        )
         rows = [head, "-" * len(head)]
         for f in self.factors:
             shape = f"{f.shape[0]}x{f.shape[1]}"
-            rows.append(f"{f.layer[-24:]:<24}{f.factor:>2}{shape:>14}{f.bits or 32:>5}{f.nnz:>10}{f.levels:>7}"
-                        f"{f.paper_bits:>12}{math.ceil(f.packed_bits / 8):>10}")
-        rows.append(f"total: {self.nnz} nonzeros, {self.total_bits} bits = {self.ratio:.3e} of dense "
-                    f"({self.dense_bits} bits); packed {self.packed_bytes} bytes")
+            rows.append(
+                f"{f.layer[-24:]:<24}{f.factor:>2}{shape:>14}{f.bits or 32:>5}{f.nnz:>10}{f.levels:>7}"
+                f"{f.paper_bits:>12}{math.ceil(f.packed_bits / 8):>10}"
+            )
+        rows.append(
+            f"total: {self.nnz} nonzeros, {self.total_bits} bits = {self.ratio:.3e} of dense "
+            f"({self.dense_bits} bits); packed {self.packed_bytes} bytes"
+        )
         return "\n".join(rows)
 
 
@@ -230,14 +235,33 @@ def size_report(model: nn.Module) -> SizeReport:
         if isinstance(layer, ATMCLayer):
             for f, p in layer.factors():
                 nnz, levels = int((p != 0).sum()), _levels(p)
-                rows.append(FactorSize(name, f, tuple(p.shape), layer.nbits, nnz, levels,
-                                       factor_bits(nnz, levels, layer.nbits),
-                                       _packed_bits(nnz, levels, p.shape[0], p.shape[1], layer.nbits)))
+                rows.append(
+                    FactorSize(
+                        name,
+                        f,
+                        tuple(p.shape),
+                        layer.nbits,
+                        nnz,
+                        levels,
+                        factor_bits(nnz, levels, layer.nbits),
+                        _packed_bits(nnz, levels, p.shape[0], p.shape[1], layer.nbits),
+                    )
+                )
         elif isinstance(layer, packed):
             for f in ("U", "V", "C"):
                 nnz, levels = layer.nnz[f], layer.levels[f]
-                rows.append(FactorSize(name, f, layer.shapes[f], layer.bits, nnz, levels,
-                                       factor_bits(nnz, levels, layer.bits), 8 * layer.factor_nbytes(f)))
+                rows.append(
+                    FactorSize(
+                        name,
+                        f,
+                        layer.shapes[f],
+                        layer.bits,
+                        nnz,
+                        levels,
+                        factor_bits(nnz, levels, layer.bits),
+                        8 * layer.factor_nbytes(f),
+                    )
+                )
     if not rows:
         raise ValueError("size_report: the model has no ATMC layers (call atmc_triton.compress_ first)")
     return SizeReport(tuple(rows), dense_bits(model))
@@ -274,7 +298,8 @@ def fit_budget_(flat: Tensor, offsets: list[int], bits: list[int | None], k: int
     _, inv = torch.unique(key, return_inverse=True)
     pos = torch.arange(order.numel(), device=flat.device)
     first = torch.full((int(inv.max()) + 1,), order.numel(), device=flat.device).scatter_reduce(
-        0, inv, pos, reduce="amin")
+        0, inv, pos, reduce="amin"
+    )
     is_first = first[inv] == pos  # first time this factor sees this value
     S = len(bits)
 

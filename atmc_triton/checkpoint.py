@@ -207,9 +207,16 @@ def payload_digest(payload: dict[str, Any]) -> str:
 
 
 # -- save / load --------------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, meta: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None, epoch: int = 0, step: int = 0,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write a checkpoint atomically (see the module docstring). Returns the path.
 
     Example:
@@ -252,21 +259,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as e:
         found = [ln.strip() for ln in str(e).splitlines() if "unsupported global" in ln.lower()]
         if not found:
-            raise CheckpointError(f"{str(path)!r} is not a readable checkpoint, truncated or corrupted "
-                                  "(UnpicklingError)") from None
-        raise CheckpointError(f"refusing to load {str(path)!r}: it holds pickled Python objects, not just "
-                              f"tensors and plain containers (weights_only=True): {found[0][:160]}") from None
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable checkpoint, truncated or corrupted (UnpicklingError)"
+            ) from None
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it holds pickled Python objects, not just "
+            f"tensors and plain containers (weights_only=True): {found[0][:160]}"
+        ) from None
     except Exception as e:  # truncated / corrupted archives fail in many ways (zip, pickle, storage sizes)
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint, truncated or corrupted "
-                              f"({type(e).__name__})") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint, truncated or corrupted ({type(e).__name__})"
+        ) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an atmc_triton checkpoint")
     if ck.get("version") != VERSION:
         raise CheckpointError(f"{str(path)!r} has checkpoint version {ck.get('version')}, expected {VERSION}")
     bad = [k for k, t in _REQUIRED.items() if not isinstance(ck.get(k), t) or (t is int and isinstance(ck[k], bool))]
     if bad:
-        raise CheckpointError(f"{str(path)!r} is not a complete atmc_triton checkpoint (bad or missing: "
-                              f"{', '.join(bad)})")
+        raise CheckpointError(
+            f"{str(path)!r} is not a complete atmc_triton checkpoint (bad or missing: {', '.join(bad)})"
+        )
     if payload_digest(ck) != ck["digest"]:
         raise CheckpointError(f"{str(path)!r} is corrupted: its contents do not match their SHA-256 checksum")
     return ck
@@ -316,5 +328,4 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors_rust.SafetensorError, OSError, ...
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {msg})") \
-            from None
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {msg})") from None

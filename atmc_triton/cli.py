@@ -107,10 +107,17 @@ def _positive_int(s: str) -> int:
 def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     g = p.add_argument_group("data")
     if dataset:
-        g.add_argument("--dataset", default="digits", choices=list(DATASETS),
-                       help="dataset (default: digits, scikit-learn's embedded 8x8 digits; no files needed)")
-        g.add_argument("--model", choices=list(MODELS), help="model (default: lenet for mnist, resnet34 for "
-                       "cifar10/100, wrn16_8 for svhn, digits_cnn for digits)")
+        g.add_argument(
+            "--dataset",
+            default="digits",
+            choices=list(DATASETS),
+            help="dataset (default: digits, scikit-learn's embedded 8x8 digits; no files needed)",
+        )
+        g.add_argument(
+            "--model",
+            choices=list(MODELS),
+            help="model (default: lenet for mnist, resnet34 for cifar10/100, wrn16_8 for svhn, digits_cnn for digits)",
+        )
         g.add_argument("--subset", type=_positive_int, help="train on a seeded random subset of N examples")
     g.add_argument("--data-root", type=Path, help="torchvision data directory (offline: must hold the dataset)")
     g.add_argument("--download", action="store_true", help="download the torchvision dataset (needs internet)")
@@ -119,8 +126,9 @@ def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
 
 def _add_protocol(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("threat model and attacks (defaults per dataset)")
-    g.add_argument("--eps", type=float, help="L-inf radius in [0, 1] pixel units (mnist 0.3, cifar/svhn 4/255, "
-                   "digits 0.2)")
+    g.add_argument(
+        "--eps", type=float, help="L-inf radius in [0, 1] pixel units (mnist 0.3, cifar/svhn 4/255, digits 0.2)"
+    )
     g.add_argument("--pgd-steps", type=int, help="PGD steps in training (mnist 16, cifar/svhn 7, digits 10)")
     g.add_argument("--pgd-alpha", type=float, help="PGD step size (default 2.5 * eps / steps)")
     g.add_argument("--eval-pgd-steps", type=int, help="PGD steps in evaluation (default: as in training; digits 20)")
@@ -128,23 +136,38 @@ def _add_protocol(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wrm-gamma", type=float, default=0.4, help="WRM penalty gamma (default 0.4)")
     g.add_argument("--wrm-steps", type=int, default=15, help="WRM ascent steps (default 15)")
     g.add_argument("--wrm-lr", type=float, default=1.0, help="WRM step size, decays as lr/sqrt(t+1) (default 1)")
-    g.add_argument("--autoattack", choices=["auto", "yes", "no"], default="auto",
-                   help="robustness check: AutoAttack if installed (auto), required (yes), or APGD-CE only (no)")
+    g.add_argument(
+        "--autoattack",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="robustness check: AutoAttack if installed (auto), required (yes), or APGD-CE only (no)",
+    )
     g.add_argument("--batch-size-eval", type=_positive_int, default=256, help="evaluation batch size")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order and attack starts")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: 1 for the tiny digits "
-                   "model, whose ops are too small to gain from more and slow down on a busy machine; else torch's)")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (default: 1 for the tiny digits "
+        "model, whose ops are too small to gain from more and slow down on a busy machine; else torch's)",
+    )
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     _add_data(p)
     _add_protocol(p)
     g = p.add_argument_group("training protocol")
-    g.add_argument("--clean-weight", type=float, help="loss = w CE(clean) + (1 - w) CE(adv) (0.5 mnist/cifar10/"
-                   "digits, 0 cifar100/svhn)")
-    g.add_argument("--train-attack-mode", choices=["train", "eval"], default="train",
-                   help="model mode while crafting training attacks (BatchNorm statistics are restored)")
+    g.add_argument(
+        "--clean-weight",
+        type=float,
+        help="loss = w CE(clean) + (1 - w) CE(adv) (0.5 mnist/cifar10/digits, 0 cifar100/svhn)",
+    )
+    g.add_argument(
+        "--train-attack-mode",
+        choices=["train", "eval"],
+        default="train",
+        help="model mode while crafting training attacks (BatchNorm statistics are restored)",
+    )
     g.add_argument("--attacks", default="pgd,apgd", help=f"evaluation attacks, comma list of {','.join(ATTACKS)}")
     g.add_argument("--epochs", type=int, help="dense adversarial pretraining epochs")
     g.add_argument("--lr", type=float, help="dense pretraining learning rate")
@@ -160,8 +183,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     b.add_argument("--ratio", type=float, help="size budget: compressed bits / dense 32-bit bits, in (0, 1)")
     b.add_argument("--nnz", type=int, help="explicit global nonzero budget k (instead of --ratio)")
     b.add_argument("--bits", type=_bits, help="codebook bits 1..8, or 'none' for 32-bit factors")
-    b.add_argument("--layer-bits", type=_layer_bits, action="append", metavar="NAME=BITS",
-                   help="per-layer bits (module name or fnmatch pattern), repeatable")
+    b.add_argument(
+        "--layer-bits",
+        type=_layer_bits,
+        action="append",
+        metavar="NAME=BITS",
+        help="per-layer bits (module name or fnmatch pattern), repeatable",
+    )
     b.add_argument("--rho", type=float, default=0.1, help="ADMM penalty rho (default 0.1)")
     b.add_argument("--rho-factor", type=float, default=1.0, help="multiply rho by this every --rho-every quantizations")
     b.add_argument("--rho-every", type=int, default=1, help="quantizer steps between rho updates")
@@ -172,13 +200,25 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     b.add_argument("--rank", type=_rank, help="SVD rank (int) or fraction (init=svd only)")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, help="output directory (default atmc_runs/<dataset>_<model>)")
-    r.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (automatic "
-                   "when torchrun restarts the group)")
-    r.add_argument("--max-nonfinite", type=_positive_int, default=5, help="NaN/Inf loss or gradient: skip the step "
-                   "(warning, counted in metrics.jsonl); stop after this many in a row (default 5)")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints in --out (automatic when torchrun restarts the group)",
+    )
+    r.add_argument(
+        "--max-nonfinite",
+        type=_positive_int,
+        default=5,
+        help="NaN/Inf loss or gradient: skip the step "
+        "(warning, counted in metrics.jsonl); stop after this many in a row (default 5)",
+    )
     r.add_argument("--dense-checkpoint", type=Path, help="start from this dense checkpoint (skip pretraining)")
-    r.add_argument("--natural-baseline", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train and evaluate an undefended model (default: on for digits only)")
+    r.add_argument(
+        "--natural-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train and evaluate an undefended model (default: on for digits only)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -196,9 +236,19 @@ def _config(a: argparse.Namespace, recipe: Recipe, ratio: float | None = None) -
         raise ValueError("give --ratio or --nnz, not both")
     budget = {"nnz": a.nnz} if a.nnz is not None else {"ratio": _pick(ratio, _pick(a.ratio, recipe.ratio))}
     bits = recipe.bits if a.bits is None else (a.bits or None)
-    return ATMCConfig(**budget, bits=bits, layer_bits=dict(a.layer_bits or []) or None, rho=a.rho,
-                      rho_factor=a.rho_factor, rho_every=a.rho_every, quant_interval=a.quant_interval,
-                      max_iter=a.lloyd_max_iter, tol=a.lloyd_tol, init=a.init, rank=a.rank)
+    return ATMCConfig(
+        **budget,
+        bits=bits,
+        layer_bits=dict(a.layer_bits or []) or None,
+        rho=a.rho,
+        rho_factor=a.rho_factor,
+        rho_every=a.rho_every,
+        quant_interval=a.quant_interval,
+        max_iter=a.lloyd_max_iter,
+        tol=a.lloyd_tol,
+        init=a.init,
+        rank=a.rank,
+    )
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -213,25 +263,46 @@ def _setup(a: argparse.Namespace) -> _Setup:
     if bad:
         raise ValueError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
     base = PROTOCOLS[a.dataset]
-    protocol = Protocol(eps=_pick(a.eps, base.eps), pgd_steps=_pick(a.pgd_steps, base.pgd_steps),
-                        pgd_alpha=a.pgd_alpha, clean_weight=_pick(a.clean_weight, base.clean_weight),
-                        eval_pgd_steps=_pick(a.eval_pgd_steps, base.eval_pgd_steps), apgd_steps=a.apgd_steps,
-                        wrm_gamma=a.wrm_gamma, wrm_steps=a.wrm_steps, wrm_lr=a.wrm_lr,
-                        train_attack_mode=a.train_attack_mode)
-    common = {"momentum": a.momentum, "weight_decay": _pick(a.weight_decay, recipe.weight_decay),
-              "batch_size": _pick(a.batch_size, recipe.batch_size), "lr_schedule": a.lr_schedule,
-              "nesterov": a.nesterov}
+    protocol = Protocol(
+        eps=_pick(a.eps, base.eps),
+        pgd_steps=_pick(a.pgd_steps, base.pgd_steps),
+        pgd_alpha=a.pgd_alpha,
+        clean_weight=_pick(a.clean_weight, base.clean_weight),
+        eval_pgd_steps=_pick(a.eval_pgd_steps, base.eval_pgd_steps),
+        apgd_steps=a.apgd_steps,
+        wrm_gamma=a.wrm_gamma,
+        wrm_steps=a.wrm_steps,
+        wrm_lr=a.wrm_lr,
+        train_attack_mode=a.train_attack_mode,
+    )
+    common = {
+        "momentum": a.momentum,
+        "weight_decay": _pick(a.weight_decay, recipe.weight_decay),
+        "batch_size": _pick(a.batch_size, recipe.batch_size),
+        "lr_schedule": a.lr_schedule,
+        "nesterov": a.nesterov,
+    }
     dense = Schedule(epochs=_pick(a.epochs, recipe.epochs), lr=_pick(a.lr, recipe.lr), **common)
     atmc = Schedule(epochs=_pick(a.atmc_epochs, recipe.atmc_epochs), lr=_pick(a.atmc_lr, recipe.atmc_lr), **common)
     out = a.out or Path("atmc_runs") / f"{a.dataset}_{model}"
     device = distributed.init_from_env(a.device)
-    data = _load(a.dataset, a.data_root, download=a.download, subset=a.subset, test_subset=a.test_subset,
-                 seed=a.seed)
+    data = _load(a.dataset, a.data_root, download=a.download, subset=a.subset, test_subset=a.test_subset, seed=a.seed)
     resume = a.resume or distributed.restart_count() > 0  # a torchrun restart picks up where the group died
-    exp = Experiment(model, data, protocol, out=out, seed=a.seed, device=device, progress=not a.no_progress,
-                     resume=resume, eval_size=a.eval_size, eval_batch_size=a.batch_size_eval, attacks=attacks,
-                     use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack],
-                     max_nonfinite=a.max_nonfinite)
+    exp = Experiment(
+        model,
+        data,
+        protocol,
+        out=out,
+        seed=a.seed,
+        device=device,
+        progress=not a.no_progress,
+        resume=resume,
+        eval_size=a.eval_size,
+        eval_batch_size=a.batch_size_eval,
+        attacks=attacks,
+        use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack],
+        max_nonfinite=a.max_nonfinite,
+    )
     natural = recipe.natural_baseline if a.natural_baseline is None else a.natural_baseline
     _threads(a.threads or recipe.threads)
     return _Setup(exp, recipe, dense, atmc, natural)
@@ -269,8 +340,10 @@ def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
         need = (cfg.bits or 32) + (32 if cfg.bits else 0)
         have = cfg.ratio * dense_bits(s.exp.new_model())
         if have < need:
-            raise ValueError(f"--ratio {cfg.ratio} leaves {have:.0f} bits for {s.exp.model_name}: not even one "
-                             f"{cfg.bits or 32}-bit nonzero with its codebook entry ({need} bits) fits")
+            raise ValueError(
+                f"--ratio {cfg.ratio} leaves {have:.0f} bits for {s.exp.model_name}: not even one "
+                f"{cfg.bits or 32}-bit nonzero with its codebook entry ({need} bits) fits"
+            )
 
 
 def _say(msg: str) -> None:
@@ -289,14 +362,29 @@ def _pct(v: float | None) -> str:
 def format_table(rows: list[dict[str, Any]], protocol: Protocol) -> str:
     """The final table (markdown) of ``atmc train``."""
     apgd = next((r["apgd_method"] for r in rows if r.get("apgd_method")), "APGD")
-    head = ["model", "TA %", f"ATA % (PGD-{protocol.eval_steps})", f"{apgd} %", "size bits", "size/dense",
-            "smaller", "wall s"]
+    head = [
+        "model",
+        "TA %",
+        f"ATA % (PGD-{protocol.eval_steps})",
+        f"{apgd} %",
+        "size bits",
+        "size/dense",
+        "smaller",
+        "wall s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         flag = " (masking?)" if r["gradient_masking"] else ""
-        cells = [r["model"], _pct(r["clean_acc"]), _pct(r["pgd_acc"]), _pct(r["apgd_acc"]) + flag,
-                 f"{r['size_bits']:,}", f"{r['ratio']:.4f}", f"{1 / r['ratio']:.1f}x" if r["ratio"] else "-",
-                 f"{r['wall_seconds']:.1f}"]
+        cells = [
+            r["model"],
+            _pct(r["clean_acc"]),
+            _pct(r["pgd_acc"]),
+            _pct(r["apgd_acc"]) + flag,
+            f"{r['size_bits']:,}",
+            f"{r['ratio']:.4f}",
+            f"{1 / r['ratio']:.1f}x" if r["ratio"] else "-",
+            f"{r['wall_seconds']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -307,8 +395,10 @@ def _finish(rows: list[dict[str, Any]], s: _Setup, t0: float, name: str) -> None
     s.exp.out.mkdir(parents=True, exist_ok=True)
     atomic_write(s.exp.out / name, lambda f: f.write(json.dumps(rows, indent=1).encode()))
     p = s.exp.protocol
-    print(f"\n{s.exp.model_name} on {s.exp.data.name} ({len(s.exp.data.test)} test examples), eps={p.eps:.4g}, "
-          f"device {s.exp.device}")
+    print(
+        f"\n{s.exp.model_name} on {s.exp.data.name} ({len(s.exp.data.test)} test examples), eps={p.eps:.4g}, "
+        f"device {s.exp.device}"
+    )
     print(format_table(rows, p))
     masked = [r["model"] for r in rows if r["gradient_masking"]]
     if masked:
@@ -362,8 +452,22 @@ def _write_sweep(rows: list[dict[str, Any]], s: _Setup) -> None:
         return
     out = s.exp.out
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["model", "target_ratio", "ratio", "size_bits", "dense_bits", "packed_bytes", "nnz", "clean_acc",
-            "pgd_acc", "apgd_acc", "apgd_method", "gradient_masking", "train_seconds", "wall_seconds"]
+    keys = [
+        "model",
+        "target_ratio",
+        "ratio",
+        "size_bits",
+        "dense_bits",
+        "packed_bytes",
+        "nnz",
+        "clean_acc",
+        "pgd_acc",
+        "apgd_acc",
+        "apgd_method",
+        "gradient_masking",
+        "train_seconds",
+        "wall_seconds",
+    ]
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, keys, extrasaction="ignore")
     w.writeheader()
@@ -378,13 +482,20 @@ def _write_sweep(rows: list[dict[str, Any]], s: _Setup) -> None:
     dense = rows[0]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     p = s.exp.protocol
-    for ax, key, title in ((axes[0], "clean_acc", "TA (clean accuracy)"),
-                           (axes[1], "pgd_acc", f"ATA (PGD-{p.eval_steps}, eps={p.eps:.3g})")):
+    for ax, key, title in (
+        (axes[0], "clean_acc", "TA (clean accuracy)"),
+        (axes[1], "pgd_acc", f"ATA (PGD-{p.eval_steps}, eps={p.eps:.3g})"),
+    ):
         ax.plot([r["ratio"] for r in comp], [100 * r[key] for r in comp], "o-", label="ATMC")
         ax.axhline(100 * dense[key], color="gray", ls="--", label="dense (adversarial)")
         if key == "pgd_acc" and all(r["apgd_acc"] is not None for r in comp):
-            ax.plot([r["ratio"] for r in comp], [100 * r["apgd_acc"] for r in comp], "s:", color="C1",
-                    label=f"ATMC, {comp[0]['apgd_method']}")
+            ax.plot(
+                [r["ratio"] for r in comp],
+                [100 * r["apgd_acc"] for r in comp],
+                "s:",
+                color="C1",
+                label=f"ATMC, {comp[0]['apgd_method']}",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("compression ratio (model size / dense 32-bit size)")
         ax.set_ylabel("accuracy (%)")
@@ -408,17 +519,26 @@ def cmd_eval(a: argparse.Namespace) -> int:
         base = Protocol(**meta["protocol"]) if meta.get("protocol") else PROTOCOLS[meta["dataset"]]
     except TypeError as e:
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} has a bad protocol: {e}") from None
-    over = {k: getattr(a, k) for k in ("eps", "pgd_alpha", "apgd_steps", "wrm_gamma", "wrm_steps", "wrm_lr")
-            if getattr(a, k) is not None}
+    over = {
+        k: getattr(a, k)
+        for k in ("eps", "pgd_alpha", "apgd_steps", "wrm_gamma", "wrm_steps", "wrm_lr")
+        if getattr(a, k) is not None
+    }
     if a.pgd_steps is not None:
         over["eval_pgd_steps"] = a.pgd_steps
     protocol = dataclasses.replace(base, **over)
     _threads(a.threads or RECIPES[meta["dataset"]].threads)
     device = distributed.init_from_env(a.device)  # under torchrun the test split is shared out to the ranks
     data = _load(meta["dataset"], a.data_root, download=a.download, test_subset=a.test_subset, seed=a.seed)
-    exp = Experiment(meta["model"], data, protocol, seed=a.seed, device=device,
-                     eval_batch_size=a.batch_size_eval, use_autoattack={"auto": None, "yes": True, "no": False}[
-                         a.autoattack])
+    exp = Experiment(
+        meta["model"],
+        data,
+        protocol,
+        seed=a.seed,
+        device=device,
+        eval_batch_size=a.batch_size_eval,
+        use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack],
+    )
     model = exp.load(a.checkpoint)
     unfinalized = meta.get("atmc") is not None and meta.get("stage") != "final"
     if a.finalize and unfinalized:
@@ -434,15 +554,23 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(res))
         return 0
-    print(f"{a.checkpoint}: {meta['model']} on {meta['dataset']} ({meta.get('stage')} checkpoint), "
-          f"{r.n} test examples, eps={protocol.eps:.4g}")
+    print(
+        f"{a.checkpoint}: {meta['model']} on {meta['dataset']} ({meta.get('stage')} checkpoint), "
+        f"{r.n} test examples, eps={protocol.eps:.4g}"
+    )
     print(f"  TA {_pct(r.clean_acc)} %")
-    for k, label in (("pgd", f"PGD-{protocol.eval_steps}"), ("fgsm", "FGSM"),
-                     ("wrm", f"WRM (gamma={protocol.wrm_gamma})"), ("apgd", r.apgd_method)):
+    for k, label in (
+        ("pgd", f"PGD-{protocol.eval_steps}"),
+        ("fgsm", "FGSM"),
+        ("wrm", f"WRM (gamma={protocol.wrm_gamma})"),
+        ("apgd", r.apgd_method),
+    ):
         if k in a.attack:
             print(f"  {label}: {_pct(res[f'{k}_acc'])} %")
-    print(f"  size {r.size_bits:,} bits = {r.ratio:.4g} of dense ({r.dense_bits:,} bits), packed {r.packed_bytes:,} "
-          f"bytes, {r.nnz:,} nonzeros; {r.seconds:.1f} s")
+    print(
+        f"  size {r.size_bits:,} bits = {r.ratio:.4g} of dense ({r.dense_bits:,} bits), packed {r.packed_bytes:,} "
+        f"bytes, {r.nnz:,} nonzeros; {r.seconds:.1f} s"
+    )
     if r.gradient_masking:
         print("  possible gradient masking: APGD accuracy is more than 3 points below PGD's")
     return 0
@@ -451,22 +579,32 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="atmc", description="ATMC: adversarially robust model compression (Gui et al., NeurIPS 2019).")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="dense adversarial pretraining -> ATMC -> finalize -> evaluation table",
-                       description="The whole pipeline. With no arguments: digits_cnn on scikit-learn's 8x8 digits "
-                       "(eps 0.2, PGD-10 training, PGD-20 + APGD-CE-100 evaluation), ATMC at ratio 0.02 with 4 bits.")
+    t = sub.add_parser(
+        "train",
+        help="dense adversarial pretraining -> ATMC -> finalize -> evaluation table",
+        description="The whole pipeline. With no arguments: digits_cnn on scikit-learn's 8x8 digits "
+        "(eps 0.2, PGD-10 training, PGD-20 + APGD-CE-100 evaluation), ATMC at ratio 0.02 with 4 bits.",
+    )
     _add_train(t)
     t.set_defaults(func=cmd_train)
-    s = sub.add_parser("sweep", help="several ratios from one dense model -> sweep.csv + sweep.png",
-                       description="ATMC at each --ratios value from one dense adversarial model (trained, or "
-                       "--dense-checkpoint); writes sweep.csv and sweep.png (TA and ATA vs compression ratio, log-x).")
+    s = sub.add_parser(
+        "sweep",
+        help="several ratios from one dense model -> sweep.csv + sweep.png",
+        description="ATMC at each --ratios value from one dense adversarial model (trained, or "
+        "--dense-checkpoint); writes sweep.csv and sweep.png (TA and ATA vs compression ratio, log-x).",
+    )
     _add_train(s)
     s.add_argument("--ratios", type=_ratios, default=[0.05, 0.02, 0.01], help="comma list (default 0.05,0.02,0.01)")
     s.set_defaults(func=cmd_sweep)
-    e = sub.add_parser("eval", help="evaluate a checkpoint against attacks",
-                       description="Evaluate a checkpoint (dense or ATMC) on its dataset's test split.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint against attacks",
+        description="Evaluate a checkpoint (dense or ATMC) on its dataset's test split.",
+    )
     e.add_argument("checkpoint", type=Path, help="a .pt checkpoint written by atmc train / sweep")
-    e.add_argument("--attack", nargs="+", choices=list(ATTACKS), default=["pgd", "apgd"],
-                   help="attacks to run (default: pgd apgd)")
+    e.add_argument(
+        "--attack", nargs="+", choices=list(ATTACKS), default=["pgd", "apgd"], help="attacks to run (default: pgd apgd)"
+    )
     e.add_argument("--model", choices=list(MODELS), help="refuse the checkpoint unless it holds this model")
     e.add_argument("--finalize", action="store_true", help="finalize_ an unfinalized ATMC checkpoint first")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")

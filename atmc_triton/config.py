@@ -112,16 +112,12 @@ class ATMCConfig:
             raise ValueError(f"ATMCConfig.init must be one of {INITS}, got {self.init!r}")
         if self.rank is not None:
             if self.init != "svd":
-                raise ValueError(
-                    "ATMCConfig.rank applies to init='svd' only; init='identity' is full rank"
-                )
+                raise ValueError("ATMCConfig.rank applies to init='svd' only; init='identity' is full rank")
             if _is_int(self.rank):
                 if self.rank < 1:
                     raise ValueError(f"ATMCConfig.rank must be >= 1, got {self.rank!r}")
             elif not (_is_real(self.rank) and 0.0 < self.rank <= 1.0):
-                raise ValueError(
-                    f"ATMCConfig.rank must be an int >= 1 or a fraction in (0, 1], got {self.rank!r}"
-                )
+                raise ValueError(f"ATMCConfig.rank must be an int >= 1 or a fraction in (0, 1], got {self.rank!r}")
 
     @property
     def quantized(self) -> bool:

@@ -141,8 +141,15 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
         raise DataError(f"cannot load {name} from {root}: {first}{hint}") from None
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: bool = False,
-                 subset: int | None = None, test_subset: int | None = None, seed: int = 0) -> DataBundle:
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    download: bool = False,
+    subset: int | None = None,
+    test_subset: int | None = None,
+    seed: int = 0,
+) -> DataBundle:
     """Load ``name`` (one of ``DATASETS``) as a :class:`DataBundle`.
 
     ``root`` is the torchvision data directory (``--data-root``; default ``./data``), ignored for
@@ -161,8 +168,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
     else:
         path = Path(root if root is not None else "data").expanduser()
         if not download and not path.is_dir():
-            raise DataError(f"data root {str(path)!r} does not exist; pass --data-root DIR holding {name}, "
-                            "or --download (needs internet)")
+            raise DataError(
+                f"data root {str(path)!r} does not exist; pass --data-root DIR holding {name}, "
+                "or --download (needs internet)"
+            )
         if download:
             path.mkdir(parents=True, exist_ok=True)
         train, test = _torchvision(name, path, download)
@@ -207,9 +216,15 @@ def _augment(x: Tensor, spec: DataSpec, g: torch.Generator) -> Tensor:
     return x
 
 
-def iterate_batches(split: Split, batch_size: int, *, generator: torch.Generator | None = None,
-                    spec: DataSpec | None = None, device: torch.device | str | None = None,
-                    drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    spec: DataSpec | None = None,
+    device: torch.device | str | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(x [B, C, H, W] float in [0, 1], y [B])`` batches.
 
     With a (CPU) ``generator`` the order is a permutation drawn from it and, when ``spec`` is

@@ -111,8 +111,10 @@ def init_from_env(device: str | torch.device | None = "auto") -> torch.device:
         if dev.index is not None and dev.index != lr:
             raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; got device {want} on local rank {lr}")
         if lr >= torch.cuda.device_count():
-            raise ValueError(f"local rank {lr} has no GPU: this node has {torch.cuda.device_count()}; "
-                             "start at most that many processes per node (--nproc-per-node)")
+            raise ValueError(
+                f"local rank {lr} has no GPU: this node has {torch.cuda.device_count()}; "
+                "start at most that many processes per node (--nproc-per-node)"
+            )
         dev = torch.device("cuda", lr)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -170,8 +172,10 @@ def agree(value: int, what: str) -> int:
     lo = torch.tensor([value, -value], dtype=torch.int64, device=dev)
     dist.all_reduce(lo, dist.ReduceOp.MIN)
     if int(lo[0]) != -int(lo[1]):
-        raise ValueError(f"ranks disagree on the {what} ({int(lo[0])}..{-int(lo[1])}); with several nodes the "
-                         "output directory must be on a filesystem every node shares")
+        raise ValueError(
+            f"ranks disagree on the {what} ({int(lo[0])}..{-int(lo[1])}); with several nodes the "
+            "output directory must be on a filesystem every node shares"
+        )
     return value
 
 
@@ -190,8 +194,12 @@ def atmc_state_names(model: nn.Module) -> list[str]:
     """Fully qualified names of ATMC's own buffers in ``model`` (Z, u, masks, codebooks, flags, budgets)."""
     from atmc_triton.layers import ATMCLayer
 
-    names = [f"{prefix}.{b}" if prefix else b for prefix, m in model.named_modules() if isinstance(m, ATMCLayer)
-             for b, _ in m.named_buffers(recurse=False)]
+    names = [
+        f"{prefix}.{b}" if prefix else b
+        for prefix, m in model.named_modules()
+        if isinstance(m, ATMCLayer)
+        for b, _ in m.named_buffers(recurse=False)
+    ]
     return names + [b for b in ("atmc_nnz_budget", "atmc_bits_budget") if b in model._buffers]
 
 

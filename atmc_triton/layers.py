@@ -184,8 +184,18 @@ class ATMCLinear(ATMCLayer):
         True
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int | None = None,
-                 identity: int = IDENTITY_NONE, bits: int | None = 8, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rank: int | None = None,
+        identity: int = IDENTITY_NONE,
+        bits: int | None = 8,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
@@ -198,8 +208,16 @@ class ATMCLinear(ATMCLayer):
         _check_dense(module, nn.Linear)
         out, inn = module.weight.shape
         identity = (IDENTITY_V if inn <= out else IDENTITY_U) if cfg.init == "identity" else IDENTITY_NONE
-        layer = cls(inn, out, module.bias is not None, rank=cfg.rank_for(out, inn), identity=identity,
-                    bits=cfg.bits if bits is ... else bits, device=module.weight.device, dtype=module.weight.dtype)
+        layer = cls(
+            inn,
+            out,
+            module.bias is not None,
+            rank=cfg.rank_for(out, inn),
+            identity=identity,
+            bits=cfg.bits if bits is ... else bits,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
         layer._load_dense(module, cfg)
         return layer
 
@@ -207,8 +225,10 @@ class ATMCLinear(ATMCLayer):
         return F.linear(x, self.weight_2d(), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bits={self.nbits}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bits={self.nbits}, bias={self.bias is not None}"
+        )
 
 
 class ATMCConv2d(ATMCLayer):
@@ -223,9 +243,24 @@ class ATMCConv2d(ATMCLayer):
         True
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, rank: int | None = None,
-                 identity: int = IDENTITY_NONE, bits: int | None = 8, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        rank: int | None = None,
+        identity: int = IDENTITY_NONE,
+        bits: int | None = 8,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if groups != 1:
             raise ValueError(f"ATMCConv2d supports groups=1 only, got groups={groups}")
@@ -252,10 +287,22 @@ class ATMCConv2d(ATMCLayer):
         out = module.out_channels
         inn = module.weight[0].numel()
         identity = (IDENTITY_V if inn <= out else IDENTITY_U) if cfg.init == "identity" else IDENTITY_NONE
-        layer = cls(module.in_channels, out, module.kernel_size, module.stride, module.padding, module.dilation,
-                    1, module.bias is not None, module.padding_mode, rank=cfg.rank_for(out, inn),
-                    identity=identity, bits=cfg.bits if bits is ... else bits,
-                    device=module.weight.device, dtype=module.weight.dtype)
+        layer = cls(
+            module.in_channels,
+            out,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            1,
+            module.bias is not None,
+            module.padding_mode,
+            rank=cfg.rank_for(out, inn),
+            identity=identity,
+            bits=cfg.bits if bits is ... else bits,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
         layer._load_dense(module, cfg)
         return layer
 
@@ -267,6 +314,8 @@ class ATMCConv2d(ATMCLayer):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.nbits}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.nbits}, "
+            f"bias={self.bias is not None}"
+        )

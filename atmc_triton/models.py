@@ -70,8 +70,13 @@ class CaffeLeNet(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, num_classes: int = 10, in_shape: Sequence[int] = (1, 28, 28),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_shape: Sequence[int] = (1, 28, 28),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         super().__init__()
         c, h, w = in_shape
         self.normalize = _norm(mean, std)
@@ -79,8 +84,9 @@ class CaffeLeNet(nn.Module):
         fh, fw = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
         if fh < 1 or fw < 1:
             raise ValueError(f"CaffeLeNet needs inputs of at least 16x16, got {h}x{w}")
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(50 * fh * fw, 500), nn.ReLU(inplace=True),
-                                        nn.Linear(500, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(50 * fh * fw, 500), nn.ReLU(inplace=True), nn.Linear(500, num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(self.normalize(x)))
@@ -96,9 +102,14 @@ class CifarResNet(ResNet):
         torch.Size([1, 4])
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 10,
-                 in_shape: Sequence[int] = (3, 32, 32), mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        num_classes: int = 10,
+        in_shape: Sequence[int] = (3, 32, 32),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         super().__init__(BasicBlock, list(layers), num_classes=num_classes)
         self.conv1 = nn.Conv2d(in_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -137,8 +148,16 @@ class WideResNet(nn.Module):
         torch.Size([1, 3])
     """
 
-    def __init__(self, depth: int = 16, widen: int = 8, num_classes: int = 10, in_shape: Sequence[int] = (3, 32, 32),
-                 dropout: float = 0.0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        depth: int = 16,
+        widen: int = 8,
+        num_classes: int = 10,
+        in_shape: Sequence[int] = (3, 32, 32),
+        dropout: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
@@ -178,18 +197,26 @@ class DigitsCNN(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, num_classes: int = 10, in_shape: Sequence[int] = (1, 8, 8),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_shape: Sequence[int] = (1, 8, 8),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         super().__init__()
         c, h, w = in_shape
         self.normalize = _norm(mean, std)
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
         )
         flat = 64 * ((h + 1) // 2) * ((w + 1) // 2)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(inplace=True),
-                                        nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(self.normalize(x)))
@@ -203,8 +230,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int = 10, in_shape: Sequence[int] | None = None,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    in_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
     """A fresh model from the registry ``MODELS`` (``lenet``, ``resnet34``, ``wrn16_8``, ``digits_cnn``).
 
     ``in_shape = (C, H, W)`` of one input (default: the model's usual dataset); ``mean``/``std``

@@ -61,9 +61,18 @@ class ADMM(torch.optim.Optimizer):
         True
     """
 
-    def __init__(self, model: nn.Module, cfg: ATMCConfig, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, nesterov: bool = False, check_finite: bool = True,
-                 backend: str = "auto", sync_quantizer: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ATMCConfig,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = False,
+        check_finite: bool = True,
+        backend: str = "auto",
+        sync_quantizer: bool | None = None,
+    ):
         if not isinstance(cfg, ATMCConfig):
             raise ValueError(f"ADMM: cfg must be an ATMCConfig, got {type(cfg).__name__}")
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -173,15 +182,27 @@ class ADMM(torch.optim.Optimizer):
         st = self.state["admm"]
         fg = self.param_groups[0]
         quantized = self.cfg.quantized
-        tau = self._step_op(self.store.w, self.store.grad, self.store.mom, self.store.z, self.store.u, self.store.mask,
-                        float(fg["lr"]), float(fg["momentum"]), float(fg["weight_decay"]),
-                        float(fg["rho"]) if quantized else 0.0, int(fg["k"]), bool(fg["nesterov"]))
+        tau = self._step_op(
+            self.store.w,
+            self.store.grad,
+            self.store.mom,
+            self.store.z,
+            self.store.u,
+            self.store.mask,
+            float(fg["lr"]),
+            float(fg["momentum"]),
+            float(fg["weight_decay"]),
+            float(fg["rho"]) if quantized else 0.0,
+            int(fg["k"]),
+            bool(fg["nesterov"]),
+        )
         bad = torch.isnan(tau)  # the op refused a non-finite update and wrote nothing
         ok = None
         if self.check_finite:
             if bool(bad):  # the one host sync of this mode
-                raise FloatingPointError("ADMM.step: a gradient (or the factor update) has NaN or Inf; "
-                                         "nothing was updated")
+                raise FloatingPointError(
+                    "ADMM.step: a gradient (or the factor update) has NaN or Inf; nothing was updated"
+                )
         else:
             ok = ~bad
             if self._nonfinite.device != bad.device:

@@ -78,8 +78,18 @@ class PackedLayer(nn.Module):
     formats, shapes, rank, identity and bits (they are in the file's metadata, not the state dict).
     """
 
-    def _setup(self, out: int, inn: int, rank: int, identity: int, bits: int | None, bias: bool,
-               factors: dict[str, dict[str, Any]], dtype: torch.dtype, device) -> None:
+    def _setup(
+        self,
+        out: int,
+        inn: int,
+        rank: int,
+        identity: int,
+        bits: int | None,
+        bias: bool,
+        factors: dict[str, dict[str, Any]],
+        dtype: torch.dtype,
+        device,
+    ) -> None:
         self.out_dim, self.in_dim, self.rank, self._identity, self.bits = out, inn, rank, identity, bits
         self.shapes = {"U": (out, rank), "V": (rank, inn), "C": (out, inn)}
         self.fmts = {f: int(factors[f]["fmt"]) for f in FACTORS}
@@ -151,8 +161,11 @@ class PackedLayer(nn.Module):
                 raise ValueError(f"factor {f} has values float32 cannot hold exactly ({p.dtype})")
             enc[f] = encode_factor(p, raw)
             nz = p[p != 0]
-            factors[f] = {"fmt": enc[f][0], "nnz": nz.numel(),
-                          "levels": int(torch.unique(nz).numel()) if nz.numel() else 0}
+            factors[f] = {
+                "fmt": enc[f][0],
+                "nnz": nz.numel(),
+                "levels": int(torch.unique(nz).numel()) if nz.numel() else 0,
+            }
         spec = _layer_spec(layer)
         spec["factors"] = factors
         packed = _from_spec(spec, layer.C.device, layer.C.dtype)
@@ -172,8 +185,18 @@ class PackedLayer(nn.Module):
         if cls is ATMCLinear:
             layer = ATMCLinear(self.in_dim, self.out_dim, self.bias is not None, **kw)
         else:
-            layer = ATMCConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                               self.dilation, 1, self.bias is not None, self.padding_mode, **kw)
+            layer = ATMCConv2d(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                1,
+                self.bias is not None,
+                self.padding_mode,
+                **kw,
+            )
         for i, f in enumerate(FACTORS):
             w = self.decode(f)
             v = torch.zeros(self.shapes[f], device=dev) if w is None else w
@@ -213,8 +236,9 @@ class PackedLayer(nn.Module):
             if not raw:
                 lv = book[1:]
                 if book[0] != 0 or bool((lv == 0).any()) or bool((lv[1:] <= lv[:-1]).any()):
-                    raise ValueError(f"{where}: factor {f}: the codebook must be 0 then distinct nonzero levels "
-                                     "ascending")
+                    raise ValueError(
+                        f"{where}: factor {f}: the codebook must be 0 then distinct nonzero levels ascending"
+                    )
                 if self.bits is not None and levels > 2**self.bits:
                     raise ValueError(f"{where}: factor {f} has {levels} levels, more than 2^{self.bits}")
             width = code_width(fmt, levels, raw)
@@ -263,8 +287,9 @@ class PackedLayer(nn.Module):
         self._drop_caches()
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A plain load_state_dict must validate as load_packed does: a bad index would make a kernel read out of
         # bounds. On a failed check the previous tensors are put back and ValueError is raised.
         self._drop_caches()
@@ -272,8 +297,9 @@ class PackedLayer(nn.Module):
         old = {n: self._buffers[n] for n in names}
         saved = {n: t.clone() for n, t in old.items() if not t.is_meta}
         errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if len(error_msgs) > errors or any(self._buffers[n].is_meta for n in names):
             return  # load_state_dict reports the mismatch itself; meta tensors hold nothing to check
         try:
@@ -306,8 +332,19 @@ class PackedLinear(PackedLayer):
         True
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, *, rank: int, identity: int,
-                 bits: int | None, factors: dict[str, dict[str, Any]], device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        *,
+        rank: int,
+        identity: int,
+        bits: int | None,
+        factors: dict[str, dict[str, Any]],
+        device=None,
+        dtype=torch.float32,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
@@ -320,16 +357,34 @@ class PackedLinear(PackedLayer):
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bits={self.bits}, {self._format_repr()}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bits={self.bits}, {self._format_repr()}, bias={self.bias is not None}"
+        )
 
 
 class PackedConv2d(PackedLayer):
     """Inference ``nn.Conv2d`` on packed ATMC factors (``conv_mode``: "dense" cached weight or "decomposed")."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True, padding_mode: str = "zeros", *, rank: int, identity: int, bits: int | None,
-                 factors: dict[str, dict[str, Any]], conv_mode: str = "dense", device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        rank: int,
+        identity: int,
+        bits: int | None,
+        factors: dict[str, dict[str, Any]],
+        conv_mode: str = "dense",
+        device=None,
+        dtype=torch.float32,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -387,6 +442,7 @@ class PackedConv2d(PackedLayer):
                 u, v = U.to(dtype).view(self.out_channels, r, 1, 1), V.to(dtype).view(r, cin, kh, kw)
             c = None if C is None else C.to(dtype).view(self.weight_shape)
             return u, v, c
+
         return self._cached(dtype, make)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -404,22 +460,36 @@ class PackedConv2d(PackedLayer):
         return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.bits}, "
-                f"{self._format_repr()}, conv_mode={self.conv_mode}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.bits}, "
+            f"{self._format_repr()}, conv_mode={self.conv_mode}, bias={self.bias is not None}"
+        )
 
 
 # --- specs: what the file's metadata says about each packed layer ---------------------------------------------------
 
+
 def _layer_spec(layer: nn.Module) -> dict[str, Any]:
     bits = layer.nbits if isinstance(layer, ATMCLayer) else layer.bits
-    spec = {"rank": layer.rank, "identity": int(layer._identity), "bits": bits, "bias": layer.bias is not None,
-            "dtype": str(layer.C.dtype if isinstance(layer, ATMCLayer) else layer._dtype).removeprefix("torch.")}
+    spec = {
+        "rank": layer.rank,
+        "identity": int(layer._identity),
+        "bits": bits,
+        "bias": layer.bias is not None,
+        "dtype": str(layer.C.dtype if isinstance(layer, ATMCLayer) else layer._dtype).removeprefix("torch."),
+    }
     if isinstance(layer, (ATMCConv2d, PackedConv2d)):
-        spec |= {"type": "conv2d", "in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                 "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
-                 "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
-                 "dilation": list(layer.dilation), "padding_mode": layer.padding_mode}
+        spec |= {
+            "type": "conv2d",
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": list(layer.kernel_size),
+            "stride": list(layer.stride),
+            "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+            "dilation": list(layer.dilation),
+            "padding_mode": layer.padding_mode,
+        }
         if isinstance(layer, PackedConv2d):
             spec["conv_mode"] = layer.conv_mode
     else:
@@ -436,28 +506,57 @@ def _from_spec(spec: dict[str, Any], device, dtype: torch.dtype | None = None) -
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype {spec['dtype']!r} is not a floating-point torch dtype")
         rank, identity, bits = spec["rank"], spec["identity"], spec["bits"]
-        if not (type(rank) is int and rank >= 0 and type(identity) is int and identity in (0, 1, 2)
-                and (bits is None or (type(bits) is int and 1 <= bits <= 8))):
+        if not (
+            type(rank) is int
+            and rank >= 0
+            and type(identity) is int
+            and identity in (0, 1, 2)
+            and (bits is None or (type(bits) is int and 1 <= bits <= 8))
+        ):
             raise ValueError("rank must be an int >= 0, identity 0, 1 or 2 and bits None or 1..8")
-        dims = [spec[k] for k in (("in_features", "out_features") if spec["type"] == "linear" else
-                                  ("in_channels", "out_channels"))] if spec["type"] in ("linear", "conv2d") else []
+        dims = (
+            [
+                spec[k]
+                for k in (
+                    ("in_features", "out_features") if spec["type"] == "linear" else ("in_channels", "out_channels")
+                )
+            ]
+            if spec["type"] in ("linear", "conv2d")
+            else []
+        )
         if any(type(d) is not int or d < 1 for d in dims):
             raise ValueError(f"sizes must be ints >= 1, got {dims}")
-        common = {"rank": int(spec["rank"]), "identity": int(spec["identity"]), "bits": spec["bits"],
-                  "factors": spec["factors"], "device": device, "dtype": dtype}
+        common = {
+            "rank": int(spec["rank"]),
+            "identity": int(spec["identity"]),
+            "bits": spec["bits"],
+            "factors": spec["factors"],
+            "device": device,
+            "dtype": dtype,
+        }
         if spec["type"] == "linear":
             return PackedLinear(int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"]), **common)
         if spec["type"] == "conv2d":
             padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
-            return PackedConv2d(int(spec["in_channels"]), int(spec["out_channels"]), tuple(spec["kernel_size"]),
-                                tuple(spec["stride"]), padding, tuple(spec["dilation"]), bool(spec["bias"]),
-                                spec["padding_mode"], conv_mode=spec.get("conv_mode", "dense"), **common)
+            return PackedConv2d(
+                int(spec["in_channels"]),
+                int(spec["out_channels"]),
+                tuple(spec["kernel_size"]),
+                tuple(spec["stride"]),
+                padding,
+                tuple(spec["dilation"]),
+                bool(spec["bias"]),
+                spec["padding_mode"],
+                conv_mode=spec.get("conv_mode", "dense"),
+                **common,
+            )
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise ValueError(f"bad packed-layer metadata {spec!r}: {e}") from None
     raise ValueError(f"bad packed-layer metadata: unknown type {spec.get('type')!r}")
 
 
 # --- model-level API -------------------------------------------------------------------------------------------------
+
 
 def packed_layers(model: nn.Module) -> list[tuple[str, PackedLayer]]:
     """``(name, layer)`` of every packed layer, in module order."""
@@ -548,8 +647,9 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     _swap(root, {id(parent._modules[child]): module})  # every reference: a shared module stays shared
 
 
-def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu",
-                strict: bool = True) -> nn.Module:
+def load_packed(
+    model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu", strict: bool = True
+) -> nn.Module:
     """Load a file written by :func:`save_packed` into ``model`` (same architecture; may live on ``meta``).
 
     Every layer named in the file's header is replaced by a packed layer built straight from its
@@ -566,8 +666,10 @@ def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.d
             tensors = {k: fh.get_tensor(k) for k in fh.keys()} if meta is not None else {}
     except Exception as e:  # SafetensorError (truncated, bad header), OSError, ...
         msg = " ".join(str(e).split())[:160]
-        raise ValueError(f"load_packed: {path} is not a readable safetensors file, truncated or corrupted "
-                         f"({type(e).__name__}: {msg})") from None
+        raise ValueError(
+            f"load_packed: {path} is not a readable safetensors file, truncated or corrupted "
+            f"({type(e).__name__}: {msg})"
+        ) from None
     if meta is None:
         raise ValueError(f"load_packed: {path} was not written by save_packed (no {META_KEY!r} header)")
     try:
@@ -603,4 +705,3 @@ def load_packed(model: nn.Module, path: str | os.PathLike, device: str | torch.d
 def packed_nbytes(model: nn.Module) -> int:
     """Bytes of every packed factor of ``model`` (codes, codebooks, indices; not biases)."""
     return sum(layer.factor_nbytes(f) for _, layer in packed_layers(model) for f in FACTORS)
-

@@ -118,8 +118,10 @@ class FactorStore:
                 b = layer._buffers[f + suffix]
                 if b.device != self.device or b.data_ptr() != flat.data_ptr() + start * flat.element_size():
                     return False
-        return all(layer._buffers["codebook"].data_ptr() == self.codebook[3 * j].data_ptr()
-                   for j, layer in enumerate(self.layers))
+        return all(
+            layer._buffers["codebook"].data_ptr() == self.codebook[3 * j].data_ptr()
+            for j, layer in enumerate(self.layers)
+        )
 
     def sync(self) -> bool:
         """Re-adopt replaced tensors and route every factor grad into the flat grad.

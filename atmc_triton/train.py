@@ -82,8 +82,20 @@ from atmc_triton.layers import ATMCLayer
 from atmc_triton.models import build_model
 from atmc_triton.optim import ADMM
 
-__all__ = ["ATTACKS", "PROTOCOLS", "EvalResult", "Experiment", "NonFiniteError", "NonFiniteWarning", "Protocol",
-           "Schedule", "evaluate", "fit", "model_size", "resolve_device"]
+__all__ = [
+    "ATTACKS",
+    "PROTOCOLS",
+    "EvalResult",
+    "Experiment",
+    "NonFiniteError",
+    "NonFiniteWarning",
+    "Protocol",
+    "Schedule",
+    "evaluate",
+    "fit",
+    "model_size",
+    "resolve_device",
+]
 
 ATTACKS = ("pgd", "fgsm", "wrm", "apgd")
 _logger = logging.getLogger("atmc_triton")
@@ -230,8 +242,12 @@ def model_size(model: nn.Module) -> dict[str, int]:
     """
     if atmc_layers(model):
         rep = size_report(model)
-        return {"size_bits": rep.total_bits, "dense_bits": rep.dense_bits, "packed_bytes": rep.packed_bytes,
-                "nnz": rep.nnz}
+        return {
+            "size_bits": rep.total_bits,
+            "dense_bits": rep.dense_bits,
+            "packed_bytes": rep.packed_bytes,
+            "nnz": rep.nnz,
+        }
     d = dense_bits(model)
     return {"size_bits": d, "dense_bits": d, "packed_bytes": d // 8, "nnz": _nnz(model)}
 
@@ -272,9 +288,19 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> int:
     return int((model(x).argmax(1) == y).sum())
 
 
-def evaluate(model: nn.Module, split: Split, protocol: Protocol, *, attacks: Sequence[str] = ("pgd", "apgd"),
-             batch_size: int = 256, device: torch.device | str | None = None, seed: int = 0,
-             use_autoattack: bool | None = None, progress: bool = False, distributed: bool = False) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    protocol: Protocol,
+    *,
+    attacks: Sequence[str] = ("pgd", "apgd"),
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    use_autoattack: bool | None = None,
+    progress: bool = False,
+    distributed: bool = False,
+) -> EvalResult:
     """Clean accuracy plus each of ``attacks`` (``pgd``, ``fgsm``, ``wrm``, ``apgd``) on ``split``, in eval mode.
 
     ``apgd`` is AutoAttack when installed, else the built-in APGD-CE; see
@@ -300,8 +326,13 @@ def evaluate(model: nn.Module, split: Split, protocol: Protocol, *, attacks: Seq
     method = None
     p = protocol
     try:
-        for x, y in tqdm(iterate_batches(split, batch_size, device=device), desc="eval", leave=False,
-                         total=math.ceil(len(split) / batch_size), disable=None if progress else True):
+        for x, y in tqdm(
+            iterate_batches(split, batch_size, device=device),
+            desc="eval",
+            leave=False,
+            total=math.ceil(len(split) / batch_size),
+            disable=None if progress else True,
+        ):
             counts["clean"] += _correct(model, x, y)
             if "pgd" in attacks:
                 counts["pgd"] += _correct(model, pgd(model, x, y, p.eps, p.eval_alpha, p.eval_steps, generator=gen), y)
@@ -310,8 +341,9 @@ def evaluate(model: nn.Module, split: Split, protocol: Protocol, *, attacks: Seq
             if "wrm" in attacks:
                 counts["wrm"] += _correct(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr), y)
             if "apgd" in attacks:
-                adv, method = robust_attack(model, x, y, p.eps, steps=p.apgd_steps, generator=gen,
-                                            use_autoattack=use_autoattack)
+                adv, method = robust_attack(
+                    model, x, y, p.eps, steps=p.apgd_steps, generator=gen, use_autoattack=use_autoattack
+                )
                 counts["apgd"] += _correct(model, adv, y)
     finally:
         model.train(was_training)
@@ -320,8 +352,17 @@ def evaluate(model: nn.Module, split: Split, protocol: Protocol, *, attacks: Seq
         counts = dict(zip(counts, total.tolist()))
     n = max(n_all, 1)
     acc = {k: v / n for k, v in counts.items()}
-    return EvalResult(n_all, acc["clean"], acc.get("pgd"), acc.get("fgsm"), acc.get("wrm"), acc.get("apgd"),
-                      method, **model_size(model), seconds=time.perf_counter() - t0)
+    return EvalResult(
+        n_all,
+        acc["clean"],
+        acc.get("pgd"),
+        acc.get("fgsm"),
+        acc.get("wrm"),
+        acc.get("apgd"),
+        method,
+        **model_size(model),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _log(path: Path | None, record: dict[str, Any]) -> None:
@@ -396,11 +437,26 @@ class _BufferGuard:
             torch._foreach_copy_(self.bufs, self.saved)
 
 
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, protocol: Protocol,
-        schedule: Schedule, *, stage: str, adversarial: bool = True, seed: int = 0,
-        device: torch.device | str | None = None, checkpoint: Path | None = None, meta: dict[str, Any] | None = None,
-        resume: bool = False, log: Path | None = None, progress: bool = False, eval_size: int = 1000,
-        on_epoch_end: Callable[[int], None] | None = None, max_nonfinite: int = 5) -> dict[str, Any]:
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DataBundle,
+    protocol: Protocol,
+    schedule: Schedule,
+    *,
+    stage: str,
+    adversarial: bool = True,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    checkpoint: Path | None = None,
+    meta: dict[str, Any] | None = None,
+    resume: bool = False,
+    log: Path | None = None,
+    progress: bool = False,
+    eval_size: int = 1000,
+    on_epoch_end: Callable[[int], None] | None = None,
+    max_nonfinite: int = 5,
+) -> dict[str, Any]:
     """Train ``model`` in place for ``schedule.epochs`` epochs; returns the last epoch's metrics.
 
     With ``checkpoint``, saves it after every epoch; with ``resume`` and an existing checkpoint
@@ -421,10 +477,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
         raise ValueError(f"max_nonfinite must be an int >= 1, got {max_nonfinite!r}")
     world, main = world_size(), is_main()
     if schedule.batch_size % world:
-        raise ValueError(f"the batch size {schedule.batch_size} is global: it must be divisible by the {world} "
-                         "processes")
-    meta = {**(meta or {}), "stage": stage, "adversarial": adversarial, "protocol": asdict(protocol),
-            "schedule": asdict(schedule), "seed": seed}
+        raise ValueError(
+            f"the batch size {schedule.batch_size} is global: it must be divisible by the {world} processes"
+        )
+    meta = {
+        **(meta or {}),
+        "stage": stage,
+        "adversarial": adversarial,
+        "protocol": asdict(protocol),
+        "schedule": asdict(schedule),
+        "seed": seed,
+    }
     start, step, run = 0, 0, 0  # run: non-finite steps in a row
     if checkpoint is not None and main:
         remove_partial_writes(checkpoint)  # what a run killed while writing left behind
@@ -435,8 +498,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not fit this model or optimizer: "
-                                  f"{_one_line(e)}") from None
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint)!r} does not fit this model or optimizer: {_one_line(e)}"
+            ) from None
         start, step = ck["epoch"], ck["step"]
         run = int(ck["extra"].get("nonfinite_run", 0))
         set_rng_state(ck["rng"])
@@ -461,9 +525,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, clean correct, adv correct
         seen = skipped = 0
-        bar = tqdm(iterate_batches(train, schedule.batch_size, generator=gen, spec=data.spec, device=device,
-                                   drop_last=True), total=spe, desc=f"{stage} {epoch + 1}/{schedule.epochs}",
-                   leave=False, disable=None if progress and main else True)  # None: bars only on a terminal
+        bar = tqdm(
+            iterate_batches(train, schedule.batch_size, generator=gen, spec=data.spec, device=device, drop_last=True),
+            total=spe,
+            desc=f"{stage} {epoch + 1}/{schedule.epochs}",
+            leave=False,
+            disable=None if progress and main else True,
+        )  # None: bars only on a terminal
         for i, (x, y) in enumerate(bar):
             lr = schedule.lr_at(step, total)
             for g in optimizer.param_groups:
@@ -475,8 +543,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
                 # the random start is drawn for the whole global batch (the generator advances as in one
                 # process) and sharded like it, so N ranks attack their shares as one process attacks the batch
                 noise = shard(torch.rand((rows, *x.shape[1:]), generator=atk_gen, device=x.device, dtype=x.dtype))
-                x_adv = pgd(model, x, y, p.eps, p.alpha, p.pgd_steps, random_start=True,
-                            eval_mode=p.train_attack_mode == "eval", noise=noise)
+                x_adv = pgd(
+                    model,
+                    x,
+                    y,
+                    p.eps,
+                    p.alpha,
+                    p.pgd_steps,
+                    random_start=True,
+                    eval_mode=p.train_attack_mode == "eval",
+                    noise=noise,
+                )
             optimizer.zero_grad(set_to_none=True)
             guard.save()
             loss = torch.zeros((), device=device)
@@ -496,12 +573,18 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
                 run += 1
                 if run >= max_nonfinite:
                     where = f"; the last complete checkpoint is {checkpoint}" if checkpoint is not None else ""
-                    raise NonFiniteError(f"{run} training steps in a row had a NaN/Inf loss or gradient ({stage} "
-                                         f"epoch {epoch + 1}, step {step}); stopped, nothing updated since the "
-                                         f"last finite step{where}. Lower the learning rate or check the data.")
+                    raise NonFiniteError(
+                        f"{run} training steps in a row had a NaN/Inf loss or gradient ({stage} "
+                        f"epoch {epoch + 1}, step {step}); stopped, nothing updated since the "
+                        f"last finite step{where}. Lower the learning rate or check the data."
+                    )
                 if main:
-                    warnings.warn(f"{stage} epoch {epoch + 1} step {step}: NaN/Inf loss or gradient, step skipped "
-                                  f"({run} in a row; {max_nonfinite} stop the run)", NonFiniteWarning, stacklevel=2)
+                    warnings.warn(
+                        f"{stage} epoch {epoch + 1} step {step}: NaN/Inf loss or gradient, step skipped "
+                        f"({run} in a row; {max_nonfinite} stop the run)",
+                        NonFiniteWarning,
+                        stacklevel=2,
+                    )
                 continue
             run = 0
             seen += y.numel()
@@ -525,18 +608,33 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: DataBundle, pr
             both = all_reduce_(torch.cat([sums, sums.new_tensor([seen])]))
             sums, seen = both[:3], int(both[3])
         avg = (sums / max(seen, 1)).tolist()
-        last = {"stage": stage, "epoch": epoch + 1, "step": step, "lr": schedule.lr_at(step, total),
-                "loss": avg[0], "train_acc": avg[1] if not adversarial or cw > 0 else None,
-                "train_adv_acc": avg[2] if adversarial and cw < 1 else None, "nnz": _nnz(model, optimizer),
-                "nonfinite_steps": skipped, "train_seconds": time.perf_counter() - t0}
+        last = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": schedule.lr_at(step, total),
+            "loss": avg[0],
+            "train_acc": avg[1] if not adversarial or cw > 0 else None,
+            "train_adv_acc": avg[2] if adversarial and cw < 1 else None,
+            "nnz": _nnz(model, optimizer),
+            "nonfinite_steps": skipped,
+            "train_seconds": time.perf_counter() - t0,
+        }
         if test is not None and len(test):
             ev = evaluate(model, test, protocol, attacks=("pgd",), device=device, seed=seed, distributed=world > 1)
             last.update(test_acc=ev.clean_acc, test_pgd_acc=ev.pgd_acc, test_n=ev.n)
         if main:
             _log(log, last)
             if checkpoint is not None:
-                save_checkpoint(checkpoint, model=model, optimizer=optimizer, meta=meta, epoch=epoch + 1, step=step,
-                                extra={"nonfinite_run": run})
+                save_checkpoint(
+                    checkpoint,
+                    model=model,
+                    optimizer=optimizer,
+                    meta=meta,
+                    epoch=epoch + 1,
+                    step=step,
+                    extra={"nonfinite_run": run},
+                )
         barrier()  # the checkpoint is complete before any rank goes on (or fails)
         if progress and main:
             shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in last.items() if v is not None}
@@ -585,8 +683,12 @@ class Experiment:
     @property
     def identity(self) -> dict[str, Any]:
         s = self.data.spec
-        return {"model": self.model_name, "dataset": self.data.name, "num_classes": s.num_classes,
-                "in_shape": list(s.in_shape)}
+        return {
+            "model": self.model_name,
+            "dataset": self.data.name,
+            "num_classes": s.num_classes,
+            "in_shape": list(s.in_shape),
+        }
 
     def new_model(self) -> nn.Module:
         """A freshly initialized model (seeded by ``seed``), on the experiment's device."""
@@ -599,19 +701,40 @@ class Experiment:
 
     def _fit(self, model, opt, schedule, stage, adversarial, meta) -> None:
         hook = (lambda e: self.on_epoch_end(stage, e)) if self.on_epoch_end else None
-        fit(model, opt, self.data, self.protocol, schedule, stage=stage, adversarial=adversarial, seed=self.seed,
-            device=self.device, checkpoint=self.path(stage), meta=meta, resume=self.resume,
-            log=self.out / "metrics.jsonl" if self.out else None, progress=self.progress,
-            eval_size=self.eval_size, on_epoch_end=hook, max_nonfinite=self.max_nonfinite)
+        fit(
+            model,
+            opt,
+            self.data,
+            self.protocol,
+            schedule,
+            stage=stage,
+            adversarial=adversarial,
+            seed=self.seed,
+            device=self.device,
+            checkpoint=self.path(stage),
+            meta=meta,
+            resume=self.resume,
+            log=self.out / "metrics.jsonl" if self.out else None,
+            progress=self.progress,
+            eval_size=self.eval_size,
+            on_epoch_end=hook,
+            max_nonfinite=self.max_nonfinite,
+        )
 
-    def pretrain(self, schedule: Schedule, *, adversarial: bool = True, stage: str | None = None
-                 ) -> tuple[nn.Module, float]:
+    def pretrain(
+        self, schedule: Schedule, *, adversarial: bool = True, stage: str | None = None
+    ) -> tuple[nn.Module, float]:
         """Dense training (PGD adversarial, or natural with ``adversarial=False``); returns (model, seconds)."""
         t0 = time.perf_counter()
         stage = stage or ("dense" if adversarial else "natural")
         model = self.new_model()
-        opt = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
-                              weight_decay=schedule.weight_decay, nesterov=schedule.nesterov)
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=schedule.lr,
+            momentum=schedule.momentum,
+            weight_decay=schedule.weight_decay,
+            nesterov=schedule.nesterov,
+        )
         self._fit(model, opt, schedule, stage, adversarial, {**self.identity, "atmc": None})
         return model, time.perf_counter() - t0
 
@@ -620,8 +743,10 @@ class Experiment:
         ck = load_checkpoint(path)
         check_meta(ck, path, **self.identity)
         if stages is not None and ck["meta"].get("stage") not in stages:
-            raise ValueError(f"checkpoint {str(path)!r} is a {ck['meta'].get('stage')!r} checkpoint, "
-                             f"expected one of {', '.join(stages)}")
+            raise ValueError(
+                f"checkpoint {str(path)!r} is a {ck['meta'].get('stage')!r} checkpoint, "
+                f"expected one of {', '.join(stages)}"
+            )
         model = self.new_model()
         if ck["meta"].get("atmc") is not None:
             compress_(model, ATMCConfig(**ck["meta"]["atmc"]))
@@ -631,8 +756,9 @@ class Experiment:
             raise ValueError(f"checkpoint {str(path)!r} does not fit {self.model_name}: {_one_line(e)}") from None
         return model.eval()
 
-    def compress(self, dense: nn.Module, cfg: ATMCConfig, schedule: Schedule, *, stage: str = "atmc"
-                 ) -> tuple[nn.Module, float]:
+    def compress(
+        self, dense: nn.Module, cfg: ATMCConfig, schedule: Schedule, *, stage: str = "atmc"
+    ) -> tuple[nn.Module, float]:
         """ATMC from a dense model (left untouched): compress_, ADMM + PGD training, finalize_.
 
         Returns the finalized model and the seconds taken; writes ``<stage>.pt`` every epoch
@@ -641,20 +767,38 @@ class Experiment:
         t0 = time.perf_counter()
         model = copy.deepcopy(dense).to(self.device)
         compress_(model, cfg)
-        opt = ADMM(model, cfg, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
-                   nesterov=schedule.nesterov)
+        opt = ADMM(
+            model,
+            cfg,
+            lr=schedule.lr,
+            momentum=schedule.momentum,
+            weight_decay=schedule.weight_decay,
+            nesterov=schedule.nesterov,
+        )
         meta = {**self.identity, "atmc": config_to_dict(cfg)}
         self._fit(model, opt, schedule, stage, True, meta)
         finalize_(model)
         if self.out is not None and is_main():
-            save_checkpoint(self.out / f"{stage}_final.pt", model=model, epoch=schedule.epochs,
-                            meta={**meta, "stage": "final", "protocol": asdict(self.protocol), "seed": self.seed})
+            save_checkpoint(
+                self.out / f"{stage}_final.pt",
+                model=model,
+                epoch=schedule.epochs,
+                meta={**meta, "stage": "final", "protocol": asdict(self.protocol), "seed": self.seed},
+            )
         barrier()
         return model.eval(), time.perf_counter() - t0
 
     def evaluate(self, model: nn.Module, attacks: Sequence[str] | None = None) -> EvalResult:
         """:func:`evaluate` on the full test split."""
-        return evaluate(model, self.data.test, self.protocol, attacks=self.attacks if attacks is None else attacks,
-                        batch_size=self.eval_batch_size, device=self.device, seed=self.seed,
-                        use_autoattack=self.use_autoattack, progress=self.progress and is_main(),
-                        distributed=is_distributed())
+        return evaluate(
+            model,
+            self.data.test,
+            self.protocol,
+            attacks=self.attacks if attacks is None else attacks,
+            batch_size=self.eval_batch_size,
+            device=self.device,
+            seed=self.seed,
+            use_autoattack=self.use_autoattack,
+            progress=self.progress and is_main(),
+            distributed=is_distributed(),
+        )

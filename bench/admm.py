@@ -50,8 +50,11 @@ def resnet34_shapes() -> list[tuple[int, int]]:
 
     with torch.device("meta"):
         model = build()
-    return [(m.weight.shape[0], m.weight[0].numel()) for m in model.modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return [
+        (m.weight.shape[0], m.weight[0].numel())
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
 
 
 def identity_factors(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -65,19 +68,28 @@ def identity_factors(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def workloads(quick: bool) -> list[tuple[str, list[tuple[int, int]]]]:
     if quick:
-        return [("tiny layers", identity_factors([(16, 27), (32, 144), (8, 288), (10, 32)])),
-                ("tiny flat", [(100, 100)] * 4)]
+        return [
+            ("tiny layers", identity_factors([(16, 27), (32, 144), (8, 288), (10, 32)])),
+            ("tiny flat", [(100, 100)] * 4),
+        ]
     rn = identity_factors(resnet34_shapes())
-    return [(f"resnet34 identity init ({sum(math.prod(s) for s in rn) / 1e6:.1f}M)", rn),
-            ("flat 100M (25 x 2000x2000)", [(2000, 2000)] * 25)]
+    return [
+        (f"resnet34 identity init ({sum(math.prod(s) for s in rn) / 1e6:.1f}M)", rn),
+        ("flat 100M (25 x 2000x2000)", [(2000, 2000)] * 25),
+    ]
 
 
 def flat_state(n: int, device: torch.device, grad_dtype=torch.float32) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(n, generator=g, device=device) * 0.05
-    return dict(w=w, grad=(torch.randn(n, generator=g, device=device) * 0.01).to(grad_dtype),
-                mom=torch.zeros(n, device=device), z=w.clone(), u=torch.zeros(n, device=device),
-                mask=torch.ones(n, dtype=torch.bool, device=device))
+    return dict(
+        w=w,
+        grad=(torch.randn(n, generator=g, device=device) * 0.01).to(grad_dtype),
+        mom=torch.zeros(n, device=device),
+        z=w.clone(),
+        u=torch.zeros(n, device=device),
+        mask=torch.ones(n, dtype=torch.bool, device=device),
+    )
 
 
 class EagerATMC:
@@ -92,8 +104,7 @@ class EagerATMC:
         self.params = [torch.nn.Parameter(x) for x in split(flat["w"])]
         self.loss_grads, self.z, self.u = split(flat["grad"].float()), split(flat["z"]), split(flat["u"])
         self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
-        self.opt = torch.optim.SGD(self.params, lr=HP["lr"], momentum=HP["momentum"],
-                                   weight_decay=HP["weight_decay"])
+        self.opt = torch.optim.SGD(self.params, lr=HP["lr"], momentum=HP["momentum"], weight_decay=HP["weight_decay"])
         self.k = k
 
     def step(self) -> None:
@@ -114,8 +125,20 @@ class EagerATMC:
 
 
 def _ref_step(t: dict, k: int) -> torch.Tensor:
-    return admm_step_ref(t["w"], t["grad"], t["mom"], t["z"], t["u"], t["mask"], HP["lr"], HP["momentum"],
-                         HP["weight_decay"], HP["rho"], k, False)
+    return admm_step_ref(
+        t["w"],
+        t["grad"],
+        t["mom"],
+        t["z"],
+        t["u"],
+        t["mask"],
+        HP["lr"],
+        HP["momentum"],
+        HP["weight_decay"],
+        HP["rho"],
+        k,
+        False,
+    )
 
 
 def _case(ctx: Ctx, case: str, shapes: list[tuple[int, int]], bandwidth: float) -> tuple[list[Row], list[Target]]:
@@ -127,8 +150,9 @@ def _case(ctx: Ctx, case: str, shapes: list[tuple[int, int]], bandwidth: float) 
 
     eager = EagerATMC(shapes, flat_state(n, dev), k)
     eager_ms = bench_ms(eager.step, dev)
-    rows.append(Row(BENCH, case, "eager reference-style (autograd prox + SGD + cat + topk)", eager_ms,
-                    {"n": n, "k": k}))
+    rows.append(
+        Row(BENCH, case, "eager reference-style (autograd prox + SGD + cat + topk)", eager_ms, {"n": n, "k": k})
+    )
     del eager  # free its memory before the next variant
 
     t = flat_state(n, dev)
@@ -148,15 +172,25 @@ def _case(ctx: Ctx, case: str, shapes: list[tuple[int, int]], bandwidth: float) 
         nbytes = n * (16 + gdt.itemsize + 9)  # read grad, w, mom, z, u; write w, mom, mask
         floor_ms = nbytes / bandwidth * 1000
         name = "fp32" if gdt == torch.float32 else "bf16"
-        rows.append(Row(BENCH, case, f"triton ({name} grads)", ms,
-                        {"floor_ms": floor_ms, "x_floor": ms / floor_ms, "x_eager": eager_ms / ms,
-                         "x_compiled": comp_ms / ms, "GB/s": nbytes / ms / 1e6}))
+        rows.append(
+            Row(
+                BENCH,
+                case,
+                f"triton ({name} grads)",
+                ms,
+                {
+                    "floor_ms": floor_ms,
+                    "x_floor": ms / floor_ms,
+                    "x_eager": eager_ms / ms,
+                    "x_compiled": comp_ms / ms,
+                    "GB/s": nbytes / ms / 1e6,
+                },
+            )
+        )
         if gdt == torch.float32 and not ctx.quick:
             targets += [
-                Target(BENCH, f"triton vs eager reference-style, {case}", eager_ms / ms, ">= 20x",
-                       eager_ms / ms >= 20),
-                Target(BENCH, f"triton vs torch.compile(reference), {case}", comp_ms / ms, ">= 3x",
-                       comp_ms / ms >= 3),
+                Target(BENCH, f"triton vs eager reference-style, {case}", eager_ms / ms, ">= 20x", eager_ms / ms >= 20),
+                Target(BENCH, f"triton vs torch.compile(reference), {case}", comp_ms / ms, ">= 3x", comp_ms / ms >= 3),
                 Target(BENCH, f"triton / memory floor, {case}", ms / floor_ms, "<= 2x", ms / floor_ms <= 2),
             ]
     return rows, targets

@@ -70,8 +70,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         commit = "unknown"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU)"
@@ -95,9 +99,16 @@ def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target]) 
     head = f"GPU: {env['gpu']} | commit {env['commit']} | {env['date']} | torch {env['torch']}"
     timings = _fmt_table(
         ["bench", "case", "variant", "median ms", "notes"],
-        [[r.bench, r.case, r.variant, f"{r.median_ms:.4g}",
-          ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())]
-         for r in rows],
+        [
+            [
+                r.bench,
+                r.case,
+                r.variant,
+                f"{r.median_ms:.4g}",
+                ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items()),
+            ]
+            for r in rows
+        ],
     )
     summary = _fmt_table(
         ["bench", "target", "measured", "goal", "met"],

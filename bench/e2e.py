@@ -48,21 +48,53 @@ HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 def _tiny_cnn() -> torch.nn.Module:
     """A 2k-weight CNN on 3x8x8 inputs for the CPU smoke run."""
     nn = torch.nn
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 10),
+    )
 
 
 def _workload(quick: bool) -> dict:
     """``block``: steps per timed block, also the quantizer interval (so every block holds one quantizer step)."""
     if quick:
-        return dict(build=_tiny_cnn, shape=(3, 8, 8), batch=8, pgd_steps=2, warmup=1, blocks=2, block=2,
-                    case="tiny CNN 3x8x8, batch 8, PGD-2 (quick)")
-    return dict(build=lambda: build_model("resnet34", 10, (3, 32, 32)), shape=(3, 32, 32), batch=128, pgd_steps=7,
-                warmup=3, blocks=3, block=10, case="resnet34 CIFAR-10 shapes, batch 128, PGD-7")
+        return dict(
+            build=_tiny_cnn,
+            shape=(3, 8, 8),
+            batch=8,
+            pgd_steps=2,
+            warmup=1,
+            blocks=2,
+            block=2,
+            case="tiny CNN 3x8x8, batch 8, PGD-2 (quick)",
+        )
+    return dict(
+        build=lambda: build_model("resnet34", 10, (3, 32, 32)),
+        shape=(3, 32, 32),
+        batch=128,
+        pgd_steps=7,
+        warmup=3,
+        blocks=3,
+        block=10,
+        case="resnet34 CIFAR-10 shapes, batch 128, PGD-7",
+    )
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, eps: float,
-               alpha: float, steps: int, clean_weight: float, gen: torch.Generator) -> None:
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    clean_weight: float,
+    gen: torch.Generator,
+) -> None:
     """One PGD adversarial training step, as :func:`atmc_triton.train.fit` takes it."""
     x_adv = pgd(model, x, y, eps, alpha, steps, random_start=True, eval_mode=False, generator=gen)
     opt.zero_grad(set_to_none=True)
@@ -129,10 +161,12 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
         return res
 
     on_cpu = "" if dev.type == "cuda" else " (CPU: the ops run their PyTorch references)"
-    plan = [("dense PGD-AT (torch.optim.SGD)", "dense", False),
-            ("ATMC, reference ADMM + Lloyd (backend='reference')", "reference", False),
-            ("ATMC, triton kernels (backend='auto')" + on_cpu, "auto", False),
-            (f"ATMC, triton kernels + torch.compile(model, backend={backend!r})" + on_cpu, "auto", True)]
+    plan = [
+        ("dense PGD-AT (torch.optim.SGD)", "dense", False),
+        ("ATMC, reference ADMM + Lloyd (backend='reference')", "reference", False),
+        ("ATMC, triton kernels (backend='auto')" + on_cpu, "auto", False),
+        (f"ATMC, triton kernels + torch.compile(model, backend={backend!r})" + on_cpu, "auto", True),
+    ]
     res = {}
     for name, kind, compiled in plan:
         res[name] = variant(kind, compiled)
@@ -148,9 +182,17 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
     if not ctx.quick:
         for name, label in ((plan[2][0], "eager"), (plan[3][0], "torch.compile")):
             over = res[name]["s"] / dense_s - 1
-            targets.append(Target(BENCH, f"ATMC (triton, {label}) step overhead over dense PGD-AT, resnet34 b128",
-                                  100 * over, "<= 10 %", over <= 0.10))
+            targets.append(
+                Target(
+                    BENCH,
+                    f"ATMC (triton, {label}) step overhead over dense PGD-AT, resnet34 b128",
+                    100 * over,
+                    "<= 10 %",
+                    over <= 0.10,
+                )
+            )
         ref_s, tri_s = res[plan[1][0]]["s"], res[plan[2][0]]["s"]
-        targets.append(Target(BENCH, "ATMC step time, reference ops / triton ops", ref_s / tri_s, "> 1x",
-                              ref_s / tri_s > 1))
+        targets.append(
+            Target(BENCH, "ATMC step time, reference ops / triton ops", ref_s / tri_s, "> 1x", ref_s / tri_s > 1)
+        )
     return rows, targets

@@ -52,6 +52,7 @@ BUDGET_S = float(os.environ.get("ATMC_BENCH_GEMM_BUDGET_S", "150"))
 
 # --- synthetic packed layers ----------------------------------------------------------------------------------------
 
+
 class Layer:
     """Packed factors of one synthetic layer ``W [N, K]`` and its dense fp16 weight."""
 
@@ -68,8 +69,7 @@ class Layer:
             self.r = K if K <= N else N
             main, other = ("U", "V") if K <= N else ("V", "U")
             share = (0.8, 0.05) if structure == "identity+V" else (0.85, 0.0)
-            want = {main: (int(share[0] * nnz), None), other: (int(share[1] * nnz), None),
-                    "C": (int(0.15 * nnz), None)}
+            want = {main: (int(share[0] * nnz), None), other: (int(share[1] * nnz), None), "C": (int(0.15 * nnz), None)}
         shapes = {"U": (N, self.r), "V": (self.r, K), "C": (N, K)}
         self.factors, self.dense = [], []
         for f in "UVC":
@@ -96,8 +96,10 @@ class Layer:
         return atmc_linear(x, None, self.N, self.r, self.identity, *self.args)
 
     def torch_dequant(self, x):
-        U, V, C = (decode_factor_ref(f[0], rows, cols, *f[1:]).half()
-                   for f, (rows, cols) in zip(self.factors, ((self.N, self.r), (self.r, self.K), (self.N, self.K))))
+        U, V, C = (
+            decode_factor_ref(f[0], rows, cols, *f[1:]).half()
+            for f, (rows, cols) in zip(self.factors, ((self.N, self.r), (self.r, self.K), (self.N, self.K)))
+        )
         if self.identity == IDENTITY_V:
             W = torch.addmm(C + U, U, V)
         elif self.identity == IDENTITY_U:
@@ -140,6 +142,7 @@ class Layer:
 
 # --- timing ---------------------------------------------------------------------------------------------------------
 
+
 def time_ms(fn, device) -> tuple[float, str]:
     """Median ms as a CUDA graph (GPU time), or with ``bench_ms`` where capture fails / on CPU."""
     fn()
@@ -156,23 +159,28 @@ def time_ms(fn, device) -> tuple[float, str]:
 def gemm_cases(quick: bool) -> list[tuple]:
     """``(name, N, K, ratio, bits, structure, Ms)``, most important first."""
     if quick:
-        return [("256x384", 256, 384, 0.05, 8, "identity", (1, 40)), ("256x384", 256, 384, 0.05, 4, "svd", (1, 40)),
-                ("lenet fc1 500x800", 500, 800, 0.01, 8, "identity", (1,))]
+        return [
+            ("256x384", 256, 384, 0.05, 8, "identity", (1, 40)),
+            ("256x384", 256, 384, 0.05, 4, "svd", (1, 40)),
+            ("lenet fc1 500x800", 500, 800, 0.01, 8, "identity", (1,)),
+        ]
     big = (1, 16, 1024, 8192)
-    cases = [("4096x4096", 4096, 4096, 0.05, 8, "identity", (1, 16, 128, 1024, 8192)),
-             ("4096x4096", 4096, 4096, 0.05, 4, "identity", big),
-             ("4096x4096", 4096, 4096, 0.01, 8, "identity", big),
-             ("4096x4096", 4096, 4096, 0.002, 8, "identity", big),
-             ("4096x4096", 4096, 4096, 0.002, 4, "identity", big),
-             ("11008x4096", 11008, 4096, 0.05, 8, "identity", (1, 16, 1024)),
-             ("11008x4096", 11008, 4096, 0.05, 4, "identity", (1, 16, 1024)),
-             ("4096x4096 lowrank", 4096, 4096, 0.05, 4, "svd", (1, 16, 1024)),
-             ("4096x4096 ident+V", 4096, 4096, 0.05, 8, "identity+V", (1, 16, 1024, 8192)),
-             ("lenet fc1 500x800", 500, 800, 0.01, 8, "identity", (1, 1024)),
-             ("resnet34 conv 512x4608", 512, 4608, 0.01, 8, "identity", (1, 1024)),
-             ("resnet34 conv 256x2304", 256, 2304, 0.01, 8, "identity", (1, 1024)),
-             ("resnet34 conv 128x1152", 128, 1152, 0.01, 8, "identity", (1, 1024)),
-             ("4096x4096", 4096, 4096, 0.01, 4, "identity", big)]
+    cases = [
+        ("4096x4096", 4096, 4096, 0.05, 8, "identity", (1, 16, 128, 1024, 8192)),
+        ("4096x4096", 4096, 4096, 0.05, 4, "identity", big),
+        ("4096x4096", 4096, 4096, 0.01, 8, "identity", big),
+        ("4096x4096", 4096, 4096, 0.002, 8, "identity", big),
+        ("4096x4096", 4096, 4096, 0.002, 4, "identity", big),
+        ("11008x4096", 11008, 4096, 0.05, 8, "identity", (1, 16, 1024)),
+        ("11008x4096", 11008, 4096, 0.05, 4, "identity", (1, 16, 1024)),
+        ("4096x4096 lowrank", 4096, 4096, 0.05, 4, "svd", (1, 16, 1024)),
+        ("4096x4096 ident+V", 4096, 4096, 0.05, 8, "identity+V", (1, 16, 1024, 8192)),
+        ("lenet fc1 500x800", 500, 800, 0.01, 8, "identity", (1, 1024)),
+        ("resnet34 conv 512x4608", 512, 4608, 0.01, 8, "identity", (1, 1024)),
+        ("resnet34 conv 256x2304", 256, 2304, 0.01, 8, "identity", (1, 1024)),
+        ("resnet34 conv 128x1152", 128, 1152, 0.01, 8, "identity", (1, 1024)),
+        ("4096x4096", 4096, 4096, 0.01, 4, "identity", big),
+    ]
     return cases
 
 
@@ -189,13 +197,17 @@ def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Targ
             x = torch.randn(M, K, device=dev).half() if dev.type == "cuda" else torch.randn(M, K)
             floor_ms = (layer.nbytes + x.nbytes + M * N * x.element_size()) / bw * 1e3
             w = layer.w16 if dev.type == "cuda" else layer.w16.float()
-            variants = {"cuBLAS fp16 dense": lambda x=x, w=w: F.linear(x, w),
-                        "dequant+matmul (PyTorch)": lambda x=x, lay=layer: lay.torch_dequant(x),
-                        "torch.sparse CSR": lambda x=x, lay=layer: lay.torch_sparse(x),
-                        "triton": lambda x=x, lay=layer: lay.triton(x)}
+            variants = {
+                "cuBLAS fp16 dense": lambda x=x, w=w: F.linear(x, w),
+                "dequant+matmul (PyTorch)": lambda x=x, lay=layer: lay.torch_dequant(x),
+                "torch.sparse CSR": lambda x=x, lay=layer: lay.torch_sparse(x),
+                "triton": lambda x=x, lay=layer: lay.triton(x),
+            }
             if dev.type != "cuda":  # smoke run: the op is the reference on CPU, and nothing is fp16
-                variants = {"F.linear fp32 (CPU)": variants["cuBLAS fp16 dense"],
-                            "atmc_linear reference (CPU)": variants["triton"]}
+                variants = {
+                    "F.linear fp32 (CPU)": variants["cuBLAS fp16 dense"],
+                    "atmc_linear reference (CPU)": variants["triton"],
+                }
             times = {}
             for variant, fn in variants.items():
                 try:
@@ -204,16 +216,24 @@ def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Targ
                     rows.append(Row(BENCH, f"{layer.case} M={M}", variant, float("nan"), {"error": type(e).__name__}))
                     continue
                 times[variant] = ms
-                rows.append(Row(BENCH, f"{layer.case} M={M}", variant, ms,
-                                {"floor": floor_ms / ms, "timing": how, "packed_MB": layer.nbytes / 2**20}))
+                rows.append(
+                    Row(
+                        BENCH,
+                        f"{layer.case} M={M}",
+                        variant,
+                        ms,
+                        {"floor": floor_ms / ms, "timing": how, "packed_MB": layer.nbytes / 2**20},
+                    )
+                )
             if "triton" in times and "cuBLAS fp16 dense" in times:
                 speed = times["cuBLAS fp16 dense"] / times["triton"]
                 case = f"triton vs cuBLAS fp16, {layer.case} M={M}"
                 if M <= 16 and ratio <= 0.05:
                     targets.append(Target(BENCH, case, speed, ">= 3x faster", speed >= 3.0))
                 elif M >= 1024:
-                    targets.append(Target(BENCH, case + " (time ratio)", 1 / speed, "<= 1.1x cuBLAS time",
-                                          1 / speed <= 1.1))
+                    targets.append(
+                        Target(BENCH, case + " (time ratio)", 1 / speed, "<= 1.1x cuBLAS time", 1 / speed <= 1.1)
+                    )
     return rows, targets
 
 
@@ -228,24 +248,40 @@ def run_diagnostics(ctx: Ctx, bw: float) -> list[Row]:
     for M in (1, 1024):
         x = torch.randn(M, 4096, device=ctx.device).half()
         facs = [tuple(layer.factors[i]) for i in range(3)]
-        for label, cfg in (("triton, codebook via tl.gather", {"book_gather": True}),
-                           ("triton, CSR factors densified" if M > 16 else "triton, CSR factors as CSR SpMV",
-                            {"densify": M > 16}),
-                           ("triton, CSR factors as CSR SpMM" if M > 16 else "triton, CSR factors densified",
-                            {"densify": M <= 16})):
-            cfg = {**cfg, "tile": (lt.FIXED_CONFIG["tile_small"] | {"BLOCK_K": 128, "SPLIT_K": 8}
-                                   if M <= 16 else lt.TILE_LARGE_CONFIGS[0].kwargs)}
-            ms, how = time_ms(lambda x=x, cfg=cfg, facs=facs: lt.linear_launch(x, None, 4096, layer.r,
-                                                                                layer.identity, facs, cfg), ctx.device)
+        for label, cfg in (
+            ("triton, codebook via tl.gather", {"book_gather": True}),
+            ("triton, CSR factors densified" if M > 16 else "triton, CSR factors as CSR SpMV", {"densify": M > 16}),
+            ("triton, CSR factors as CSR SpMM" if M > 16 else "triton, CSR factors densified", {"densify": M <= 16}),
+        ):
+            cfg = {
+                **cfg,
+                "tile": (
+                    lt.FIXED_CONFIG["tile_small"] | {"BLOCK_K": 128, "SPLIT_K": 8}
+                    if M <= 16
+                    else lt.TILE_LARGE_CONFIGS[0].kwargs
+                ),
+            }
+            ms, how = time_ms(
+                lambda x=x, cfg=cfg, facs=facs: lt.linear_launch(x, None, 4096, layer.r, layer.identity, facs, cfg),
+                ctx.device,
+            )
             rows.append(Row(BENCH, f"{layer.case} M={M} (fixed tiles)", label, ms, {"timing": how}))
         y = torch.zeros(M, 4096, device=ctx.device, dtype=torch.float16)
         ms, how = time_ms(lambda y=y: y.add_(1), ctx.device)
-        rows.append(Row(BENCH, f"[{M}, 4096] fp16", "one output read-modify-write pass", ms,
-                        {"timing": how, "why": "what a separate CSR kernel adds over a fused one"}))
+        rows.append(
+            Row(
+                BENCH,
+                f"[{M}, 4096] fp16",
+                "one output read-modify-write pass",
+                ms,
+                {"timing": how, "why": "what a separate CSR kernel adds over a fused one"},
+            )
+        )
     return rows
 
 
 # --- end to end -----------------------------------------------------------------------------------------------------
+
 
 def _packed_model(name: str, device, ratio: float, bits: int):
     from atmc_triton.models import build_model
@@ -280,8 +316,11 @@ def run_e2e(ctx: Ctx, deadline: float) -> list[Row]:
             dense, packed = dense.half(), packed.half()
         dtype = torch.float16 if half else torch.float32
         batches = (1, 256) if not ctx.quick else (1, 8)
-        labels = ("dense fp16, torch.compile", "packed, torch.compile") if half else (
-            "dense fp32 eager (CPU)", "packed eager (CPU)")
+        labels = (
+            ("dense fp16, torch.compile", "packed, torch.compile")
+            if half
+            else ("dense fp32 eager (CPU)", "packed eager (CPU)")
+        )
         torch._dynamo.reset()
         # one compile per model for both batch sizes (dynamic batch): compiling ResNet34 is the slow part
         compiled = [torch.compile(m, dynamic=True) if half else m for m in (dense, packed)]
@@ -293,13 +332,21 @@ def run_e2e(ctx: Ctx, deadline: float) -> list[Row]:
                         if hasattr(layer, "conv_mode"):
                             layer.conv_mode = conv_mode
                     ms, how = time_ms(lambda x=x, m=packed: m(x), dev)
-                    rows.append(Row(BENCH, f"e2e {name} batch {batch}", f"packed eager, conv {conv_mode}", ms,
-                                    {"timing": how}))
+                    rows.append(
+                        Row(BENCH, f"e2e {name} batch {batch}", f"packed eager, conv {conv_mode}", ms, {"timing": how})
+                    )
                 # the eager forwards above cached the convs' dense weights: the compiled graph reads them
                 for label, fn, nbytes in zip(labels, compiled, (dense_bytes, rep.packed_bytes)):
                     ms, how = time_ms(lambda fn=fn, x=x: fn(x), dev)
-                    rows.append(Row(BENCH, f"e2e {name} batch {batch}", label, ms,
-                                    {"timing": how, "weight_bytes": nbytes, "file_bytes": file_bytes}))
+                    rows.append(
+                        Row(
+                            BENCH,
+                            f"e2e {name} batch {batch}",
+                            label,
+                            ms,
+                            {"timing": how, "weight_bytes": nbytes, "file_bytes": file_bytes},
+                        )
+                    )
     return rows
 
 

@@ -149,8 +149,15 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
         buck_ms = _wall_ms(lambda b=b: bucketize_lloyd(values, offsets, b), dev, reps)
         rows.append(Row(BENCH, case, "bucketize + index_add per segment", buck_ms))
         dense_ms = _wall_ms(lambda b=b: dense_kmeans(values[:sub_n], offsets[: cut + 1], b), dev, 1)
-        rows.append(Row(BENCH, case, "dense-distance k-means (ATMC style)", dense_ms * n / sub_n,
-                        {"measured_ms": dense_ms, "on_values": sub_n, "scaled_by": n / sub_n}))
+        rows.append(
+            Row(
+                BENCH,
+                case,
+                "dense-distance k-means (ATMC style)",
+                dense_ms * n / sub_n,
+                {"measured_ms": dense_ms, "on_values": sub_n, "scaled_by": n / sub_n},
+            )
+        )
         if not triton_ok:
             continue
         tri_ms = fast(lambda bits=bits: lloyd_quantize(values, off_t, bits, ITERS, 0.0))
@@ -161,13 +168,20 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
             "book_max_rel": float(((book - rbook).abs() / rbook.abs().clamp(min=1e-30)).max()),
             "err_max_rel": float(((err - rerr).abs() / rerr.abs().clamp(min=1e-30)).max()),
         }
-        rows.append(Row(BENCH, case, "triton lloyd_quantize", tri_ms,
-                        {"x_sort": tri_ms / sort_ms, "vs_bucketize": buck_ms / tri_ms, "vs_ref": ref_ms / tri_ms,
-                         **check}))
+        rows.append(
+            Row(
+                BENCH,
+                case,
+                "triton lloyd_quantize",
+                tri_ms,
+                {"x_sort": tri_ms / sort_ms, "vs_bucketize": buck_ms / tri_ms, "vs_ref": ref_ms / tri_ms, **check},
+            )
+        )
         if ctx.quick:  # a smoke run on tiny sizes measures nothing worth a target
             continue
         if b == 8:
             targets.append(Target(BENCH, f"triton, all {S} segments, b=8 (ms)", tri_ms, "<= 3 ms", tri_ms <= 3.0))
-        targets.append(Target(BENCH, f"triton vs bucketize + index_add, b={b}", buck_ms / tri_ms, ">= 20x",
-                              buck_ms / tri_ms >= 20))
+        targets.append(
+            Target(BENCH, f"triton vs bucketize + index_add, b={b}", buck_ms / tri_ms, ">= 20x", buck_ms / tri_ms >= 20)
+        )
     return rows, targets

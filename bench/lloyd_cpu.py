@@ -50,12 +50,23 @@ def main() -> None:
         lloyd_quantize_ref(x, bounds, bits, 20, 1e-5)
         times.append(time.perf_counter() - t0)
     times.sort()
-    print(f"lloyd_quantize_ref: n={args.n:,} segments={args.segments} bits={args.bits} threads={args.threads}: "
-          f"median {times[1]:.2f} s (min {times[0]:.2f}, max {times[2]:.2f})")
+    print(
+        f"lloyd_quantize_ref: n={args.n:,} segments={args.segments} bits={args.bits} threads={args.threads}: "
+        f"median {times[1]:.2f} s (min {times[0]:.2f}, max {times[2]:.2f})"
+    )
     if not args.no_results:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        rec = {**environment(torch.device("cpu")), "cpu": cpu_name(), "n": args.n, "segments": args.segments,
-               "bits": args.bits, "threads": args.threads, "median_s": times[1], "min_s": times[0], "max_s": times[2]}
+        rec = {
+            **environment(torch.device("cpu")),
+            "cpu": cpu_name(),
+            "n": args.n,
+            "segments": args.segments,
+            "bits": args.bits,
+            "threads": args.threads,
+            "median_s": times[1],
+            "min_s": times[0],
+            "max_s": times[2],
+        }
         with open(RESULTS, "a") as f:
             f.write(json.dumps(rec) + "\n")
 

@@ -55,8 +55,12 @@ ATTACKS = ("pgd", "apgd", "fgsm", "wrm")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # the paper's Figure 2 (MNIST), read off the plot (about +-0.02): (TA, ATA)
-PAPER = {("DA", None): (0.98, 0.785), ("ATMC-8b", 1e-3): (0.80, 0.63), ("ATMC-8b", 1e-2): (0.95, 0.73),
-         ("ATMC-32b", 1e-2): (0.87, 0.72)}
+PAPER = {
+    ("DA", None): (0.98, 0.785),
+    ("ATMC-8b", 1e-3): (0.80, 0.63),
+    ("ATMC-8b", 1e-2): (0.95, 0.73),
+    ("ATMC-32b", 1e-2): (0.87, 0.72),
+}
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,18 @@ PRESETS = {
     # the whole dataset (GPU): 20 dense + 10 ATMC / fine-tuning epochs
     "full": StudyConfig("full", None, None, dense_epochs=20, atmc_epochs=10, prune_epochs=10, eval_size=1000),
     # a smoke test of the code path (seconds)
-    "tiny": StudyConfig("tiny", 64, 32, dense_epochs=1, atmc_epochs=1, prune_epochs=1, batch_size=32,
-                        ratios=(1e-2, 5e-2), apgd_steps=5, eval_size=0),
+    "tiny": StudyConfig(
+        "tiny",
+        64,
+        32,
+        dense_epochs=1,
+        atmc_epochs=1,
+        prune_epochs=1,
+        batch_size=32,
+        ratios=(1e-2, 5e-2),
+        apgd_steps=5,
+        eval_size=0,
+    ),
 }
 
 
@@ -137,24 +151,42 @@ def points(cfg: StudyConfig) -> list[Point]:
 class Study:
     """The stages and evaluation of one study (any dataset / model of the registries)."""
 
-    def __init__(self, cfg: StudyConfig, data_root: Path | None, out: Path, device: str = "auto",
-                 progress: bool = False, resume: bool = True):
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        data_root: Path | None,
+        out: Path,
+        device: str = "auto",
+        progress: bool = False,
+        resume: bool = True,
+    ):
         self.cfg, self.out = cfg, out
         if cfg.synthetic:
             data = synthetic_dataset(cfg.dataset, cfg.train_subset or 64, cfg.test_subset or 32, seed=cfg.seed)
         else:
-            data = load_dataset(cfg.dataset, data_root, subset=cfg.train_subset, test_subset=cfg.test_subset,
-                                seed=cfg.seed)
+            data = load_dataset(
+                cfg.dataset, data_root, subset=cfg.train_subset, test_subset=cfg.test_subset, seed=cfg.seed
+            )
         self.protocol: Protocol = dataclasses.replace(PROTOCOLS[cfg.protocol], apgd_steps=cfg.apgd_steps)
-        self.exp = Experiment(cfg.model, data, self.protocol, out=out, seed=cfg.seed, device=device,
-                              progress=progress, resume=resume, eval_size=cfg.eval_size, attacks=ATTACKS,
-                              use_autoattack=False)
+        self.exp = Experiment(
+            cfg.model,
+            data,
+            self.protocol,
+            out=out,
+            seed=cfg.seed,
+            device=device,
+            progress=progress,
+            resume=resume,
+            eval_size=cfg.eval_size,
+            attacks=ATTACKS,
+            use_autoattack=False,
+        )
         common = {"weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "lr_schedule": cfg.lr_schedule}
         self.dense_schedule = Schedule(epochs=cfg.dense_epochs, lr=cfg.lr, milestones=cfg.dense_milestones, **common)
-        self.atmc_schedule = Schedule(epochs=cfg.atmc_epochs, lr=cfg.atmc_lr, milestones=cfg.atmc_milestones,
-                                      **common)
-        self.prune_schedule = Schedule(epochs=cfg.prune_epochs, lr=cfg.atmc_lr, milestones=cfg.atmc_milestones,
-                                       **common)
+        self.atmc_schedule = Schedule(epochs=cfg.atmc_epochs, lr=cfg.atmc_lr, milestones=cfg.atmc_milestones, **common)
+        self.prune_schedule = Schedule(
+            epochs=cfg.prune_epochs, lr=cfg.atmc_lr, milestones=cfg.atmc_milestones, **common
+        )
         self._models: dict[str, torch.nn.Module] = {}
         self.resume = resume
 
@@ -169,8 +201,13 @@ class Study:
         """ATMC-8b: 8 bits everywhere; ATMC-32b: no quantizer; ATMC-alloc: per-layer bits from
         :func:`atmc_triton.bitalloc.allocate_bits` on DA's weights (8 bits the starting point)."""
         c = self.cfg
-        cfg = ATMCConfig(ratio=p.ratio, bits=None if p.method == "ATMC-32b" else 8, rho=c.rho,
-                         quant_interval=c.quant_interval, init=c.init)
+        cfg = ATMCConfig(
+            ratio=p.ratio,
+            bits=None if p.method == "ATMC-32b" else 8,
+            rho=c.rho,
+            quant_interval=c.quant_interval,
+            init=c.init,
+        )
         if p.method == "ATMC-alloc":
             cfg = dataclasses.replace(cfg, layer_bits=allocate_bits(self.dense(True), cfg))
         return cfg
@@ -184,9 +221,23 @@ class Study:
         s = self.prune_schedule
         opt = MaskedSGD(model, masks, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov)
         e = self.exp
-        fit(model, opt, e.data, e.protocol, s, stage=p.stage, adversarial=adversarial, seed=e.seed, device=e.device,
-            checkpoint=e.path(p.stage), meta={**e.identity, "atmc": None, "pruned_nnz": nnz}, resume=self.resume,
-            log=self.out / "metrics.jsonl", progress=e.progress, eval_size=e.eval_size)
+        fit(
+            model,
+            opt,
+            e.data,
+            e.protocol,
+            s,
+            stage=p.stage,
+            adversarial=adversarial,
+            seed=e.seed,
+            device=e.device,
+            checkpoint=e.path(p.stage),
+            meta={**e.identity, "atmc": None, "pruned_nnz": nnz},
+            resume=self.resume,
+            log=self.out / "metrics.jsonl",
+            progress=e.progress,
+            eval_size=e.eval_size,
+        )
         return model.eval()
 
     def train(self, p: Point) -> torch.nn.Module:
@@ -216,19 +267,43 @@ class Study:
         layers = atmc_layers(model)
         per_layer = [str(layer.nbits or 32) for _, layer in layers] or ["32"]
         bits = per_layer[0] if len(set(per_layer)) == 1 else "/".join(per_layer)  # e.g. "8", or "4/1/1/2"
-        row = {"method": p.method, "target_ratio": p.ratio, "bits": bits, **ev.as_dict(),
-               "train_seconds": self._train_seconds(p.stage)}
+        row = {
+            "method": p.method,
+            "target_ratio": p.ratio,
+            "bits": bits,
+            **ev.as_dict(),
+            "train_seconds": self._train_seconds(p.stage),
+        }
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(row, indent=1))
-        _say(f"[study]   TA {ev.clean_acc:.3f} ATA {ev.pgd_acc:.3f} APGD {ev.apgd_acc:.3f} FGSM {ev.fgsm_acc:.3f} "
-             f"WRM {ev.wrm_acc:.3f} ratio {ev.ratio:.2e} packed {ev.packed_bytes} B ({ev.seconds:.0f} s eval)")
+        _say(
+            f"[study]   TA {ev.clean_acc:.3f} ATA {ev.pgd_acc:.3f} APGD {ev.apgd_acc:.3f} FGSM {ev.fgsm_acc:.3f} "
+            f"WRM {ev.wrm_acc:.3f} ratio {ev.ratio:.2e} packed {ev.packed_bytes} B ({ev.seconds:.0f} s eval)"
+        )
         return row
 
 
 # -- outputs -----------------------------------------------------------------------------------
-CSV_KEYS = ["method", "target_ratio", "bits", "ratio", "size_bits", "dense_bits", "packed_bytes", "nnz", "clean_acc",
-            "pgd_acc", "apgd_acc", "apgd_method", "gradient_masking", "fgsm_acc", "wrm_acc", "n",
-            "train_seconds", "seconds"]
+CSV_KEYS = [
+    "method",
+    "target_ratio",
+    "bits",
+    "ratio",
+    "size_bits",
+    "dense_bits",
+    "packed_bytes",
+    "nnz",
+    "clean_acc",
+    "pgd_acc",
+    "apgd_acc",
+    "apgd_method",
+    "gradient_masking",
+    "fgsm_acc",
+    "wrm_acc",
+    "n",
+    "train_seconds",
+    "seconds",
+]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -249,20 +324,55 @@ def _ata_label(protocol: Protocol) -> str:
 def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = None) -> str:
     """The results table, the gradient-masking flags and (with ``paper`` readings) the comparison with the paper."""
     protocol = PROTOCOLS[cfg.protocol]
-    head = ["method", "target ratio", "bits", "TA %", f"ATA % ({_ata_label(protocol)})", f"APGD-CE-{cfg.apgd_steps} %",
-            "FGSM %", "WRM %", "size bits", "ratio", "packed B", "train s"]
+    head = [
+        "method",
+        "target ratio",
+        "bits",
+        "TA %",
+        f"ATA % ({_ata_label(protocol)})",
+        f"APGD-CE-{cfg.apgd_steps} %",
+        "FGSM %",
+        "WRM %",
+        "size bits",
+        "ratio",
+        "packed B",
+        "train s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         flag = " (masking?)" if r["gradient_masking"] else ""
         tr = "dense" if r["target_ratio"] is None else f"{r['target_ratio']:g}"
-        lines.append("| " + " | ".join([
-            r["method"], tr, r.get("bits", "-"), _pct(r["clean_acc"]), _pct(r["pgd_acc"]), _pct(r["apgd_acc"]) + flag,
-            _pct(r["fgsm_acc"]), _pct(r["wrm_acc"]), f"{r['size_bits']:,}", f"{r['ratio']:.2e}",
-            f"{r['packed_bytes']:,}", f"{r['train_seconds']:.0f}"]) + " |")
-    masked = [r["method"] + ("" if r["target_ratio"] is None else f" @ {r['target_ratio']:g}") for r in rows
-              if r["gradient_masking"]]
-    text = "\n".join(lines) + "\n\ngradient-masking flags (APGD more than 3 points below PGD): " + \
-        (", ".join(masked) if masked else "none") + "\n"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    tr,
+                    r.get("bits", "-"),
+                    _pct(r["clean_acc"]),
+                    _pct(r["pgd_acc"]),
+                    _pct(r["apgd_acc"]) + flag,
+                    _pct(r["fgsm_acc"]),
+                    _pct(r["wrm_acc"]),
+                    f"{r['size_bits']:,}",
+                    f"{r['ratio']:.2e}",
+                    f"{r['packed_bytes']:,}",
+                    f"{r['train_seconds']:.0f}",
+                ]
+            )
+            + " |"
+        )
+    masked = [
+        r["method"] + ("" if r["target_ratio"] is None else f" @ {r['target_ratio']:g}")
+        for r in rows
+        if r["gradient_masking"]
+    ]
+    text = (
+        "\n".join(lines)
+        + "\n\ngradient-masking flags (APGD more than 3 points below PGD): "
+        + (", ".join(masked) if masked else "none")
+        + "\n"
+    )
     if paper:
         cmp = ["| point | paper TA / ATA | ours TA / ATA (APGD) | ours - paper, TA / ATA |", "|---|---|---|---|"]
         by = {(r["method"], r["target_ratio"]): r for r in rows}
@@ -270,8 +380,10 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = 
             r = by.get((m, ratio))
             if r is not None:
                 name = m if ratio is None else f"{m} @ {ratio:g}"
-                cmp.append(f"| {name} | {ta:.3f} / {ata:.3f} | {r['clean_acc']:.3f} / {r['pgd_acc']:.3f} "
-                           f"({r['apgd_acc']:.3f}) | {r['clean_acc'] - ta:+.3f} / {r['pgd_acc'] - ata:+.3f} |")
+                cmp.append(
+                    f"| {name} | {ta:.3f} / {ata:.3f} | {r['clean_acc']:.3f} / {r['pgd_acc']:.3f} "
+                    f"({r['apgd_acc']:.3f}) | {r['clean_acc'] - ta:+.3f} / {r['pgd_acc'] - ata:+.3f} |"
+                )
         text += "\nComparison with the paper (Figure 2, read off the plot, +-0.02):\n\n" + "\n".join(cmp) + "\n"
     return text
 
@@ -286,8 +398,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, protocol: Protocol,
     import matplotlib.pyplot as plt
 
     paper = paper or {}
-    style = {"ATMC-8b": ("C0", "o"), "ATMC-32b": ("C1", "s"), "ATMC-alloc": ("C4", "D"), "AP": ("C2", "^"),
-             "NAP": ("C3", "v")}
+    style = {
+        "ATMC-8b": ("C0", "o"),
+        "ATMC-32b": ("C1", "s"),
+        "ATMC-alloc": ("C4", "D"),
+        "AP": ("C2", "^"),
+        "NAP": ("C3", "v"),
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, name in ((axes[0], "clean_acc", "TA"), (axes[1], "pgd_acc", f"ATA ({_ata_label(protocol)})")):
         col = 0 if key == "clean_acc" else 1
@@ -300,8 +417,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, protocol: Protocol,
                 ax.plot(*zip(*ref), ls="none", marker=marker, mfc="none", ms=10, color=color, label=f"{m} (paper)")
         for r in rows:
             if r["method"] in ("DA", "NAT"):
-                ax.axhline(r[key], color="k" if r["method"] == "DA" else "gray", ls="--",
-                           label=f"{r['method']} (dense)")
+                ax.axhline(
+                    r[key], color="k" if r["method"] == "DA" else "gray", ls="--", label=f"{r['method']} (dense)"
+                )
         if ("DA", None) in paper:
             ax.axhline(paper[("DA", None)][col], color="k", ls=":", label="DA (paper)")
         ax.set_xscale("log")
@@ -328,9 +446,19 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return environment(device)
 
 
-def run(cfg: StudyConfig, data_root: Path | None, out: Path, *, name: str = "mnist_study", paper: dict | None = None,
-        device: str = "auto", results: Path | None = RESULTS, progress: bool = False, resume: bool = True,
-        command: str = "") -> list[dict[str, Any]]:
+def run(
+    cfg: StudyConfig,
+    data_root: Path | None,
+    out: Path,
+    *,
+    name: str = "mnist_study",
+    paper: dict | None = None,
+    device: str = "auto",
+    results: Path | None = RESULTS,
+    progress: bool = False,
+    resume: bool = True,
+    command: str = "",
+) -> list[dict[str, Any]]:
     """Run (or continue) a study; returns the rows. Writes ``<name>.csv``, ``<name>.png``, ``<name>.md`` and
     ``study.json`` in ``out`` and, unless ``results`` is None, copies them to ``results/<name>_<date>.*``."""
     t0 = time.perf_counter()
@@ -345,18 +473,27 @@ def run(cfg: StudyConfig, data_root: Path | None, out: Path, *, name: str = "mni
             raise ValueError(f"{out} holds a study with another configuration ({record}); use another --out")
     study = Study(cfg, data_root, out, device=device, progress=progress, resume=resume)
     env = _environment(study.exp.device)
-    meta = {"config": spec, **env, "device": str(study.exp.device), "threads": torch.get_num_threads(),
-            "command": command, "protocol": asdict(study.protocol), "train_images": len(study.exp.data.train),
-            "test_images": len(study.exp.data.test)}
+    meta = {
+        "config": spec,
+        **env,
+        "device": str(study.exp.device),
+        "threads": torch.get_num_threads(),
+        "command": command,
+        "protocol": asdict(study.protocol),
+        "train_images": len(study.exp.data.train),
+        "test_images": len(study.exp.data.test),
+    }
     record.write_text(json.dumps(meta, indent=1))
     rows = []
     for p in points(cfg):
         rows.append(study.run_point(p))
         write_csv(rows, out / f"{name}.csv")
     data = "synthetic " + cfg.dataset if cfg.synthetic else cfg.dataset
-    title = (f"{cfg.model} on {data} ({cfg.preset}: {meta['train_images']} train / {meta['test_images']} test, "
-             f"{cfg.dense_epochs} dense + {cfg.atmc_epochs} ATMC epochs), {_ata_label(study.protocol)}; "
-             f"{env['commit']} {env['date']}")
+    title = (
+        f"{cfg.model} on {data} ({cfg.preset}: {meta['train_images']} train / {meta['test_images']} test, "
+        f"{cfg.dense_epochs} dense + {cfg.atmc_epochs} ATMC epochs), {_ata_label(study.protocol)}; "
+        f"{env['commit']} {env['date']}"
+    )
     plot(rows, out / f"{name}.png", title, study.protocol, paper)
     md = markdown(rows, cfg, paper)
     (out / f"{name}.md").write_text(f"{title}\n\n{md}")
@@ -403,8 +540,9 @@ def _type(f: dataclasses.Field):
     return float if "float" in t else int
 
 
-def parser(prog: str, description: str, presets: dict[str, StudyConfig], default: str | None,
-           switches: bool = True) -> argparse.ArgumentParser:
+def parser(
+    prog: str, description: str, presets: dict[str, StudyConfig], default: str | None, switches: bool = True
+) -> argparse.ArgumentParser:
     """The shared command line: the preset (``--<preset>`` switches, or ``--preset NAME``), ``--data-root``,
     ``--out``, one override per :class:`StudyConfig` field, device / threads / results options."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
@@ -413,12 +551,18 @@ def parser(prog: str, description: str, presets: dict[str, StudyConfig], default
     if switches:
         g = ap.add_mutually_exclusive_group()
         for name in presets:
-            g.add_argument(f"--{name}", dest="preset", action="store_const", const=name,
-                           help=f"preset {name!r}" + (" (default)" if name == default else ""))
+            g.add_argument(
+                f"--{name}",
+                dest="preset",
+                action="store_const",
+                const=name,
+                help=f"preset {name!r}" + (" (default)" if name == default else ""),
+            )
         ap.set_defaults(preset=default)
     else:
-        ap.add_argument("--preset", choices=list(presets), required=default is None, default=default,
-                        help="the protocol to run")
+        ap.add_argument(
+            "--preset", choices=list(presets), required=default is None, default=default, help="the protocol to run"
+        )
     for f in dataclasses.fields(StudyConfig):
         if f.name not in ("preset", "synthetic"):
             ap.add_argument("--" + f.name.replace("_", "-"), type=_type(f), help=f"override the preset's {f.name}")
@@ -432,8 +576,11 @@ def parser(prog: str, description: str, presets: dict[str, StudyConfig], default
 
 
 def config_from_args(a: argparse.Namespace, presets: dict[str, StudyConfig]) -> StudyConfig:
-    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(StudyConfig)
-            if f.name not in ("preset", "synthetic") and getattr(a, f.name, None) is not None}
+    over = {
+        f.name: getattr(a, f.name)
+        for f in dataclasses.fields(StudyConfig)
+        if f.name not in ("preset", "synthetic") and getattr(a, f.name, None) is not None
+    }
     return dataclasses.replace(presets[a.preset], **over)
 
 
@@ -446,9 +593,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(a, PRESETS)
     if a.threads:
         torch.set_num_threads(a.threads)
-    return run_cli("mnist_study", cfg, a.data_root, a.out, name="mnist_study", paper=PAPER, device=a.device,
-                   results=None if a.no_results else a.results, progress=a.progress, resume=not a.no_resume,
-                   command="python -m bench.mnist_study " + " ".join(argv))
+    return run_cli(
+        "mnist_study",
+        cfg,
+        a.data_root,
+        a.out,
+        name="mnist_study",
+        paper=PAPER,
+        device=a.device,
+        results=None if a.no_results else a.results,
+        progress=a.progress,
+        resume=not a.no_resume,
+        command="python -m bench.mnist_study " + " ".join(argv),
+    )
 
 
 def run_cli(prog: str, *args: Any, **kwargs: Any) -> int:

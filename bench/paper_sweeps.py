@@ -41,22 +41,52 @@ import torch
 
 from bench.mnist_study import RATIOS, StudyConfig, config_from_args, parser, run_cli
 
-_CIFAR = dict(dense_epochs=200, lr=0.05, dense_milestones=(80, 120, 150), atmc_epochs=100, prune_epochs=100,
-              atmc_lr=1e-3, atmc_milestones=(40, 70, 90), batch_size=128, weight_decay=1e-4, lr_schedule="step",
-              quant_interval=5, rho=0.1, ratios=RATIOS, eval_size=1000)
+_CIFAR = dict(
+    dense_epochs=200,
+    lr=0.05,
+    dense_milestones=(80, 120, 150),
+    atmc_epochs=100,
+    prune_epochs=100,
+    atmc_lr=1e-3,
+    atmc_milestones=(40, 70, 90),
+    batch_size=128,
+    weight_decay=1e-4,
+    lr_schedule="step",
+    quant_interval=5,
+    rho=0.1,
+    ratios=RATIOS,
+    eval_size=1000,
+)
 
 PRESETS: dict[str, StudyConfig] = {
     "cifar10": StudyConfig("cifar10", None, None, dataset="cifar10", model="resnet34", protocol="cifar10", **_CIFAR),
-    "cifar100": StudyConfig("cifar100", None, None, dataset="cifar100", model="resnet34", protocol="cifar100",
-                            **_CIFAR),
-    "svhn": StudyConfig("svhn", None, None, dataset="svhn", model="wrn16_8", protocol="svhn",
-                        **{**_CIFAR, "dense_epochs": 100, "lr": 0.01, "dense_milestones": (40, 70, 90),
-                           "batch_size": 256}),
+    "cifar100": StudyConfig(
+        "cifar100", None, None, dataset="cifar100", model="resnet34", protocol="cifar100", **_CIFAR
+    ),
+    "svhn": StudyConfig(
+        "svhn",
+        None,
+        None,
+        dataset="svhn",
+        model="wrn16_8",
+        protocol="svhn",
+        **{**_CIFAR, "dense_epochs": 100, "lr": 0.01, "dense_milestones": (40, 70, 90), "batch_size": 256},
+    ),
 }
 
 # --synthetic: every stage on random data, one epoch each, two ratios, a short APGD
-SYNTHETIC = dict(synthetic=True, train_subset=32, test_subset=16, dense_epochs=1, atmc_epochs=1, prune_epochs=1,
-                 batch_size=16, apgd_steps=5, eval_size=0, ratios=(1e-2, 5e-2))
+SYNTHETIC = dict(
+    synthetic=True,
+    train_subset=32,
+    test_subset=16,
+    dense_epochs=1,
+    atmc_epochs=1,
+    prune_epochs=1,
+    batch_size=16,
+    apgd_steps=5,
+    eval_size=0,
+    ratios=(1e-2, 5e-2),
+)
 
 
 def config(preset: str, synthetic: bool = False, **overrides) -> StudyConfig:
@@ -79,9 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     out = a.out or Path("atmc_runs") / f"sweep_{a.preset}{'_synthetic' if a.synthetic else ''}"
-    return run_cli("paper_sweeps", cfg, a.data_root, out, name=f"sweep_{a.preset}", device=a.device,
-                   results=None if a.no_results or a.synthetic else a.results, progress=a.progress,
-                   resume=not a.no_resume, command="python -m bench.paper_sweeps " + " ".join(argv))
+    return run_cli(
+        "paper_sweeps",
+        cfg,
+        a.data_root,
+        out,
+        name=f"sweep_{a.preset}",
+        device=a.device,
+        results=None if a.no_results or a.synthetic else a.results,
+        progress=a.progress,
+        resume=not a.no_resume,
+        command="python -m bench.paper_sweeps " + " ".join(argv),
+    )
 
 
 if __name__ == "__main__":

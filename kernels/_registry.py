@@ -16,7 +16,6 @@ import torch
 __all__ = ["HAS_TRITON", "register_op"]
 
 
-
 def _has_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None

@@ -253,10 +253,16 @@ if not HAS_TRITON:  # the package works without Triton: the references serve eve
     admm_step_triton = admm_dual_update_triton = None
 
 admm_step = register_op(
-    "admm_step", reference=admm_step_ref, fake=_admm_step_fake, launcher=admm_step_triton,
+    "admm_step",
+    reference=admm_step_ref,
+    fake=_admm_step_fake,
+    launcher=admm_step_triton,
     mutates_args=("w", "mom", "mask"),
 )
 admm_dual_update = register_op(
-    "admm_dual_update", reference=admm_dual_update_ref, fake=_dual_update_fake, launcher=admm_dual_update_triton,
+    "admm_dual_update",
+    reference=admm_dual_update_ref,
+    fake=_dual_update_fake,
+    launcher=admm_dual_update_triton,
     mutates_args=("u",),
 )

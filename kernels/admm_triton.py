@@ -86,9 +86,27 @@ def _store(ptr, offs, x, limit, MASKED: tl.constexpr):
 
 @triton.jit
 def _update_tile(
-    w_ptr, grad_ptr, mom_ptr, z_ptr, u_ptr, wn_ptr, mn_ptr, offs, n, lr, momentum, weight_decay, rho,
-    acc, bad, outside,
-    NESTEROV: tl.constexpr, HIST: tl.constexpr, NB: tl.constexpr, SHIFT: tl.constexpr, MASKED: tl.constexpr,
+    w_ptr,
+    grad_ptr,
+    mom_ptr,
+    z_ptr,
+    u_ptr,
+    wn_ptr,
+    mn_ptr,
+    offs,
+    n,
+    lr,
+    momentum,
+    weight_decay,
+    rho,
+    acc,
+    bad,
+    outside,
+    NESTEROV: tl.constexpr,
+    HIST: tl.constexpr,
+    NB: tl.constexpr,
+    SHIFT: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     w = _load(w_ptr, offs, n, MASKED)  # [BLOCK] f32
     gr = _load(grad_ptr, offs, n, MASKED).to(tl.float32)
@@ -153,12 +171,52 @@ def _update_kernel(
         offs = start + lanes  # [BLOCK]
         if start + BLOCK <= n:
             acc, bad, outside = _update_tile(
-                w_ptr, grad_ptr, mom_ptr, z_ptr, u_ptr, wn_ptr, mn_ptr, offs, n, lr, momentum, weight_decay, rho,
-                acc, bad, outside, NESTEROV, HIST, NB, SHIFT, False)
+                w_ptr,
+                grad_ptr,
+                mom_ptr,
+                z_ptr,
+                u_ptr,
+                wn_ptr,
+                mn_ptr,
+                offs,
+                n,
+                lr,
+                momentum,
+                weight_decay,
+                rho,
+                acc,
+                bad,
+                outside,
+                NESTEROV,
+                HIST,
+                NB,
+                SHIFT,
+                False,
+            )
         else:
             acc, bad, outside = _update_tile(
-                w_ptr, grad_ptr, mom_ptr, z_ptr, u_ptr, wn_ptr, mn_ptr, offs, n, lr, momentum, weight_decay, rho,
-                acc, bad, outside, NESTEROV, HIST, NB, SHIFT, True)
+                w_ptr,
+                grad_ptr,
+                mom_ptr,
+                z_ptr,
+                u_ptr,
+                wn_ptr,
+                mn_ptr,
+                offs,
+                n,
+                lr,
+                momentum,
+                weight_decay,
+                rho,
+                acc,
+                bad,
+                outside,
+                NESTEROV,
+                HIST,
+                NB,
+                SHIFT,
+                True,
+            )
     tl.atomic_add(ws_ptr + 2, tl.sum(bad, axis=0), sem="relaxed")
     if HIST:
         acc -= tl.where(bins == 0, outside, 0)
@@ -166,8 +224,9 @@ def _update_kernel(
 
 
 @triton.jit
-def _refine_tile(wn_ptr, offs, n, prefix, acc, missed, HI: tl.constexpr, LO: tl.constexpr, NB: tl.constexpr,
-                 MASKED: tl.constexpr):
+def _refine_tile(
+    wn_ptr, offs, n, prefix, acc, missed, HI: tl.constexpr, LO: tl.constexpr, NB: tl.constexpr, MASKED: tl.constexpr
+):
     bits = _magnitude_bits(_load(wn_ptr, offs, n, MASKED))  # [BLOCK]
     cand = (bits >> HI) == prefix
     if MASKED:
@@ -246,8 +305,20 @@ def _scan_kernel(
 
 
 @triton.jit
-def _write_tile(wn_ptr, mn_ptr, w_ptr, mom_ptr, mask_ptr, offs, limit, tau_bits, need, seen,
-                MODE: tl.constexpr, MASKED: tl.constexpr):
+def _write_tile(
+    wn_ptr,
+    mn_ptr,
+    w_ptr,
+    mom_ptr,
+    mask_ptr,
+    offs,
+    limit,
+    tau_bits,
+    need,
+    seen,
+    MODE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     wn = _load(wn_ptr, offs, limit, MASKED)  # [BLOCK]
     mn = _load(mn_ptr, offs, limit, MASKED)
     if MODE == 2:  # SELECT: keep |wn| > tau, and the first `need` ties |wn| == tau by flat index
@@ -301,11 +372,9 @@ def _write_kernel(
         start = (pid.to(tl.int64) * tiles + t) * BLOCK
         offs = start + lanes  # [BLOCK]
         if start + BLOCK <= limit:
-            seen = _write_tile(wn_ptr, mn_ptr, w_ptr, mom_ptr, mask_ptr, offs, limit, tau_bits, need, seen,
-                               MODE, False)
+            seen = _write_tile(wn_ptr, mn_ptr, w_ptr, mom_ptr, mask_ptr, offs, limit, tau_bits, need, seen, MODE, False)
         else:
-            seen = _write_tile(wn_ptr, mn_ptr, w_ptr, mom_ptr, mask_ptr, offs, limit, tau_bits, need, seen,
-                               MODE, True)
+            seen = _write_tile(wn_ptr, mn_ptr, w_ptr, mom_ptr, mask_ptr, offs, limit, tau_bits, need, seen, MODE, True)
     nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
     tl.store(tau_ptr, tl.where(ok, tau, nan), mask=pid == 0)
 
@@ -377,9 +446,27 @@ def launch_admm_step(
     pb = triton.next_power_of_2(programs)
     grid = (programs,)
     wrap_triton(_update_kernel)[grid](
-        w_ptr=w, grad_ptr=grad, mom_ptr=mom, z_ptr=z, u_ptr=u, wn_ptr=wn, mn_ptr=mn, ws_ptr=ws, n=n, tiles=tiles,
-        lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay), rho=float(rho),
-        NESTEROV=bool(nesterov), HIST=select, NB=NB1, SHIFT=D2 + D3, H_OFF=_H1, BLOCK=block, num_warps=NUM_WARPS,
+        w_ptr=w,
+        grad_ptr=grad,
+        mom_ptr=mom,
+        z_ptr=z,
+        u_ptr=u,
+        wn_ptr=wn,
+        mn_ptr=mn,
+        ws_ptr=ws,
+        n=n,
+        tiles=tiles,
+        lr=float(lr),
+        momentum=float(momentum),
+        weight_decay=float(weight_decay),
+        rho=float(rho),
+        NESTEROV=bool(nesterov),
+        HIST=select,
+        NB=NB1,
+        SHIFT=D2 + D3,
+        H_OFF=_H1,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
     )
     if select:
         # (bins, digit bits, histogram offset, shift of the digits above, shift of this digit) per level
@@ -387,16 +474,47 @@ def launch_admm_step(
         for level, (nb, digit, h_off, hi, lo) in enumerate(levels):
             if level:  # histogram of this digit among the elements that share the digits found so far
                 wrap_triton(_refine_kernel)[grid](
-                    wn_ptr=wn, ws_ptr=ws, n=n, tiles=tiles, programs=programs, HI=hi, LO=lo, NB=nb,
-                    H_OFF=h_off, ROWS=level == 2, TIES_OFF=_TIES, BLOCK=block, num_warps=NUM_WARPS,
+                    wn_ptr=wn,
+                    ws_ptr=ws,
+                    n=n,
+                    tiles=tiles,
+                    programs=programs,
+                    HI=hi,
+                    LO=lo,
+                    NB=nb,
+                    H_OFF=h_off,
+                    ROWS=level == 2,
+                    TIES_OFF=_TIES,
+                    BLOCK=block,
+                    num_warps=NUM_WARPS,
                 )
             wrap_triton(_scan_kernel)[(1,)](
-                ws_ptr=ws, k=k, programs=programs, FIRST=level == 0, TIES=level == 2, NB=nb, DIGIT=digit,
-                H_OFF=h_off, TIES_OFF=_TIES, PB=pb, num_warps=4,
+                ws_ptr=ws,
+                k=k,
+                programs=programs,
+                FIRST=level == 0,
+                TIES=level == 2,
+                NB=nb,
+                DIGIT=digit,
+                H_OFF=h_off,
+                TIES_OFF=_TIES,
+                PB=pb,
+                num_warps=4,
             )
     wrap_triton(_write_kernel)[grid](
-        wn_ptr=wn, mn_ptr=mn, w_ptr=w, mom_ptr=mom, mask_ptr=mask, tau_ptr=tau, ws_ptr=ws, n=n, tiles=tiles,
-        MODE=mode, TIES_OFF=_TIES, BLOCK=block, num_warps=NUM_WARPS,
+        wn_ptr=wn,
+        mn_ptr=mn,
+        w_ptr=w,
+        mom_ptr=mom,
+        mask_ptr=mask,
+        tau_ptr=tau,
+        ws_ptr=ws,
+        n=n,
+        tiles=tiles,
+        MODE=mode,
+        TIES_OFF=_TIES,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
     )
 
 

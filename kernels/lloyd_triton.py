@@ -291,8 +291,9 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
     if _tracing(values):
         return
     if not (values.device.type == "cuda" or (values.device.type == "cpu" and _interpreted())):
-        raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), "
-                         f"got {values.device}")
+        raise ValueError(
+            f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {values.device}"
+        )
     if offsets.numel() > 1 or values.numel() > 0:
         o = offsets.tolist()
         if o[0] != 0 or o[-1] != values.numel() or any(a > b for a, b in zip(o, o[1:])):

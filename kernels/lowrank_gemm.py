@@ -47,17 +47,33 @@ def dequantize(codes: Tensor, book: Tensor, dtype: torch.dtype = torch.float32) 
     return book.to(dtype).index_select(0, codes.reshape(-1).long()).view(codes.shape)
 
 
-def check_factor(op: str, name: str, fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor,
-                 indptr: Tensor, indices: Tensor, device: torch.device) -> None:
+def check_factor(
+    op: str,
+    name: str,
+    fmt: int,
+    rows: int,
+    cols: int,
+    codes: Tensor,
+    book: Tensor,
+    indptr: Tensor,
+    indices: Tensor,
+    device: torch.device,
+) -> None:
     """Validate one packed factor's format, dtypes, devices and sizes (not its index values)."""
     where = f"{op}: factor {name} [{rows}, {cols}]"
     if fmt not in (FMT_EMPTY, FMT_DENSE, FMT_CSR):
         raise ValueError(f"{where}: fmt must be 0 (empty), 1 (dense) or 2 (csr), got {fmt}")
-    for t, what, dtypes in ((codes, "codes", (torch.int32,)), (book, "book", (torch.float32,)),
-                            (indptr, "indptr", (torch.int32,)), (indices, "indices", (torch.int16, torch.int32))):
+    for t, what, dtypes in (
+        (codes, "codes", (torch.int32,)),
+        (book, "book", (torch.float32,)),
+        (indptr, "indptr", (torch.int32,)),
+        (indices, "indices", (torch.int16, torch.int32)),
+    ):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in dtypes:
-            raise ValueError(f"{where}: {what} must be a 1-D {'/'.join(map(str, dtypes))} tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{where}: {what} must be a 1-D {'/'.join(map(str, dtypes))} tensor, got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
         if t.device != device:
             raise ValueError(f"{where}: {what} is on {t.device}, x is on {device}")
         if not t.is_contiguous():
@@ -68,8 +84,9 @@ def check_factor(op: str, name: str, fmt: int, rows: int, cols: int, codes: Tens
             raise ValueError(f"{where}: an empty factor has empty codes, book, indptr and indices")
         return
     if nbook == 1 or nbook > MAX_BOOK:
-        raise ValueError(f"{where}: book must hold the zero plus 1..256 levels (or nothing for raw values), "
-                         f"got {nbook} entries")
+        raise ValueError(
+            f"{where}: book must hold the zero plus 1..256 levels (or nothing for raw values), got {nbook} entries"
+        )
     width = code_width(fmt, nbook - 1, nbook == 0)
     if fmt == FMT_DENSE:
         count = rows * cols
@@ -82,23 +99,28 @@ def check_factor(op: str, name: str, fmt: int, rows: int, cols: int, codes: Tens
         if indices.dtype == torch.int16 and cols > 2**15:
             raise ValueError(f"{where}: int16 column indices cannot address {cols} columns")
     if codes.numel() != packed_words(count, width):
-        raise ValueError(f"{where}: codes must hold {packed_words(count, width)} int32 words "
-                         f"({count} codes of {width} bits plus a pad word), got {codes.numel()}")
+        raise ValueError(
+            f"{where}: codes must hold {packed_words(count, width)} int32 words "
+            f"({count} codes of {width} bits plus a pad word), got {codes.numel()}"
+        )
 
 
 def check_linear(op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> None:
     """Validate ``atmc_linear`` arguments; ``factors`` is ``[(fmt, codes, book, indptr, indices)] * 3`` (U, V, C)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
-        raise ValueError(f"{op}: x must be a 2-D float tensor [M, K], got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(
+            f"{op}: x must be a 2-D float tensor [M, K], got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+        )
     K = x.shape[1]
     if n < 1 or r < 1 or K < 1:
         raise ValueError(f"{op}: need N, r, K >= 1, got N={n}, r={r}, K={K}")
     if identity not in (IDENTITY_NONE, IDENTITY_U, IDENTITY_V):
         raise ValueError(f"{op}: identity must be 0, 1 or 2, got {identity}")
     if (identity == IDENTITY_U and r != n) or (identity == IDENTITY_V and r != K):
-        raise ValueError(f"{op}: identity={identity} needs r == {'N' if identity == IDENTITY_U else 'K'}, "
-                         f"got r={r}, N={n}, K={K}")
+        raise ValueError(
+            f"{op}: identity={identity} needs r == {'N' if identity == IDENTITY_U else 'K'}, got r={r}, N={n}, K={K}"
+        )
     if bias is not None:
         if bias.shape != (n,) or bias.dtype not in _FLOATS:
             raise ValueError(f"{op}: bias must be a float tensor [{n}], got {bias.dtype} {tuple(bias.shape)}")
@@ -120,9 +142,21 @@ def atmc_linear_ref(
     n: int,
     r: int,
     identity: int,
-    u_fmt: int, u_codes: Tensor, u_book: Tensor, u_indptr: Tensor, u_indices: Tensor,
-    v_fmt: int, v_codes: Tensor, v_book: Tensor, v_indptr: Tensor, v_indices: Tensor,
-    c_fmt: int, c_codes: Tensor, c_book: Tensor, c_indptr: Tensor, c_indices: Tensor,
+    u_fmt: int,
+    u_codes: Tensor,
+    u_book: Tensor,
+    u_indptr: Tensor,
+    u_indices: Tensor,
+    v_fmt: int,
+    v_codes: Tensor,
+    v_book: Tensor,
+    v_indptr: Tensor,
+    v_indices: Tensor,
+    c_fmt: int,
+    c_codes: Tensor,
+    c_book: Tensor,
+    c_indptr: Tensor,
+    c_indices: Tensor,
 ) -> Tensor:
     """``y [M, n]`` for ``x [M, K]`` from packed factors ``U [n, r]``, ``V [r, K]``, ``C [n, K]``.
 
@@ -138,8 +172,11 @@ def atmc_linear_ref(
         >>> atmc_linear_ref(torch.ones(1, 2), None, 2, 2, 2, *u, *none, *none).tolist()  # U (0 + I) x
         [[2.0, 2.0]]
     """
-    factors = ((u_fmt, u_codes, u_book, u_indptr, u_indices), (v_fmt, v_codes, v_book, v_indptr, v_indices),
-               (c_fmt, c_codes, c_book, c_indptr, c_indices))
+    factors = (
+        (u_fmt, u_codes, u_book, u_indptr, u_indices),
+        (v_fmt, v_codes, v_book, v_indptr, v_indices),
+        (c_fmt, c_codes, c_book, c_indptr, c_indices),
+    )
     check_linear("atmc_linear", x, bias, n, r, identity, factors)
     K = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -165,8 +202,9 @@ def _linear_fake(x, bias, n, r, identity, *factors):
     return x.new_empty(x.shape[0], n)
 
 
-def atmc_decode_ref(fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor,
-                    indices: Tensor) -> Tensor:
+def atmc_decode_ref(
+    fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor, indices: Tensor
+) -> Tensor:
     """The dense float32 factor ``[rows, cols]`` of a packed one (validated).
 
     Example:
@@ -194,6 +232,7 @@ atmc_decode = register_op("atmc_decode", reference=atmc_decode_ref, fake=_decode
 
 
 # --- autograd: y = x W^T + b, so dx = g W and db = sum(g); the packed factors are constants ----------------------
+
 
 def _setup_context(ctx, inputs, output):
     x, bias, n, r, identity = inputs[:5]

@@ -11,6 +11,7 @@ import triton.language as tl
 
 # ------------------------------------------------------------------------------------------------ device helpers
 
+
 @triton.jit
 def _codes_at(words_ptr, idx, mask, WIDTH: tl.constexpr):
     """Codes (int64) of elements ``idx`` (int64) of a little-endian ``WIDTH``-bit stream in int32 words."""
@@ -38,9 +39,23 @@ def _dequant(words_ptr, book_ptr, book_len, idx, mask, WIDTH: tl.constexpr, SLOT
 
 
 @triton.jit
-def _b_tile(b_ptr, book_ptr, book_len, book, stride_bn, stride_bk, K, N, kk, rn,
-            KIND: tl.constexpr, WIDTH: tl.constexpr, BOOK_GATHER: tl.constexpr,
-            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _b_tile(
+    b_ptr,
+    book_ptr,
+    book_len,
+    book,
+    stride_bn,
+    stride_bk,
+    K,
+    N,
+    kk,
+    rn,
+    KIND: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BOOK_GATHER: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a factor ``B [N, K]``."""
     mask = (kk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
     idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None].to(tl.int64) * stride_bk  # [BK, BN]
@@ -68,8 +83,9 @@ def _mma(acc, a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_book(book_ptr, book_len, KIND: tl.constexpr, WIDTH: tl.constexpr, BOOK_GATHER: tl.constexpr,
-               BOOK_SIZE: tl.constexpr):
+def _load_book(
+    book_ptr, book_len, KIND: tl.constexpr, WIDTH: tl.constexpr, BOOK_GATHER: tl.constexpr, BOOK_SIZE: tl.constexpr
+):
     if BOOK_GATHER and KIND == 1 and WIDTH != 32:
         r = tl.arange(0, BOOK_SIZE)
         book = tl.load(book_ptr + r, mask=r < book_len, other=0.0)  # [BOOK_SIZE]
@@ -80,16 +96,47 @@ def _load_book(book_ptr, book_len, KIND: tl.constexpr, WIDTH: tl.constexpr, BOOK
 
 # ------------------------------------------------------------------------------------------------ kernels
 
+
 @triton.jit
 def _tile_kernel(
-    out_ptr, stride_om, M, N,
-    a1_ptr, stride_a1m, K1, b1_ptr, book1_ptr, book1_len, stride_b1n, stride_b1k,
-    a2_ptr, stride_a2m, K2, b2_ptr, book2_ptr, book2_len, stride_b2n, stride_b2k,
-    e_ptr, stride_em, bias_ptr, M_BUCKET,
-    KIND1: tl.constexpr, WIDTH1: tl.constexpr, BOOK1: tl.constexpr,
-    KIND2: tl.constexpr, WIDTH2: tl.constexpr, BOOK2: tl.constexpr,
-    HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, BOOK_GATHER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    out_ptr,
+    stride_om,
+    M,
+    N,
+    a1_ptr,
+    stride_a1m,
+    K1,
+    b1_ptr,
+    book1_ptr,
+    book1_len,
+    stride_b1n,
+    stride_b1k,
+    a2_ptr,
+    stride_a2m,
+    K2,
+    b2_ptr,
+    book2_ptr,
+    book2_len,
+    stride_b2n,
+    stride_b2k,
+    e_ptr,
+    stride_em,
+    bias_ptr,
+    M_BUCKET,
+    KIND1: tl.constexpr,
+    WIDTH1: tl.constexpr,
+    BOOK1: tl.constexpr,
+    KIND2: tl.constexpr,
+    WIDTH2: tl.constexpr,
+    BOOK2: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT: tl.constexpr,
+    BOOK_GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """``out [M, N] (+)= A1 deq(B1)^T + A2 deq(B2)^T + E + bias`` for ``A_s [M, K_s]``, ``B_s [N, K_s]``.
@@ -127,26 +174,63 @@ def _tile_kernel(
     if KIND1 != 0:
         for s in range(s0, tl.minimum(s1, steps1)):
             kk = s * BLOCK_K + rk
-            a = tl.load(a1_ptr + rm64[:, None] * stride_a1m + kk[None, :],
-                        mask=(rm[:, None] < M) & (kk[None, :] < K1), other=0.0)  # [BM, BK]
-            b = _b_tile(b1_ptr, book1_ptr, book1_len, book1, stride_b1n, stride_b1k, K1, N, kk, rn,
-                        KIND1, WIDTH1, BOOK_GATHER, BLOCK_K, BLOCK_N)  # [BK, BN]
+            a = tl.load(
+                a1_ptr + rm64[:, None] * stride_a1m + kk[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < K1),
+                other=0.0,
+            )  # [BM, BK]
+            b = _b_tile(
+                b1_ptr,
+                book1_ptr,
+                book1_len,
+                book1,
+                stride_b1n,
+                stride_b1k,
+                K1,
+                N,
+                kk,
+                rn,
+                KIND1,
+                WIDTH1,
+                BOOK_GATHER,
+                BLOCK_K,
+                BLOCK_N,
+            )  # [BK, BN]
             acc = _mma(acc, a, b, DOT)
     if KIND2 != 0:
         for s in range(tl.maximum(s0, steps1) - steps1, tl.maximum(s1, steps1) - steps1):
             kk = s * BLOCK_K + rk
-            a = tl.load(a2_ptr + rm64[:, None] * stride_a2m + kk[None, :],
-                        mask=(rm[:, None] < M) & (kk[None, :] < K2), other=0.0)  # [BM, BK]
-            b = _b_tile(b2_ptr, book2_ptr, book2_len, book2, stride_b2n, stride_b2k, K2, N, kk, rn,
-                        KIND2, WIDTH2, BOOK_GATHER, BLOCK_K, BLOCK_N)  # [BK, BN]
+            a = tl.load(
+                a2_ptr + rm64[:, None] * stride_a2m + kk[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < K2),
+                other=0.0,
+            )  # [BM, BK]
+            b = _b_tile(
+                b2_ptr,
+                book2_ptr,
+                book2_len,
+                book2,
+                stride_b2n,
+                stride_b2k,
+                K2,
+                N,
+                kk,
+                rn,
+                KIND2,
+                WIDTH2,
+                BOOK_GATHER,
+                BLOCK_K,
+                BLOCK_N,
+            )  # [BK, BN]
             acc = _mma(acc, a, b, DOT)
     mask = (rm[:, None] < M) & (rn[None, :] < N)  # [BM, BN]
     first = (rn * 0 + pid_k) == 0  # [BN]: only split 0 adds the bias and the identity term
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=(rn < N) & first, other=0.0).to(tl.float32)[None, :]
     if HAS_ADDEND:
-        acc += tl.load(e_ptr + rm64[:, None] * stride_em + rn[None, :], mask=mask & first[None, :],
-                       other=0.0).to(tl.float32)
+        acc += tl.load(e_ptr + rm64[:, None] * stride_em + rn[None, :], mask=mask & first[None, :], other=0.0).to(
+            tl.float32
+        )
     out_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -156,12 +240,31 @@ def _tile_kernel(
 
 @triton.jit
 def _csr_mm_kernel(
-    out_ptr, stride_om, M, N,
-    a_ptr, stride_am, stride_ak, K,
-    indptr_ptr, indices_ptr, words_ptr, book_ptr, book_len, nnz,
-    e_ptr, stride_em, bias_ptr, M_BUCKET,
-    WIDTH: tl.constexpr, INIT: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    out_ptr,
+    stride_om,
+    M,
+    N,
+    a_ptr,
+    stride_am,
+    stride_ak,
+    K,
+    indptr_ptr,
+    indices_ptr,
+    words_ptr,
+    book_ptr,
+    book_len,
+    nnz,
+    e_ptr,
+    stride_em,
+    bias_ptr,
+    M_BUCKET,
+    WIDTH: tl.constexpr,
+    INIT: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     """``out[m, n] (+)= sum_j A[m, col_j] * val_j`` over the nonzeros ``j`` of CSR row ``n`` of ``S [N, K]``.
 
@@ -188,8 +291,11 @@ def _csr_mm_kernel(
         col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
         ok = ok & (col >= 0) & (col < K)
         val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)  # [BR, BJ]
-        a = tl.load(a_ptr + rm64[:, None, None] * stride_am + col[None, :, :].to(tl.int64) * stride_ak,
-                    mask=m_ok[:, None, None] & ok[None, :, :], other=0.0)  # [BM, BR, BJ]
+        a = tl.load(
+            a_ptr + rm64[:, None, None] * stride_am + col[None, :, :].to(tl.int64) * stride_ak,
+            mask=m_ok[:, None, None] & ok[None, :, :],
+            other=0.0,
+        )  # [BM, BR, BJ]
         acc += tl.sum(a.to(tl.float32) * val[None, :, :], axis=2)
     ptrs = out_ptr + rm64[:, None] * stride_om + rows[None, :]
     mask = m_ok[:, None] & row_ok[None, :]
@@ -204,8 +310,19 @@ def _csr_mm_kernel(
 
 
 @triton.jit
-def _decode_dense_kernel(out_ptr, stride_o, rows, cols, words_ptr, book_ptr, book_len,
-                         WIDTH: tl.constexpr, ACCUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _decode_dense_kernel(
+    out_ptr,
+    stride_o,
+    rows,
+    cols,
+    words_ptr,
+    book_ptr,
+    book_len,
+    WIDTH: tl.constexpr,
+    ACCUM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """``out[:rows, :cols] (+)= deq(codes)`` for a dense-coded factor."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -218,8 +335,21 @@ def _decode_dense_kernel(out_ptr, stride_o, rows, cols, words_ptr, book_ptr, boo
 
 
 @triton.jit
-def _decode_csr_kernel(out_ptr, stride_o, rows, cols, indptr_ptr, indices_ptr, words_ptr, book_ptr, book_len, nnz,
-                       WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+def _decode_csr_kernel(
+    out_ptr,
+    stride_o,
+    rows,
+    cols,
+    indptr_ptr,
+    indices_ptr,
+    words_ptr,
+    book_ptr,
+    book_len,
+    nnz,
+    WIDTH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
     """``out[row, col] += val`` for every nonzero of a CSR factor (a row's columns are distinct)."""
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rr < rows

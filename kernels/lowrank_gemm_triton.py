@@ -52,8 +52,14 @@ from .lowrank_gemm import IDENTITY_U, IDENTITY_V, atmc_decode_ref, atmc_linear_r
 from .lowrank_gemm_kernels import _csr_mm_kernel, _decode_csr_kernel, _decode_dense_kernel, _tile_kernel
 from .packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, code_width
 
-__all__ = ["DENSIFY_MIN_DENSITY", "SMALL_M", "atmc_decode_triton", "atmc_linear_triton", "decode_launch",
-           "linear_launch"]
+__all__ = [
+    "DENSIFY_MIN_DENSITY",
+    "SMALL_M",
+    "atmc_decode_triton",
+    "atmc_linear_triton",
+    "decode_launch",
+    "linear_launch",
+]
 
 SMALL_M = 32
 DENSIFY_MIN_DENSITY = 1 / 128
@@ -63,6 +69,7 @@ _DOT = {torch.float32: DOT_F32, torch.float16: DOT_F16, torch.bfloat16: DOT_BF16
 
 
 # ------------------------------------------------------------------------------------------------ configs
+
 
 def _cfg(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
@@ -102,6 +109,7 @@ _csr_wide = triton.autotune(CSR_WIDE_CONFIGS, key=_CSR_KEY, restore_value=["out_
 
 
 # ------------------------------------------------------------------------------------------------ launchers
+
 
 class _Factor:
     """One packed factor ``[rows, cols]`` as the launcher sees it."""
@@ -143,14 +151,33 @@ def decode_into(out: Tensor, f: _Factor, accumulate: bool) -> Tensor:
     if f.fmt == FMT_DENSE:
         grid = (triton.cdiv(f.rows, DECODE_DENSE["BLOCK_R"]), triton.cdiv(f.cols, DECODE_DENSE["BLOCK_C"]))
         wrap_triton(_decode_dense_kernel)[grid](
-            out_ptr=out, stride_o=out.stride(0), rows=f.rows, cols=f.cols, words_ptr=f.codes, book_ptr=book,
-            book_len=book_len, WIDTH=f.width, ACCUM=accumulate, **DECODE_DENSE)
+            out_ptr=out,
+            stride_o=out.stride(0),
+            rows=f.rows,
+            cols=f.cols,
+            words_ptr=f.codes,
+            book_ptr=book,
+            book_len=book_len,
+            WIDTH=f.width,
+            ACCUM=accumulate,
+            **DECODE_DENSE,
+        )
     elif f.fmt == FMT_CSR:
         grid = (triton.cdiv(f.rows, DECODE_CSR["BLOCK_R"]),)
         wrap_triton(_decode_csr_kernel)[grid](
-            out_ptr=out, stride_o=out.stride(0), rows=f.rows, cols=f.cols, indptr_ptr=f.indptr,
-            indices_ptr=f.indices, words_ptr=f.codes, book_ptr=book, book_len=book_len, nnz=f.indices.numel(),
-            WIDTH=f.width, **DECODE_CSR)
+            out_ptr=out,
+            stride_o=out.stride(0),
+            rows=f.rows,
+            cols=f.cols,
+            indptr_ptr=f.indptr,
+            indices_ptr=f.indices,
+            words_ptr=f.codes,
+            book_ptr=book,
+            book_len=book_len,
+            nnz=f.indices.numel(),
+            WIDTH=f.width,
+            **DECODE_CSR,
+        )
     return out
 
 
@@ -161,15 +188,29 @@ def decode_launch(f: _Factor, dtype: torch.dtype = torch.float32) -> Tensor:
     return decode_into(torch.zeros(f.rows, f.cols, dtype=dtype, device=f.codes.device), f, accumulate=True)
 
 
-def _tile_launch(out: Tensor, terms: list, addend: Tensor | None, bias: Tensor | None, dot: int, small: bool,
-                 book_gather: bool, config: dict | None) -> None:
+def _tile_launch(
+    out: Tensor,
+    terms: list,
+    addend: Tensor | None,
+    bias: Tensor | None,
+    dot: int,
+    small: bool,
+    book_gather: bool,
+    config: dict | None,
+) -> None:
     """One :func:`_tile_kernel` launch for ``terms = [(A, _Factor | plain Tensor)]`` (at most two)."""
     M, N = out.shape
-    args = {"out_ptr": out, "stride_om": out.stride(0), "M": M, "N": N,
-            "e_ptr": out if addend is None else addend, "stride_em": 0 if addend is None else addend.stride(0),
-            "bias_ptr": out if bias is None else bias, "M_BUCKET": _pow2(M)}
-    consts = {"HAS_ADDEND": addend is not None, "HAS_BIAS": bias is not None, "DOT": dot,
-              "BOOK_GATHER": book_gather}
+    args = {
+        "out_ptr": out,
+        "stride_om": out.stride(0),
+        "M": M,
+        "N": N,
+        "e_ptr": out if addend is None else addend,
+        "stride_em": 0 if addend is None else addend.stride(0),
+        "bias_ptr": out if bias is None else bias,
+        "M_BUCKET": _pow2(M),
+    }
+    consts = {"HAS_ADDEND": addend is not None, "HAS_BIAS": bias is not None, "DOT": dot, "BOOK_GATHER": book_gather}
     for s in (1, 2):
         a, b = terms[s - 1] if s <= len(terms) else (None, None)
         kind = KIND_NONE if b is None else KIND_PLAIN if isinstance(b, Tensor) else KIND_CODES
@@ -177,11 +218,21 @@ def _tile_launch(out: Tensor, terms: list, addend: Tensor | None, bias: Tensor |
         book, book_len, book_size = _book_args(f)
         b_ptr = out if b is None else b if kind == KIND_PLAIN else f.codes
         K = 0 if a is None else a.shape[1]
-        args |= {f"a{s}_ptr": out if a is None else a, f"stride_a{s}m": 0 if a is None else a.stride(0),
-                 f"K{s}": K, f"b{s}_ptr": b_ptr, f"book{s}_ptr": b_ptr if book is None else book,
-                 f"book{s}_len": book_len, f"stride_b{s}n": K, f"stride_b{s}k": 1}
-        consts |= {f"KIND{s}": kind, f"WIDTH{s}": 0 if f is None else f.width,
-                   f"BOOK{s}": book_size if book_gather else 1}
+        args |= {
+            f"a{s}_ptr": out if a is None else a,
+            f"stride_a{s}m": 0 if a is None else a.stride(0),
+            f"K{s}": K,
+            f"b{s}_ptr": b_ptr,
+            f"book{s}_ptr": b_ptr if book is None else book,
+            f"book{s}_len": book_len,
+            f"stride_b{s}n": K,
+            f"stride_b{s}k": 1,
+        }
+        consts |= {
+            f"KIND{s}": kind,
+            f"WIDTH{s}": 0 if f is None else f.width,
+            f"BOOK{s}": book_size if book_gather else 1,
+        }
     if small:
         consts["BLOCK_M"] = 16 if M <= 16 else 32
     meta = (config or {}).get("tile")
@@ -201,21 +252,47 @@ def _tile_launch(out: Tensor, terms: list, addend: Tensor | None, bias: Tensor |
     wrap_triton(_tile_kernel)[grid](**args, **consts)
 
 
-def _csr_launch(out: Tensor, a_t: Tensor, f: _Factor, small: bool, config: dict | None, init: bool = False,
-                addend: Tensor | None = None, bias: Tensor | None = None) -> None:
+def _csr_launch(
+    out: Tensor,
+    a_t: Tensor,
+    f: _Factor,
+    small: bool,
+    config: dict | None,
+    init: bool = False,
+    addend: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> None:
     """``out += a deq(f)^T`` for a CSR factor ``f [N, K]`` and ``a_t = a^T [K, M]`` contiguous (``init``:
     ``out = addend + bias + a deq(f)^T``). With ``M`` contiguous, the ``BLOCK_M`` activations one
     nonzero multiplies are one coalesced read."""
     M, N = out.shape
     a_arg, stride_am, stride_ak, block_m = a_t, 1, M, _pow2(M) if small else 64
     book, book_len, _ = _book_args(f)
-    args = {"out_ptr": out, "stride_om": out.stride(0), "M": M, "N": N, "a_ptr": a_arg, "stride_am": stride_am,
-            "stride_ak": stride_ak, "K": f.cols, "indptr_ptr": f.indptr, "indices_ptr": f.indices,
-            "words_ptr": f.codes, "book_ptr": f.codes if book is None else book, "book_len": book_len,
-            "nnz": f.indices.numel(), "e_ptr": out if addend is None else addend,
-            "stride_em": 0 if addend is None else addend.stride(0), "bias_ptr": out if bias is None else bias,
-            "M_BUCKET": _pow2(M), "WIDTH": f.width, "INIT": init, "HAS_ADDEND": init and addend is not None,
-            "HAS_BIAS": init and bias is not None, "BLOCK_M": block_m}
+    args = {
+        "out_ptr": out,
+        "stride_om": out.stride(0),
+        "M": M,
+        "N": N,
+        "a_ptr": a_arg,
+        "stride_am": stride_am,
+        "stride_ak": stride_ak,
+        "K": f.cols,
+        "indptr_ptr": f.indptr,
+        "indices_ptr": f.indices,
+        "words_ptr": f.codes,
+        "book_ptr": f.codes if book is None else book,
+        "book_len": book_len,
+        "nnz": f.indices.numel(),
+        "e_ptr": out if addend is None else addend,
+        "stride_em": 0 if addend is None else addend.stride(0),
+        "bias_ptr": out if bias is None else bias,
+        "M_BUCKET": _pow2(M),
+        "WIDTH": f.width,
+        "INIT": init,
+        "HAS_ADDEND": init and addend is not None,
+        "HAS_BIAS": init and bias is not None,
+        "BLOCK_M": block_m,
+    }
     meta = (config or {}).get("csr")
     if meta is None and out.device.type != "cpu":
         kernel = _csr_narrow if block_m <= 8 else _csr_wide
@@ -230,8 +307,16 @@ def _csr_launch(out: Tensor, a_t: Tensor, f: _Factor, small: bool, config: dict 
     wrap_triton(_csr_mm_kernel)[grid](**args, **meta)
 
 
-def _packed_matmul(M: int, N: int, products: list, addend: Tensor | None, bias: Tensor | None,
-                   out_dtype: torch.dtype, dot_dtype: torch.dtype, config: dict | None) -> Tensor:
+def _packed_matmul(
+    M: int,
+    N: int,
+    products: list,
+    addend: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    dot_dtype: torch.dtype,
+    config: dict | None,
+) -> Tensor:
     """``out [M, N] = sum_i A_i deq(F_i)^T + addend + bias`` for ``products = [(A_i, F_i)]``."""
     small = M <= SMALL_M
     cfg = config or {}
@@ -276,8 +361,16 @@ def _packed_matmul(M: int, N: int, products: list, addend: Tensor | None, bias: 
         _tile_launch(out, tile, addend, bias, dot, False, gather, fixed)
     for i, (a, f) in enumerate(sparse):
         first = i == 0 and not tile
-        _csr_launch(out, transposed(a), f, small, config, init=first, addend=addend if first else None,
-                    bias=bias if first else None)
+        _csr_launch(
+            out,
+            transposed(a),
+            f,
+            small,
+            config,
+            init=first,
+            addend=addend if first else None,
+            bias=bias if first else None,
+        )
     return out
 
 
@@ -290,8 +383,9 @@ def _check_launch(op: str, x: Tensor, bias: Tensor | None) -> None:
         raise ValueError(f"{op}: bias must be contiguous")
 
 
-def linear_launch(x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors,
-                  config: dict | None = None) -> Tensor:
+def linear_launch(
+    x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors, config: dict | None = None
+) -> Tensor:
     """Triton ``atmc_linear`` (``factors = [(fmt, codes, book, indptr, indices)] * 3`` for U, V, C).
 
     ``config`` overrides tuning for tests: ``{"tile": {...}, "csr": {...}, "densify": bool,
@@ -306,8 +400,9 @@ def linear_launch(x: Tensor, bias: Tensor | None, n: int, r: int, identity: int,
     t = None
     if U.fmt != FMT_EMPTY or identity == IDENTITY_U:
         if V.fmt != FMT_EMPTY:  # t = x V^T (+ x)  [M, r]
-            t = _packed_matmul(M, r, [(x, V)], x if identity == IDENTITY_V else None, None, torch.float32,
-                               x.dtype, config)
+            t = _packed_matmul(
+                M, r, [(x, V)], x if identity == IDENTITY_V else None, None, torch.float32, x.dtype, config
+            )
         elif identity == IDENTITY_V:
             t = x
     products = [(x, C)] + ([(t, U)] if t is not None else [])
@@ -320,20 +415,36 @@ def atmc_linear_triton(
     n: int,
     r: int,
     identity: int,
-    u_fmt: int, u_codes: Tensor, u_book: Tensor, u_indptr: Tensor, u_indices: Tensor,
-    v_fmt: int, v_codes: Tensor, v_book: Tensor, v_indptr: Tensor, v_indices: Tensor,
-    c_fmt: int, c_codes: Tensor, c_book: Tensor, c_indptr: Tensor, c_indices: Tensor,
+    u_fmt: int,
+    u_codes: Tensor,
+    u_book: Tensor,
+    u_indptr: Tensor,
+    u_indices: Tensor,
+    v_fmt: int,
+    v_codes: Tensor,
+    v_book: Tensor,
+    v_indptr: Tensor,
+    v_indices: Tensor,
+    c_fmt: int,
+    c_codes: Tensor,
+    c_book: Tensor,
+    c_indptr: Tensor,
+    c_indices: Tensor,
 ) -> Tensor:
     """Launcher of op ``atmc_linear`` (same signature and result as :func:`atmc_linear_ref`)."""
-    factors = ((u_fmt, u_codes, u_book, u_indptr, u_indices), (v_fmt, v_codes, v_book, v_indptr, v_indices),
-               (c_fmt, c_codes, c_book, c_indptr, c_indices))
+    factors = (
+        (u_fmt, u_codes, u_book, u_indptr, u_indices),
+        (v_fmt, v_codes, v_book, v_indptr, v_indices),
+        (c_fmt, c_codes, c_book, c_indptr, c_indices),
+    )
     if x.device.type == "cpu":  # only reached when tracing a CPU graph: CPU tensors take the reference
         return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))
     return linear_launch(x, bias, n, r, identity, factors)
 
 
-def atmc_decode_triton(fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor,
-                       indices: Tensor) -> Tensor:
+def atmc_decode_triton(
+    fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor, indices: Tensor
+) -> Tensor:
     """Launcher of op ``atmc_decode`` (same signature and result as :func:`atmc_decode_ref`)."""
     if codes.device.type == "cpu":
         return atmc_decode_ref(fmt, rows, cols, codes, book, indptr, indices)

@@ -140,8 +140,9 @@ def _values(fmt: int, count: int, codes: Tensor, book: Tensor) -> Tensor:
     return book.index_select(0, slot.clamp_max(levels))
 
 
-def decode_factor_ref(fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor,
-                      indices: Tensor) -> Tensor:
+def decode_factor_ref(
+    fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor, indices: Tensor
+) -> Tensor:
     """The dense float32 factor ``[rows, cols]`` of a packed one (the reference decoder).
 
     Example:
@@ -202,6 +203,9 @@ def encode_factor(w: Tensor, raw: bool, fmt: int | None = None) -> tuple[int, Te
     indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
     indices = (idx % cols).to(index_dtype(cols))
     vals = flat[idx]
-    codes = torch.cat([vals.view(torch.int32), i32.new_zeros(1)]) if raw else pack_bits(
-        torch.searchsorted(levels, vals), width)
+    codes = (
+        torch.cat([vals.view(torch.int32), i32.new_zeros(1)])
+        if raw
+        else pack_bits(torch.searchsorted(levels, vals), width)
+    )
     return fmt, codes, book, indptr, indices

@@ -19,8 +19,9 @@ STEPS, GLOBAL_BATCH = 7, 8
 
 
 def model_fn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 16), nn.ReLU(),
-                         nn.Linear(16, 4))
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
 
 
 def sync_check(out: str) -> None:
@@ -60,8 +61,10 @@ def main(out: str) -> None:
         opt.zero_grad()
         nn.functional.cross_entropy(net(x[shard]), y[shard]).backward()
         opt.step()
-    torch.save({"model": model.state_dict(), "mom": opt.store.mom.clone(), "admm": opt.state["admm"]},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {"model": model.state_dict(), "mom": opt.store.mom.clone(), "admm": opt.state["admm"]},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     if world > 1:
         dist.destroy_process_group()
 

@@ -19,8 +19,12 @@ def flat_inputs(n: int, seed: int = 0, ties: bool = False):
     if ties:
         w = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
     return dict(
-        w=w, grad=torch.randn(n, generator=g), mom=torch.randn(n, generator=g) * 0.1,
-        z=torch.randn(n, generator=g), u=torch.randn(n, generator=g) * 0.1, mask=torch.zeros(n, dtype=torch.bool),
+        w=w,
+        grad=torch.randn(n, generator=g),
+        mom=torch.randn(n, generator=g) * 0.1,
+        z=torch.randn(n, generator=g),
+        u=torch.randn(n, generator=g) * 0.1,
+        mask=torch.zeros(n, dtype=torch.bool),
     )
 
 
@@ -38,8 +42,13 @@ def autograd_step(t, lr, momentum, wd, rho, k, nesterov):
     return w, mom
 
 
-@given(n=st.sampled_from([1, 7, 63, 1000]), k_frac=st.floats(0, 1), seed=st.integers(0, 99),
-       nesterov=st.booleans(), ties=st.booleans())
+@given(
+    n=st.sampled_from([1, 7, 63, 1000]),
+    k_frac=st.floats(0, 1),
+    seed=st.integers(0, 99),
+    nesterov=st.booleans(),
+    ties=st.booleans(),
+)
 def test_step_matches_autograd_sgd_then_topk(n, k_frac, seed, nesterov, ties):
     k = round(k_frac * n)
     t = flat_inputs(n, seed, ties)
@@ -123,8 +132,12 @@ def batch(model_fn=small_cnn):
     return torch.randn(6, 3, 8, 8), torch.arange(6) % 5
 
 
-@given(ratio=st.sampled_from([0.05, 0.2, 0.5]), bits=st.sampled_from([None, 1, 3, 8]),
-       steps=st.integers(1, 6), interval=st.integers(1, 3))
+@given(
+    ratio=st.sampled_from([0.05, 0.2, 0.5]),
+    bits=st.sampled_from([None, 1, 3, 8]),
+    steps=st.integers(1, 6),
+    interval=st.integers(1, 3),
+)
 def test_nnz_never_exceeds_k(ratio, bits, steps, interval):
     cfg = at.ATMCConfig(ratio=ratio, bits=bits, quant_interval=interval)
     model, opt, _ = setup(cfg)
@@ -192,8 +205,9 @@ def test_dense_params_follow_torch_sgd():
             nn.functional.cross_entropy(m(x), y).backward()
         opt.step()
         sgd.step()
-        ref_model.load_state_dict({k: v for k, v in model.state_dict().items() if k.split(".")[-1][0] in "UVC"},
-                                  strict=False)  # keep factors in lockstep
+        ref_model.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if k.split(".")[-1][0] in "UVC"}, strict=False
+        )  # keep factors in lockstep
     for n, p in model.named_parameters():
         if n in names:
             assert torch.allclose(p, dict(ref_model.named_parameters())[n], atol=1e-6), n
@@ -281,8 +295,10 @@ def random_model(draw):
     layers, hw = [], 9
     for _ in range(draw(st.integers(0, 2))):
         out, k = draw(st.integers(1, 13)), draw(st.sampled_from([1, 3]))
-        layers += [nn.Conv2d(c, out, k, stride=draw(st.integers(1, 2)), padding=k // 2, bias=draw(st.booleans())),
-                   nn.ReLU()]
+        layers += [
+            nn.Conv2d(c, out, k, stride=draw(st.integers(1, 2)), padding=k // 2, bias=draw(st.booleans())),
+            nn.ReLU(),
+        ]
         hw = (hw - 1) // layers[-2].stride[0] + 1
         c = out
     layers.append(nn.Flatten())
@@ -294,8 +310,13 @@ def random_model(draw):
     return nn.Sequential(*layers[:-1]), c_in
 
 
-@given(arch=random_model(), ratio=st.sampled_from([3e-3, 1e-2, 5e-2, 0.2, 0.6]),
-       bits=st.sampled_from([None, 1, 2, 4, 8]), steps=st.integers(0, 4), seed=st.integers(0, 9))
+@given(
+    arch=random_model(),
+    ratio=st.sampled_from([3e-3, 1e-2, 5e-2, 0.2, 0.6]),
+    bits=st.sampled_from([None, 1, 2, 4, 8]),
+    steps=st.integers(0, 4),
+    seed=st.integers(0, 9),
+)
 def test_finalize_meets_levels_and_ratio(arch, ratio, bits, steps, seed):
     net, c = arch
     torch.manual_seed(seed)

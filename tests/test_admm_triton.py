@@ -57,8 +57,11 @@ def make_state(shapes, seed: int, ties: bool, grad_dtype=torch.float32, device="
     w = layer_factors(shapes, g, ties)
     n = w.numel()
     t = dict(
-        w=w, grad=(torch.randn(n, generator=g) * 0.1).to(grad_dtype), mom=torch.randn(n, generator=g) * 0.01,
-        z=torch.randn(n, generator=g) * 0.1, u=torch.randn(n, generator=g) * 0.01,
+        w=w,
+        grad=(torch.randn(n, generator=g) * 0.1).to(grad_dtype),
+        mom=torch.randn(n, generator=g) * 0.01,
+        z=torch.randn(n, generator=g) * 0.1,
+        u=torch.randn(n, generator=g) * 0.01,
         mask=torch.zeros(n, dtype=torch.bool),
     )
     return {key: v.to(device) for key, v in t.items()}
@@ -86,9 +89,25 @@ def run_triton(t: dict, k: int, nesterov: bool, plan=(BLOCK, 512), poison_mask=N
     if poison_mask is not None:
         t["mask"].copy_(poison_mask)
     block, programs = plan
-    launch_admm_step(t["w"], t["grad"], t["mom"], t["z"], t["u"], t["mask"], wn, mn, tau,
-                     hp["lr"], hp["momentum"], hp["weight_decay"], hp["rho"], k, nesterov,
-                     block=block, max_programs=programs)
+    launch_admm_step(
+        t["w"],
+        t["grad"],
+        t["mom"],
+        t["z"],
+        t["u"],
+        t["mask"],
+        wn,
+        mn,
+        tau,
+        hp["lr"],
+        hp["momentum"],
+        hp["weight_decay"],
+        hp["rho"],
+        k,
+        nesterov,
+        block=block,
+        max_programs=programs,
+    )
     assert launch_plan(n, block, programs)[0] <= programs
     return tau, wn, mn
 
@@ -126,9 +145,15 @@ layer_lists = st.lists(st.tuples(dims, dims), min_size=1, max_size=4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(shapes=layer_lists, seed=st.integers(0, 99), k_pick=st.sampled_from(["0", "1", "all", "over", "frac", "frac"]),
-       k_frac=st.floats(0, 1), values=st.sampled_from(["normal", "ties", "exact ties"]), nesterov=st.booleans(),
-       plan=st.sampled_from(PLANS[:2]))
+@given(
+    shapes=layer_lists,
+    seed=st.integers(0, 99),
+    k_pick=st.sampled_from(["0", "1", "all", "over", "frac", "frac"]),
+    k_frac=st.floats(0, 1),
+    values=st.sampled_from(["normal", "ties", "exact ties"]),
+    nesterov=st.booleans(),
+    plan=st.sampled_from(PLANS[:2]),
+)
 def test_step_matches_reference(device, shapes, seed, k_pick, k_frac, values, nesterov, plan):
     t0 = make_state(shapes, seed, values != "normal", device=device)
     n = t0["w"].numel()
@@ -139,12 +164,15 @@ def test_step_matches_reference(device, shapes, seed, k_pick, k_frac, values, ne
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("shapes,k", [
-    ([(1, 1)], 1),  # a single layer of 1x1: 3 elements
-    ([(1, 1)], 2),
-    ([(64, 48), (1, 1), (7, 13)], 2500),  # larger than one 2048-element tile
-    ([(64, 48), (33, 65)], 3),
-])
+@pytest.mark.parametrize(
+    "shapes,k",
+    [
+        ([(1, 1)], 1),  # a single layer of 1x1: 3 elements
+        ([(1, 1)], 2),
+        ([(64, 48), (1, 1), (7, 13)], 2500),  # larger than one 2048-element tile
+        ([(64, 48), (33, 65)], 3),
+    ],
+)
 def test_odd_sizes_and_large_factors(device, plan, shapes, k):
     for ties in (False, True):
         check_against_reference(make_state(shapes, 5, ties, device=device), k, False, plan)
@@ -162,8 +190,14 @@ def test_single_element(device):
 def test_heavy_ties_keep_the_lowest_flat_indices(device, plan):
     n = 3001
     for fill, k in ((1.0, 1000), (0.0, 2999), (-0.5, 1)):  # one magnitude everywhere
-        t = dict(w=torch.full((n,), fill), grad=torch.zeros(n), mom=torch.ones(n), z=torch.zeros(n),
-                 u=torch.zeros(n), mask=torch.zeros(n, dtype=torch.bool))
+        t = dict(
+            w=torch.full((n,), fill),
+            grad=torch.zeros(n),
+            mom=torch.ones(n),
+            z=torch.zeros(n),
+            u=torch.zeros(n),
+            mask=torch.zeros(n, dtype=torch.bool),
+        )
         t = {key: v.to(device) for key, v in t.items()}
         tau, _, _ = run_triton(t, k, False, plan, lr=0.0, momentum=0.5, weight_decay=0.0, rho=0.0)
         keep = torch.arange(n, device=device) < k
@@ -179,8 +213,14 @@ def test_ties_at_zero_after_nonzeros_in_earlier_programs(device):
     n = 4000
     w = torch.zeros(n)
     w[:1500] = torch.linspace(0.5, 1.0, 1500)  # 4 programs of 4 x 256: nonzeros fill 1.5 program chunks
-    t = dict(w=w, grad=torch.zeros(n), mom=torch.ones(n), z=torch.zeros(n), u=torch.zeros(n),
-             mask=torch.ones(n, dtype=torch.bool))
+    t = dict(
+        w=w,
+        grad=torch.zeros(n),
+        mom=torch.ones(n),
+        z=torch.zeros(n),
+        u=torch.zeros(n),
+        mask=torch.ones(n, dtype=torch.bool),
+    )
     t = {key: v.to(device) for key, v in t.items()}
     k = 1500 + 1200  # every nonzero, then the first 1200 zeros by index
     tau, _, _ = run_triton(t, k, False, (256, 4), lr=0.0, momentum=1.0, weight_decay=0.0, rho=0.0)
@@ -192,8 +232,12 @@ def test_ties_at_zero_after_nonzeros_in_earlier_programs(device):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
 @pytest.mark.parametrize("device", DEVICES)
-@given(seed=st.integers(0, 50), bad=st.sampled_from([NAN, math.inf, -math.inf, 1e38]), k=st.sampled_from([0, 3, 10**6]),
-       where=st.sampled_from(["first", "last", "random"]))
+@given(
+    seed=st.integers(0, 50),
+    bad=st.sampled_from([NAN, math.inf, -math.inf, 1e38]),
+    k=st.sampled_from([0, 3, 10**6]),
+    where=st.sampled_from(["first", "last", "random"]),
+)
 def test_nonfinite_update_writes_nothing(device, seed, bad, k, where):
     t0 = make_state([(13, 7), (40, 40)], seed, False, device=device)
     n = t0["w"].numel()
@@ -253,9 +297,11 @@ def test_launchers_validate_inputs(monkeypatch):
             admm_step_triton(**{**t, **change}, **kw)
     with pytest.raises(ValueError, match="k must be >= 0"):
         admm_step_triton(**t, **{**kw, "k": -1})
-    for change, msg in [((torch.zeros(n), torch.zeros(n - 1)), "z has shape"),
-                        ((torch.zeros(n).double(), torch.zeros(n)), "w must be float32"),
-                        ((torch.zeros(2 * n)[::2], torch.zeros(n)), "w must be contiguous")]:
+    for change, msg in [
+        ((torch.zeros(n), torch.zeros(n - 1)), "z has shape"),
+        ((torch.zeros(n).double(), torch.zeros(n)), "w must be float32"),
+        ((torch.zeros(2 * n)[::2], torch.zeros(n)), "w must be contiguous"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             admm_dual_update_triton(t["u"], *change)
     big = {key: torch.empty(2**31, dtype=v.dtype, device="meta") for key, v in t.items()}  # no memory
@@ -358,8 +404,9 @@ def test_gpu_step_is_deterministic_and_compiles():
     t = copy.deepcopy(t0)
     counter = CompileCounter()
     torch._dynamo.reset()
-    tau_c = torch.compile(lambda **a: at.kernels.admm_step(**a, **HP, k=k, nesterov=False),
-                          fullgraph=True, backend=counter)(**t)
+    tau_c = torch.compile(
+        lambda **a: at.kernels.admm_step(**a, **HP, k=k, nesterov=False), fullgraph=True, backend=counter
+    )(**t)
     assert counter.frame_count == 1 and torch.equal(tau_c, outs[0][0])
     t = copy.deepcopy(t0)
     torch._dynamo.reset()

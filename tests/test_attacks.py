@@ -119,9 +119,11 @@ class _Stateful(nn.Module):
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: (p.requires_grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
-            {n: m.training for n, m in model.named_modules()})
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: (p.requires_grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+    )
 
 
 def _assert_same(model, snap):
@@ -135,9 +137,12 @@ def _assert_same(model, snap):
     assert {n: m.training for n, m in model.named_modules()} == modes
 
 
-ALL = {**ATTACKS, "wrm": lambda m, x, y, eps: wrm(m, x, y, 0.4, 3, 0.5),
-       "pgd_train_mode": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4, 3, eval_mode=False),
-       "fgsm_train_mode": lambda m, x, y, eps: fgsm(m, x, y, eps, eval_mode=False)}
+ALL = {
+    **ATTACKS,
+    "wrm": lambda m, x, y, eps: wrm(m, x, y, 0.4, 3, 0.5),
+    "pgd_train_mode": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4, 3, eval_mode=False),
+    "fgsm_train_mode": lambda m, x, y, eps: fgsm(m, x, y, eps, eval_mode=False),
+}
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -234,8 +239,12 @@ def test_robust_attack_uses_autoattack_when_installed(batch, monkeypatch):
     model = trained_digits_model().train()
     x, y = batch[0][:8], batch[1][:8]
     adv, how = robust_attack(model, x, y, 0.05)
-    assert how == "autoattack-standard" and calls == {"norm": "Linf", "eps": 0.05, "version": "standard",
-                                                     "training": False}
+    assert how == "autoattack-standard" and calls == {
+        "norm": "Linf",
+        "eps": 0.05,
+        "version": "standard",
+        "training": False,
+    }
     assert float((adv - x).abs().max()) <= 0.05 + 1e-6 and model.training
     assert robust_attack(model, x, y, 0.05, steps=3, use_autoattack=False)[1] == "apgd-ce-3"
 
@@ -249,17 +258,20 @@ def test_robust_attack_without_autoattack(batch, monkeypatch):
         robust_attack(model, x, y, 0.05, use_autoattack=True)
 
 
-@pytest.mark.parametrize("bad", [
-    lambda m, x, y: pgd(m, x * 2, y, 0.1, 0.01, 1),  # outside [0, 1]
-    lambda m, x, y: pgd(m, x, y[:-1], 0.1, 0.01, 1),  # label count
-    lambda m, x, y: pgd(m, x, y, -0.1, 0.01, 1),  # eps
-    lambda m, x, y: pgd(m, x, y, 0.1, 0.01, -1),  # steps
-    lambda m, x, y: pgd(m, (x * 255).to(torch.uint8), y, 0.1, 0.01, 1),  # dtype
-    lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, noise=torch.rand(x[1:].shape)),  # noise shape
-    lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, random_start=False, noise=torch.rand(x.shape)),  # noise, no start
-    lambda m, x, y: apgd_ce(m, x, y, 0.1, steps=0),
-    lambda m, x, y: wrm(m, x, y, gamma=0.0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda m, x, y: pgd(m, x * 2, y, 0.1, 0.01, 1),  # outside [0, 1]
+        lambda m, x, y: pgd(m, x, y[:-1], 0.1, 0.01, 1),  # label count
+        lambda m, x, y: pgd(m, x, y, -0.1, 0.01, 1),  # eps
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.01, -1),  # steps
+        lambda m, x, y: pgd(m, (x * 255).to(torch.uint8), y, 0.1, 0.01, 1),  # dtype
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, noise=torch.rand(x[1:].shape)),  # noise shape
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, random_start=False, noise=torch.rand(x.shape)),  # noise, no start
+        lambda m, x, y: apgd_ce(m, x, y, 0.1, steps=0),
+        lambda m, x, y: wrm(m, x, y, gamma=0.0),
+    ],
+)
 def test_attacks_validate_inputs(batch, bad):
     model = trained_digits_model()
     with pytest.raises(ValueError):

@@ -22,8 +22,9 @@ def _weights(model):
 
 def small():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 7), nn.ReLU(),
-                         nn.Linear(7, 4))
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 7), nn.ReLU(), nn.Linear(7, 4)
+    )
 
 
 @given(frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
@@ -173,8 +174,17 @@ def test_fixed_mask_finetune_through_fit_keeps_the_budget(tmp_path, adversarial)
     sched = Schedule(epochs=2, lr=0.02, batch_size=64)
     opt = MaskedSGD(model, masks, lr=sched.lr, momentum=0.9, weight_decay=sched.weight_decay)
     with one_thread():
-        last = fit(model, opt, data, protocol, sched, stage="ap", adversarial=adversarial,
-                   checkpoint=tmp_path / "ap.pt", eval_size=32)
+        last = fit(
+            model,
+            opt,
+            data,
+            protocol,
+            sched,
+            stage="ap",
+            adversarial=adversarial,
+            checkpoint=tmp_path / "ap.pt",
+            eval_size=32,
+        )
     assert last["nnz"] == int(torch.count_nonzero(_weights(model))) <= nnz
     assert pruned_size(model)["size_bits"] <= 0.05 * pruned_size(model)["dense_bits"]
     acc = at.evaluate(model, data.test, protocol, attacks=()).clean_acc
@@ -189,8 +199,22 @@ def test_mnist_study_tiny_on_real_mnist(tmp_path):
     from bench import mnist_study
 
     out = tmp_path / "study"
-    rc = mnist_study.main(["--tiny", "--data-root", str(MNIST_ROOT), "--out", str(out), "--ratios", "0.01",
-                           "--methods", "ATMC-8b,ATMC-32b,ATMC-alloc,AP,NAP", "--no-results", "--threads", "1"])
+    rc = mnist_study.main(
+        [
+            "--tiny",
+            "--data-root",
+            str(MNIST_ROOT),
+            "--out",
+            str(out),
+            "--ratios",
+            "0.01",
+            "--methods",
+            "ATMC-8b,ATMC-32b,ATMC-alloc,AP,NAP",
+            "--no-results",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     rows = list(csv.DictReader(open(out / "mnist_study.csv")))
     assert [r["method"] for r in rows] == ["DA", "NAT", "ATMC-8b", "ATMC-32b", "ATMC-alloc", "AP", "NAP"]
@@ -213,8 +237,16 @@ def test_mnist_study_tiny_on_real_mnist(tmp_path):
 # -- per-layer bit allocation (atmc_triton.bitalloc) ----------------------------------------------------------
 def _lenet_like():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 5), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(12 * 4 * 4, 120), nn.ReLU(), nn.Linear(120, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 12, 5),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(12 * 4 * 4, 120),
+        nn.ReLU(),
+        nn.Linear(120, 10),
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.003, 0.05])

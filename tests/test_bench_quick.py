@@ -16,8 +16,14 @@ MODULES = ("admm", "lloyd", "gemm", "e2e")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; on a GPU run python -m bench")
 def test_bench_quick_runs_every_module(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for m in MODULES:
         assert f"[bench] bench.{m}:" in proc.stdout, f"module {m} did not report"

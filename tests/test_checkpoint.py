@@ -104,10 +104,13 @@ def test_pickled_payloads_are_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"not a checkpoint at all", "not a readable checkpoint"),
-    (None, "not an atmc_triton checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"not a checkpoint at all", "not a readable checkpoint"),
+        (None, "not an atmc_triton checkpoint"),
+    ],
+)
 def test_foreign_files_are_refused(tmp_path, content, match):
     p = tmp_path / "x.pt"
     if content is None:

@@ -15,8 +15,23 @@ from atmc_triton.cli import RECIPES, _parser, main
 from atmc_triton.models import build_model
 from atmc_triton.train import PROTOCOLS
 
-FAST = ["--epochs", "1", "--atmc-epochs", "1", "--pgd-steps", "2", "--eval-pgd-steps", "2", "--apgd-steps", "3",
-        "--eval-size", "16", "--no-progress", "--autoattack", "no"]
+FAST = [
+    "--epochs",
+    "1",
+    "--atmc-epochs",
+    "1",
+    "--pgd-steps",
+    "2",
+    "--eval-pgd-steps",
+    "2",
+    "--apgd-steps",
+    "3",
+    "--eval-size",
+    "16",
+    "--no-progress",
+    "--autoattack",
+    "no",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -60,15 +75,38 @@ def test_default_recipe_is_the_documented_one():
         assert (PROTOCOLS[name].eps, PROTOCOLS[name].pgd_steps) == (4 / 255, 7)
     assert PROTOCOLS["cifar10"].clean_weight == 0.5
     assert PROTOCOLS["cifar100"].clean_weight == PROTOCOLS["svhn"].clean_weight == 0
-    assert (RECIPES["mnist"].model, RECIPES["cifar100"].model, RECIPES["svhn"].model) == ("lenet", "resnet34",
-                                                                                           "wrn16_8")
+    assert (RECIPES["mnist"].model, RECIPES["cifar100"].model, RECIPES["svhn"].model) == (
+        "lenet",
+        "resnet34",
+        "wrn16_8",
+    )
 
 
 def test_eval_command(digits_run, capsys):
     _, out = digits_run
     capsys.readouterr()
-    rc = main(["eval", str(out / "atmc_final.pt"), "--attack", "pgd", "fgsm", "wrm", "apgd", "--pgd-steps", "2",
-               "--apgd-steps", "2", "--wrm-steps", "2", "--test-subset", "32", "--autoattack", "no", "--json"])
+    rc = main(
+        [
+            "eval",
+            str(out / "atmc_final.pt"),
+            "--attack",
+            "pgd",
+            "fgsm",
+            "wrm",
+            "apgd",
+            "--pgd-steps",
+            "2",
+            "--apgd-steps",
+            "2",
+            "--wrm-steps",
+            "2",
+            "--test-subset",
+            "32",
+            "--autoattack",
+            "no",
+            "--json",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 32 and res["ratio"] <= 0.02 and res["apgd_method"] == "apgd-ce-2"
@@ -80,8 +118,22 @@ def test_eval_command(digits_run, capsys):
 
 def test_sweep_writes_csv_and_figure(digits_run, tmp_path):
     _, out = digits_run
-    rc = main(["sweep", "--ratios", "0.05,0.02", "--dense-checkpoint", str(out / "dense.pt"), "--subset", "256",
-               "--test-subset", "64", "--out", str(tmp_path), *FAST])
+    rc = main(
+        [
+            "sweep",
+            "--ratios",
+            "0.05,0.02",
+            "--dense-checkpoint",
+            str(out / "dense.pt"),
+            "--subset",
+            "256",
+            "--test-subset",
+            "64",
+            "--out",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     assert [r["model"] for r in rows] == ["dense-adversarial", "ATMC r=0.05", "ATMC r=0.02"]
@@ -92,8 +144,28 @@ def test_sweep_writes_csv_and_figure(digits_run, tmp_path):
 
 @pytest.mark.skipif(not have_mnist(), reason=f"real MNIST not found under {MNIST_ROOT}")
 def test_real_mnist_smoke_through_every_stage(tmp_path, capsys):
-    rc = main(["train", "--dataset", "mnist", "--data-root", str(MNIST_ROOT), "--subset", "512", "--test-subset",
-               "128", "--batch-size", "64", "--ratio", "0.01", "--bits", "4", "--out", str(tmp_path), *FAST])
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-root",
+            str(MNIST_ROOT),
+            "--subset",
+            "512",
+            "--test-subset",
+            "128",
+            "--batch-size",
+            "64",
+            "--ratio",
+            "0.01",
+            "--bits",
+            "4",
+            "--out",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert rc == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["model"] for r in rows] == ["dense-adversarial", "ATMC-compressed"]
@@ -111,8 +183,22 @@ def test_help_texts(capsys):
             main(argv)
         assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--ratio", "--bits", "--layer-bits", "--rho-factor", "--quant-interval", "--init", "--rank",
-                 "--eps", "--pgd-steps", "--clean-weight", "--data-root", "--resume", "--attack", "--ratios"):
+    for flag in (
+        "--ratio",
+        "--bits",
+        "--layer-bits",
+        "--rho-factor",
+        "--quant-interval",
+        "--init",
+        "--rank",
+        "--eps",
+        "--pgd-steps",
+        "--clean-weight",
+        "--data-root",
+        "--resume",
+        "--attack",
+        "--ratios",
+    ):
         assert flag in text, flag
 
 
@@ -142,13 +228,24 @@ def test_bad_arguments_end_with_one_line(tmp_path, capsys, digits_run):
     assert "unknown attack" in _error(["train", "--attacks", "pgd,cw"], capsys)
     # a checkpoint from another model
     fake = tmp_path / "lenet.pt"
-    save_checkpoint(fake, model=build_model("lenet", 10, (1, 28, 28)),
-                    meta={"model": "lenet", "dataset": "mnist", "num_classes": 10, "in_shape": [1, 28, 28],
-                          "stage": "dense", "atmc": None})
+    save_checkpoint(
+        fake,
+        model=build_model("lenet", 10, (1, 28, 28)),
+        meta={
+            "model": "lenet",
+            "dataset": "mnist",
+            "num_classes": 10,
+            "in_shape": [1, 28, 28],
+            "stage": "dense",
+            "atmc": None,
+        },
+    )
     assert "model='lenet' (expected 'digits_cnn')" in _error(
-        ["train", "--dense-checkpoint", str(fake), "--out", str(tmp_path / "o"), *FAST], capsys)
+        ["train", "--dense-checkpoint", str(fake), "--out", str(tmp_path / "o"), *FAST], capsys
+    )
     assert "holds model 'digits_cnn', not 'lenet'" in _error(
-        ["eval", str(out / "dense.pt"), "--model", "lenet"], capsys)
+        ["eval", str(out / "dense.pt"), "--model", "lenet"], capsys
+    )
     assert "does not exist" in _error(["eval", str(tmp_path / "missing.pt")], capsys)
     evil = tmp_path / "evil.pt"
     torch.save({"x": _Evil()}, evil)
@@ -161,7 +258,12 @@ class _Evil:
 
 def test_module_entry_point_exits_nonzero_without_traceback():
     """``python -m atmc_triton`` (what the ``atmc`` console script runs) in a real process."""
-    proc = subprocess.run([sys.executable, "-m", "atmc_triton", "train", "--ratio", "2"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "atmc_triton", "train", "--ratio", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "atmc: error: ATMCConfig.ratio must be a number in (0, 1), got 2.0"

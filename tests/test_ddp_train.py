@@ -16,8 +16,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _torchrun(out, *extra, **env):
-    res = subprocess.run([*torchrun_cmd(2, *extra), "--out", str(out / "out")], env=worker_env(
-        ATMC_TEST_DUMP=str(out), **env), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [*torchrun_cmd(2, *extra), "--out", str(out / "out")],
+        env=worker_env(ATMC_TEST_DUMP=str(out), **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -56,8 +61,11 @@ def test_ranks_bit_identical_and_equal_to_one_process(ddp_run):
         assert torch.equal(ck["model"][k], r0["model"][k]), k
     logs = [json.loads(ln) for ln in (d / "out" / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(ln) for ln in (single_run() / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in logs] == [(r["stage"], r["epoch"]) for r in ref] == [
-        ("dense", 1), ("atmc", 1), ("atmc", 2)]  # one record per epoch: rank 1 wrote nothing
+    assert (
+        [(r["stage"], r["epoch"]) for r in logs]
+        == [(r["stage"], r["epoch"]) for r in ref]
+        == [("dense", 1), ("atmc", 1), ("atmc", 2)]
+    )  # one record per epoch: rank 1 wrote nothing
     for a, b in zip(logs, ref):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["train_adv_acc"] == b["train_adv_acc"]
         assert a["test_n"] == b["test_n"] == 16 and a["nnz"] == b["nnz"]
@@ -90,11 +98,23 @@ def test_two_nodes_with_c10d_rendezvous_match_the_one_node_run(ddp_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=atmc_test", torchrun_cmd(1)[-1], "--out", str(d / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=atmc_test",
+        torchrun_cmd(1)[-1],
+        "--out",
+        str(d / "out"),
+    ]
     env = worker_env(ATMC_TEST_DUMP=str(d))
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    nodes = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
     logs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
     for got, want in zip(_dumps(d), _dumps(ref)):

@@ -15,8 +15,16 @@ def run_worker(out: Path, nproc: int, *extra: str) -> None:
     if nproc == 1:
         cmd = [sys.executable, str(HERE / "dist_worker.py"), str(out), *extra]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(HERE / "dist_worker.py"), str(out), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(HERE / "dist_worker.py"),
+            str(out),
+            *extra,
+        ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
@@ -79,8 +87,13 @@ print("\n".join(msgs))
 
 def test_fsdp_is_refused_with_a_clear_error():
     """FSDP is documented as unsupported (the projection and k-means need whole factors): say so clearly."""
-    res = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [sys.executable, "-c", FSDP_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 2

@@ -31,13 +31,17 @@ def _one_thread():
 
 # --- SIGKILL mid-write ---------------------------------------------------------------------------------------------
 
+
 def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical():
     d = scratch("atmc_kill_")
     out = d / "out"
     log = open(d / "log.txt", "w")
-    proc = subprocess.Popen([sys.executable, train_worker.__file__, "--out", str(out)],
-                            env=worker_env(ATMC_TEST_DUMP=str(d), ATMC_TEST_PAUSE="atmc.pt:2"), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, train_worker.__file__, "--out", str(out)],
+        env=worker_env(ATMC_TEST_DUMP=str(d), ATMC_TEST_PAUSE="atmc.pt:2"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (d / "paused").exists():  # the second ATMC checkpoint is half written and fsynced
@@ -71,11 +75,13 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     ref_recs = [json.loads(ln) for ln in (ref / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"], r["loss"]) for r in recs] == [(r["stage"], r["epoch"], r["loss"])
-                                                                   for r in ref_recs]
+    assert [(r["stage"], r["epoch"], r["loss"]) for r in recs] == [
+        (r["stage"], r["epoch"], r["loss"]) for r in ref_recs
+    ]
     rows, ref_rows = (json.loads((x / "out" / "results.json").read_text()) for x in (d, ref))
     assert [(r["clean_acc"], r["pgd_acc"], r["size_bits"]) for r in rows] == [
-        (r["clean_acc"], r["pgd_acc"], r["size_bits"]) for r in ref_rows]
+        (r["clean_acc"], r["pgd_acc"], r["size_bits"]) for r in ref_rows
+    ]
 
 
 def test_truncated_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
@@ -92,6 +98,7 @@ def test_truncated_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
 
 
 # --- the NaN / Inf policy ------------------------------------------------------------------------------------------
+
 
 def _toy():
     g = torch.Generator().manual_seed(0)
@@ -115,16 +122,22 @@ def _state(model, opt):
     flat = {n: getattr(s, n).clone() for n in ("w", "mom", "z", "u", "mask", "codebook")}
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     moms = [opt.state[p].get("momentum_buffer") for g in opt.param_groups[1:] for p in g["params"]]
-    return flat, dense, [None if m is None else m.clone() for m in moms], dict(opt.state["admm"]), \
-        opt.param_groups[0]["rho"]
+    return (
+        flat,
+        dense,
+        [None if m is None else m.clone() for m in moms],
+        dict(opt.state["admm"]),
+        opt.param_groups[0]["rho"],
+    )
 
 
 def _equal(a, b):
     fa, da, ma, ca, ra = a
     fb, db, mb, cb, rb = b
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
-    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da), [k for k in da
-                                                                                   if not torch.equal(da[k], db[k])]
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da), [
+        k for k in da if not torch.equal(da[k], db[k])
+    ]
     assert len(ma) == len(mb) and all((x is None and y is None) or torch.equal(x, y) for x, y in zip(ma, mb))
     assert (ca, ra) == (cb, rb)
 
@@ -162,12 +175,23 @@ class Injector:
 
 def _fit(model, opt, epochs=2, **kw):
     sched = Schedule(epochs=epochs, lr=0.05, batch_size=16, lr_schedule="constant")
-    return fit(model, opt, _toy(), Protocol(eps=0.1, pgd_steps=1), sched, stage="t", adversarial=False,
-               eval_size=0, device="cpu", **kw)
+    return fit(
+        model,
+        opt,
+        _toy(),
+        Protocol(eps=0.1, pgd_steps=1),
+        sched,
+        stage="t",
+        adversarial=False,
+        eval_size=0,
+        device="cpu",
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("where, value", [("loss", math.nan), ("loss", math.inf), ("grad", math.nan),
-                                          ("grad", -math.inf)])
+@pytest.mark.parametrize(
+    "where, value", [("loss", math.nan), ("loss", math.inf), ("grad", math.nan), ("grad", -math.inf)]
+)
 def test_a_nonfinite_step_is_skipped_and_changes_nothing(tmp_path, where, value):
     model, opt = _model()
     inj = Injector(model, opt, steps=[2, 6], where=where, value=value)  # 4 steps per epoch: one in each epoch
@@ -187,8 +211,11 @@ def test_abort_after_n_nonfinite_steps_in_a_row_keeps_the_last_checkpoint(tmp_pa
     inj = Injector(model, opt, steps=range(5, 100))  # every step of epoch 2
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        with pytest.raises(NonFiniteError, match=r"3 training steps in a row had a NaN/Inf loss .*t epoch 2, step 7"
-                                                 r".*last complete checkpoint is .*c\.pt"):
+        with pytest.raises(
+            NonFiniteError,
+            match=r"3 training steps in a row had a NaN/Inf loss .*t epoch 2, step 7"
+            r".*last complete checkpoint is .*c\.pt",
+        ):
             _fit(model, opt, checkpoint=tmp_path / "c.pt", max_nonfinite=3)
     assert len([w for w in rec if w.category is NonFiniteWarning]) == 2  # the third one raises instead
     assert inj.calls == 7 and opt.steps == 4

@@ -22,27 +22,36 @@ import atmc_triton as at
 
 FIELDS = {f.name: f.default for f in dataclasses.fields(at.ATMCConfig)}
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 12), st.sampled_from([2**31, 2**63, 10**30, 10**400]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "8", "0.1", "svd", "identity", "random"]),
-    st.lists(st.integers(), max_size=2), st.just(object()),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 12),
+    st.sampled_from([2**31, 2**63, 10**30, 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "8", "0.1", "svd", "identity", "random"]),
+    st.lists(st.integers(), max_size=2),
+    st.just(object()),
 )
 KEYS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(allow_nan=True), st.just(b"0"))
 BITS = st.one_of(st.none(), st.integers(1, 8))
-CONFIG_KWARGS = st.fixed_dictionaries({}, optional={
-    "ratio": st.floats(0, 1) | JUNK,
-    "nnz": st.integers(0, 10**6) | JUNK,
-    "bits": BITS | JUNK,
-    "layer_bits": st.none() | st.dictionaries(st.sampled_from(["0", "fc*", "features.1"]) | KEYS, BITS | JUNK,
-                                              max_size=2) | JUNK,
-    "rho": st.floats(0, 10) | JUNK,
-    "rho_factor": st.floats(0, 2) | JUNK,
-    "rho_every": st.integers(1, 5) | JUNK,
-    "quant_interval": st.integers(1, 20) | JUNK,
-    "max_iter": st.integers(0, 30) | JUNK,
-    "tol": st.floats(0, 1e-2) | JUNK,
-    "init": st.sampled_from(["identity", "svd"]) | JUNK,
-    "rank": st.none() | st.integers(1, 16) | st.floats(0, 1) | JUNK,
-})
+CONFIG_KWARGS = st.fixed_dictionaries(
+    {},
+    optional={
+        "ratio": st.floats(0, 1) | JUNK,
+        "nnz": st.integers(0, 10**6) | JUNK,
+        "bits": BITS | JUNK,
+        "layer_bits": st.none()
+        | st.dictionaries(st.sampled_from(["0", "fc*", "features.1"]) | KEYS, BITS | JUNK, max_size=2)
+        | JUNK,
+        "rho": st.floats(0, 10) | JUNK,
+        "rho_factor": st.floats(0, 2) | JUNK,
+        "rho_every": st.integers(1, 5) | JUNK,
+        "quant_interval": st.integers(1, 20) | JUNK,
+        "max_iter": st.integers(0, 30) | JUNK,
+        "tol": st.floats(0, 1e-2) | JUNK,
+        "init": st.sampled_from(["identity", "svd"]) | JUNK,
+        "rank": st.none() | st.integers(1, 16) | st.floats(0, 1) | JUNK,
+    },
+)
 
 
 def _int(x) -> bool:
@@ -62,22 +71,24 @@ def documented_valid(kw: dict) -> bool:
     c = FIELDS | kw
     lb = c["layer_bits"] if isinstance(c["layer_bits"], dict) else {}
     rank = c["rank"]
-    return all((
-        c["layer_bits"] is None or isinstance(c["layer_bits"], dict),
-        (c["ratio"] is None) != (c["nnz"] is None),
-        c["ratio"] is None or (_real(c["ratio"]) and 0 < c["ratio"] < 1),
-        c["nnz"] is None or (_int(c["nnz"]) and c["nnz"] >= 0),
-        c["bits"] is None or _bits_ok(c["bits"]),
-        not lb or (c["bits"] is not None and all(isinstance(k, str) and _bits_ok(b) for k, b in lb.items())),
-        _real(c["rho"]) and c["rho"] >= 0,
-        _real(c["rho_factor"]) and c["rho_factor"] > 0,
-        _int(c["rho_every"]) and c["rho_every"] >= 1,
-        _int(c["quant_interval"]) and c["quant_interval"] >= 1,
-        _int(c["max_iter"]) and c["max_iter"] >= 0,
-        _real(c["tol"]) and c["tol"] >= 0,
-        c["init"] in ("identity", "svd"),
-        rank is None or (c["init"] == "svd" and (rank >= 1 if _int(rank) else _real(rank) and 0 < rank <= 1)),
-    ))
+    return all(
+        (
+            c["layer_bits"] is None or isinstance(c["layer_bits"], dict),
+            (c["ratio"] is None) != (c["nnz"] is None),
+            c["ratio"] is None or (_real(c["ratio"]) and 0 < c["ratio"] < 1),
+            c["nnz"] is None or (_int(c["nnz"]) and c["nnz"] >= 0),
+            c["bits"] is None or _bits_ok(c["bits"]),
+            not lb or (c["bits"] is not None and all(isinstance(k, str) and _bits_ok(b) for k, b in lb.items())),
+            _real(c["rho"]) and c["rho"] >= 0,
+            _real(c["rho_factor"]) and c["rho_factor"] > 0,
+            _int(c["rho_every"]) and c["rho_every"] >= 1,
+            _int(c["quant_interval"]) and c["quant_interval"] >= 1,
+            _int(c["max_iter"]) and c["max_iter"] >= 0,
+            _real(c["tol"]) and c["tol"] >= 0,
+            c["init"] in ("identity", "svd"),
+            rank is None or (c["init"] == "svd" and (rank >= 1 if _int(rank) else _real(rank) and 0 < rank <= 1)),
+        )
+    )
 
 
 @settings(max_examples=400)
@@ -116,6 +127,7 @@ def test_config_rejects_a_non_mapping_layer_bits(layer_bits):
 
 # --- random models through the whole pipeline ---------------------------------------------------------------------
 
+
 @st.composite
 def small_models(draw):
     """``(net, input shape, shared)``: Conv2d[/BatchNorm2d]/ReLU blocks, Flatten, Linear[/BatchNorm1d]/ReLU blocks,
@@ -150,14 +162,25 @@ def small_models(draw):
 
 @st.composite
 def configs(draw):
-    budget = draw(st.one_of(st.builds(dict, ratio=st.sampled_from([0.3, 0.02, 0.1, 0.7, 0.99, 1e-3])),
-                            st.builds(dict, nnz=st.integers(0, 2000))))
+    budget = draw(
+        st.one_of(
+            st.builds(dict, ratio=st.sampled_from([0.3, 0.02, 0.1, 0.7, 0.99, 1e-3])),
+            st.builds(dict, nnz=st.integers(0, 2000)),
+        )
+    )
     bits = draw(BITS)
     init = draw(st.sampled_from(["identity", "svd"]))
     rank = draw(st.none() | st.integers(1, 4) | st.floats(0.05, 1.0)) if init == "svd" else None
     layer_bits = draw(st.none() | st.dictionaries(st.sampled_from(["0", "1.*", "*"]), st.integers(1, 8), max_size=2))
-    return at.ATMCConfig(**budget, bits=bits, init=init, rank=rank, layer_bits=layer_bits if bits else None,
-                         quant_interval=draw(st.integers(1, 2)), rho=draw(st.sampled_from([0.0, 0.1, 1.0])))
+    return at.ATMCConfig(
+        **budget,
+        bits=bits,
+        init=init,
+        rank=rank,
+        layer_bits=layer_bits if bits else None,
+        quant_interval=draw(st.integers(1, 2)),
+        rho=draw(st.sampled_from([0.0, 0.1, 1.0])),
+    )
 
 
 def factor_nnz(model: nn.Module) -> int:
@@ -171,8 +194,14 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 @settings(max_examples=60)
-@given(arch=small_models(), cfg=configs(), exclude=st.sets(st.integers(0, 6), max_size=2),
-       steps=st.integers(0, 2), mse=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    arch=small_models(),
+    cfg=configs(),
+    exclude=st.sets(st.integers(0, 6), max_size=2),
+    steps=st.integers(0, 2),
+    mse=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_random_model_compress_train_finalize_pack_round_trip(arch, cfg, exclude, steps, mse, seed, tmp_path_factory):
     torch.manual_seed(seed)
     net, shape, shared = arch
@@ -224,8 +253,13 @@ def test_random_model_compress_train_finalize_pack_round_trip(arch, cfg, exclude
 
 
 @settings(max_examples=20)
-@given(conv=st.booleans(), dims=st.sampled_from([(1, 1), (1, 4), (4, 1), (3, 3)]),
-       bits=st.sampled_from([None, 1, 8]), everything=st.booleans(), bias=st.booleans())
+@given(
+    conv=st.booleans(),
+    dims=st.sampled_from([(1, 1), (1, 4), (4, 1), (3, 3)]),
+    bits=st.sampled_from([None, 1, 8]),
+    everything=st.booleans(),
+    bias=st.booleans(),
+)
 def test_pack_edge_cases_keep_nothing_or_everything(conv, dims, bits, everything, bias):
     torch.manual_seed(7)
     out, inn = dims
@@ -310,8 +344,10 @@ def test_api_calls_in_any_order_work_or_raise_value_error(calls, bits, seed, tmp
         assert bool(at.packed_layers(model)) == (stage == "packed")
     if stage == "packed":
         at.save_packed(model, path)
-        assert torch.equal(at.load_packed(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(),
-                                                        nn.Linear(12, 4)), path)(x), model(x))
+        assert torch.equal(
+            at.load_packed(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4)), path)(x),
+            model(x),
+        )
 
 
 @given(cfg=st.sampled_from([None, {"ratio": 0.1}, 0.1, "ratio=0.1"]))
@@ -325,9 +361,14 @@ def test_compress_and_admm_refuse_a_non_config(cfg):
 @given(model=st.sampled_from([nn.Sequential(nn.ReLU()), nn.Sequential(nn.BatchNorm1d(3), nn.Flatten()), nn.Identity()]))
 def test_models_without_linear_or_conv_are_refused_everywhere(model):
     cfg = at.ATMCConfig(ratio=0.1)
-    calls = [(lambda: at.compress_(model, cfg), "nothing to compress"), (lambda: at.ADMM(model, cfg), "no ATMC"),
-             (lambda: at.finalize_(model), "no ATMC"), (lambda: at.pack_(model), "no ATMC"),
-             (lambda: at.unpack(model), "no packed"), (lambda: at.save_packed(model, "unused"), "no packed")]
+    calls = [
+        (lambda: at.compress_(model, cfg), "nothing to compress"),
+        (lambda: at.ADMM(model, cfg), "no ATMC"),
+        (lambda: at.finalize_(model), "no ATMC"),
+        (lambda: at.pack_(model), "no ATMC"),
+        (lambda: at.unpack(model), "no packed"),
+        (lambda: at.save_packed(model, "unused"), "no packed"),
+    ]
     for fn, needle in calls:
         with pytest.raises(ValueError, match=needle):
             fn()

@@ -64,9 +64,18 @@ if __name__ == "__main__":
     print(json.dumps({"compiled": len(specs) - len(failures), "failures": failures}))
 """
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-           torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-           torch.bool: "i1"}
+_DTYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 
 def _describe(v):
@@ -93,9 +102,14 @@ def recorder(monkeypatch):
     def run(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in OPTION_KEYS if k in kwargs}
         bound = {**dict(zip(self.arg_names, args)), **kwargs}
-        specs.append({"module": self.fn.__module__, "name": self.fn.__name__,
-                      "args": {k: _describe(v) for k, v in bound.items()},
-                      "options": {"num_warps": 4, "num_stages": 3, **options}})
+        specs.append(
+            {
+                "module": self.fn.__module__,
+                "name": self.fn.__name__,
+                "args": {k: _describe(v) for k, v in bound.items()},
+                "options": {"num_warps": 4, "num_stages": 3, **options},
+            }
+        )
         return original(self, *args, grid=grid, warmup=warmup, **options, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
@@ -105,11 +119,27 @@ def recorder(monkeypatch):
 def _exercise_admm():
     from atmc_triton.kernels.admm import admm_dual_update_triton, admm_step_triton
 
-    for n, k, grad_dtype, nesterov in [(1, 1, torch.float32, False), (5000, 0, torch.float32, False),
-                                       (5000, 700, torch.float16, True), (5000, 5000, torch.float32, False)]:
+    for n, k, grad_dtype, nesterov in [
+        (1, 1, torch.float32, False),
+        (5000, 0, torch.float32, False),
+        (5000, 700, torch.float16, True),
+        (5000, 5000, torch.float32, False),
+    ]:
         w, mom, z, u = (torch.randn(n) for _ in range(4))
-        admm_step_triton(w, torch.randn(n).to(grad_dtype), mom, z, u, torch.zeros(n, dtype=torch.bool),
-                         0.1, 0.9, 1e-4, 0.1, k, nesterov)
+        admm_step_triton(
+            w,
+            torch.randn(n).to(grad_dtype),
+            mom,
+            z,
+            u,
+            torch.zeros(n, dtype=torch.bool),
+            0.1,
+            0.9,
+            1e-4,
+            0.1,
+            k,
+            nesterov,
+        )
     admm_dual_update_triton(torch.randn(100), torch.randn(100), torch.randn(100))
 
 
@@ -157,8 +187,7 @@ def _autotune_variants(specs, lt):
             continue
         for cfg in configs:
             args = {**spec["args"], **{k: ["int", v] for k, v in cfg.kwargs.items()}}
-            out.append({**spec, "args": args,
-                        "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
+            out.append({**spec, "args": args, "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
     return out
 
 
@@ -189,8 +218,7 @@ def test_every_kernel_compiles_for_sm90(recorder, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = tmp_path / "aot_compile.py"
     script.write_text(COMPILE)
-    res = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env,
-                         timeout=900)
+    res = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert not report["failures"], "\n".join(report["failures"])

@@ -141,8 +141,14 @@ def test_invariants(device, segs, data):
 @pytest.mark.parametrize("device", DEVICES)
 def test_errors_for_bits(device):
     rng = np.random.default_rng(2)
-    segs = [rng.standard_normal(700), rng.standard_t(1.5, 300), np.zeros(9), rng.standard_normal(5), np.zeros(0),
-            rng.integers(-3, 4, 400) * 0.25]
+    segs = [
+        rng.standard_normal(700),
+        rng.standard_t(1.5, 300),
+        np.zeros(9),
+        rng.standard_normal(5),
+        np.zeros(0),
+        rng.integers(-3, 4, 400) * 0.25,
+    ]
     values, offsets, _ = _make(segs, [1] * len(segs), device)
     got = lt.errors_for_bits_triton(values, offsets, 20, 1e-5).cpu()
     want = errors_for_bits_ref(values.cpu(), offsets.cpu(), 20, 1e-5)
@@ -244,8 +250,9 @@ def test_launcher_refuses_cpu_tensors_when_compiled():
 @pytest.mark.gpu
 def test_cuda_op_dispatches_to_the_launcher():
     values, offsets, bits = _make([np.random.default_rng(5).standard_normal(2000)], [4], "cuda")
-    for a, b in zip(lloyd_quantize(values, offsets, bits, 20, 1e-5), lt.lloyd_quantize_triton(values, offsets, bits,
-                                                                                                20, 1e-5)):
+    for a, b in zip(
+        lloyd_quantize(values, offsets, bits, 20, 1e-5), lt.lloyd_quantize_triton(values, offsets, bits, 20, 1e-5)
+    ):
         assert torch.equal(a, b)
 
 

@@ -42,8 +42,9 @@ except ImportError:  # no Triton: the codec and reference tests still run
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(lt is None, reason="needs triton")
 DEVICES = [
-    pytest.param("cpu", marks=[needs_triton,
-                               pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")]),
+    pytest.param(
+        "cpu", marks=[needs_triton, pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")]
+    ),
     pytest.param("cuda", marks=[needs_triton, pytest.mark.gpu]),
 ]
 FMTS = (FMT_EMPTY, FMT_DENSE, FMT_CSR)
@@ -53,14 +54,17 @@ FMTS = (FMT_EMPTY, FMT_DENSE, FMT_CSR)
 def _poison_outputs(monkeypatch):
     """Outputs the kernels must fully write start as NaN: an unwritten element shows."""
     if lt is not None:
-        monkeypatch.setattr(lt, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                  device=device))
+        monkeypatch.setattr(
+            lt, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        )
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
-def make_factor(rows: int, cols: int, density: float, levels: int, *, raw: bool = False, empty_rows: int = 0,
-                seed: int = 0) -> torch.Tensor:
+
+def make_factor(
+    rows: int, cols: int, density: float, levels: int, *, raw: bool = False, empty_rows: int = 0, seed: int = 0
+) -> torch.Tensor:
     """``[rows, cols]`` float32 with about ``density`` nonzeros over ``levels`` distinct values (any values if raw)."""
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(rows, cols, generator=g) < density
@@ -84,8 +88,10 @@ def pack(w: torch.Tensor, raw: bool, fmt: int | None, device) -> tuple:
 def oracle(x, bias, n, r, identity, factors):
     """float64 ``y = x W^T + bias`` from densely dequantized factors, and the scale ``|x| |W|^T + |bias|``."""
     K = x.shape[1]
-    dense = [decode_factor_ref(f[0], rows, cols, *(t.cpu() for t in f[1:])).double()
-             for f, (rows, cols) in zip(factors, ((n, r), (r, K), (n, K)))]
+    dense = [
+        decode_factor_ref(f[0], rows, cols, *(t.cpu() for t in f[1:])).double()
+        for f, (rows, cols) in zip(factors, ((n, r), (r, K), (n, K)))
+    ]
     U, V, C = dense
     absw = U.abs() @ V.abs() + C.abs()
     if identity == IDENTITY_U:
@@ -121,8 +127,23 @@ def run_kernel(x, bias, n, r, identity, factors, config=None):
     return lt.linear_launch(x, bias, n, r, identity, factors, {**fixed, **(config or {})})
 
 
-def layer_case(M, N, K, r, identity, fmts, *, bits=4, raw=False, density=0.3, empty_rows=0, seed=0,
-               dtype=torch.float32, device="cpu", bias=True):
+def layer_case(
+    M,
+    N,
+    K,
+    r,
+    identity,
+    fmts,
+    *,
+    bits=4,
+    raw=False,
+    density=0.3,
+    empty_rows=0,
+    seed=0,
+    dtype=torch.float32,
+    device="cpu",
+    bias=True,
+):
     """Random packed factors with the given formats, ``x [M, K]`` and bias."""
     if identity == IDENTITY_U:
         r = N
@@ -131,8 +152,15 @@ def layer_case(M, N, K, r, identity, fmts, *, bits=4, raw=False, density=0.3, em
     g = torch.Generator().manual_seed(seed)
     factors = []
     for i, ((rows, cols), fmt) in enumerate(zip(((N, r), (r, K), (N, K)), fmts)):
-        w = make_factor(rows, cols, 0.0 if fmt == FMT_EMPTY else density, 2**bits, raw=raw,
-                        empty_rows=min(empty_rows, rows - 1), seed=seed * 7 + i)
+        w = make_factor(
+            rows,
+            cols,
+            0.0 if fmt == FMT_EMPTY else density,
+            2**bits,
+            raw=raw,
+            empty_rows=min(empty_rows, rows - 1),
+            seed=seed * 7 + i,
+        )
         if fmt != FMT_EMPTY and not bool((w != 0).any()):
             w[rows // 2, cols // 2] = 0.5
         factors.append(pack(w, raw, fmt, device))
@@ -142,6 +170,7 @@ def layer_case(M, N, K, r, identity, fmts, *, bits=4, raw=False, density=0.3, em
 
 
 # --- the codec -------------------------------------------------------------------------------------------------------
+
 
 @given(width=st.integers(1, 32), n=st.sampled_from([0, 1, 7, 31, 32, 33, 63, 1000, 1031]), seed=st.integers(0, 99))
 def test_bits_round_trip(width, n, seed):
@@ -159,9 +188,15 @@ def test_bits_layout_is_little_endian_stream():
     assert w.tolist() == [-1, 0b1111, 0]
 
 
-@given(rows=st.sampled_from([1, 7, 63]), cols=st.sampled_from([1, 7, 130]),
-       density=st.sampled_from([0.0, 0.05, 0.5, 1.0]), levels=st.integers(1, 256), raw=st.booleans(),
-       empty_rows=st.integers(0, 3), seed=st.integers(0, 99))
+@given(
+    rows=st.sampled_from([1, 7, 63]),
+    cols=st.sampled_from([1, 7, 130]),
+    density=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+    levels=st.integers(1, 256),
+    raw=st.booleans(),
+    empty_rows=st.integers(0, 3),
+    seed=st.integers(0, 99),
+)
 def test_encode_decode_is_exact_in_every_format(rows, cols, density, levels, raw, empty_rows, seed):
     w = make_factor(rows, cols, density, levels, raw=raw, empty_rows=min(empty_rows, rows), seed=seed)
     nnz = int((w != 0).sum())
@@ -175,8 +210,9 @@ def test_encode_decode_is_exact_in_every_format(rows, cols, density, levels, raw
         assert torch.equal(back.view(torch.int32), w.view(torch.int32))  # bit-exact
         assert sum(t.nbytes for t in enc[1:]) == factor_nbytes(got_fmt, rows, cols, nnz, lv, raw)
         if got_fmt != FMT_EMPTY:
-            assert enc[1].numel() == packed_words(rows * cols if got_fmt == FMT_DENSE else nnz,
-                                                  code_width(got_fmt, lv, raw))
+            assert enc[1].numel() == packed_words(
+                rows * cols if got_fmt == FMT_DENSE else nnz, code_width(got_fmt, lv, raw)
+            )
     if nnz:
         sizes = {f: factor_nbytes(f, rows, cols, nnz, lv, raw) for f in (FMT_DENSE, FMT_CSR)}
         assert sizes[best] == min(sizes.values())
@@ -203,6 +239,7 @@ def test_wide_factor_uses_int32_column_indices():
 
 # --- the reference ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("identity", [IDENTITY_NONE, IDENTITY_U, IDENTITY_V])
 def test_reference_matches_dense_float64(identity):
     x, b, n, r, facs = layer_case(5, 9, 11, 4, identity, (FMT_DENSE, FMT_CSR, FMT_CSR), bits=3)
@@ -218,20 +255,25 @@ def test_gradients_match_dense_autograd():
         x, b, n, r, facs = layer_case(4, 6, 5, 3, identity, (FMT_CSR, FMT_DENSE, FMT_DENSE), bits=2, seed=3)
         flat = [t for f in facs for t in f]
         x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
-        torch.autograd.gradcheck(lambda xx, bb, n=n, r=r, i=identity, f=flat: atmc_linear(xx, bb, n, r, i, *f),
-                                 (x64, b64))
+        torch.autograd.gradcheck(
+            lambda xx, bb, n=n, r=r, i=identity, f=flat: atmc_linear(xx, bb, n, r, i, *f), (x64, b64)
+        )
         xf, bf = x.clone().requires_grad_(), b.clone().requires_grad_()
         g = torch.randn(4, n)
         (atmc_linear(xf, bf, n, r, identity, *flat) * g).sum().backward()
-        U, V, C = (decode_factor_ref(f[0], rows, cols, *f[1:]).double()
-                   for f, (rows, cols) in zip(facs, ((n, r), (r, 5), (n, 5))))
-        W = (U + (torch.eye(n) if identity == IDENTITY_U else 0)) @ (V + (torch.eye(5) if identity == IDENTITY_V
-                                                                        else 0)) + C
+        U, V, C = (
+            decode_factor_ref(f[0], rows, cols, *f[1:]).double()
+            for f, (rows, cols) in zip(facs, ((n, r), (r, 5), (n, 5)))
+        )
+        W = (U + (torch.eye(n) if identity == IDENTITY_U else 0)) @ (
+            V + (torch.eye(5) if identity == IDENTITY_V else 0)
+        ) + C
         torch.testing.assert_close(xf.grad.double(), g.double() @ W, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(bf.grad, g.sum(0))
 
 
 # --- validation ------------------------------------------------------------------------------------------------------
+
 
 def _valid():
     x, b, n, r, facs = layer_case(3, 6, 5, 2, IDENTITY_NONE, (FMT_DENSE, FMT_CSR, FMT_DENSE))
@@ -242,28 +284,31 @@ def _call(x, b, n, r, identity, facs):
     return atmc_linear_ref(x, b, n, r, identity, *(t for f in facs for t in f))
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda a: a.__setitem__(0, a[0][0]), "2-D float"),
-    (lambda a: a.__setitem__(0, a[0].long()), "2-D float"),
-    (lambda a: a.__setitem__(1, torch.zeros(7)), "bias must be"),
-    (lambda a: a.__setitem__(4, 3), "identity must be"),
-    (lambda a: a.__setitem__(4, IDENTITY_U), "needs r == N"),
-    (lambda a: a.__setitem__(4, IDENTITY_V), "needs r == K"),
-    (lambda a: a.__setitem__(2, 0), "N, r, K >= 1"),
-    (lambda a: a[5][0].__setitem__(0, 5), "fmt must be"),
-    (lambda a: a[5][0].__setitem__(1, a[5][0][1][:-1]), "codes must hold"),
-    (lambda a: a[5][0].__setitem__(1, a[5][0][1].long()), "codes must be a 1-D"),
-    (lambda a: a[5][0].__setitem__(2, a[5][0][2].double()), "book must be a 1-D"),
-    (lambda a: a[5][0].__setitem__(2, torch.zeros(1)), "book must hold"),
-    (lambda a: a[5][0].__setitem__(2, torch.zeros(300)), "book must hold"),
-    (lambda a: a[5][0].__setitem__(3, torch.zeros(3, dtype=torch.int32)), "dense factor has empty"),
-    (lambda a: a[5][1].__setitem__(3, a[5][1][3][:-1]), "indptr must have"),
-    (lambda a: a[5][1].__setitem__(4, a[5][1][4].float()), "indices must be a 1-D"),
-    (lambda a: a[5][1].__setitem__(1, a[5][1][1][:-1]), "codes must hold"),
-    (lambda a: a[5][2].__setitem__(1, a[5][2][1].view(1, -1)), "codes must be a 1-D"),
-    (lambda a: a[5][2].__setitem__(1, torch.zeros(8, dtype=torch.int32)[::2]), "contiguous"),
-    (lambda a: a[5].__setitem__(2, [FMT_EMPTY] + list(a[5][2][1:])), "empty factor has empty"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda a: a.__setitem__(0, a[0][0]), "2-D float"),
+        (lambda a: a.__setitem__(0, a[0].long()), "2-D float"),
+        (lambda a: a.__setitem__(1, torch.zeros(7)), "bias must be"),
+        (lambda a: a.__setitem__(4, 3), "identity must be"),
+        (lambda a: a.__setitem__(4, IDENTITY_U), "needs r == N"),
+        (lambda a: a.__setitem__(4, IDENTITY_V), "needs r == K"),
+        (lambda a: a.__setitem__(2, 0), "N, r, K >= 1"),
+        (lambda a: a[5][0].__setitem__(0, 5), "fmt must be"),
+        (lambda a: a[5][0].__setitem__(1, a[5][0][1][:-1]), "codes must hold"),
+        (lambda a: a[5][0].__setitem__(1, a[5][0][1].long()), "codes must be a 1-D"),
+        (lambda a: a[5][0].__setitem__(2, a[5][0][2].double()), "book must be a 1-D"),
+        (lambda a: a[5][0].__setitem__(2, torch.zeros(1)), "book must hold"),
+        (lambda a: a[5][0].__setitem__(2, torch.zeros(300)), "book must hold"),
+        (lambda a: a[5][0].__setitem__(3, torch.zeros(3, dtype=torch.int32)), "dense factor has empty"),
+        (lambda a: a[5][1].__setitem__(3, a[5][1][3][:-1]), "indptr must have"),
+        (lambda a: a[5][1].__setitem__(4, a[5][1][4].float()), "indices must be a 1-D"),
+        (lambda a: a[5][1].__setitem__(1, a[5][1][1][:-1]), "codes must hold"),
+        (lambda a: a[5][2].__setitem__(1, a[5][2][1].view(1, -1)), "codes must be a 1-D"),
+        (lambda a: a[5][2].__setitem__(1, torch.zeros(8, dtype=torch.int32)[::2]), "contiguous"),
+        (lambda a: a[5].__setitem__(2, [FMT_EMPTY] + list(a[5][2][1:])), "empty factor has empty"),
+    ],
+)
 def test_bad_arguments_raise(breakage, message):
     x, b, n, r, facs = _valid()
     args = [x, b, n, r, IDENTITY_NONE, facs]
@@ -282,6 +327,7 @@ def test_int16_indices_for_too_many_columns_raise():
 
 # --- the kernels (interpreter on CPU, compiled on CUDA) ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("identity", [IDENTITY_NONE, IDENTITY_U, IDENTITY_V])
 @pytest.mark.parametrize("M", [3, 40])
@@ -298,8 +344,9 @@ def test_every_storage_combination(device, identity, M):
 def test_every_codebook_width(device, bits):
     """b = 1..8 with 2^b levels: dense codes of b + 1 bits, CSR codes of b bits, straddling words."""
     for M, fmts in ((2, (FMT_DENSE, FMT_CSR, FMT_DENSE)), (37, (FMT_CSR, FMT_DENSE, FMT_CSR))):
-        x, b, n, r, facs = layer_case(M, 23, 70, 23, IDENTITY_NONE, fmts, bits=bits, density=0.6, seed=bits,
-                                      device=device)
+        x, b, n, r, facs = layer_case(
+            M, 23, 70, 23, IDENTITY_NONE, fmts, bits=bits, density=0.6, seed=bits, device=device
+        )
         assert all(f[2].numel() - 1 == 2**bits for f in facs)  # every level used
         want, scale = oracle(x, b, n, r, IDENTITY_NONE, facs)
         assert_close(run_kernel(x, b, n, r, IDENTITY_NONE, facs), want, scale, torch.float32)
@@ -307,22 +354,50 @@ def test_every_codebook_width(device, bits):
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=12)
-@given(M=st.sampled_from([1, 7, 16, 17, 33, 63]), N=st.sampled_from([1, 7, 63]), K=st.sampled_from([1, 7, 63, 130]),
-       r=st.integers(1, 7), identity=st.sampled_from([IDENTITY_NONE, IDENTITY_U, IDENTITY_V]),
-       fmts=st.tuples(*[st.sampled_from(FMTS)] * 3), bits=st.integers(1, 8), raw=st.booleans(),
-       density=st.sampled_from([0.02, 0.3, 1.0]), bias=st.booleans(), seed=st.integers(0, 999), data=st.data())
+@given(
+    M=st.sampled_from([1, 7, 16, 17, 33, 63]),
+    N=st.sampled_from([1, 7, 63]),
+    K=st.sampled_from([1, 7, 63, 130]),
+    r=st.integers(1, 7),
+    identity=st.sampled_from([IDENTITY_NONE, IDENTITY_U, IDENTITY_V]),
+    fmts=st.tuples(*[st.sampled_from(FMTS)] * 3),
+    bits=st.integers(1, 8),
+    raw=st.booleans(),
+    density=st.sampled_from([0.02, 0.3, 1.0]),
+    bias=st.booleans(),
+    seed=st.integers(0, 999),
+    data=st.data(),
+)
 def test_odd_shapes_and_configs(device, M, N, K, r, identity, fmts, bits, raw, density, bias, seed, data):
     r = min(r, N, K)
-    x, b, n, r, facs = layer_case(M, N, K, r, identity, fmts, bits=bits, raw=raw, density=density, seed=seed,
-                                  device=device, bias=bias, empty_rows=1)
+    x, b, n, r, facs = layer_case(
+        M,
+        N,
+        K,
+        r,
+        identity,
+        fmts,
+        bits=bits,
+        raw=raw,
+        density=density,
+        seed=seed,
+        device=device,
+        bias=bias,
+        empty_rows=1,
+    )
     small = M <= lt.SMALL_M
     block = st.sampled_from([16, 32, 64])
     tile = {"BLOCK_N": data.draw(block), "BLOCK_K": data.draw(block), "GROUP_M": data.draw(st.sampled_from([1, 4]))}
-    tile |= {"SPLIT_K": data.draw(st.sampled_from([1, 2, 3, 8]))} if small else {"BLOCK_M": data.draw(block),
-                                                                                "SPLIT_K": 1}
+    tile |= (
+        {"SPLIT_K": data.draw(st.sampled_from([1, 2, 3, 8]))} if small else {"BLOCK_M": data.draw(block), "SPLIT_K": 1}
+    )
     csr = {"BLOCK_R": data.draw(st.sampled_from([1, 4, 16])), "BLOCK_J": data.draw(st.sampled_from([1, 8, 32]))}
-    config = {"tile": tile, "csr": csr, "densify": data.draw(st.sampled_from([None, True, False])),
-              "book_gather": data.draw(st.booleans())}
+    config = {
+        "tile": tile,
+        "csr": csr,
+        "densify": data.draw(st.sampled_from([None, True, False])),
+        "book_gather": data.draw(st.booleans()),
+    }
     want, scale = oracle(x, b, n, r, identity, facs)
     assert_close(run_kernel(x, b, n, r, identity, facs, config), want, scale, torch.float32)
 
@@ -331,10 +406,10 @@ def test_odd_shapes_and_configs(device, M, N, K, r, identity, fmts, bits, raw, d
 @pytest.mark.parametrize("M", [1, 5, 48])
 @pytest.mark.parametrize("identity", [IDENTITY_NONE, IDENTITY_U, IDENTITY_V])
 def test_float16_activations(device, M, identity):
-    for i, fmts in enumerate([(FMT_DENSE, FMT_DENSE, FMT_CSR), (FMT_CSR, FMT_EMPTY, FMT_DENSE),
-                              (FMT_CSR, FMT_CSR, FMT_CSR)]):
-        x, b, n, r, facs = layer_case(M, 24, 40, 8, identity, fmts, bits=6, dtype=torch.float16, device=device,
-                                      seed=i)
+    for i, fmts in enumerate(
+        [(FMT_DENSE, FMT_DENSE, FMT_CSR), (FMT_CSR, FMT_EMPTY, FMT_DENSE), (FMT_CSR, FMT_CSR, FMT_CSR)]
+    ):
+        x, b, n, r, facs = layer_case(M, 24, 40, 8, identity, fmts, bits=6, dtype=torch.float16, device=device, seed=i)
         for densify in (None, True):
             got = run_kernel(x, b.half(), n, r, identity, facs, {"densify": densify})
             assert got.dtype == torch.float16
@@ -344,13 +419,18 @@ def test_float16_activations(device, M, identity):
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_layer_over_1000(device):
     for M in (2, 34):
-        x, b, n, r, facs = layer_case(M, 1030, 1100, 6, IDENTITY_NONE, (FMT_DENSE, FMT_DENSE, FMT_CSR), bits=8,
-                                      density=0.05, device=device)
-        cfg = {"tile": {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "GROUP_M": 1} if M <= lt.SMALL_M else
-               {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8},
-               "csr": {"BLOCK_R": 64, "BLOCK_J": 64}}
-        assert_close(run_kernel(x, b, n, r, IDENTITY_NONE, facs, cfg), *oracle(x, b, n, r, IDENTITY_NONE, facs),
-                     torch.float32)
+        x, b, n, r, facs = layer_case(
+            M, 1030, 1100, 6, IDENTITY_NONE, (FMT_DENSE, FMT_DENSE, FMT_CSR), bits=8, density=0.05, device=device
+        )
+        cfg = {
+            "tile": {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "GROUP_M": 1}
+            if M <= lt.SMALL_M
+            else {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8},
+            "csr": {"BLOCK_R": 64, "BLOCK_J": 64},
+        }
+        assert_close(
+            run_kernel(x, b, n, r, IDENTITY_NONE, facs, cfg), *oracle(x, b, n, r, IDENTITY_NONE, facs), torch.float32
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -395,8 +475,9 @@ def test_launcher_validates_inputs(device):
     with pytest.raises(ValueError, match="bias must be contiguous"):
         run_kernel(x, torch.randn(n, 2, device=device)[:, 0], n, r, IDENTITY_NONE, facs)
     with pytest.raises(ValueError, match="SPLIT_K must be 1"):
-        run_kernel(torch.randn(40, 16, device=device), b, n, r, IDENTITY_NONE, facs,
-                   {"tile": {"SPLIT_K": 2}, "densify": True})
+        run_kernel(
+            torch.randn(40, 16, device=device), b, n, r, IDENTITY_NONE, facs, {"tile": {"SPLIT_K": 2}, "densify": True}
+        )
     other = "cpu" if device == "cuda" else "meta"
     with pytest.raises(ValueError, match="is on"):
         run_kernel(x, b.to(other), n, r, IDENTITY_NONE, facs)
@@ -410,15 +491,18 @@ def test_op_dispatches_to_triton_on_cuda_and_matches_cpu():
     got = atmc_linear(x, b, n, r, IDENTITY_V, *flat)
     want = atmc_linear(x.cpu(), b.cpu(), n, r, IDENTITY_V, *(t.cpu() if torch.is_tensor(t) else t for t in flat))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(atmc_decode(*facs[2][:1], n, 96, *facs[2][1:]).cpu(),
-                       atmc_decode(*facs[2][:1], n, 96, *(t.cpu() for t in facs[2][1:])))
+    assert torch.equal(
+        atmc_decode(*facs[2][:1], n, 96, *facs[2][1:]).cpu(),
+        atmc_decode(*facs[2][:1], n, 96, *(t.cpu() for t in facs[2][1:])),
+    )
 
 
 @pytest.mark.gpu
 def test_bfloat16_on_gpu():
     for M in (4, 64):
-        x, b, n, r, facs = layer_case(M, 48, 64, 8, IDENTITY_U, (FMT_DENSE, FMT_CSR, FMT_CSR), dtype=torch.bfloat16,
-                                      device="cuda")
+        x, b, n, r, facs = layer_case(
+            M, 48, 64, 8, IDENTITY_U, (FMT_DENSE, FMT_CSR, FMT_CSR), dtype=torch.bfloat16, device="cuda"
+        )
         got = run_kernel(x, b.bfloat16(), n, r, IDENTITY_U, facs)
         want, scale = oracle(x, b.bfloat16(), n, r, IDENTITY_U, facs)
         err = (got.cpu().double() - want).abs()

@@ -12,13 +12,16 @@ from atmc_triton.models import MODELS, CaffeLeNet, Normalize, build_model
 from atmc_triton.train import Experiment, Protocol, Schedule
 
 
-@pytest.mark.parametrize("name, classes, shape, weights, bits", [
-    ("lenet", 10, (1, 28, 28), 430_500, 13_776_000),
-    ("resnet34", 10, (3, 32, 32), 21_265_088, 680_482_816),
-    ("resnet34", 100, (3, 32, 32), 21_311_168, 681_957_376),
-    ("wrn16_8", 10, (3, 32, 32), 10_954_160, 350_533_120),
-    ("digits_cnn", 10, (1, 8, 8), 151_072, 4_834_304),
-])
+@pytest.mark.parametrize(
+    "name, classes, shape, weights, bits",
+    [
+        ("lenet", 10, (1, 28, 28), 430_500, 13_776_000),
+        ("resnet34", 10, (3, 32, 32), 21_265_088, 680_482_816),
+        ("resnet34", 100, (3, 32, 32), 21_311_168, 681_957_376),
+        ("wrn16_8", 10, (3, 32, 32), 10_954_160, 350_533_120),
+        ("digits_cnn", 10, (1, 8, 8), 151_072, 4_834_304),
+    ],
+)
 def test_dense_sizes_match_the_paper(name, classes, shape, weights, bits):
     model = build_model(name, classes, shape)
     counted = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
@@ -34,7 +37,11 @@ def test_model_structure():
     assert [m.out_features for m in lenet.modules() if isinstance(m, nn.Linear)] == [500, 10]
     r = build_model("resnet34", 10)
     assert isinstance(r.layer1[0], BasicBlock) and [len(r.layer1), len(r.layer2), len(r.layer3), len(r.layer4)] == [
-        3, 4, 6, 3]
+        3,
+        4,
+        6,
+        3,
+    ]
     assert r.conv1.kernel_size == (3, 3) and r.conv1.stride == (1, 1) and isinstance(r.maxpool, nn.Identity)
     w = build_model("wrn16_8", 10)
     assert len(w.blocks) == 6 and w.fc.in_features == 512
@@ -42,9 +49,17 @@ def test_model_structure():
     assert [s is not None for s in shortcuts] == [True, False, True, False, True, False]
 
 
-@pytest.mark.parametrize("name, shape", [("lenet", (1, 28, 28)), ("lenet", (3, 32, 32)), ("digits_cnn", (1, 8, 8)),
-                                         ("digits_cnn", (1, 28, 28)), ("resnet34", (3, 32, 32)),
-                                         ("wrn16_8", (3, 32, 32))])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("lenet", (1, 28, 28)),
+        ("lenet", (3, 32, 32)),
+        ("digits_cnn", (1, 8, 8)),
+        ("digits_cnn", (1, 28, 28)),
+        ("resnet34", (3, 32, 32)),
+        ("wrn16_8", (3, 32, 32)),
+    ],
+)
 def test_forward_shapes(name, shape):
     with one_thread(), torch.no_grad():
         model = build_model(name, 7, shape).eval()
@@ -82,8 +97,16 @@ def test_build_model_errors():
 def test_resnet34_synthetic_cifar_batch_through_atmc():
     """A CIFAR-shaped batch: compress_, one ADMM step under PGD, finalize_, evaluation."""
     data = synthetic_dataset("cifar10", n_train=2, n_test=2, seed=0)
-    exp = Experiment("resnet34", data, Protocol(eps=4 / 255, pgd_steps=1, apgd_steps=1), out=None,
-                     device="cpu", eval_size=0, attacks=("pgd", "apgd"), use_autoattack=False)
+    exp = Experiment(
+        "resnet34",
+        data,
+        Protocol(eps=4 / 255, pgd_steps=1, apgd_steps=1),
+        out=None,
+        device="cpu",
+        eval_size=0,
+        attacks=("pgd", "apgd"),
+        use_autoattack=False,
+    )
     dense = exp.new_model()
     assert isinstance(dense.normalize, Normalize)  # CIFAR channel statistics inside the model
     cfg = at.ATMCConfig(nnz=100_000, bits=8)  # an explicit k skips the (CPU-slow) ratio search over 45M entries

@@ -44,7 +44,10 @@ def test_atmc_linear_op_compiles_in_one_frame():
     g = torch.Generator().manual_seed(0)
     book = torch.randn(15, generator=g)
     w = lambda *s: book[torch.randint(0, 15, s, generator=g)] * (torch.rand(*s, generator=g) < 0.4)  # noqa: E731
-    factors = [a for t, fmt in ((w(5, 3), FMT_DENSE), (w(3, 7), FMT_CSR), (w(5, 7), FMT_DENSE))
-               for a in encode_factor(t, raw=False, fmt=fmt)]
+    factors = [
+        a
+        for t, fmt in ((w(5, 3), FMT_DENSE), (w(3, 7), FMT_CSR), (w(5, 7), FMT_DENSE))
+        for a in encode_factor(t, raw=False, fmt=fmt)
+    ]
     args = (torch.randn(4, 7), torch.randn(5), 5, 3, 0, *factors)
     assert torch.allclose(compiled_once(lambda *a: atmc_linear(*a), *args), atmc_linear(*args))

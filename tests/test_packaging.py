@@ -15,8 +15,21 @@ def test_kernels_subpackage_comes_from_repo_kernels_dir():
 
 
 def test_wheel_contains_kernels_as_subpackage(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
     (wheel,) = tmp_path.glob("atmc_triton-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("admm.py", "lloyd.py", "lowrank_gemm.py", "__init__.py"):

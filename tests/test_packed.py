@@ -43,6 +43,7 @@ def finalized(model: nn.Module, bits=4, ratio=0.2, init="identity", steps=2, x=N
 
 def bits_of(sd: dict, signed_zeros: bool = True) -> dict:
     """Tensors as raw bytes (bit-exact comparisons); ``signed_zeros=False`` first maps -0.0 to +0.0."""
+
     def raw(v):
         if not signed_zeros and v.is_floating_point():
             v = torch.where(v == 0, torch.zeros_like(v), v)
@@ -60,9 +61,14 @@ def cnn():
 
 # --- pack_ / unpack --------------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=8)
-@given(bits=st.sampled_from([1, 2, 4, 8, None]), ratio=st.sampled_from([0.02, 0.1, 0.5]),
-       init=st.sampled_from(["identity", "svd"]), seed=st.integers(0, 99))
+@given(
+    bits=st.sampled_from([1, 2, 4, 8, None]),
+    ratio=st.sampled_from([0.02, 0.1, 0.5]),
+    init=st.sampled_from(["identity", "svd"]),
+    seed=st.integers(0, 99),
+)
 def test_packed_forward_equals_finalized_and_unpack_is_exact(bits, ratio, init, seed):
     torch.manual_seed(seed)
     x, y = torch.rand(8, 3, 9, 9), torch.randint(0, 5, (8,))
@@ -112,7 +118,7 @@ def test_state_dict_holds_only_packed_tensors(cnn):
     packed = pk.pack_(copy.deepcopy(model))
     sd = packed.state_dict()
     for name, layer in pk.packed_layers(packed):
-        keys = {k[len(name) + 1:] for k in sd if k.startswith(name + ".")}
+        keys = {k[len(name) + 1 :] for k in sd if k.startswith(name + ".")}
         want = {f"{f}_{p}" for f in "UVC" for p in ("codes", "book", "indptr", "indices")}
         assert keys == want | ({"bias"} if layer.bias is not None else set())
         for f in "UVC":
@@ -146,6 +152,7 @@ def test_formats_follow_density():
 
 # --- sizes -----------------------------------------------------------------------------------------------------------
 
+
 def test_size_report_matches_real_packed_bytes(cnn):
     model, _ = cnn
     rep = at.size_report(model)
@@ -166,13 +173,17 @@ def test_file_size_is_packed_bytes_plus_header(cnn, tmp_path):
     path = tmp_path / "m.safetensors"
     size = pk.save_packed(packed, path)
     header = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    other = sum(v.nbytes for k, v in packed.state_dict().items()
-                if not any(k.endswith(f"{f}_{p}") for f in "UVC" for p in ("codes", "book", "indptr", "indices")))
+    other = sum(
+        v.nbytes
+        for k, v in packed.state_dict().items()
+        if not any(k.endswith(f"{f}_{p}") for f in "UVC" for p in ("codes", "book", "indptr", "indices"))
+    )
     assert size == os.path.getsize(path) == 8 + header + at.size_report(packed).packed_bytes + other
     assert header < 8192
 
 
 # --- save / load -----------------------------------------------------------------------------------------------------
+
 
 def test_save_load_round_trip_on_meta_skeleton(cnn, tmp_path, monkeypatch):
     model, x = cnn
@@ -246,8 +257,9 @@ def test_load_validates_everything(tmp_path):
             skeleton = nn.Sequential(nn.Linear(200, 64))
         with pytest.raises(ValueError, match=message):
             pk.load_packed(skeleton, _corrupt(tmp_path, packed, edit))
-    assert torch.equal(pk.load_packed(nn.Sequential(nn.Linear(200, 64)), _corrupt(tmp_path, packed, lambda t, h: 0))(x),
-                       packed(x))
+    assert torch.equal(
+        pk.load_packed(nn.Sequential(nn.Linear(200, 64)), _corrupt(tmp_path, packed, lambda t, h: 0))(x), packed(x)
+    )
     from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(1)}, tmp_path / "plain.safetensors")
@@ -259,12 +271,17 @@ def test_load_validates_everything(tmp_path):
 
 # --- modules ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("init", ["identity", "svd"])
 def test_decomposed_conv_equals_cached_dense_conv(init):
     torch.manual_seed(3)
-    convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
-                          nn.Conv2d(8, 4, (3, 1), stride=2, dilation=(1, 2), padding=(1, 0)), nn.ReLU(),
-                          nn.Conv2d(4, 16, 1, bias=False))
+    convs = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, (3, 1), stride=2, dilation=(1, 2), padding=(1, 0)),
+        nn.ReLU(),
+        nn.Conv2d(4, 16, 1, bias=False),
+    )
     x = torch.rand(2, 3, 11, 11)
     model = finalized(convs, bits=5, ratio=0.3, init=init, steps=0)
     want = model(x)
@@ -326,6 +343,7 @@ def test_packed_model_compiles_in_one_frame(cnn):
 
 # --- accuracy --------------------------------------------------------------------------------------------------------
 
+
 def test_packed_clean_and_adversarial_accuracy_equal_finalized():
     """A CNN trained on scikit-learn's digits, compressed with ATMC; its test set under PGD."""
     from atmc_triton.attacks import pgd
@@ -333,8 +351,16 @@ def test_packed_clean_and_adversarial_accuracy_equal_finalized():
 
     torch.manual_seed(0)
     data = load_dataset("digits")
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(256, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(150):
         i = torch.randint(0, len(data.train), (64,))
@@ -364,6 +390,7 @@ def test_packed_clean_and_adversarial_accuracy_equal_finalized():
 
 
 # --- GPU: the Triton kernels inside packed models -------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

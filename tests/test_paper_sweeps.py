@@ -22,8 +22,7 @@ def test_step_schedule_matches_the_reference_decreasing_lr():
     s = Schedule(epochs=200, lr=0.05, lr_schedule="step", milestones=(80, 120, 150))
     spe = 391  # steps per epoch
     lrs = {e: s.lr_at(e * spe, 200 * spe) for e in (0, 79, 80, 119, 120, 149, 150, 199)}
-    assert lrs == pytest.approx({0: 0.05, 79: 0.05, 80: 5e-3, 119: 5e-3, 120: 5e-4, 149: 5e-4, 150: 5e-5,
-                                 199: 5e-5})
+    assert lrs == pytest.approx({0: 0.05, 79: 0.05, 80: 5e-3, 119: 5e-3, 120: 5e-4, 149: 5e-4, 150: 5e-5, 199: 5e-5})
     assert s.lr_at(80 * spe - 1, 200 * spe) == 0.05  # the last step of epoch 79
     assert Schedule(epochs=3, lr=0.1, lr_schedule="step").lr_at(5, 9) == 0.1  # no milestones: constant
     assert Schedule(epochs=4, lr=1.0, lr_schedule="step", milestones=(2,), gamma=0.5).lr_at(2, 4) == 0.5
@@ -72,8 +71,9 @@ def _check_outputs(out, preset, cfg):
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(out / f"{name}.csv")))
     assert list(rows[0]) == CSV_KEYS
-    assert [(r["method"], r["target_ratio"] or None) for r in rows] == \
-        [(p.method, None if p.ratio is None else str(p.ratio)) for p in points(cfg)]
+    assert [(r["method"], r["target_ratio"] or None) for r in rows] == [
+        (p.method, None if p.ratio is None else str(p.ratio)) for p in points(cfg)
+    ]
     dense = int(rows[0]["dense_bits"])
     for r in rows:
         assert int(r["dense_bits"]) == dense
@@ -114,8 +114,21 @@ def test_synthetic_sweep_runs_every_stage(tmp_path, preset):
 
 def test_sweep_refuses_a_changed_config_in_the_same_out(tmp_path, capsys):
     _run(tmp_path, "svhn", "--model", "lenet", "--ratios", "0.05", "--threads", "1")
-    rc = paper_sweeps.main(["--preset", "svhn", "--synthetic", "--out", str(tmp_path / "svhn"), "--model", "lenet",
-                            "--ratios", "0.05", "--apgd-steps", "3"])  # another evaluation: refused
+    rc = paper_sweeps.main(
+        [
+            "--preset",
+            "svhn",
+            "--synthetic",
+            "--out",
+            str(tmp_path / "svhn"),
+            "--model",
+            "lenet",
+            "--ratios",
+            "0.05",
+            "--apgd-steps",
+            "3",
+        ]
+    )  # another evaluation: refused
     assert rc == 2
     assert "another configuration" in capsys.readouterr().err
 

@@ -53,9 +53,16 @@ class Payload:
 
 def _evil(path: Path, marker: Path, where: str) -> Path:
     legacy = where == "legacy"
-    obj = Payload(marker) if where == "top" else {
-        "format": FORMAT, "version": 2, "meta": {"model": "digits_cnn", "dataset": "digits"},
-        "model": {"w": torch.ones(2), "hook": Payload(marker)}}
+    obj = (
+        Payload(marker)
+        if where == "top"
+        else {
+            "format": FORMAT,
+            "version": 2,
+            "meta": {"model": "digits_cnn", "dataset": "digits"},
+            "model": {"w": torch.ones(2), "hook": Payload(marker)},
+        }
+    )
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
     return path
 
@@ -67,13 +74,15 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, where):
     torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(CheckpointError, match=r"refusing to load .*pickled Python objects.*Unsupported global.*exec") \
-            as e:
+    with pytest.raises(
+        CheckpointError, match=r"refusing to load .*pickled Python objects.*Unsupported global.*exec"
+    ) as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError):
-        Experiment("digits_cnn", load_dataset("digits", subset=8, test_subset=8), Protocol(eps=0.1, pgd_steps=1),
-                   device="cpu").load(path)
+        Experiment(
+            "digits_cnn", load_dataset("digits", subset=8, test_subset=8), Protocol(eps=0.1, pgd_steps=1), device="cpu"
+        ).load(path)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_safetensors(path)
     with pytest.raises(Exception):  # noqa: B017 (SafetensorError: not a safetensors header)
@@ -94,14 +103,22 @@ def test_resume_refuses_a_pickle_payload(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     _evil(out / "dense.pt", marker, "nested")
-    exp = Experiment("digits_cnn", load_dataset("digits", subset=32, test_subset=8), Protocol(eps=0.1, pgd_steps=1),
-                     out=out, device="cpu", resume=True, eval_size=0)
+    exp = Experiment(
+        "digits_cnn",
+        load_dataset("digits", subset=32, test_subset=8),
+        Protocol(eps=0.1, pgd_steps=1),
+        out=out,
+        device="cpu",
+        resume=True,
+        eval_size=0,
+    )
     with pytest.raises(CheckpointError, match="refusing to load"):
         exp.pretrain(Schedule(epochs=1, lr=0.05, batch_size=16))
     assert not marker.exists()
 
 
 # --- truncated, corrupted and foreign checkpoints --------------------------------------------------------------------
+
 
 def _ck() -> Path:
     return single_run() / "out" / "atmc.pt"  # a real ATMC checkpoint: model, ADMM state, RNG, metadata
@@ -176,8 +193,7 @@ def test_incomplete_or_old_checkpoints_are_refused(tmp_path):
 def _digits_experiment(out: Path, **kw) -> tuple[Experiment, Schedule]:
     ck = load_checkpoint(_ck())
     data = load_dataset("digits", subset=128, test_subset=32)
-    exp = Experiment("digits_cnn", data, Protocol(**ck["meta"]["protocol"]), out=out, device="cpu", eval_size=16,
-                     **kw)
+    exp = Experiment("digits_cnn", data, Protocol(**ck["meta"]["protocol"]), out=out, device="cpu", eval_size=16, **kw)
     return exp, Schedule(**ck["meta"]["schedule"])
 
 
@@ -194,8 +210,13 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_shape(tmp_path):
     save_checkpoint(out / "atmc.pt", model=build_model("digits_cnn", 10, (1, 8, 8)), meta=meta, epoch=1, step=4)
     with pytest.raises(CheckpointError, match="does not fit this model or optimizer: .*Missing key.*features.0.U"):
         exp.compress(dense, at.ATMCConfig(**meta["atmc"]), sched)
-    save_checkpoint(out / "dense.pt", model=build_model("digits_cnn", 5, (1, 8, 8)),
-                    meta=load_checkpoint(out / "dense.pt")["meta"], epoch=1, step=4)
+    save_checkpoint(
+        out / "dense.pt",
+        model=build_model("digits_cnn", 5, (1, 8, 8)),
+        meta=load_checkpoint(out / "dense.pt")["meta"],
+        epoch=1,
+        step=4,
+    )
     with pytest.raises(ValueError, match="does not fit digits_cnn"):
         exp.load(out / "dense.pt")
 
@@ -203,11 +224,14 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_shape(tmp_path):
 def test_cli_eval_refuses_foreign_and_forged_checkpoints(tmp_path, capsys):
     src = load_checkpoint(_ck())
     p = tmp_path / "f.pt"
-    cases = [({**src["meta"], "model": "resnet9"}, "names an unknown model/dataset"),
-             ({**src["meta"], "protocol": {"eps": 0.1, "steps": 3}}, "has a bad protocol"),
-             ({**src["meta"], "atmc": {**src["meta"]["atmc"], "bits": 3}}, "does not fit digits_cnn")]
-    model = Experiment("digits_cnn", load_dataset("digits", subset=8, test_subset=8), Protocol(eps=0.1, pgd_steps=1),
-                       device="cpu").new_model()
+    cases = [
+        ({**src["meta"], "model": "resnet9"}, "names an unknown model/dataset"),
+        ({**src["meta"], "protocol": {"eps": 0.1, "steps": 3}}, "has a bad protocol"),
+        ({**src["meta"], "atmc": {**src["meta"]["atmc"], "bits": 3}}, "does not fit digits_cnn"),
+    ]
+    model = Experiment(
+        "digits_cnn", load_dataset("digits", subset=8, test_subset=8), Protocol(eps=0.1, pgd_steps=1), device="cpu"
+    ).new_model()
     at.compress_(model, at.ATMCConfig(**src["meta"]["atmc"]))
     model.load_state_dict(src["model"])
     for meta, match in cases:
@@ -218,6 +242,7 @@ def test_cli_eval_refuses_foreign_and_forged_checkpoints(tmp_path, capsys):
 
 
 # --- packed files ----------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def packed_file(tmp_path_factory):
@@ -255,8 +280,16 @@ def test_packed_metadata_that_lies_is_refused(packed_file, tmp_path):
         with pytest.raises(ValueError, match=match):
             pk.load_packed(_skeleton(), _edit_header(packed_file, tmp_path / "bad.safetensors", edit))
     with pytest.raises(ValueError, match="PackedConv2d: conv_mode must be 'dense' or 'decomposed'"):
-        pk.PackedConv2d(3, 4, 3, rank=4, identity=0, bits=2, conv_mode="sparse",
-                        factors={f: {"fmt": 0, "nnz": 0, "levels": 0} for f in "UVC"})
+        pk.PackedConv2d(
+            3,
+            4,
+            3,
+            rank=4,
+            identity=0,
+            bits=2,
+            conv_mode="sparse",
+            factors={f: {"fmt": 0, "nnz": 0, "levels": 0} for f in "UVC"},
+        )
 
 
 def test_packed_file_lacking_a_layers_tensors_is_refused_even_without_strict(packed_file, tmp_path):
@@ -266,8 +299,9 @@ def test_packed_file_lacking_a_layers_tensors_is_refused_even_without_strict(pac
     with safe_open(str(packed_file), "pt") as fh:
         meta = fh.metadata()
     dst = tmp_path / "partial.safetensors"
-    save_file({k: v for k, v in load_file(str(packed_file)).items() if not k.startswith("0.U_")}, str(dst),
-              metadata=meta)
+    save_file(
+        {k: v for k, v in load_file(str(packed_file)).items() if not k.startswith("0.U_")}, str(dst), metadata=meta
+    )
     with pytest.raises(ValueError, match="does not fit the model"):
         pk.load_packed(_skeleton(), dst)
     with pytest.raises(ValueError, match="holds no tensors for packed layer '0'"):
@@ -316,6 +350,7 @@ def test_load_state_dict_of_a_packed_model_validates_indices():
 
 
 # --- validation errors of kernels, optimizer and packed layers without a test elsewhere ------------------------------
+
 
 def test_kernel_reference_validation_errors():
     w = torch.zeros(8)
@@ -368,8 +403,20 @@ def test_triton_launchers_refuse_cpu_tensors_when_not_interpreting():
 def test_kernel_device_mismatch_errors_on_cuda():
     w = torch.zeros(8, device="cuda")
     with pytest.raises(ValueError, match="admm_step: grad is on cpu, w is on cuda"):
-        at.kernels.admm_step(w, torch.zeros(8), w.clone(), w.clone(), w.clone(), torch.zeros(8, dtype=torch.bool,
-                             device="cuda"), 0.1, 0.9, 0.0, 0.1, 4, False)
+        at.kernels.admm_step(
+            w,
+            torch.zeros(8),
+            w.clone(),
+            w.clone(),
+            w.clone(),
+            torch.zeros(8, dtype=torch.bool, device="cuda"),
+            0.1,
+            0.9,
+            0.0,
+            0.1,
+            4,
+            False,
+        )
     with pytest.raises(ValueError, match="admm_dual_update: z is on cpu, u is on cuda"):
         at.kernels.admm_dual_update(w, w.clone(), torch.zeros(8))
 
@@ -392,8 +439,9 @@ def test_packed_api_validation_errors():
     packed = pk.pack_(known_formats())
     with pytest.raises(ValueError, match="unpack swaps submodules in place"):
         pk.unpack(packed[0])
-    mixed = nn.Sequential(packed[0], at.finalize_(at.compress_(nn.Sequential(nn.Linear(64, 4)),
-                                                               at.ATMCConfig(nnz=20, bits=2)))[0])
+    mixed = nn.Sequential(
+        packed[0], at.finalize_(at.compress_(nn.Sequential(nn.Linear(64, 4)), at.ATMCConfig(nnz=20, bits=2)))[0]
+    )
     with pytest.raises(ValueError, match="save_packed: the model still has ATMC layers"):
         pk.save_packed(mixed, "unused.safetensors")
     raw = at.finalize_(at.compress_(nn.Sequential(nn.Linear(4, 4)).double(), at.ATMCConfig(nnz=8, bits=None)))

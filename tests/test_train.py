@@ -65,8 +65,13 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, small_digits):
     assert at.is_finalized(final_b)
 
     logs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in logs] == [("dense", 1), ("dense", 2), ("atmc", 1), ("atmc", 2),
-                                                        ("atmc", 3)]
+    assert [(r["stage"], r["epoch"]) for r in logs] == [
+        ("dense", 1),
+        ("dense", 2),
+        ("atmc", 1),
+        ("atmc", 2),
+        ("atmc", 3),
+    ]
     ref = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in logs] == [r["loss"] for r in ref]
     assert all(r["nnz"] <= int(final_b.atmc_nnz_budget) for r in logs if r["stage"] == "atmc")
@@ -83,8 +88,9 @@ def test_clean_weight_one_is_natural_training(small_digits):
     s = Schedule(epochs=1, lr=0.05, batch_size=32)
 
     def run(cw, adversarial):
-        exp = Experiment("digits_cnn", small_digits, Protocol(eps=0.2, pgd_steps=2, clean_weight=cw), device="cpu",
-                         eval_size=0)
+        exp = Experiment(
+            "digits_cnn", small_digits, Protocol(eps=0.2, pgd_steps=2, clean_weight=cw), device="cpu", eval_size=0
+        )
         return exp.pretrain(s, adversarial=adversarial, stage="same")[0]  # same stage: same data order
 
     natural = run(0.5, False)
@@ -95,8 +101,14 @@ def test_clean_weight_one_is_natural_training(small_digits):
 
 def test_loss_parameter_and_epoch_log(tmp_path, small_digits):
     for cw in (0.0, 0.5):
-        exp = Experiment("digits_cnn", small_digits, Protocol(eps=0.2, pgd_steps=1, clean_weight=cw), out=tmp_path,
-                         device="cpu", eval_size=16)
+        exp = Experiment(
+            "digits_cnn",
+            small_digits,
+            Protocol(eps=0.2, pgd_steps=1, clean_weight=cw),
+            out=tmp_path,
+            device="cpu",
+            eval_size=16,
+        )
         exp.pretrain(Schedule(epochs=1, lr=0.05, batch_size=32), stage=f"cw{cw}")
     recs = {r["stage"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert recs["cw0.0"]["train_acc"] is None and recs["cw0.0"]["train_adv_acc"] is not None  # CE(adv) only
@@ -111,8 +123,13 @@ def test_protocol_and_schedule():
     q = Protocol(eps=0.2, pgd_steps=10, eval_pgd_steps=20)
     assert q.eval_steps == 20 and q.eval_alpha == pytest.approx(0.025) and q.alpha == pytest.approx(0.05)
     assert Protocol(eps=0.1, pgd_steps=5, pgd_alpha=0.01).eval_alpha == 0.01
-    for bad in ({"eps": 2.0}, {"eps": 0.1, "clean_weight": 1.5}, {"eps": 0.1, "pgd_steps": -1},
-                {"eps": 0.1, "train_attack_mode": "x"}, {"eps": 0.1, "pgd_alpha": 0.0}):
+    for bad in (
+        {"eps": 2.0},
+        {"eps": 0.1, "clean_weight": 1.5},
+        {"eps": 0.1, "pgd_steps": -1},
+        {"eps": 0.1, "train_attack_mode": "x"},
+        {"eps": 0.1, "pgd_alpha": 0.0},
+    ):
         with pytest.raises(ValueError):
             Protocol(**{"pgd_steps": 3, **bad})
     s = Schedule(epochs=2, lr=0.1)

@@ -28,9 +28,36 @@ import torch
 
 # the tiny digits pipeline of the fault and DDP tests: 4 steps per epoch (global batch 32 of 128), 2 ATMC epochs,
 # the quantizer due at steps 3 and 6
-ARGS = ["--subset", "128", "--test-subset", "32", "--batch-size", "32", "--epochs", "1", "--atmc-epochs", "2",
-        "--quant-interval", "3", "--pgd-steps", "1", "--eval-pgd-steps", "1", "--attacks", "pgd", "--eval-size", "16",
-        "--no-natural-baseline", "--no-progress", "--autoattack", "no", "--device", "cpu", "--threads", "1"]
+ARGS = [
+    "--subset",
+    "128",
+    "--test-subset",
+    "32",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "1",
+    "--atmc-epochs",
+    "2",
+    "--quant-interval",
+    "3",
+    "--pgd-steps",
+    "1",
+    "--eval-pgd-steps",
+    "1",
+    "--attacks",
+    "pgd",
+    "--eval-size",
+    "16",
+    "--no-natural-baseline",
+    "--no-progress",
+    "--autoattack",
+    "no",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 
 
 @contextlib.contextmanager
@@ -51,9 +78,15 @@ def hooks(dump: str | None = None, exit_at: str | None = None, pause: str | None
     def finalize_(model):
         if dump is not None:
             opt = optimizers[-1]
-            torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()},
-                        "mom": opt.store.mom.clone(), "admm": dict(opt.state["admm"]),
-                        "rho": opt.param_groups[0]["rho"]}, Path(dump) / f"rank{distributed.rank()}.pt")
+            torch.save(
+                {
+                    "model": {k: v.clone() for k, v in model.state_dict().items()},
+                    "mom": opt.store.mom.clone(),
+                    "admm": dict(opt.state["admm"]),
+                    "rho": opt.param_groups[0]["rho"],
+                },
+                Path(dump) / f"rank{distributed.rank()}.pt",
+            )
         return real_finalize(model)
 
     def fit(*a, on_epoch_end=None, **kw):
@@ -65,6 +98,7 @@ def hooks(dump: str | None = None, exit_at: str | None = None, pause: str | None
                 if (kw["stage"], epoch, distributed.rank()) == (stage, int(e), int(r)):
                     (Path(dump) / "exited").touch()
                     os._exit(17)
+
         return real_fit(*a, on_epoch_end=hook, **kw)
 
     writes: dict[str, int] = {}
@@ -87,8 +121,12 @@ def hooks(dump: str | None = None, exit_at: str | None = None, pause: str | None
 
         return real_write(path, half)
 
-    with mock.patch.object(ADMM, "__init__", init), mock.patch.object(train, "finalize_", finalize_), \
-            mock.patch.object(train, "fit", fit), mock.patch.object(ckpt, "atomic_write", atomic_write):
+    with (
+        mock.patch.object(ADMM, "__init__", init),
+        mock.patch.object(train, "finalize_", finalize_),
+        mock.patch.object(train, "fit", fit),
+        mock.patch.object(ckpt, "atomic_write", atomic_write),
+    ):
         yield
 
 
@@ -121,13 +159,24 @@ def single_run() -> Path:
 
 def worker_env(**extra: str) -> dict[str, str]:
     here = str(Path(__file__).resolve().parent)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            **extra}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **extra,
+    }
 
 
 def torchrun_cmd(nproc: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
-            str(Path(__file__).resolve())]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *extra,
+        str(Path(__file__).resolve()),
+    ]
 
 
 if __name__ == "__main__":
