@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from atmc_triton.api import compress_
-from atmc_triton.budget import CODEBOOK_ENTRY_BITS, atmc_layers, dense_bits
+from atmc_triton.budget import atmc_layers, dense_bits, factor_bits_bound
 from atmc_triton.config import ATMCConfig
 from atmc_triton.kernels import lloyd_quantize_ref
 
@@ -87,7 +87,7 @@ class _Problem:
         return [int(torch.searchsorted(-m, -tau, right=True)) for m in self.mags]
 
     def cost(self, k: int, fbits: Sequence[int]) -> int:
-        return sum(n * b + CODEBOOK_ENTRY_BITS * min(2**b, n) for n, b in zip(self.counts(k), fbits) if n)
+        return sum(factor_bits_bound(n, b) for n, b in zip(self.counts(k), fbits))
 
     def k_for(self, fbits: Sequence[int]) -> int:
         lo, hi = 0, min(self.sorted_all.numel(), self.budget // max(1, min(fbits)))

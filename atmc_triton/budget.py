@@ -33,6 +33,7 @@ __all__ = [
     "atmc_layers",
     "dense_bits",
     "factor_bits",
+    "factor_bits_bound",
     "model_size_bits",
     "nnz_budget",
     "size_report",
@@ -75,6 +76,20 @@ def factor_bits(nnz: int, levels: int, bits: int | None) -> int:
     if bits is None:
         return 32 * nnz
     return nnz * _code_bits(levels) + CODEBOOK_ENTRY_BITS * levels
+
+
+def factor_bits_bound(nnz: int, bits: int) -> int:
+    """Upper bound on :func:`factor_bits` for ``nnz`` nonzeros of a ``bits``-bit factor, before Lloyd runs.
+
+    Every nonzero at the full ``bits`` and a codebook of ``min(2^bits, nnz)`` levels:
+    ``nnz * bits + 32 * min(2^bits, nnz)`` (0 for an empty factor). The rule behind
+    :func:`nnz_budget`'s ``k`` and :func:`atmc_triton.bitalloc.allocate_bits`.
+
+    Example:
+        >>> factor_bits_bound(10, 2)  # 10 codes of 2 bits + 4 codebook entries of 32 bits
+        148
+    """
+    return nnz * bits + CODEBOOK_ENTRY_BITS * min(2**bits, nnz) if nnz else 0
 
 
 def _packed_bits(nnz: int, levels: int, rows: int, cols: int, bits: int | None) -> int:
@@ -137,7 +152,7 @@ def nnz_budget(layers: list[tuple[str, ATMCLayer]], cfg: ATMCConfig, dense: int)
             c = 0
             for (b, _), m in zip(factors, mags):
                 n = int(torch.searchsorted(-m, -tau, right=True))  # entries >= tau
-                c += n * b + CODEBOOK_ENTRY_BITS * min(2**b, n) if n else 0
+                c += factor_bits_bound(n, b)
             return c
 
         lo, hi = 0, min(total, budget // min(b for b, _ in factors))
