@@ -1,12 +1,13 @@
 """The reference ADMM step and projection, and the ADMM optimizer built on them."""
 
+import collections
 import copy
 
 import pytest
 import torch
 from atmc_triton.kernels import admm_step, admm_step_ref, project_topk_
 from helpers import factor_nnz, lenet, small_cnn, train_steps
-from hypothesis import given
+from hypothesis import Phase, event, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -14,18 +15,17 @@ import atmc_triton as at
 
 
 def flat_inputs(n: int, seed: int = 0, ties: bool = False):
+    """Random flat ADMM state. ``ties``: ``w`` takes values in {0, +-0.5, +-1} and ``grad``, ``mom``, ``z``, ``u`` are
+    scalar multiples of ``w``, so every step is odd in ``w`` and entries tied in ``|w|`` stay exactly tied."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, generator=g)
     if ties:
         w = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
-    return dict(
-        w=w,
-        grad=torch.randn(n, generator=g),
-        mom=torch.randn(n, generator=g) * 0.1,
-        z=torch.randn(n, generator=g),
-        u=torch.randn(n, generator=g) * 0.1,
-        mask=torch.zeros(n, dtype=torch.bool),
-    )
+        a, b, c, d = (torch.rand(4, generator=g) * 2 - 1).tolist()
+        grad, mom, z, u = a * w, 0.1 * b * w, c * w, 0.1 * d * w
+    else:
+        w, grad, z = (torch.randn(n, generator=g) for _ in range(3))
+        mom, u = torch.randn(n, generator=g) * 0.1, torch.randn(n, generator=g) * 0.1
+    return dict(w=w, grad=grad, mom=mom, z=z, u=u, mask=torch.zeros(n, dtype=torch.bool))
 
 
 def autograd_step(t, lr, momentum, wd, rho, k, nesterov):
@@ -42,25 +42,61 @@ def autograd_step(t, lr, momentum, wd, rho, k, nesterov):
     return w, mom
 
 
-@given(
-    n=st.sampled_from([1, 7, 63, 1000]),
-    k_frac=st.floats(0, 1),
-    seed=st.integers(0, 99),
-    nesterov=st.booleans(),
-    ties=st.booleans(),
-)
-def test_step_matches_autograd_sgd_then_topk(n, k_frac, seed, nesterov, ties):
-    k = round(k_frac * n)
+SIZES = (63, 1000, 7, 2, 1)
+
+
+@st.composite
+def step_cases(draw):
+    """``(n, k, seed, nesterov, ties)``: k is n // 2, 1, n - 1, n or 0 half the time, else uniform in 1..n."""
+    n = draw(st.sampled_from(SIZES))
+    k = draw(st.one_of(st.sampled_from([n // 2, 1, n - 1, n, 0]), st.integers(1, n)))
+    return n, max(k, 0), draw(st.integers(0, 99)), draw(st.booleans()), draw(st.booleans())
+
+
+def edges(n: int, k: int, seed: int, ties: bool) -> set[str]:
+    """Which edges of the projection a case reaches (``tie at the threshold``: the k-th and (k+1)-th largest
+    ``|w|`` are equal, so the flat index decides)."""
+    out = {"k = 0"} if k == 0 else {"k = n"} if k == n else set()
+    out |= {"k = 1"} if k == 1 < n else set()
+    out |= {"k = n - 1"} if 0 < k == n - 1 else set()
+    out |= {"1 < k < n - 1"} if 1 < k < n - 1 else set()
+    if ties and 0 < k < n:
+        mags = torch.sort(flat_inputs(n, seed, ties)["w"].abs(), descending=True).values
+        out |= {"tie at the threshold"} if mags[k - 1] == mags[k] else set()
+    return out
+
+
+reached = collections.Counter()  # edges seen by the test below (read by test_step_cases_reach_every_edge)
+EDGES = {"k = 0", "k = 1", "k = n - 1", "k = n", "1 < k < n - 1", "tie at the threshold"}
+
+
+@given(case=step_cases())
+@example(case=(63, 0, 1, False, False))
+@example(case=(63, 1, 2, True, True))
+@example(case=(1000, 999, 3, False, True))
+@example(case=(1000, 1000, 4, True, False))
+@example(case=(1, 1, 5, False, True))
+@example(case=(1000, 500, 6, False, True))  # ~400 entries tie at |w| = 0.5 around the 500th
+@example(case=(7, 3, 7, True, True))
+def test_step_is_sgd_then_exactly_k_survive_ties_by_lowest_index(case):
+    n, k, seed, nesterov, ties = case
+    for e in edges(n, k, seed, ties):
+        event(e)
+    reached.update(edges(n, k, seed, ties) | {"cases"})
     t = flat_inputs(n, seed, ties)
+    w0 = t["w"].clone()
     w_ag, _ = autograd_step(t, 0.05, 0.9, 1e-3, 0.3, k, nesterov)
     mom_expect = 0.9 * t["mom"] + t["grad"] + 1e-3 * t["w"] + 0.3 * (t["w"] - t["z"] + t["u"])
     tau = admm_step_ref(**t, lr=0.05, momentum=0.9, weight_decay=1e-3, rho=0.3, k=k, nesterov=nesterov)
-    # which entries survive: exactly min(k, n), and a top-k of |w| up to fp32 rounding (the exact
-    # tie rule is tested on exactly representable values in test_heavy_ties_keep_exactly_k_lowest_indices)
-    keep = t["mask"] | ((t["w"] == 0) & (t["mom"] != 0))
-    if k >= n:
-        keep = torch.ones(n, dtype=torch.bool)
-    assert int(keep.sum()) == min(k, n) or ties
+    if ties:  # |w| order is exact here: the survivors are the first k of (|w| descending, flat index ascending)
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.sort(-w0.abs(), stable=True).indices[:k]] = True
+        assert torch.equal(t["w"] != 0, keep & (w0 != 0)), "not exactly the k largest |w| with ties by lowest index"
+    else:  # a top-k of |w| up to fp32 rounding
+        keep = t["mask"] | ((t["w"] == 0) & (t["mom"] != 0))
+        if k >= n:
+            keep = torch.ones(n, dtype=torch.bool)
+        assert int(keep.sum()) == min(k, n), "not exactly min(k, n) survivors"
     assert torch.allclose(t["w"][keep], w_ag[keep], atol=1e-6)
     assert torch.all(t["w"][~keep] == 0) and torch.all(t["mom"][~keep] == 0)
     assert torch.allclose(t["mom"][keep], mom_expect[keep], atol=1e-6)
@@ -71,11 +107,24 @@ def test_step_matches_autograd_sgd_then_topk(n, k_frac, seed, nesterov, ties):
     assert torch.equal(t["mask"], t["w"] != 0)
 
 
+def test_step_cases_reach_every_edge():
+    """The test above, re-run on exactly the examples the active profile generates for it (seeded by the test's
+    own digest, the explicit @examples left out), reaches every edge, and k = 0 is at most a quarter of them."""
+    reached.clear()
+    inner = test_step_is_sgd_then_exactly_k_survive_ties_by_lowest_index.hypothesis.inner_test
+    settings(database=None, phases=[Phase.generate])(given(case=step_cases())(inner))()
+    cases = reached.pop("cases")
+    assert cases == settings.default.max_examples
+    assert EDGES <= set(reached), f"edges never generated: {EDGES - set(reached)}"
+    assert reached["k = 0"] <= cases // 4, f"k = 0 in {reached['k = 0']} of {cases} generated cases"
+
+
 def test_budget_edge_cases():
     for k, expect in [(0, 0), (1, 1), (50, 50)]:
         t = flat_inputs(50, ties=True)
+        nnz = int((t["w"] != 0).sum())
         tau = admm_step_ref(**t, lr=0.0, momentum=0.0, weight_decay=0.0, rho=0.0, k=k, nesterov=False)
-        assert int((t["w"] != 0).sum()) <= expect and int(t["mask"].sum()) == int((t["w"] != 0).sum())
+        assert int((t["w"] != 0).sum()) == min(expect, nnz) and int(t["mask"].sum()) == int((t["w"] != 0).sum())
     assert float(tau) == 0.0  # nothing pruned
     t = flat_inputs(50)
     tau = admm_step_ref(**t, lr=0.0, momentum=0.0, weight_decay=0.0, rho=0.0, k=0, nesterov=False)
