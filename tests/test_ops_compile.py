@@ -1,7 +1,26 @@
-"""Every atmc op traces under torch.compile(fullgraph=True) as one frame and matches eager."""
+"""Every atmc op traces under ``torch.compile(fullgraph=True)`` as one frame and its compiled result equals the
+pure-PyTorch reference, bitwise, on inputs where an implementation can go wrong: tied values (at the top-k threshold
+and at Lloyd's midpoints), NaN gradients (the step must write nothing), empty, all-zero, one-element, exactly-2^b
+and odd-sized (1031) segments, CSR and empty factors, NaN rows in the GEMM input. The compiled function also reads
+the buffers the op mutated, so dynamo must order the in-place writes before the reads."""
 
+import copy
+
+import pytest
 import torch
-from atmc_triton.kernels import admm_step, atmc_linear, lloyd_quantize
+from atmc_triton.kernels import (
+    admm_step,
+    admm_step_ref,
+    atmc_decode,
+    atmc_linear,
+    atmc_linear_ref,
+    errors_for_bits,
+    errors_for_bits_ref,
+    lloyd_quantize,
+    lloyd_quantize_ref,
+)
+from atmc_triton.kernels.lowrank_gemm import atmc_decode_ref
+from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, encode_factor
 from torch._dynamo.testing import CompileCounter
 
 
@@ -9,45 +28,120 @@ def compiled_once(fn, *args):
     counter = CompileCounter()
     torch._dynamo.reset()
     out = torch.compile(fn, fullgraph=True, backend=counter)(*args)
-    assert counter.frame_count == 1
+    assert counter.frame_count == 1, f"{counter.frame_count} frames: the op broke the graph"
     return out
 
 
-def test_lloyd_op_compiles_in_one_frame():
-    x = torch.randn(500)
-    args = (x, torch.tensor([0, 200, 500]), torch.tensor([2, 4], dtype=torch.int32), 10, 0.0)
-    for got, want in zip(compiled_once(lambda *a: lloyd_quantize(*a), *args), lloyd_quantize(*args)):
-        assert torch.equal(got, want)
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of dtype, shape and contents (a NaN equals a NaN of the same bit pattern)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return torch.equal(a, b)
 
 
-def test_admm_step_op_compiles_in_one_frame():
-    n = 300
+def _segments():
+    """Segments of sizes 0, 1, 7 (zeros), 16 = 2^4 (kept exactly), 17, 63 (four tied values), 1031 (normal)."""
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        torch.zeros(0),
+        torch.tensor([0.75]),
+        torch.zeros(7),
+        torch.randn(16, generator=g),
+        torch.randn(17, generator=g),
+        torch.randint(-2, 2, (63,), generator=g).float() * 0.5,  # ties at the 1-bit midpoints
+        torch.randn(1031, generator=g),
+    ]
+    offsets = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+    return torch.cat(parts), offsets, torch.tensor([3, 1, 2, 4, 4, 1, 8], dtype=torch.int32)
 
-    def make():
-        g = torch.Generator().manual_seed(0)
-        return [torch.randn(n, generator=g) for _ in range(5)] + [torch.zeros(n, dtype=torch.bool)]
+
+def test_lloyd_ops_compile_in_one_frame_and_equal_the_reference():
+    values, offsets, bits = _segments()
+
+    def quantize(v, o, b):
+        book, codes, q, err = lloyd_quantize(v, o, b, 10, 0.0)
+        return book, codes, q, err, (q - v).square().sum()  # reads the op's outputs inside the graph
+
+    got = compiled_once(quantize, values, offsets, bits)
+    want = lloyd_quantize_ref(values, offsets, bits, 10, 0.0)
+    for name, a, b in zip(("codebook", "codes", "q", "err"), got, want):
+        assert same(a, b), name
+    assert torch.allclose(got[4].double(), want[3].double().sum(), rtol=1e-5)
+    got = compiled_once(lambda v, o: errors_for_bits(v, o, 10, 0.0), values, offsets)
+    assert same(got, errors_for_bits_ref(values, offsets, 10, 0.0))
+
+
+def _admm_state(n: int, seed: int) -> list[torch.Tensor]:
+    """Tied weights (values in {0, +-0.5, +-1}) with every other input a scalar multiple of them, so the
+    tie survives the gradient step and the top-k threshold falls inside a group of equal magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
+    return [w, 0.3 * w, -0.1 * w, 0.7 * w, 0.05 * w, torch.zeros(n, dtype=torch.bool)]
+
+
+HP = (0.1, 0.9, 1e-4, 0.1)  # lr, momentum, weight_decay, rho
+
+
+@pytest.mark.parametrize("n, k, poison", [(1031, 500, None), (1031, 1031, None), (1, 0, None), (1031, 300, 17)])
+def test_admm_step_op_compiles_in_one_frame_and_equals_the_reference(n, k, poison):
+    state = _admm_state(n, seed=n + k)
+    if poison is not None:
+        state[1][poison] = float("nan")  # a NaN gradient: nothing may be written, tau is NaN
+        state[5] = state[0] != 0
 
     def step(w, grad, mom, z, u, mask):
-        return admm_step(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, 50, False)
+        tau = admm_step(w, grad, mom, z, u, mask, *HP, k, False)
+        return tau, mask.sum(), w.abs().sum()  # reads the mutated buffers inside the graph
 
-    a, b = make(), make()
-    tau_c = compiled_once(step, *a)
-    tau_e = step(*b)
-    assert torch.equal(tau_c, tau_e)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    got, want = copy.deepcopy(state), copy.deepcopy(state)
+    tau, kept, mass = compiled_once(step, *got)
+    tau_ref = admm_step_ref(*want, *HP, k, False)
+    assert same(tau, tau_ref)
+    for name, a, b in zip(("w", "grad", "mom", "z", "u", "mask"), got, want):
+        assert same(a, b), name
+    assert int(kept) == int(want[5].sum()) and same(mass, want[0].abs().sum())
+    if poison is None and 0 < k < n:
+        mags = torch.sort(state[0].abs(), descending=True).values
+        assert mags[k - 1] == mags[k], "the threshold is not inside a tie"
+        assert int(want[5].sum()) == k
+    if poison is not None:
+        assert torch.isnan(tau) and all(same(a, b) for a, b in zip(got, state))
 
 
-def test_atmc_linear_op_compiles_in_one_frame():
-    from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE, encode_factor
-
-    g = torch.Generator().manual_seed(0)
+def _factors(g: torch.Generator):
+    """U [5, 3] dense, V [3, 7] CSR, C [5, 7] dense, over one 15-value codebook (repeated values) at 40 %."""
     book = torch.randn(15, generator=g)
-    w = lambda *s: book[torch.randint(0, 15, s, generator=g)] * (torch.rand(*s, generator=g) < 0.4)  # noqa: E731
-    factors = [
+
+    def w(*s):
+        return book[torch.randint(0, 15, s, generator=g)] * (torch.rand(*s, generator=g) < 0.4)
+
+    return [
         a
         for t, fmt in ((w(5, 3), FMT_DENSE), (w(3, 7), FMT_CSR), (w(5, 7), FMT_DENSE))
-        for a in encode_factor(t, raw=False, fmt=fmt)
+        for a in encode_factor(t, False, fmt)
     ]
-    args = (torch.randn(4, 7), torch.randn(5), 5, 3, 0, *factors)
-    assert torch.allclose(compiled_once(lambda *a: atmc_linear(*a), *args), atmc_linear(*args))
+
+
+@pytest.mark.parametrize("m", [1, 7, 63])
+def test_atmc_linear_op_compiles_in_one_frame_and_equals_the_reference(m):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 7, generator=g)
+    x[m // 2, 3] = float("nan")  # one poisoned input row: NaN in that output row only
+    args = (x, torch.randn(5, generator=g), 5, 3, 0, *_factors(g))
+    got = compiled_once(lambda *a: atmc_linear(*a), *args)
+    want = atmc_linear_ref(*args)
+    assert same(got, want)
+    assert torch.isnan(got[m // 2]).all() and not torch.isnan(got[torch.arange(m) != m // 2]).any()
+
+
+def test_atmc_decode_op_compiles_in_one_frame_and_equals_the_reference():
+    g = torch.Generator().manual_seed(1)
+    fmt, codes, book, indptr, indices = _factors(g)[5:10]  # the CSR factor V [3, 7]
+    assert fmt == FMT_CSR
+    got = compiled_once(lambda *a: atmc_decode(*a), fmt, 3, 7, codes, book, indptr, indices)
+    assert same(got, atmc_decode_ref(fmt, 3, 7, codes, book, indptr, indices))
+    empty = encode_factor(torch.zeros(4, 2), False, FMT_EMPTY)
+    got = compiled_once(lambda *a: atmc_decode(*a), empty[0], 4, 2, *empty[1:])
+    assert same(got, torch.zeros(4, 2))
