@@ -18,6 +18,12 @@ from torch import nn
 
 import atmc_triton as at
 
+
+def examples(n: int) -> settings:
+    """``n`` examples under the ``ci`` profile, scaled like the active profile's count (``thorough``: 12x)."""
+    return settings(max_examples=max(1, n * settings.default.max_examples // settings.get_profile("ci").max_examples))
+
+
 # --- ATMCConfig ---------------------------------------------------------------------------------------------------
 
 FIELDS = {f.name: f.default for f in dataclasses.fields(at.ATMCConfig)}
@@ -91,7 +97,7 @@ def documented_valid(kw: dict) -> bool:
     )
 
 
-@settings(max_examples=400)
+@examples(400)
 @given(kw=CONFIG_KWARGS)
 def test_config_accepts_exactly_the_documented_values(kw):
     try:
@@ -193,7 +199,7 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got - want).abs().max() <= 1e-5 * want.abs().max().clamp_min(1.0))
 
 
-@settings(max_examples=60)
+@examples(60)
 @given(
     arch=small_models(),
     cfg=configs(),
@@ -252,7 +258,7 @@ def test_random_model_compress_train_finalize_pack_round_trip(arch, cfg, exclude
     event(f"round trip done, shared={shared}, quantized={cfg.quantized}")
 
 
-@settings(max_examples=20)
+@examples(20)
 @given(
     conv=st.booleans(),
     dims=st.sampled_from([(1, 1), (1, 4), (4, 1), (3, 3)]),
@@ -308,7 +314,7 @@ def call_sequences(draw):
     return calls
 
 
-@settings(max_examples=25)
+@examples(25)
 @given(calls=call_sequences(), bits=BITS, seed=st.integers(0, 99))
 def test_api_calls_in_any_order_work_or_raise_value_error(calls, bits, seed, tmp_path_factory):
     torch.manual_seed(seed)
