@@ -386,17 +386,26 @@ def test_lloyd_launcher_refuses_more_than_int32_elements():
         lloyd_quantize_triton(values, torch.tensor([0, 2**31], device="meta"), torch.tensor([2], device="meta"), 5, 0.0)
 
 
-@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_triton_launchers_refuse_cpu_tensors_when_not_interpreting():
-    import os
+def test_triton_launchers_refuse_cpu_tensors_when_not_interpreting(monkeypatch):
+    """With compiled Triton (faked here on CPU: the launchers' interpreter probes say no) CPU tensors are refused."""
+    from atmc_triton.kernels import admm as admm_mod
+    from atmc_triton.kernels import lloyd_triton
+    from atmc_triton.kernels.admm import admm_dual_update_triton, admm_step_triton
+    from atmc_triton.kernels.lloyd_triton import errors_for_bits_triton, lloyd_quantize_triton
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the interpreter runs CPU tensors")
-    from atmc_triton.kernels.lloyd_triton import lloyd_quantize_triton
-
-    with pytest.raises(ValueError, match="the Triton kernels need CUDA tensors"):
+    monkeypatch.setattr(lloyd_triton, "_interpreted", lambda: False)
+    monkeypatch.setattr(admm_mod, "interpreted", lambda: False)
+    msg = "the Triton kernels need CUDA tensors"
+    with pytest.raises(ValueError, match=f"lloyd_quantize: {msg}"):
         lloyd_quantize_triton(torch.zeros(4), torch.tensor([0, 4]), torch.tensor([2]), 5, 0.0)
+    with pytest.raises(ValueError, match=msg):
+        errors_for_bits_triton(torch.zeros(4), torch.tensor([0, 4]), 5, 0.0)
+    z = torch.zeros(4)
+    with pytest.raises(ValueError, match=f"admm_step: {msg}"):
+        admm_step_triton(z, z, z.clone(), z, z, torch.zeros(4, dtype=torch.bool), 0.1, 0.9, 0.0, 0.1, 2, False)
+    with pytest.raises(ValueError, match=f"admm_dual_update: {msg}"):
+        admm_dual_update_triton(z.clone(), z, z)
 
 
 @pytest.mark.gpu
