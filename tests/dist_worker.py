@@ -70,4 +70,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
+    from procwatch import beat_on_optimizer_steps
+
+    beat_on_optimizer_steps()  # progress for the test's watchdog
     sync_check(sys.argv[1]) if sys.argv[2:] == ["sync"] else main(sys.argv[1])

@@ -86,11 +86,10 @@ class Watched:
 
     def kill(self) -> None:
         """SIGKILL the process and everything it started."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:  # the group outlives a leader that exited and left children (torchrun's workers) behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.proc.wait()
 
 
@@ -106,11 +105,14 @@ def run_watched(cmd: Sequence[str], log: Path, *, check: bool = True, idle: floa
     return code
 
 
-def beat_on_optimizer_steps() -> None:
-    """In a worker: touch ``$ATMC_TEST_HEARTBEAT`` (if set) after every optimizer step of any optimizer."""
-    path = os.environ.get(HEARTBEAT_ENV)
-    if path:
-        import torch
+def beat_on_optimizer_steps():
+    """In a worker: touch ``$ATMC_TEST_HEARTBEAT`` (if set) after every optimizer step of any optimizer.
 
-        beat = Path(path)
-        torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: beat.touch())
+    Returns the hook's removable handle, or ``None`` when the variable is not set."""
+    path = os.environ.get(HEARTBEAT_ENV)
+    if not path:
+        return None
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    beat = Path(path)
+    return register_optimizer_step_post_hook(lambda *_: beat.touch())

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from procwatch import run_watched
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("admm", "lloyd", "gemm", "e2e")
@@ -16,17 +16,11 @@ MODULES = ("admm", "lloyd", "gemm", "e2e")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; on a GPU run python -m bench")
 def test_bench_quick_runs_every_module(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = tmp_path / "bench.log"
+    run_watched([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], log, cwd=ROOT, env=env)
+    stdout = log.read_text()
     for m in MODULES:
-        assert f"[bench] bench.{m}:" in proc.stdout, f"module {m} did not report"
+        assert f"[bench] bench.{m}:" in stdout, f"module {m} did not report"
     recs = [json.loads(ln) for ln in (tmp_path / "results.jsonl").read_text().splitlines()]
     rows = [r for r in recs if "bench" in r]
     assert {r["bench"] for r in rows} >= set(MODULES)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from pipeline_helpers import MNIST_ROOT, ROOT, have_mnist, one_thread
+from procwatch import IDLE_S
 
 from atmc_triton.checkpoint import save_checkpoint
 from atmc_triton.cli import RECIPES, _parser, main
@@ -263,7 +264,7 @@ def test_module_entry_point_exits_nonzero_without_traceback():
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=120,
+        timeout=IDLE_S,  # silent until it exits: no progress to watch, so the watchdog's idle limit
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "atmc: error: ATMCConfig.ratio must be a number in (0, 1), got 2.0"

@@ -3,11 +3,11 @@ same global batch, only rank 0 writes, and an elastic restart (``--max-restarts 
 
 import json
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
+from procwatch import Watched, run_watched
 from train_worker import scratch, single_run, torchrun_cmd, worker_env
 
 from atmc_triton.checkpoint import load_checkpoint
@@ -15,16 +15,12 @@ from atmc_triton.checkpoint import load_checkpoint
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _torchrun(out, *extra, **env):
-    res = subprocess.run(
-        [*torchrun_cmd(2, *extra), "--out", str(out / "out")],
-        env=worker_env(ATMC_TEST_DUMP=str(out), **env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+def _torchrun(out, *extra, **env) -> str:
+    """Run the 2-process job under the progress watchdog; returns its combined output."""
+    log = out / "torchrun.log"
+    cmd = [*torchrun_cmd(2, *extra), "--out", str(out / "out")]
+    run_watched(cmd, log, heartbeat=out / "heartbeat", env=worker_env(ATMC_TEST_DUMP=str(out), **env))
+    return log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def test_ranks_bit_identical_and_equal_to_one_process(ddp_run):
     for a, b in zip(logs, ref):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["train_adv_acc"] == b["train_adv_acc"]
         assert a["test_n"] == b["test_n"] == 16 and a["nnz"] == b["nnz"]
-    assert res.stdout.count("| ATMC-compressed |") == 1  # the table is printed once, by rank 0
+    assert res.count("| ATMC-compressed |") == 1  # the table is printed once, by rank 0
 
 
 def test_elastic_restart_resumes_from_the_checkpoint(ddp_run):
@@ -78,8 +74,8 @@ def test_elastic_restart_resumes_from_the_checkpoint(ddp_run):
     d = scratch("atmc_elastic_")
     res = _torchrun(d, "--max-restarts=1", ATMC_TEST_EXIT="atmc:1:1")
     assert (d / "exited").is_file()  # the first attempt really died ...
-    assert "resuming atmc from" in res.stderr and "after epoch 1" in res.stderr  # ... and the restart resumed
-    assert "resuming dense" in res.stderr  # (a finished stage resumes as a no-op)
+    assert "resuming atmc from" in res and "after epoch 1" in res  # ... and the restart resumed
+    assert "resuming dense" in res  # (a finished stage resumes as a no-op)
     for got, want in zip(_dumps(d), _dumps(ref)):
         for k in want["model"]:
             assert torch.equal(got["model"][k], want["model"][k]), k
@@ -112,11 +108,14 @@ def test_two_nodes_with_c10d_rendezvous_match_the_one_node_run(ddp_run):
         str(d / "out"),
     ]
     env = worker_env(ATMC_TEST_DUMP=str(d))
-    nodes = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    nodes = [Watched(cmd, d / f"node{i}.log", heartbeat=d / "heartbeat", env=env) for i in range(2)]
+    try:
+        codes = [node.wait() for node in nodes]  # one heartbeat file: either node's steps are progress
+    finally:
+        for node in nodes:
+            node.kill()
+    logs = [node.tail(10**7) for node in nodes]
+    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
     for got, want in zip(_dumps(d), _dumps(ref)):
         for k in want["model"]:
             assert torch.equal(got["model"][k], want["model"][k]), k

@@ -1,11 +1,11 @@
 """DDP on CPU (gloo): a 2-process run stays bit-identical across ranks and matches one process."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from procwatch import run_watched
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,8 +25,7 @@ def run_worker(out: Path, nproc: int, *extra: str) -> None:
             str(out),
             *extra,
         ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_watched(cmd, out / f"worker{nproc}.log", heartbeat=out / "heartbeat", env=env)
 
 
 def test_ddp_ranks_identical_and_match_single_process(tmp_path):
@@ -81,21 +80,15 @@ try:
 except ValueError as e:
     msgs.append(str(e))
 dist.destroy_process_group()
-print("\n".join(msgs))
+print("\n".join("MSG " + m.replace("\n", " ") for m in msgs))
 """
 
 
-def test_fsdp_is_refused_with_a_clear_error():
+def test_fsdp_is_refused_with_a_clear_error(tmp_path):
     """FSDP is documented as unsupported (the projection and k-means need whole factors): say so clearly."""
-    res = subprocess.run(
-        [sys.executable, "-c", FSDP_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
+    log = tmp_path / "fsdp.log"
+    run_watched([sys.executable, "-c", FSDP_SCRIPT], log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln[len("MSG ") :] for ln in log.read_text().splitlines() if ln.startswith("MSG ")]
     assert len(lines) == 2
     assert "FSDP2 fully_shard" in lines[0] and "use DDP" in lines[0]
     assert "FSDP" in lines[1] and "DistributedDataParallel" in lines[1]

@@ -4,15 +4,14 @@ model / ADMM / BatchNorm state untouched by a skipped step)."""
 
 import json
 import math
-import subprocess
 import sys
-import time
 import warnings
 
 import pytest
 import torch
 import train_worker
 from pipeline_helpers import one_thread
+from procwatch import Watched
 from torch import nn
 from train_worker import ARGS, run, scratch, single_run, worker_env
 
@@ -35,25 +34,18 @@ def _one_thread():
 def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical():
     d = scratch("atmc_kill_")
     out = d / "out"
-    log = open(d / "log.txt", "w")
-    proc = subprocess.Popen(
+    worker = Watched(
         [sys.executable, train_worker.__file__, "--out", str(out)],
+        d / "log.txt",
+        heartbeat=d / "heartbeat",
         env=worker_env(ATMC_TEST_DUMP=str(d), ATMC_TEST_PAUSE="atmc.pt:2"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
     )
-    try:
-        deadline = time.monotonic() + 240
-        while not (d / "paused").exists():  # the second ATMC checkpoint is half written and fsynced
-            assert proc.poll() is None, (d / "log.txt").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the worker never reached the paused write"
-            time.sleep(0.05)
-        proc.kill()  # SIGKILL: no handler, no cleanup
+    try:  # until the second ATMC checkpoint is half written and fsynced (failing if the worker stops progressing)
+        code = worker.wait(until=(d / "paused").exists)
+        assert code is None, f"the worker exited ({code}) before the paused write:\n{worker.tail()}"
     finally:
-        proc.kill()
-        proc.wait(timeout=60)
-        log.close()
-    assert proc.returncode == -9
+        worker.kill()  # SIGKILL: no handler, no cleanup
+    assert worker.proc.returncode == -9
     partial = list(out.glob(".atmc.pt.*.tmp"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):

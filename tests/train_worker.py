@@ -7,7 +7,8 @@ Script use: ``python train_worker.py ATMC_TRAIN_ARGS...`` with hooks from the en
 * ``ATMC_TEST_EXIT=STAGE:EPOCH:RANK``: in torchrun's first attempt that rank dies (``os._exit(17)``,
   no cleanup) after that epoch's checkpoint, leaving ``DIR/exited``;
 * ``ATMC_TEST_PAUSE=NAME:N``: the N-th atomic write of checkpoint ``NAME`` writes half its bytes,
-  fsyncs, leaves ``DIR/paused`` and sleeps (the test then SIGKILLs the process).
+  fsyncs, leaves ``DIR/paused`` and sleeps (the test then SIGKILLs the process);
+* ``ATMC_TEST_HEARTBEAT=FILE``: touched after every optimizer step (``tests/procwatch.py``'s watchdog).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def hooks(dump: str | None = None, exit_at: str | None = None, pause: str | None
             f.flush()
             os.fsync(f.fileno())
             (Path(dump) / "paused").touch()
-            time.sleep(300)
+            time.sleep(1800)  # the test SIGKILLs us as soon as it sees the marker
 
         return real_write(path, half)
 
@@ -180,6 +181,9 @@ def torchrun_cmd(nproc: int, *extra: str) -> list[str]:
 
 
 if __name__ == "__main__":
+    from procwatch import beat_on_optimizer_steps
+
+    beat_on_optimizer_steps()  # progress for the test's watchdog
     env = os.environ
     with hooks(env.get("ATMC_TEST_DUMP"), env.get("ATMC_TEST_EXIT"), env.get("ATMC_TEST_PAUSE")):
         from atmc_triton.cli import main
