@@ -408,17 +408,18 @@ def test_triton_launchers_refuse_cpu_tensors_when_not_interpreting(monkeypatch):
         admm_dual_update_triton(z.clone(), z, z)
 
 
-@pytest.mark.gpu
-def test_kernel_device_mismatch_errors_on_cuda():
-    w = torch.zeros(8, device="cuda")
-    with pytest.raises(ValueError, match="admm_step: grad is on cpu, w is on cuda"):
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kernel_device_mismatch_errors(device):
+    """A CPU tensor among another device's: the same check on CPU (with meta tensors) as on CUDA."""
+    w = torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match=f"admm_step: grad is on cpu, w is on {device}"):
         at.kernels.admm_step(
             w,
             torch.zeros(8),
             w.clone(),
             w.clone(),
             w.clone(),
-            torch.zeros(8, dtype=torch.bool, device="cuda"),
+            torch.zeros(8, dtype=torch.bool, device=device),
             0.1,
             0.9,
             0.0,
@@ -426,7 +427,7 @@ def test_kernel_device_mismatch_errors_on_cuda():
             4,
             False,
         )
-    with pytest.raises(ValueError, match="admm_dual_update: z is on cpu, u is on cuda"):
+    with pytest.raises(ValueError, match=f"admm_dual_update: z is on cpu, u is on {device}"):
         at.kernels.admm_dual_update(w, w.clone(), torch.zeros(8))
 
 
