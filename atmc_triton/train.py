@@ -424,7 +424,9 @@ def evaluate(
         leave=False,
         disable=None if progress else True,
     )
+    oks, worsts = [], []
     try:
+        # pass 1, per batch: clean, PGD, FGSM (they also start the cascade), WRM; the histograms
         for x, y in iterate_batches(split, batch_size, device=device):
             bar.set_postfix_str("clean", refresh=False)
             clean = _predict(model, x)
@@ -449,7 +451,23 @@ def evaluate(
             if "wrm" in attacks:
                 bar.set_postfix_str("wrm")
                 counts["wrm"] += int((_predict(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr)) == y).sum())
-            if "apgd" in attacks:
+            with torch.no_grad():
+                c = model(x[:1]).shape[1]
+            h = torch.stack([_bincount(y, c), _bincount(clean, c)]).cpu()
+            hists = h if hists is None else hists + h
+            oks.append(ok.cpu())
+            worsts.append(worst.cpu())
+            bar.update(1)
+        ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+        worst = torch.cat(worsts) if worsts else torch.zeros(0, dtype=torch.int64)
+        # pass 2: the suite as a cascade on the points still robust, re-batched (fewer, fuller batches)
+        if "apgd" in attacks:
+            todo = ok.nonzero().view(-1)
+            bar.reset(total=max(math.ceil(todo.numel() / batch_size), 1))
+            bar.set_description("eval: suite")
+            for i in range(0, max(todo.numel(), 1), batch_size):
+                sel = todo[i : i + batch_size]
+                x, y = split.take(sel, device)
                 r = robust_suite(
                     model,
                     x,
@@ -460,24 +478,20 @@ def evaluate(
                     n_target_classes=n_target_classes,
                     square_queries=square_queries,
                     use_autoattack=use_autoattack,
-                    robust=ok,
                     generator=gen,
                     on_stage=lambda s, k: bar.set_postfix_str(f"{s} on {k}"),
                 )
                 label = r.suite
-                hit = ok & ~r.robust
-                worst[hit] = r.pred[hit]
-                ok &= r.robust
+                ok[sel] = r.robust.cpu()
+                worst[sel] = r.pred.cpu()
                 for k, v in r.broken.items():
                     broken[k] = broken.get(k, 0) + v
                 if r.gradient_free_broken is not None:
                     gf = (gf or 0) + r.gradient_free_broken
-            counts["robust"] += int(ok.sum())
-            with torch.no_grad():
-                c = model(x[:1]).shape[1]
-            h = torch.stack([_bincount(y, c), _bincount(clean, c), _bincount(worst, c)]).cpu()
-            hists = h if hists is None else hists + h
-            bar.update(1)
+                bar.update(1)
+        counts["robust"] = int(ok.sum())
+        if hists is not None:
+            hists = torch.cat([hists, _bincount(worst, hists.shape[1])[None]])
     finally:
         bar.close()
         model.train(was_training)
