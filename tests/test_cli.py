@@ -87,6 +87,9 @@ def test_default_recipe_is_the_documented_one():
     assert (a.dataset, a.model, a.ratio, a.bits, a.eps, a.resume) == ("digits", None, None, None, None, False)
     r, p = RECIPES["digits"], PROTOCOLS["digits"]
     assert (r.model, r.ratio, r.bits, r.natural_baseline) == ("digits_cnn", 0.02, 4, True) and r.ratio <= 1 / 20
+    # the evaluation: the best suite available, AutoAttack's settings but Square-1000 for digits (see README)
+    assert (a.suite, a.apgd_steps, a.square_queries, r.square_queries) == ("auto", 100, None, 1000)
+    assert all(RECIPES[k].square_queries == 5000 for k in ("mnist", "cifar10", "cifar100", "svhn"))
     assert (p.eps, p.pgd_steps, p.eval_steps, p.clean_weight) == (0.2, 10, 20, 0.5)
     assert (PROTOCOLS["mnist"].eps, PROTOCOLS["mnist"].pgd_steps, PROTOCOLS["mnist"].clean_weight) == (0.3, 16, 0.5)
     assert PROTOCOLS["mnist"].alpha == pytest.approx(2.5 * 0.3 / 16)
