@@ -40,6 +40,7 @@ __all__ = [
     "cascade",
     "fgsm",
     "pgd",
+    "resolve_suite",
     "robust_attack",
     "robust_suite",
     "torchattacks_available",
@@ -537,7 +538,8 @@ def cascade(
     return SuiteResult(suite, x_adv, ok, pred, broken, gf)
 
 
-def _resolve_suite(suite: str, use_autoattack: bool | None, x: Tensor) -> str:
+def resolve_suite(suite: str, use_autoattack: bool | None, x: Tensor) -> str:
+    """The suite ``robust_suite`` runs for these arguments and inputs like ``x`` (``ValueError`` if it cannot)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     if use_autoattack is not None:  # the older switch: True = fra31's AutoAttack, False = the built-in APGD suite
@@ -672,7 +674,7 @@ def robust_suite(
             f"robust_suite needs steps, n_target_classes, square_queries >= 1, got {steps}, {n_target_classes}, "
             f"{square_queries}"
         )
-    which = _resolve_suite(suite, use_autoattack, x)
+    which = resolve_suite(suite, use_autoattack, x)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         label, stages = suite_stages(

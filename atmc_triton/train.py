@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atmc_triton.api import compress_, finalize_
-from atmc_triton.attacks import fgsm, pgd, robust_suite, wrm
+from atmc_triton.attacks import fgsm, pgd, resolve_suite, robust_suite, wrm
 from atmc_triton.budget import atmc_layers, dense_bits, size_report
 from atmc_triton.checkpoint import (
     CheckpointError,
@@ -401,6 +401,8 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
     device = resolve_device(device)
+    if "apgd" in attacks:  # a suite that cannot run fails before any attack does
+        resolve_suite(suite, use_autoattack, split.x[:1].float())
     t0, c0 = time.perf_counter(), time.process_time()
     n_all = len(split)
     world = world_size() if distributed else 1

@@ -242,6 +242,8 @@ def test_suite_choice(batch, monkeypatch):
     assert robust_suite(model, x, y, 0.05, **FAST).suite == "apgd-ce-4+apgd-t-4"
     with pytest.raises(ValueError, match=r"pip install 'torchattacks>=3.5'"):
         robust_suite(model, x, y, 0.05, suite="torchattacks")
+    with pytest.raises(ValueError, match="torchattacks is not installed"):  # before any attack runs
+        evaluate(model, digits().test.subset(8, 0), Protocol(eps=0.1, pgd_steps=2), suite="torchattacks")
     with pytest.raises(ValueError, match="unknown suite"):
         robust_suite(model, x, y, 0.05, suite="cw")
 
