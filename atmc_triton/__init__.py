@@ -19,7 +19,7 @@ Example:
 
 from atmc_triton import attacks, data, kernels, models, train
 from atmc_triton.api import compress_, finalize_, is_finalized
-from atmc_triton.attacks import apgd_ce, fgsm, pgd, robust_attack, wrm
+from atmc_triton.attacks import SuiteResult, apgd_ce, apgd_dlr, fgsm, pgd, robust_attack, robust_suite, wrm
 from atmc_triton.budget import (
     FactorSize,
     SizeReport,
@@ -70,6 +70,7 @@ __all__ = [
     "Protocol",
     "Schedule",
     "apgd_ce",
+    "apgd_dlr",
     "attacks",
     "build_model",
     "SizeReport",
@@ -97,6 +98,8 @@ __all__ = [
     "packed_nbytes",
     "pgd",
     "robust_attack",
+    "robust_suite",
+    "SuiteResult",
     "save_checkpoint",
     "save_packed",
     "size_report",

@@ -1,4 +1,5 @@
-"""White-box attacks: L-inf PGD, FGSM, WRM (Sinha et al. 2018), APGD-CE (Croce & Hein 2020), AutoAttack.
+"""White-box attacks: L-inf PGD, FGSM, WRM (Sinha et al. 2018), APGD-CE / APGD-DLR / APGD-T (Croce & Hein
+2020), and an AutoAttack-grade suite run as a cascade (:func:`robust_suite`).
 
 Conventions (those of torchattacks and AutoAttack):
 
@@ -11,13 +12,17 @@ Conventions (those of torchattacks and AutoAttack):
   ``eval_mode=False`` runs it in the caller's mode (Madry-style training attacks on a model in
   train mode) and puts any buffers a forward pass touched back afterwards.
 * ATMC layers materialize ``W = U V + C`` once per attack (:func:`atmc_triton.cached_weights`).
+* defaults follow torchattacks: ``eps=8/255`` everywhere; PGD ``alpha=2/255, steps=10,
+  random_start=True``; APGD-CE / APGD-DLR ``steps=100`` (AutoAttack's standard setting;
+  torchattacks' APGD defaults to 10), ``n_restarts=1``, ``rho=0.75``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +30,22 @@ from torch import Tensor, nn
 
 from atmc_triton.layers import ATMCLayer, cached_weights
 
-__all__ = ["apgd_ce", "attack_context", "autoattack_available", "fgsm", "pgd", "robust_attack", "wrm"]
+__all__ = [
+    "SUITES",
+    "SuiteResult",
+    "apgd_ce",
+    "apgd_dlr",
+    "attack_context",
+    "autoattack_available",
+    "cascade",
+    "fgsm",
+    "pgd",
+    "resolve_suite",
+    "robust_attack",
+    "robust_suite",
+    "torchattacks_available",
+    "wrm",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -93,9 +113,9 @@ def pgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
-    alpha: float,
-    steps: int,
+    eps: float = 8 / 255,
+    alpha: float = 2 / 255,
+    steps: int = 10,
     random_start: bool = True,
     loss_fn: LossFn | None = None,
     *,
@@ -104,6 +124,8 @@ def pgd(
     noise: Tensor | None = None,
 ) -> Tensor:
     """L-inf PGD (Madry et al.): ``x' <- Proj(x' + alpha * sign(grad loss))``, ``steps`` times.
+
+    Defaults are torchattacks.PGD's: ``eps=8/255, alpha=2/255, steps=10, random_start=True``.
 
     ``random_start`` draws the start uniformly from the eps-ball (then clamps to ``[0, 1]``),
     from ``generator`` when given (on ``x``'s device), or takes ``noise`` (uniform ``[0, 1)``
@@ -144,8 +166,9 @@ def pgd(
     return adv
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, eval_mode: bool = True) -> Tensor:
-    """FGSM (Goodfellow et al.): one step ``x + eps * sign(grad CE)``, clamped to ``[0, 1]``.
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, *, eval_mode: bool = True) -> Tensor:
+    """FGSM (Goodfellow et al.): one step ``x + eps * sign(grad CE)``, clamped to ``[0, 1]`` (torchattacks'
+    default ``eps=8/255``).
 
     Example:
         >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -192,18 +215,46 @@ def wrm(
     return adv.detach()
 
 
+def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Untargeted DLR loss per sample (Croce & Hein 2020): ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``, ``[N]``.
+
+    Scale-invariant in the logits, so it does not saturate like cross-entropy. Needs >= 3 classes.
+    """
+    s, order = logits.sort(dim=1)
+    top_is_y = (order[:, -1] == y).float()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return -(logits[rows, y] - s[:, -2] * top_is_y - s[:, -1] * (1.0 - top_is_y)) / (s[:, -1] - s[:, -3] + 1e-12)
+
+
+def dlr_loss_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """Targeted DLR loss per sample: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, ``[N]``. Needs >= 4 classes."""
+    s, _ = logits.sort(dim=1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return -(logits[rows, y] - logits[rows, target]) / (s[:, -1] - 0.5 * s[:, -3] - 0.5 * s[:, -4] + 1e-12)
+
+
+PerSampleLoss = Callable[[Tensor, Tensor], Tensor]  # (logits [N, C], y [N]) -> loss [N]
+
+
 def _apgd_run(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, rho: float, generator: torch.Generator | None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    rho: float,
+    generator: torch.Generator | None,
+    loss_fn: PerSampleLoss,
 ) -> tuple[Tensor, Tensor]:
-    """One APGD-CE run; returns ``(x_adv, fooled [N] bool)`` (``x_adv``: a fooling point if any, else max loss)."""
+    """One APGD run maximizing ``loss_fn``; returns ``(x_adv, fooled [N] bool)`` (``x_adv``: a fooling point if
+    any, else the highest-loss one)."""
     n = x.shape[0]
     view = (n,) + (1,) * (x.dim() - 1)
-    ce = nn.CrossEntropyLoss(reduction="none")
 
     def loss_grad(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = a.detach().requires_grad_(True)
         logits = model(a)
-        loss = ce(logits, y)
+        loss = loss_fn(logits, y)
         (g,) = torch.autograd.grad(loss.sum(), a)
         return loss.detach(), g.detach(), logits.detach().argmax(1) != y
 
@@ -218,7 +269,7 @@ def _apgd_run(
     # checkpoints: first after 22% of the steps, then shrinking by 3% down to 6% (Croce & Hein, Sec. 3.2)
     period, p_min, p_decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
     since, increases = 0, torch.zeros(n, device=x.device)
-    loss_prev = torch.zeros_like(loss)  # as the reference: the first step always counts as an increase
+    loss_prev = torch.zeros_like(loss)  # as the reference: the first step counts as an increase when loss > 0
     best_at_check = loss_best.clone()
     reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
     x_prev = x_adv.clone()
@@ -250,11 +301,47 @@ def _apgd_run(
     return torch.where(fooled.view(view), x_fool, x_best), fooled
 
 
-def apgd_ce(
+def _apgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps: float,
+    steps: int,
+    n_restarts: int,
+    rho: float,
+    eval_mode: bool,
+    generator: torch.Generator | None,
+    losses: Callable[[Tensor, Tensor], Sequence[PerSampleLoss]],
+    name: str,
+) -> Tensor:
+    """APGD restarts over the points still classified correctly; ``losses(x_sub, y_sub)`` gives the losses of one
+    round (one per target class for APGD-T), each run ``n_restarts`` times."""
+    _check(x, y, eps)
+    if steps < 1 or n_restarts < 1:
+        raise ValueError(f"{name} needs steps >= 1 and n_restarts >= 1, got {steps}, {n_restarts}")
+    x = x.detach()
+    with attack_context(model, eval_mode):
+        with torch.no_grad():
+            robust = model(x).argmax(1) == y
+        adv = x.clone()
+        n_rounds = len(losses(x[:0], y[:0]))
+        for r in range(n_rounds):
+            for _ in range(n_restarts):
+                idx = robust.nonzero().view(-1)
+                if idx.numel() == 0:
+                    break
+                fn = losses(x[idx], y[idx])[r]
+                a, fooled = _apgd_run(model, x[idx], y[idx], eps, steps, rho, generator, fn)
+                adv[idx] = a
+                robust[idx[fooled]] = False
+    return _clip_ball(adv, x, eps).detach()  # idempotent on APGD's clipped points (no rounding)
+
+
+def apgd_ce(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 8 / 255,
     steps: int = 100,
     *,
     n_restarts: int = 1,
@@ -270,6 +357,7 @@ def apgd_ce(
     it then restarts from the best point. Restarts attack only the points still classified
     correctly. Returns, per sample, the last point found misclassified, else the highest-loss one.
     With the same seed it reproduces ``torchattacks.APGD(loss="ce")`` (a port of the authors' code).
+    Defaults: ``eps=8/255``, ``steps=100`` (AutoAttack's; torchattacks' APGD defaults to 10).
 
     Example:
         >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -277,22 +365,71 @@ def apgd_ce(
         >>> bool(((apgd_ce(m, x, torch.zeros(5, dtype=torch.long), 0.1, steps=10) - x).abs() <= 0.1 + 1e-6).all())
         True
     """
+    ce = nn.CrossEntropyLoss(reduction="none")
+    return _apgd(model, x, y, eps, steps, n_restarts, rho, eval_mode, generator, lambda xs, ys: [ce], "apgd_ce")
+
+
+def apgd_dlr(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 8 / 255,
+    steps: int = 100,
+    *,
+    n_target_classes: int | None = 9,
+    n_restarts: int = 1,
+    rho: float = 0.75,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """APGD on the DLR loss: targeted (APGD-T, the default) or untargeted (``n_target_classes=None``).
+
+    DLR is invariant to the scale of the logits, so it breaks points where cross-entropy
+    saturates. Targeted: for each of the ``n_target_classes`` most likely wrong classes of the
+    clean input in turn (AutoAttack: 9), APGD maximizes :func:`dlr_loss_targeted` towards it on
+    the points still classified correctly (needs >= 4 classes; more targets than wrong classes
+    are capped). Untargeted: :func:`dlr_loss` (>= 3 classes). With the same seed it reproduces
+    ``torchattacks.APGDT(n_classes=n_target_classes + 1)`` and ``torchattacks.APGD(loss="dlr")``.
+
+    Args:
+        x: ``[N, ...]`` inputs in ``[0, 1]``; y: ``[N]`` labels.
+    Returns:
+        ``x_adv`` like ``x``: the last point found misclassified, else the highest-loss one of the last run.
+
+    Example:
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))
+        >>> x, y = torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long)
+        >>> bool(((apgd_dlr(m, x, y, 0.1, steps=5, n_target_classes=2) - x).abs() <= 0.1 + 1e-6).all())
+        True
+    """
+    if n_target_classes is not None and n_target_classes < 1:
+        raise ValueError(f"apgd_dlr: n_target_classes must be >= 1 or None (untargeted), got {n_target_classes}")
+    need = 3 if n_target_classes is None else 4
     _check(x, y, eps)
-    if steps < 1 or n_restarts < 1:
-        raise ValueError(f"apgd_ce needs steps >= 1 and n_restarts >= 1, got {steps}, {n_restarts}")
-    x = x.detach()
-    with attack_context(model, eval_mode):
+    with torch.no_grad(), attack_context(model, eval_mode):
+        c = model(x[:1].detach()).shape[1] if x.shape[0] else need
+    if c < need:
+        kind = "untargeted" if n_target_classes is None else "targeted"
+        raise ValueError(f"apgd_dlr: the {kind} DLR loss needs >= {need} classes, the model has {c}")
+    if n_target_classes is None:
+        return _apgd(
+            model, x, y, eps, steps, n_restarts, rho, eval_mode, generator, lambda xs, ys: [dlr_loss], "apgd_dlr"
+        )
+    k = min(n_target_classes, c - 1)
+
+    def losses(xs: Tensor, ys: Tensor) -> list[PerSampleLoss]:
+        if xs.shape[0] == 0:
+            return [dlr_loss] * k  # only the count is used
         with torch.no_grad():
-            robust = model(x).argmax(1) == y
-        adv = x.clone()
-        for _ in range(n_restarts):
-            idx = robust.nonzero().view(-1)
-            if idx.numel() == 0:
-                break
-            a, fooled = _apgd_run(model, x[idx], y[idx], eps, steps, rho, generator)
-            adv[idx] = a
-            robust[idx[fooled]] = False
-    return _project(adv, x, eps).detach()
+            order = model(xs).sort(dim=1)[1]  # the clean logits of the points still robust, ascending
+
+        def targeted(t: int) -> PerSampleLoss:
+            target = order[:, -t]  # the t-th most likely class (t = 2: the runner-up)
+            return lambda logits, yy: dlr_loss_targeted(logits, yy, target)
+
+        return [targeted(t) for t in range(2, k + 2)]
+
+    return _apgd(model, x, y, eps, steps, n_restarts, rho, eval_mode, generator, losses, "apgd_dlr")
 
 
 def autoattack_available() -> bool:
@@ -304,37 +441,287 @@ def autoattack_available() -> bool:
     return True
 
 
-def robust_attack(
+def torchattacks_available() -> bool:
+    """Whether ``torchattacks`` (PyPI, a dependency of atmc-triton) can be imported."""
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+AttackFn = Callable[[Tensor, Tensor], Tensor]  # (x [n, ...], y [n]) -> x_adv, on the points still robust
+
+SUITES = ("auto", "autoattack", "torchattacks", "apgd")
+GRADIENT_FREE = ("square",)  # name prefixes of the gradient-free stages (the masking check of SuiteResult)
+
+
+@dataclass
+class SuiteResult:
+    """A cascade of attacks on one batch: each stage ran only on the points every earlier stage missed.
+
+    Attributes:
+        suite: the label (``"aa-torchattacks"``, ``"autoattack-standard"``, ``"apgd-ce-100+apgd-t-100"``, ...).
+        x_adv: ``[N, ...]`` the worst case per example: the first point that fooled the model, else ``x``.
+        robust: ``[N]`` bool, correct on ``x`` and on every stage's output.
+        pred: ``[N]`` the model's predictions on ``x_adv``.
+        broken: points each stage broke first, in cascade order (0 for a stage that had nothing to attack).
+        gradient_free: the stages that use no gradient (Square): a point they break was missed by every
+            gradient stage before them.
+    """
+
+    suite: str
+    x_adv: Tensor
+    robust: Tensor
+    pred: Tensor
+    broken: dict[str, int] = field(default_factory=dict)
+    gradient_free: tuple[str, ...] = ()
+
+    @property
+    def gradient_free_broken(self) -> int | None:
+        """Points only a gradient-free stage broke (``None``: no such stage ran)."""
+        return sum(self.broken[s] for s in self.gradient_free) if self.gradient_free else None
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).argmax(1)
+
+
+def cascade(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps: float,
+    stages: Sequence[tuple[str, AttackFn]],
+    *,
+    suite: str = "cascade",
+    robust: Tensor | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
+) -> SuiteResult:
+    """Run ``stages`` in order, each only on the points still classified correctly; the per-example worst case.
+
+    ``robust`` (``[N]`` bool) starts the cascade from a mask computed elsewhere (e.g. after PGD);
+    it is ANDed with clean correctness. Each stage's output is projected to the eps-ball and
+    ``[0, 1]`` before it is judged. ``on_stage(name, n_attacked)`` is called before each stage
+    (a progress hook). Runs in eval mode; the model is left as found.
+
+    Example:
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> x, y = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])
+        >>> r = cascade(m, x, y, 0.1, [("fgsm", lambda a, b: fgsm(m, a, b, 0.1))])
+        >>> list(r.broken), r.robust.shape
+        (['fgsm'], torch.Size([4]))
+    """
+    _check(x, y, eps)
+    x = x.detach()
+    with attack_context(model, eval_mode=True):
+        pred = _predict(model, x)
+        ok = pred == y if robust is None else (pred == y) & robust.to(pred.device)
+        x_adv = x.clone()
+        broken: dict[str, int] = {}
+        for name, attack in stages:
+            idx = ok.nonzero().view(-1)
+            broken[name] = 0
+            if idx.numel() == 0:
+                continue
+            if on_stage is not None:
+                on_stage(name, idx.numel())
+            a = _project(attack(x[idx], y[idx]).detach().to(x.dtype), x[idx], eps)
+            p = _predict(model, a)
+            hit = p != y[idx]
+            x_adv[idx[hit]] = a[hit]
+            pred[idx[hit]] = p[hit]
+            ok[idx[hit]] = False
+            broken[name] = int(hit.sum())
+    gf = tuple(n for n, _ in stages if n.startswith(GRADIENT_FREE))
+    return SuiteResult(suite, x_adv, ok, pred, broken, gf)
+
+
+def resolve_suite(suite: str, use_autoattack: bool | None, x: Tensor) -> str:
+    """The suite ``robust_suite`` runs for these arguments and inputs like ``x`` (``ValueError`` if it cannot)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    if use_autoattack is not None:  # the older switch: True = fra31's AutoAttack, False = the built-in APGD suite
+        if suite != "auto":
+            raise ValueError("give suite= or use_autoattack=, not both")
+        suite = "autoattack" if use_autoattack else "apgd"
+    if suite == "autoattack" and not autoattack_available():
+        raise ValueError("AutoAttack is not installed: pip install git+https://github.com/fra31/auto-attack")
+    if suite == "torchattacks":
+        if not torchattacks_available():
+            raise ValueError(
+                "torchattacks is not installed: pip install 'torchattacks>=3.5' (a dependency of atmc-triton)"
+            )
+        if x.dim() != 4:
+            raise ValueError(f"the torchattacks suite needs image batches [N, C, H, W], got {tuple(x.shape)}")
+    if suite == "auto":
+        if autoattack_available():
+            return "autoattack"
+        return "torchattacks" if torchattacks_available() and x.dim() == 4 else "apgd"
+    return suite
+
+
+def _seed_from(generator: torch.Generator | None) -> int:
+    if generator is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)))
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+
+
+def suite_stages(
+    model: nn.Module,
+    x: Tensor,
+    suite: str,
+    eps: float,
+    *,
+    steps: int = 100,
+    n_target_classes: int = 9,
+    square_queries: int = 5000,
+    generator: torch.Generator | None = None,
+    version: str = "standard",
+) -> tuple[str, list[tuple[str, AttackFn]]]:
+    """The label and the stages of a resolved suite (``"autoattack"``, ``"torchattacks"`` or ``"apgd"``)."""
+    with torch.no_grad(), attack_context(model):
+        c = model(x[:1]).shape[1] if x.shape[0] else 10
+    k = min(n_target_classes, c - 1)
+    std = steps == 100 and square_queries == 5000 and k == min(9, c - 1)
+    if suite == "autoattack":
+        from autoattack import AutoAttack
+
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, verbose=False, device=str(x.device))
+        name = f"autoattack-{version}"
+        return name, [(name, lambda a, b: adversary.run_standard_evaluation(a, b, bs=max(1, a.shape[0])))]
+    if suite == "torchattacks":
+        import torchattacks as ta
+
+        seed = _seed_from(generator)
+        stages = [
+            (f"apgd-ce-{steps}", ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")),
+            (
+                f"apgd-t-{steps}",
+                ta.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=k + 1),
+            ),
+            (
+                f"fab-t-{steps}",
+                ta.FAB(
+                    model,
+                    norm="Linf",
+                    eps=eps,
+                    steps=steps,
+                    n_restarts=1,
+                    seed=seed,
+                    multi_targeted=True,
+                    n_classes=k + 1,
+                ),
+            ),
+            (
+                f"square-{square_queries}",
+                ta.Square(model, norm="Linf", eps=eps, n_queries=square_queries, n_restarts=1, seed=seed),
+            ),
+        ]
+        if c < 4:  # targeted DLR needs 4 classes
+            stages = [s for s in stages if not s[0].startswith("apgd-t")]
+        label = "aa-torchattacks" if std else "aa-torchattacks(" + ",".join(n for n, _ in stages) + ")"
+        return label, [(n, a) for n, a in stages]
+    stages = [(f"apgd-ce-{steps}", lambda a, b: apgd_ce(model, a, b, eps, steps, generator=generator))]
+    if c >= 4:
+        stages.append(
+            (
+                f"apgd-t-{steps}",
+                lambda a, b: apgd_dlr(model, a, b, eps, steps, n_target_classes=k, generator=generator),
+            )
+        )
+    return "+".join(n for n, _ in stages), stages
+
+
+def robust_suite(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 8 / 255,
+    *,
+    suite: str = "auto",
+    steps: int = 100,
+    n_target_classes: int = 9,
+    square_queries: int = 5000,
+    version: str = "standard",
+    use_autoattack: bool | None = None,
+    robust: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
+) -> SuiteResult:
+    """The strongest available robustness check, as a cascade on the points still robust.
+
+    ``suite="auto"`` picks, in order: fra31's ``autoattack`` when installed (one stage,
+    ``version``); else torchattacks (PyPI, the ``attacks`` extra) with AutoAttack's standard
+    settings: APGD-CE-``steps``, APGD-T-``steps`` over ``n_target_classes`` targets,
+    FAB-T-``steps``, Square-``square_queries`` (defaults 100 / 9 / 100 / 5000; images
+    ``[N, C, H, W]`` only); else the built-in APGD-CE + APGD-T (:func:`apgd_dlr`). ``"autoattack"``,
+    ``"torchattacks"`` and ``"apgd"`` force one (a missing package is a ``ValueError``);
+    ``use_autoattack`` (older switch) True/False means ``"autoattack"`` / ``"apgd"``. The result
+    names the suite that ran (``SuiteResult.suite``). The global RNG is left as found
+    (torchattacks reseeds it; its seed here comes from ``generator``).
+
+    Example:
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))
+        >>> r = robust_suite(m, torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2]), 0.1, suite="apgd", steps=3)
+        >>> r.suite, r.robust.dtype
+        ('apgd-ce-3+apgd-t-3', torch.bool)
+    """
+    _check(x, y, eps)
+    if steps < 1 or n_target_classes < 1 or square_queries < 1:
+        raise ValueError(
+            f"robust_suite needs steps, n_target_classes, square_queries >= 1, got {steps}, {n_target_classes}, "
+            f"{square_queries}"
+        )
+    which = resolve_suite(suite, use_autoattack, x)
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        label, stages = suite_stages(
+            model,
+            x,
+            which,
+            eps,
+            steps=steps,
+            n_target_classes=n_target_classes,
+            square_queries=square_queries,
+            generator=generator,
+            version=version,
+        )
+        return cascade(model, x, y, eps, stages, suite=label, robust=robust, on_stage=on_stage)
+
+
+def robust_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 8 / 255,
     *,
     steps: int = 100,
     version: str = "standard",
     use_autoattack: bool | None = None,
     generator: torch.Generator | None = None,
+    suite: str = "auto",
+    **kwargs,
 ) -> tuple[Tensor, str]:
-    """The strongest available check: AutoAttack when installed (unless ``use_autoattack=False``), else APGD-CE.
-
-    Runs in eval mode. Returns ``(x_adv, method)``, ``method`` being ``"autoattack-<version>"``
-    or ``"apgd-ce-<steps>"``.
+    """:func:`robust_suite` returning ``(x_adv, suite label)``: the worst case per example (else ``x``).
 
     Example:
-        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-        >>> _, how = robust_attack(m, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), 0.1, steps=5, use_autoattack=False)
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))
+        >>> _, how = robust_attack(m, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), 0.1, steps=5, suite="apgd")
         >>> how
-        'apgd-ce-5'
+        'apgd-ce-5+apgd-t-5'
     """
-    _check(x, y, eps)
-    have = autoattack_available()
-    if use_autoattack and not have:
-        raise ValueError("AutoAttack is not installed: pip install git+https://github.com/fra31/auto-attack")
-    if have and use_autoattack is not False:
-        from autoattack import AutoAttack
-
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, verbose=False, device=str(x.device))
-        with attack_context(model, eval_mode=True):
-            adv = adversary.run_standard_evaluation(x.detach(), y, bs=max(1, x.shape[0]))
-        return _project(adv.detach(), x.detach(), eps), f"autoattack-{version}"
-    return apgd_ce(model, x, y, eps, steps, generator=generator), f"apgd-ce-{steps}"
+    r = robust_suite(
+        model,
+        x,
+        y,
+        eps,
+        suite=suite,
+        steps=steps,
+        version=version,
+        use_autoattack=use_autoattack,
+        generator=generator,
+        **kwargs,
+    )
+    return r.x_adv, r.suite

@@ -1,5 +1,6 @@
 """The robust compression pipeline as functions: dense adversarial pretraining (DA), ATMC under PGD
-training, :func:`atmc_triton.finalize_`, and evaluation (TA, PGD, FGSM, WRM, APGD/AutoAttack, size).
+training, :func:`atmc_triton.finalize_`, and evaluation (TA, PGD, FGSM, WRM, an AutoAttack-grade suite,
+the per-example worst case over all of them, masking and collapse flags, size).
 
 Training loss per batch: ``clean_weight * CE(f(x), y) + (1 - clean_weight) * CE(f(x_pgd), y)``
 (the paper: 0.5 for MNIST and CIFAR-10, 0 = adversarial CE only for CIFAR-100 and SVHN).
@@ -53,7 +54,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atmc_triton.api import compress_, finalize_
-from atmc_triton.attacks import fgsm, pgd, robust_attack, wrm
+from atmc_triton.attacks import fgsm, pgd, resolve_suite, robust_suite, wrm
 from atmc_triton.budget import atmc_layers, dense_bits, size_report
 from atmc_triton.checkpoint import (
     CheckpointError,
@@ -91,6 +92,7 @@ __all__ = [
     "NonFiniteWarning",
     "Protocol",
     "Schedule",
+    "collapse_reason",
     "evaluate",
     "fit",
     "model_size",
@@ -119,7 +121,7 @@ class Protocol:
         pgd_alpha: PGD step; ``None`` = ``2.5 * eps / steps`` (Madry et al.'s rule:
             enough to cross the ball from any start), for training and evaluation each.
         clean_weight: loss = ``clean_weight * CE(clean) + (1 - clean_weight) * CE(adv)``.
-        apgd_steps: APGD-CE iterations of the robustness check (when AutoAttack is absent).
+        apgd_steps: iterations of APGD-CE, APGD-T and FAB-T in the robustness suite (AutoAttack: 100).
         wrm_gamma, wrm_steps, wrm_lr: WRM evaluation (see :func:`atmc_triton.attacks.wrm`).
         train_attack_mode: ``"train"`` (attack the model in train mode, BatchNorm statistics
             restored afterwards) or ``"eval"``.
@@ -254,20 +256,35 @@ def model_size(model: nn.Module) -> dict[str, int]:
 
 @dataclass
 class EvalResult:
-    """Accuracies (fractions in [0, 1]; ``None`` = not run), size and time of one evaluation."""
+    """Accuracies (fractions in [0, 1]; ``None`` = not run), flags, size and time of one evaluation.
+
+    ``robust_acc`` is the headline: per example, correct on the clean input and under every
+    eps-ball attack that ran (PGD, FGSM, each stage of ``suite``), i.e. the minimum over attacks per
+    example. WRM is not an eps-ball attack and stays out of it. ``cascade`` holds the points each
+    attack broke first, in order (the suite's stages only ran on the points still robust).
+    ``label_hist`` / ``clean_hist`` / ``adv_hist`` count the test labels, the clean predictions and
+    the predictions on the worst-case inputs per class (:attr:`collapse`).
+    """
 
     n: int
     clean_acc: float
     pgd_acc: float | None = None
     fgsm_acc: float | None = None
     wrm_acc: float | None = None
-    apgd_acc: float | None = None
-    apgd_method: str | None = None
+    robust_acc: float | None = None
+    suite: str | None = None
+    pgd_label: str | None = None
+    cascade: dict[str, int] = field(default_factory=dict)
+    gradient_free_broken: int | None = None
+    label_hist: list[int] = field(default_factory=list)
+    clean_hist: list[int] = field(default_factory=list)
+    adv_hist: list[int] = field(default_factory=list)
     size_bits: int = 0
     dense_bits: int = 0
     packed_bytes: int = 0
     nnz: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of this process during the evaluation (all threads)
 
     @property
     def ratio(self) -> float:
@@ -275,17 +292,82 @@ class EvalResult:
         return self.size_bits / self.dense_bits if self.dense_bits else 1.0
 
     @property
+    def headline(self) -> str:
+        """What ``robust_acc`` is the worst case of, e.g. ``"worst of PGD-20, aa-torchattacks"``."""
+        parts = [self.pgd_label] if self.pgd_acc is not None and self.pgd_label else []
+        parts += ["FGSM"] if self.fgsm_acc is not None else []
+        parts += [self.suite] if self.suite else []
+        return "worst of " + ", ".join(parts) if parts else "clean"
+
+    @property
     def gradient_masking(self) -> bool:
-        """APGD/AutoAttack accuracy more than 3 points below PGD's: PGD was likely fooled by masking."""
-        return self.pgd_acc is not None and self.apgd_acc is not None and self.pgd_acc - self.apgd_acc > 0.03
+        """PGD accuracy more than 3 points above the worst case: PGD was likely fooled (by masking or saturation)."""
+        return self.pgd_acc is not None and self.robust_acc is not None and self.pgd_acc - self.robust_acc > 0.03
+
+    @property
+    def gradient_free_flag(self) -> bool:
+        """A gradient-free attack (Square) broke points every gradient attack before it missed: the sign of
+        obfuscated gradients."""
+        return bool(self.gradient_free_broken)
+
+    @property
+    def collapse(self) -> str | None:
+        """``None``, or why the model counts as collapsed: on clean or worst-case inputs its most frequent
+        predicted class takes more than 2x that class's share of the test labels, or more than 50 %."""
+        return collapse_reason(self.label_hist, self.clean_hist, self.adv_hist)
+
+    @property
+    def collapsed(self) -> bool:
+        return self.collapse is not None
+
+    @property
+    def flags(self) -> list[str]:
+        """Short warnings for tables: ``masking?``, ``square+k``, ``collapsed (...)``."""
+        out = ["masking?"] if self.gradient_masking else []
+        out += [f"square+{self.gradient_free_broken}"] if self.gradient_free_flag else []
+        out += [f"collapsed ({self.collapse})"] if self.collapsed else []
+        return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": self.ratio, "gradient_masking": self.gradient_masking}
+        return {
+            **asdict(self),
+            "ratio": self.ratio,
+            "headline": self.headline,
+            "gradient_masking": self.gradient_masking,
+            "gradient_free_flag": self.gradient_free_flag,
+            "collapse": self.collapse,
+        }
+
+
+def collapse_reason(label_hist: Sequence[int], *pred_hists: Sequence[int]) -> str | None:
+    """Why a model counts as collapsed, or ``None``.
+
+    For each histogram of predictions (clean, attacked), the most frequent class ``c`` taking
+    more than 50 % of the predictions, or more than 2x ``c``'s share of ``label_hist``, flags it.
+
+    Example:
+        >>> collapse_reason([5, 5, 5, 5], [3, 5, 6, 6])
+        >>> collapse_reason([5, 5, 5, 5], [2, 2, 2, 14])
+        'clean: 70% class 3'
+    """
+    n = sum(label_hist)
+    for what, hist in zip(("clean", "attacked"), pred_hists):
+        if not hist or not n or len(hist) != len(label_hist):
+            continue
+        top = max(range(len(hist)), key=lambda i: hist[i])
+        share = hist[top] / max(sum(hist), 1)
+        if share > 0.5 or share > 2 * label_hist[top] / n:
+            return f"{what}: {100 * share:.0f}% class {top}"
+    return None
+
+
+def _bincount(v: Tensor, c: int) -> Tensor:
+    return torch.bincount(v.reshape(-1).to(torch.int64), minlength=c)[:c]
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: Tensor, y: Tensor) -> int:
-    return int((model(x).argmax(1) == y).sum())
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).argmax(1)
 
 
 def evaluate(
@@ -298,13 +380,19 @@ def evaluate(
     device: torch.device | str | None = None,
     seed: int = 0,
     use_autoattack: bool | None = None,
+    suite: str = "auto",
+    square_queries: int = 5000,
+    n_target_classes: int = 9,
     progress: bool = False,
     distributed: bool = False,
 ) -> EvalResult:
-    """Clean accuracy plus each of ``attacks`` (``pgd``, ``fgsm``, ``wrm``, ``apgd``) on ``split``, in eval mode.
+    """Clean accuracy, each of ``attacks`` and the per-example worst case on ``split``, in eval mode.
 
-    ``apgd`` is AutoAttack when installed, else the built-in APGD-CE; see
-    :attr:`EvalResult.gradient_masking`. The model's train/eval mode is restored.
+    ``attacks``: ``pgd`` (PGD-``eval_steps``), ``fgsm``, ``wrm``, ``apgd`` (the robustness suite of
+    :func:`atmc_triton.attacks.robust_suite`: ``suite`` / ``use_autoattack`` choose it, AutoAttack-grade
+    by default). The suite runs as a cascade on the points PGD and FGSM did not break;
+    ``robust_acc`` is the worst case over every eps-ball attack (see :class:`EvalResult`, which also
+    carries the masking and collapse flags). The model's train/eval mode is restored.
     ``distributed``: every rank of the running process group calls this together; each
     evaluates its strided share of ``split`` (attack starts seeded per rank) and the counts are
     summed, so all ranks return the result for the whole split.
@@ -313,7 +401,9 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
     device = resolve_device(device)
-    t0 = time.perf_counter()
+    if "apgd" in attacks:  # a suite that cannot run fails before any attack does
+        resolve_suite(suite, use_autoattack, split.x[:1].float())
+    t0, c0 = time.perf_counter(), time.process_time()
     n_all = len(split)
     world = world_size() if distributed else 1
     me = rank() if world > 1 else 0
@@ -322,46 +412,120 @@ def evaluate(
     was_training = model.training
     model.eval()
     gen = torch.Generator(device).manual_seed(_seed(seed, "eval", me, "attack"))
-    counts = dict.fromkeys(("clean", *attacks), 0)
-    method = None
+    keys = ("clean", "robust", *(a for a in ATTACKS if a in attacks and a != "apgd"))
+    counts = dict.fromkeys(keys, 0)
     p = protocol
+    pgd_label = f"PGD-{p.eval_steps}"
+    broken: dict[str, int] = {}
+    label = None
+    gf: int | None = None
+    hists: Tensor | None = None  # [3, C]: labels, clean predictions, worst-case predictions
+    bar = tqdm(
+        total=math.ceil(len(split) / batch_size),
+        desc="eval",
+        leave=False,
+        disable=None if progress else True,
+    )
+    oks, worsts = [], []
     try:
-        for x, y in tqdm(
-            iterate_batches(split, batch_size, device=device),
-            desc="eval",
-            leave=False,
-            total=math.ceil(len(split) / batch_size),
-            disable=None if progress else True,
-        ):
-            counts["clean"] += _correct(model, x, y)
-            if "pgd" in attacks:
-                counts["pgd"] += _correct(model, pgd(model, x, y, p.eps, p.eval_alpha, p.eval_steps, generator=gen), y)
-            if "fgsm" in attacks:
-                counts["fgsm"] += _correct(model, fgsm(model, x, y, p.eps), y)
+        # pass 1, per batch: clean, PGD, FGSM (they also start the cascade), WRM; the histograms
+        for x, y in iterate_batches(split, batch_size, device=device):
+            bar.set_postfix_str("clean", refresh=False)
+            clean = _predict(model, x)
+            worst = clean.clone()
+            ok = clean == y
+            counts["clean"] += int(ok.sum())
+            for name in ("pgd", "fgsm"):
+                if name not in attacks:
+                    continue
+                bar.set_postfix_str(name)
+                if name == "pgd":
+                    adv = pgd(model, x, y, p.eps, p.eval_alpha, p.eval_steps, generator=gen)
+                else:
+                    adv = fgsm(model, x, y, p.eps)
+                a = _predict(model, adv)
+                counts[name] += int((a == y).sum())
+                hit = ok & (a != y)
+                worst[hit] = a[hit]
+                ok &= ~hit
+                key = pgd_label if name == "pgd" else "FGSM"
+                broken[key] = broken.get(key, 0) + int(hit.sum())
             if "wrm" in attacks:
-                counts["wrm"] += _correct(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr), y)
-            if "apgd" in attacks:
-                adv, method = robust_attack(
-                    model, x, y, p.eps, steps=p.apgd_steps, generator=gen, use_autoattack=use_autoattack
+                bar.set_postfix_str("wrm")
+                counts["wrm"] += int((_predict(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr)) == y).sum())
+            with torch.no_grad():
+                c = model(x[:1]).shape[1]
+            h = torch.stack([_bincount(y, c), _bincount(clean, c)]).cpu()
+            hists = h if hists is None else hists + h
+            oks.append(ok.cpu())
+            worsts.append(worst.cpu())
+            bar.update(1)
+        ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+        worst = torch.cat(worsts) if worsts else torch.zeros(0, dtype=torch.int64)
+        # pass 2: the suite as a cascade on the points still robust, re-batched (fewer, fuller batches)
+        if "apgd" in attacks:
+            todo = ok.nonzero().view(-1)
+            bar.reset(total=max(math.ceil(todo.numel() / batch_size), 1))
+            bar.set_description("eval: suite")
+            for i in range(0, max(todo.numel(), 1), batch_size):
+                sel = todo[i : i + batch_size]
+                x, y = split.take(sel, device)
+                r = robust_suite(
+                    model,
+                    x,
+                    y,
+                    p.eps,
+                    suite=suite,
+                    steps=p.apgd_steps,
+                    n_target_classes=n_target_classes,
+                    square_queries=square_queries,
+                    use_autoattack=use_autoattack,
+                    generator=gen,
+                    on_stage=lambda s, k: bar.set_postfix_str(f"{s} on {k}"),
                 )
-                counts["apgd"] += _correct(model, adv, y)
+                label = r.suite
+                ok[sel] = r.robust.cpu()
+                worst[sel] = r.pred.cpu()
+                for k, v in r.broken.items():
+                    broken[k] = broken.get(k, 0) + v
+                if r.gradient_free_broken is not None:
+                    gf = (gf or 0) + r.gradient_free_broken
+                bar.update(1)
+        counts["robust"] = int(ok.sum())
+        if hists is not None:
+            hists = torch.cat([hists, _bincount(worst, hists.shape[1])[None]])
     finally:
+        bar.close()
         model.train(was_training)
     if world > 1:
-        total = all_reduce_(torch.tensor(list(counts.values()), dtype=torch.int64, device=device))
-        counts = dict(zip(counts, total.tolist()))
+        flat = [*counts.values(), *broken.values(), gf or 0]
+        total = all_reduce_(torch.tensor(flat, dtype=torch.int64, device=device)).tolist()
+        counts = dict(zip(counts, total[: len(counts)]))
+        broken = dict(zip(broken, total[len(counts) : len(counts) + len(broken)]))
+        gf = None if gf is None else total[-1]
+        if hists is not None:
+            hists = all_reduce_(hists.to(device)).cpu()
     n = max(n_all, 1)
     acc = {k: v / n for k, v in counts.items()}
+    attacked = any(a in attacks for a in ("pgd", "fgsm", "apgd"))
+    hl = hists.tolist() if hists is not None else [[], [], []]
     return EvalResult(
         n_all,
         acc["clean"],
         acc.get("pgd"),
         acc.get("fgsm"),
         acc.get("wrm"),
-        acc.get("apgd"),
-        method,
+        robust_acc=acc["robust"] if attacked else None,
+        suite=label,
+        pgd_label=pgd_label if "pgd" in attacks else None,
+        cascade=broken,
+        gradient_free_broken=gf,
+        label_hist=hl[0],
+        clean_hist=hl[1],
+        adv_hist=hl[2] if attacked else [],
         **model_size(model),
         seconds=time.perf_counter() - t0,
+        cpu_seconds=time.process_time() - c0,
     )
 
 
@@ -655,6 +819,7 @@ class Experiment:
         out: directory for ``<stage>.pt`` checkpoints and ``metrics.jsonl`` (``None``: keep nothing).
         eval_size: test examples for the per-epoch check (0 = none).
         attacks: what :meth:`evaluate` runs besides clean accuracy.
+        suite, square_queries, use_autoattack: the robustness suite (:func:`evaluate`).
         max_nonfinite: NaN/Inf training steps in a row that stop a stage (see :func:`fit`).
 
     Under torchrun every rank builds the same ``Experiment``; stages train with DDP, evaluations
@@ -673,6 +838,8 @@ class Experiment:
     eval_batch_size: int = 256
     attacks: tuple[str, ...] = ("pgd", "apgd")
     use_autoattack: bool | None = None
+    suite: str = "auto"
+    square_queries: int = 5000
     on_epoch_end: Callable[[str, int], None] | None = field(default=None, repr=False)
     max_nonfinite: int = 5
 
@@ -799,6 +966,8 @@ class Experiment:
             device=self.device,
             seed=self.seed,
             use_autoattack=self.use_autoattack,
+            suite=self.suite,
+            square_queries=self.square_queries,
             progress=self.progress and is_main(),
             distributed=is_distributed(),
         )

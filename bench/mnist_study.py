@@ -13,10 +13,15 @@ Points, all in one run and from the same two dense models:
   :func:`atmc_triton.bitalloc.allocate_bits` for each ratio (the codebooks dominate small budgets).
 
 Every point is evaluated on the same test examples: TA, ATA (PGD-16 with a random start, step
-2.5 eps / 16), APGD-CE-100 (``gradient_masking`` flags PGD more than 3 points above it), FGSM
-and WRM accuracy, size bits (paper convention, codebooks counted: ``n ceil(log2 L) + 32 L`` per
-quantized factor), ratio and packed bytes. Outputs in ``--out``: ``mnist_study.csv``,
-``mnist_study.png`` (TA and ATA vs ratio, log-x, laid out like the paper's Figure 2, with the
+2.5 eps / 16), the robustness suite (``--suite``, default ``auto``: AutoAttack-grade, see
+:func:`atmc_triton.attacks.robust_suite`) as a cascade on the points PGD and FGSM missed, and the
+headline robust accuracy: the per-example worst case over PGD, FGSM and every stage of the suite,
+labelled with the suite, with its flags (``masking?``: PGD more than 3 points above it;
+``square+k``: Square broke k points every gradient attack missed; ``collapsed``: the prediction
+histogram on clean or attacked inputs is dominated by one class), FGSM and WRM accuracy, size
+bits (paper convention, codebooks counted: ``n ceil(log2 L) + 32 L`` per quantized factor), ratio
+and packed bytes. Outputs in ``--out``: ``mnist_study.csv``, ``mnist_study.png`` (TA and the worst
+case vs ratio, log-x, laid out like the paper's Figure 2, with the
 paper's readings as open markers), ``mnist_study.md`` (tables, comparison with the paper) and
 ``study.json`` (protocol, commit, date, device); copied to ``bench/results/mnist_study_<date>.*``.
 
@@ -92,7 +97,9 @@ class StudyConfig:
     rho: float = 0.1
     quant_interval: int = 10
     init: str = "identity"
-    apgd_steps: int = 100
+    apgd_steps: int = 100  # APGD-CE / APGD-T / FAB-T iterations of the suite
+    suite: str = "auto"  # the robustness suite (atmc_triton.attacks.SUITES)
+    square_queries: int = 5000
     eval_size: int = 200  # test examples of the per-epoch check
     synthetic: bool = False
     seed: int = 0
@@ -115,6 +122,7 @@ PRESETS = {
         batch_size=32,
         ratios=(1e-2, 5e-2),
         apgd_steps=5,
+        square_queries=20,
         eval_size=0,
     ),
 }
@@ -179,7 +187,8 @@ class Study:
             resume=resume,
             eval_size=cfg.eval_size,
             attacks=ATTACKS,
-            use_autoattack=False,
+            suite=cfg.suite,
+            square_queries=cfg.square_queries,
         )
         common = {"weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "lr_schedule": cfg.lr_schedule}
         self.dense_schedule = Schedule(epochs=cfg.dense_epochs, lr=cfg.lr, milestones=cfg.dense_milestones, **common)
@@ -255,8 +264,8 @@ class Study:
 
     def run_point(self, p: Point) -> dict[str, Any]:
         cache = self.out / "points" / f"{p.stage}.json"
-        if self.resume and cache.is_file():
-            row = json.loads(cache.read_text())
+        row = json.loads(cache.read_text()) if self.resume and cache.is_file() else None
+        if row is not None and "robust_acc" in row:  # else: cached under the old PGD / APGD-CE headline
             row.setdefault("bits", "8" if p.method == "ATMC-8b" else "32")  # caches written before the column
             return row
         _say(f"[study] {p.method}" + (f" at ratio {p.ratio:g}" if p.ratio else "") + f" (stage {p.stage})")
@@ -277,8 +286,9 @@ class Study:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(row, indent=1))
         _say(
-            f"[study]   TA {ev.clean_acc:.3f} ATA {ev.pgd_acc:.3f} APGD {ev.apgd_acc:.3f} FGSM {ev.fgsm_acc:.3f} "
-            f"WRM {ev.wrm_acc:.3f} ratio {ev.ratio:.2e} packed {ev.packed_bytes} B ({ev.seconds:.0f} s eval)"
+            f"[study]   TA {ev.clean_acc:.3f} ATA {ev.pgd_acc:.3f} robust {ev.robust_acc:.3f} ({ev.headline}) "
+            f"{' '.join(ev.flags)} FGSM {ev.fgsm_acc:.3f} WRM {ev.wrm_acc:.3f} ratio {ev.ratio:.2e} "
+            f"packed {ev.packed_bytes} B ({ev.seconds:.0f} s eval)"
         )
         return row
 
@@ -295,9 +305,12 @@ CSV_KEYS = [
     "nnz",
     "clean_acc",
     "pgd_acc",
-    "apgd_acc",
-    "apgd_method",
+    "robust_acc",
+    "suite",
+    "headline",
     "gradient_masking",
+    "gradient_free_broken",
+    "collapse",
     "fgsm_acc",
     "wrm_acc",
     "n",
@@ -321,16 +334,30 @@ def _ata_label(protocol: Protocol) -> str:
     return f"PGD-{protocol.eval_steps}, eps {protocol.eps:.3g}"
 
 
+def _flags(r: dict[str, Any]) -> str:
+    out = ["masking?"] if r.get("gradient_masking") else []
+    out += [f"square+{r['gradient_free_broken']}"] if r.get("gradient_free_broken") else []
+    out += [f"collapsed ({r['collapse']})"] if r.get("collapse") else []
+    return ", ".join(out) or "-"
+
+
+def _robust(r: dict[str, Any]) -> str:
+    return _pct(r.get("robust_acc")) + (" (collapsed)" if r.get("collapse") else "")
+
+
 def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = None) -> str:
-    """The results table, the gradient-masking flags and (with ``paper`` readings) the comparison with the paper."""
+    """The results table (the worst case is the headline, labelled with the suite; PGD a named column), the flags
+    and (with ``paper`` readings) the comparison with the paper."""
     protocol = PROTOCOLS[cfg.protocol]
+    suite = next((r["suite"] for r in rows if r.get("suite")), "-")
     head = [
         "method",
         "target ratio",
         "bits",
         "TA %",
         f"ATA % ({_ata_label(protocol)})",
-        f"APGD-CE-{cfg.apgd_steps} %",
+        f"robust % (worst case, {suite})",
+        "flags",
         "FGSM %",
         "WRM %",
         "size bits",
@@ -340,7 +367,6 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = 
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        flag = " (masking?)" if r["gradient_masking"] else ""
         tr = "dense" if r["target_ratio"] is None else f"{r['target_ratio']:g}"
         lines.append(
             "| "
@@ -351,7 +377,8 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = 
                     r.get("bits", "-"),
                     _pct(r["clean_acc"]),
                     _pct(r["pgd_acc"]),
-                    _pct(r["apgd_acc"]) + flag,
+                    _robust(r),
+                    _flags(r),
                     _pct(r["fgsm_acc"]),
                     _pct(r["wrm_acc"]),
                     f"{r['size_bits']:,}",
@@ -362,27 +389,41 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = 
             )
             + " |"
         )
-    masked = [
-        r["method"] + ("" if r["target_ratio"] is None else f" @ {r['target_ratio']:g}")
-        for r in rows
-        if r["gradient_masking"]
-    ]
+
+    def name(r: dict[str, Any]) -> str:
+        return r["method"] + ("" if r["target_ratio"] is None else f" @ {r['target_ratio']:g}")
+
+    masked = [name(r) for r in rows if r.get("gradient_masking")]
+    square = [f"{name(r)} ({r['gradient_free_broken']})" for r in rows if r.get("gradient_free_broken")]
+    collapsed = [name(r) for r in rows if r.get("collapse")]
+    headline = next((r["headline"] for r in rows if r.get("headline")), "-")
     text = (
         "\n".join(lines)
-        + "\n\ngradient-masking flags (APGD more than 3 points below PGD): "
+        + f"\n\nrobust % = per-example {headline}."
+        + "\ngradient-masking flags (PGD more than 3 points above the worst case): "
         + (", ".join(masked) if masked else "none")
+        + "\ngradient-free flags (Square broke points every gradient attack missed): "
+        + (", ".join(square) if square else "none")
+        + "\ncollapsed models (one class > 2x its share or > 50 % of the predictions; their robust accuracy is "
+        + "not comparable): "
+        + (", ".join(collapsed) if collapsed else "none")
         + "\n"
     )
     if paper:
-        cmp = ["| point | paper TA / ATA | ours TA / ATA (APGD) | ours - paper, TA / ATA |", "|---|---|---|---|"]
+        cmp = [
+            "| point | paper TA / ATA | ours TA / ATA (worst case) | ours - paper, TA / ATA |",
+            "|---|---|---|---|",
+        ]
         by = {(r["method"], r["target_ratio"]): r for r in rows}
         for (m, ratio), (ta, ata) in paper.items():
             r = by.get((m, ratio))
             if r is not None:
-                name = m if ratio is None else f"{m} @ {ratio:g}"
+                label = m if ratio is None else f"{m} @ {ratio:g}"
+                worst = "-" if r.get("robust_acc") is None else f"{r['robust_acc']:.3f}"
+                worst += ", collapsed" if r.get("collapse") else ""
                 cmp.append(
-                    f"| {name} | {ta:.3f} / {ata:.3f} | {r['clean_acc']:.3f} / {r['pgd_acc']:.3f} "
-                    f"({r['apgd_acc']:.3f}) | {r['clean_acc'] - ta:+.3f} / {r['pgd_acc'] - ata:+.3f} |"
+                    f"| {label} | {ta:.3f} / {ata:.3f} | {r['clean_acc']:.3f} / {r['pgd_acc']:.3f} "
+                    f"({worst}) | {r['clean_acc'] - ta:+.3f} / {r['pgd_acc'] - ata:+.3f} |"
                 )
         text += "\nComparison with the paper (Figure 2, read off the plot, +-0.02):\n\n" + "\n".join(cmp) + "\n"
     return text
@@ -406,12 +447,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, protocol: Protocol,
         "NAP": ("C3", "v"),
     }
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, name in ((axes[0], "clean_acc", "TA"), (axes[1], "pgd_acc", f"ATA ({_ata_label(protocol)})")):
+    worst = all(r.get("robust_acc") is not None for r in rows)
+    headline = f"robust, worst case ({rows[0]['headline']})" if worst and rows else f"ATA ({_ata_label(protocol)})"
+    for ax, key, name in ((axes[0], "clean_acc", "TA"), (axes[1], "robust_acc" if worst else "pgd_acc", headline)):
         col = 0 if key == "clean_acc" else 1
         for m, (color, marker) in style.items():
             pts = sorted((r["ratio"], r[key]) for r in rows if r["method"] == m)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, color=color, label=m)
+            for r in rows:
+                if r["method"] == m and r.get("collapse"):
+                    ax.plot([r["ratio"]], [r[key]], "x", color="red", ms=9)  # collapsed: not comparable
             ref = [(rt, v[col]) for (pm, rt), v in paper.items() if pm == m]
             if ref:
                 ax.plot(*zip(*ref), ls="none", marker=marker, mfc="none", ms=10, color=color, label=f"{m} (paper)")
@@ -427,7 +473,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, protocol: Protocol,
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("model size ratio (compressed bits / dense 32-bit bits)")
         ax.set_ylabel(name)
-        ax.set_title(name)
+        ax.set_title(name, fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right", ncol=2)
     fig.suptitle(title, fontsize=9)

@@ -84,6 +84,7 @@ SYNTHETIC = dict(
     prune_epochs=1,
     batch_size=16,
     apgd_steps=5,
+    square_queries=20,
     eval_size=0,
     ratios=(1e-2, 5e-2),
 )

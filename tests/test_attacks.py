@@ -1,5 +1,6 @@
-"""Attacks: eps-ball and [0, 1] bounds, a real random start, strength order, no side effects on the model,
-and exact agreement with torchattacks' PGD, FGSM and APGD."""
+"""Attacks: eps-ball and [0, 1] bounds, a real random start inside the box, strength order, no side effects on
+the model, torchattacks-style defaults, and exact agreement with torchattacks' PGD, FGSM, APGD (CE, DLR) and
+APGDT."""
 
 import sys
 import types
@@ -13,7 +14,7 @@ from pipeline_helpers import digits, one_thread, trained_digits_model
 from torch import nn
 
 import atmc_triton as at
-from atmc_triton.attacks import apgd_ce, attack_context, fgsm, pgd, robust_attack, wrm
+from atmc_triton.attacks import apgd_ce, apgd_dlr, attack_context, fgsm, pgd, robust_attack, wrm
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +40,8 @@ ATTACKS = {
     "pgd_no_start": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4, 5, random_start=False),
     "fgsm": lambda m, x, y, eps: fgsm(m, x, y, eps),
     "apgd": lambda m, x, y, eps: apgd_ce(m, x, y, eps, steps=10),
+    "apgd_t": lambda m, x, y, eps: apgd_dlr(m, x, y, eps, steps=4, n_target_classes=3),
+    "apgd_dlr": lambda m, x, y, eps: apgd_dlr(m, x, y, eps, steps=4, n_target_classes=None),
     "robust": lambda m, x, y, eps: robust_attack(m, x, y, eps, steps=10, use_autoattack=False)[0],
 }
 
@@ -85,6 +88,48 @@ def test_random_start_really_happens(batch):
     # given noise, the start is x + (2 noise - 1) eps: the draws of the same generator give the same attack
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, pgd(model, x, y, eps, 0.01, 3, noise=noise))
+
+
+class _BoxWatcher(nn.Module):
+    """Records the range of every input the model is queried on (a start outside [0, 1] shows up here)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.lo, self.hi = inner, 0.0, 1.0
+
+    def forward(self, x):
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd", "apgd_t", "apgd_dlr"])
+def test_random_start_stays_in_the_unit_box(batch, name):
+    """Digits hold many exact 0s and 1s: an unclamped start would query the model outside [0, 1]."""
+    x, y = batch
+    assert float((x == 0).float().mean()) > 0.3 and bool((x == 1).any())
+    model = _BoxWatcher(trained_digits_model())
+    torch.manual_seed(0)
+    ATTACKS[name](model, x, y, 0.2)
+    assert (model.lo, model.hi) == (0.0, 1.0)
+    # the start itself (steps=0): boxed, pixels at 0 only move up and pixels at 1 only down
+    start = pgd(model.inner, x, y, 0.2, 0.01, 0, generator=torch.Generator().manual_seed(3))
+    assert float(start.min()) >= 0.0 and float(start.max()) <= 1.0
+    d = start - x
+    assert float(d[x == 0].min()) >= 0 and float(d[x == 1].max()) <= 0
+    assert 0.3 < float((d[x == 0] == 0).float().mean()) < 0.7  # about half clamped back to 0
+
+
+def test_torchattacks_style_defaults(batch):
+    model = trained_digits_model()
+    x, y = batch[0][:16], batch[1][:16]
+    g = torch.Generator().manual_seed(0)
+    ours = pgd(model, x, y, generator=g)  # eps 8/255, alpha 2/255, 10 steps, random start
+    assert torch.equal(ours, pgd(model, x, y, 8 / 255, 2 / 255, 10, True, generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(ours, pgd(model, x, y, random_start=False))
+    assert float((ours - x).abs().max()) <= 8 / 255 + 1e-7
+    assert torch.equal(fgsm(model, x, y), fgsm(model, x, y, 8 / 255))
+    a = apgd_ce(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, apgd_ce(model, x, y, 8 / 255, 100, generator=torch.Generator().manual_seed(0)))
 
 
 def test_strength_order_on_a_trained_model(batch):
@@ -205,13 +250,50 @@ def test_apgd_matches_torchattacks(batch):
     for eps, steps in ((0.1, 20), (0.2, 37)):
         ref = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss="ce")(x, y)
         ours = apgd_ce(model, x, y, eps, steps=steps, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            fooled_ref, fooled = model(ref).argmax(1) != y, model(ours).argmax(1) != y
-        assert torch.equal(fooled, fooled_ref) and int(fooled.sum()) > 20
-        # the same adversarial examples where the attack succeeds (up to float rounding in a few pixels)
-        torch.testing.assert_close(ours[fooled], ref[fooled].detach(), atol=1e-6, rtol=0)
-        same = (ours[fooled] == ref[fooled]).flatten(1).all(1).float().mean()
-        assert float(same) > 0.9
+        _assert_same_attack(model, x, y, ours, ref)
+
+
+def _assert_same_attack(model, x, y, ours, ref):
+    with torch.no_grad():
+        fooled_ref, fooled = model(ref).argmax(1) != y, model(ours).argmax(1) != y
+    assert torch.equal(fooled, fooled_ref) and int(fooled.sum()) > 20
+    assert torch.equal(ours[fooled], ref[fooled].detach())  # the same adversarial examples, bit for bit
+
+
+def test_apgd_dlr_matches_torchattacks(batch):
+    """Untargeted DLR = APGD(loss='dlr'); targeted DLR over k classes = APGDT(n_classes=k + 1): same start, same
+    examples."""
+    torchattacks = pytest.importorskip("torchattacks")
+    model = trained_digits_model()
+    x, y = batch
+    for eps, steps in ((0.1, 20), (0.2, 13)):
+        ref = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss="dlr")(x, y)
+        ours = apgd_dlr(model, x, y, eps, steps, n_target_classes=None, generator=torch.Generator().manual_seed(0))
+        _assert_same_attack(model, x, y, ours, ref)
+    for eps, steps, k in ((0.07, 10, 9), (0.1, 7, 3)):
+        ref = torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, n_classes=k + 1)(x, y)
+        ours = apgd_dlr(model, x, y, eps, steps, n_target_classes=k, generator=torch.Generator().manual_seed(0))
+        _assert_same_attack(model, x, y, ours, ref)
+
+
+def test_apgd_t_breaks_what_cross_entropy_misses():
+    """CE saturates on a model with huge logits (gradients underflow to 0); DLR is scale-invariant."""
+
+    class Loud(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = trained_digits_model()
+
+        def forward(self, x):
+            return 1e4 * self.inner(x)
+
+    model = Loud().eval()
+    d = digits()
+    x, y = d.test.take(torch.arange(64))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ce = _acc(model, apgd_ce(model, x, y, 0.1, steps=10, generator=g()), y)
+    t = _acc(model, apgd_dlr(model, x, y, 0.1, steps=10, n_target_classes=3, generator=g()), y)
+    assert t < ce - 0.2, (ce, t)
 
 
 def test_apgd_restarts_only_attack_robust_points(batch):
@@ -246,14 +328,14 @@ def test_robust_attack_uses_autoattack_when_installed(batch, monkeypatch):
         "training": False,
     }
     assert float((adv - x).abs().max()) <= 0.05 + 1e-6 and model.training
-    assert robust_attack(model, x, y, 0.05, steps=3, use_autoattack=False)[1] == "apgd-ce-3"
+    assert robust_attack(model, x, y, 0.05, steps=3, use_autoattack=False)[1] == "apgd-ce-3+apgd-t-3"
 
 
 def test_robust_attack_without_autoattack(batch, monkeypatch):
     monkeypatch.setitem(sys.modules, "autoattack", None)  # import fails
     model = trained_digits_model()
     x, y = batch[0][:8], batch[1][:8]
-    assert robust_attack(model, x, y, 0.05, steps=3)[1] == "apgd-ce-3"
+    assert robust_attack(model, x, y, 0.05, steps=3, suite="apgd")[1] == "apgd-ce-3+apgd-t-3"
     with pytest.raises(ValueError, match="AutoAttack is not installed"):
         robust_attack(model, x, y, 0.05, use_autoattack=True)
 
@@ -269,6 +351,11 @@ def test_robust_attack_without_autoattack(batch, monkeypatch):
         lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, noise=torch.rand(x[1:].shape)),  # noise shape
         lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 1, random_start=False, noise=torch.rand(x.shape)),  # noise, no start
         lambda m, x, y: apgd_ce(m, x, y, 0.1, steps=0),
+        lambda m, x, y: apgd_dlr(m, x, y, 0.1, n_target_classes=0),
+        lambda m, x, y: apgd_dlr(m, x, y, 0.1, steps=0),
+        lambda m, x, y: robust_attack(m, x, y, 0.1, suite="pgd"),
+        lambda m, x, y: robust_attack(m, x, y, 0.1, suite="apgd", use_autoattack=True),
+        lambda m, x, y: robust_attack(m, x, y, 0.1, suite="apgd", square_queries=0),
         lambda m, x, y: wrm(m, x, y, gamma=0.0),
     ],
 )

@@ -222,7 +222,7 @@ def test_mnist_study_tiny_on_real_mnist(tmp_path):
     assert all(int(r["dense_bits"]) == dense for r in rows)
     for r in rows[2:]:
         assert 0 < int(r["size_bits"]) <= 0.01 * dense
-        assert r["apgd_method"] == "apgd-ce-5"
+        assert r["suite"] == "aa-torchattacks(apgd-ce-5,apgd-t-5,fab-t-5,square-20)"
     by = {r["method"]: r for r in rows}
     assert [int(by[m]["size_bits"]) for m in ("ATMC-32b", "AP", "NAP")] == [32 * 4305] * 3  # 32-bit: filled exactly
     assert by["ATMC-8b"]["bits"] == "8" and by["AP"]["bits"] == "32"

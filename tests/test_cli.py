@@ -1,7 +1,9 @@
 """The ``atmc`` command: the default pipeline's code path (reduced), real-MNIST smoke run through every stage,
 ``eval``, ``sweep`` (CSV + PNG), ``--help``, and one-line errors for bad arguments."""
 
+import contextlib
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -45,7 +47,10 @@ def _one_thread():
 def digits_run(tmp_path_factory):
     """``atmc train`` on the embedded digits, as with no arguments but tiny (the same code path)."""
     out = tmp_path_factory.mktemp("digits")
-    rc = main(["train", "--subset", "256", "--test-subset", "64", "--out", str(out), *FAST])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["train", "--subset", "256", "--test-subset", "64", "--out", str(out), *FAST])
+    (out / "stdout.txt").write_text(printed.getvalue())
     return rc, out
 
 
@@ -57,9 +62,23 @@ def test_default_train_path_prints_the_table(digits_run, capsys):
     dense, atmc = rows[1], rows[2]
     assert dense["ratio"] == 1.0 and dense["size_bits"] == 4_834_304
     assert atmc["size_bits"] <= 0.02 * 4_834_304 and atmc["ratio"] <= 1 / 20  # the default is >= 20x smaller
-    assert atmc["apgd_method"] == "apgd-ce-3" and atmc["n"] == 64
+    assert atmc["suite"] == "apgd-ce-3+apgd-t-3" and atmc["n"] == 64
     for r in rows:
-        assert 0 <= r["pgd_acc"] <= r["clean_acc"] <= 1 and r["wall_seconds"] > 0
+        assert 0 <= r["robust_acc"] <= r["pgd_acc"] <= r["clean_acc"] <= 1 and r["wall_seconds"] > 0
+        assert r["headline"] == "worst of PGD-2, apgd-ce-3+apgd-t-3" and sum(r["adv_hist"]) == 64
+    # the printed table: the suite, the worst case as the headline, PGD as a named column, the flags
+    text = (out / "stdout.txt").read_text()
+    head = next(ln for ln in text.splitlines() if ln.startswith("| model |"))
+    assert "| PGD-2 % | robust % (worst case, apgd-ce-3+apgd-t-3) | flags |" in head
+    for r in rows:
+        cells = [
+            c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith(f"| {r['model']} |")).split("|")
+        ]
+        assert cells[4].split()[0] == f"{100 * r['robust_acc']:.1f}"
+        flagged = r["collapse"] is not None
+        assert ("collapsed" in cells[5]) == flagged and ("collapsed" in cells[4]) == flagged
+    assert "robust % = per-example worst of PGD-2, apgd-ce-3+apgd-t-3" in text
+    assert "no FAB-T and no Square" in text and "--suite torchattacks" in text  # how to get the full suite
     for name in ("natural.pt", "dense.pt", "atmc.pt", "atmc_final.pt", "metrics.jsonl"):
         assert (out / name).is_file(), name
 
@@ -69,6 +88,9 @@ def test_default_recipe_is_the_documented_one():
     assert (a.dataset, a.model, a.ratio, a.bits, a.eps, a.resume) == ("digits", None, None, None, None, False)
     r, p = RECIPES["digits"], PROTOCOLS["digits"]
     assert (r.model, r.ratio, r.bits, r.natural_baseline) == ("digits_cnn", 0.02, 4, True) and r.ratio <= 1 / 20
+    # the evaluation: the best suite available, AutoAttack's settings but Square-1000 for digits (see README)
+    assert (a.suite, a.apgd_steps, a.square_queries, r.square_queries) == ("auto", 100, None, 1000)
+    assert all(RECIPES[k].square_queries == 5000 for k in ("mnist", "cifar10", "cifar100", "svhn"))
     assert (p.eps, p.pgd_steps, p.eval_steps, p.clean_weight) == (0.2, 10, 20, 0.5)
     assert (PROTOCOLS["mnist"].eps, PROTOCOLS["mnist"].pgd_steps, PROTOCOLS["mnist"].clean_weight) == (0.3, 16, 0.5)
     assert PROTOCOLS["mnist"].alpha == pytest.approx(2.5 * 0.3 / 16)
@@ -110,8 +132,31 @@ def test_eval_command(digits_run, capsys):
     )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["n"] == 32 and res["ratio"] <= 0.02 and res["apgd_method"] == "apgd-ce-2"
-    assert all(res[k] is not None for k in ("clean_acc", "pgd_acc", "fgsm_acc", "wrm_acc", "apgd_acc"))
+    assert res["n"] == 32 and res["ratio"] <= 0.02 and res["suite"] == "apgd-ce-2+apgd-t-2"
+    assert all(res[k] is not None for k in ("clean_acc", "pgd_acc", "fgsm_acc", "wrm_acc", "robust_acc"))
+    assert res["robust_acc"] <= min(res["pgd_acc"], res["fgsm_acc"])
+    # the torchattacks suite through the command line (short settings: the CLI names the full ones)
+    rc = main(
+        [
+            "eval",
+            str(out / "atmc_final.pt"),
+            "--test-subset",
+            "16",
+            "--pgd-steps",
+            "2",
+            "--suite",
+            "torchattacks",
+            "--apgd-steps",
+            "2",
+            "--square-queries",
+            "10",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert (
+        rc == 0 and "robust (per-example worst of PGD-2, aa-torchattacks(apgd-ce-2,apgd-t-2,fab-t-2,square-10))" in text
+    )
+    assert "flags:" in text and "--apgd-steps 100 --square-queries 5000" in text
     rc = main(["eval", str(out / "dense.pt"), "--attack", "fgsm", "--test-subset", "16"])
     text = capsys.readouterr().out
     assert rc == 0 and "FGSM:" in text and "TA" in text and "PGD" not in text
@@ -227,6 +272,7 @@ def test_bad_arguments_end_with_one_line(tmp_path, capsys, digits_run):
     assert "--ratio or --nnz" in _error(["train", "--ratio", "0.1", "--nnz", "10"], capsys)
     assert "bits must be" in _error(["train", "--bits", "9"], capsys)
     assert "unknown attack" in _error(["train", "--attacks", "pgd,cw"], capsys)
+    assert "not both" in _error(["eval", str(out / "dense.pt"), "--suite", "apgd", "--autoattack", "no"], capsys)
     # a checkpoint from another model
     fake = tmp_path / "lenet.pt"
     save_checkpoint(

@@ -116,5 +116,5 @@ def test_resnet34_synthetic_cifar_batch_through_atmc():
     res = exp.evaluate(model)
     assert res.n == 2 and res.nnz <= 100_000 and res.dense_bits == 680_482_816
     assert res.size_bits <= 0.01 * res.dense_bits  # 8-bit codes + codebooks: under 1% of the dense size
-    assert 0.0 <= res.pgd_acc <= res.clean_acc <= 1.0 and res.apgd_method == "apgd-ce-1"
+    assert 0.0 <= res.robust_acc <= res.pgd_acc <= res.clean_acc <= 1.0 and res.suite == "apgd-ce-1+apgd-t-1"
     assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in dense.parameters())  # dense untouched

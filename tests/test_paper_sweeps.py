@@ -85,7 +85,7 @@ def _check_outputs(out, preset, cfg):
             assert 0 < int(r["packed_bytes"]) < dense // 8
         else:
             assert int(r["size_bits"]) == dense
-        for k in ("clean_acc", "pgd_acc", "apgd_acc", "fgsm_acc", "wrm_acc"):
+        for k in ("clean_acc", "pgd_acc", "robust_acc", "fgsm_acc", "wrm_acc"):
             assert 0.0 <= float(r[k]) <= 1.0
     logged = {json.loads(ln)["stage"] for ln in (out / "metrics.jsonl").read_text().splitlines()}
     assert logged == {"dense", "natural"} | {p.stage for p in points(cfg) if p.ratio is not None}

@@ -146,8 +146,9 @@ def test_evaluate_reports_accuracy_size_and_restores_mode():
     proto = Protocol(eps=0.1, pgd_steps=5, apgd_steps=10, wrm_steps=3)
     r = evaluate(model, test, proto, attacks=("pgd", "fgsm", "wrm", "apgd"), batch_size=40, use_autoattack=False)
     assert model.training  # restored
-    assert r.n == 96 and r.apgd_method == "apgd-ce-10"
+    assert r.n == 96 and r.suite == "apgd-ce-10+apgd-t-10"
     assert r.pgd_acc <= r.fgsm_acc <= r.clean_acc and r.clean_acc > 0.9 and r.wrm_acc < r.clean_acc
+    assert r.robust_acc <= r.pgd_acc and list(r.cascade) == ["PGD-5", "FGSM", "apgd-ce-10", "apgd-t-10"]
     assert r.size_bits == r.dense_bits == 4_834_304 and r.ratio == 1.0 and r.packed_bytes == 4_834_304 // 8
     d = r.as_dict()
     assert d["gradient_masking"] == r.gradient_masking and d["ratio"] == 1.0
@@ -159,9 +160,8 @@ def test_evaluate_reports_accuracy_size_and_restores_mode():
 
 def test_gradient_masking_flag():
     base = dict(n=100, clean_acc=0.9)
-    assert EvalResult(**base, pgd_acc=0.60, apgd_acc=0.565).gradient_masking  # 3.5 points below PGD
-    assert not EvalResult(**base, pgd_acc=0.60, apgd_acc=0.575).gradient_masking  # 2.5 points
-    assert not EvalResult(**base, pgd_acc=0.60, apgd_acc=0.70).gradient_masking  # APGD weaker: no masking sign
+    assert EvalResult(**base, pgd_acc=0.60, robust_acc=0.565).gradient_masking  # worst case 3.5 points below PGD
+    assert not EvalResult(**base, pgd_acc=0.60, robust_acc=0.575).gradient_masking  # 2.5 points
     assert not EvalResult(**base, pgd_acc=0.60).gradient_masking
 
 
