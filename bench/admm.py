@@ -170,13 +170,39 @@ def predicted_bytes(n: int, grad_bytes: int = 4, nesterov: bool = False, band: f
     band = min(band, 0.25)  # a program's segment holds a quarter of its chunk; more is the FULL path
     update = 16 + grad_bytes + 4  # read w, mom, z, u, grad; write s
     write = 8 + (4 if nesterov else 0) + 9  # read w, s (mom); write w, mom, mask
-    select_band = 4 * band + 3 * 4 * band  # append the band's keys; levels 2, 3, 4 read them
-    select_full = 4 * (8 + (4 if nesterov else 0))  # four passes recomputing the key from w, s (mom)
+    select_band = 4 * band + 2 * 4 * band  # append the band's keys; levels 2, 3 read them
+    select_full = 3 * (8 + (4 if nesterov else 0))  # three passes recomputing the key from w, s (mom)
     return {
         "floor": n * (16 + grad_bytes + 9),
         "band": n * (update + select_band + write),
         "full": n * (update + select_full + write),
     }
+
+
+LAUNCHES = 5  # update, three select levels, write (no memset)
+LAUNCH_US = 3.0  # a dependent launch of a small or latency-bound kernel, in microseconds (assumed)
+
+
+def foreach_topk_bytes(n: int, k: int, grad_bytes: int = 4) -> int:
+    """Bytes the ``foreach SGD + topk`` step moves (each ``_foreach`` op reads its inputs and writes
+    its output; ``torch.topk`` as a radix select: four 8-bit passes over the keys, then values and
+    int64 indices of the k kept)."""
+    sgd = (8 + 4) + 12 + 8 + (8 + grad_bytes) + 12 + 8 + 12 + 12  # sub, add u, mul rho, add grad, add wd w, mom
+    select = 8 + 8 + 4 * 4 + 4  # abs, cat, radix passes, gather pass
+    mask = 5 + 9 + 9  # ge -> mask; w *= mask; mom *= mask
+    return n * (sgd + select + mask) + k * 12
+
+
+def predicted_ms(n: int, bandwidth: float, grad_bytes: int = 4, nesterov: bool = False, band: float = 0.042) -> dict:
+    """Roofline prediction of the Triton step (BAND and FULL paths) and of its floor, in ms at ``bandwidth``
+    bytes/s: bytes over bandwidth plus ``LAUNCHES`` dependent launches of ``LAUNCH_US`` each.
+
+    ``band`` 0.042: the band fraction of Gaussian weights at k = 10 % when tau sits low in its binade
+    (the band is then +-6.25 % of tau wide); 0.021 at the top of the binade.
+    """
+    b = predicted_bytes(n, grad_bytes, nesterov, band)
+    lat = LAUNCHES * LAUNCH_US / 1000
+    return {key: v / bandwidth * 1000 + (0 if key == "floor" else lat) for key, v in b.items()}
 
 
 def band_fraction(t: dict, tau: torch.Tensor) -> float:

@@ -224,8 +224,8 @@ def admm_step_triton(
 ) -> Tensor:
     """Triton launcher of ``atmc::admm_step``: same contract as :func:`admm_step_ref`.
 
-    A fixed sequence of launches (update, four select levels, write; see ``admm_triton.py``), no
-    host sync, grids set by ``n`` alone. ``grad`` may be float16/bfloat16 (upcast in the kernel).
+    A fixed sequence of five launches (update, three select levels, write; see ``admm_triton.py``),
+    no host sync, grids set by ``n`` alone. ``grad`` may be float16/bfloat16 (upcast in the kernel).
     ``tau_hint`` (0-dim float32, e.g. the previous step's tau) makes the select read only a band
     of elements around it when the new tau is near; it never changes the result.
 

@@ -11,26 +11,27 @@ gradient) and the last pass recomputes ``wn`` from ``(w, s)`` with the same inst
 helper), so both see the same bits.
 
 One step is a fixed sequence of launches whose grids depend only on ``n`` (CUDA-graph capturable);
-``P`` persistent programs each own a contiguous chunk of ``tiles * BLOCK`` elements::
+``P`` persistent programs each own a contiguous chunk of ``tiles * BLOCK`` elements. Five launches,
+no memset (every workspace word is written before it is read)::
 
-    memset workspace
     _update_kernel   read grad, w, mom, z, u -> write s; count non-finite updates; with a previous
                      tau: count keys above the band around it and append the keys inside the band to
-                     the program's own segment of a buffer (no atomics in the loop)
+                     the program's own segment of a buffer (no atomics in the loop); zero the histograms
     _select_kernel   level 1: choose the path. BAND if the k-th largest key lies in the band and no
                      segment overflowed, else FULL (first step, tau jumped, k changed a lot):
                      histogram of the top 11 key bits over all n (recomputing wn from w, s)
     _select_kernel   level 2: histogram of the next 10 bits among the candidates (BAND: the buffer)
-    _select_kernel   level 3: ... the low 10 bits
-    _select_kernel   level 4: tau's exact bits, the ties to keep, the ties in each program's chunk
-    _write_kernel    read w, s (mom) -> write w, mom, mask (and tau); nothing if an update was not finite
+    _select_kernel   level 3: ... the low 10 bits, also per program (its row)
+    _write_kernel    tau's low digit and the ties to keep from level 3; read w, s (mom) -> write w,
+                     mom, mask (and tau); nothing if an update was not finite
 
-Each select level first finds the previous digit from the previous histogram (every program the
-same way; program 0 records it). The band is ``+-2**19`` key steps around the previous tau (3-6 %
-of its value); keys relative to its low end have 20 bits, the level-2 and -3 digits, so level 1
-has nothing to do on the BAND path. Ties at tau are ranked by flat index: each program learns the
-ties in the chunks before its own, and only the program where the cut falls ranks inside tiles (a
-cumulative sum): exactly ``k`` survive. Histograms and counts are int32 (atomics on integers are
+Each level first finds the previous digit from the previous histogram (every program the same way;
+program 0 records it). The band is ``+-2**19`` key steps around the previous tau (3-6 % of its
+value); keys relative to its low end have 20 bits, the level-2 and -3 digits, so level 1 has
+nothing to do on the BAND path. Ties at tau are ranked by flat index: a program's ties are its
+level-3 row at tau's digit (a BAND segment holds only its own chunk's keys), so each program knows
+the ties in the chunks before its own, and only the program where the cut falls ranks inside tiles
+(a cumulative sum): exactly ``k`` survive. Histograms and counts are int32 (atomics on integers are
 order-independent), so results are bit-identical from run to run and across DDP ranks, and the path
 taken never changes the result: the previous tau only decides how fast it is found.
 
@@ -42,11 +43,11 @@ the band (about 2-4 % for Gaussian-like weights at k = 10 %; at most a quarter p
 
     floor (read grad, w, mom, z, u; write w, mom, mask)         29
     _update_kernel   read 20, write s 4, band keys 4f           24 + 4f
-    levels 2, 3, 4 (BAND): read the band keys                       12f
+    levels 2, 3 (BAND): read the band keys                           8f
     _write_kernel    read w, s 8 (+ mom 4 with Nesterov), write 9  17 (21)
-    BAND path                                                   41 + 16f   (1.41x + 0.55f x the floor)
-    BAND path, Nesterov                                         45 + 16f   (1.55x + 0.55f x)
-    FULL path (fallback): + 4 passes reading w, s (mom)         73 (93 with Nesterov)
+    BAND path                                                   41 + 12f   (1.41x + 0.41f x the floor)
+    BAND path, Nesterov                                         45 + 12f   (1.55x + 0.41f x)
+    FULL path (fallback): + 3 passes reading w, s (mom)         65 (81 with Nesterov)
 
 Scratch memory: ``s`` (4 B per element) and the band buffer (1 B per element for large ``n``).
 """
@@ -92,20 +93,21 @@ FULL, BAND = 0, 1  # the path a SELECT step took (ws[PATH_WORD])
 # tie count of each program's chunk.
 # Level L of the select reads the digits found so far from words 8 + 2 (L - 1), 9 + 2 (L - 1) and writes
 # its own at 8 + 2 L, 9 + 2 L (a program must never read what another program of its launch writes).
-ST_BAD, ST_ABOVE, ST_M, ST_LO, ST_PATH, ST_TAU, ST_NEED, ST_OVER = (tl.constexpr(i) for i in range(8))
-_ST_DIGITS = tl.constexpr(8)
+ST_LO, ST_PATH = tl.constexpr(0), tl.constexpr(1)
+_ST_DIGITS = tl.constexpr(2)
 _H1 = tl.constexpr(16)
 _H2 = tl.constexpr(_H1 + NB1)
 _H3 = tl.constexpr(_H2 + NB2)
-_CNT = tl.constexpr(_H3 + NB3)
+_PP = tl.constexpr(_H3 + NB3)  # [3, P]: per program non-finite count, keys above the band, band fill
 _BAND_HALF = tl.constexpr(BAND_HALF)
 _NB1, _NB2, _NB3 = tl.constexpr(NB1), tl.constexpr(NB2), tl.constexpr(NB3)
-PATH_WORD = 4  # ws[PATH_WORD] is the path of a SELECT step
+PATH_WORD = 1  # ws[PATH_WORD] is the path of a SELECT step
 
 
 def workspace_size(programs: int) -> int:
-    """int32 words of the zeroed workspace for ``programs`` persistent programs."""
-    return _CNT.value + 2 * programs
+    """int32 words of the workspace for ``programs`` persistent programs (no memset: every word is
+    written before it is read, the histograms by the update kernel)."""
+    return _PP.value + 3 * programs + programs * NB3
 
 
 def band_segment(chunk: int) -> int:
@@ -240,6 +242,9 @@ def _update_kernel(
     rho,
     NESTEROV: tl.constexpr,
     HINT: tl.constexpr,
+    NB1: tl.constexpr,
+    NB2: tl.constexpr,
+    NB3: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -268,13 +273,14 @@ def _update_kernel(
                 w_ptr, grad_ptr, mom_ptr, z_ptr, u_ptr, s_ptr, seg_ptr, offs, n, seg, lr, momentum,
                 weight_decay, rho, lo, hi, bad, above, fill, NESTEROV, HINT, True,
             )  # fmt: skip
-    tl.atomic_add(ws_ptr + ST_BAD, tl.sum(bad, axis=0), sem="relaxed")
-    if HINT:
-        tl.atomic_add(ws_ptr + ST_ABOVE, above, sem="relaxed")
-        tl.atomic_add(ws_ptr + ST_M, fill, sem="relaxed")
-        tl.atomic_max(ws_ptr + ST_OVER, (fill > seg).to(tl.int32), sem="relaxed")
-        tl.store(ws_ptr + _CNT + programs + pid, fill)
-        tl.store(ws_ptr + ST_LO, lo, mask=pid == 0)
+    tl.store(ws_ptr + _PP + pid, tl.sum(bad, axis=0))
+    tl.store(ws_ptr + _PP + programs + pid, above)
+    tl.store(ws_ptr + _PP + 2 * programs + pid, fill)
+    tl.store(ws_ptr + ST_LO, lo, mask=pid == 0)
+    if pid == 0:  # zero the three histograms for the select levels
+        for i in range(0, NB1 + NB2 + NB3, BLOCK):
+            h = i + lanes
+            tl.store(ws_ptr + _H1 + h, tl.zeros([BLOCK], dtype=tl.int32), mask=h < NB1 + NB2 + NB3)
 
 
 @triton.jit
@@ -294,7 +300,7 @@ def _select_kernel(
     w_ptr,  # [n] f32
     s_ptr,  # [n] f32
     mom_ptr,  # [n] f32 (read with Nesterov)
-    ws_ptr,  # i32 workspace: state, histograms, per-program tie counts
+    ws_ptr,  # i32 workspace: state, histograms, per-program counts and level-3 rows
     buf_ptr,  # [programs, seg] i32: keys of the band's elements, program p's in row p
     n,
     tiles,
@@ -304,11 +310,12 @@ def _select_kernel(
     lr,
     momentum,
     NESTEROV: tl.constexpr,
-    LEVEL: tl.constexpr,  # 1..3: histogram of digit LEVEL among the candidates; 4: tau and the ties
+    LEVEL: tl.constexpr,  # 1..3: histogram of digit LEVEL among the candidates (3: also per program)
     NB: tl.constexpr,  # bins of this level's histogram, at ws[H_OFF:H_OFF + NB]
     H_OFF: tl.constexpr,
     HI: tl.constexpr,  # candidates have (key - base) >> HI == the digits found so far
     LO: tl.constexpr,  # this level's digit is ((key - base) >> LO) & (NB - 1)
+    PB: tl.constexpr,  # power of two >= programs
     BLOCK: tl.constexpr,  # the persistent kernels' tile (a program's chunk is tiles * BLOCK elements)
     SBLOCK: tl.constexpr,  # elements per histogram step (divides BLOCK)
 ):
@@ -317,9 +324,11 @@ def _select_kernel(
     bins = tl.arange(0, NB)
     # the digits found so far: every program derives them the same way; program 0 records them
     if LEVEL == 1:
-        above = tl.load(ws_ptr + ST_ABOVE)
-        m = tl.load(ws_ptr + ST_M)
-        band = (above < k) & (k <= above + m) & (tl.load(ws_ptr + ST_OVER) == 0)
+        p = tl.arange(0, PB)
+        above = tl.sum(tl.load(ws_ptr + _PP + programs + p, mask=p < programs, other=0), axis=0)
+        fills = tl.load(ws_ptr + _PP + 2 * programs + p, mask=p < programs, other=0)  # [PB]
+        m = tl.sum(fills, axis=0)
+        band = (above < k) & (k <= above + m) & (tl.max(fills, axis=0) <= seg)
         base = tl.where(band, tl.load(ws_ptr + ST_LO), 0)
         prefix = tl.full([], 0, tl.int32)
         rank = tl.where(band, k - above, k)
@@ -333,52 +342,33 @@ def _select_kernel(
             b, left = _pick(ws_ptr + _H1, rank, _NB1)
             prefix = tl.where(band, 0, b)
             rank = tl.where(band, rank, left)
-        elif LEVEL == 3:
+        else:
             b, rank = _pick(ws_ptr + _H2, rank, _NB2)
             prefix = (prefix << 10) | b
-        else:
-            b, rank = _pick(ws_ptr + _H3, rank, _NB3)
-            prefix = (prefix << 10) | b
-    if LEVEL < 4:
-        tl.store(ws_ptr + _ST_DIGITS + 2 * LEVEL, prefix, mask=pid == 0)
-        tl.store(ws_ptr + _ST_DIGITS + 2 * LEVEL + 1, rank, mask=pid == 0)
-        acc = tl.zeros([NB], dtype=tl.int32)
-        missed = tl.full([], 0, tl.int32)  # non-candidates land in bin 0 and are taken out at the end
-        if band:
-            if LEVEL > 1:  # this program's segment of the buffer
-                fill = tl.load(ws_ptr + _CNT + programs + pid)
-                for i in range(0, fill, SBLOCK):
-                    idx = i + lanes
-                    v = tl.load(buf_ptr + pid.to(tl.int64) * seg + idx, mask=idx < fill, other=0) - base
-                    cand = (idx < fill) & ((v >> HI) == prefix)
-                    acc += tl.histogram(tl.where(cand, (v >> LO) & (NB - 1), 0), NB)
-                    missed += tl.sum((~cand).to(tl.int32), axis=0)
-        else:
-            for t in range(tiles * (BLOCK // SBLOCK)):
-                offs = pid.to(tl.int64) * tiles * BLOCK + t * SBLOCK + lanes  # [SBLOCK]
-                _, _, v = _recompute_key(w_ptr, s_ptr, mom_ptr, offs, n, lr, momentum, NESTEROV, True)
-                cand = (offs < n) & ((v >> HI) == prefix)
-                acc += tl.histogram(tl.where(cand, (v >> LO) & (NB - 1), 0), NB)
-                missed += tl.sum((~cand).to(tl.int32), axis=0)
-        acc -= tl.where(bins == 0, missed, 0)
-        tl.atomic_add(ws_ptr + H_OFF + bins, acc, mask=acc != 0, sem="relaxed")
-    else:
-        tau = base + prefix  # the exact key of tau; `rank` ties at tau are kept, lowest indices first
-        tl.store(ws_ptr + ST_TAU, tau, mask=pid == 0)
-        tl.store(ws_ptr + ST_NEED, rank, mask=pid == 0)
-        ties = tl.zeros([SBLOCK], dtype=tl.int32)  # ties in this program's chunk (= segment)
-        if band:
-            fill = tl.load(ws_ptr + _CNT + programs + pid)
+    tl.store(ws_ptr + _ST_DIGITS + 2 * LEVEL, prefix, mask=pid == 0)
+    tl.store(ws_ptr + _ST_DIGITS + 2 * LEVEL + 1, rank, mask=pid == 0)
+    acc = tl.zeros([NB], dtype=tl.int32)
+    missed = tl.full([], 0, tl.int32)  # non-candidates land in bin 0 and are taken out at the end
+    if band:
+        if LEVEL > 1:  # this program's segment of the buffer
+            fill = tl.load(ws_ptr + _PP + 2 * programs + pid)
             for i in range(0, fill, SBLOCK):
                 idx = i + lanes
-                v = tl.load(buf_ptr + pid.to(tl.int64) * seg + idx, mask=idx < fill, other=0)
-                ties += ((idx < fill) & (v == tau)).to(tl.int32)
-        else:
-            for t in range(tiles * (BLOCK // SBLOCK)):
-                offs = pid.to(tl.int64) * tiles * BLOCK + t * SBLOCK + lanes  # [SBLOCK]
-                _, _, v = _recompute_key(w_ptr, s_ptr, mom_ptr, offs, n, lr, momentum, NESTEROV, True)
-                ties += ((offs < n) & (v == tau)).to(tl.int32)
-        tl.store(ws_ptr + _CNT + pid, tl.sum(ties, axis=0))
+                v = tl.load(buf_ptr + pid.to(tl.int64) * seg + idx, mask=idx < fill, other=0) - base
+                cand = (idx < fill) & ((v >> HI) == prefix)
+                acc += tl.histogram(tl.where(cand, (v >> LO) & (NB - 1), 0), NB)
+                missed += tl.sum((~cand).to(tl.int32), axis=0)
+    else:
+        for t in range(tiles * (BLOCK // SBLOCK)):
+            offs = pid.to(tl.int64) * tiles * BLOCK + t * SBLOCK + lanes  # [SBLOCK]
+            _, _, v = _recompute_key(w_ptr, s_ptr, mom_ptr, offs, n, lr, momentum, NESTEROV, True)
+            cand = (offs < n) & ((v >> HI) == prefix)
+            acc += tl.histogram(tl.where(cand, (v >> LO) & (NB - 1), 0), NB)
+            missed += tl.sum((~cand).to(tl.int32), axis=0)
+    acc -= tl.where(bins == 0, missed, 0)
+    tl.atomic_add(ws_ptr + H_OFF + bins, acc, mask=acc != 0, sem="relaxed")
+    if LEVEL == 3:  # this program's row: its ties at tau, once the write pass knows tau's low digit
+        tl.store(ws_ptr + _PP + 3 * programs + pid * NB + bins, acc)
 
 
 @triton.jit
@@ -428,7 +418,7 @@ def _write_kernel(
     mom_ptr,  # [n] f32 in/out
     mask_ptr,  # [n] bool out
     tau_ptr,  # [] f32 out
-    ws_ptr,  # i32 workspace: non-finite count, tau's key, ties to keep, ties per program chunk
+    ws_ptr,  # i32 workspace: non-finite counts; the digits of tau, level 3's histogram and rows
     n,
     tiles,
     programs,
@@ -441,13 +431,14 @@ def _write_kernel(
 ):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
-    ok = tl.load(ws_ptr + ST_BAD) == 0  # every update finite; otherwise write nothing
+    p = tl.arange(0, PB)
+    ok = tl.sum(tl.load(ws_ptr + _PP + p, mask=p < programs, other=0), axis=0) == 0  # else write nothing
     limit = tl.where(ok, n, 0)  # elements [0, limit) are written
-    if MODE == 2:
-        tau_key = tl.load(ws_ptr + ST_TAU)
-        need = tl.load(ws_ptr + ST_NEED)
-        p = tl.arange(0, PB)
-        c = tl.load(ws_ptr + _CNT + p, mask=p < programs, other=0)  # [PB] ties per program chunk
+    if MODE == 2:  # tau's low digit from level 3's histogram; the ties to keep are the rank left in it
+        b, need = _pick(ws_ptr + _H3, tl.load(ws_ptr + _ST_DIGITS + 7), _NB3)
+        base = tl.where(tl.load(ws_ptr + ST_PATH) != 0, tl.load(ws_ptr + ST_LO), 0)
+        tau_key = base + ((tl.load(ws_ptr + _ST_DIGITS + 6) << 10) | b)
+        c = tl.load(ws_ptr + _PP + 3 * programs + p * _NB3 + b, mask=p < programs, other=0)  # [PB] ties per chunk
         seen = tl.sum(tl.where(p < pid, c, 0), axis=0)  # ties in the chunks before this one
         mine = tl.sum(tl.where(p == pid, c, 0), axis=0)
         partial = (seen < need) & (seen + mine > need)
@@ -509,8 +500,8 @@ def launch_plan(n: int, block: int = BLOCK, max_programs: int = MAX_PROGRAMS) ->
     return triton.cdiv(ntiles, tiles), tiles
 
 
-# (bins, histogram offset, HI, LO) of select levels 1..4 (level 4 histograms nothing)
-_LEVELS = ((NB1, _H1.value, 31, 20), (NB2, _H2.value, 20, 10), (NB3, _H3.value, 10, 0), (NB3, _H3.value, 10, 0))
+# (bins, histogram offset, HI, LO) of select levels 1..3
+_LEVELS = ((NB1, _H1.value, 31, 20), (NB2, _H2.value, 20, 10), (NB3, _H3.value, 10, 0))
 
 
 def launch_admm_step(
@@ -547,7 +538,7 @@ def launch_admm_step(
     select = mode == SELECT
     hint = select and tau_hint is not None
     seg = band_segment(tiles * block) if hint else 1
-    ws = torch.zeros(workspace_size(programs), dtype=torch.int32, device=w.device)
+    ws = torch.empty(workspace_size(programs), dtype=torch.int32, device=w.device)
     buf = torch.empty(programs * seg, dtype=torch.int32, device=w.device)
     grid = (programs,)
     common = dict(lr=float(lr), momentum=float(momentum), NESTEROV=bool(nesterov), BLOCK=block)
@@ -568,6 +559,9 @@ def launch_admm_step(
         weight_decay=float(weight_decay),
         rho=float(rho),
         HINT=hint,
+        NB1=NB1,
+        NB2=NB2,
+        NB3=NB3,
         num_warps=NUM_WARPS,
         **common,
     )
@@ -589,6 +583,7 @@ def launch_admm_step(
                 H_OFF=h_off,
                 HI=hi,
                 LO=lo,
+                PB=triton.next_power_of_2(programs),
                 SBLOCK=min(SBLOCK, block),
                 num_warps=NUM_WARPS,
                 **common,
