@@ -17,7 +17,7 @@ Side by side in one run, each on its own copy of the same state, stepping repeat
 
 The memory floor is the bytes a fused step must move (read grad, w, mom, z, u; write w, mom,
 mask: 29 bytes per element with fp32 grads) over the measured copy bandwidth; each Triton row also
-shows the band fraction it saw and the roofline prediction (:func:`predicted_bytes`) for it.
+shows the band fraction it saw and the roofline prediction for it (``bench.model.admm_step``).
 Targets: >= 3x the best of the three PyTorch steps, <= 1.5x the floor.
 ``--quick``: tiny sizes on the CPU, ``torch.compile(backend="eager")``, the Triton row only under
 ``TRITON_INTERPRET=1``; no targets.
@@ -31,6 +31,7 @@ import torch
 from atmc_triton.kernels.admm import admm_step, admm_step_ref, admm_step_triton
 from atmc_triton.kernels.admm_triton import BAND_HALF, interpreted
 
+from bench import model
 from bench.common import Ctx, Row, Target, bench_ms, copy_bandwidth
 
 BENCH = "admm"
@@ -161,50 +162,6 @@ class ForeachTopk:
         torch._foreach_mul_(self.mom, self.masks)
 
 
-def predicted_bytes(n: int, grad_bytes: int = 4, nesterov: bool = False, band: float = 0.05) -> dict:
-    """Bytes the Triton step moves at ``n`` elements (the accounting of ``admm_triton.py``), and the floor.
-
-    ``band``: fraction of elements inside the band around the previous tau (BAND path). Returns
-    ``{"floor", "band", "full"}`` in bytes per step (``full``: the fallback path).
-    """
-    band = min(band, 0.25)  # a program's segment holds a quarter of its chunk; more is the FULL path
-    update = 16 + grad_bytes + 4  # read w, mom, z, u, grad; write s
-    write = 8 + (4 if nesterov else 0) + 9  # read w, s (mom); write w, mom, mask
-    select_band = 4 * band + 2 * 4 * band  # append the band's keys; levels 2, 3 read them
-    select_full = 3 * (8 + (4 if nesterov else 0))  # three passes recomputing the key from w, s (mom)
-    return {
-        "floor": n * (16 + grad_bytes + 9),
-        "band": n * (update + select_band + write),
-        "full": n * (update + select_full + write),
-    }
-
-
-LAUNCHES = 5  # update, three select levels, write (no memset)
-LAUNCH_US = 3.0  # a dependent launch of a small or latency-bound kernel, in microseconds (assumed)
-
-
-def foreach_topk_bytes(n: int, k: int, grad_bytes: int = 4) -> int:
-    """Bytes the ``foreach SGD + topk`` step moves (each ``_foreach`` op reads its inputs and writes
-    its output; ``torch.topk`` as a radix select: four 8-bit passes over the keys, then values and
-    int64 indices of the k kept)."""
-    sgd = (8 + 4) + 12 + 8 + (8 + grad_bytes) + 12 + 8 + 12 + 12  # sub, add u, mul rho, add grad, add wd w, mom
-    select = 8 + 8 + 4 * 4 + 4  # abs, cat, radix passes, gather pass
-    mask = 5 + 9 + 9  # ge -> mask; w *= mask; mom *= mask
-    return n * (sgd + select + mask) + k * 12
-
-
-def predicted_ms(n: int, bandwidth: float, grad_bytes: int = 4, nesterov: bool = False, band: float = 0.042) -> dict:
-    """Roofline prediction of the Triton step (BAND and FULL paths) and of its floor, in ms at ``bandwidth``
-    bytes/s: bytes over bandwidth plus ``LAUNCHES`` dependent launches of ``LAUNCH_US`` each.
-
-    ``band`` 0.042: the band fraction of Gaussian weights at k = 10 % when tau sits low in its binade
-    (the band is then +-6.25 % of tau wide); 0.021 at the top of the binade.
-    """
-    b = predicted_bytes(n, grad_bytes, nesterov, band)
-    lat = LAUNCHES * LAUNCH_US / 1000
-    return {key: v / bandwidth * 1000 + (0 if key == "floor" else lat) for key, v in b.items()}
-
-
 def band_fraction(t: dict, tau: torch.Tensor) -> float:
     """Fraction of ``|w|`` keys within the band around ``tau`` (what the next step appends)."""
     key = t["w"].abs().view(torch.int32)
@@ -271,8 +228,9 @@ def _case(ctx: Ctx, case: str, shapes: list[tuple[int, int]], bandwidth: float) 
 
         ms = bench_ms(step, dev)
         frac = band_fraction(t, hint[0])
-        pred = predicted_bytes(n, gdt.itemsize, band=frac)
-        floor_ms = pred["floor"] / bandwidth * 1000
+        pred = model.admm_step(n, gdt.itemsize, band=frac)
+        gpu = model.gpu_for(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", bandwidth)
+        floor_ms = pred.floor_bytes / bandwidth * 1000
         name = "fp32" if gdt == torch.float32 else "bf16"
         rows.append(
             Row(
@@ -283,13 +241,14 @@ def _case(ctx: Ctx, case: str, shapes: list[tuple[int, int]], bandwidth: float) 
                 {
                     "floor_ms": floor_ms,
                     "x_floor": ms / floor_ms,
-                    "predicted_ms": pred["band"] / bandwidth * 1000,
+                    "predicted_ms": pred.predict_s(gpu) * 1000,
+                    "x_predicted": ms / (pred.predict_s(gpu) * 1000),
                     "band_frac": frac,
                     "x_best_torch": best / ms,
                     "x_eager": eager_ms / ms,
                     "x_compiled": comp_ms / ms,
                     "x_foreach": fe_ms / ms,
-                    "GB/s": pred["band"] / ms / 1e6,
+                    "GB/s": pred.bytes / ms / 1e6,
                 },
             )
         )
