@@ -112,6 +112,7 @@ class ADMM(torch.optim.Optimizer):
         self._layers = layers
         self.state["admm"] = {"step": 0, "quant_steps": 0}
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.store.device)
+        self._tau: Tensor | None = None  # the last step's threshold: a speed hint for the next (not state)
         self._point_state()
 
     # -- flat-state plumbing -------------------------------------------------------------
@@ -195,7 +196,9 @@ class ADMM(torch.optim.Optimizer):
             float(fg["rho"]) if quantized else 0.0,
             int(fg["k"]),
             bool(fg["nesterov"]),
+            self._tau if self._tau is not None and self._tau.device == self.store.w.device else None,
         )
+        self._tau = tau
         bad = torch.isnan(tau)  # the op refused a non-finite update and wrote nothing
         ok = None
         if self.check_finite:

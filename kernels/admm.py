@@ -86,7 +86,9 @@ def project_topk_(w: Tensor, k: int, mom: Tensor | None = None) -> tuple[Tensor,
     return keep, tau
 
 
-def _check(w: Tensor, grad: Tensor, mom: Tensor, z: Tensor, u: Tensor, mask: Tensor, k: int) -> None:
+def _check(
+    w: Tensor, grad: Tensor, mom: Tensor, z: Tensor, u: Tensor, mask: Tensor, k: int, tau_hint: Tensor | None
+) -> None:
     n = w.numel()
     for name, t in (("w", w), ("grad", grad), ("mom", mom), ("z", z), ("u", u), ("mask", mask)):
         if t.dim() != 1 or t.numel() != n:
@@ -104,6 +106,13 @@ def _check(w: Tensor, grad: Tensor, mom: Tensor, z: Tensor, u: Tensor, mask: Ten
         raise ValueError(f"admm_step: mask must be bool, got {mask.dtype}")
     if k < 0:
         raise ValueError(f"admm_step: k must be >= 0, got {k}")
+    if tau_hint is not None:
+        if tau_hint.dim() != 0 or tau_hint.dtype != torch.float32:
+            raise ValueError(
+                f"admm_step: tau_hint must be a 0-dim float32 tensor, got {tuple(tau_hint.shape)} {tau_hint.dtype}"
+            )
+        if tau_hint.device != w.device:
+            raise ValueError(f"admm_step: tau_hint is on {tau_hint.device}, w is on {w.device}")
 
 
 def admm_step_ref(
@@ -119,12 +128,14 @@ def admm_step_ref(
     rho: float,
     k: int,
     nesterov: bool,
+    tau_hint: Tensor | None = None,
 ) -> Tensor:
     """One ADMM step over flat ``[n]`` buffers (reference). Mutates ``w``, ``mom``, ``mask``.
 
     Returns the threshold ``tau`` (0-dim float32): the k-th largest ``|w|`` after the
     gradient step (0 when nothing is cut, +inf when k = 0, NaN when the update was not
-    finite and nothing was written).
+    finite and nothing was written). ``tau_hint`` (0-dim float32, e.g. the previous tau) is
+    a speed hint for the Triton kernels; the result never depends on it.
 
     Example:
         >>> w, mask = torch.tensor([0.5, -2.0, 0.5, 1.0]), torch.zeros(4, dtype=torch.bool)
@@ -134,7 +145,7 @@ def admm_step_ref(
         >>> w.tolist(), mask.tolist()
         ([0.5, -2.0, 0.0, 1.0], [True, True, False, True])
     """
-    _check(w, grad, mom, z, u, mask, k)
+    _check(w, grad, mom, z, u, mask, k, tau_hint)
     g = grad.float() + weight_decay * w + rho * (w - z + u)
     m = mom * momentum + g
     wn = w - lr * (g + momentum * m if nesterov else m)
@@ -209,25 +220,28 @@ def admm_step_triton(
     rho: float,
     k: int,
     nesterov: bool,
+    tau_hint: Tensor | None = None,
 ) -> Tensor:
     """Triton launcher of ``atmc::admm_step``: same contract as :func:`admm_step_ref`.
 
-    A fixed sequence of launches (update + top-digit histogram, two refinement passes, three
-    one-program scans, write; see ``admm_triton.py``), no host sync, grids set by ``n`` alone.
-    ``grad`` may be float16/bfloat16 (upcast in the kernel).
+    A fixed sequence of five launches (update, three select levels, write; see ``admm_triton.py``),
+    no host sync, grids set by ``n`` alone. ``grad`` may be float16/bfloat16 (upcast in the kernel).
+    ``tau_hint`` (0-dim float32, e.g. the previous step's tau) makes the select read only a band
+    of elements around it when the new tau is near; it never changes the result.
 
     Example:
         >>> tau = admm_step_triton(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, k, False)  # CUDA [n]
+        >>> tau = admm_step_triton(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, k, False, tau)  # next step
     """
-    _check(w, grad, mom, z, u, mask, k)
+    _check(w, grad, mom, z, u, mask, k, tau_hint)
     n = w.numel()
     if n >= 2**31:
         raise ValueError(f"admm_step: at most 2**31 - 1 elements per call, got {n}")
     _check_triton_device(w, "admm_step")
     if n == 0 or _metadata_only(w, "admm_step"):
         return w.new_zeros(())
-    wn, mn, tau = torch.empty_like(w), torch.empty_like(w), w.new_empty(())
-    launch_admm_step(w, grad, mom, z, u, mask, wn, mn, tau, lr, momentum, weight_decay, rho, k, nesterov)
+    s, tau = torch.empty_like(w), w.new_empty(())
+    launch_admm_step(w, grad, mom, z, u, mask, s, tau, lr, momentum, weight_decay, rho, k, nesterov, tau_hint)
     return tau
 
 
@@ -241,7 +255,7 @@ def admm_dual_update_triton(u: Tensor, w: Tensor, z: Tensor) -> None:
         launch_dual_update(u, w, z)
 
 
-def _admm_step_fake(w, grad, mom, z, u, mask, lr, momentum, weight_decay, rho, k, nesterov):
+def _admm_step_fake(w, grad, mom, z, u, mask, lr, momentum, weight_decay, rho, k, nesterov, tau_hint=None):
     return w.new_empty(())
 
 

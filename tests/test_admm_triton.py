@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 from helpers import factor_nnz, small_cnn, train_steps
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -25,9 +25,18 @@ from atmc_triton.kernels.admm import (  # noqa: E402
     admm_dual_update_triton,
     admm_step_ref,
     admm_step_triton,
-    project_topk_,
 )
-from atmc_triton.kernels.admm_triton import BLOCK, launch_admm_step, launch_plan  # noqa: E402
+from atmc_triton.kernels.admm_triton import (  # noqa: E402
+    BAND,
+    BAND_HALF,
+    BLOCK,
+    FULL,
+    MAX_PROGRAMS,
+    PATH_WORD,
+    band_segment,
+    launch_admm_step,
+    launch_plan,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="interpreter test: needs TRITON_INTERPRET=1 (no GPU)")
@@ -36,7 +45,7 @@ HP = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, rho=0.3)
 NAN = float("nan")
 
 # (tile size, max programs): several programs with several tiles each, one tile per program, the default
-PLANS = [(256, 2), (256, 512), (BLOCK, 512)]
+PLANS = [(256, 2), (256, 512), (BLOCK, MAX_PROGRAMS)]
 
 
 def layer_factors(shapes: list[tuple[int, int]], g: torch.Generator, ties: bool) -> torch.Tensor:
@@ -70,7 +79,7 @@ def make_state(shapes, seed: int, ties: bool, grad_dtype=torch.float32, device="
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN equals NaN of the same pattern)."""
     if a.dtype.is_floating_point:
-        return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
     return torch.equal(a, b)
 
 
@@ -81,23 +90,24 @@ def unprojected(t: dict, lr, momentum, weight_decay, rho, nesterov):
     return t["w"] - lr * (g + momentum * m if nesterov else m), m
 
 
-def run_triton(t: dict, k: int, nesterov: bool, plan=(BLOCK, 512), poison_mask=None, **hp):
-    """Launch on ``t`` (mutated) with NaN-poisoned scratch and tau; returns ``(tau, wn, mn)``."""
+def run_triton(t: dict, k: int, nesterov: bool, plan=(BLOCK, MAX_PROGRAMS), poison_mask=None, hint=None, **hp):
+    """Launch on ``t`` (mutated) with NaN-poisoned scratch and tau; returns ``(tau, s, ws)``."""
     n = t["w"].numel()
-    wn, mn = torch.full_like(t["w"], NAN), torch.full_like(t["w"], NAN)
+    s = torch.full_like(t["w"], NAN)
     tau = torch.full((), NAN, device=t["w"].device)
     if poison_mask is not None:
         t["mask"].copy_(poison_mask)
+    if hint is not None:
+        hint = torch.tensor(float(hint), dtype=torch.float32, device=t["w"].device)
     block, programs = plan
-    launch_admm_step(
+    ws = launch_admm_step(
         t["w"],
         t["grad"],
         t["mom"],
         t["z"],
         t["u"],
         t["mask"],
-        wn,
-        mn,
+        s,
         tau,
         hp["lr"],
         hp["momentum"],
@@ -105,42 +115,46 @@ def run_triton(t: dict, k: int, nesterov: bool, plan=(BLOCK, 512), poison_mask=N
         hp["rho"],
         k,
         nesterov,
+        tau_hint=hint,
         block=block,
         max_programs=programs,
     )
     assert launch_plan(n, block, programs)[0] <= programs
-    return tau, wn, mn
+    return tau, s, ws
 
 
-def check_against_reference(t0: dict, k: int, nesterov: bool, plan, hp=HP):
+def check_against_reference(t0: dict, k: int, nesterov: bool, plan, hp=HP, hint=None):
+    """The Triton step on a copy of ``t0`` equals the reference; returns the path it took (BAND / FULL,
+    None when 0 < k < n does not hold)."""
     ref = copy.deepcopy(t0)
     tau_ref = admm_step_ref(**ref, **hp, k=k, nesterov=nesterov)
     tri = copy.deepcopy(t0)
-    tau, wn, mn = run_triton(tri, k, nesterov, plan, poison_mask=~ref["mask"], **hp)
-    # 1) the gradient step matches the reference to fp32 rounding
-    wn_ref, mn_ref = unprojected(t0, nesterov=nesterov, **hp)
-    torch.testing.assert_close(wn, wn_ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(mn, mn_ref, rtol=1e-6, atol=1e-7)
-    # 2) the projection is exact: the reference projection of the Triton-updated values
-    pw, pm = wn.clone(), mn.clone()
-    keep, tau_expect = project_topk_(pw, k, pm)
-    assert torch.equal(tri["w"], pw) and torch.equal(tri["mom"], pm)
-    assert torch.equal(tri["mask"], keep & (pw != 0))
-    assert torch.equal(tau.cpu(), tau_expect.float().cpu())
-    assert int(keep.sum()) == min(k, t0["w"].numel())
-    # 3) bit-identical updates give the reference's outputs exactly; the interpreter contracts nothing into
-    #    FMAs, so there they always are; z, u and grad are read-only
-    if wn.device.type == "cpu":
-        assert same(wn, wn_ref) and same(mn, mn_ref)
-    if torch.equal(wn, wn_ref) and torch.equal(mn, mn_ref):
-        for key in ("w", "mom", "mask"):
-            assert torch.equal(tri[key], ref[key]), key
-        assert torch.equal(tau.cpu(), tau_ref.cpu())
-    for key in ("z", "u", "grad"):
+    if isinstance(hint, str):  # relative to the true tau: "exact", "near", "far up", "far down"
+        hint = float(tau_ref) * {"exact": 1.0, "near": 1.01, "far up": 1e6, "far down": 1e-6}[hint]
+    tau, s, ws = run_triton(tri, k, nesterov, plan, poison_mask=~ref["mask"], hint=hint, **hp)
+    n = t0["w"].numel()
+    for key in ("z", "u", "grad"):  # read-only
         assert torch.equal(tri[key], t0[key]), key
+    if t0["w"].device.type == "cpu":
+        # the interpreter contracts nothing into FMAs: its arithmetic is the reference's, bit for bit
+        g = t0["grad"].float() + hp["weight_decay"] * t0["w"] + hp["rho"] * (t0["w"] - t0["z"] + t0["u"])
+        assert same(s, g if nesterov else t0["mom"] * hp["momentum"] + g)  # the kept scratch: m (Nesterov: g)
+        for key in ("w", "mom", "mask"):  # (the kernels write +0.0 where the reference's w * keep gives -0.0)
+            assert torch.equal(tri[key], ref[key]), key
+        assert same(tau, tau_ref)
+    else:  # a GPU may contract into FMAs (1 ulp): the projection must still keep exactly min(k, n)
+        torch.testing.assert_close(tri["w"], ref["w"], rtol=1e-5, atol=1e-6)
+        kept = int(((tri["w"] != 0) | (tri["mom"] != 0)).sum())
+        assert kept <= min(k, n)
+        torch.testing.assert_close(tau, tau_ref, rtol=1e-5, atol=0)
+    if int(ref["mask"].sum()) == min(k, n):  # every kept entry nonzero: the count is exact
+        assert int(tri["mask"].sum()) == min(k, n)
+    return int(ws[PATH_WORD]) if 0 < k < n else None  # KEEP_ALL / KEEP_NONE steps select nothing
 
 
 dims = st.sampled_from([1, 2, 3, 7, 13, 40, 64])
+# the previous tau given to the kernels: none, the true tau (or relative to it), and edge values
+HINTS = [None, "exact", "near", "far up", "far down", 0.0, math.inf, NAN, 1e-40, 3e38]
 layer_lists = st.lists(st.tuples(dims, dims), min_size=1, max_size=4)
 
 
@@ -153,13 +167,16 @@ layer_lists = st.lists(st.tuples(dims, dims), min_size=1, max_size=4)
     values=st.sampled_from(["normal", "ties", "exact ties"]),
     nesterov=st.booleans(),
     plan=st.sampled_from(PLANS[:2]),
+    hint=st.sampled_from(HINTS),
 )
-def test_step_matches_reference(device, shapes, seed, k_pick, k_frac, values, nesterov, plan):
+def test_step_matches_reference(device, shapes, seed, k_pick, k_frac, values, nesterov, plan, hint):
     t0 = make_state(shapes, seed, values != "normal", device=device)
     n = t0["w"].numel()
     k = {"0": 0, "1": 1, "all": n, "over": n + 3, "frac": round(k_frac * n)}[k_pick]
     hp = dict(HP, lr=0.0) if values == "exact ties" else HP  # lr = 0 keeps the tied values exactly
-    check_against_reference(t0, k, nesterov, plan, hp)
+    path = check_against_reference(t0, k, nesterov, plan, hp, hint)
+    if 0 < k < n:
+        event(f"path {'BAND' if path == BAND else 'FULL'}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -320,13 +337,52 @@ def test_dual_update_op_compiles_in_one_frame():
     from torch._dynamo.testing import CompileCounter
 
     u, w, z = torch.randn(300), torch.randn(300), torch.randn(300)
+    w[:5] = torch.tensor([math.inf, -math.inf, NAN, 3e38, -0.0])  # non-finite and overflowing entries
+    z[5:10] = -3e38
     u2 = u.clone()
     counter = CompileCounter()
     torch._dynamo.reset()
     torch.compile(lambda a, b, c: admm_dual_update(a, b, c), fullgraph=True, backend=counter)(u, w, z)
     assert counter.frame_count == 1
-    admm_dual_update_ref(u2, w, z)
-    assert torch.equal(u, u2)
+    u2 += w - z  # the reference written out: u + (w - z)
+    assert same(u, u2)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["ties", "fp16 grads", "k = 0", "k = 1", "k = n - 1", "k = n", "nan grad", "nesterov", "hint nan", "hint inf"],
+)
+def test_admm_step_op_compiles_in_one_frame_and_matches_the_reference(case):
+    """torch.compile(op) in one frame against the reference (not the op against itself), on inputs where
+    the two could part: ties, half grads, the k edges, the non-finite void path, Nesterov, odd hints."""
+    from torch._dynamo.testing import CompileCounter
+
+    t0 = make_state([(13, 7), (40, 9)], 3, case == "ties", torch.float16 if case == "fp16 grads" else torch.float32)
+    n = t0["w"].numel()
+    k = {"k = 0": 0, "k = 1": 1, "k = n - 1": n - 1, "k = n": n}.get(case, n // 3)
+    if case == "nan grad":
+        t0["grad"][n // 2] = NAN
+    t0["mask"] = torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.5
+    nesterov = case == "nesterov"
+    hint = torch.tensor({"hint nan": NAN, "hint inf": math.inf}.get(case, 0.7))
+    hp = dict(HP, lr=0.0) if case == "ties" else HP
+    ref = copy.deepcopy(t0)
+    tau_ref = admm_step_ref(**ref, **hp, k=k, nesterov=nesterov)
+    t = copy.deepcopy(t0)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    step = torch.compile(
+        lambda **a: at.kernels.admm_step(**a, **hp, k=k, nesterov=nesterov, tau_hint=hint),
+        fullgraph=True,
+        backend=counter,
+    )
+    tau = step(**t)
+    assert counter.frame_count == 1
+    assert same(tau, tau_ref)
+    for key in t0:
+        assert same(t[key], ref[key]), key
+    if case == "nan grad":
+        assert math.isnan(float(tau)) and all(same(t[key], t0[key]) for key in t0)  # nothing written
 
 
 # --- the optimizer on the Triton kernels ---------------------------------------------------
@@ -401,6 +457,10 @@ def test_gpu_step_is_deterministic_and_compiles():
         outs.append((tau, t))
     assert torch.equal(outs[0][0], outs[1][0])
     assert all(torch.equal(outs[0][1][key], outs[1][1][key]) for key in t0)
+    for hint in (outs[0][0] * 1.01, torch.full((), NAN, device="cuda")):  # BAND and FULL paths agree
+        t = copy.deepcopy(t0)
+        tau = at.kernels.admm_step(**t, **HP, k=k, nesterov=False, tau_hint=hint)
+        assert torch.equal(tau, outs[0][0]) and all(torch.equal(t[key], outs[0][1][key]) for key in t0)
     t = copy.deepcopy(t0)
     counter = CompileCounter()
     torch._dynamo.reset()
@@ -412,6 +472,13 @@ def test_gpu_step_is_deterministic_and_compiles():
     torch._dynamo.reset()
     tau_i = torch.compile(lambda **a: at.kernels.admm_step(**a, **HP, k=k, nesterov=False), fullgraph=True)(**t)
     assert torch.equal(tau_i, outs[0][0]) and torch.equal(t["mask"], outs[0][1]["mask"])
+    ref = copy.deepcopy(t0)  # inductor's graph against the reference (FMA contraction: an ulp or two)
+    tau_ref = admm_step_ref(**ref, **HP, k=k, nesterov=False)
+    torch.testing.assert_close(tau_i, tau_ref, rtol=1e-5, atol=0)
+    assert int(t["mask"].sum()) == int(ref["mask"].sum()) == k
+    both = t["mask"] & ref["mask"]  # at most one pair at the cut may swap when an FMA moves a value by an ulp
+    assert int((t["mask"] != ref["mask"]).sum()) <= 2
+    torch.testing.assert_close(t["w"][both], ref["w"][both], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -446,3 +513,104 @@ def test_gpu_optimizer_keeps_exact_budget():
                 assert torch.equal(getattr(layer, f"{f}_mask"), p != 0)
 
     train_steps(model, opt, 5, x, y, check)
+
+
+# --- the band path (previous tau as a hint) against the full radix select ------------------------
+
+
+def band_state(w: torch.Tensor, device) -> dict:
+    """A step that keeps ``w`` exactly (lr = 0 below): z = u = grad = 0, momentum 1."""
+    n = w.numel()
+    t = dict(w=w, grad=torch.zeros(n), mom=torch.ones(n), z=torch.zeros(n), u=torch.zeros(n))
+    return {**{key: v.to(device) for key, v in t.items()}, "mask": torch.zeros(n, dtype=torch.bool, device=device)}
+
+
+FROZEN = dict(lr=0.0, momentum=0.5, weight_decay=0.0, rho=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "hint,path",
+    [
+        ("exact", BAND),
+        ("near", BAND),
+        (None, FULL),
+        ("far up", FULL),  # tau moved 6 orders of magnitude down since the hint
+        ("far down", FULL),
+        (0.0, FULL),
+        (math.inf, FULL),  # the tau of a k = 0 step
+        (NAN, FULL),  # the tau of a voided step
+    ],
+)
+def test_band_path_is_taken_when_tau_is_near_and_equals_the_full_select(device, hint, path):
+    t0 = make_state([(64, 48), (33, 65)], 11, False, device=device)
+    n = t0["w"].numel()
+    for k in (1, 3, n // 3, n - 1):
+        assert check_against_reference(t0, k, False, (256, 4), HP, hint) == path, (k, hint)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_band_ties_across_programs(device):
+    """BAND path, tau tied across several program chunks: the cut falls inside the third chunk."""
+    n = 6000  # (256, 4): 4 programs of 6 x 256 = 1536 elements
+    w = torch.zeros(n)
+    w[3::11] = -0.25  # ties at tau, spread over every chunk
+    w[::7] = 0.5  # above tau
+    ties, above = int((w == -0.25).sum()), int((w == 0.5).sum())
+    t0 = band_state(w, device)
+    for k in (above + 1, above + 150, above + 300, above + ties - 1, above + ties):
+        assert check_against_reference(t0, k, False, (256, 4), FROZEN, 0.25) == BAND, k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_weight_equal(device):
+    """Every magnitude equal: the band holds all n (BAND while each program's segment holds its chunk's
+    band, FULL when one overflows)."""
+    for n, plan, path in ((900, (256, 8), BAND), (10000, (256, 2), FULL)):
+        programs, tiles = launch_plan(n, *plan)
+        assert (band_segment(tiles * plan[0]) >= tiles * plan[0]) == (path == BAND)  # FULL: a segment overflows
+        t0 = band_state(torch.where(torch.arange(n) % 2 == 0, 0.75, -0.75), device)
+        for k in (1, n // 2, n - 1):
+            assert check_against_reference(t0, k, False, plan, FROZEN, 0.75) == path, (n, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tau_at_the_band_edges(device):
+    """The k-th key exactly at the band's low end, just below it, at its top and just above it."""
+    tau = 1.0
+    tk = torch.tensor(tau).view(torch.int32).item()
+    keys = torch.tensor([tk - BAND_HALF - 1, tk - BAND_HALF, tk + BAND_HALF - 1, tk + BAND_HALF], dtype=torch.int32)
+    vals = keys.view(torch.float32)
+    w = torch.cat([vals.repeat_interleave(5), torch.full((30,), 4.0)])  # 30 far above, 5 of each edge key
+    t0 = band_state(w, device)
+    # by rank: 30 far above, then 5 at the band's end (excluded), 5 at its top, 5 at its low end, 5 below it
+    expect = {31: FULL, 35: FULL, 36: BAND, 40: BAND, 41: BAND, 45: BAND, 46: FULL, 49: FULL, 50: None}
+    for k in expect:
+        path = check_against_reference(t0, k, False, (256, 2), FROZEN, tau)
+        assert path == expect[k], (k, path)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_budget_schedule_with_the_previous_tau(device, nesterov):
+    """Several steps in lockstep with the reference, k changing every step, each step hinted with
+    the tau the kernels returned the step before (the optimizer's use)."""
+    t = make_state([(64, 48), (40, 13), (7, 7)], 4, False, device=device)
+    n = t["w"].numel()
+    t["w"] += (torch.randn(n, generator=torch.Generator().manual_seed(9)) * 0.3).to(device)
+    ref = copy.deepcopy(t)
+    hp = dict(HP, lr=0.005)  # tau moves 0.3-1 % a step while k stays
+    hint, paths = None, []
+    for step, k in enumerate((n // 2, n // 2, n // 2 - 5, n // 10, n // 10, 1, 0, n // 4, n, n // 4)):
+        g = torch.Generator().manual_seed(step)
+        t["grad"].copy_(torch.randn(n, generator=g) * 0.1)
+        ref["grad"].copy_(t["grad"])
+        tau_ref = admm_step_ref(**ref, **hp, k=k, nesterov=nesterov)
+        tau, _, ws = run_triton(t, k, nesterov, (256, 4), hint=hint, **hp)
+        for key in ("w", "mom", "mask"):
+            assert torch.equal(t[key], ref[key]), (step, key)
+        assert same(tau, tau_ref), step
+        paths.append(int(ws[PATH_WORD]) if 0 < k < n else None)
+        hint = float(tau)
+    # no hint, k / 5, k -> 1, after k = 0 (hint inf), after k = n (hint 0): FULL; a steady or slowly moving k: BAND
+    assert paths == [FULL, BAND, BAND, FULL, BAND, FULL, None, FULL, None, FULL], paths
