@@ -48,6 +48,7 @@ from atmc_triton.kernels.lowrank_gemm import (
     atmc_decode,
     atmc_linear,
     check_factor,
+    check_factor_values,
     dense_crossover,
     linear_path,
 )
@@ -60,7 +61,6 @@ from atmc_triton.kernels.packed_format import (
     encode_factor,
     index_dtype,
     packed_words,
-    unpack_bits,
 )
 from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear
 
@@ -262,29 +262,7 @@ class PackedLayer(nn.Module):
                     )
                 if self.bits is not None and levels > 2**self.bits:
                     raise ValueError(f"{where}: factor {f} has {levels} levels, more than 2^{self.bits}")
-            width = code_width(fmt, levels, raw)
-            if fmt == FMT_DENSE:
-                nnz = rows * cols
-                if not raw:
-                    c = unpack_bits(codes, rows * cols, width)
-                    if int(c.max()) > levels:
-                        raise ValueError(f"{where}: factor {f} has code {int(c.max())} past its {levels} levels")
-                    nnz = int((c != 0).sum())
-                else:
-                    nnz = int((codes[:-1].view(torch.float32) != 0).sum())
-            else:
-                nnz = indices.numel()
-                ip = indptr.long()
-                if int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip[1:] < ip[:-1]).any()):
-                    raise ValueError(f"{where}: factor {f}: indptr must rise from 0 to nnz={nnz}")
-                col = indices.long()
-                if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
-                    raise ValueError(f"{where}: factor {f} has column indices outside [0, {cols})")
-                row = torch.repeat_interleave(torch.arange(rows, device=col.device), ip[1:] - ip[:-1])
-                if bool(((row[1:] == row[:-1]) & (col[1:] <= col[:-1])).any()):
-                    raise ValueError(f"{where}: factor {f}: column indices must ascend within each row")
-                if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
-                    raise ValueError(f"{where}: factor {f} has codes past its {levels} levels")
+            nnz = check_factor_values(where, f, fmt, rows, cols, codes, book, indptr, indices)
             if nnz != self.nnz[f]:
                 raise ValueError(f"{where}: factor {f} holds {nnz} nonzeros, its metadata says {self.nnz[f]}")
 

@@ -34,7 +34,16 @@ import torch
 from torch import Tensor
 
 from ._registry import HAS_TRITON, register_op
-from .packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, MAX_BOOK, code_width, decode_factor_ref, packed_words
+from .packed_format import (
+    FMT_CSR,
+    FMT_DENSE,
+    FMT_EMPTY,
+    MAX_BOOK,
+    code_width,
+    decode_factor_ref,
+    packed_words,
+    unpack_bits,
+)
 
 __all__ = [
     "H100",
@@ -48,6 +57,7 @@ __all__ = [
     "atmc_linear",
     "atmc_linear_ref",
     "check_factor",
+    "check_factor_values",
     "check_linear",
     "dense_crossover",
     "dequantize",
@@ -193,8 +203,50 @@ def check_factor(
         )
 
 
-def check_linear(op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> None:
-    """Validate ``atmc_linear`` arguments; ``factors`` is ``[(fmt, codes, book, indptr, indices)] * 3`` (U, V, C)."""
+def check_factor_values(
+    op: str, name: str, fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor, indices: Tensor
+) -> int:
+    """Validate the index values of a packed factor (after :func:`check_factor`); returns its nonzero count.
+
+    Codes within the codebook, ``indptr`` rising from 0 to nnz, column indices in ``[0, cols)`` and
+    ascending within each row. Reads the data (a host sync on a GPU): packed layers run it when built,
+    loaded or changed, the CPU reference on every eager call, the CUDA launcher and compiled graphs never
+    (the kernels clamp codes and mask columns as a second line of defence).
+    """
+    where = f"{op}: factor {name}"
+    if fmt == FMT_EMPTY:
+        return 0
+    raw = book.numel() == 0
+    levels = book.numel() - 1
+    width = code_width(fmt, levels, raw)
+    if fmt == FMT_DENSE:
+        if raw:
+            return int((codes[:-1].view(torch.float32) != 0).sum())
+        c = unpack_bits(codes, rows * cols, width)
+        if int(c.max()) > levels:
+            raise ValueError(f"{where} has code {int(c.max())} past its {levels} levels")
+        return int((c != 0).sum())
+    nnz = indices.numel()
+    ip = indptr.long()
+    if int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip[1:] < ip[:-1]).any()):
+        raise ValueError(f"{where}: indptr must rise from 0 to nnz={nnz}")
+    col = indices.long()
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+        raise ValueError(f"{where} has column indices outside [0, {cols})")
+    row = torch.repeat_interleave(torch.arange(rows, device=col.device), ip[1:] - ip[:-1], output_size=nnz)
+    if bool(((row[1:] == row[:-1]) & (col[1:] <= col[:-1])).any()):
+        raise ValueError(f"{where}: column indices must ascend within each row")
+    if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
+        raise ValueError(f"{where} has codes past its {levels} levels")
+    return nnz
+
+
+def check_linear(
+    op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors, values: bool = False
+) -> None:
+    """Validate ``atmc_linear`` arguments; ``factors`` is ``[(fmt, codes, book, indptr, indices)] * 3`` (U, V, C).
+
+    ``values``: also check the index values (:func:`check_factor_values`)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
         raise ValueError(
             f"{op}: x must be a 2-D float tensor [M, K], got "
@@ -216,6 +268,8 @@ def check_linear(op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identi
             raise ValueError(f"{op}: bias is on {bias.device}, x is on {x.device}")
     for name, (rows, cols), f in zip("UVC", ((n, r), (r, K), (n, K)), factors):
         check_factor(op, name, f[0], rows, cols, *f[1:], device=x.device)
+        if values:
+            check_factor_values(op, name, f[0], rows, cols, *f[1:])
 
 
 def _decoded(fmt, rows, cols, codes, book, indptr, indices, dtype) -> Tensor | None:
@@ -265,7 +319,7 @@ def atmc_linear_ref(
         (v_fmt, v_codes, v_book, v_indptr, v_indices),
         (c_fmt, c_codes, c_book, c_indptr, c_indices),
     )
-    check_linear("atmc_linear", x, bias, n, r, identity, factors)
+    check_linear("atmc_linear", x, bias, n, r, identity, factors, values=not torch.compiler.is_compiling())
     K = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     U, V, C = (_decoded(f[0], rows, cols, *f[1:], acc) for f, (rows, cols) in zip(factors, ((n, r), (r, K), (n, K))))
@@ -303,6 +357,8 @@ def atmc_decode_ref(
         [[4.0, 0.0, 0.5]]
     """
     check_factor("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices, codes.device)
+    if not torch.compiler.is_compiling():  # a traced graph cannot branch on data
+        check_factor_values("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices)
     return decode_factor_ref(fmt, rows, cols, codes, book, indptr, indices)
 
 

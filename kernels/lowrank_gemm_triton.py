@@ -85,11 +85,11 @@ TILE_SMALL_CONFIGS = [  # BLOCK_M (16 / 32) and SPLIT_K come from the launcher (
     _cfg(BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_stages=4),
     _cfg(BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_stages=4),
 ]
-TILE_LARGE_CONFIGS = [  # <= 16 decoded codes per thread and K-step (no spills), < 227 KB shared memory
-    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=4),
-    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=8),
+TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes per thread and K-step), < 227 KB smem
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_warps=8),
     _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_warps=8),
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
 ]
 # CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 8, "wide" for BLOCK_M 16..64
 # (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
