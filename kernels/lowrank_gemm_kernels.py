@@ -299,7 +299,9 @@ def _csr_mm_kernel(
     One program: ``BLOCK_M`` rows of ``A``/``out`` times ``BLOCK_R`` rows of ``S``; it owns those
     output elements (plain read-modify-write, no atomics). ``INIT``: write ``E + bias + ...``
     instead of adding to ``out`` (the first launch of a stage, no zero fill). Out-of-range
-    indices are masked.
+    indices are masked. The column indices of chunk ``j + 1`` are loaded while chunk ``j``
+    gathers its activations (a register prefetch: 2-byte indices cannot use ``cp.async``), so each
+    iteration waits on one load latency, not two in a chain.
     """
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -313,10 +315,14 @@ def _csr_mm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     rj = tl.arange(0, BLOCK_J)  # [BJ]
     longest = tl.max(end - start, axis=0)
+    jn = start[:, None] + rj[None, :]  # [BR, BJ]: the first chunk's column indices, loaded ahead
+    col_next = tl.load(indices_ptr + jn, mask=(jn < end[:, None]) & (jn >= 0) & (jn < nnz), other=0)
     for j0 in range(0, longest, BLOCK_J):
         jj = start[:, None] + j0 + rj[None, :]  # [BR, BJ]
         ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
-        col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
+        col = col_next.to(tl.int32)
+        jn = jj + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
+        col_next = tl.load(indices_ptr + jn, mask=(jn < end[:, None]) & (jn >= 0) & (jn < nnz), other=0)
         ok = ok & (col >= 0) & (col < K)
         val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)  # [BR, BJ]
         a = tl.load(

@@ -80,9 +80,9 @@ def _cfg(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
 
 
 TILE_SMALL_CONFIGS = [  # BLOCK_M (16 / 32) and SPLIT_K come from the launcher (split_k); <= 16 codes per thread
-    _cfg(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=8),
+    _cfg(BLOCK_N=128, BLOCK_K=32, GROUP_M=1, num_warps=8),
     _cfg(BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=8),
-    _cfg(BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_stages=4),
+    _cfg(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_stages=4),
     _cfg(BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_stages=4),
 ]
 TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes per thread and K-step), < 227 KB smem
