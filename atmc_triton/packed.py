@@ -8,8 +8,14 @@ tensors (and the biases); :func:`save_packed` / :func:`load_packed` write and re
 safetensors, building the packed modules directly from the file (empty or meta tensors, no
 dense intermediate) and validating every index and code before use.
 
-``PackedLinear`` runs the fused Triton kernel (op ``atmc::atmc_linear``) on CUDA and the
-reference on CPU. ``PackedConv2d`` dequantizes its factors once into a cached dense weight and
+``PackedLinear`` picks a path per call from the number of rows ``M``
+(:func:`~atmc_triton.kernels.lowrank_gemm.linear_path`): up to the layer's modelled crossover it
+runs the packed kernels (op ``atmc::atmc_linear``: Triton on CUDA, the reference on CPU); from it
+on, ``F.linear`` (cuBLAS) on the dense weight decoded once on first use and cached (reported by
+:func:`cached_nbytes`, dropped by ``load_state_dict`` / ``.to()`` / in-place changes of the packed
+tensors, freed by :func:`unpack`; ``layer.dense_cache = False`` never caches). Every forward first
+re-validates packed tensors that changed since they were last checked, so corrupt data raises
+``ValueError`` before any kernel runs. ``PackedConv2d`` dequantizes its factors once into a cached dense weight and
 calls cuDNN (``conv_mode="dense"``, the default), or runs the decomposed form: a conv with
 ``V`` as ``[r, in, kh, kw]``, a 1x1 conv with ``U``, plus a conv with ``C``
 (``conv_mode="decomposed"``). Convolutions are compute-bound and their weights small: the
@@ -37,7 +43,15 @@ from torch.nn.modules.utils import _pair
 
 from atmc_triton.budget import atmc_layers, unwrap
 from atmc_triton.kernels import IDENTITY_U, IDENTITY_V
-from atmc_triton.kernels.lowrank_gemm import atmc_decode, atmc_linear, check_factor
+from atmc_triton.kernels.lowrank_gemm import (
+    SMALL_M_PATH,
+    atmc_decode,
+    atmc_linear,
+    check_factor,
+    check_factor_values,
+    dense_crossover,
+    linear_path,
+)
 from atmc_triton.kernels.packed_format import (
     FMT_CSR,
     FMT_DENSE,
@@ -47,7 +61,6 @@ from atmc_triton.kernels.packed_format import (
     encode_factor,
     index_dtype,
     packed_words,
-    unpack_bits,
 )
 from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear
 
@@ -55,6 +68,7 @@ __all__ = [
     "PackedConv2d",
     "PackedLayer",
     "PackedLinear",
+    "cached_nbytes",
     "load_packed",
     "pack_",
     "packed_layers",
@@ -97,6 +111,9 @@ class PackedLayer(nn.Module):
         self.levels = {f: int(factors[f]["levels"]) for f in FACTORS}
         self._dtype = dtype
         self._cache: tuple | None = None
+        self._valid_key: tuple | None = None  # (id, version) of every packed tensor when last validated
+        self._crossover: dict[int, int] = {}
+        self.dense_cache = True  # PackedLinear: may cache the decoded weight for M >= the crossover
         raw = bits is None
         for f in FACTORS:
             fmt, rows, cols = self.fmts[f], *self.shapes[f]
@@ -112,6 +129,9 @@ class PackedLayer(nn.Module):
             for part, (n, dt) in sizes.items():
                 self.register_buffer(f"{f}_{part}", torch.empty(n, dtype=dt, device=device))
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype, device=device)) if bias else None
+        # the decoded dense weight, made on first use; a non-persistent buffer, so a graph compiled after
+        # that reads it like any other buffer (and the state dict stays packed)
+        self.register_buffer("weight_cache", None, persistent=False)
 
     # --- factors ------------------------------------------------------------------------------------------------
 
@@ -174,6 +194,7 @@ class PackedLayer(nn.Module):
                 getattr(packed, f"{f}_{part}").copy_(t)
         if layer.bias is not None:
             packed.bias.copy_(layer.bias.detach())
+        packed.check_valid()
         return packed
 
     @torch.no_grad()
@@ -241,29 +262,7 @@ class PackedLayer(nn.Module):
                     )
                 if self.bits is not None and levels > 2**self.bits:
                     raise ValueError(f"{where}: factor {f} has {levels} levels, more than 2^{self.bits}")
-            width = code_width(fmt, levels, raw)
-            if fmt == FMT_DENSE:
-                nnz = rows * cols
-                if not raw:
-                    c = unpack_bits(codes, rows * cols, width)
-                    if int(c.max()) > levels:
-                        raise ValueError(f"{where}: factor {f} has code {int(c.max())} past its {levels} levels")
-                    nnz = int((c != 0).sum())
-                else:
-                    nnz = int((codes[:-1].view(torch.float32) != 0).sum())
-            else:
-                nnz = indices.numel()
-                ip = indptr.long()
-                if int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip[1:] < ip[:-1]).any()):
-                    raise ValueError(f"{where}: factor {f}: indptr must rise from 0 to nnz={nnz}")
-                col = indices.long()
-                if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
-                    raise ValueError(f"{where}: factor {f} has column indices outside [0, {cols})")
-                row = torch.repeat_interleave(torch.arange(rows, device=col.device), ip[1:] - ip[:-1])
-                if bool(((row[1:] == row[:-1]) & (col[1:] <= col[:-1])).any()):
-                    raise ValueError(f"{where}: factor {f}: column indices must ascend within each row")
-                if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
-                    raise ValueError(f"{where}: factor {f} has codes past its {levels} levels")
+            nnz = check_factor_values(where, f, fmt, rows, cols, codes, book, indptr, indices)
             if nnz != self.nnz[f]:
                 raise ValueError(f"{where}: factor {f} holds {nnz} nonzeros, its metadata says {self.nnz[f]}")
 
@@ -304,6 +303,7 @@ class PackedLayer(nn.Module):
             return  # load_state_dict reports the mismatch itself; meta tensors hold nothing to check
         try:
             self.validate(prefix.rstrip("."))
+            self._valid_key = self._state_key()
         except ValueError:
             for n in names:
                 if self._buffers[n] is old[n] and n in saved:
@@ -314,8 +314,49 @@ class PackedLayer(nn.Module):
 
     def _drop_caches(self) -> None:
         self._cache = None
-        if "weight_cache" in self._buffers:
-            self._buffers["weight_cache"] = None
+        self._buffers["weight_cache"] = None
+
+    def _state_key(self) -> tuple:
+        return tuple((id(t), t._version) for f in FACTORS for t in self.factor(f)[1:])
+
+    def check_valid(self) -> None:
+        """Validate the packed tensors if they changed since the last check (in place or replaced), and
+        drop the caches made from them. Forwards call it first: corrupt data raises ``ValueError``
+        before any kernel runs. Skipped inside ``torch.compile`` (a compiled graph validates nothing)."""
+        if torch.compiler.is_compiling():
+            return
+        key = self._state_key()
+        if key != self._valid_key:
+            self._drop_caches()
+            self.validate()
+            self._valid_key = key
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cached decoded weight(s) (0 when nothing is cached)."""
+        held = [self.weight_cache] + (list(self._cache[1]) if self._cache is not None else [])
+        return sum(t.nbytes for t in held if isinstance(t, Tensor))
+
+    def _dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """``W`` in ``dtype`` with this layer's weight shape: decoded once and cached (eager mode)."""
+        w = self.weight_cache
+        if w is not None and w.dtype == dtype and w.device == self.U_codes.device:
+            return w
+        with torch.no_grad():
+            w = self.weight_2d().to(dtype).view(self.weight_shape)
+        if not torch.compiler.is_compiling():
+            self.weight_cache = w
+        return w
+
+    def crossover(self, act_bytes: int = 2) -> int:
+        """Smallest ``M`` from which the cost model prefers cuBLAS on the cached dense weight
+        (:func:`~atmc_triton.kernels.lowrank_gemm.dense_crossover` of this layer's packed sizes)."""
+        if act_bytes not in self._crossover:
+            csr = sum(self.nnz[f] for f in FACTORS if self.fmts[f] == FMT_CSR)
+            coded = sum(self.shapes[f][0] * self.shapes[f][1] for f in FACTORS if self.fmts[f] == FMT_DENSE)
+            nbytes = sum(self.factor_nbytes(f) for f in FACTORS)
+            self._crossover[act_bytes] = dense_crossover(self.out_dim, self.in_dim, nbytes, csr, coded, act_bytes)
+        return self._crossover[act_bytes]
 
     def _format_repr(self) -> str:
         return ", ".join(f"{f}={FORMAT_NAMES[self.fmts[f]]}" for f in FACTORS)
@@ -350,10 +391,21 @@ class PackedLinear(PackedLayer):
         self.weight_shape = (out_features, in_features)
         self._setup(out_features, in_features, rank, identity, bits, bias, factors, dtype, device)
 
+    def path(self, M: int, dtype: torch.dtype = torch.float16) -> str:
+        """The path ``M`` rows of ``dtype`` activations take: "split_k", "tile" or "dense" (cached cuBLAS)."""
+        if not self.dense_cache:
+            return linear_path(M, 1 << 62)
+        return linear_path(M, self.crossover(dtype.itemsize))
+
     def forward(self, x: Tensor) -> Tensor:
+        self.check_valid()
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        y = atmc_linear(x2, self.bias, self.out_features, self.rank, self._identity, *self.factor_args())
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] > SMALL_M_PATH and self.path(x2.shape[0], x.dtype) == "dense":
+            y = F.linear(x2, self._dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        else:
+            x2 = x2.contiguous()
+            y = atmc_linear(x2, self.bias, self.out_features, self.rank, self._identity, *self.factor_args())
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -396,9 +448,6 @@ class PackedConv2d(PackedLayer):
             raise ValueError(f"PackedConv2d: conv_mode must be 'dense' or 'decomposed', got {conv_mode!r}")
         inn = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._setup(out_channels, inn, rank, identity, bits, bias, factors, dtype, device)
-        # the dequantized weight, made by the first eager forward; a non-persistent buffer, so a graph
-        # compiled after that reads it like any other buffer (and the state dict stays packed)
-        self.register_buffer("weight_cache", None, persistent=False)
 
     def _cached(self, dtype: torch.dtype, make):
         """``make()`` once per (dtype, device) in eager mode; recomputed in a compiled graph."""
@@ -416,16 +465,6 @@ class PackedConv2d(PackedLayer):
             pad = [p for p in reversed(self.padding) for _ in range(2)]
             return F.conv2d(F.pad(x, pad, mode=self.padding_mode), w, bias, self.stride, _pair(0), self.dilation)
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
-
-    def _dense_weight(self, dtype: torch.dtype) -> Tensor:
-        w = self.weight_cache
-        if w is not None and w.dtype == dtype and w.device == self.U_codes.device:
-            return w
-        with torch.no_grad():
-            w = self.weight_2d().to(dtype).view(self.weight_shape)
-        if not torch.compiler.is_compiling():
-            self.weight_cache = w
-        return w
 
     def _decomposed_weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         def make():
@@ -446,6 +485,7 @@ class PackedConv2d(PackedLayer):
         return self._cached(dtype, make)
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_valid()
         if self.conv_mode == "dense":
             return self._conv(x, self._dense_weight(x.dtype), self.bias)
         u, v, c = self._decomposed_weights(x.dtype)
@@ -604,6 +644,8 @@ def unpack(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("unpack: the model has no packed layers")
     _swap(root, {id(layer): layer.to_atmc() for _, layer in layers})
+    for _, layer in layers:  # the packed layers may live on elsewhere: free their decoded weights now
+        layer._drop_caches()
     return model
 
 
@@ -700,6 +742,11 @@ def load_packed(
         if any(t.is_meta for t in layer.state_dict().values()):  # strict=False and the file lacks its tensors
             raise ValueError(f"load_packed: {path} holds no tensors for packed layer {name!r}")
     return model
+
+
+def cached_nbytes(model: nn.Module) -> int:
+    """Bytes of the decoded dense weights that ``model``'s packed layers hold (freed by :func:`unpack`)."""
+    return sum(layer.cache_nbytes for _, layer in packed_layers(model))
 
 
 def packed_nbytes(model: nn.Module) -> int:

@@ -15,6 +15,17 @@ Ops (namespace ``atmc``): ``atmc_linear`` (the layer, differentiable in ``x`` an
 four tensors ``codes`` (int32 words), ``book`` (float32), ``indptr`` (int32), ``indices``
 (int16/int32); unused ones are empty. The Triton launchers (:mod:`.lowrank_gemm_triton`)
 serve CUDA tensors; these references are the CPU kernels and the test oracle.
+
+Which path a packed layer takes for ``M`` rows of activations is :func:`linear_path`, a pure
+function of ``M`` and the layer's sizes, from the cost model :func:`predicted_us` (H100
+figures; a prediction, not a measurement):
+
+* ``"split_k"`` (``M <= SMALL_M_PATH``): bound by the packed bytes. Dense-coded factors run
+  split-K tensor-core tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel.
+* ``"tile"`` (``SMALL_M_PATH < M <`` crossover): the packed kernels with large tiles.
+* ``"dense"`` (``M >=`` crossover): ``F.linear`` (cuBLAS) on the decoded dense weight that a
+  packed layer caches once, on the first such call (``PackedLayer.cache_nbytes`` reports it).
+  The crossover is where the model's packed time reaches cuBLAS's on the dense weight.
 """
 
 from __future__ import annotations
@@ -23,10 +34,22 @@ import torch
 from torch import Tensor
 
 from ._registry import HAS_TRITON, register_op
-from .packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, MAX_BOOK, code_width, decode_factor_ref, packed_words
+from .packed_format import (
+    FMT_CSR,
+    FMT_DENSE,
+    FMT_EMPTY,
+    MAX_BOOK,
+    code_width,
+    decode_factor_ref,
+    packed_words,
+    unpack_bits,
+)
 
 __all__ = [
+    "H100",
     "IDENTITY_NONE",
+    "PATHS",
+    "SMALL_M_PATH",
     "IDENTITY_U",
     "IDENTITY_V",
     "atmc_decode",
@@ -34,12 +57,87 @@ __all__ = [
     "atmc_linear",
     "atmc_linear_ref",
     "check_factor",
+    "check_factor_values",
     "check_linear",
+    "dense_crossover",
     "dequantize",
+    "linear_path",
+    "predicted_us",
 ]
 
 IDENTITY_NONE, IDENTITY_U, IDENTITY_V = 0, 1, 2
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PATHS = ("split_k", "tile", "dense")
+SMALL_M_PATH = 32  # = lowrank_gemm_triton.SMALL_M: the split-K tile regime
+# H100 SXM ceilings the model uses: HBM bytes/s, bf16/fp16 dense tensor-core FLOP/s, fp32 CUDA-core FLOP/s,
+# aggregate L1 bytes/s for the CSR kernel's activation gathers (x^T stays in L1/L2; sorted columns let
+# neighbouring nonzeros share sectors), and a fixed ramp + tail latency per call.
+H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0}
+
+
+def predicted_us(
+    path: str,
+    M: int,
+    N: int,
+    K: int,
+    packed_bytes: int,
+    csr_nnz: int,
+    coded_elems: int,
+    act_bytes: int = 2,
+    hw: dict | None = None,
+) -> float:
+    """Predicted microseconds of one ``[M, K] x [K, N]`` packed-layer call on ``path`` (roofline model).
+
+    ``packed_bytes``: the layer's packed factor bytes; ``csr_nnz``: nonzeros stored as CSR (run on
+    CUDA cores, each gathering ``M`` activations); ``coded_elems``: elements of dense-coded factors
+    (tensor-core tiles, at least 16 rows each). ``"dense"`` is cuBLAS on the cached dense weight.
+
+    Example:
+        >>> round(predicted_us("dense", 1, 4096, 4096, 0, 0, 0), 1)  # 32 MiB of fp16 weight at 3 TB/s
+        12.2
+    """
+    hw = hw or H100
+    io = act_bytes * M * (K + N)
+    if path == "dense":
+        return hw["launch_us"] + 1e6 * max((2 * N * K + io) / hw["hbm"], 2 * M * N * K / hw["tc"])
+    if path not in PATHS:
+        raise ValueError(f"predicted_us: path must be one of {PATHS}, got {path!r}")
+    rows = max(M, 16)  # an mma tile has at least 16 rows
+    fetch = (packed_bytes + io + 4 * M * N) / hw["hbm"]  # + the float32 output pass of the CSR kernel
+    compute = 2 * rows * coded_elems / hw["tc"] + 2 * M * csr_nnz / hw["fma"]
+    gather = act_bytes * M * csr_nnz / hw["l1"]
+    return hw["launch_us"] + 1e6 * max(fetch, compute, gather)
+
+
+def dense_crossover(N: int, K: int, packed_bytes: int, csr_nnz: int, coded_elems: int, act_bytes: int = 2) -> int:
+    """Smallest ``M`` above ``SMALL_M_PATH`` from which the model predicts cuBLAS on the cached dense
+    weight at least as fast as the packed kernels (both predictions grow with ``M``; bisection)."""
+
+    def dense_wins(m: int) -> bool:
+        args = (m, N, K, packed_bytes, csr_nnz, coded_elems, act_bytes)
+        return predicted_us("dense", *args) <= predicted_us("tile", *args)
+
+    lo, hi = SMALL_M_PATH + 1, 1 << 20
+    if dense_wins(lo):
+        return lo
+    if not dense_wins(hi):
+        return hi
+    while hi - lo > 1:  # dense_wins(lo) is False, dense_wins(hi) is True
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if dense_wins(mid) else (mid, hi)
+    return hi
+
+
+def linear_path(M: int, crossover: int) -> str:
+    """``"split_k"`` for ``M <= SMALL_M_PATH``, ``"dense"`` from ``crossover`` on, ``"tile"`` between.
+
+    Example:
+        >>> [linear_path(m, 100) for m in (1, 32, 33, 99, 100)]
+        ['split_k', 'split_k', 'tile', 'tile', 'dense']
+    """
+    if M < 0:
+        raise ValueError(f"linear_path: M must be >= 0, got {M}")
+    return "split_k" if M <= SMALL_M_PATH else "dense" if M >= crossover else "tile"
 
 
 def dequantize(codes: Tensor, book: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -105,8 +203,50 @@ def check_factor(
         )
 
 
-def check_linear(op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> None:
-    """Validate ``atmc_linear`` arguments; ``factors`` is ``[(fmt, codes, book, indptr, indices)] * 3`` (U, V, C)."""
+def check_factor_values(
+    op: str, name: str, fmt: int, rows: int, cols: int, codes: Tensor, book: Tensor, indptr: Tensor, indices: Tensor
+) -> int:
+    """Validate the index values of a packed factor (after :func:`check_factor`); returns its nonzero count.
+
+    Codes within the codebook, ``indptr`` rising from 0 to nnz, column indices in ``[0, cols)`` and
+    ascending within each row. Reads the data (a host sync on a GPU): packed layers run it when built,
+    loaded or changed, the CPU reference on every eager call, the CUDA launcher and compiled graphs never
+    (the kernels clamp codes and mask columns as a second line of defence).
+    """
+    where = f"{op}: factor {name}"
+    if fmt == FMT_EMPTY:
+        return 0
+    raw = book.numel() == 0
+    levels = book.numel() - 1
+    width = code_width(fmt, levels, raw)
+    if fmt == FMT_DENSE:
+        if raw:
+            return int((codes[:-1].view(torch.float32) != 0).sum())
+        c = unpack_bits(codes, rows * cols, width)
+        if int(c.max()) > levels:
+            raise ValueError(f"{where} has code {int(c.max())} past its {levels} levels")
+        return int((c != 0).sum())
+    nnz = indices.numel()
+    ip = indptr.long()
+    if int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip[1:] < ip[:-1]).any()):
+        raise ValueError(f"{where}: indptr must rise from 0 to nnz={nnz}")
+    col = indices.long()
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+        raise ValueError(f"{where} has column indices outside [0, {cols})")
+    row = torch.repeat_interleave(torch.arange(rows, device=col.device), ip[1:] - ip[:-1], output_size=nnz)
+    if bool(((row[1:] == row[:-1]) & (col[1:] <= col[:-1])).any()):
+        raise ValueError(f"{where}: column indices must ascend within each row")
+    if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
+        raise ValueError(f"{where} has codes past its {levels} levels")
+    return nnz
+
+
+def check_linear(
+    op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors, values: bool = False
+) -> None:
+    """Validate ``atmc_linear`` arguments; ``factors`` is ``[(fmt, codes, book, indptr, indices)] * 3`` (U, V, C).
+
+    ``values``: also check the index values (:func:`check_factor_values`)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
         raise ValueError(
             f"{op}: x must be a 2-D float tensor [M, K], got "
@@ -128,6 +268,8 @@ def check_linear(op: str, x: Tensor, bias: Tensor | None, n: int, r: int, identi
             raise ValueError(f"{op}: bias is on {bias.device}, x is on {x.device}")
     for name, (rows, cols), f in zip("UVC", ((n, r), (r, K), (n, K)), factors):
         check_factor(op, name, f[0], rows, cols, *f[1:], device=x.device)
+        if values:
+            check_factor_values(op, name, f[0], rows, cols, *f[1:])
 
 
 def _decoded(fmt, rows, cols, codes, book, indptr, indices, dtype) -> Tensor | None:
@@ -177,7 +319,7 @@ def atmc_linear_ref(
         (v_fmt, v_codes, v_book, v_indptr, v_indices),
         (c_fmt, c_codes, c_book, c_indptr, c_indices),
     )
-    check_linear("atmc_linear", x, bias, n, r, identity, factors)
+    check_linear("atmc_linear", x, bias, n, r, identity, factors, values=not torch.compiler.is_compiling())
     K = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     U, V, C = (_decoded(f[0], rows, cols, *f[1:], acc) for f, (rows, cols) in zip(factors, ((n, r), (r, K), (n, K))))
@@ -215,6 +357,8 @@ def atmc_decode_ref(
         [[4.0, 0.0, 0.5]]
     """
     check_factor("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices, codes.device)
+    if not torch.compiler.is_compiling():  # a traced graph cannot branch on data
+        check_factor_values("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices)
     return decode_factor_ref(fmt, rows, cols, codes, book, indptr, indices)
 
 

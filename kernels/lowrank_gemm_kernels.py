@@ -1,9 +1,18 @@
 """Triton kernels of the packed ATMC linear layer (launchers: :mod:`.lowrank_gemm_triton`).
 
 Factors arrive as bit-packed codes (:mod:`.packed_format`): ``_codes_at`` unpacks a code that
-may straddle two int32 words (int64 arithmetic on the word pair), ``_dequant`` looks it up in
-the codebook (or reinterprets raw float32 bits). Every index is masked or clamped, so corrupt
-codes or column indices never read out of bounds.
+may straddle two int32 words, ``_dequant`` looks it up in the codebook (or reinterprets raw
+float32 bits). Every index is masked or clamped, so corrupt codes or column indices never read
+out of bounds: a code past the codebook reads its last level, a column index outside ``[0, K)``
+contributes nothing (the launchers' callers validate packed data before it gets here; these
+guards are the second line, and tests pin their values).
+
+Bytes per element (what the roofline model counts): a dense-coded factor reads ``WIDTH / 8``
+bytes per weight element plus its codebook once per program (L1); a CSR factor reads, per
+nonzero, its column index (2 bytes, int16, or 4) and ``WIDTH / 8`` bytes of code, plus 4 bytes per
+row of ``indptr``, and gathers ``BLOCK_M`` activations (2 or 4 bytes each) per nonzero from L1/L2.
+Activations ``x [M, K]`` are read once per output-column tile, outputs written once (the
+split-K tile path writes ``SPLIT_K`` float32 partials that one fixed-order pass sums).
 """
 
 import triton
@@ -25,6 +34,23 @@ def _codes_at(words_ptr, idx, mask, WIDTH: tl.constexpr):
         hi = tl.load(words_ptr + wi + 1, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
         code = ((lo >> sh) | ((hi & ((1 << WIDTH) - 1)) << (32 - sh))) & ((1 << WIDTH) - 1)
     return code
+
+
+@triton.jit
+def _tile_codes(words_ptr, row_bit0, kk, mask, WIDTH: tl.constexpr):
+    """Codes (int32) ``[BK, BN]`` of a row-major ``WIDTH``-bit stream: element ``(k, n)`` starts at bit
+    ``row_bit0[n] + k * WIDTH``. int64 only per column; the per-element arithmetic is 32-bit."""
+    word0 = row_bit0 >> 5  # [BN] int64
+    bit = (row_bit0 & 31).to(tl.int32)[None, :] + kk[:, None] * WIDTH  # [BK, BN] int32
+    ptrs = words_ptr + word0[None, :] + (bit >> 5)
+    sh = (bit & 31).to(tl.uint32)
+    lo = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    if 32 % WIDTH == 0:  # a code never straddles two words
+        code = lo >> sh
+    else:
+        hi = tl.load(ptrs + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        code = (lo >> sh) | ((hi << 1) << (31 - sh))  # (hi << 32 - sh), defined for sh = 0 too
+    return (code & ((1 << WIDTH) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -58,23 +84,25 @@ def _b_tile(
 ):
     """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a factor ``B [N, K]``."""
     mask = (kk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
-    idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None].to(tl.int64) * stride_bk  # [BK, BN]
     if KIND == 2:  # plain float matrix
+        idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None] * stride_bk  # [BK, BN]
         b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     elif WIDTH == 32:  # raw float32 values
+        idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None] * stride_bk  # [BK, BN]
         b = tl.load(b_ptr + idx, mask=mask, other=0).to(tl.float32, bitcast=True)
-    elif BOOK_GATHER:  # codebook held in registers / shared memory
-        slot = tl.minimum(_codes_at(b_ptr, idx, mask, WIDTH), book_len - 1).to(tl.int32)
-        b = tl.reshape(tl.gather(book, tl.reshape(slot, (BLOCK_K * BLOCK_N,)), 0), (BLOCK_K, BLOCK_N))
-    else:  # small-table load: the codebook stays in L1
-        b = _dequant(b_ptr, book_ptr, book_len, idx, mask, WIDTH, 0)
+    else:  # codes: row n starts at bit n * stride_bn * WIDTH (stride_bk is 1)
+        slot = tl.minimum(_tile_codes(b_ptr, rn.to(tl.int64) * stride_bn * WIDTH, kk, mask, WIDTH), book_len - 1)
+        if BOOK_GATHER:  # codebook held in registers / shared memory
+            b = tl.reshape(tl.gather(book, tl.reshape(slot, (BLOCK_K * BLOCK_N,)), 0), (BLOCK_K, BLOCK_N))
+        else:  # small-table load: the codebook stays in L1
+            b = tl.load(book_ptr + slot, mask=mask, other=0.0)
     return b
 
 
 @triton.jit
 def _mma(acc, a, b, DOT: tl.constexpr):
     if DOT == 0:
-        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
+        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="tf32")  # fp32 x: tf32 tensor cores
     elif DOT == 1:
         acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     else:
@@ -100,6 +128,7 @@ def _load_book(
 @triton.jit
 def _tile_kernel(
     out_ptr,
+    stride_ok,
     stride_om,
     M,
     N,
@@ -143,8 +172,10 @@ def _tile_kernel(
 
     ``KIND_s``: 0 absent, 1 bit-packed codes (``WIDTH_s`` bits; 32 = raw float32), 2 a plain
     float matrix. ``B_s[n, k]`` is element ``n * stride_bsn + k * stride_bsk``. The K-steps of
-    both products form one sequence that ``SPLIT_K`` programs share (fp32 atomics when > 1);
-    split 0 adds ``E`` (the identity term) and the bias.
+    both products form one sequence that ``SPLIT_K`` programs share; split ``s`` stores its
+    partial sums to ``out[s]`` (``out [SPLIT_K, M, N]`` float32 when ``SPLIT_K > 1``, strides
+    ``stride_ok, stride_om``), which the launcher sums in a fixed order: no atomics, the same bits
+    every run. Split 0 adds ``E`` (the identity term) and the bias.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -231,11 +262,8 @@ def _tile_kernel(
         acc += tl.load(e_ptr + rm64[:, None] * stride_em + rn[None, :], mask=mask & first[None, :], other=0.0).to(
             tl.float32
         )
-    out_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    out_ptrs = out_ptr + pid_k.to(tl.int64) * stride_ok + rm64[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -271,7 +299,9 @@ def _csr_mm_kernel(
     One program: ``BLOCK_M`` rows of ``A``/``out`` times ``BLOCK_R`` rows of ``S``; it owns those
     output elements (plain read-modify-write, no atomics). ``INIT``: write ``E + bias + ...``
     instead of adding to ``out`` (the first launch of a stage, no zero fill). Out-of-range
-    indices are masked.
+    indices are masked. The column indices of chunk ``j + 1`` are loaded while chunk ``j``
+    gathers its activations (a register prefetch: 2-byte indices cannot use ``cp.async``), so each
+    iteration waits on one load latency, not two in a chain.
     """
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -285,10 +315,14 @@ def _csr_mm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     rj = tl.arange(0, BLOCK_J)  # [BJ]
     longest = tl.max(end - start, axis=0)
+    jn = start[:, None] + rj[None, :]  # [BR, BJ]: the first chunk's column indices, loaded ahead
+    col_next = tl.load(indices_ptr + jn, mask=(jn < end[:, None]) & (jn >= 0) & (jn < nnz), other=0)
     for j0 in range(0, longest, BLOCK_J):
         jj = start[:, None] + j0 + rj[None, :]  # [BR, BJ]
         ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
-        col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
+        col = col_next.to(tl.int32)
+        jn = jj + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
+        col_next = tl.load(indices_ptr + jn, mask=(jn < end[:, None]) & (jn >= 0) & (jn < nnz), other=0)
         ok = ok & (col >= 0) & (col < K)
         val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)  # [BR, BJ]
         a = tl.load(

@@ -27,13 +27,15 @@ tiles. The price is one read-modify-write of the output per extra CSR factor: ``
 Two regimes, picked by ``M``:
 
 * ``M <= SMALL_M`` (GEMV-like, bound by the compressed bytes): ``BLOCK_M`` 16/32, split-K over
-  the combined K-steps of both factors with fp32 atomics into a zeroed float32 buffer.
+  the combined K-steps of both factors, ``SPLIT_K`` chosen by :func:`split_k` so that at least
+  ``TARGET_PROGRAMS`` programs are in flight; each split stores float32 partials to its own slice
+  of a ``[SPLIT_K, M, N]`` workspace and one ``sum(0)`` adds them in a fixed order (no atomics:
+  two runs give the same bits). The CSR kernel then adds into that float32 sum.
 * ``M > SMALL_M`` (GEMM-like, bound by tensor-core FLOPs): big tiles, no split, direct stores.
-  A CSR factor with density ``>= DENSIFY_MIN_DENSITY`` is first decoded into a plain tile
-  operand (its CUDA-core SpMM would cost more than the dense tensor-core tiles: roughly
-  ``density x (tensor-core FLOP/s) / (L2 bytes/s per 2-byte gather)``, ~ 1 at 1/128 on an H100),
-  and two factors that multiply the same activations (``U`` and ``C`` when ``t`` is ``x``) are
-  decoded and summed into one operand, so the GEMM runs once.
+  No per-call decode: CSR factors run the CSR kernel at every ``M`` (``config={"densify": True}``
+  decodes them into plain tile operands first, for the benchmark's comparison). From the
+  crossover of :func:`~atmc_triton.kernels.lowrank_gemm.linear_path` on, packed layers skip
+  these kernels and call cuBLAS on a dense weight decoded once and cached per layer.
 
 Autotuning keys on a power-of-two bucket of ``M`` (plus the shapes and code widths). The
 codebook is read with a small-table load that stays in L1 (``book_gather=False``, the default)
@@ -53,16 +55,18 @@ from .lowrank_gemm_kernels import _csr_mm_kernel, _decode_csr_kernel, _decode_de
 from .packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, code_width
 
 __all__ = [
-    "DENSIFY_MIN_DENSITY",
     "SMALL_M",
+    "TARGET_PROGRAMS",
     "atmc_decode_triton",
     "atmc_linear_triton",
     "decode_launch",
     "linear_launch",
+    "split_k",
 ]
 
 SMALL_M = 32
-DENSIFY_MIN_DENSITY = 1 / 128
+TARGET_PROGRAMS = 264  # 2 programs per SM on a 132-SM H100: the split-K tile path aims at least this many
+MAX_SPLIT_K = 16
 KIND_NONE, KIND_CODES, KIND_PLAIN = 0, 1, 2
 DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
 _DOT = {torch.float32: DOT_F32, torch.float16: DOT_F16, torch.bfloat16: DOT_BF16}
@@ -75,25 +79,25 @@ def _cfg(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-TILE_SMALL_CONFIGS = [  # BLOCK_M (16 / 32) comes from the launcher; split-K for enough programs in flight
-    _cfg(BLOCK_N=32, BLOCK_K=128, SPLIT_K=8, GROUP_M=1),
-    _cfg(BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, GROUP_M=1),
-    _cfg(BLOCK_N=64, BLOCK_K=64, SPLIT_K=16, GROUP_M=1, num_stages=4),
-    _cfg(BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, GROUP_M=1),
+TILE_SMALL_CONFIGS = [  # BLOCK_M (16 / 32) and SPLIT_K come from the launcher (split_k); <= 16 codes per thread
+    _cfg(BLOCK_N=128, BLOCK_K=32, GROUP_M=1, num_warps=8),
+    _cfg(BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=8),
+    _cfg(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_stages=4),
+    _cfg(BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_stages=4),
 ]
-TILE_LARGE_CONFIGS = [
-    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=8),
-    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
-    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
-    _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=8),
-    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes per thread and K-step), < 227 KB smem
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_warps=8),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_warps=8),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
 ]
 # CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 8, "wide" for BLOCK_M 16..64
-CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((16, 64), (8, 128), (32, 32))]
+# (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
+CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj, num_stages=4) for br, bj in ((16, 64), (8, 128), (4, 128))]
 CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((2, 64), (4, 32), (8, 16))]
 # Fixed tiles: Triton's interpreter (CPU tensors: nothing to tune), epilogue-only launches, tests.
 FIXED_CONFIG = {
-    "tile_small": {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "GROUP_M": 1},
+    "tile_small": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1},
     "tile_large": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2},
     "csr": {"BLOCK_R": 8, "BLOCK_J": 16},
 }
@@ -104,12 +108,14 @@ SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H20
 
 
 def tile_smem(meta: dict, num_stages: int) -> int:
-    """Upper bound of :func:`_tile_kernel`'s shared memory: ``num_stages`` fp32-sized A and B tiles + 1 KB.
+    """Upper bound of :func:`_tile_kernel`'s shared memory: ``num_stages`` fp32-sized A and B tiles, an fp32
+    ``[BLOCK_M, BLOCK_N]`` epilogue scratch (layout conversion of the accumulator) and 1 KB.
 
     (fp16 tiles stage the dequantized B in fp32; ``tests/test_gpu_static.py`` checks the bound against
     the compiled kernels.)
     """
-    return num_stages * (meta["BLOCK_M"] * meta["BLOCK_K"] + meta["BLOCK_K"] * meta["BLOCK_N"]) * 4 + 1024
+    stages = num_stages * (meta["BLOCK_M"] * meta["BLOCK_K"] + meta["BLOCK_K"] * meta["BLOCK_N"]) * 4
+    return stages + meta["BLOCK_M"] * meta["BLOCK_N"] * 4 + 1024
 
 
 def tile_configs(small: bool, block_m: int | None = None) -> list:
@@ -128,8 +134,8 @@ def _prune_large(configs, named_args, **kwargs):
 
 _TILE_KEY = ["M_BUCKET", "N", "K1", "K2", "KIND1", "WIDTH1", "KIND2", "WIDTH2"]
 _CSR_KEY = ["M_BUCKET", "N", "K", "WIDTH"]
-_tile_small = triton.autotune(
-    TILE_SMALL_CONFIGS, key=_TILE_KEY, reset_to_zero=["out_ptr"], prune_configs_by={"early_config_prune": _prune_small}
+_tile_small = triton.autotune(  # no reset_to_zero: every split stores its own slice of the workspace
+    TILE_SMALL_CONFIGS, key=_TILE_KEY + ["SPLIT_K"], prune_configs_by={"early_config_prune": _prune_small}
 )(_tile_kernel)
 _tile_large = triton.autotune(TILE_LARGE_CONFIGS, key=_TILE_KEY, prune_configs_by={"early_config_prune": _prune_large})(
     _tile_kernel
@@ -166,6 +172,14 @@ def _pow2(n: int) -> int:
     while p < n:
         p *= 2
     return p
+
+
+def split_k(M: int, N: int, K_total: int, block_n: int = 64, block_k: int = 64) -> int:
+    """Splits of the K-steps for the small-M tile path: enough for ``TARGET_PROGRAMS`` programs, at most
+    ``MAX_SPLIT_K`` and at most one per ``block_k`` columns of ``K_total`` (a pure function of the shape)."""
+    tiles = -(-M // 16) * -(-N // block_n)
+    want = -(-TARGET_PROGRAMS // tiles)
+    return max(1, min(MAX_SPLIT_K, want, -(-K_total // block_k)))
 
 
 def _book_args(f: _Factor | None) -> tuple[Tensor | None, int, int]:
@@ -228,11 +242,15 @@ def _tile_launch(
     book_gather: bool,
     config: dict | None,
 ) -> None:
-    """One :func:`_tile_kernel` launch for ``terms = [(A, _Factor | plain Tensor)]`` (at most two)."""
-    M, N = out.shape
+    """One :func:`_tile_kernel` launch for ``terms = [(A, _Factor | plain Tensor)]`` (at most two).
+
+    ``out`` is ``[M, N]``, or on the split-K path the float32 workspace ``[SPLIT_K, M, N]``."""
+    M, N = out.shape[-2:]
+    splits = out.shape[0] if out.dim() == 3 else 1
     args = {
         "out_ptr": out,
-        "stride_om": out.stride(0),
+        "stride_ok": out.stride(0) if out.dim() == 3 else 0,
+        "stride_om": out.stride(-2),
         "M": M,
         "N": N,
         "e_ptr": out if addend is None else addend,
@@ -264,7 +282,7 @@ def _tile_launch(
             f"BOOK{s}": book_size if book_gather else 1,
         }
     if small:
-        consts["BLOCK_M"] = 16 if M <= 16 else 32
+        consts |= {"BLOCK_M": 16 if M <= 16 else 32, "SPLIT_K": splits}
     meta = (config or {}).get("tile")
     if meta is None and out.device.type != "cpu":
         kernel = _tile_small if small else _tile_large
@@ -277,6 +295,8 @@ def _tile_launch(
     meta = {**FIXED_CONFIG["tile_small" if small else "tile_large"], **(meta or {})}
     if not small and meta["SPLIT_K"] != 1:
         raise ValueError("the large-M tile path stores its output: SPLIT_K must be 1")
+    if small:
+        meta = {k: v for k, v in meta.items() if k != "SPLIT_K"}  # the workspace fixes it
     consts |= meta
     grid = (triton.cdiv(M, consts["BLOCK_M"]) * triton.cdiv(N, consts["BLOCK_N"]), consts["SPLIT_K"])
     wrap_triton(_tile_kernel)[grid](**args, **consts)
@@ -296,7 +316,7 @@ def _csr_launch(
     ``out = addend + bias + a deq(f)^T``). With ``M`` contiguous, the ``BLOCK_M`` activations one
     nonzero multiplies are one coalesced read."""
     M, N = out.shape
-    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, _pow2(M) if small else 64
+    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, _pow2(M) if small else 32
     book, book_len, _ = _book_args(f)
     args = {
         "out_ptr": out,
@@ -350,26 +370,17 @@ def _packed_matmul(
     """``out [M, N] = sum_i A_i deq(F_i)^T + addend + bias`` for ``products = [(A_i, F_i)]``."""
     small = M <= SMALL_M
     cfg = config or {}
-    densify = cfg.get("densify")
+    densify = bool(cfg.get("densify", False))
     device = (addend if addend is not None else products[0][0]).device
     tile, sparse = [], []
     for a, f in products:
         if f.fmt == FMT_DENSE:
             tile.append((a, f))
         elif f.fmt == FMT_CSR:
-            dense_enough = not small and f.density >= DENSIFY_MIN_DENSITY
-            if densify if densify is not None else dense_enough:
+            if densify:
                 tile.append((a, decode_launch(f, dot_dtype)))
             else:
                 sparse.append((a, f))
-    if len(tile) == 2 and tile[0][0] is tile[1][0] and not small:  # same activations: one GEMM on the sum
-        a, (f1, f2) = tile[0][0], (tile[0][1], tile[1][1])
-        merged = f1 if isinstance(f1, Tensor) else decode_launch(f1, dot_dtype)
-        if isinstance(f2, Tensor):
-            merged = merged + f2
-        else:
-            merged = decode_into(merged, f2, accumulate=True)
-        tile = [(a, merged)]
     dot = _DOT[dot_dtype]
     gather = bool(cfg.get("book_gather", False))
     a_t: dict[int, Tensor] = {}
@@ -379,9 +390,11 @@ def _packed_matmul(
             a_t[id(a)] = a.reshape(-1) if M == 1 else a.t().contiguous()
         return a_t[id(a)]
 
-    if small and tile:  # split-K: fp32 atomics into zeros
-        out = torch.zeros(M, N, dtype=torch.float32, device=device)
-        _tile_launch(out, tile, addend, bias, dot, True, gather, config)
+    if small and tile:  # split-K: float32 partials per split, summed in a fixed order (deterministic)
+        splits = (cfg.get("tile") or {}).get("SPLIT_K") or split_k(M, N, sum(a.shape[1] for a, _ in tile))
+        ws = _empty((splits, M, N), torch.float32, device)
+        _tile_launch(ws, tile, addend, bias, dot, True, gather, config)
+        out = ws[0] if splits == 1 else ws.sum(0)
         for a, f in sparse:
             _csr_launch(out, transposed(a), f, small, config)
         return out.to(out_dtype)

@@ -17,7 +17,17 @@ A layer without a quantizer (``bits = 0``) stores raw float32 values instead of 
 Codes are a little-endian bit stream in int32 words: code ``i`` occupies bits
 ``[i * width, (i + 1) * width)``; codes may straddle two words, and one zero pad word at the
 end lets a reader always load the pair ``(w, w + 1)``. The format with fewer bytes wins
-(dense on ties); :func:`factor_nbytes` is that exact byte count.
+(dense on ties); :func:`factor_nbytes` is that exact byte count, :func:`factor_bytes_breakdown`
+its parts. ``tests/test_lowrank_gemm.py::test_on_disk_format_is_pinned`` pins the layout.
+
+Code widths and the quantizer: a factor holds ``L <= 2^b`` levels (``2^b`` free Lloyd centres;
+the zero is not a level). CSR keeps the zero in its structure, so its codes take
+``ceil(log2 L) <= b`` bits: b-bit codebooks fit b bits, as the paper counts them. Dense codes must
+also say "zero", so they take ``ceil(log2 (L + 1))`` bits: ``b`` when the factor uses at most
+``2^b - 1`` levels, ``b + 1`` when it uses all ``2^b`` (9 bits for a full 8-bit codebook). No exact
+dense encoding of ``2^b + 1`` symbols fits ``b`` bits; where the extra bit matters, CSR (or, at
+high density, a bitmap of nonzeros plus b-bit codes, not implemented) is the smaller choice, and
+the byte-count comparison picks it.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ __all__ = [
     "code_width",
     "decode_factor_ref",
     "encode_factor",
+    "factor_bytes_breakdown",
     "factor_nbytes",
     "index_dtype",
     "pack_bits",
@@ -78,6 +89,27 @@ def factor_nbytes(fmt: int, rows: int, cols: int, nnz: int, levels: int, raw: bo
         return 4 * packed_words(rows * cols, width) + book
     isz = torch.empty(0, dtype=index_dtype(cols)).element_size()
     return 4 * (rows + 1) + isz * nnz + 4 * packed_words(nnz, width) + book
+
+
+def factor_bytes_breakdown(fmt: int, rows: int, cols: int, nnz: int, levels: int, raw: bool) -> dict[str, int]:
+    """Bytes of a factor by part: ``codes`` (the stream's payload bits, rounded up to whole words),
+    ``pad`` (the pad word), ``indices`` and ``indptr`` (CSR positions), ``book``. Sums to :func:`factor_nbytes`.
+
+    Example:
+        >>> factor_bytes_breakdown(FMT_CSR, 4, 100, 10, 3, False)
+        {'codes': 4, 'pad': 4, 'indices': 20, 'indptr': 20, 'book': 16}
+    """
+    parts = {"codes": 0, "pad": 0, "indices": 0, "indptr": 0, "book": 0}
+    if fmt == FMT_EMPTY:
+        return parts
+    count = rows * cols if fmt == FMT_DENSE else nnz
+    parts["pad"] = 4
+    parts["codes"] = 4 * packed_words(count, code_width(fmt, levels, raw)) - 4
+    parts["book"] = 0 if raw else 4 * (levels + 1)
+    if fmt == FMT_CSR:
+        parts["indices"] = torch.empty(0, dtype=index_dtype(cols)).element_size() * nnz
+        parts["indptr"] = 4 * (rows + 1)
+    return parts
 
 
 def choose_format(rows: int, cols: int, nnz: int, levels: int, raw: bool) -> int:

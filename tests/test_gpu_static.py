@@ -72,16 +72,16 @@ def test_static_gate(family, version):
         raise KnownFailure(f"{len(bad)} known violation(s) on triton {res['triton']}:\n" + "\n".join(bad))
 
 
-def test_gemm_autotune_prunes_what_cannot_launch():
-    """The 128x256x64 large-M config (3 stages) needs more than 227 KB: pruned before compile, others kept."""
+def test_gemm_autotune_prunes_what_cannot_launch(monkeypatch):
+    """Every shipped tile config fits 227 KB; one that does not (128x256x64, 3 stages) is pruned before compile."""
     lt = pytest.importorskip("atmc_triton.kernels.lowrank_gemm_triton")
-    kept = lt._prune_large(lt.TILE_LARGE_CONFIGS, {})
-    dropped = [c for c in lt.TILE_LARGE_CONFIGS if c not in kept]
-    assert [c.kwargs["BLOCK_N"] for c in dropped] == [256]
-    assert lt.tile_smem(dropped[0].kwargs, dropped[0].num_stages) > lt.SMEM_LIMIT == 232448
-    assert len(kept) == 4
+    assert lt._prune_large(lt.TILE_LARGE_CONFIGS, {}) == lt.TILE_LARGE_CONFIGS
     for block_m in (16, 32):
         assert lt._prune_small(lt.TILE_SMALL_CONFIGS, {"BLOCK_M": block_m}) == lt.TILE_SMALL_CONFIGS
+    too_big = lt._cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=8)
+    assert lt.tile_smem(too_big.kwargs, too_big.num_stages) > lt.SMEM_LIMIT == 232448
+    monkeypatch.setattr(lt, "TILE_LARGE_CONFIGS", [*lt.TILE_LARGE_CONFIGS, too_big])
+    assert lt._prune_large(lt.TILE_LARGE_CONFIGS, {}) == lt.TILE_LARGE_CONFIGS[:-1]
     assert lt._tile_large.early_config_prune is lt._prune_large  # the launcher really prunes
     assert lt._tile_small.early_config_prune is lt._prune_small
 

@@ -1,6 +1,7 @@
 """Packed inference models: pack_ / unpack, state dicts, safetensors round trips, sizes, accuracy.
 
-CPU forwards run the reference (dequantize + matmul); the ``gpu`` tests run the Triton kernels.
+CPU forwards run the reference (dequantize + matmul); the ``gpu`` tests run the Triton kernels, and
+with ``TRITON_INTERPRET=1`` the same tests run them on CPU in Triton's interpreter (``triton_on_cpu``).
 """
 
 import copy
@@ -19,6 +20,8 @@ from torch._dynamo.testing import CompileCounter
 
 import atmc_triton as at
 from atmc_triton import packed as pk
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 ATMC_SUFFIXES = ("U", "V", "C", "_z", "_u", "_mask", "codebook", "finalized", "bits", "identity")
 
@@ -62,7 +65,7 @@ def cnn():
 # --- pack_ / unpack --------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=8)
+@settings(max_examples=max(3, settings.default.max_examples // 3))  # follows the profile: 8 in ci, 100 thorough
 @given(
     bits=st.sampled_from([1, 2, 4, 8, None]),
     ratio=st.sampled_from([0.02, 0.1, 0.5]),
@@ -389,19 +392,155 @@ def test_packed_clean_and_adversarial_accuracy_equal_finalized():
     assert got == want
 
 
-# --- GPU: the Triton kernels inside packed models -------------------------------------------------------------------
+# --- the Triton kernels inside packed models (GPU, or the interpreter on CPU) -----------------------------------------
 
 
-@pytest.mark.gpu
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Packed layers call the Triton launchers on CPU tensors too (Triton's interpreter), not the reference."""
+    if not INTERPRET:
+        pytest.skip("CPU tensors run Triton kernels only in its interpreter (TRITON_INTERPRET=1)")
+    from atmc_triton.kernels import lowrank_gemm_triton as lt
+
+    def linear(x, bias, n, r, identity, *f):
+        return lt.linear_launch(x, bias, n, r, identity, [f[i : i + 5] for i in (0, 5, 10)])
+
+    def decode(fmt, rows, cols, *parts):
+        return lt.decode_launch(lt._Factor(fmt, rows, cols, *parts))
+
+    monkeypatch.setattr(pk, "atmc_linear", linear)
+    monkeypatch.setattr(pk, "atmc_decode", decode)
+    return lt
+
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def fp32_rtol(device: str) -> float:
+    """float32 in the interpreter is exact float32; on a GPU the kernels use tf32 tensor cores (10-bit
+    mantissa, as ``F.linear`` under ``allow_tf32``): 4 units of 2^-11 relative to the largest output."""
+    return 1e-5 if device == "cpu" else 4 * 2.0**-11
+
+
+@pytest.fixture
+def kernels_on(request, device):
+    if device == "cpu":
+        request.getfixturevalue("triton_on_cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_packed_model_on_gpu_matches_finalized(dtype):
+def test_packed_model_kernels_match_finalized(device, dtype, kernels_on):
     torch.manual_seed(0)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     model = finalized(lenet(), bits=4, ratio=0.1, x=x, y=y)
-    packed = pk.pack_(copy.deepcopy(model)).cuda().to(dtype)
+    packed = pk.pack_(copy.deepcopy(model)).to(device).to(dtype)
+    paths = set()
     for batch in (1, 8, 64):
         xb = torch.rand(batch, 1, 28, 28)
-        got = packed(xb.cuda().to(dtype)).float().cpu()
-        assert max_rel(got, model(xb)) <= (1e-5 if dtype == torch.float32 else 1e-2)
-    compiled = torch.compile(packed, fullgraph=True)
-    assert max_rel(compiled(x.cuda().to(dtype)).float().cpu(), model(x)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+        got = packed(xb.to(device).to(dtype)).float().cpu()
+        assert max_rel(got, model(xb)) <= (fp32_rtol(device) if dtype == torch.float32 else 1e-2)
+        paths |= {m.path(batch, dtype) for _, m in pk.packed_layers(packed) if isinstance(m, pk.PackedLinear)}
+    assert "split_k" in paths
+    if device == "cuda":
+        compiled = torch.compile(packed, fullgraph=True)
+        got = compiled(x.cuda().to(dtype)).float().cpu()
+        assert max_rel(got, model(x)) <= (fp32_rtol(device) if dtype == torch.float32 else 1e-2)
+
+
+def _one_linear(seed=0, n_in=40, n_out=24):
+    torch.manual_seed(seed)
+    x, y = torch.rand(6, n_in), torch.randint(0, n_out, (6,))
+    model = finalized(nn.Sequential(nn.Linear(n_in, n_out)), bits=3, ratio=0.3, x=x, y=y)
+    return model, pk.pack_(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_path_is_correct_at_its_boundaries(device, kernels_on, monkeypatch):
+    """Sampled M on both sides of each path boundary (split_k | tile at 32/33, tile | dense at the
+    crossover, here set to 50); ``test_every_m_takes_exactly_one_path`` covers every M of 1..4096."""
+    model, packed = _one_linear()
+    layer = packed[0].to(device)
+    monkeypatch.setattr(layer, "crossover", lambda act_bytes=2: 50)
+    seen = {}
+    for M in (1, 16, 32, 33, 49, 50, 51, 300):
+        x = torch.randn(M, 40)
+        seen[layer.path(M, torch.float32)] = M
+        got = layer(x.to(device)).cpu()
+        want = model(x).detach()
+        tol = fp32_rtol(device)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert set(seen) == {"split_k", "tile", "dense"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_cache_is_counted_freed_and_follows_changes(device, kernels_on, monkeypatch):
+    model, packed = _one_linear(seed=1)
+    packed = packed.to(device)
+    layer = packed[0]
+    monkeypatch.setattr(layer, "crossover", lambda act_bytes=2: 40)
+    x = torch.randn(64, 40)
+    assert pk.cached_nbytes(packed) == 0
+    model.requires_grad_(False)
+    want = model(x)
+    tol = fp32_rtol(device)
+    torch.testing.assert_close(packed(x.to(device)).cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert layer.cache_nbytes == pk.cached_nbytes(packed) == 24 * 40 * 4  # one fp32 [24, 40] weight
+    w = layer.weight_cache
+    packed(x.to(device))
+    assert layer.weight_cache is w  # decoded once, not per call
+    sd = packed.state_dict()
+    sd["0.bias"] = sd["0.bias"] + 1
+    for f in "UVC":
+        sd[f"0.{f}_book"] = 2 * sd[f"0.{f}_book"]
+    packed.load_state_dict(sd)  # new values: the cache is dropped and rebuilt from them
+    assert layer.cache_nbytes == 0
+    linear = model[0]
+    with torch.no_grad():
+        for f in "UVC":
+            getattr(linear, f).mul_(2)
+        linear.bias.add_(1)
+    want = model(x)
+    torch.testing.assert_close(packed(x.to(device)).cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    layer.U_book[1:].mul_(0.5)  # an in-place change also invalidates it
+    got = packed(x.to(device)).cpu()
+    assert not torch.allclose(got, want)
+    layer.U_book[1:].mul_(2)
+    assert torch.equal(packed(x.to(device)).cpu(), layer(x.to(device)).cpu())
+    back = pk.unpack(packed)
+    assert layer.cache_nbytes == 0 and pk.cached_nbytes(back) == 0  # unpack frees the decoded weight
+    torch.testing.assert_close(back(x.to(device)).cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    again = pk.pack_(back)
+    monkeypatch.setattr(again[0], "crossover", lambda act_bytes=2: 40)
+    torch.testing.assert_close(again(x.to(device)).cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert again[0].path(64, torch.float32) == "dense" and again[0].cache_nbytes > 0
+    again[0].dense_cache = False
+    assert again[0].path(10**6, torch.float32) == "tile"
+
+
+def test_corrupt_packed_tensors_are_refused_before_any_kernel(monkeypatch):
+    packed = pk.pack_(known_formats())  # U dense-coded, V CSR
+    layer = packed[0]
+
+    def no_kernel(*a, **k):
+        raise AssertionError("a kernel ran on corrupt data")
+
+    monkeypatch.setattr(pk, "atmc_linear", no_kernel)
+    monkeypatch.setattr(pk, "atmc_decode", no_kernel)
+    x = torch.randn(3, 200)
+    corruptions = []
+    for f in "UVC":
+        if layer.fmts[f] == FMT_CSR:
+            corruptions.append((getattr(layer, f"{f}_indices"), 10_000, "column indices outside"))
+        if layer.fmts[f] != FMT_EMPTY:
+            corruptions.append((getattr(layer, f"{f}_codes"), -1, "past its"))
+    assert any(t.dtype == torch.int16 for t, _, _ in corruptions)  # both kinds of corruption reached
+    for t, value, message in corruptions:
+        saved = t.clone()
+        t.fill_(value)
+        for M in (3, 100):  # the packed path and the cached dense path
+            with pytest.raises(ValueError, match=message):
+                layer(torch.randn(M, 200))
+        t.copy_(saved)
+    monkeypatch.undo()
+    assert torch.isfinite(layer(x)).all()
