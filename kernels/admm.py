@@ -75,14 +75,20 @@ def project_topk_(w: Tensor, k: int, mom: Tensor | None = None) -> tuple[Tensor,
         if mom is not None:
             mom.zero_()
         return torch.zeros(n, dtype=torch.bool, device=w.device), w.new_full((), float("inf"))
+    keep, tau = _topk_keep(w, k)
+    w.mul_(keep)
+    if mom is not None:
+        mom.mul_(keep)
+    return keep, tau
+
+
+def _topk_keep(w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(keep [n] bool, tau)`` of :func:`project_topk_` for ``1 <= k < n``, ``w`` untouched."""
     a = w.abs()
     tau = kth_largest(a, k).to(w.device)
     keep = a > tau
     need = k - int(keep.sum())  # >= 1: tau itself is one of the k largest
     keep[torch.nonzero(a == tau).view(-1)[:need]] = True  # ties: the lowest flat indices
-    w.mul_(keep)
-    if mom is not None:
-        mom.mul_(keep)
     return keep, tau
 
 
@@ -135,11 +141,29 @@ def admm_step_ref(
         ([0.5, -2.0, 0.0, 1.0], [True, True, False, True])
     """
     _check(w, grad, mom, z, u, mask, k)
-    g = grad.float() + weight_decay * w + rho * (w - z + u)
-    m = mom * momentum + g
-    wn = w - lr * (g + momentum * m if nesterov else m)
-    ok = (torch.isfinite(wn) & torch.isfinite(m)).all()  # no host sync: select, don't branch
-    keep, tau = project_topk_(wn, k, m)
+    # two scratch buffers and in-place ops: each fresh n-float temporary costs a page-faulted allocation
+    g = torch.add(w, u).sub_(z).mul_(rho).add_(w, alpha=weight_decay).add_(grad)  # [n] grad + wd w + rho (w - z + u)
+    m = torch.mul(mom, momentum).add_(g)  # [n]
+    if nesterov:
+        wn = g.add_(m, alpha=momentum).mul_(-lr).add_(w)
+    else:
+        wn = torch.add(w, m, alpha=-lr, out=g)
+    if w.device.type == "cpu":  # a branch costs no sync here; a finite sum means finite entries
+        if not (torch.isfinite(wn.sum() + m.sum()) or (torch.isfinite(wn).all() & torch.isfinite(m).all())):
+            return torch.tensor(float("nan"), dtype=torch.float32)
+        n = w.numel()
+        if 1 <= k < n:
+            keep, tau = _topk_keep(wn, k)
+            torch.mul(wn, keep, out=w)
+            torch.mul(m, keep, out=mom)
+        else:
+            keep, tau = project_topk_(wn, k, m)
+            w.copy_(wn)
+            mom.copy_(m)
+        torch.logical_and(keep, w != 0, out=mask)
+        return tau.float()
+    ok = torch.isfinite(wn).all() & torch.isfinite(m).all()
+    keep, tau = project_topk_(wn, k, m)  # no host sync: select, don't branch
     w.copy_(torch.where(ok, wn, w))
     mom.copy_(torch.where(ok, m, mom))
     mask.copy_(torch.where(ok, keep & (wn != 0), mask))
