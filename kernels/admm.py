@@ -141,13 +141,16 @@ def admm_step_ref(
         ([0.5, -2.0, 0.0, 1.0], [True, True, False, True])
     """
     _check(w, grad, mom, z, u, mask, k)
-    # two scratch buffers and in-place ops: each fresh n-float temporary costs a page-faulted allocation
-    g = torch.add(w, u).sub_(z).mul_(rho).add_(w, alpha=weight_decay).add_(grad)  # [n] grad + wd w + rho (w - z + u)
-    m = torch.mul(mom, momentum).add_(g)  # [n]
+    # two scratch buffers and in-place ops (each fresh n-float temporary costs a page-faulted allocation),
+    # evaluated in exactly the order of the formula above (the Triton kernel matches it bit for bit)
+    t = torch.sub(w, z).add_(u).mul_(rho)  # [n] rho (w - z + u)
+    g = torch.mul(w, weight_decay).add_(grad).add_(t)  # [n] grad + wd w + rho (w - z + u)
+    m = torch.mul(mom, momentum, out=t).add_(g)  # [n]
     if nesterov:
-        wn = g.add_(m, alpha=momentum).mul_(-lr).add_(w)
+        g.add_(torch.mul(m, momentum))
+        wn = torch.sub(w, g.mul_(lr), out=g)
     else:
-        wn = torch.add(w, m, alpha=-lr, out=g)
+        wn = torch.sub(w, torch.mul(m, lr, out=g), out=g)
     if w.device.type == "cpu":  # a branch costs no sync here; a finite sum means finite entries
         if not (torch.isfinite(wn.sum() + m.sum()) or (torch.isfinite(wn).all() & torch.isfinite(m).all())):
             return torch.tensor(float("nan"), dtype=torch.float32)
