@@ -18,7 +18,14 @@ Example:
 """
 
 from atmc_triton import attacks, data, kernels, models, train
-from atmc_triton.api import compress_, finalize_, is_finalized
+from atmc_triton.api import (
+    CollapseWarning,
+    CompressReport,
+    check_input_dependence,
+    compress_,
+    finalize_,
+    is_finalized,
+)
 from atmc_triton.attacks import SuiteResult, apgd_ce, apgd_dlr, fgsm, pgd, robust_attack, robust_suite, wrm
 from atmc_triton.budget import (
     FactorSize,
@@ -33,7 +40,8 @@ from atmc_triton.budget import (
 from atmc_triton.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
 from atmc_triton.config import ATMCConfig
 from atmc_triton.data import load_dataset
-from atmc_triton.layers import ATMCConv2d, ATMCLayer, ATMCLinear, cached_weights
+from atmc_triton.export import export_dense
+from atmc_triton.layers import ATMCConv2d, ATMCLayer, ATMCLinear, ATMCMultiheadAttention, cached_weights
 from atmc_triton.models import build_model
 from atmc_triton.optim import ADMM
 from atmc_triton.packed import (
@@ -59,6 +67,9 @@ __all__ = [
     "ATMCConv2d",
     "ATMCLayer",
     "ATMCLinear",
+    "ATMCMultiheadAttention",
+    "CollapseWarning",
+    "CompressReport",
     "EvalResult",
     "Experiment",
     "FactorSize",
@@ -76,10 +87,12 @@ __all__ = [
     "SizeReport",
     "atmc_layers",
     "cached_weights",
+    "check_input_dependence",
     "compress_",
     "data",
     "dense_bits",
     "evaluate",
+    "export_dense",
     "export_safetensors",
     "factor_bits",
     "fgsm",

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from atmc_triton.config import ATMCConfig
+from atmc_triton.kernels import IDENTITY_NONE, IDENTITY_U
 from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
-from atmc_triton.layers import ATMCLayer
+from atmc_triton.layers import FACTORS, ATMCLayer
 
 __all__ = [
     "CODEBOOK_ENTRY_BITS",
@@ -34,6 +35,7 @@ __all__ = [
     "dense_bits",
     "factor_bits",
     "factor_bits_bound",
+    "floor_indices",
     "model_size_bits",
     "nnz_budget",
     "size_report",
@@ -185,10 +187,23 @@ class FactorSize:
 
 @dataclass(frozen=True)
 class SizeReport:
-    """Per-factor sizes plus totals. ``str(report)`` is a table."""
+    """Per-factor sizes plus totals and three size ratios. ``str(report)`` is a table.
+
+    * :attr:`ratio`, the paper's: compressed bits of the ATMC layers over 32 bits per weight of
+      those same layers (what ``ATMCConfig.ratio`` budgets);
+    * :attr:`model_ratio`, the whole model: the same plus every parameter left dense (biases,
+      norms, embeddings, layers not compressed) at 32 bits, over 32 bits per parameter;
+    * :attr:`file_ratio`: the tensor bytes :func:`atmc_triton.save_packed` writes (packed factors,
+      plus every other tensor of the state dict as stored) over those of the dense model's
+      safetensors file (:func:`atmc_triton.export_dense` then ``state_dict``); file headers, a few
+      KB, are not counted.
+    """
 
     factors: tuple[FactorSize, ...]
     dense_bits: int
+    dense_params: int = 0
+    file_bytes: int = 0
+    dense_file_bytes: int = 0
 
     @property
     def total_bits(self) -> int:
@@ -216,7 +231,25 @@ class SizeReport:
 
     @property
     def ratio(self) -> float:
+        """Paper ratio: compressed bits over the 32-bit size of the compressed layers' weights."""
         return self.total_bits / self.dense_bits if self.dense_bits else 0.0
+
+    @property
+    def dense_share(self) -> float:
+        """Share of the model's parameters left dense."""
+        total = self.dense_bits // 32 + self.dense_params
+        return self.dense_params / total if total else 0.0
+
+    @property
+    def model_ratio(self) -> float:
+        """Whole-model ratio, parameters left dense at 32 bits."""
+        total = self.dense_bits + 32 * self.dense_params
+        return (self.total_bits + 32 * self.dense_params) / total if total else 0.0
+
+    @property
+    def file_ratio(self) -> float:
+        """Packed-file tensor bytes over the dense safetensors file's."""
+        return self.file_bytes / self.dense_file_bytes if self.dense_file_bytes else 0.0
 
     def __str__(self) -> str:
         head = (
@@ -233,7 +266,38 @@ class SizeReport:
             f"total: {self.nnz} nonzeros, {self.total_bits} bits = {self.ratio:.3e} of dense "
             f"({self.dense_bits} bits); packed {self.packed_bytes} bytes"
         )
+        rows.append(
+            f"ratios: paper {self.ratio:.3e} (compressed layers) | whole model {self.model_ratio:.3e} "
+            f"({self.dense_params} parameters, {self.dense_share:.1%}, left dense at 32 bits) | "
+            f"packed file {self.file_ratio:.3e} ({self.file_bytes} of {self.dense_file_bytes} tensor bytes)"
+        )
         return "\n".join(rows)
+
+
+def _other_state(root: nn.Module) -> tuple[int, int, int]:
+    """``(dense parameters, bytes both files hold, bytes only the packed file holds)`` outside the factors."""
+    packed = _packed_layer_types()
+    seen: set[int] = set()
+    params = both = only_packed = 0
+    for m in root.modules():
+        compressed = isinstance(m, (ATMCLayer, *packed))
+        for name, p in m._parameters.items():
+            if p is None or id(p) in seen or (compressed and name in FACTORS):
+                continue
+            seen.add(id(p))
+            params += p.numel()
+            both += p.nbytes
+        if compressed:
+            continue  # ATMC training state / packed factors (counted per factor) / caches
+        for name, b in m._buffers.items():
+            if b is None or id(b) in seen or name in m._non_persistent_buffers_set:
+                continue
+            seen.add(id(b))
+            if m is root and name.startswith("atmc_"):
+                only_packed += b.nbytes
+            else:
+                both += b.nbytes
+    return params, both, only_packed
 
 
 def _levels(t: Tensor) -> int:
@@ -242,11 +306,31 @@ def _levels(t: Tensor) -> int:
 
 
 @torch.no_grad()
-def size_report(model: nn.Module) -> SizeReport:
-    """Size of every factor of every ATMC or packed layer, in the paper's convention and as packed bits."""
+def size_report(model: nn.Module, check_input: bool = True, example_input: Tensor | None = None) -> SizeReport:
+    """Size of every factor of every ATMC or packed layer, in the paper's convention and as packed
+    bits, and the paper, whole-model and packed-file ratios (see :class:`SizeReport`).
+
+    With ``check_input`` it also checks, like :func:`atmc_triton.finalize_`, that the model's
+    output still depends on its input (:func:`atmc_triton.check_input_dependence`).
+
+    Example:
+        >>> import atmc_triton as at
+        >>> m = at.finalize_(at.compress_(nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8)), at.ATMCConfig(ratio=0.1)))
+        >>> r = at.size_report(m)
+        >>> r.ratio <= 0.1 < r.model_ratio  # the LayerNorm and the bias stay dense
+        True
+    """
     rows = []
     packed = _packed_layer_types()
-    for name, layer in unwrap(model).named_modules():
+    root = unwrap(model)
+    weights = weight_bytes = 0
+    for name, layer in root.named_modules():
+        if isinstance(layer, ATMCLayer):
+            weights += layer.C.numel()
+            weight_bytes += layer.C.nbytes
+        elif isinstance(layer, packed):
+            weights += layer.out_dim * layer.in_dim
+            weight_bytes += layer.out_dim * layer.in_dim * torch.empty(0, dtype=layer._dtype).element_size()
         if isinstance(layer, ATMCLayer):
             for f, p in layer.factors():
                 nnz, levels = int((p != 0).sum()), _levels(p)
@@ -279,7 +363,19 @@ def size_report(model: nn.Module) -> SizeReport:
                 )
     if not rows:
         raise ValueError("size_report: the model has no ATMC layers (call atmc_triton.compress_ first)")
-    return SizeReport(tuple(rows), dense_bits(model))
+    params, both, only_packed = _other_state(root)
+    report = SizeReport(
+        tuple(rows),
+        32 * weights,
+        dense_params=params,
+        file_bytes=sum(math.ceil(f.packed_bits / 8) for f in rows) + both + only_packed,
+        dense_file_bytes=weight_bytes + both,
+    )
+    if check_input:
+        from atmc_triton.api import check_input_dependence
+
+        check_input_dependence(root, example_input)
+    return report
 
 
 def model_size_bits(model: nn.Module) -> int:
@@ -294,18 +390,86 @@ def model_size_bits(model: nn.Module) -> int:
     return size_report(model).total_bits
 
 
-def fit_budget_(flat: Tensor, offsets: list[int], bits: list[int | None], k: int, budget: int | None) -> int:
+@torch.no_grad()
+def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tensor:
+    """Flat indices (the :class:`atmc_triton.FactorStore` order) of the floor entries of ``layers``.
+
+    ``mode`` is :attr:`atmc_triton.ATMCConfig.floor`. The floor of a row is the largest entry of
+    that output unit's row in the factor that carries the weight: ``U`` when the identity init put
+    W there (``W = U (V + I) + C``), ``V`` for ``W = (U + I) V + C``, and for the SVD init the
+    largest ``U[i, r]`` plus the largest entry of row ``r`` of ``V``. ``source`` picks the values:
+    ``""`` the factors, ``"_z"`` their quantized copies. Zero entries are never part of the floor.
+
+    Example:
+        >>> from atmc_triton import ATMCConfig, ATMCLinear
+        >>> lin = ATMCLinear.from_dense(nn.Linear(3, 2), ATMCConfig(nnz=4))
+        >>> floor_indices([lin], "rows").numel()  # one per output unit
+        2
+    """
+    out: list[Tensor] = []
+    base = 0
+    for j, layer in enumerate(layers):
+        vals = {f: getattr(layer, f + source).detach() for f in FACTORS}
+        offs = {}
+        for f in FACTORS:
+            offs[f] = base
+            base += vals[f].numel()
+        if mode == "none":
+            continue
+        rows = mode == "rows" or j == len(layers) - 1
+        ident = int(layer.identity)
+        carrier = "V" if ident == IDENTITY_U else "U"
+        a = vals[carrier].abs()  # [out, cols]
+        cols = a.shape[1]
+        if rows:
+            r = torch.arange(a.shape[0], device=a.device)
+            c = a.argmax(dim=1)
+        else:
+            flat_arg = a.reshape(-1).argmax()
+            r, c = (flat_arg // cols).view(1), (flat_arg % cols).view(1)
+        nz = a[r, c] != 0
+        r, c = r[nz], c[nz]
+        out.append(offs[carrier] + r * cols + c)
+        if ident == IDENTITY_NONE and c.numel():  # U[i, r] needs a nonzero in row r of V
+            v = vals["V"].abs()
+            rr = torch.unique(c)
+            cc = v[rr].argmax(dim=1)
+            keep = v[rr, cc] != 0
+            out.append(offs["V"] + rr[keep] * v.shape[1] + cc[keep])
+    if not out:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat([o.to(out[0].device) for o in out]).long()
+
+
+def fit_budget_(
+    flat: Tensor,
+    offsets: list[int],
+    bits: list[int | None],
+    k: int,
+    budget: int | None,
+    forced: Tensor | None = None,
+) -> int:
     """Keep the largest prefix of the top-``k`` order (|w| desc, index asc) that fits ``budget``.
 
     ``flat`` holds every factor back to back (already projected to at most ``k`` nonzeros);
     entries beyond the prefix are zeroed in place. Returns the number of nonzeros kept.
-    Cost is monotone in the prefix length, so a binary search finds the exact fit.
+    Cost is monotone in the prefix length, so a binary search finds the exact fit. The nonzero
+    entries at ``forced`` (the layer floor) come first in the order, so they are always kept;
+    ``ValueError`` if they alone exceed the budget.
     """
     idx = torch.nonzero(flat).view(-1)
     if budget is None or idx.numel() == 0:
         return idx.numel()
     a = flat[idx].abs()
     order = idx[torch.sort(-a, stable=True).indices]  # ties: lower flat index first
+    n_forced = 0
+    if forced is not None and forced.numel():
+        fz = torch.unique(forced.to(flat.device))
+        fz = fz[flat[fz] != 0]
+        is_forced = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        is_forced[fz] = True
+        order = torch.cat([fz, order[~is_forced[order]]])
+        n_forced = fz.numel()
     off = torch.tensor(offsets, device=flat.device)
     seg = torch.searchsorted(off, order, right=True) - 1  # factor of each entry
     vals = flat[order]
@@ -323,9 +487,14 @@ def fit_budget_(flat: Tensor, offsets: list[int], bits: list[int | None], k: int
         lev = torch.bincount(seg[:n][is_first[:n]], minlength=S).tolist()
         return sum(factor_bits(c, lv, b) for c, lv, b in zip(nnz, lev, bits))
 
-    lo, hi = 0, order.numel()  # cost(lo) fits; find the largest n with cost(n) <= budget
+    lo, hi = n_forced, order.numel()  # cost(lo) fits; find the largest n with cost(n) <= budget
     if cost(hi) <= budget:
         return hi
+    if cost(lo) > budget:
+        raise ValueError(
+            f"the layer floor alone ({n_forced} entries, {cost(lo)} bits) exceeds the budget of {budget} bits; "
+            "use ATMCConfig(floor='last' or 'none') or a larger ratio"
+        )
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if cost(mid) <= budget:

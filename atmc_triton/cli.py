@@ -34,7 +34,7 @@ from atmc_triton.attacks import SUITES
 from atmc_triton.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from atmc_triton.config import INITS, ATMCConfig
 from atmc_triton.data import DATASETS, load_dataset
-from atmc_triton.models import MODELS
+from atmc_triton.models import MODELS, is_model_name
 from atmc_triton.train import ATTACKS, PROTOCOLS, EvalResult, Experiment, NonFiniteError, Protocol, Schedule
 
 __all__ = ["RECIPES", "Recipe", "main"]
@@ -121,8 +121,10 @@ def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
         )
         g.add_argument(
             "--model",
-            choices=list(MODELS),
-            help="model (default: lenet for mnist, resnet34 for cifar10/100, wrn16_8 for svhn, digits_cnn for digits)",
+            type=_model_name,
+            help=f"model: {', '.join(MODELS)}, or any torchvision / timm classifier as tv:NAME / timm:NAME "
+            "(e.g. tv:resnet18, timm:convnext_atto; built for the dataset's classes and channels) "
+            "(default: lenet for mnist, resnet34 for cifar10/100, wrn16_8 for svhn, digits_cnn for digits)",
         )
         g.add_argument("--subset", type=_positive_int, help="train on a seeded random subset of N examples")
     g.add_argument("--data-root", type=Path, help="torchvision data directory (offline: must hold the dataset)")
@@ -273,6 +275,15 @@ def _config(a: argparse.Namespace, recipe: Recipe, ratio: float | None = None) -
     )
 
 
+def _model_name(name: str) -> str:
+    """argparse type of ``--model``: a built-in name or ``tv:NAME`` / ``timm:NAME`` (checked when built)."""
+    if not is_model_name(name):
+        raise argparse.ArgumentTypeError(
+            f"unknown model {name!r}; choose from {', '.join(MODELS)}, tv:NAME or timm:NAME"
+        )
+    return name
+
+
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
@@ -306,7 +317,7 @@ def _setup(a: argparse.Namespace) -> _Setup:
     }
     dense = Schedule(epochs=_pick(a.epochs, recipe.epochs), lr=_pick(a.lr, recipe.lr), **common)
     atmc = Schedule(epochs=_pick(a.atmc_epochs, recipe.atmc_epochs), lr=_pick(a.atmc_lr, recipe.atmc_lr), **common)
-    out = a.out or Path("atmc_runs") / f"{a.dataset}_{model}"
+    out = a.out or Path("atmc_runs") / f"{a.dataset}_{model.replace(':', '_')}"
     device = distributed.init_from_env(a.device)
     data = _load(a.dataset, a.data_root, download=a.download, subset=a.subset, test_subset=a.test_subset, seed=a.seed)
     resume = a.resume or distributed.restart_count() > 0  # a torchrun restart picks up where the group died
@@ -624,7 +635,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     meta = ck["meta"]
     if a.model is not None and meta.get("model") != a.model:
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} holds model {meta.get('model')!r}, not {a.model!r}")
-    if meta.get("dataset") not in DATASETS or meta.get("model") not in MODELS:
+    if meta.get("dataset") not in DATASETS or not is_model_name(meta.get("model")):
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} names an unknown model/dataset")
     try:
         base = Protocol(**meta["protocol"]) if meta.get("protocol") else PROTOCOLS[meta["dataset"]]

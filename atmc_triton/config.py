@@ -7,9 +7,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["ATMCConfig", "INITS"]
+__all__ = ["ATMCConfig", "FLOORS", "INITS"]
 
 INITS = ("identity", "svd")
+FLOORS = ("auto", "last", "rows", "none")
 
 
 def _is_int(x: object) -> bool:
@@ -54,6 +55,18 @@ class ATMCConfig:
             ``"svd"`` (truncated SVD, U V = best rank-r approximation, C = 0).
         rank: SVD rank, an int ``>= 1`` or a fraction in (0, 1] of ``min(out, in*kh*kw)``;
             only with ``init="svd"`` (``None`` = full rank).
+        exclude: module names or fnmatch patterns (e.g. ``("fc", "*.head")``) that
+            :func:`atmc_triton.compress_` leaves dense; a pattern that matches no compressible
+            layer is a ``ValueError`` there.
+        floor: per-layer floor, entries kept inside the global budget whatever their magnitude
+            (the ADMM projection and ``finalize_`` spend ``k - |floor|`` on the global top-k):
+            ``"last"``: the largest entry of every compressed layer (no layer ends at zero
+            nonzeros) plus one entry per output unit of the last compressed layer (normally the
+            classifier: no logit becomes input-independent); ``"rows"``: one entry per output
+            unit of every compressed layer; ``"none"``: no floor (layers may be pruned away
+            entirely); ``"auto"`` (default): ``"rows"`` if that floor takes at most a quarter of
+            the budget ``k``, else ``"last"`` if it does, else ``"none"`` with a warning (tiny
+            budgets). An explicit ``"last"`` or ``"rows"`` above half of ``k`` is a ``ValueError``.
 
     Example:
         >>> cfg = ATMCConfig(ratio=0.01, bits=8)
@@ -73,6 +86,8 @@ class ATMCConfig:
     tol: float = 1e-5
     init: str = "identity"
     rank: int | float | None = None
+    exclude: tuple[str, ...] | None = None
+    floor: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.nnz is None):
@@ -110,6 +125,14 @@ class ATMCConfig:
             raise ValueError(f"ATMCConfig.tol must be a finite number >= 0, got {self.tol!r}")
         if self.init not in INITS:
             raise ValueError(f"ATMCConfig.init must be one of {INITS}, got {self.init!r}")
+        ex = self.exclude
+        if isinstance(ex, str):
+            ex = (ex,)
+        if ex is not None and not (isinstance(ex, (tuple, list)) and all(isinstance(e, str) and e for e in ex)):
+            raise ValueError(f"ATMCConfig.exclude must be a sequence of module names or fnmatch patterns, got {ex!r}")
+        object.__setattr__(self, "exclude", tuple(ex) or None if ex is not None else None)
+        if self.floor not in FLOORS:
+            raise ValueError(f"ATMCConfig.floor must be one of {FLOORS}, got {self.floor!r}")
         if self.rank is not None:
             if self.init != "svd":
                 raise ValueError("ATMCConfig.rank applies to init='svd' only; init='identity' is full rank")
@@ -134,6 +157,13 @@ class ATMCConfig:
             if fnmatch.fnmatchcase(name, pattern):
                 return b
         return self.bits
+
+    def excluded(self, name: str) -> str | None:
+        """The ``exclude`` entry that matches module ``name`` (exact name or fnmatch pattern), else ``None``."""
+        for pattern in self.exclude or ():
+            if pattern == name or fnmatch.fnmatchcase(name, pattern):
+                return pattern
+        return None
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         """Rank r of ``U [out, r] V [r, in]`` for a layer of that shape."""

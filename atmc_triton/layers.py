@@ -16,6 +16,7 @@ __all__ = [
     "ATMCLayer",
     "ATMCLinear",
     "ATMCConv2d",
+    "ATMCMultiheadAttention",
     "FACTORS",
     "IDENTITY_NONE",
     "IDENTITY_U",
@@ -232,8 +233,8 @@ class ATMCLinear(ATMCLayer):
 
 
 class ATMCConv2d(ATMCLayer):
-    """``nn.Conv2d`` (groups = 1) with ``W [out, in*kh*kw] = U V + C``; same stride, padding,
-    dilation, padding mode and bias as the original.
+    """``nn.Conv2d`` with ``W [out, in/groups*kh*kw] = U V + C``; same stride, padding, dilation,
+    groups (grouped and depthwise convolutions too), padding mode and bias as the original.
 
     Example:
         >>> conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
@@ -262,15 +263,17 @@ class ATMCConv2d(ATMCLayer):
         dtype=None,
     ):
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"ATMCConv2d supports groups=1 only, got groups={groups}")
+        if not (isinstance(groups, int) and groups >= 1 and in_channels % groups == 0 and out_channels % groups == 0):
+            raise ValueError(
+                f"ATMCConv2d: groups={groups!r} must be an int >= 1 dividing {in_channels} and {out_channels}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.groups, self.padding_mode = 1, padding_mode
-        self.weight_shape = (out_channels, in_channels, *self.kernel_size)
-        inn = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.groups, self.padding_mode = groups, padding_mode
+        self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        inn = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         rank = min(out_channels, inn) if rank is None else rank
         self._setup(out_channels, inn, rank, identity, bits, bias, {"device": device, "dtype": dtype})
         if padding_mode != "zeros":
@@ -282,8 +285,6 @@ class ATMCConv2d(ATMCLayer):
     def from_dense(cls, module: nn.Conv2d, cfg: ATMCConfig, bits: int | None = ...) -> ATMCConv2d:
         """Build from a trained ``nn.Conv2d`` (``bits`` overrides ``cfg.bits`` for this layer)."""
         _check_dense(module, nn.Conv2d)
-        if module.groups != 1:
-            raise ValueError(f"ATMC compresses Conv2d with groups=1 only, got groups={module.groups}")
         out = module.out_channels
         inn = module.weight[0].numel()
         identity = (IDENTITY_V if inn <= out else IDENTITY_U) if cfg.init == "identity" else IDENTITY_NONE
@@ -294,7 +295,7 @@ class ATMCConv2d(ATMCLayer):
             module.stride,
             module.padding,
             module.dilation,
-            1,
+            module.groups,
             module.bias is not None,
             module.padding_mode,
             rank=cfg.rank_for(out, inn),
@@ -310,12 +311,93 @@ class ATMCConv2d(ATMCLayer):
         w = self.weight_2d().view(self.weight_shape)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, w, self.bias, self.stride, _pair(0), self.dilation)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+            return F.conv2d(x, w, self.bias, self.stride, _pair(0), self.dilation, self.groups)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.nbits}, "
-            f"bias={self.bias is not None}"
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, rank={self.rank}, "
+            f"bits={self.nbits}, bias={self.bias is not None}"
         )
+
+
+class ATMCMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose projections are compressed layers.
+
+    ``in_proj`` (``[3E, E]``, the stacked q/k/v weight) and ``out_proj`` (``[E, E]``) are
+    :class:`ATMCLinear` layers (after :func:`atmc_triton.pack_`, ``PackedLinear``) in the global
+    budget. ``in_proj_weight`` / ``in_proj_bias`` are read-only properties giving the effective
+    weight, and ``out_proj.weight`` is the effective weight too, so torch's own
+    ``nn.MultiheadAttention.forward`` runs unchanged (its fast path included) and the outputs
+    equal those of a plain ``nn.MultiheadAttention`` holding the same weights, bit for bit.
+    Only self-consistent shapes are compressed (``kdim == vdim == embed_dim``).
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> atmc = ATMCMultiheadAttention.from_dense(mha, ATMCConfig(ratio=0.1))
+        >>> x = torch.randn(1, 3, 8)
+        >>> torch.allclose(atmc(x, x, x)[0], mha(x, x, x)[0], atol=1e-6)
+        True
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, in_proj: nn.Module, out_proj: nn.Module):
+        nn.Module.__init__(self)
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("ATMCMultiheadAttention needs kdim == vdim == embed_dim")
+        for name in ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first"):
+            setattr(self, name, getattr(mha, name))
+        self.head_dim, self.add_zero_attn = mha.head_dim, mha.add_zero_attn
+        self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
+        self.bias_k, self.bias_v = mha.bias_k, mha.bias_v  # parameters, shared with mha until it is dropped
+        self.in_proj = in_proj
+        self.out_proj = out_proj
+        self.train(mha.training)
+
+    @property
+    def in_proj_weight(self) -> Tensor:  # [3E, E]
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:  # [3E]
+        return self.in_proj.bias
+
+    @classmethod
+    def from_dense(
+        cls, mha: nn.MultiheadAttention, cfg: ATMCConfig, bits: int | None = ..., out_bits: int | None = ...
+    ) -> ATMCMultiheadAttention:
+        """Build from a trained ``nn.MultiheadAttention`` (``bits`` / ``out_bits``: per-projection overrides)."""
+        if not isinstance(mha, nn.MultiheadAttention) or isinstance(mha, ATMCMultiheadAttention):
+            raise ValueError(f"from_dense expects nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("ATMC compresses nn.MultiheadAttention with kdim == vdim == embed_dim only")
+        if not mha.in_proj_weight.dtype.is_floating_point:
+            raise ValueError(f"can only compress floating-point weights, got dtype {mha.in_proj_weight.dtype}")
+        e = mha.embed_dim
+        dd = {"device": mha.in_proj_weight.device, "dtype": mha.in_proj_weight.dtype}
+        lin = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, **dd)
+        with torch.no_grad():
+            lin.weight.copy_(mha.in_proj_weight)
+            if lin.bias is not None:
+                lin.bias.copy_(mha.in_proj_bias)
+        in_proj = ATMCLinear.from_dense(lin, cfg, bits)
+        out_proj = ATMCLinear.from_dense(mha.out_proj, cfg, bits if out_bits is ... else out_bits)
+        return cls(mha, in_proj, out_proj)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+def attention_shells_(root: nn.Module, names: list[str]) -> None:
+    """Turn every ``nn.MultiheadAttention`` of ``root`` whose ``NAME.in_proj`` is in ``names`` into an
+    :class:`ATMCMultiheadAttention` shell (its projections placeholders), so a packed file's
+    ``NAME.in_proj`` / ``NAME.out_proj`` layers can be put in (used by ``load_packed``)."""
+    wanted = {n.rpartition(".")[0] for n in names if n.rpartition(".")[2] == "in_proj"}
+    swaps = {}
+    for name, m in root.named_modules():
+        if name in wanted and type(m) is nn.MultiheadAttention:
+            swaps[id(m)] = ATMCMultiheadAttention(m, nn.Identity(), m.out_proj)
+    for parent in root.modules():
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in swaps:
+                parent._modules[child_name] = swaps[id(child)]

@@ -32,6 +32,8 @@ __all__ = [
     "Normalize",
     "WideResNet",
     "build_model",
+    "external_model",
+    "is_model_name",
 ]
 
 
@@ -230,6 +232,78 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+EXTERNAL_PREFIXES = ("tv:", "timm:")
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` is a built-in model or a ``tv:NAME`` / ``timm:NAME`` architecture."""
+    return name in MODELS or (isinstance(name, str) and name.startswith(EXTERNAL_PREFIXES) and ":" != name[-1])
+
+
+def _adapt_stem(model: nn.Module, in_chans: int) -> None:
+    """Rebuild the first ``nn.Conv2d`` of a torchvision model for ``in_chans`` input channels."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != in_chans:
+                    if child.groups != 1:
+                        raise ValueError(f"cannot adapt a grouped stem conv to {in_chans} input channels")
+                    setattr(
+                        parent,
+                        name,
+                        nn.Conv2d(
+                            in_chans,
+                            child.out_channels,
+                            child.kernel_size,
+                            child.stride,
+                            child.padding,
+                            child.dilation,
+                            1,
+                            child.bias is not None,
+                            child.padding_mode,
+                        ),
+                    )
+                return
+
+
+def external_model(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.Module:
+    """A randomly initialized torchvision (``tv:NAME``) or timm (``timm:NAME``) classifier for inputs
+    of ``in_shape = (C, H, W)`` with ``num_classes`` outputs (``in_chans`` and, for vision
+    transformers, the image size set).
+
+    Example:
+        >>> external_model("tv:resnet18", 10, (1, 28, 28))(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    kind, _, arch = name.partition(":")
+    c, h, _w = (int(s) for s in in_shape)
+    try:
+        if kind == "tv":
+            import torchvision
+
+            if arch not in torchvision.models.list_models(torchvision.models):
+                raise ValueError(f"torchvision has no classification model {arch!r}")
+            try:  # vision transformers need the image size
+                model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, image_size=h)
+            except TypeError:
+                model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+            _adapt_stem(model, c)
+        elif kind == "timm":
+            import timm
+
+            if not timm.is_model(arch):
+                raise ValueError(f"timm has no model {arch!r}")
+            try:
+                model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=c, img_size=h)
+            except TypeError:
+                model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=c)
+        else:
+            raise ValueError(f"unknown model source {kind!r}")
+    except ImportError as e:
+        raise ValueError(f"model {name!r} needs the {kind} package ({e})") from None
+    return model
+
+
 def build_model(
     name: str,
     num_classes: int = 10,
@@ -237,20 +311,25 @@ def build_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> nn.Module:
-    """A fresh model from the registry ``MODELS`` (``lenet``, ``resnet34``, ``wrn16_8``, ``digits_cnn``).
+    """A fresh model from the registry ``MODELS`` (``lenet``, ``resnet34``, ``wrn16_8``, ``digits_cnn``),
+    or any torchvision / timm classifier as ``tv:NAME`` / ``timm:NAME`` (:func:`external_model`).
 
-    ``in_shape = (C, H, W)`` of one input (default: the model's usual dataset); ``mean``/``std``
-    add a :class:`Normalize` in front.
+    ``in_shape = (C, H, W)`` of one input (default: the model's usual dataset; required for
+    ``tv:`` / ``timm:``); ``mean``/``std`` add a :class:`Normalize` in front.
 
     Example:
         >>> import atmc_triton as at
         >>> at.dense_bits(build_model("lenet", 10, (1, 28, 28)))
         13776000
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if not is_model_name(name):
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, tv:NAME or timm:NAME")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if name not in MODELS:
+        if in_shape is None or len(in_shape) != 3:
+            raise ValueError(f"{name} needs in_shape=(C, H, W)")
+        return nn.Sequential(_norm(mean, std), external_model(name, num_classes, in_shape))
     kw: dict = {"num_classes": num_classes, "mean": mean, "std": std}
     if in_shape is not None:
         if len(in_shape) != 3:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from atmc_triton import distributed
-from atmc_triton.budget import atmc_layers, unwrap
+from atmc_triton.budget import atmc_layers, floor_indices, unwrap
 from atmc_triton.config import ATMCConfig
 from atmc_triton.kernels import (
     admm_dual_update,
@@ -110,6 +110,10 @@ class ADMM(torch.optim.Optimizer):
         self._dual_op = admm_dual_update_ref if ref else admm_dual_update
         self.store = FactorStore(layers)
         self._layers = layers
+        # the layer floor (cfg.floor): entries kept whatever the top-k says, inside the budget k
+        from atmc_triton.api import model_floor
+
+        self._floor = floor_indices(layers, model_floor(model, cfg)).to(self.store.device)
         self.state["admm"] = {"step": 0, "quant_steps": 0}
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.store.device)
         self._tau: Tensor | None = None  # the last step's threshold: a speed hint for the next (not state)
@@ -183,6 +187,8 @@ class ADMM(torch.optim.Optimizer):
         st = self.state["admm"]
         fg = self.param_groups[0]
         quantized = self.cfg.quantized
+        fl = self._floor
+        before = self._hold_floor() if fl.numel() else None
         tau = self._step_op(
             self.store.w,
             self.store.grad,
@@ -194,12 +200,14 @@ class ADMM(torch.optim.Optimizer):
             float(fg["momentum"]),
             float(fg["weight_decay"]),
             float(fg["rho"]) if quantized else 0.0,
-            int(fg["k"]),
+            max(int(fg["k"]) - fl.numel(), 0),
             bool(fg["nesterov"]),
             self._tau if self._tau is not None and self._tau.device == self.store.w.device else None,
         )
         self._tau = tau
         bad = torch.isnan(tau)  # the op refused a non-finite update and wrote nothing
+        if before is not None:
+            self._release_floor(fg, before, bad)
         ok = None
         if self.check_finite:
             if bool(bad):  # the one host sync of this mode
@@ -226,6 +234,34 @@ class ADMM(torch.optim.Optimizer):
             if st["quant_steps"] % self.cfg.rho_every == 0:
                 fg["rho"] *= self.cfg.rho_factor
         return loss
+
+    def _hold_floor(self) -> list[Tensor]:
+        """Take the floor entries out of the top-k competition: zero them (their state saved) so the
+        op spends exactly ``k - |floor|`` on the others; a non-finite floor grad voids the step."""
+        s, fl = self.store, self._floor
+        before = [t[fl] for t in (s.w, s.grad, s.mom, s.z, s.u)]
+        finite = torch.isfinite(before[1]).all()
+        s.w[fl] = 0.0
+        s.mom[fl] = 0.0
+        s.z[fl] = 0.0
+        s.u[fl] = 0.0
+        s.grad[fl] = torch.where(finite, 0.0, float("nan")).to(s.grad.dtype)
+        return before
+
+    def _release_floor(self, fg: dict[str, Any], before: list[Tensor], bad: Tensor) -> None:
+        """Write the floor entries' own SGD+prox update (or, for a voided step, their old state) back."""
+        w, grad, mom, z, u = before
+        lr, m_, wd, nest = float(fg["lr"]), float(fg["momentum"]), float(fg["weight_decay"]), bool(fg["nesterov"])
+        rho = float(fg["rho"]) if self.cfg.quantized else 0.0
+        g = grad.float() + wd * w + rho * (w - z + u)
+        m = mom * m_ + g
+        wn = w - lr * (g + m_ * m if nest else m)
+        s, fl = self.store, self._floor
+        ok = ~bad & torch.isfinite(wn).all() & torch.isfinite(m).all()
+        s.w[fl] = torch.where(ok, wn, w)
+        s.mom[fl] = torch.where(ok, m, mom)
+        s.mask[fl] = torch.where(ok, wn != 0, s.mask[fl])
+        s.z[fl], s.u[fl], s.grad[fl] = z, u, grad
 
     def _sgd(self, group: dict[str, Any], ok: Tensor | None) -> None:
         """torch.optim.SGD on ``group``; with a device flag ``ok``, a no-op where it is False."""

@@ -62,7 +62,7 @@ from atmc_triton.kernels.packed_format import (
     index_dtype,
     packed_words,
 )
-from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear
+from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear, attention_shells_
 
 __all__ = [
     "PackedConv2d",
@@ -213,7 +213,7 @@ class PackedLayer(nn.Module):
                 self.stride,
                 self.padding,
                 self.dilation,
-                1,
+                self.groups,
                 self.bias is not None,
                 self.padding_mode,
                 **kw,
@@ -397,6 +397,11 @@ class PackedLinear(PackedLayer):
             return linear_path(M, 1 << 62)
         return linear_path(M, self.crossover(dtype.itemsize))
 
+    @property
+    def weight(self) -> Tensor:
+        """The decoded dense weight ``[out, in]`` (for code that reads ``.weight``, e.g. attention)."""
+        return self.weight_2d().to(self._dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         self.check_valid()
         lead = x.shape[:-1]
@@ -434,6 +439,7 @@ class PackedConv2d(PackedLayer):
         bits: int | None,
         factors: dict[str, dict[str, Any]],
         conv_mode: str = "dense",
+        groups: int = 1,
         device=None,
         dtype=torch.float32,
     ):
@@ -442,11 +448,16 @@ class PackedConv2d(PackedLayer):
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.padding_mode = padding_mode
-        self.weight_shape = (out_channels, in_channels, *self.kernel_size)
+        if not (type(groups) is int and groups >= 1 and in_channels % groups == 0 and out_channels % groups == 0):
+            raise ValueError(f"PackedConv2d: groups={groups!r} must be an int >= 1 dividing the channel counts")
+        self.groups = groups
+        self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.conv_mode = conv_mode
         if conv_mode not in ("dense", "decomposed"):
             raise ValueError(f"PackedConv2d: conv_mode must be 'dense' or 'decomposed', got {conv_mode!r}")
-        inn = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        if conv_mode == "decomposed" and groups != 1:
+            raise ValueError("PackedConv2d: conv_mode='decomposed' needs groups=1 (U mixes channels across groups)")
+        inn = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         self._setup(out_channels, inn, rank, identity, bits, bias, factors, dtype, device)
 
     def _cached(self, dtype: torch.dtype, make):
@@ -463,8 +474,10 @@ class PackedConv2d(PackedLayer):
         """This layer's convolution (stride, padding, dilation, padding mode) with weight ``w``."""
         if self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), w, bias, self.stride, _pair(0), self.dilation)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+            return F.conv2d(
+                F.pad(x, pad, mode=self.padding_mode), w, bias, self.stride, _pair(0), self.dilation, self.groups
+            )
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _decomposed_weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         def make():
@@ -502,8 +515,8 @@ class PackedConv2d(PackedLayer):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, bits={self.bits}, "
-            f"{self._format_repr()}, conv_mode={self.conv_mode}, bias={self.bias is not None}"
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, rank={self.rank}, "
+            f"bits={self.bits}, {self._format_repr()}, conv_mode={self.conv_mode}, bias={self.bias is not None}"
         )
 
 
@@ -530,6 +543,8 @@ def _layer_spec(layer: nn.Module) -> dict[str, Any]:
             "dilation": list(layer.dilation),
             "padding_mode": layer.padding_mode,
         }
+        if layer.groups != 1:  # absent for groups=1: files of ungrouped models stay as they were
+            spec["groups"] = layer.groups
         if isinstance(layer, PackedConv2d):
             spec["conv_mode"] = layer.conv_mode
     else:
@@ -588,6 +603,7 @@ def _from_spec(spec: dict[str, Any], device, dtype: torch.dtype | None = None) -
                 bool(spec["bias"]),
                 spec["padding_mode"],
                 conv_mode=spec.get("conv_mode", "dense"),
+                groups=spec.get("groups", 1),
                 **common,
             )
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
@@ -610,11 +626,11 @@ def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> None:
                 parent._modules[child_name] = swaps[id(child)]
 
 
-def pack_(model: nn.Module) -> nn.Module:
+def pack_(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     """Swap every finalized ATMC layer of ``model`` for its packed inference layer, in place.
 
     Layers that are already packed stay as they are; an unfinalized ATMC layer is refused.
-    Returns ``model``.
+    ``progress``: a tqdm bar over the layers (``None``: on for models of 5M+ weights). Returns ``model``.
 
     Example:
         >>> import atmc_triton as at
@@ -631,7 +647,10 @@ def pack_(model: nn.Module) -> nn.Module:
     todo = [n for n, layer in layers if not bool(layer.finalized)]
     if todo:
         raise ValueError(f"pack_: {', '.join(todo)} not finalized: call atmc_triton.finalize_(model) first")
-    _swap(root, {id(layer): PackedLayer.from_atmc(layer) for _, layer in layers})
+    from atmc_triton.api import _bar, progress_enabled
+
+    show = progress_enabled(progress, sum(layer.C.numel() for _, layer in layers))
+    _swap(root, {id(layer): PackedLayer.from_atmc(layer) for _, layer in _bar(layers, show, "pack_")})
     return model
 
 
@@ -674,6 +693,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
             seen[key] = k
             tensors[k] = v.detach().contiguous()
     header = {"version": FORMAT_VERSION, "layers": {n: layer.spec() for n, layer in layers}, "aliases": aliases}
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(parent):
+        raise ValueError(f"save_packed: the directory {parent} does not exist (create it first)")
     save_file(tensors, os.fspath(path), metadata={META_KEY: json.dumps(header)})
     return os.path.getsize(path)
 
@@ -729,6 +751,7 @@ def load_packed(
         raise ValueError(f"load_packed: {path}: bad 'aliases' in the header")
     tensors |= {k: tensors[v] for k, v in aliases.items()}  # the names of shared modules' tensors
     root = unwrap(model)
+    attention_shells_(root, list(layers))  # nn.MultiheadAttention -> ATMCMultiheadAttention where compressed
     for name, spec in layers.items():
         _set_module(root, name, _from_spec(spec, "meta"))
     for key in ("atmc_nnz_budget", "atmc_bits_budget"):  # buffers compress_ put on the root

@@ -75,14 +75,20 @@ def project_topk_(w: Tensor, k: int, mom: Tensor | None = None) -> tuple[Tensor,
         if mom is not None:
             mom.zero_()
         return torch.zeros(n, dtype=torch.bool, device=w.device), w.new_full((), float("inf"))
+    keep, tau = _topk_keep(w, k)
+    w.mul_(keep)
+    if mom is not None:
+        mom.mul_(keep)
+    return keep, tau
+
+
+def _topk_keep(w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(keep [n] bool, tau)`` of :func:`project_topk_` for ``1 <= k < n``, ``w`` untouched."""
     a = w.abs()
     tau = kth_largest(a, k).to(w.device)
     keep = a > tau
     need = k - int(keep.sum())  # >= 1: tau itself is one of the k largest
     keep[torch.nonzero(a == tau).view(-1)[:need]] = True  # ties: the lowest flat indices
-    w.mul_(keep)
-    if mom is not None:
-        mom.mul_(keep)
     return keep, tau
 
 
@@ -146,11 +152,32 @@ def admm_step_ref(
         ([0.5, -2.0, 0.0, 1.0], [True, True, False, True])
     """
     _check(w, grad, mom, z, u, mask, k, tau_hint)
-    g = grad.float() + weight_decay * w + rho * (w - z + u)
-    m = mom * momentum + g
-    wn = w - lr * (g + momentum * m if nesterov else m)
-    ok = (torch.isfinite(wn) & torch.isfinite(m)).all()  # no host sync: select, don't branch
-    keep, tau = project_topk_(wn, k, m)
+    # two scratch buffers and in-place ops (each fresh n-float temporary costs a page-faulted allocation),
+    # evaluated in exactly the order of the formula above (the Triton kernel matches it bit for bit)
+    t = torch.sub(w, z).add_(u).mul_(rho)  # [n] rho (w - z + u)
+    g = torch.mul(w, weight_decay).add_(grad).add_(t)  # [n] grad + wd w + rho (w - z + u)
+    m = torch.mul(mom, momentum, out=t).add_(g)  # [n]
+    if nesterov:
+        g.add_(torch.mul(m, momentum))
+        wn = torch.sub(w, g.mul_(lr), out=g)
+    else:
+        wn = torch.sub(w, torch.mul(m, lr, out=g), out=g)
+    if w.device.type == "cpu":  # a branch costs no sync here; a finite sum means finite entries
+        if not (torch.isfinite(wn.sum() + m.sum()) or (torch.isfinite(wn).all() & torch.isfinite(m).all())):
+            return torch.tensor(float("nan"), dtype=torch.float32)
+        n = w.numel()
+        if 1 <= k < n:
+            keep, tau = _topk_keep(wn, k)
+            torch.mul(wn, keep, out=w)
+            torch.mul(m, keep, out=mom)
+        else:
+            keep, tau = project_topk_(wn, k, m)
+            w.copy_(wn)
+            mom.copy_(m)
+        torch.logical_and(keep, w != 0, out=mask)
+        return tau.float()
+    ok = torch.isfinite(wn).all() & torch.isfinite(m).all()
+    keep, tau = project_topk_(wn, k, m)  # no host sync: select, don't branch
     w.copy_(torch.where(ok, wn, w))
     mom.copy_(torch.where(ok, m, mom))
     mask.copy_(torch.where(ok, keep & (wn != 0), mask))

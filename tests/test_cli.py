@@ -262,7 +262,7 @@ def _error(argv, capsys) -> str:
 
 def test_bad_arguments_end_with_one_line(tmp_path, capsys, digits_run):
     _, out = digits_run
-    assert "invalid choice: 'vgg'" in _error(["train", "--model", "vgg"], capsys)
+    assert "unknown model 'vgg'; choose from lenet" in _error(["train", "--model", "vgg"], capsys)
     assert "invalid choice: 'imagenet'" in _error(["train", "--dataset", "imagenet"], capsys)
     assert "does not exist" in _error(["train", "--dataset", "mnist", "--data-root", str(tmp_path / "no")], capsys)
     assert "cannot load cifar10" in _error(["train", "--dataset", "cifar10", "--data-root", str(tmp_path)], capsys)

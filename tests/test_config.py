@@ -88,14 +88,21 @@ def test_non_float_dtype():
         at.ATMCLinear.from_dense(lin, at.ATMCConfig(ratio=0.1))
 
 
-def test_grouped_conv_rejected():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="groups=2"):
-        at.compress_(model, at.ATMCConfig(ratio=0.1))
-    with pytest.raises(ValueError, match="groups=2"):
-        at.ATMCConv2d.from_dense(model[0], at.ATMCConfig(ratio=0.1))
-    with pytest.raises(ValueError, match="groups=1"):
-        at.ATMCConv2d(4, 4, 3, groups=4)
+def test_grouped_conv_groups_must_divide_channels():
+    with pytest.raises(ValueError, match="groups=3"):
+        at.ATMCConv2d(4, 4, 3, groups=3)
+    with pytest.raises(ValueError, match="groups=0"):
+        at.ATMCConv2d(4, 4, 3, groups=0)
+
+
+def test_exclude_and_floor_are_validated():
+    assert at.ATMCConfig(ratio=0.1, exclude="fc").exclude == ("fc",)
+    assert at.ATMCConfig(ratio=0.1, exclude=["fc", "*.head"]).excluded("a.head") == "*.head"
+    for bad in ([1], [""], 3):
+        with pytest.raises(ValueError, match="exclude"):
+            at.ATMCConfig(ratio=0.1, exclude=bad)
+    with pytest.raises(ValueError, match="floor"):
+        at.ATMCConfig(ratio=0.1, floor="some")
 
 
 def test_already_compressed_and_bad_cfg_type():
