@@ -288,8 +288,8 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
             raise ValueError(f"{name}: {what} is on {t.device}, values on {values.device}")
     if max_iter < 0 or not (tol >= 0):
         raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
-    if _tracing(values):
-        return
+    if _tracing(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return  # value checks read tensors back: skipped under tracing and CUDA-graph capture
     if not (values.device.type == "cuda" or (values.device.type == "cpu" and _interpreted())):
         raise ValueError(
             f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {values.device}"
@@ -363,15 +363,23 @@ def _prepare(values: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def lloyd_quantize_triton(
-    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float
+    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float, method: str = "fast"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton launcher of ``atmc::lloyd_quantize`` (same contract as the reference).
+
+    ``method="lloyd"`` runs the Triton kernels; ``"fast"`` and ``"optimal"`` (whose DP has no
+    kernel yet) run the reference on host copies through ``atmc::lloyd_quantize_host``.
 
     Example:
         >>> v = torch.tensor([0.0, 1.0, 1.1, 5.0, -2.0], device="cuda")
         >>> book, codes, q, err = lloyd_quantize_triton(v, torch.tensor([0, 5], device="cuda"),
         ...                                             torch.tensor([1], device="cuda"), 20, 0.0)
     """
+    from .lloyd import check_method, lloyd_quantize_host
+
+    check_method(method)
+    if method != "lloyd":
+        return lloyd_quantize_host(values, offsets, bits, max_iter, tol, method)
     _check(values, offsets, bits, max_iter, tol, "lloyd_quantize")
     n, S, dev = values.numel(), bits.numel(), values.device
     book = _new((S, NUM_SLOTS), torch.float32, dev)
@@ -397,8 +405,14 @@ def lloyd_quantize_triton(
     return book, codes, q, err
 
 
-def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: float) -> Tensor:
-    """Triton launcher of ``atmc::lloyd_errors_for_bits``: ``[S, 8]`` float32 errors for b = 1..8, one sort."""
+def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: float, method: str = "fast") -> Tensor:
+    """Triton launcher of ``atmc::lloyd_errors_for_bits``: ``[S, 8]`` float32 errors for b = 1..8, one sort
+    (``method`` as for :func:`lloyd_quantize_triton`)."""
+    from .lloyd import check_method, errors_for_bits_host
+
+    check_method(method, "errors_for_bits")
+    if method != "lloyd":
+        return errors_for_bits_host(values, offsets, max_iter, tol, method)
     _check(values, offsets, None, max_iter, tol, "errors_for_bits")
     S, dev = offsets.numel() - 1, values.device
     err = _new((S, NBITS), torch.float32, dev)
