@@ -29,77 +29,78 @@ __all__ = ["dp_partition", "optimal_sse"]
 _BIG = np.iinfo(np.int64).max
 
 
-def _layer(prev: np.ndarray, P1: np.ndarray, P2: np.ndarray, C: np.ndarray, want_arg: bool):
-    """One DP layer over ``N + 1`` prefix positions: ``cur[i] = min_{j <= i} prev[j] + w(j, i)``.
+def _layer(prev: np.ndarray, P1: np.ndarray, P2: np.ndarray, C: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """One DP layer of independent problems side by side: ``cur[i] = min_{lo_p <= j <= i} prev[j] + w(j, i)``
+    for every position ``i`` of problem ``p``, whose positions are ``lo_p..hi_p``.
 
-    ``P1, P2, C`` ``[N + 1]``: prefix sums, sums of squares and counts at the atom boundaries.
-    Returns ``cur [N + 1]`` float64 and (if ``want_arg``) the leftmost argmin ``[N + 1]`` int32.
+    ``P1, P2, C`` ``[T]``: prefix sums, sums of squares and counts at the atom boundaries (each
+    problem's own, starting at its ``lo``). Returns ``cur [T]`` float64 (untouched outside the
+    problems: copied from ``prev``) and the leftmost argmin ``[T]`` int32. Divide and conquer on
+    the monotone argmin, one vectorized pass per recursion depth.
     """
-    N1 = prev.size
-    cur = np.empty(N1)
-    arg = np.empty(N1, dtype=np.int32) if want_arg else None
-    # nodes of the current recursion depth: target range [l, r], candidate range [ol, or]
-    l = np.zeros(1, np.int64)
-    r = np.full(1, N1 - 1, np.int64)
-    ol = np.zeros(1, np.int64)
-    orr = np.full(1, N1 - 1, np.int64)
+    cur = prev.copy()
+    arg = np.arange(prev.size, dtype=np.int32)
+    # nodes of the current recursion depth: target range [l, r], candidate range [ol, orr]
+    l, r, ol, orr = lo.copy(), hi.copy(), lo.copy(), hi.copy()
     while l.size:
         mid = (l + r) // 2
-        hi = np.minimum(mid, orr)
-        cnt = hi - ol + 1  # >= 1: ol <= mid always holds
+        cnt = np.minimum(mid, orr) - ol + 1  # >= 1: ol <= mid always holds
         starts = np.zeros(cnt.size, np.int64)
         np.cumsum(cnt[:-1], out=starts[1:])
-        total = int(starts[-1] + cnt[-1])
-        node = np.repeat(np.arange(cnt.size), cnt)
-        j = np.arange(total) - starts[node] + ol[node]  # [total] candidate positions
-        i = mid[node]
+        j = np.arange(int(starts[-1] + cnt[-1])) + np.repeat(ol - starts, cnt)  # candidate positions
+        i = np.repeat(mid, cnt)
         c = C[i] - C[j]
         s1 = P1[i] - P1[j]
-        w = (P2[i] - P2[j]) - np.divide(s1 * s1, c, out=np.zeros(total), where=c > 0)
+        w = (P2[i] - P2[j]) - np.divide(s1 * s1, c, out=np.zeros(c.size), where=c > 0)
         val = prev[j] + np.maximum(w, 0.0)
         best = np.minimum.reduceat(val, starts)
-        pos = np.where(val == best[node], j, _BIG)
-        bj = np.minimum.reduceat(pos, starts)  # leftmost argmin
+        bj = np.minimum.reduceat(np.where(val == np.repeat(best, cnt), j, _BIG), starts)  # leftmost argmin
         cur[mid] = best
-        if want_arg:
-            arg[mid] = bj
-        left = l <= mid - 1
-        right = mid + 1 <= r
-        l = np.concatenate([l[left], (mid + 1)[right]])
-        r = np.concatenate([(mid - 1)[left], r[right]])
-        ol = np.concatenate([ol[left], bj[right]])
-        orr = np.concatenate([bj[left], orr[right]])
-        order = np.argsort(l, kind="stable")
-        l, r, ol, orr = l[order], r[order], ol[order], orr[order]
+        arg[mid] = bj
+        # children in position order: (l, mid - 1, ol, bj) then (mid + 1, r, bj, orr)
+        keep = np.stack([l <= mid - 1, mid + 1 <= r], 1).ravel()
+        l = np.stack([l, mid + 1], 1).ravel()[keep]
+        r = np.stack([mid - 1, r], 1).ravel()[keep]
+        ol, orr = np.stack([ol, bj], 1).ravel()[keep], np.stack([bj, orr], 1).ravel()[keep]
     return cur, arg
 
 
-def _side(P1: np.ndarray, P2: np.ndarray, C: np.ndarray, Q: np.ndarray, K: int):
-    """One side over atom boundaries ``0..N``: ``A [K + 1]``, the best SSE with at most ``k`` free
-    clusters on a prefix and the zero cluster on the rest, its zero-cluster start ``cut [K + 1]``,
-    and each layer's argmin (for backtracking).
+def _sides(stats: list[tuple[np.ndarray, ...]], K: int):
+    """Both one-sided problems over their atom boundaries, side by side.
 
-    ``P1, P2`` are centred prefix sums / sums of squares (cluster costs), ``Q`` raw sums of squares
-    (the zero cluster's cost), ``C`` counts, all ``[N + 1]`` at the boundaries.
+    ``stats[p] = (P1, P2, C, Q)``: centred prefix sums / sums of squares (cluster costs), counts
+    and raw sums of squares (the zero cluster's cost), ``[N_p + 1]`` at the boundaries. Returns per
+    side ``A [K + 1]`` (best SSE with at most ``k`` free clusters on a prefix and the zero cluster
+    on the rest), the zero-cluster start ``cut [K + 1]`` and the argmins of its useful layers.
     """
-    tail = Q[-1] - Q  # [N + 1] zero-cluster cost of the suffix from each boundary
-    L = np.full(C.size, np.inf)
-    L[0] = 0.0
-    A = np.empty(K + 1)
-    cut = np.empty(K + 1, np.int64)
-    args: list[np.ndarray] = []
+    sizes = [s[2].size for s in stats]
+    base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    P1, P2, C, Q = (np.concatenate([s[f] for s in stats]) for f in range(4))
+    L = np.full(P1.size, np.inf)
+    L[base] = 0.0
+    out = [(np.empty(K + 1), np.empty(K + 1, np.int64), []) for _ in stats]
+    active = list(range(len(stats)))
     for k in range(K + 1):
         if k:
-            new, a = _layer(L, P1, P2, C, True)
-            if np.array_equal(new, L):  # one more cluster no longer helps anywhere: nor will any later one
-                A[k:], cut[k:] = A[k - 1], cut[k - 1]
-                break
-            L = new
-            args.append(a)
-        tot = L + tail
-        cut[k] = int(np.argmin(tot))
-        A[k] = tot[cut[k]]
-    return A, cut, args
+            lo = base[active]
+            new, a = _layer(L, P1, P2, C, lo, lo + np.array(sizes)[active] - 1)
+            still = []
+            for p in active:
+                sl = slice(base[p], base[p] + sizes[p])
+                if np.array_equal(new[sl], L[sl]):  # one more cluster no longer helps: nor will any later one
+                    out[p][0][k:], out[p][1][k:] = out[p][0][k - 1], out[p][1][k - 1]
+                else:
+                    out[p][2].append(a[sl] - base[p])
+                    still.append(p)
+            L, active = new, still
+        for p in active:
+            sl = slice(base[p], base[p] + sizes[p])
+            tot = L[sl] + (Q[sl][-1] - Q[sl])  # zero-cluster cost of the suffix from each boundary
+            out[p][1][k] = int(np.argmin(tot))
+            out[p][0][k] = tot[out[p][1][k]]
+        if not active:
+            break
+    return out
 
 
 def _stats(a: np.ndarray, bounds: np.ndarray):
@@ -153,11 +154,8 @@ def dp_partition(s: np.ndarray, K: int, bounds: np.ndarray | None = None) -> tup
         bounds = np.insert(bounds, zb, z)
     neg_b = bounds[: zb + 1]  # over s[:z], ascending
     pos_b = m - bounds[zb:][::-1]  # over s[z:] read from the top down
-    sides = []
-    for vals, b in ((s[:z], neg_b), (s[z:][::-1], pos_b)):
-        A, cut, args = _side(*_stats(vals, b), K)
-        sides.append((A, cut, args, b))
-    (An, cn, gn, bn), (Ap, cp, gp, bp) = sides
+    (An, cn, gn), (Ap, cp, gp) = _sides([_stats(s[:z], neg_b), _stats(s[z:][::-1], pos_b)], K)
+    bn, bp = neg_b, pos_b
     tot = An + Ap[::-1]  # k1 negative clusters, K - k1 positive ones
     k1 = int(np.argmin(tot))
     neg = [int(bn[t]) for t in _backtrack(gn, k1, int(cn[k1]))]  # ..., zero-cluster start

@@ -232,15 +232,32 @@ def _compiled_once(fn, *args):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ops_compile_in_one_frame(device):
-    values, offsets, bits = _make([np.random.default_rng(3).standard_normal(500), np.zeros(4)], [3, 2], device)
+@pytest.mark.parametrize("method", ["fast", "optimal", "lloyd"])
+def test_ops_compile_in_one_frame(device, method):
+    """torch.compile(op) against the reference, on inputs with exact midpoint ties, duplicates,
+    denormals, a one-sided segment and a segment kept exactly (where kernel and reference could differ)."""
+    rng = np.random.default_rng(3)
+    segs = [
+        rng.standard_t(3, 500),
+        np.zeros(4),
+        np.repeat(np.arange(-6, 7) * 0.5, 11),
+        np.array([-1e-40, 1e-40, 0.0, 3e-39, -2.0, 7.0] * 5),
+        np.abs(rng.standard_normal(300)) + 0.3,
+        rng.standard_normal(8),
+    ]
+    values, offsets, bits = _make(segs, [3, 2, 3, 2, 4, 3], device)
 
     def f(v, o, b):
-        book, codes, q, err = lloyd_quantize(v, o, b, 10, 0.0)
-        return book, codes, q, err, errors_for_bits(v, o, 10, 0.0)
+        book, codes, q, err = lloyd_quantize(v, o, b, 10, 0.0, method)
+        return book, codes, q, err, errors_for_bits(v, o, 10, 0.0, method)
 
-    for got, want in zip(_compiled_once(f, values, offsets, bits), f(values, offsets, bits)):
-        assert torch.equal(got, want)
+    vc, oc, bc = values.cpu(), offsets.cpu(), bits.cpu()
+    want = (*lloyd_quantize_ref(vc, oc, bc, 10, 0.0, method), errors_for_bits_ref(vc, oc, 10, 0.0, method))
+    for got, ref in zip(_compiled_once(f, values, offsets, bits), want):
+        if got.dtype == torch.int16:
+            assert torch.equal(got.cpu(), ref)
+        else:
+            torch.testing.assert_close(got.cpu(), ref, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreter limitation")
@@ -248,7 +265,9 @@ def test_interpreter_refuses_to_trace_kernels_into_a_graph():
     values, offsets, bits = _args("cpu")
     torch._dynamo.reset()
     with pytest.raises(Exception, match="TRITON_INTERPRET"):
-        torch.compile(lambda v, o, b: lloyd_quantize(v, o, b, 5, 0.0), backend="aot_eager")(values, offsets, bits)
+        torch.compile(lambda v, o, b: lloyd_quantize(v, o, b, 5, 0.0, "lloyd"), backend="aot_eager")(
+            values, offsets, bits
+        )
 
 
 @pytest.mark.gpu
