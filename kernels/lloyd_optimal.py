@@ -29,14 +29,18 @@ __all__ = ["dp_partition", "optimal_sse"]
 _BIG = np.iinfo(np.int64).max
 
 
-def _layer(prev: np.ndarray, P1: np.ndarray, P2: np.ndarray, C: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+def _layer(
+    prev: np.ndarray, P1: np.ndarray, P2: np.ndarray, C: np.ndarray, lo: np.ndarray, hi: np.ndarray, floor: np.ndarray
+):
     """One DP layer of independent problems side by side: ``cur[i] = min_{lo_p <= j <= i} prev[j] + w(j, i)``
     for every position ``i`` of problem ``p``, whose positions are ``lo_p..hi_p``.
 
     ``P1, P2, C`` ``[T]``: prefix sums, sums of squares and counts at the atom boundaries (each
     problem's own, starting at its ``lo``). Returns ``cur [T]`` float64 (untouched outside the
     problems: copied from ``prev``) and the leftmost argmin ``[T]`` int32. Divide and conquer on
-    the monotone argmin, one vectorized pass per recursion depth.
+    the monotone argmin, one vectorized pass per recursion depth; ``floor [T]`` is a lower bound
+    of the argmin (the previous layer's: with one more cluster the last one starts no earlier,
+    Knuth-Yao monotonicity of Monge costs).
     """
     cur = prev.copy()
     arg = np.arange(prev.size, dtype=np.int32)
@@ -44,10 +48,11 @@ def _layer(prev: np.ndarray, P1: np.ndarray, P2: np.ndarray, C: np.ndarray, lo: 
     l, r, ol, orr = lo.copy(), hi.copy(), lo.copy(), hi.copy()
     while l.size:
         mid = (l + r) // 2
-        cnt = np.minimum(mid, orr) - ol + 1  # >= 1: ol <= mid always holds
+        first = np.minimum(np.maximum(ol, floor[mid]), mid)
+        cnt = np.minimum(mid, orr) - first + 1  # >= 1
         starts = np.zeros(cnt.size, np.int64)
         np.cumsum(cnt[:-1], out=starts[1:])
-        j = np.arange(int(starts[-1] + cnt[-1])) + np.repeat(ol - starts, cnt)  # candidate positions
+        j = np.arange(int(starts[-1] + cnt[-1])) + np.repeat(first - starts, cnt)  # candidate positions
         i = np.repeat(mid, cnt)
         c = C[i] - C[j]
         s1 = P1[i] - P1[j]
@@ -80,10 +85,12 @@ def _sides(stats: list[tuple[np.ndarray, ...]], K: int):
     L[base] = 0.0
     out = [(np.empty(K + 1), np.empty(K + 1, np.int64), []) for _ in stats]
     active = list(range(len(stats)))
+    floor = np.repeat(base, sizes)  # previous layer's argmins (global positions)
     for k in range(K + 1):
         if k:
             lo = base[active]
-            new, a = _layer(L, P1, P2, C, lo, lo + np.array(sizes)[active] - 1)
+            new, a = _layer(L, P1, P2, C, lo, lo + np.array(sizes)[active] - 1, floor)
+            floor = a.astype(np.int64)
             still = []
             for p in active:
                 sl = slice(base[p], base[p] + sizes[p])
