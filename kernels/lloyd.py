@@ -198,9 +198,9 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
     """
     m = s.size
     G = max(MIN_ATOMS, GRID_PER_CENTRE * K)
-    starts = np.flatnonzero(s[1:] != s[:-1]) + 1  # run starts (after the first)
-    if starts.size + 1 <= G:
-        return np.concatenate([[0], starts, [m]])
+    change = s[1:] != s[:-1]
+    if np.count_nonzero(change) + 1 <= G:  # one atom per run of equal values
+        return np.concatenate([[0], np.flatnonzero(change) + 1, [m]])
     q = np.searchsorted(s, s[(np.arange(1, G // 2) * m) // (G // 2)], side="left")
     lo, hi = float(s[0]), float(s[-1])
     lin = np.linspace(lo, hi, G // 4 + 1)[1:-1]
@@ -209,12 +209,18 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
     return np.unique(np.concatenate([[0, m], q, grid]))
 
 
-def _dp_init(s: Tensor, K: int, exact: bool) -> Tensor:
-    """Free centres ``[F <= K]`` (ascending float32 means) of the best partition over atoms."""
-    sn = s.cpu().numpy()
-    bounds = np.concatenate([[0], np.flatnonzero(sn[1:] != sn[:-1]) + 1, [sn.size]]) if exact else atom_bounds(sn, K)
-    cuts, zero, _ = dp_partition(sn, K, bounds)
-    p = np.concatenate([[0.0], np.cumsum(sn, dtype=np.float64)])
+def _dp_init(s: Tensor, p1: Tensor, K: int, exact: bool) -> Tensor:
+    """Free centres ``[F <= K]`` (ascending float32 means) of the best partition over atoms
+    (``p1 [m + 1]``: float64 prefix sums of ``s``)."""
+    sn, p = s.cpu().numpy(), p1.cpu().numpy()
+    if exact:
+        bounds = np.concatenate([[0], np.flatnonzero(sn[1:] != sn[:-1]) + 1, [sn.size]])
+        cuts, zero, _ = dp_partition(sn, K, bounds)
+    else:
+        s64 = sn.astype(np.float64)
+        p2 = np.zeros(sn.size + 1)
+        np.cumsum(s64 * s64, out=p2[1:])
+        cuts, zero, _ = dp_partition(sn, K, atom_bounds(sn, K), prefix=(p, p2))
     lo, hi = cuts[:-1], cuts[1:]
     keep = (hi > lo) & (np.arange(lo.size) != zero)
     means = (p[hi[keep]] - p[lo[keep]]) / (hi[keep] - lo[keep])
@@ -226,8 +232,8 @@ def _quantize_sorted(s: Tensor, p1: Tensor, total_sq: Tensor, K: int, max_iter: 
     if method == "lloyd":
         return _fit(s, p1, total_sq, _quantile_init(s, K), max_iter, tol)
     if method == "optimal":
-        return _fit(s, p1, total_sq, _dp_init(s, K, exact=True), 0, tol)
-    new = _fit(s, p1, total_sq, _dp_init(s, K, exact=False), max_iter, tol)
+        return _fit(s, p1, total_sq, _dp_init(s, p1, K, exact=True), 0, tol)
+    new = _fit(s, p1, total_sq, _dp_init(s, p1, K, exact=False), max_iter, tol)
     old = _fit(s, p1, total_sq, _quantile_init(s, K), max_iter, tol)
     return new if float(new[2]) <= float(old[2]) else old  # never worse than the legacy quantizer
 

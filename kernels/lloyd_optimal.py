@@ -133,7 +133,22 @@ def _backtrack(args: list[np.ndarray], k: int, i: int) -> list[int]:
     return out[::-1] if out[-1] == 0 else [0, *out[::-1]]
 
 
-def dp_partition(s: np.ndarray, K: int, bounds: np.ndarray | None = None) -> tuple[np.ndarray, int, float]:
+def _raw_stats(p1: np.ndarray, p2: np.ndarray, bounds: np.ndarray, top: int | None):
+    """Raw (uncentred) stats at ``bounds`` from prefix sums ``p1, p2 [m + 1]`` of the whole sorted
+    array; ``top = m`` reads the positions from the top down (the positive side)."""
+    if top is None:
+        P1, Q = p1[bounds], p2[bounds]
+    else:
+        P1, Q = p1[top] - p1[top - bounds], p2[top] - p2[top - bounds]
+    return P1, Q, bounds.astype(np.float64), Q
+
+
+def dp_partition(
+    s: np.ndarray,
+    K: int,
+    bounds: np.ndarray | None = None,
+    prefix: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, int, float]:
     """Best partition of sorted nonzeros ``s [m]`` into <= ``K`` free clusters plus the zero cluster.
 
     Args:
@@ -141,6 +156,9 @@ def dp_partition(s: np.ndarray, K: int, bounds: np.ndarray | None = None) -> tup
         K: free centres (>= 1).
         bounds: ascending atom boundaries ``[N + 1]`` from 0 to m (default: every position,
             which makes the result exact). The sign change is added when missing.
+        prefix: float64 prefix sums ``(p1, p2) [m + 1]`` of ``s`` and ``s**2``: the cluster costs
+            then come from them, uncentred, with no pass over ``s`` (the fast path's init; the
+            default centres each side first, which is more accurate for one-sided data).
     Returns:
         ``(cuts, zero, sse)``: ascending cluster boundaries ``cuts`` (positions in ``0..m``,
         first 0, last m, no empty free cluster), the index ``zero`` such that the zero cluster is
@@ -161,7 +179,11 @@ def dp_partition(s: np.ndarray, K: int, bounds: np.ndarray | None = None) -> tup
         bounds = np.insert(bounds, zb, z)
     neg_b = bounds[: zb + 1]  # over s[:z], ascending
     pos_b = m - bounds[zb:][::-1]  # over s[z:] read from the top down
-    (An, cn, gn), (Ap, cp, gp) = _sides([_stats(s[:z], neg_b), _stats(s[z:][::-1], pos_b)], K)
+    if prefix is None:
+        stats = [_stats(s[:z], neg_b), _stats(s[z:][::-1], pos_b)]
+    else:
+        stats = [_raw_stats(*prefix, neg_b, None), _raw_stats(*prefix, pos_b, m)]
+    (An, cn, gn), (Ap, cp, gp) = _sides(stats, K)
     bn, bp = neg_b, pos_b
     tot = An + Ap[::-1]  # k1 negative clusters, K - k1 positive ones
     k1 = int(np.argmin(tot))

@@ -155,7 +155,7 @@ def test_never_worse_than_legacy_where_the_dp_init_alone_is(seed, b):
 
     x = np.random.default_rng(seed).standard_normal(2000).astype(np.float32)
     s, p1, tsq = L._sorted_stats(torch.from_numpy(x))
-    dp_only = float(L._fit(s, p1, tsq, L._dp_init(s, 2**b, False), 20, 1e-5)[2])
+    dp_only = float(L._fit(s, p1, tsq, L._dp_init(s, p1, 2**b, False), 20, 1e-5)[2])
     legacy = float(quantize(x, b, "lloyd")[3][0])
     assert dp_only > legacy  # the case this test is about
     assert float(quantize(x, b, "fast")[3][0]) <= legacy
