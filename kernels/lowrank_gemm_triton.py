@@ -100,10 +100,40 @@ FIXED_CONFIG = {
 DECODE_DENSE = {"BLOCK_R": 16, "BLOCK_C": 128}
 DECODE_CSR = {"BLOCK_R": 16, "BLOCK_J": 32}
 
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KB)
+
+
+def tile_smem(meta: dict, num_stages: int) -> int:
+    """Upper bound of :func:`_tile_kernel`'s shared memory: ``num_stages`` fp32-sized A and B tiles + 1 KB.
+
+    (fp16 tiles stage the dequantized B in fp32; ``tests/test_gpu_static.py`` checks the bound against
+    the compiled kernels.)
+    """
+    return num_stages * (meta["BLOCK_M"] * meta["BLOCK_K"] + meta["BLOCK_K"] * meta["BLOCK_N"]) * 4 + 1024
+
+
+def tile_configs(small: bool, block_m: int | None = None) -> list:
+    """The tile kernel's autotune configs that fit :data:`SMEM_LIMIT` (``block_m``: the launcher's, small M)."""
+    configs = TILE_SMALL_CONFIGS if small else TILE_LARGE_CONFIGS
+    return [c for c in configs if tile_smem({"BLOCK_M": block_m, **c.kwargs}, c.num_stages) <= SMEM_LIMIT]
+
+
+def _prune_small(configs, named_args, **kwargs):  # pruned before anything is compiled
+    return tile_configs(True, {**named_args, **kwargs}["BLOCK_M"])
+
+
+def _prune_large(configs, named_args, **kwargs):
+    return tile_configs(False)
+
+
 _TILE_KEY = ["M_BUCKET", "N", "K1", "K2", "KIND1", "WIDTH1", "KIND2", "WIDTH2"]
 _CSR_KEY = ["M_BUCKET", "N", "K", "WIDTH"]
-_tile_small = triton.autotune(TILE_SMALL_CONFIGS, key=_TILE_KEY, reset_to_zero=["out_ptr"])(_tile_kernel)
-_tile_large = triton.autotune(TILE_LARGE_CONFIGS, key=_TILE_KEY)(_tile_kernel)
+_tile_small = triton.autotune(
+    TILE_SMALL_CONFIGS, key=_TILE_KEY, reset_to_zero=["out_ptr"], prune_configs_by={"early_config_prune": _prune_small}
+)(_tile_kernel)
+_tile_large = triton.autotune(TILE_LARGE_CONFIGS, key=_TILE_KEY, prune_configs_by={"early_config_prune": _prune_large})(
+    _tile_kernel
+)
 _csr_narrow = triton.autotune(CSR_NARROW_CONFIGS, key=_CSR_KEY, restore_value=["out_ptr"])(_csr_mm_kernel)
 _csr_wide = triton.autotune(CSR_WIDE_CONFIGS, key=_CSR_KEY, restore_value=["out_ptr"])(_csr_mm_kernel)
 

@@ -2,118 +2,33 @@
 
 Triton's CPU interpreter accepts code the GPU compiler rejects (``tl.dot`` tile minimums, dtype
 rules, layouts). This test records every kernel launch the launchers make on small CPU inputs
-in the interpreter (plus each autotune config of the GEMM kernels and bf16 variants of
+in the interpreter (plus each autotune config the GEMM launchers keep and bf16 variants of
 half-precision pointers), then compiles all of them with ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)`` in a fresh process (Triton's bundled ptxas; no driver needed).
-It does not prove the code is fast or correct on a GPU: the ``gpu`` tests do that.
+``GPUTarget("cuda", 90, 32)`` in a fresh process (Triton's bundled ptxas; no driver needed), through
+the shared recorder and compiler of ``bench/aot.py`` (which the static gate also uses). It does not
+prove the code is fast or correct on a GPU: the ``gpu`` tests do that, and ``test_gpu_static.py``
+judges what the compiled code looks like.
 """
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.aot import compile_specs, record_launches, unique_specs
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="records launches in Triton's CPU interpreter")
 
 HERE = Path(__file__).resolve().parent
-OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-
-COMPILE = r"""
-import importlib, json, multiprocessing, os, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-
-
-def build(spec):
-    fn = getattr(importlib.import_module(spec["module"]), spec["name"])
-    while not isinstance(fn, JITFunction):
-        fn = fn.fn
-    sig, consts = {}, {}
-    for p in fn.params:
-        kind, value = spec["args"].get(p.name, ["default", p.default])
-        if p.is_constexpr or kind in ("none", "default"):
-            sig[p.name], consts[p.name] = "constexpr", value
-        elif kind == "tensor":
-            sig[p.name] = "*" + value
-        elif kind == "bool":
-            sig[p.name] = "i1"
-        elif kind == "int":
-            sig[p.name] = "i64" if abs(value) >= 2**31 else "i32"
-        else:
-            sig[p.name] = "fp32"
-    try:
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=spec["options"])
-        return None
-    except Exception as e:  # report every failing specialization, not just the first
-        return f"{spec['name']} {consts} {spec['options']}: {type(e).__name__}: {str(e)[:400]}"
-
-
-if __name__ == "__main__":
-    specs = json.load(open(sys.argv[1]))
-    with multiprocessing.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
-        results = pool.map(build, specs, chunksize=1)
-    failures = [r for r in results if r]
-    print(json.dumps({"compiled": len(specs) - len(failures), "failures": failures}))
-"""
-
-_DTYPES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float64: "fp64",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.int16: "i16",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-    torch.bool: "i1",
-}
-
-
-def _describe(v):
-    if isinstance(v, torch.Tensor):
-        return ["tensor", _DTYPES[v.dtype]]
-    if isinstance(v, bool):
-        return ["bool", v]
-    if isinstance(v, int):
-        return ["int", v]
-    if isinstance(v, float):
-        return ["float", v]
-    if v is None:
-        return ["none", None]
-    raise TypeError(f"unexpected kernel argument {v!r}")
 
 
 @pytest.fixture
-def recorder(monkeypatch):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    specs = []
-    original = InterpretedFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in OPTION_KEYS if k in kwargs}
-        bound = {**dict(zip(self.arg_names, args)), **kwargs}
-        specs.append(
-            {
-                "module": self.fn.__module__,
-                "name": self.fn.__name__,
-                "args": {k: _describe(v) for k, v in bound.items()},
-                "options": {"num_warps": 4, "num_stages": 3, **options},
-            }
-        )
-        return original(self, *args, grid=grid, warmup=warmup, **options, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", run)
-    return specs
+def recorder():
+    with record_launches() as specs:
+        yield specs
 
 
 def _exercise_admm():
@@ -175,12 +90,12 @@ def _exercise_gemm():
 
 
 def _autotune_variants(specs, lt):
-    """Each autotune config of the GEMM kernels applied to a recorded launch of the same kernel."""
+    """Each autotune config the GEMM launchers keep (after pruning) applied to a recorded launch of the kernel."""
     out = []
     for spec in specs:
         if spec["name"] == "_tile_kernel":
             small = spec["args"]["M_BUCKET"][1] <= lt.SMALL_M
-            configs = lt.TILE_SMALL_CONFIGS if small else lt.TILE_LARGE_CONFIGS
+            configs = lt.tile_configs(small, spec["args"]["BLOCK_M"][1] if small else None)
         elif spec["name"] == "_csr_mm_kernel":
             configs = lt.CSR_NARROW_CONFIGS if spec["args"]["BLOCK_M"][1] <= 8 else lt.CSR_WIDE_CONFIGS
         else:
@@ -194,8 +109,10 @@ def _autotune_variants(specs, lt):
 def _bf16_variants(specs):
     out = []
     for spec in specs:
-        if any(v == ["tensor", "fp16"] for v in spec["args"].values()):
-            args = {k: (["tensor", "bf16"] if v == ["tensor", "fp16"] else v) for k, v in spec["args"].items()}
+        if any(v[:2] == ["tensor", "fp16"] for v in spec["args"].values()):
+            args = {
+                k: (["tensor", "bf16", *v[2:]] if v[:2] == ["tensor", "fp16"] else v) for k, v in spec["args"].items()
+            }
             args = {k: (["int", 2] if k == "DOT" and v == ["int", 1] else v) for k, v in args.items()}
             out.append({**spec, "args": args})
     return out
@@ -207,19 +124,12 @@ def test_every_kernel_compiles_for_sm90(recorder, tmp_path):
     _exercise_lloyd()
     lt = _exercise_gemm()
     specs = list(recorder)
-    specs += _autotune_variants(specs, lt) + _bf16_variants(specs)
-    unique = {json.dumps(s, sort_keys=True): s for s in specs}
-    kernels = {s["name"] for s in unique.values()}
+    specs = unique_specs(specs + _autotune_variants(specs, lt) + _bf16_variants(specs))
+    kernels = {s["name"] for s in specs}
     assert {"_lloyd_kernel", "_codes_kernel", "_tile_kernel", "_csr_mm_kernel"} <= kernels, kernels
     assert len(kernels) >= 8, kernels
-    path = tmp_path / "specs.json"
-    path.write_text(json.dumps(list(unique.values())))
-    print(f"{len(unique)} specializations of {len(kernels)} kernels")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = tmp_path / "aot_compile.py"
-    script.write_text(COMPILE)
-    res = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert not report["failures"], "\n".join(report["failures"])
-    assert report["compiled"] == len(unique)
+    print(f"{len(specs)} specializations of {len(kernels)} kernels")
+    results = compile_specs(specs, arch=90, analyze=False, timeout=900)
+    failures = [r["error"] for r in results if not r["ok"]]
+    assert not failures, "\n".join(failures)
+    assert len(results) == len(specs)

@@ -1,0 +1,362 @@
+"""Roofline model of every op: bytes, FLOPs and latency of each launch, counted by construction.
+
+Each op has its own function (``admm_step``, ``admm_dual_update``, ``lloyd_quantize``,
+``lloyd_errors_for_bits``, ``atmc_linear``) that lists the launches the launcher makes, with the
+bytes each one reads and writes from DRAM, its FLOPs, and two static latency figures: the bytes
+one program has in flight per loop iteration (Little's law: bandwidth <= resident programs x
+bytes in flight / latency, with resident programs from the static gate's blocks/SM), and the
+longest chain of dependent global loads one program walks (a binary search, a scan).
+A kernel redesign updates its op's function here, nothing else.
+
+Predicted time of an op on a :class:`GPU`: the sum over launches of
+``max(bytes / effective bandwidth, FLOPs / peak, dependent chain x latency) + launch gap``.
+These are PREDICTIONS, never measurements; ``python -m bench`` prints measured / predicted.
+Each op also gives its physical floor (bytes it must move / peak bandwidth, or FLOPs / peak)
+and its target restated against that floor.
+
+Example:
+    >>> op = admm_step(45_000_000)
+    >>> op.floor_s(H100), op.predict_s(H100)  # seconds: 29 B/element floor, 53 B/element design
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = [
+    "GPU",
+    "GPUS",
+    "H100",
+    "H200",
+    "Launch",
+    "Op",
+    "admm_dual_update",
+    "admm_step",
+    "atmc_linear",
+    "cublas_linear",
+    "gpu_for",
+    "lloyd_errors_for_bits",
+    "lloyd_quantize",
+    "min_blocks_for_bandwidth",
+    "sort_pairs",
+]
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Measured-class ceilings of one GPU (not datasheet peaks)."""
+
+    name: str
+    bandwidth: float = 3.0e12  # B/s, DRAM
+    tc_flops: float = 780e12  # bf16 / fp16 tensor-core FLOP/s
+    fma_flops: float = 50e12  # fp32 FFMA FLOP/s (no tensor cores)
+    sms: int = 132
+    latency: float = 0.6e-6  # s, dependent DRAM load to use
+    l2_latency: float = 0.25e-6  # s, dependent L2 hit
+    launch: float = 2.5e-6  # s per launch (gap between back-to-back kernels, no CUDA graph)
+
+
+H100 = GPU("H100 SXM (3.0 TB/s)", bandwidth=3.0e12)
+H200 = GPU("H200 (4.3 TB/s)", bandwidth=4.3e12)
+GPUS = (H100, H200)
+
+
+def gpu_for(name: str, measured_bandwidth: float | None = None) -> GPU:
+    """The model GPU for a device name (``torch.cuda.get_device_name``); others use the measured bandwidth."""
+    if "H200" in name:
+        return H200
+    if "H100" in name:
+        return H100
+    return GPU(name, bandwidth=measured_bandwidth or H100.bandwidth)
+
+
+def min_blocks_for_bandwidth(inflight_per_block: float, gpu: GPU = H100, at_least: int = 2) -> int:
+    """Resident blocks per SM a streaming kernel needs to keep ``bandwidth x latency`` bytes in flight.
+
+    ``at_least`` (2): one block's loads overlap another's arithmetic and stores.
+    """
+    need = gpu.bandwidth * gpu.latency / gpu.sms  # bytes in flight per SM
+    return max(at_least, math.ceil(need / inflight_per_block))
+
+
+@dataclass
+class Launch:
+    """One kernel launch: DRAM bytes, FLOPs, and the static latency figures."""
+
+    name: str  # kernel (as in the static gate) or library call
+    read: float  # bytes read from DRAM
+    written: float  # bytes written to DRAM
+    flops: float = 0.0
+    tensor_cores: bool = True  # FLOPs on tensor cores (else fp32 FMA)
+    inflight: float = 0.0  # bytes one program loads per loop iteration (0: not latency-limited)
+    chain: int = 0  # dependent global loads on one program's critical path
+    chain_l2: bool = True  # the chain hits L2 (else DRAM)
+    programs: int = 1  # programs in the grid (waves of the chain)
+
+    def time_s(self, gpu: GPU, blocks_sm: int | None = None) -> float:
+        bw = gpu.bandwidth
+        if self.inflight and blocks_sm:
+            bw = min(bw, blocks_sm * gpu.sms * self.inflight / gpu.latency)
+        mem = (self.read + self.written) / bw
+        comp = self.flops / (gpu.tc_flops if self.tensor_cores else gpu.fma_flops)
+        waves = math.ceil(self.programs / (gpu.sms * (blocks_sm or 1)))
+        lat = self.chain * (gpu.l2_latency if self.chain_l2 else gpu.latency) * waves
+        return max(mem, comp, lat) + gpu.launch
+
+
+@dataclass
+class Op:
+    """An op's launches, its physical floor (bytes / FLOPs it cannot avoid) and its target."""
+
+    name: str
+    launches: list[Launch]
+    floor_bytes: float
+    floor_flops: float = 0.0
+    target: str = ""  # the target, restated against the floor
+    target_x_floor: float | None = None  # the target as a multiple of the floor time (<=), if it is one
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> float:
+        return sum(x.read + x.written for x in self.launches)
+
+    @property
+    def flops(self) -> float:
+        return sum(x.flops for x in self.launches)
+
+    def floor_s(self, gpu: GPU) -> float:
+        return max(self.floor_bytes / gpu.bandwidth, self.floor_flops / gpu.tc_flops)
+
+    def predict_s(self, gpu: GPU, blocks: dict[str, int] | None = None) -> float:
+        """Predicted seconds; ``blocks`` maps a kernel name to its blocks/SM from the static gate."""
+        blocks = blocks or {}
+        return sum(x.time_s(gpu, blocks.get(x.name)) for x in self.launches)
+
+
+# ---------------------------------------------------------------------------------------------- ADMM
+
+
+def admm_step(n: int, grad_bytes: int = 4, block: int = 2048, max_programs: int = 512) -> Op:
+    """The fused ADMM step of ``kernels/admm_triton.py`` on ``n`` elements with a proper top-k (0 < k < n).
+
+    Launches: memset of the workspace, ``_update`` (read grad, w, mom, z, u; write wn, mn), two
+    ``_refine`` passes (read wn), three one-program ``_scan`` s (a dependent chain each) and
+    ``_write`` (read wn, mn; write w, mom, mask). Floor: read grad, w, mom, z, u once and write w,
+    mom, mask once (29 B/element with fp32 grads).
+    """
+    tiles = math.ceil(n / block)
+    programs = min(tiles, max_programs)
+    ws = 4 * (4 + 2048 + 1024 + 1024 + programs + programs * 1024)
+    launches = [
+        Launch("memset", 0, ws),
+        Launch("_update_kernel", (16 + grad_bytes) * n, 8 * n, inflight=block * (16 + grad_bytes), programs=programs),
+        Launch("_scan_kernel", 4 * 2048, 8, chain=4),
+        Launch("_refine_kernel", 4 * n, 0, inflight=block * 4, programs=programs),
+        Launch("_scan_kernel", 4 * 1024, 8, chain=4),
+        Launch("_refine_kernel", 4 * n, 4 * 1024 * programs, inflight=block * 4, programs=programs),
+        Launch("_scan_kernel", 4 * 1024 * (1 + programs), 8 + 4 * programs, chain=5),
+        Launch("_write_kernel", 8 * n, 9 * n, inflight=block * 8, programs=programs),
+    ]
+    floor = (16 + grad_bytes + 9) * n
+    return Op(
+        f"admm_step n={n / 1e6:.1f}M grads {'fp32' if grad_bytes == 4 else f'{8 * grad_bytes}-bit'}",
+        launches,
+        floor,
+        target=f"<= 2x its bytes floor ({16 + grad_bytes + 9} B/element)",
+        target_x_floor=2.0,
+        notes={"bytes_per_element": sum(x.read + x.written for x in launches[1:]) / n},
+    )
+
+
+def admm_dual_update(n: int, block: int = 4096) -> Op:
+    """``u += w - z``: read u, w, z, write u (the floor itself)."""
+    return Op(
+        f"admm_dual_update n={n / 1e6:.1f}M",
+        [Launch("_dual_kernel", 12 * n, 4 * n, inflight=12 * block, programs=math.ceil(n / block))],
+        16 * n,
+        target="<= 1.2x its bytes floor (16 B/element)",
+        target_x_floor=1.2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- Lloyd
+
+
+def sort_pairs(name: str, n: int, key_bytes: int, value_bytes: int, key_bits: int) -> Launch:
+    """A device radix sort of (key, value) pairs: 8-bit digits, each pass reads and writes both (CUB onesweep)."""
+    passes = math.ceil(key_bits / 8)
+    return Launch(name, n * key_bytes + passes * n * (key_bytes + value_bytes), passes * n * (key_bytes + value_bytes))
+
+
+def _lloyd_prepare(n: int, segments: int) -> list[Launch]:
+    """The segmented sort, prefix sums and sums of squares (``lloyd_triton._prepare``)."""
+    key = 1 if segments <= 256 else 2 if segments <= 2**15 else 4
+    return [
+        Launch("arange (sort indices)", 0, 8 * n),
+        sort_pairs("torch.sort float32 + int64 indices", n, 4, 8, 32),
+        Launch("searchsorted (segment of each value)", 8 * n, 4 * n),
+        Launch("segment id to narrow key", 4 * n, key * n),
+        sort_pairs("stable sort of segment ids", n, key, 8, 8 * key),
+        Launch("index_select", 8 * n + 4 * n, 4 * n),
+        Launch("cumsum float64", 4 * n, 8 * n),
+        Launch("_sumsq_kernel", 4 * n, 8 * 32 * segments, inflight=4 * 1024, programs=32 * segments),
+    ]
+
+
+def _lloyd_chain(largest: int, iters: int) -> int:
+    """Dependent loads of one Lloyd program: two zero searches, then per iteration a boundary search + prefix sums."""
+    steps = math.ceil(math.log2(largest + 1)) + 2
+    return 2 * steps + (iters + 1) * (steps + 1) + 4
+
+
+def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20) -> Op:
+    """``lloyd_quantize`` of segments ``sizes`` (every value nonzero: the worst case) at ``bits``, ``iters`` rounds.
+
+    Lloyd itself is one program per segment: its time is the dependent chain of the largest one
+    (binary searches over its sorted values, L2 latency per step). Floor: read the values once and
+    write codes (int16) and q (float32): 10 B/value. Target: <= 3 ms at b = 8 (ResNet34).
+    """
+    n, S = sum(sizes), len(sizes)
+    K = 2**bits
+    launches = _lloyd_prepare(n, S) + [
+        Launch(
+            "_lloyd_kernel", S * K * 4 * 2 * (iters + 1), S * (K + 1) * 4 * 2, chain=_lloyd_chain(max(sizes), iters)
+        ),
+        Launch("_codes_kernel", 4 * n, 6 * n, inflight=4 * 1024, programs=math.ceil(n / 1024)),
+    ]
+    return Op(
+        f"lloyd_quantize b={bits}",
+        launches,
+        10 * n,
+        target="<= 3 ms at b = 8 (a design with one full sort; the bytes floor is 10 B/value)",
+        notes={"values": n, "segments": S},
+    )
+
+
+def lloyd_errors_for_bits(sizes: list[int], iters: int = 20) -> Op:
+    """``errors_for_bits``: one sort, then the Lloyd kernel on an ``[S, 8]`` grid (b = 1..8), no codes pass."""
+    n, S = sum(sizes), len(sizes)
+    launches = _lloyd_prepare(n, S) + [
+        Launch("_lloyd_kernel", S * 8 * 256 * 4 * (iters + 1), S * 8 * 4, chain=_lloyd_chain(max(sizes), iters)),
+    ]
+    return Op("lloyd_errors_for_bits", launches, 4 * n, target="(no target; one sort for b = 1..8)")
+
+
+# ---------------------------------------------------------------------------------------------- GEMM
+
+
+def _factor_bytes(rows: int, cols: int, nnz: int, bits: int) -> tuple[int, int]:
+    """(format, exact packed bytes) of a factor with ``nnz`` nonzeros over ``2^bits`` levels."""
+    from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
+
+    levels = min(2**bits, max(nnz, 1))
+    fmt = choose_format(rows, cols, nnz, levels, False)
+    return fmt, factor_nbytes(fmt, rows, cols, nnz, levels, False)
+
+
+def packed_layer(N: int, K: int, ratio: float, bits: int, structure: str = "identity") -> dict:
+    """Factor shapes, nonzeros, formats and bytes of ``bench/gemm.py``'s synthetic layer (expected counts)."""
+    nnz = max(3, int((ratio * 32 * N * K - 3 * 32 * 2**bits) // bits))
+    if structure == "svd":
+        r = max(1, min(N, K, nnz // 2 // (N + K)))
+        want = {"U": N * r, "V": r * K, "C": nnz - r * (N + K)}
+    else:
+        r = min(N, K)
+        main, other = ("U", "V") if K <= N else ("V", "U")
+        share = (0.8, 0.05) if structure == "identity+V" else (0.85, 0.0)
+        want = {main: int(share[0] * nnz), other: int(share[1] * nnz), "C": int(0.15 * nnz)}
+    shapes = {"U": (N, r), "V": (r, K), "C": (N, K)}
+    out = {"r": r, "structure": structure, "factors": {}}
+    for f in "UVC":
+        rows, cols = shapes[f]
+        count = min(want[f], rows * cols)
+        fmt, nbytes = _factor_bytes(rows, cols, count, bits) if count else (0, 0)
+        out["factors"][f] = {"rows": rows, "cols": cols, "nnz": count, "fmt": fmt, "bytes": nbytes}
+    out["bytes"] = sum(f["bytes"] for f in out["factors"].values())
+    return out
+
+
+def cublas_linear(M: int, N: int, K: int, elt: int = 2) -> Op:
+    """Dense ``F.linear`` in fp16: read W and x, write y; 2MNK FLOPs on tensor cores."""
+    nbytes = elt * (N * K + M * K + M * N)
+    gemm = Launch("cublas gemm", elt * (N * K + M * K), elt * M * N, 2 * M * N * K)
+    return Op("cuBLAS fp16", [gemm], nbytes, 2 * M * N * K)
+
+
+def atmc_linear(M: int, N: int, K: int, ratio: float, bits: int, structure: str = "identity", elt: int = 2) -> Op:
+    """The packed linear layer (``lowrank_gemm_triton.linear_launch``) at batch ``M``, ``elt``-byte activations.
+
+    M <= 32: split-K tiles stream the dense-coded factors (zeroed fp32 output, atomics, a final cast)
+    plus one CSR pass per CSR factor (read-modify-write of the fp32 output). M > 32: CSR factors of
+    density >= 1/128 are decoded to dense operands, merged with a dense-coded one on the same
+    activations, and one tensor-core GEMM runs per stage. Floor: the packed bytes + x + y, or the
+    dense FLOPs at M > 32, whichever is longer.
+    """
+    from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE
+
+    lay = packed_layer(N, K, ratio, bits, structure)
+    fs = lay["factors"]
+    r = lay["r"]
+    x, y = elt * M * K, elt * M * N
+    launches: list[Launch] = []
+    small = M <= 32
+    # stages: t = x V^T [M, r] (when V and U are both present), then y = x C^T + t U^T (+ identity)
+    stages = []
+    if fs["U"]["nnz"] and fs["V"]["nnz"]:
+        stages.append(("t", r, K, [("x", fs["V"])]))
+        stages.append(("y", N, K, [("x", fs["C"]), ("t", fs["U"])]))
+    else:  # identity init: t is x itself
+        main = fs["U"] if fs["U"]["nnz"] else fs["V"]
+        stages.append(("y", N, K, [("x", fs["C"]), ("x", main)]))
+    act = {"x": x, "t": 4 * M * r}  # t is float32
+    for out_name, n, kdim, products in stages:
+        products = [(a, f) for a, f in products if f["nnz"]]
+        out_elt = 4 if small or out_name == "t" else elt
+        tile = [(a, f) for a, f in products if f["fmt"] == FMT_DENSE]
+        csr = [(a, f) for a, f in products if f["fmt"] == FMT_CSR]
+        if not small:  # dense-enough CSR factors are decoded into plain operands first
+            dense_enough = [(a, f) for a, f in csr if f["nnz"] / (f["rows"] * f["cols"]) >= 1 / 128]
+            for a, f in dense_enough:
+                launches.append(
+                    Launch("_decode_csr_kernel", f["bytes"] + elt * f["rows"] * f["cols"], elt * f["rows"] * f["cols"])
+                )
+                csr.remove((a, f))
+                tile.append((a, {**f, "bytes": elt * f["rows"] * f["cols"]}))
+        if small and tile:
+            launches.append(Launch("zero fill (fp32 out)", 0, 4 * M * n))
+        if tile:
+            acts = {a for a, _ in tile}
+            b_bytes = sum(f["bytes"] for _, f in tile)
+            if len(tile) == 2 and len(acts) == 1 and not small:  # merged: one operand, one GEMM
+                launches.append(Launch("merge operands", 2 * elt * n * kdim, elt * n * kdim))
+                b_bytes = elt * n * kdim
+            flops = sum(2 * M * f["rows"] * f["cols"] for _, f in tile) if small or len(acts) > 1 else 2 * M * n * kdim
+            launches.append(
+                Launch("_tile_kernel", b_bytes + sum(act[a] for a in acts), out_elt * M * n, flops, elt != 4)
+            )
+        for i, (a, f) in enumerate(csr):
+            rmw = 0 if (i == 0 and not tile and not small) else out_elt * M * n
+            launches.append(
+                Launch("_csr_mm_kernel", f["bytes"] + act[a] + rmw, out_elt * M * n, 2 * M * f["nnz"], False)
+            )
+        if small and tile:
+            launches.append(Launch("cast fp32 -> out", 4 * M * n, (4 if out_name == "t" else elt) * M * n))
+    floor_b = lay["bytes"] + x + y
+    floor_f = 0.0 if small else 2 * M * N * K
+    if small:
+        dense_bytes = 2 * N * K + x + y
+        target = (
+            f">= 3x cuBLAS fp16 (bytes floor allows {dense_bytes / floor_b:.2f}x; "
+            f"restated: >= 70% of the packed bytes floor = {0.7 * dense_bytes / floor_b:.2f}x cuBLAS)"
+        )
+    else:
+        target = "<= 1.1x cuBLAS time (both at the dense FLOPs floor)"
+    return Op(
+        f"atmc_linear {N}x{K} r={ratio} b={bits} {structure} M={M}",
+        launches,
+        floor_b,
+        floor_f,
+        target=target,
+        notes={"M": M, "N": N, "K": K, "packed_bytes": lay["bytes"], "formats": {k: v["fmt"] for k, v in fs.items()}},
+    )

@@ -1,0 +1,609 @@
+"""Static GPU performance gate: judge every kernel family by what Triton compiles, without a GPU.
+
+``python -m bench.static --out DIR [--arch 90,80,89,121] [--triton36 PATH|auto|off]`` records a
+representative set of launches per kernel family (the launchers driven on CPU tensors under
+``TRITON_INTERPRET=1``, kernels not executed), adds each autotune config the launcher keeps after
+its pruning, compiles everything ahead of time (:mod:`bench.aot`) with the installed Triton and
+with Triton 3.6.0, and reads registers, spill bytes, shared memory, blocks/SM, 128-bit global
+loads and tensor-core instructions out of the cubin. It writes ``static.json`` and
+``static.md`` (one row per kernel x Triton version x arch), prints the gate's verdicts and the
+roofline predictions of :mod:`bench.model` against every target.
+
+The gate is TABLE-DRIVEN: :data:`FAMILIES` has one :class:`Family` per kernel family (ADMM,
+Lloyd, GEMM) with its representative launches and its :class:`Rule` s (thresholds on sm_90).
+A kernel redesign edits only its own entry. ``tests/test_gpu_static.py`` runs the gate in CI;
+a family that fails today lists the failing Triton versions in ``Family.known_failures`` with
+the issue that fixes it, and the test is ``xfail(strict=True)`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "ARCHS",
+    "FAMILIES",
+    "SM_LIMITS",
+    "Family",
+    "Rule",
+    "blocks_per_sm",
+    "check_family",
+    "gather",
+    "record_family",
+    "run_gate",
+    "triton36_site",
+]
+
+TRITON36 = "3.6.0"
+
+
+# ---------------------------------------------------------------------------------------------- SM limits
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources (CUDA programming guide, compute capability table)."""
+
+    regs: int = 65536
+    smem_sm: int = 233472  # bytes of shared memory per SM usable by blocks
+    smem_block: int = 232448  # max dynamic shared memory per block (opt-in)
+    threads: int = 2048
+    blocks: int = 32
+    reserved_smem: int = 1024  # per block, taken by the system on sm_80+
+
+
+SM_LIMITS = {
+    80: SMLimits(smem_sm=167936, smem_block=166912),  # A100
+    89: SMLimits(smem_sm=102400, smem_block=101376, threads=1536, blocks=24),  # L4 / RTX 4090
+    90: SMLimits(),  # H100 / H200: 228 KB per SM, 227 KB per block
+    100: SMLimits(),  # B200
+    120: SMLimits(smem_sm=102400, smem_block=101376, threads=1536, blocks=32),  # RTX 50xx
+    121: SMLimits(smem_sm=102400, smem_block=101376, threads=1536, blocks=32),  # GB10
+}
+ARCHS = (90, 80, 89, 121)  # sm_90 carries the thresholds; 121 is the newest arch both Tritons compile
+
+
+def blocks_per_sm(regs: int, num_warps: int, smem: int, arch: int = 90) -> int:
+    """Resident blocks per SM (0: cannot launch), from registers, threads, shared memory and the block cap."""
+    lim = SM_LIMITS.get(arch, SM_LIMITS[90])
+    if smem > lim.smem_block:
+        return 0
+    regs_warp = math.ceil(max(regs, 1) * 32 / 256) * 256  # allocated per warp in units of 256
+    by_regs = (lim.regs // regs_warp) // num_warps
+    by_threads = lim.threads // (32 * num_warps)
+    by_smem = lim.smem_sm // (math.ceil(smem / 128) * 128 + lim.reserved_smem)
+    return min(by_regs, by_threads, by_smem, lim.blocks)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Thresholds for one kernel (on sm_90; other arches must only compile).
+
+    ``when(spec)`` narrows a rule to some specializations (e.g. GEMM tiles used at M > 32).
+    ``min_blocks``: resident blocks per H100 SM the design needs (from registers, warps and shared
+    memory); ``vector_loads``: at least one 128-bit global load (``LDG.E.128``); ``tensor_cores``:
+    HGMMA or HMMA in the SASS; ``max_spill``: local-memory bytes per thread.
+    """
+
+    kernel: str
+    min_blocks: int = 1
+    max_spill: int = 0
+    vector_loads: bool = False
+    tensor_cores: bool = False
+    smem_bound: Callable[[dict], int | None] | None = None  # the launcher's estimate must bound the real use
+    when: Callable[[dict], bool] | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kernel family: how to drive its launchers, which extra specs to add, and its rules."""
+
+    name: str
+    issue: int  # the issue that owns the family's kernels
+    exercise: Callable[[], None]  # drives the launchers on CPU tensors (launches are recorded)
+    rules: tuple[Rule, ...]
+    specialize: Callable[[list[dict]], list[dict]] = lambda specs: specs  # e.g. autotuned -> every kept config
+    # Triton version or "*" -> (why, regex every violation it excuses matches); the test xfails only on those
+    known_failures: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def known_failure(self, version: str) -> tuple[str, str] | None:
+        """``(why, pattern)`` if the family fails the gate on Triton ``version`` today (the test xfails there)."""
+        return self.known_failures.get(version) or self.known_failures.get("*")
+
+
+def _exercise_admm() -> None:
+    import torch
+    from atmc_triton.kernels.admm import admm_dual_update_triton, admm_step_triton
+
+    n = 1 << 20  # the kernels are persistent: n and the tile count are runtime values
+    for k, grad_dtype in ((n // 10, torch.float32), (n // 10, torch.bfloat16), (n, torch.float32), (0, torch.float32)):
+        w, mom, z, u = (torch.zeros(n) for _ in range(4))
+        mask = torch.zeros(n, dtype=torch.bool)
+        admm_step_triton(w, torch.zeros(n, dtype=grad_dtype), mom, z, u, mask, 0.1, 0.9, 5e-4, 1e-3, k, False)
+    admm_dual_update_triton(torch.zeros(n), torch.zeros(n), torch.zeros(n))
+
+
+def _exercise_lloyd() -> None:
+    import torch
+    from atmc_triton.kernels.lloyd_triton import errors_for_bits_triton, lloyd_quantize_triton
+
+    x = torch.randn(30000)
+    off = torch.tensor([0, 10000, 10003, 30000])
+    lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0)
+    errors_for_bits_triton(x, off, 20, 0.0)
+
+
+GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype): bench/gemm.py's layers (N >= K: identity on V), scaled
+    (384, 256, 0.05, 4, "identity", 16, "fp16"),  # M <= 16: split-K tiles on 5-bit dense codes + CSR (wide)
+    (384, 256, 0.05, 8, "svd", 16, "fp16"),  # ... 9-bit dense codes (U and V), two stages
+    (384, 256, 0.05, 4, "identity", 16, "fp32"),  # ... fp32 activations
+    (384, 256, 0.05, 8, "identity", 1, "fp16"),  # M = 1: CSR factors (narrow)
+    (384, 256, 0.05, 4, "identity", 40, "fp16"),  # M > 32: CSR decoded + codes decoded, merged: one plain operand
+    (384, 256, 0.05, 4, "identity", 40, "fp32"),
+    (384, 256, 0.05, 8, "svd", 40, "fp16"),  # M > 32: dense codes in the tiles
+    (384, 256, 0.002, 8, "identity", 40, "fp16"),  # M > 32, density < 1/128: CSR SpMM
+)
+
+
+def _exercise_gemm() -> None:
+    import torch
+    from atmc_triton.kernels.lowrank_gemm_triton import linear_launch
+
+    from bench.gemm import Layer
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    for N, K, ratio, bits, structure, M, dt in GEMM_CASES:
+        layer = Layer("static", N, K, ratio, bits, structure, torch.device("cpu"))
+        linear_launch(torch.zeros(M, K, dtype=dtypes[dt]), None, N, layer.r, layer.identity, layer.factors, {})
+
+
+def _gemm_configs(specs: list[dict], keep_m1: bool = False) -> list[dict]:
+    """Each recorded autotuned launch replaced by every config the launcher keeps after its pruning.
+
+    Tile launches without products (epilogue only) use a fixed config; small-M tiles at ``M = 1``
+    compile like ``M = 16`` (only the unused autotune key differs) and are left to the latter unless
+    ``keep_m1`` (counting what a GPU run compiles).
+    """
+    from atmc_triton.kernels import lowrank_gemm_triton as lt
+
+    out = []
+    for spec in specs:
+        args = spec["args"]
+        if spec["name"] == "_tile_kernel" and (args["KIND1"][1] or args["KIND2"][1]):
+            if args["M_BUCKET"][1] < 16 and not keep_m1:
+                continue
+            small = args["M_BUCKET"][1] <= lt.SMALL_M
+            configs = lt.tile_configs(small, args["BLOCK_M"][1] if small else None)
+        elif spec["name"] == "_csr_mm_kernel":
+            configs = lt.CSR_NARROW_CONFIGS if args["BLOCK_M"][1] <= 8 else lt.CSR_WIDE_CONFIGS
+        else:
+            out.append(spec)
+            continue
+        for cfg in configs:
+            a = {**args, **{k: ["int", v] for k, v in cfg.kwargs.items()}}
+            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            out.append({**spec, "args": a, "options": opts, "autotuned": True})
+    return out
+
+
+def _tile_smem_bound(spec: dict) -> int | None:
+    """The launcher's shared-memory estimate for an autotuned tile config (it prunes on it)."""
+    from atmc_triton.kernels import lowrank_gemm_triton as lt
+
+    if spec["name"] != "_tile_kernel" or not spec.get("autotuned"):
+        return None
+    return lt.tile_smem({k: v[1] for k, v in spec["args"].items()}, spec["options"]["num_stages"])
+
+
+def _large_tile(spec: dict) -> bool:
+    """A tile launch with products at M > 32 (epilogue-only launches run no GEMM)."""
+    args = spec["args"]
+    return spec["name"] == "_tile_kernel" and args["M_BUCKET"][1] > 32 and bool(args["KIND1"][1] or args["KIND2"][1])
+
+
+STREAM = "streaming kernel: 128-bit loads of contiguous data"
+FAMILIES: dict[str, Family] = {
+    "admm": Family(
+        name="admm",
+        issue=13,
+        exercise=_exercise_admm,
+        rules=(
+            Rule("_update_kernel", min_blocks=2, vector_loads=True, why="overlap a tile's 40 KB of loads with work"),
+            Rule(
+                "_refine_kernel", min_blocks=3, vector_loads=True, why="8 KB per tile: 3 blocks keep 18 KB/SM in flight"
+            ),
+            Rule("_write_kernel", min_blocks=2, vector_loads=True, why=STREAM),
+            Rule("_scan_kernel"),
+            Rule("_dual_kernel", min_blocks=2, vector_loads=True, why=STREAM),
+        ),
+        known_failures={
+            TRITON36: (
+                "issue 13: on Triton 3.6 tl.histogram costs _update_kernel 195-200 registers (1 block/SM) "
+                "and _refine_kernel 113-128 (2 blocks/SM)",
+                r"/(_update_kernel|_refine_kernel) .* sm_90: \d blocks/SM <",
+            )
+        },
+    ),
+    "lloyd": Family(
+        name="lloyd",
+        issue=14,
+        exercise=_exercise_lloyd,
+        rules=(
+            Rule("_lloyd_kernel", why="one program per segment: no spills"),
+            Rule("_sumsq_kernel", min_blocks=4, vector_loads=True, why=STREAM),
+            Rule("_codes_kernel", min_blocks=4, vector_loads=True, why=STREAM),
+        ),
+        known_failures={
+            "*": (
+                "issue 14: _codes_kernel and _sumsq_kernel load their contiguous input 32 bits at a time",
+                r"/(_codes_kernel|_sumsq_kernel) .* sm_90: no 128-bit global loads",
+            )
+        },
+    ),
+    "gemm": Family(
+        name="gemm",
+        issue=15,
+        exercise=_exercise_gemm,
+        specialize=_gemm_configs,
+        rules=(
+            Rule("_tile_kernel", smem_bound=_tile_smem_bound, why="no spills in any autotune config"),
+            Rule("_tile_kernel", tensor_cores=True, when=_large_tile, why="tensor cores in every tile used at M > 32"),
+            Rule("_csr_mm_kernel"),
+            Rule("_decode_dense_kernel", vector_loads=True, why=STREAM),
+            Rule("_decode_csr_kernel"),
+        ),
+        known_failures={
+            "*": (
+                "issue 15: fp32 activations at M > 32 run every tile config on FFMA, no tensor cores",
+                r"/_tile_kernel .*DOT=0 .* sm_90: no tensor-core instructions",
+            )
+        },
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- running it
+
+
+def record_family(fam: Family) -> list[dict]:
+    """The family's launches, specialized (e.g. autotune configs), without repeats; needs ``TRITON_INTERPRET=1``."""
+    from bench.aot import record_launches, unique_specs
+
+    with record_launches(execute=False) as specs:
+        fam.exercise()
+    specs = unique_specs(fam.specialize(unique_specs(specs)))
+    for s in specs:
+        s["family"] = fam.name
+    return specs
+
+
+def check_family(fam: Family, rows: list[dict]) -> list[str]:
+    """Violations of ``fam``'s rules among compiled ``rows`` (sm_90 thresholds; other arches must compile)."""
+    bad = []
+    for r in rows:
+        where = f"{fam.name}/{r['kernel']} [{r['what']}] triton {r['triton']} sm_{r['arch']}"
+        if not r["ok"]:
+            bad.append(f"{where}: does not compile: {r['error'][:300]}")
+            continue
+        if r["arch"] != 90:
+            continue
+        for rule in fam.rules:
+            if rule.kernel != r["kernel"] or (rule.when is not None and not rule.when(r["spec"])):
+                continue
+            if r["spill_bytes"] > rule.max_spill:
+                bad.append(f"{where}: spills {r['spill_bytes']} B/thread (limit {rule.max_spill})")
+            if r["blocks_sm"] < rule.min_blocks:
+                bad.append(
+                    f"{where}: {r['blocks_sm']} blocks/SM < {rule.min_blocks} needed "
+                    f"({r['regs']} regs x {r['num_warps']} warps, {r['smem']} B smem; {rule.why})"
+                )
+            if rule.vector_loads and r["sass"]["ldg128"] == 0:
+                bad.append(f"{where}: no 128-bit global loads ({r['sass']['ldg']} narrower LDG; {rule.why})")
+            bound = rule.smem_bound(r["spec"]) if rule.smem_bound else None
+            if bound is not None and r["smem"] > bound:
+                bad.append(f"{where}: uses {r['smem']} B shared memory, above the launcher's estimate {bound}")
+            if rule.tensor_cores and r["sass"]["hgmma"] + r["sass"]["hmma"] == 0:
+                bad.append(f"{where}: no tensor-core instructions ({r['sass']['ffma']} FFMA; {rule.why})")
+    return bad
+
+
+def _what(spec: dict) -> str:
+    """Short label of a spec: its non-pointer constexpr-ish arguments and options."""
+    skip = {"n", "S", "tiles", "programs", "k", "M", "N", "K", "K1", "K2", "nnz", "book_len", "book1_len", "book2_len"}
+    parts = []
+    for k, v in spec["args"].items():
+        if v[0] == "tensor":
+            if k.startswith(("grad", "a1", "x", "out")) and v[1] != "fp32":
+                parts.append(f"{k.removesuffix('_ptr')}:{v[1]}")
+        elif v[0] in ("int", "bool") and k.isupper() and k not in skip:
+            parts.append(f"{k}={int(v[1])}")
+    parts.append(f"w{spec['options']['num_warps']}s{spec['options']['num_stages']}")
+    return " ".join(parts)
+
+
+def gather(specs: list[dict], arch: int, triton_path: str | None, cache_dir: Path | None = None) -> list[dict]:
+    """Compile ``specs`` for ``sm_<arch>`` and return one figure row per spec."""
+    from bench.aot import compile_specs
+
+    rows = []
+    for spec, res in zip(specs, compile_specs(specs, arch=arch, triton_path=triton_path, cache_dir=cache_dir)):
+        arch = spec.get("arch", arch)
+        row = {"family": spec["family"], "kernel": spec["name"], "what": _what(spec), "arch": arch, "spec": spec}
+        row |= res
+        row.setdefault("triton", "?")
+        if res["ok"]:
+            row["blocks_sm"] = blocks_per_sm(res["regs"], res["num_warps"], res["smem"], arch)
+            lim = SM_LIMITS.get(arch, SM_LIMITS[90])
+            row["occupancy"] = row["blocks_sm"] * res["num_warps"] * 32 / lim.threads
+        rows.append(row)
+    return rows
+
+
+def triton36_site(install: bool = True) -> tuple[str | None, str]:
+    """A directory holding Triton 3.6.0 for the second half of the gate, and how it was found.
+
+    ``$ATMC_TRITON36`` (an existing ``--target`` install) first, then the cached side install
+    ``~/.cache/atmc_triton/triton-3.6.0``; with ``install``, ``pip install --target`` into that
+    cache when the package index is reachable. Returns ``(None, reason)`` when none can be had.
+    """
+    import subprocess
+
+    def version(d: Path) -> str | None:
+        meta = list(d.glob("triton-*.dist-info"))
+        return (
+            meta[0].name.removeprefix("triton-").removesuffix(".dist-info")
+            if meta and (d / "triton").is_dir()
+            else None
+        )
+
+    env = os.environ.get("ATMC_TRITON36")
+    if env:
+        if version(Path(env)) == TRITON36:
+            return env, f"ATMC_TRITON36={env}"
+        return None, f"ATMC_TRITON36={env} holds no triton {TRITON36} (a pip --target directory expected)"
+    side = Path.home() / ".cache" / "atmc_triton" / f"triton-{TRITON36}"
+    if version(side) == TRITON36:
+        return str(side), f"cached side install {side}"
+    if not install:
+        return None, f"no triton {TRITON36} at {side} and installing was not allowed"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(side), f"triton=={TRITON36}"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"pip install triton=={TRITON36} failed: {e}"
+    if res.returncode != 0 or version(side) != TRITON36:
+        return None, f"pip install triton=={TRITON36} failed (index unreachable?): {res.stderr.strip()[-300:]}"
+    return str(side), f"installed into {side}"
+
+
+def run_gate(
+    triton_path: str | None = None,
+    archs: tuple[int, ...] = ARCHS,
+    families: tuple[str, ...] | None = None,
+    cache_dir: Path | None = None,
+) -> dict:
+    """Record, compile and check every family with one Triton (``triton_path``: a side install, else the
+    installed one). Full spec set on sm_90; one representative spec per kernel on the other arches.
+
+    Returns ``{"triton": version, "rows": [...], "violations": {family: [...]}, "seconds": s, "compiles": n}``.
+    """
+    fams = [FAMILIES[f] for f in (families or FAMILIES)]
+    t0 = time.time()
+    specs = [s for f in fams for s in record_family(f)]
+    todo = [{**s, "arch": a} for a in archs for s in (specs if a == 90 else representatives(specs))]
+    rows = gather(todo, 90, triton_path, cache_dir)
+    version = next((r["triton"] for r in rows if r.get("ok")), "?")
+    violations = {f.name: check_family(f, [r for r in rows if r["family"] == f.name]) for f in fams}
+    return {
+        "triton": version,
+        "rows": rows,
+        "violations": violations,
+        "seconds": time.time() - t0,
+        "compiles": sum(not r.get("cached", False) for r in rows),
+    }
+
+
+def representatives(specs: list[dict]) -> list[dict]:
+    """The first spec of each kernel (what the other arches compile)."""
+    seen: dict[str, dict] = {}
+    for s in specs:
+        seen.setdefault(s["name"], s)
+    return list(seen.values())
+
+
+def predictions(blocks: dict[str, int] | None = None) -> list[dict]:
+    """Every op of :mod:`bench.model` at the benchmark sizes, predicted on each model GPU (seconds)."""
+    from bench import model
+    from bench.admm import identity_factors, resnet34_shapes
+
+    rn = [a * b for a, b in identity_factors(resnet34_shapes())]
+    ops = [
+        model.admm_step(sum(rn)),
+        model.admm_step(sum(rn), grad_bytes=2),  # bf16 grads
+        model.admm_step(100_000_000),
+        model.admm_dual_update(sum(rn)),
+        model.lloyd_quantize(rn, 8),
+        model.lloyd_quantize(rn, 4),
+        model.lloyd_errors_for_bits(rn),
+    ]
+    for N, K, ratio, bits, structure, Ms in (
+        (4096, 4096, 0.05, 8, "identity", (1, 16, 1024, 8192)),
+        (4096, 4096, 0.05, 4, "identity", (1, 16, 1024, 8192)),
+        (4096, 4096, 0.01, 8, "identity", (1, 16, 1024)),
+        (11008, 4096, 0.05, 4, "identity", (1, 16, 1024)),
+        (4096, 4096, 0.05, 4, "svd", (1, 16, 1024)),
+        (500, 800, 0.01, 8, "identity", (1, 1024)),
+    ):
+        for M in Ms:
+            ops.append(model.atmc_linear(M, N, K, ratio, bits, structure))
+    out = []
+    for op in ops:
+        row = {"op": op.name, "target": op.target, "bytes": op.bytes, "flops": op.flops}
+        for gpu in model.GPUS:
+            pred, floor = op.predict_s(gpu, blocks), op.floor_s(gpu)
+            row[gpu.name] = {"predicted_ms": pred * 1e3, "floor_ms": floor * 1e3, "x_floor": pred / floor}
+            if "M" in op.notes:
+                ref = model.cublas_linear(op.notes["M"], op.notes["N"], op.notes["K"]).predict_s(gpu)
+                row[gpu.name]["x_cublas"] = ref / pred
+        out.append(row)
+    return out
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    line = lambda r: "| " + " | ".join(str(x) for x in r) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)])
+
+
+def figures_table(rows: list[dict]) -> str:
+    """One markdown row per kernel specialization x Triton version x arch."""
+    out = []
+    for r in rows:
+        if not r["ok"]:
+            out.append([r["family"], r["kernel"], r["what"], r["triton"], r["arch"], "FAILED", "", "", "", "", "", ""])
+            continue
+        sass = r["sass"]
+        out.append(
+            [
+                r["family"],
+                r["kernel"],
+                r["what"],
+                r["triton"],
+                f"sm_{r['arch']}",
+                r["regs"],
+                r["spill_bytes"],
+                r["smem"],
+                r["blocks_sm"],
+                f"{r['occupancy']:.0%}",
+                f"{sass['ldg128']}/{sass['ldg']}",
+                f"{sass['hgmma']}/{sass['hmma']}",
+            ]
+        )
+    head = ["family", "kernel", "specialization", "triton", "arch", "regs", "spill B", "smem B", "blocks/SM"]
+    return _table(head + ["occupancy", "LDG.128/LDG", "HGMMA/HMMA"], out)
+
+
+def summary_table(rows: list[dict], arch: int = 90) -> str:
+    """Per kernel x Triton version on ``sm_<arch>``: the worst figure over its specializations."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["arch"] == arch:
+            groups.setdefault((r["family"], r["kernel"], r["triton"]), []).append(r)
+    out = []
+    for (fam, kernel, version), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        if len(ok) < len(rs):
+            out.append([fam, kernel, version, len(rs), f"{len(rs) - len(ok)} FAILED to compile", "", "", "", "", ""])
+            continue
+        out.append(
+            [
+                fam,
+                kernel,
+                version,
+                len(rs),
+                max(r["regs"] for r in ok),
+                max(r["spill_bytes"] for r in ok),
+                max(r["smem"] for r in ok),
+                min(r["blocks_sm"] for r in ok),
+                f"{sum(r['sass']['ldg128'] > 0 for r in ok)}/{len(ok)}",
+                f"{sum(r['sass']['hgmma'] + r['sass']['hmma'] > 0 for r in ok)}/{len(ok)}",
+            ]
+        )
+    head = ["family", "kernel", "triton", "specs", "max regs", "max spill B", "max smem B", "min blocks/SM"]
+    return _table(head + ["specs with LDG.128", "specs with HGMMA/HMMA"], out)
+
+
+def predictions_table(preds: list[dict]) -> str:
+    """Predicted time of every op against its floor and target (PREDICTIONS, not measurements)."""
+    from bench import model
+
+    out = []
+    for p in preds:
+        h, g = p[model.H100.name], p[model.H200.name]
+        extra = f"{h['x_cublas']:.2f}x" if "x_cublas" in h else ""
+        out.append(
+            [
+                p["op"],
+                f"{h['predicted_ms']:.4g}",
+                f"{g['predicted_ms']:.4g}",
+                f"{h['floor_ms']:.4g}",
+                f"{h['x_floor']:.2f}x",
+                extra,
+                p["target"],
+                "not yet measured",
+            ]
+        )
+    head = ["op", "predicted ms H100", "predicted ms H200", "floor ms H100", "pred/floor", "vs cuBLAS (pred)"]
+    return _table(head + ["target", "measured"], out)
+
+
+def write_static(out: Path, results: list[dict], notes: list[str]) -> str:
+    """Write ``static.json`` and ``static.md`` under ``out``; return the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for res in results for r in res["rows"]]
+    blocks = {r["kernel"]: r["blocks_sm"] for r in rows if r.get("ok") and r["arch"] == 90}
+    preds = predictions(blocks)
+    slim = [{k: v for k, v in r.items() if k != "spec"} for r in rows]
+    verdicts = {f"{fam} @ triton {res['triton']}": v for res in results for fam, v in res["violations"].items()}
+    (out / "static.json").write_text(
+        json.dumps({"notes": notes, "rows": slim, "violations": verdicts, "predictions": preds}, indent=1)
+    )
+    lines = ["## Static gate (compiled without a GPU)", "", *[f"* {n}" for n in notes], ""]
+    for key, bad in verdicts.items():
+        lines.append(f"* **{key}**: " + ("passes" if not bad else f"{len(bad)} violation(s)"))
+        lines += [f"  * {b}" for b in bad]
+    lines += ["", "### sm_90 (H100 / H200), worst case per kernel", "", summary_table(rows), ""]
+    lines += ["### Every specialization x Triton x arch", "", figures_table(rows), ""]
+    lines += ["## Roofline predictions (PREDICTIONS, not measurements)", ""]
+    lines += [predictions_table(preds), ""]
+    md = "\n".join(lines)
+    (out / "static.md").write_text(md)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for static.json / static.md")
+    ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 90,80,89,121")
+    ap.add_argument("--triton36", default="auto", help="a triton 3.6.0 `pip --target` directory, 'auto' or 'off'")
+    ap.add_argument("--only", default="", help="comma-separated families: " + ", ".join(FAMILIES))
+    args = ap.parse_args(argv)
+    if args.triton36 == "off":
+        side, why = None, "--triton36 off"
+    else:
+        if args.triton36 != "auto":
+            os.environ["ATMC_TRITON36"] = args.triton36
+        side, why = triton36_site(install=args.triton36 == "auto")
+    archs = tuple(int(a) for a in args.arch.split(","))
+    fams = tuple(f.strip() for f in args.only.split(",") if f.strip()) or None
+    import triton
+
+    notes = [f"installed triton {triton.__version__}"]
+    results = [run_gate(None, archs, fams)]
+    if side:
+        notes.append(f"triton {TRITON36}: {why}")
+        results.append(run_gate(side, archs, fams))
+    else:
+        notes.append(f"triton {TRITON36} half SKIPPED: {why}")
+        print(f"[static] WARNING: triton {TRITON36} half skipped: {why}", file=sys.stderr, flush=True)
+    for res in results:
+        notes.append(f"triton {res['triton']}: {res['compiles']} cold compiles, {res['seconds']:.0f} s")
+    md = write_static(args.out, results, notes)
+    print(md)
+    return 1 if any(v for res in results for v in res["violations"].values()) else 0
+
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"  # launches are recorded in the interpreter (compiles run without it)
+    sys.exit(main())
