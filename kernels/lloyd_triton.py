@@ -225,9 +225,15 @@ def _sumsq_kernel(
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
     acc = tl.zeros([BLOCK], tl.float64)
-    for off in range(start + part * BLOCK, end, SPLIT * BLOCK):
+    # BLOCK-aligned chunks (unmasked 128-bit loads inside the segment; masked at its two ends)
+    for off in range((start // BLOCK) * BLOCK + part * BLOCK, end, SPLIT * BLOCK):
+        off = tl.multiple_of(off, BLOCK)
         p = off + tl.arange(0, BLOCK)
-        x = tl.load(sorted_ptr + p, mask=p < end, other=0.0).to(tl.float64)
+        if (off >= start) & (off + BLOCK <= end):
+            x = tl.load(sorted_ptr + p)
+        else:
+            x = tl.load(sorted_ptr + p, mask=(p >= start) & (p < end), other=0.0)
+        x = x.to(tl.float64)
         acc += x * x
     tl.store(out_ptr + seg * SPLIT + part, tl.sum(acc, 0))
 
@@ -246,9 +252,14 @@ def _codes_kernel(
     LANES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    p0 = tl.program_id(0).to(tl.int64) * BLOCK
+    p = p0 + tl.arange(0, BLOCK)
     inb = p < n
-    x = tl.load(values_ptr + p, mask=inb, other=0.0)
+    full = p0 + BLOCK <= n  # every block but the last: unmasked (128-bit) loads and stores
+    if full:
+        x = tl.load(values_ptr + p)
+    else:
+        x = tl.load(values_ptr + p, mask=inb, other=0.0)
     # segment of p: number of offsets[1..S] that are <= p
     lo = tl.full([BLOCK], 1, tl.int64)
     hi = tl.where(inb, S + 1, 1).to(tl.int64)
@@ -265,8 +276,12 @@ def _codes_kernel(
     nn = tl.load(nneg_ptr + seg, mask=inb, other=0)
     code = tl.where(k < nn, k + 1, tl.where(k == nn, 0, k))
     q = tl.load(book_ptr + seg * (LANES + 1) + code, mask=inb, other=0.0)
-    tl.store(codes_ptr + p, code.to(tl.int16), mask=inb)
-    tl.store(q_ptr + p, q, mask=inb)
+    if full:
+        tl.store(codes_ptr + p, code.to(tl.int16))
+        tl.store(q_ptr + p, q)
+    else:
+        tl.store(codes_ptr + p, code.to(tl.int16), mask=inb)
+        tl.store(q_ptr + p, q, mask=inb)
 
 
 def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float, name: str) -> None:
