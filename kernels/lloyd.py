@@ -118,7 +118,7 @@ def _prefix_sum(s: Tensor) -> Tensor:
     """float64 prefix sums ``[m + 1]`` of ``s``, starting at 0."""
     if s.device.type == "cpu":
         p = np.zeros(s.numel() + 1)
-        np.cumsum(s.numpy(), dtype=np.float64, out=p[1:])
+        np.cumsum(s.numpy().astype(np.float64), out=p[1:])  # same sums; a casting cumsum is ~5x slower
         return torch.from_numpy(p)
     return torch.cat([s.new_zeros(1, dtype=torch.float64), torch.cumsum(s.double(), 0)])
 
@@ -219,7 +219,7 @@ def _dp_init(s: Tensor, p1: Tensor, K: int, exact: bool) -> Tensor:
     else:
         s64 = sn.astype(np.float64)
         p2 = np.zeros(sn.size + 1)
-        np.cumsum(s64 * s64, out=p2[1:])
+        np.cumsum(np.multiply(s64, s64, out=s64), out=p2[1:])
         cuts, zero, _ = dp_partition(sn, K, atom_bounds(sn, K), prefix=(p, p2))
     lo, hi = cuts[:-1], cuts[1:]
     keep = (hi > lo) & (np.arange(lo.size) != zero)
