@@ -54,9 +54,9 @@ class BitAllocation:
 class _Problem:
     """Sorted factor magnitudes and cached Lloyd errors of one compressed model."""
 
-    def __init__(self, model: nn.Module, budget: int, max_iter: int, tol: float):
+    def __init__(self, model: nn.Module, budget: int, max_iter: int, tol: float, method: str = "fast"):
         self.layers = atmc_layers(model)
-        self.budget, self.max_iter, self.tol = budget, max_iter, tol
+        self.budget, self.max_iter, self.tol, self.method = budget, max_iter, tol, method
         self.vals: list[Tensor] = []  # per factor: values sorted by |v| descending
         self.layer_of: list[int] = []
         energy = []
@@ -107,7 +107,8 @@ class _Problem:
         if key not in self._err:
             v = self.vals[f][:n].contiguous()
             bits = torch.tensor([b], dtype=torch.int32)
-            self._err[key] = float(lloyd_quantize_ref(v, torch.tensor([0, n]), bits, self.max_iter, self.tol)[3][0])
+            out = lloyd_quantize_ref(v, torch.tensor([0, n]), bits, self.max_iter, self.tol, self.method)
+            self._err[key] = float(out[3][0])
         return self._err[key]
 
     def distortion(self, lbits: Sequence[int]) -> tuple[int, float]:
@@ -130,7 +131,7 @@ def allocation_report(model: nn.Module, cfg: ATMCConfig, candidates: Sequence[in
     work = copy.deepcopy(model).cpu().float()
     if not atmc_layers(work):
         compress_(work, dataclasses.replace(cfg, layer_bits=None))
-    prob = _Problem(work, math.floor(cfg.ratio * dense_bits(work)), cfg.max_iter, cfg.tol)
+    prob = _Problem(work, math.floor(cfg.ratio * dense_bits(work)), cfg.max_iter, cfg.tol, cfg.quant_method)
     L = len(prob.layers)
     uniform = {b: prob.distortion([b] * L) for b in cands}
     best_b = min(uniform, key=lambda b: (uniform[b][1], -b))

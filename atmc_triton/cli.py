@@ -220,6 +220,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     b.add_argument("--quant-interval", type=int, default=10, help="steps between quantizer + dual updates")
     b.add_argument("--lloyd-max-iter", type=int, default=20, help="Lloyd iterations per quantization")
     b.add_argument("--lloyd-tol", type=float, default=1e-5, help="Lloyd relative-SSE tolerance")
+    b.add_argument(
+        "--quant-method", choices=("fast", "optimal", "lloyd"), default="fast", help="codebook method (ATMCConfig)"
+    )
     b.add_argument("--init", choices=list(INITS), default="identity", help="factor init (default identity)")
     b.add_argument("--rank", type=_rank, help="SVD rank (int) or fraction (init=svd only)")
     r = p.add_argument_group("run")
@@ -270,6 +273,7 @@ def _config(a: argparse.Namespace, recipe: Recipe, ratio: float | None = None) -
         quant_interval=a.quant_interval,
         max_iter=a.lloyd_max_iter,
         tol=a.lloyd_tol,
+        quant_method=a.quant_method,
         init=a.init,
         rank=a.rank,
     )

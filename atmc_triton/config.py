@@ -51,6 +51,8 @@ class ATMCConfig:
             ``rho_every`` quantizer steps (the Robust-ADMM schedule; 1.0 = constant).
         quant_interval: run the quantizer + dual update every this many steps.
         max_iter, tol: Lloyd iteration cap and relative-SSE tolerance.
+        quant_method: codebook method of the quantizer: ``"fast"`` (DP init + Lloyd, within
+            2 % of the optimum), ``"optimal"`` (exact DP) or ``"lloyd"`` (the legacy init).
         init: ``"identity"`` (the reference's W = (B + I) A + C, full rank) or
             ``"svd"`` (truncated SVD, U V = best rank-r approximation, C = 0).
         rank: SVD rank, an int ``>= 1`` or a fraction in (0, 1] of ``min(out, in*kh*kw)``;
@@ -84,6 +86,7 @@ class ATMCConfig:
     quant_interval: int = 10
     max_iter: int = 20
     tol: float = 1e-5
+    quant_method: str = "fast"
     init: str = "identity"
     rank: int | float | None = None
     exclude: tuple[str, ...] | None = None
@@ -123,6 +126,8 @@ class ATMCConfig:
             raise ValueError(f"ATMCConfig.max_iter must be an int >= 0, got {self.max_iter!r}")
         if not (_is_real(self.tol) and self.tol >= 0):
             raise ValueError(f"ATMCConfig.tol must be a finite number >= 0, got {self.tol!r}")
+        if self.quant_method not in ("fast", "optimal", "lloyd"):
+            raise ValueError(f"ATMCConfig.quant_method must be 'fast', 'optimal' or 'lloyd', got {self.quant_method!r}")
         if self.init not in INITS:
             raise ValueError(f"ATMCConfig.init must be one of {INITS}, got {self.init!r}")
         ex = self.exclude

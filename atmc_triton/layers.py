@@ -110,10 +110,10 @@ class ATMCLayer(nn.Module):
             getattr(self, f).copy_(t)
         if self.bias is not None:
             self.bias.copy_(module.bias.detach())
-        self.reset_admm_state(cfg.max_iter, cfg.tol)
+        self.reset_admm_state(cfg.max_iter, cfg.tol, cfg.quant_method)
 
     @torch.no_grad()
-    def reset_admm_state(self, max_iter: int = 20, tol: float = 1e-5) -> None:
+    def reset_admm_state(self, max_iter: int = 20, tol: float = 1e-5, method: str = "fast") -> None:
         """Z := Quant_b(factor) (or the factor itself without a quantizer), u := 0, masks := nonzeros."""
         vals = [getattr(self, f).detach().reshape(-1).float() for f in FACTORS]
         if self.nbits is not None:
@@ -121,7 +121,7 @@ class ATMCLayer(nn.Module):
             n = [v.numel() for v in vals]
             offsets = torch.tensor([0, n[0], n[0] + n[1], sum(n)], dtype=torch.int64, device=flat.device)
             bits = torch.full((3,), self.nbits, dtype=torch.int32, device=flat.device)
-            book, _, q, _ = lloyd_quantize(flat, offsets, bits, max_iter, tol)
+            book, _, q, _ = lloyd_quantize(flat, offsets, bits, max_iter, tol, method)
             vals = list(torch.split(q, n))
             self.codebook.copy_(book)
         for f, v in zip(FACTORS, vals):

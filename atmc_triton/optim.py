@@ -288,7 +288,9 @@ class ADMM(torch.optim.Optimizer):
     def quantize_(self) -> Tensor:
         """``Z = Lloyd_b(W + u)`` for every factor, then ``u += W - Z``; returns the per-factor error."""
         s = self.store
-        book, _, q, err = self._lloyd_op(s.w + s.u, s.offsets_t, s.bits_t, self.cfg.max_iter, self.cfg.tol)
+        book, _, q, err = self._lloyd_op(
+            s.w + s.u, s.offsets_t, s.bits_t, self.cfg.max_iter, self.cfg.tol, self.cfg.quant_method
+        )
         if self.sync_quantizer is not False and distributed.is_distributed():
             q, book = q.contiguous(), book.contiguous()
             distributed.broadcast_([q, book])

@@ -2,7 +2,8 @@
 
 Side by side in one run, on the same values:
 
-* ``triton``: ``atmc::lloyd_quantize`` (segmented sort, prefix sums, one Lloyd launch, codes pass);
+* ``triton``: ``atmc::lloyd_quantize`` with ``method="lloyd"``, the one method with a kernel
+  (segmented sort, prefix sums, one Lloyd launch, codes pass); the reference rows use it too;
 * ``torch.sort alone``: one sort of all values, the floor the issue compares against;
 * ``bucketize + index_add per segment``: the obvious batched-per-segment torch loop (20 iterations,
   no early stop, no host sync);
@@ -136,7 +137,7 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
         rows.append(Row(BENCH, case0, "triton pipeline: segmented sort only", seg_ms, {"x_sort": seg_ms / sort_ms}))
         prep_ms = fast(lambda: lloyd_triton._prepare(values, off_t))
         rows.append(Row(BENCH, case0, "triton pipeline: sort + prefix sums + sums of squares", prep_ms))
-        ms = fast(lambda: errors_for_bits(values, off_t, ITERS, 0.0))
+        ms = fast(lambda: errors_for_bits(values, off_t, ITERS, 0.0, "lloyd"))
         rows.append(Row(BENCH, case0, "triton errors_for_bits (b = 1..8, one sort)", ms, {"x_sort": ms / sort_ms}))
 
     cut = next(i for i, o in enumerate(offsets) if o >= DENSE_SUBSET * n) if not ctx.quick else S
@@ -144,7 +145,7 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
     for b in (8, 4):
         case = f"{case0}, b={b}, {ITERS} it"
         bits = torch.full((S,), b, dtype=torch.int32, device=dev)
-        ref_ms = _wall_ms(lambda bits=bits: lloyd_quantize_ref(values, off_t, bits, ITERS, 0.0), dev, reps)
+        ref_ms = _wall_ms(lambda bits=bits: lloyd_quantize_ref(values, off_t, bits, ITERS, 0.0, "lloyd"), dev, reps)
         rows.append(Row(BENCH, case, "eager reference (lloyd_quantize_ref)", ref_ms))
         buck_ms = _wall_ms(lambda b=b: bucketize_lloyd(values, offsets, b), dev, reps)
         rows.append(Row(BENCH, case, "bucketize + index_add per segment", buck_ms))
@@ -160,9 +161,9 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
         )
         if not triton_ok:
             continue
-        tri_ms = fast(lambda bits=bits: lloyd_quantize(values, off_t, bits, ITERS, 0.0))
-        book, codes, _, err = lloyd_quantize(values, off_t, bits, ITERS, 0.0)
-        rbook, rcodes, _, rerr = lloyd_quantize_ref(values, off_t, bits, ITERS, 0.0)
+        tri_ms = fast(lambda bits=bits: lloyd_quantize(values, off_t, bits, ITERS, 0.0, "lloyd"))
+        book, codes, _, err = lloyd_quantize(values, off_t, bits, ITERS, 0.0, "lloyd")
+        rbook, rcodes, _, rerr = lloyd_quantize_ref(values, off_t, bits, ITERS, 0.0, "lloyd")
         check = {
             "code_mismatch": float((codes != rcodes).float().mean()),
             "book_max_rel": float(((book - rbook).abs() / rbook.abs().clamp(min=1e-30)).max()),

@@ -148,8 +148,8 @@ def _exercise_lloyd() -> None:
 
     x = torch.randn(30000)
     off = torch.tensor([0, 10000, 10003, 30000])
-    lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0)
-    errors_for_bits_triton(x, off, 20, 0.0)
+    lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0, "lloyd")  # the kernel method
+    errors_for_bits_triton(x, off, 20, 0.0, "lloyd")
 
 
 GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype): bench/gemm.py's layers (N >= K: identity on V), scaled
@@ -250,12 +250,6 @@ FAMILIES: dict[str, Family] = {
             Rule("_sumsq_kernel", min_blocks=4, vector_loads=True, why=STREAM),
             Rule("_codes_kernel", min_blocks=4, vector_loads=True, why=STREAM),
         ),
-        known_failures={
-            "*": (
-                "issue 14: _codes_kernel and _sumsq_kernel load their contiguous input 32 bits at a time",
-                r"/(_codes_kernel|_sumsq_kernel) .* sm_90: no 128-bit global loads",
-            )
-        },
     ),
     "gemm": Family(
         name="gemm",

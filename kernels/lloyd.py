@@ -1,15 +1,25 @@
-"""Segmented 1-D Lloyd quantizer with a pinned zero centre: the PyTorch reference.
+"""Segmented 1-D quantizer with a pinned zero centre (Lloyd codebooks): the PyTorch reference.
 
 Every factor (U, V or C of a layer) is one *segment* of a flat value buffer. A segment with
 bits ``b`` gets ``K = 2**b`` free centres plus a centre pinned at exactly 0:
 
 * zeros stay zero (code 0); a nonzero may still be assigned to the zero centre;
 * a segment with ``<= K`` nonzeros is kept exactly (its distinct nonzeros are the centres);
-* otherwise the free centres start at the midpoint quantiles of the sorted nonzeros,
-  ``c_j = s[((2j + 1) m) // (2K)]``, and Lloyd iterates: assign every value to its nearest
-  centre (ties go to the lower centre), move every free centre to the mean of its cluster
-  (an empty cluster keeps its centre), stop after ``max_iter`` iterations, at a fixed point,
-  or once the relative drop of the squared error is ``<= tol``.
+* otherwise ``method`` chooses the free centres, then Lloyd iterates from them: assign every
+  value to its nearest centre (ties go to the lower centre), move every free centre to the
+  mean of its cluster (an empty cluster keeps its centre), stop after ``max_iter`` iterations,
+  at a fixed point, or once the relative drop of the squared error is ``<= tol``.
+
+Methods (:data:`METHODS`):
+
+* ``"fast"`` (default): the exact DP of :mod:`.lloyd_optimal` over at most
+  ``max(MIN_ATOMS, GRID_PER_CENTRE * K)`` *atoms* (runs of the sorted nonzeros that never split
+  equal values; one atom per distinct value when there are few enough, which makes it exact,
+  so a segment with ``<= K`` distinct nonzeros is reproduced exactly), then Lloyd from the DP's
+  centres. The legacy result (below) is computed too and kept when its error is lower, so
+  ``"fast"`` is never worse than ``"lloyd"``.
+* ``"optimal"``: the exact DP over every distinct value (O(K n log n)); no Lloyd iterations.
+* ``"lloyd"``: the legacy init, the midpoint quantiles ``c_j = s[((2j + 1) m) // (2K)]``.
 
 Centres are kept as float32 values (means are taken in float64 and rounded), so the
 assignment step is exact and the error never increases from one iteration to the next.
@@ -33,9 +43,13 @@ import torch
 from torch import Tensor
 
 from ._registry import HAS_TRITON, register_op
+from .lloyd_optimal import dp_partition
 
 __all__ = [
     "MAX_BITS",
+    "METHODS",
+    "atom_bounds",
+    "check_method",
     "NUM_SLOTS",
     "errors_for_bits",
     "errors_for_bits_ref",
@@ -46,6 +60,9 @@ __all__ = [
 
 MAX_BITS = 8
 NUM_SLOTS = 2**MAX_BITS + 1
+METHODS = ("fast", "optimal", "lloyd")
+MIN_ATOMS = 512  # the fast path's DP runs over at least this many atoms ...
+GRID_PER_CENTRE = 16  # ... and at least this many per free centre
 
 
 def round_down_midpoints(c: Tensor) -> Tensor:
@@ -60,8 +77,17 @@ def round_down_midpoints(c: Tensor) -> Tensor:
     return torch.where(too_big, torch.nextafter(mid32, torch.full_like(mid32, -float("inf"))), mid32)
 
 
-def _check_inputs(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float) -> list[int]:
+def check_method(method: str, name: str = "lloyd_quantize") -> None:
+    """Raise a ``ValueError`` unless ``method`` is one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+
+
+def _check_inputs(
+    values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float, method: str = "fast"
+) -> list[int]:
     """Validate the arguments (reading offsets and bits back); return the offsets as a list."""
+    check_method(method)
     if values.dim() != 1 or values.dtype != torch.float32:
         raise ValueError(f"lloyd_quantize: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
     if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
@@ -92,7 +118,7 @@ def _prefix_sum(s: Tensor) -> Tensor:
     """float64 prefix sums ``[m + 1]`` of ``s``, starting at 0."""
     if s.device.type == "cpu":
         p = np.zeros(s.numel() + 1)
-        np.cumsum(s.numpy(), dtype=np.float64, out=p[1:])
+        np.cumsum(s.numpy().astype(np.float64), out=p[1:])  # same sums; a casting cumsum is ~5x slower
         return torch.from_numpy(p)
     return torch.cat([s.new_zeros(1, dtype=torch.float64), torch.cumsum(s.double(), 0)])
 
@@ -103,21 +129,29 @@ def _sorted_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s, _prefix_sum(s), s.double().square().sum()
 
 
-def _fit(s: Tensor, p1: Tensor, total_sq: Tensor, K: int, max_iter: int, tol: float) -> tuple[Tensor, int, Tensor]:
-    """Lloyd on sorted nonzeros ``s [m]`` (``m > K``): all centres ``c [K+1]`` ascending, the index
-    ``nneg`` of the pinned zero among them, and the final squared error (float64)."""
-    m = s.numel()
-    j = torch.arange(K, device=s.device)
-    free = s[((2 * j + 1) * m) // (2 * K)]  # [K] midpoint-quantile init, ascending
+def _count_le(s: Tensor, v: Tensor) -> Tensor:
+    """``searchsorted(s, v, right=True)`` as int64 (numpy on CPU: torch's CPU kernel costs ~20 ms per call)."""
+    if s.device.type == "cpu":
+        return torch.from_numpy(np.searchsorted(s.numpy(), v.numpy(), side="right").astype(np.int64))
+    return torch.searchsorted(s, v, right=True)
+
+
+def _fit(
+    s: Tensor, p1: Tensor, total_sq: Tensor, free: Tensor, max_iter: int, tol: float
+) -> tuple[Tensor, int, Tensor]:
+    """Lloyd on sorted nonzeros ``s [m]`` from the ascending free centres ``free [F]``: all centres
+    ``c [F+1]`` ascending, the index ``nneg`` of the pinned zero among them, and the final squared
+    error (float64)."""
+    m, F = s.numel(), free.numel()
     nneg = int((free < 0).sum())  # the pinned zero sits between negatives and positives
-    is_free = torch.ones(K + 1, dtype=torch.bool, device=s.device)
+    is_free = torch.ones(F + 1, dtype=torch.bool, device=s.device)
     is_free[nneg] = False
-    c = torch.zeros(K + 1, dtype=torch.float32, device=s.device)  # all centres, ascending
+    c = torch.zeros(F + 1, dtype=torch.float32, device=s.device)  # all centres, ascending
     c[is_free] = free
 
     def assign(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        hi = torch.searchsorted(s, round_down_midpoints(c), right=True)  # [K] sorted counts
-        hi = torch.cat([hi, hi.new_full((1,), m)])  # [K+1]: cluster i is s[lo_i:hi_i]
+        hi = _count_le(s, round_down_midpoints(c))  # [F] sorted counts
+        hi = torch.cat([hi, hi.new_full((1,), m)])  # [F+1]: cluster i is s[lo_i:hi_i]
         lo = torch.cat([hi.new_zeros(1), hi[:-1]])
         return hi, hi - lo, p1[hi] - p1[lo]
 
@@ -126,7 +160,7 @@ def _fit(s: Tensor, p1: Tensor, total_sq: Tensor, K: int, max_iter: int, tol: fl
         return total_sq - torch.where(is_free & (cnt > 0), 2 * cd * s1 - cnt * cd * cd, 0.0).sum()
 
     prev_err = torch.full((), float("inf"), dtype=torch.float64, device=s.device)
-    prev_hi = torch.full((K + 1,), -1, dtype=torch.int64, device=s.device)
+    prev_hi = torch.full((F + 1,), -1, dtype=torch.int64, device=s.device)
     done = torch.zeros((), dtype=torch.bool, device=s.device)
     for _ in range(max_iter):
         hi, cnt, s1 = assign(c)
@@ -140,10 +174,73 @@ def _fit(s: Tensor, p1: Tensor, total_sq: Tensor, K: int, max_iter: int, tol: fl
         prev_err = torch.where(done, prev_err, err)
         prev_hi = hi
     _, cnt, s1 = assign(c)
-    return c, nneg, sse(c, cnt, s1)
+    err = sse(c, cnt, s1)
+    if float(err) <= 1e-9 * float(total_sq):  # total - gain cancels: sum the squares directly
+        pos = torch.bucketize(s, round_down_midpoints(c))
+        err = (s.double() - c[pos].double()).square().sum()
+    return c, nneg, err
 
 
-def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, codes: Tensor, q: Tensor) -> Tensor:
+def _quantile_init(s: Tensor, K: int) -> Tensor:
+    """The legacy init: midpoint quantiles ``s[((2j + 1) m) // (2K)]`` of the sorted nonzeros ``[K]``."""
+    j = torch.arange(K, device=s.device)
+    return s[((2 * j + 1) * s.numel()) // (2 * K)]
+
+
+def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
+    """Atom boundaries ``[N + 1]`` (ascending, 0 to m) over sorted nonzeros ``s [m]`` for ``K`` free centres.
+
+    With at most ``GRID_PER_CENTRE * K`` (and at least ``MIN_ATOMS``) distinct values every distinct
+    value is its own atom, so the DP over atoms is exact. Otherwise the union of three grids,
+    none of which splits a run of equal values: ``G/2`` equal-count quantiles (snapped to the
+    start of their run), ``G/4`` points uniform in value and ``G/4`` uniform in the cube root of
+    the value (for heavy tails), ``G = max(MIN_ATOMS, GRID_PER_CENTRE * K)``.
+    """
+    m = s.size
+    G = max(MIN_ATOMS, GRID_PER_CENTRE * K)
+    change = s[1:] != s[:-1]
+    if np.count_nonzero(change) + 1 <= G:  # one atom per run of equal values
+        return np.concatenate([[0], np.flatnonzero(change) + 1, [m]])
+    q = np.searchsorted(s, s[(np.arange(1, G // 2) * m) // (G // 2)], side="left")
+    lo, hi = float(s[0]), float(s[-1])
+    lin = np.linspace(lo, hi, G // 4 + 1)[1:-1]
+    cub = np.linspace(np.cbrt(lo), np.cbrt(hi), G // 4 + 1)[1:-1] ** 3
+    grid = np.searchsorted(s, np.concatenate([lin, cub]).astype(np.float32), side="right")
+    return np.unique(np.concatenate([[0, m], q, grid]))
+
+
+def _dp_init(s: Tensor, p1: Tensor, K: int, exact: bool) -> Tensor:
+    """Free centres ``[F <= K]`` (ascending float32 means) of the best partition over atoms
+    (``p1 [m + 1]``: float64 prefix sums of ``s``)."""
+    sn, p = s.cpu().numpy(), p1.cpu().numpy()
+    if exact:
+        bounds = np.concatenate([[0], np.flatnonzero(sn[1:] != sn[:-1]) + 1, [sn.size]])
+        cuts, zero, _ = dp_partition(sn, K, bounds)
+    else:
+        s64 = sn.astype(np.float64)
+        p2 = np.zeros(sn.size + 1)
+        np.cumsum(np.multiply(s64, s64, out=s64), out=p2[1:])
+        cuts, zero, _ = dp_partition(sn, K, atom_bounds(sn, K), prefix=(p, p2))
+    lo, hi = cuts[:-1], cuts[1:]
+    keep = (hi > lo) & (np.arange(lo.size) != zero)
+    means = (p[hi[keep]] - p[lo[keep]]) / (hi[keep] - lo[keep])
+    return torch.from_numpy(means.astype(np.float32)).to(s.device)
+
+
+def _quantize_sorted(s: Tensor, p1: Tensor, total_sq: Tensor, K: int, max_iter: int, tol: float, method: str):
+    """Centres ``c [F+1]``, zero index and error of sorted nonzeros ``s`` (``m > K``) by ``method``."""
+    if method == "lloyd":
+        return _fit(s, p1, total_sq, _quantile_init(s, K), max_iter, tol)
+    if method == "optimal":
+        return _fit(s, p1, total_sq, _dp_init(s, p1, K, exact=True), 0, tol)
+    new = _fit(s, p1, total_sq, _dp_init(s, p1, K, exact=False), max_iter, tol)
+    old = _fit(s, p1, total_sq, _quantile_init(s, K), max_iter, tol)
+    return new if float(new[2]) <= float(old[2]) else old  # never worse than the legacy quantizer
+
+
+def _lloyd_segment(
+    x: Tensor, b: int, max_iter: int, tol: float, method: str, book: Tensor, codes: Tensor, q: Tensor
+) -> Tensor:
     """Quantize one segment ``x [n]`` into ``book [NUM_SLOTS]``, ``codes [n]``, ``q [n]``; return its error."""
     s, p1, total_sq = _sorted_stats(x)  # [m], [m + 1], []
     K = 2**b
@@ -154,11 +251,12 @@ def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, c
         codes.copy_(torch.where(nzm, torch.searchsorted(uniq, x) + 1, 0))
         q.copy_(x)
         return x.new_zeros((), dtype=torch.float64)
-    c, nneg, err = _fit(s, p1, total_sq, K, max_iter, tol)
+    c, nneg, err = _quantize_sorted(s, p1, total_sq, K, max_iter, tol, method)
+    F = c.numel() - 1
     book[1 : 1 + nneg] = c[:nneg]
-    book[1 + nneg : 1 + K] = c[nneg + 1 :]
+    book[1 + nneg : 1 + F] = c[nneg + 1 :]
     # slot of each sorted centre: negatives -> 1.., the zero -> 0, positives -> nneg+1..
-    slot = torch.arange(K + 1, dtype=torch.int16, device=x.device) + 1
+    slot = torch.arange(F + 1, dtype=torch.int16, device=x.device) + 1
     slot[nneg:] -= 1
     slot[nneg] = 0
     pos = torch.bucketize(x, round_down_midpoints(c), out_int32=True)  # [n]; zeros land on the zero
@@ -168,7 +266,7 @@ def _lloyd_segment(x: Tensor, b: int, max_iter: int, tol: float, book: Tensor, c
 
 
 def lloyd_quantize_ref(
-    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float
+    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float, method: str = "fast"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Quantize every segment of ``values`` (reference; see the module docstring).
 
@@ -176,6 +274,9 @@ def lloyd_quantize_ref(
         values: ``[n]`` float32, segments back to back.
         offsets: ``[S + 1]`` int64, segment ``s`` is ``values[offsets[s]:offsets[s+1]]``.
         bits: ``[S]`` int, bits per segment in 1..8.
+        max_iter, tol: Lloyd iteration cap and relative-SSE tolerance (ignored by ``"optimal"``).
+        method: ``"fast"`` (DP init over atoms + Lloyd), ``"optimal"`` (exact DP) or ``"lloyd"``
+            (the legacy midpoint-quantile init + Lloyd); see the module docstring.
     Returns:
         ``codebook [S, 257]`` f32, ``codes [n]`` int16, ``q [n]`` f32, ``err [S]`` f32.
 
@@ -185,7 +286,7 @@ def lloyd_quantize_ref(
         >>> int((q != 0).sum()), int(torch.unique(q).numel()) <= 3
         (4, True)
     """
-    bounds = _check_inputs(values, offsets, bits, max_iter, tol)
+    bounds = _check_inputs(values, offsets, bits, max_iter, tol, method)
     S = bits.numel()
     book = torch.zeros(S, NUM_SLOTS, dtype=torch.float32, device=values.device)
     codes = torch.zeros(values.numel(), dtype=torch.int16, device=values.device)
@@ -195,14 +296,14 @@ def lloyd_quantize_ref(
     for i in range(S):
         a, b = bounds[i], bounds[i + 1]
         if a < b:
-            err[i] = _lloyd_segment(values[a:b], bl[i], max_iter, tol, book[i], codes[a:b], q[a:b])
+            err[i] = _lloyd_segment(values[a:b], bl[i], max_iter, tol, method, book[i], codes[a:b], q[a:b])
     return book, codes, q, err
 
 
-def errors_for_bits_ref(values: Tensor, offsets: Tensor, max_iter: int, tol: float) -> Tensor:
+def errors_for_bits_ref(values: Tensor, offsets: Tensor, max_iter: int, tol: float, method: str = "fast") -> Tensor:
     """Squared error of every segment quantized with b = 1..8 bits, one sort per segment (reference).
 
-    Column ``b - 1`` equals ``lloyd_quantize_ref(values, offsets, full(b), max_iter, tol)[3]``;
+    Column ``b - 1`` equals ``lloyd_quantize_ref(values, offsets, full(b), max_iter, tol, method)[3]``;
     the table is the input of a per-layer bit allocation (a knapsack over segments).
 
     Args:
@@ -215,18 +316,18 @@ def errors_for_bits_ref(values: Tensor, offsets: Tensor, max_iter: int, tol: flo
         >>> e.shape, bool((e[:, 1:] <= e[:, :-1]).all())
         (torch.Size([2, 8]), True)
     """
-    bounds = _check_inputs(values, offsets, None, max_iter, tol)
+    bounds = _check_inputs(values, offsets, None, max_iter, tol, method)
     S = len(bounds) - 1
     err = torch.zeros(S, MAX_BITS, dtype=torch.float32, device=values.device)
     for i in range(S):
         s, p1, total_sq = _sorted_stats(values[bounds[i] : bounds[i + 1]])
         for b in range(1, MAX_BITS + 1):
             if s.numel() > 2**b:
-                err[i, b - 1] = _fit(s, p1, total_sq, 2**b, max_iter, tol)[2]
+                err[i, b - 1] = _quantize_sorted(s, p1, total_sq, 2**b, max_iter, tol, method)[2]
     return err
 
 
-def _lloyd_fake(values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float):
+def _lloyd_fake(values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float, method: str = "fast"):
     S = bits.shape[0]
     return (
         values.new_empty(S, NUM_SLOTS),
@@ -236,9 +337,28 @@ def _lloyd_fake(values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, to
     )
 
 
-def _errors_fake(values: Tensor, offsets: Tensor, max_iter: int, tol: float):
+def _errors_fake(values: Tensor, offsets: Tensor, max_iter: int, tol: float, method: str = "fast"):
     return values.new_empty(offsets.shape[0] - 1, MAX_BITS)
 
+
+def _quantize_host(
+    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float, method: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`lloyd_quantize_ref` on host copies, results moved back to ``values.device``."""
+    out = lloyd_quantize_ref(values.cpu(), offsets.cpu(), bits.cpu(), max_iter, tol, method)
+    return tuple(o.to(values.device) for o in out)
+
+
+def _errors_host(values: Tensor, offsets: Tensor, max_iter: int, tol: float, method: str) -> Tensor:
+    """:func:`errors_for_bits_ref` on host copies, the result moved back to ``values.device``."""
+    return errors_for_bits_ref(values.cpu(), offsets.cpu(), max_iter, tol, method).to(values.device)
+
+
+# The DP methods have no Triton kernel yet: on CUDA they run the reference on the host (a host sync).
+lloyd_quantize_host = torch.library.custom_op("atmc::lloyd_quantize_host", _quantize_host, mutates_args=())
+lloyd_quantize_host.register_fake(_lloyd_fake)
+errors_for_bits_host = torch.library.custom_op("atmc::lloyd_errors_for_bits_host", _errors_host, mutates_args=())
+errors_for_bits_host.register_fake(_errors_fake)
 
 if HAS_TRITON:
     from .lloyd_triton import errors_for_bits_triton, lloyd_quantize_triton

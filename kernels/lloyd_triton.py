@@ -225,9 +225,15 @@ def _sumsq_kernel(
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
     acc = tl.zeros([BLOCK], tl.float64)
-    for off in range(start + part * BLOCK, end, SPLIT * BLOCK):
+    # BLOCK-aligned chunks (unmasked 128-bit loads inside the segment; masked at its two ends)
+    for off in range((start // BLOCK) * BLOCK + part * BLOCK, end, SPLIT * BLOCK):
+        off = tl.multiple_of(off, BLOCK)
         p = off + tl.arange(0, BLOCK)
-        x = tl.load(sorted_ptr + p, mask=p < end, other=0.0).to(tl.float64)
+        if (off >= start) & (off + BLOCK <= end):
+            x = tl.load(sorted_ptr + p)
+        else:
+            x = tl.load(sorted_ptr + p, mask=(p >= start) & (p < end), other=0.0)
+        x = x.to(tl.float64)
         acc += x * x
     tl.store(out_ptr + seg * SPLIT + part, tl.sum(acc, 0))
 
@@ -246,9 +252,14 @@ def _codes_kernel(
     LANES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    p0 = tl.program_id(0).to(tl.int64) * BLOCK
+    p = p0 + tl.arange(0, BLOCK)
     inb = p < n
-    x = tl.load(values_ptr + p, mask=inb, other=0.0)
+    full = p0 + BLOCK <= n  # every block but the last: unmasked (128-bit) loads and stores
+    if full:
+        x = tl.load(values_ptr + p)
+    else:
+        x = tl.load(values_ptr + p, mask=inb, other=0.0)
     # segment of p: number of offsets[1..S] that are <= p
     lo = tl.full([BLOCK], 1, tl.int64)
     hi = tl.where(inb, S + 1, 1).to(tl.int64)
@@ -265,8 +276,12 @@ def _codes_kernel(
     nn = tl.load(nneg_ptr + seg, mask=inb, other=0)
     code = tl.where(k < nn, k + 1, tl.where(k == nn, 0, k))
     q = tl.load(book_ptr + seg * (LANES + 1) + code, mask=inb, other=0.0)
-    tl.store(codes_ptr + p, code.to(tl.int16), mask=inb)
-    tl.store(q_ptr + p, q, mask=inb)
+    if full:
+        tl.store(codes_ptr + p, code.to(tl.int16))
+        tl.store(q_ptr + p, q)
+    else:
+        tl.store(codes_ptr + p, code.to(tl.int16), mask=inb)
+        tl.store(q_ptr + p, q, mask=inb)
 
 
 def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float, name: str) -> None:
@@ -288,8 +303,8 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
             raise ValueError(f"{name}: {what} is on {t.device}, values on {values.device}")
     if max_iter < 0 or not (tol >= 0):
         raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
-    if _tracing(values):
-        return
+    if _tracing(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return  # value checks read tensors back: skipped under tracing and CUDA-graph capture
     if not (values.device.type == "cuda" or (values.device.type == "cpu" and _interpreted())):
         raise ValueError(
             f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {values.device}"
@@ -363,15 +378,23 @@ def _prepare(values: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def lloyd_quantize_triton(
-    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float
+    values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float, method: str = "fast"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton launcher of ``atmc::lloyd_quantize`` (same contract as the reference).
+
+    ``method="lloyd"`` runs the Triton kernels; ``"fast"`` and ``"optimal"`` (whose DP has no
+    kernel yet) run the reference on host copies through ``atmc::lloyd_quantize_host``.
 
     Example:
         >>> v = torch.tensor([0.0, 1.0, 1.1, 5.0, -2.0], device="cuda")
         >>> book, codes, q, err = lloyd_quantize_triton(v, torch.tensor([0, 5], device="cuda"),
         ...                                             torch.tensor([1], device="cuda"), 20, 0.0)
     """
+    from .lloyd import check_method, lloyd_quantize_host
+
+    check_method(method)
+    if method != "lloyd":
+        return lloyd_quantize_host(values, offsets, bits, max_iter, tol, method)
     _check(values, offsets, bits, max_iter, tol, "lloyd_quantize")
     n, S, dev = values.numel(), bits.numel(), values.device
     book = _new((S, NUM_SLOTS), torch.float32, dev)
@@ -397,8 +420,14 @@ def lloyd_quantize_triton(
     return book, codes, q, err
 
 
-def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: float) -> Tensor:
-    """Triton launcher of ``atmc::lloyd_errors_for_bits``: ``[S, 8]`` float32 errors for b = 1..8, one sort."""
+def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: float, method: str = "fast") -> Tensor:
+    """Triton launcher of ``atmc::lloyd_errors_for_bits``: ``[S, 8]`` float32 errors for b = 1..8, one sort
+    (``method`` as for :func:`lloyd_quantize_triton`)."""
+    from .lloyd import check_method, errors_for_bits_host
+
+    check_method(method, "errors_for_bits")
+    if method != "lloyd":
+        return errors_for_bits_host(values, offsets, max_iter, tol, method)
     _check(values, offsets, None, max_iter, tol, "errors_for_bits")
     S, dev = offsets.numel() - 1, values.device
     err = _new((S, NBITS), torch.float32, dev)

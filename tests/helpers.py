@@ -7,13 +7,18 @@ from torch import nn
 
 import atmc_triton as at
 
-SEGMENT_KINDS = ("normal", "heavy", "dups", "sparse")
+SEGMENT_KINDS = ("normal", "heavy", "dups", "sparse", "zeros", "tiny", "ties", "onesided", "boundary", "constant")
+EDGES = ("nnz <= 2^b", "nnz = 2^b + 1", "all equal", "single nonzero", "one-sided", "heavy ties", "all zero")
 
 
 @st.composite
-def segment(draw, max_len: int = 300, kinds: tuple[str, ...] = SEGMENT_KINDS) -> np.ndarray:
-    """A float32 1-D array for the quantizer tests: ``normal``, heavy-tailed, few repeated values,
-    sparse, all ``zeros``, or ``tiny`` (around 2^b nonzeros: kept exactly or just not)."""
+def segment(draw, max_len: int = 300, kinds: tuple[str, ...] = SEGMENT_KINDS, b: int | None = None) -> np.ndarray:
+    """A float32 1-D array for the quantizer tests: ``normal``, heavy-tailed, few repeated values
+    (``dups``), ``sparse``, all ``zeros``, ``tiny`` (1..17 nonzeros), heavy ``ties`` (most of the
+    mass on one value, a few others), ``onesided`` (positive with a few small negatives), or
+    ``constant`` (one nonzero value and zeros), or
+    ``boundary``: ``2^b - 1 .. 2^b + 1`` nonzeros, or as many distinct values with duplicates
+    (``b`` drawn in 1..8 unless given). :func:`edges` tells which edge cases a draw hits."""
     n = draw(st.integers(0, max_len))
     kind = draw(st.sampled_from(kinds))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
@@ -29,9 +34,50 @@ def segment(draw, max_len: int = 300, kinds: tuple[str, ...] = SEGMENT_KINDS) ->
         x = np.zeros(n)
     elif kind == "tiny":
         x = rng.standard_normal(min(n, draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17]))))
+    elif kind == "ties":
+        x = np.where(rng.random(n) < 0.6, 0.75, rng.integers(-5, 7, n) * 0.3)
+    elif kind == "onesided":
+        x = np.abs(rng.standard_normal(n)) + 0.5
+        x[rng.random(n) < 0.03] *= -0.2
+    elif kind == "boundary":
+        K = 2 ** (b if b is not None else draw(st.integers(1, 8)))
+        m = K + draw(st.sampled_from([-1, 0, 1, 1]))
+        vals = rng.standard_normal(max(m, 1))[:m]
+        if draw(st.booleans()):  # the same distinct values, duplicated
+            vals = vals[rng.integers(0, max(m, 1), max(m, 3 * m))] if m else vals
+            vals[:m] = rng.permutation(vals[:m])
+        x = np.concatenate([vals, np.zeros(draw(st.integers(0, 5)))])
+    elif kind == "constant":
+        x = np.where(rng.random(n) < 0.8, np.float32(rng.standard_normal()), 0.0)
     else:
         raise ValueError(f"unknown segment kind {kind!r}")
     return x.astype(np.float32)
+
+
+def segment_and_bits(max_len: int = 300, max_bits: int = 8) -> st.SearchStrategy:
+    """``(x, b)``: ``b`` in 1..max_bits and a :func:`segment` drawn for that ``b``."""
+    return st.integers(1, max_bits).flatmap(lambda b: st.tuples(segment(max_len, b=b), st.just(b)))
+
+
+def edges(x: np.ndarray, b: int) -> set[str]:
+    """The edge cases of :data:`EDGES` that segment ``x`` hits at ``b`` bits."""
+    nz = x[x != 0]
+    K, out = 2**b, set()
+    if x.size == 0 or nz.size == 0:
+        out.add("all zero")
+    if 0 < nz.size <= K:
+        out.add("nnz <= 2^b")
+    if nz.size == K + 1:
+        out.add("nnz = 2^b + 1")
+    if nz.size >= 2 and np.all(nz == nz[0]):
+        out.add("all equal")
+    if nz.size == 1:
+        out.add("single nonzero")
+    if nz.size >= 2 and (np.mean(nz > 0) >= 0.9 or np.mean(nz < 0) >= 0.9):
+        out.add("one-sided")
+    if nz.size >= 4 and np.unique(nz, return_counts=True)[1].max() >= 0.5 * nz.size:
+        out.add("heavy ties")
+    return out
 
 
 def lenet() -> nn.Module:

@@ -29,6 +29,7 @@ import atmc_triton as at
         ({"ratio": 0.1, "rho_every": 0}, "rho_every"),
         ({"ratio": 0.1, "max_iter": -1}, "max_iter"),
         ({"ratio": 0.1, "tol": -1e-3}, "tol"),
+        ({"ratio": 0.1, "quant_method": "kmeans"}, "quant_method"),
         ({"ratio": 0.1, "init": "random"}, "init"),
         ({"ratio": 0.1, "rank": 4}, "rank"),  # rank needs init="svd"
         ({"ratio": 0.1, "init": "svd", "rank": 0}, "rank"),

@@ -63,8 +63,8 @@ def _exercise_lloyd():
 
     x = torch.randn(3000)
     off = torch.tensor([0, 1000, 1003, 3000])
-    lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 5, 1e-5)
-    errors_for_bits_triton(x, off, 5, 1e-5)
+    lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 5, 1e-5, "lloyd")
+    errors_for_bits_triton(x, off, 5, 1e-5, "lloyd")
 
 
 def _exercise_gemm():

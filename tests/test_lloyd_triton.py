@@ -1,4 +1,7 @@
-"""The Triton segmented Lloyd quantizer against its PyTorch reference.
+"""The Triton segmented Lloyd quantizer (``method="lloyd"``) against its PyTorch reference.
+
+The DP methods (``"fast"``, ``"optimal"``) have no kernel yet: on CUDA the launcher runs the
+reference on host copies (tested below), so everything else here pins ``method="lloyd"``.
 
 CPU tensors run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest
 without a GPU); the same checks run as ``gpu`` tests on CUDA tensors with compiled kernels.
@@ -52,8 +55,8 @@ def _make(segs, bits, device):
 
 def assert_matches_reference(values, offsets, bits, max_iter=20, tol=0.0):
     """Triton (on values.device) vs reference (CPU): codebooks to 1e-6 rel, same codes and q, errors to 1e-5 rel."""
-    got = [t.cpu() for t in lt.lloyd_quantize_triton(values, offsets, bits, max_iter, tol)]
-    want = lloyd_quantize_ref(values.cpu(), offsets.cpu(), bits.cpu(), max_iter, tol)
+    got = [t.cpu() for t in lt.lloyd_quantize_triton(values, offsets, bits, max_iter, tol, "lloyd")]
+    want = lloyd_quantize_ref(values.cpu(), offsets.cpu(), bits.cpu(), max_iter, tol, "lloyd")
     book, codes, q, err = got
     assert book.shape == want[0].shape and codes.dtype == torch.int16 and q.dtype == err.dtype == torch.float32
     torch.testing.assert_close(book, want[0], rtol=1e-6, atol=0)
@@ -68,7 +71,7 @@ def assert_matches_reference(values, offsets, bits, max_iter=20, tol=0.0):
 
 
 def segment(max_len=400):
-    return helpers.segment(max_len, (*helpers.SEGMENT_KINDS, "zeros", "tiny"))
+    return helpers.segment(max_len)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,7 +103,7 @@ def test_boundary_and_multiblock_lengths(device):
 def test_empty_inputs(device):
     assert_matches_reference(*_make([np.zeros(0), np.zeros(0)], [3, 8], device))
     values, offsets, _ = _make([np.zeros(0)], [1], device)
-    assert torch.equal(lt.errors_for_bits_triton(values, offsets, 20, 0.0).cpu(), torch.zeros(1, 8))
+    assert torch.equal(lt.errors_for_bits_triton(values, offsets, 20, 0.0, "lloyd").cpu(), torch.zeros(1, 8))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -123,8 +126,8 @@ def test_zeros_duplicates_and_ties(device):
 def test_invariants(device, segs, data):
     bits = [data.draw(st.integers(1, 8)) for _ in segs]
     values, offsets, bits_t = _make(segs, bits, device)
-    book, codes, q, err = [t.cpu() for t in lt.lloyd_quantize_triton(values, offsets, bits_t, 20, 0.0)]
-    init_err = lt.lloyd_quantize_triton(values, offsets, bits_t, 0, 0.0)[3].cpu()
+    book, codes, q, err = [t.cpu() for t in lt.lloyd_quantize_triton(values, offsets, bits_t, 20, 0.0, "lloyd")]
+    init_err = lt.lloyd_quantize_triton(values, offsets, bits_t, 0, 0.0, "lloyd")[3].cpu()
     assert torch.all(book[:, 0] == 0)
     o = offsets.cpu().tolist()
     for s, x in enumerate(segs):
@@ -150,13 +153,15 @@ def test_errors_for_bits(device):
         rng.integers(-3, 4, 400) * 0.25,
     ]
     values, offsets, _ = _make(segs, [1] * len(segs), device)
-    got = lt.errors_for_bits_triton(values, offsets, 20, 1e-5).cpu()
-    want = errors_for_bits_ref(values.cpu(), offsets.cpu(), 20, 1e-5)
+    got = lt.errors_for_bits_triton(values, offsets, 20, 1e-5, "lloyd").cpu()
+    want = errors_for_bits_ref(values.cpu(), offsets.cpu(), 20, 1e-5, "lloyd")
     assert got.shape == (len(segs), 8)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
     for b in (1, 4, 8):  # the table's columns are the quantizer's errors
         bits = torch.full((len(segs),), b, dtype=torch.int32, device=device)
-        torch.testing.assert_close(lt.lloyd_quantize_triton(values, offsets, bits, 20, 1e-5)[3].cpu(), got[:, b - 1])
+        torch.testing.assert_close(
+            lt.lloyd_quantize_triton(values, offsets, bits, 20, 1e-5, "lloyd")[3].cpu(), got[:, b - 1]
+        )
     assert torch.all(got[:, 1:] <= got[:, :-1] * (1 + 1e-6) + 1e-9)  # more bits, less error (on these inputs)
 
 
@@ -184,18 +189,32 @@ def _args(device):
 )
 def test_launcher_rejects_bad_inputs(device, mutate, needle):
     with pytest.raises(ValueError, match=needle):
-        lt.lloyd_quantize_triton(*mutate(*_args(device)), 20, 0.0)
+        lt.lloyd_quantize_triton(*mutate(*_args(device)), 20, 0.0, "lloyd")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_launcher_rejects_bad_scalars(device):
     values, offsets, bits = _args(device)
     with pytest.raises(ValueError, match="max_iter"):
-        lt.lloyd_quantize_triton(values, offsets, bits, -1, 0.0)
+        lt.lloyd_quantize_triton(values, offsets, bits, -1, 0.0, "lloyd")
     with pytest.raises(ValueError, match="tol"):
-        lt.errors_for_bits_triton(values, offsets, 20, -1.0)
+        lt.errors_for_bits_triton(values, offsets, 20, -1.0, "lloyd")
     with pytest.raises(ValueError, match="offsets"):
-        lt.errors_for_bits_triton(values, offsets[:-1], 20, 0.0)
+        lt.errors_for_bits_triton(values, offsets[:-1], 20, 0.0, "lloyd")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["fast", "optimal"])
+def test_dp_methods_run_the_reference_on_the_host(device, method):
+    values, offsets, bits = _make([np.random.default_rng(8).standard_t(3, 700), np.zeros(3)], [6, 2], device)
+    got = lt.lloyd_quantize_triton(values, offsets, bits, 20, 1e-5, method)
+    want = lloyd_quantize_ref(values.cpu(), offsets.cpu(), bits.cpu(), 20, 1e-5, method)
+    for a, b in zip(got, want):
+        assert a.device == values.device and torch.equal(a.cpu(), b)
+    table = lt.errors_for_bits_triton(values, offsets, 20, 1e-5, method)
+    assert torch.equal(table.cpu(), errors_for_bits_ref(values.cpu(), offsets.cpu(), 20, 1e-5, method))
+    with pytest.raises(ValueError, match="method"):
+        lt.lloyd_quantize_triton(values, offsets, bits, 20, 1e-5, "kmeans")
 
 
 def test_layout_constants_agree():
@@ -213,15 +232,32 @@ def _compiled_once(fn, *args):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ops_compile_in_one_frame(device):
-    values, offsets, bits = _make([np.random.default_rng(3).standard_normal(500), np.zeros(4)], [3, 2], device)
+@pytest.mark.parametrize("method", ["fast", "optimal", "lloyd"])
+def test_ops_compile_in_one_frame(device, method):
+    """torch.compile(op) against the reference, on inputs with exact midpoint ties, duplicates,
+    denormals, a one-sided segment and a segment kept exactly (where kernel and reference could differ)."""
+    rng = np.random.default_rng(3)
+    segs = [
+        rng.standard_t(3, 500),
+        np.zeros(4),
+        np.repeat(np.arange(-6, 7) * 0.5, 11),
+        np.array([-1e-40, 1e-40, 0.0, 3e-39, -2.0, 7.0] * 5),
+        np.abs(rng.standard_normal(300)) + 0.3,
+        rng.standard_normal(8),
+    ]
+    values, offsets, bits = _make(segs, [3, 2, 3, 2, 4, 3], device)
 
     def f(v, o, b):
-        book, codes, q, err = lloyd_quantize(v, o, b, 10, 0.0)
-        return book, codes, q, err, errors_for_bits(v, o, 10, 0.0)
+        book, codes, q, err = lloyd_quantize(v, o, b, 10, 0.0, method)
+        return book, codes, q, err, errors_for_bits(v, o, 10, 0.0, method)
 
-    for got, want in zip(_compiled_once(f, values, offsets, bits), f(values, offsets, bits)):
-        assert torch.equal(got, want)
+    vc, oc, bc = values.cpu(), offsets.cpu(), bits.cpu()
+    want = (*lloyd_quantize_ref(vc, oc, bc, 10, 0.0, method), errors_for_bits_ref(vc, oc, 10, 0.0, method))
+    for got, ref in zip(_compiled_once(f, values, offsets, bits), want):
+        if got.dtype == torch.int16:
+            assert torch.equal(got.cpu(), ref)
+        else:
+            torch.testing.assert_close(got.cpu(), ref, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreter limitation")
@@ -229,7 +265,9 @@ def test_interpreter_refuses_to_trace_kernels_into_a_graph():
     values, offsets, bits = _args("cpu")
     torch._dynamo.reset()
     with pytest.raises(Exception, match="TRITON_INTERPRET"):
-        torch.compile(lambda v, o, b: lloyd_quantize(v, o, b, 5, 0.0), backend="aot_eager")(values, offsets, bits)
+        torch.compile(lambda v, o, b: lloyd_quantize(v, o, b, 5, 0.0, "lloyd"), backend="aot_eager")(
+            values, offsets, bits
+        )
 
 
 @pytest.mark.gpu

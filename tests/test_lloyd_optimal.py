@@ -1,0 +1,161 @@
+"""The exact pinned-zero optimum (``method="optimal"``) and the fast path's quality against it."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from atmc_triton.kernels.lloyd import METHODS, lloyd_quantize_ref
+from atmc_triton.kernels.lloyd_optimal import dp_partition, optimal_sse
+from helpers import EDGES, edges, segment, segment_and_bits
+from hypothesis import example, given, settings, target
+from hypothesis import strategies as st
+
+
+def brute_force_optimum(x: np.ndarray, K: int) -> float:
+    """Min over every map of the nonzeros to {zero, 1..K} of the SSE with each free centre at its mean."""
+    nz = x[x != 0].astype(np.float64)
+    best = float("inf")
+    for lab in itertools.product(range(K + 1), repeat=nz.size):
+        lab = np.array(lab, dtype=np.int64)
+        e = float((nz[lab == 0] ** 2).sum())
+        for k in range(1, K + 1):
+            g = nz[lab == k]
+            e += float(((g - g.mean()) ** 2).sum()) if g.size else 0.0
+        best = min(best, e)
+    return best if nz.size else 0.0
+
+
+def quantize(x: np.ndarray, b: int, method: str, max_iter: int = 20, tol: float = 1e-5):
+    v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return lloyd_quantize_ref(v, torch.tensor([0, x.size]), torch.tensor([b], dtype=torch.int32), max_iter, tol, method)
+
+
+def sse(x: np.ndarray, q: torch.Tensor) -> float:
+    return float(((x.astype(np.float64) - q.double().numpy()) ** 2).sum())
+
+
+@given(
+    x=st.lists(st.sampled_from([-2.0, -1.5, -0.25, 0.0, 0.1, 0.3, 1.0, 1.1, 4.0]), max_size=7).map(
+        lambda v: np.array(v, np.float32)
+    ),
+    b=st.integers(1, 2),
+    jitter=st.integers(0, 2**31),
+)
+@example(x=np.array([-1.0, 0.0, 1.0], np.float32), b=1, jitter=0)
+@example(x=np.array([0.1, 0.2, 5.0, 5.1, -3.0, 0.05], np.float32), b=1, jitter=1)
+def test_dp_matches_brute_force(x, b, jitter):
+    """The DP (and method="optimal") equals an exhaustive search over every assignment (tiny inputs)."""
+    x = x + np.random.default_rng(jitter).normal(0, 0.01, x.size).astype(np.float32) * (x != 0)
+    want = brute_force_optimum(x, 2**b)
+    assert optimal_sse(x, b) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    s = np.sort(x[x != 0])
+    if s.size:
+        cuts, zero, dp_sse = dp_partition(s, 2**b)
+        assert dp_sse == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert cuts[0] == 0 and cuts[-1] == s.size and np.all(np.diff(cuts) >= 0)
+    got = float(quantize(x, b, "optimal")[3][0])
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-9)  # float32 centres
+
+
+def ratio_ok(got: float, opt: float, energy: float) -> bool:
+    return got <= 1.02 * opt + 1e-12 * energy + 1e-30
+
+
+@given(xb=segment_and_bits(max_len=400))
+@example(xb=(np.array([0.5] * 40 + [0.0] * 3, np.float32), 1))  # all equal
+@example(xb=(np.array([0.0, 0.0, -3.0], np.float32), 2))  # a single nonzero
+@example(xb=(np.zeros(20, np.float32), 3))  # all zero
+@example(xb=(np.arange(1, 17, dtype=np.float32), 4))  # nnz = 2^b
+@example(xb=(np.arange(1, 18, dtype=np.float32), 4))  # nnz = 2^b + 1
+@example(xb=(np.repeat(np.arange(1, 17, dtype=np.float32), 7), 4))  # 2^b distinct values, duplicated
+@example(xb=(np.where(np.arange(200) % 5 < 3, 0.7, np.arange(200) % 12 * 0.3 - 1.5).astype(np.float32), 4))  # ties
+@example(xb=(np.concatenate([np.linspace(0.5, 3, 97), -np.linspace(0.05, 0.15, 3)]).astype(np.float32), 2))
+def test_fast_within_2_percent_of_the_optimum(xb):
+    """``"fast"`` (the default) is within 2 % of the exact optimum, never worse than ``"lloyd"``,
+    and exact (0 error, q == x) when the segment has at most 2^b distinct nonzeros."""
+    x, b = xb
+    opt = optimal_sse(x, b)
+    energy = float((x.astype(np.float64) ** 2).sum())
+    book, codes, q, err = quantize(x, b, "fast")
+    got = sse(x, q)
+    assert float(err[0]) == pytest.approx(got, rel=1e-5, abs=1e-9 * energy + 1e-30)
+    target(got / opt if opt > 0 else 1.0, label="fast / optimal")
+    assert ratio_ok(got, opt, energy), (got, opt)
+    assert got <= sse(x, quantize(x, b, "lloyd")[2]) * (1 + 1e-12) + 1e-30  # never worse than the legacy
+    if np.unique(x[x != 0]).size <= 2**b:
+        assert torch.equal(q, torch.from_numpy(x)) and float(err[0]) == 0.0
+    assert torch.unique(q[q != 0]).numel() <= 2**b
+
+
+@given(x=segment(max_len=300), b=st.integers(1, 6))
+def test_optimal_is_never_beaten(x, b):
+    """No method beats ``"optimal"`` (beyond float32 rounding of the centres)."""
+    energy = float((x.astype(np.float64) ** 2).sum())
+    best = sse(x, quantize(x, b, "optimal")[2])
+    for m in ("fast", "lloyd"):
+        assert best <= sse(x, quantize(x, b, m)[2]) * (1 + 1e-6) + 1e-9 * energy + 1e-30
+
+
+def test_segment_strategy_reaches_the_edges():
+    """The random strategy itself (no explicit examples) draws every edge case of the quality test."""
+    seen: set[str] = set()
+
+    @settings(max_examples=max(settings().max_examples, 100))
+    @given(xb=segment_and_bits(max_len=400))
+    def draw(xb):
+        seen.update(edges(*xb))
+
+    draw()
+    assert set(EDGES) <= seen, set(EDGES) - seen
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 6, 8])
+def test_issue_cases(b):
+    """Heavy ties (60 % on one value, 12 distinct) and a mostly positive segment with 3 % negatives."""
+    rng = np.random.default_rng(b)
+    ties = np.where(rng.random(3000) < 0.6, 0.4, (rng.integers(0, 11, 3000) - 5) * 0.37).astype(np.float32)
+    skew = np.abs(rng.standard_normal(3000)).astype(np.float32) + 0.2
+    skew[rng.random(3000) < 0.03] = -rng.random(int((rng.random(3000) < 0.03).sum()) or 1)[0]
+    for x in (ties, skew):
+        opt = optimal_sse(x, b)
+        got = float(quantize(x, b, "fast")[3][0])
+        assert ratio_ok(got, opt, float((x.astype(np.float64) ** 2).sum())), (b, got, opt)
+    if b >= 4:  # 12 distinct nonzeros <= 2^b: exact
+        assert float(quantize(ties, b, "fast")[3][0]) == 0.0
+
+
+@pytest.mark.parametrize("family", ["gauss", "laplace", "t3", "sparse"])
+def test_synthetic_families_at_every_bit_width(family):
+    rng = np.random.default_rng(7)
+    n = 6000
+    x = {
+        "gauss": rng.standard_normal(n),
+        "laplace": rng.laplace(size=n),
+        "t3": rng.standard_t(3, n),
+        "sparse": (lambda v: v * (np.abs(v) >= np.quantile(np.abs(v), 0.95)))(rng.laplace(size=4 * n)),
+    }[family].astype(np.float32)
+    for b in range(1, 9):
+        opt = optimal_sse(x, b)
+        got = float(quantize(x, b, "fast")[3][0])
+        assert got <= 1.02 * opt, (family, b, got / opt)
+
+
+def test_bad_method():
+    with pytest.raises(ValueError, match="method"):
+        quantize(np.ones(4, np.float32), 1, "kmeans")
+    assert METHODS == ("fast", "optimal", "lloyd")
+
+
+@pytest.mark.parametrize("seed, b", [(0, 1), (8, 2)])
+def test_never_worse_than_legacy_where_the_dp_init_alone_is(seed, b):
+    """On these inputs Lloyd from the DP init stops (tol 1e-5) slightly above the legacy result:
+    ``"fast"`` must return the legacy one then."""
+    from atmc_triton.kernels import lloyd as L
+
+    x = np.random.default_rng(seed).standard_normal(2000).astype(np.float32)
+    s, p1, tsq = L._sorted_stats(torch.from_numpy(x))
+    dp_only = float(L._fit(s, p1, tsq, L._dp_init(s, p1, 2**b, False), 20, 1e-5)[2])
+    legacy = float(quantize(x, b, "lloyd")[3][0])
+    assert dp_only > legacy  # the case this test is about
+    assert float(quantize(x, b, "fast")[3][0]) <= legacy
