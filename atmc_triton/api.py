@@ -118,7 +118,7 @@ def _record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
         return
     for t in tree_leaves((args, kwargs)):
         if isinstance(t, Tensor):
-            if t.is_floating_point() and t.dim() >= 1:
+            if t.is_floating_point() and t.dim() >= 1 and t.numel() > 0:  # an empty batch says nothing
                 module.__dict__["_atmc_input_spec"] = (tuple(t.shape), t.dtype, t.device)
             return
 
@@ -300,7 +300,7 @@ def check_input_dependence(model: nn.Module, example_input: Tensor | None = None
     if spec is None:
         return None
     shape, dtype, device = spec
-    shape = (min(shape[0], 2), *shape[1:])
+    shape = (max(1, min(shape[0], 2)), *shape[1:])
     gen = torch.Generator().manual_seed(0)
     xs = [torch.rand(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(2)]
     modes = [(m, m.training) for m in root.modules()]

@@ -196,3 +196,13 @@ def test_progress_bar_can_be_forced_and_turned_off(capsys):
     assert "compress_" in capsys.readouterr().err
     at.finalize_(model, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_an_empty_batch_does_not_break_the_input_dependence_check():
+    """Evaluation may call the model on zero points (a cascade with nothing left); the check keeps a real shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    at.compress_(model, at.ATMCConfig(ratio=0.5, bits=4), progress=False)
+    model(torch.rand(4, 6))
+    model(torch.rand(0, 6))
+    assert at.check_input_dependence(model, warn=False) == 0
