@@ -27,7 +27,8 @@ import torch
 from atmc_triton.kernels.admm import admm_step, admm_step_ref, admm_step_triton
 from atmc_triton.kernels.admm_triton import interpreted
 
-from bench.common import Ctx, Row, Target, bench_ms, copy_bandwidth
+from bench import model
+from bench.common import Ctx, Row, Target, bench_ms, copy_bandwidth, predicted
 
 BENCH = "admm"
 HP = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, rho=1e-3)
@@ -184,6 +185,7 @@ def _case(ctx: Ctx, case: str, shapes: list[tuple[int, int]], bandwidth: float) 
                     "x_eager": eager_ms / ms,
                     "x_compiled": comp_ms / ms,
                     "GB/s": nbytes / ms / 1e6,
+                    **predicted(ms, model.admm_step(n, gdt.itemsize), dev, bandwidth),
                 },
             )
         )

@@ -44,7 +44,8 @@ from atmc_triton.kernels.lowrank_gemm import IDENTITY_NONE, IDENTITY_U, IDENTITY
 from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, decode_factor_ref, encode_factor
 
 import atmc_triton as at
-from bench.common import Ctx, Row, Target, bench_ms, copy_bandwidth
+from bench import model
+from bench.common import Ctx, Row, Target, bench_ms, copy_bandwidth, predicted
 
 BENCH = "gemm"
 BUDGET_S = float(os.environ.get("ATMC_BENCH_GEMM_BUDGET_S", "150"))
@@ -216,15 +217,12 @@ def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Targ
                     rows.append(Row(BENCH, f"{layer.case} M={M}", variant, float("nan"), {"error": type(e).__name__}))
                     continue
                 times[variant] = ms
-                rows.append(
-                    Row(
-                        BENCH,
-                        f"{layer.case} M={M}",
-                        variant,
-                        ms,
-                        {"floor": floor_ms / ms, "timing": how, "packed_MB": layer.nbytes / 2**20},
-                    )
-                )
+                extra = {"floor": floor_ms / ms, "timing": how, "packed_MB": layer.nbytes / 2**20}
+                if variant == "triton":
+                    extra |= predicted(ms, model.atmc_linear(M, N, K, ratio, bits, structure), dev, bw)
+                elif variant == "cuBLAS fp16 dense":
+                    extra |= predicted(ms, model.cublas_linear(M, N, K), dev, bw)
+                rows.append(Row(BENCH, f"{layer.case} M={M}", variant, ms, extra))
             if "triton" in times and "cuBLAS fp16 dense" in times:
                 speed = times["cuBLAS fp16 dense"] / times["triton"]
                 case = f"triton vs cuBLAS fp16, {layer.case} M={M}"
