@@ -552,7 +552,10 @@ def write_static(out: Path, results: list[dict], notes: list[str]) -> str:
     """Write ``static.json`` and ``static.md`` under ``out``; return the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for res in results for r in res["rows"]]
-    blocks = {r["kernel"]: r["blocks_sm"] for r in rows if r.get("ok") and r["arch"] == 90}
+    blocks: dict[str, int] = {}  # the worst blocks/SM of each kernel on sm_90 over the Tritons compiled
+    for r in rows:
+        if r.get("ok") and r["arch"] == 90:
+            blocks[r["kernel"]] = min(blocks.get(r["kernel"], 99), r["blocks_sm"])
     preds = predictions(blocks)
     slim = [{k: v for k, v in r.items() if k != "spec"} for r in rows]
     verdicts = {f"{fam} @ triton {res['triton']}": v for res in results for fam, v in res["violations"].items()}
