@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import model
+
 __all__ = [
     "ARCHS",
     "FAMILIES",
@@ -214,19 +216,24 @@ def _large_tile(spec: dict) -> bool:
 
 
 STREAM = "streaming kernel: 128-bit loads of contiguous data"
+
+
+def _blocks(inflight: int) -> int:
+    """Blocks/SM a streaming kernel with ``inflight`` bytes of loads per program iteration needs on an H200."""
+    return model.min_blocks_for_bandwidth(inflight, model.H200)
+
+
 FAMILIES: dict[str, Family] = {
     "admm": Family(
         name="admm",
         issue=13,
         exercise=_exercise_admm,
         rules=(
-            Rule("_update_kernel", min_blocks=2, vector_loads=True, why="overlap a tile's 40 KB of loads with work"),
-            Rule(
-                "_refine_kernel", min_blocks=3, vector_loads=True, why="8 KB per tile: 3 blocks keep 18 KB/SM in flight"
-            ),
-            Rule("_write_kernel", min_blocks=2, vector_loads=True, why=STREAM),
+            Rule("_update_kernel", _blocks(2048 * 20), vector_loads=True, why="2 overlap loads with the histogram"),
+            Rule("_refine_kernel", _blocks(2048 * 4), vector_loads=True, why="8 KB per tile, 19.5 KB/SM in flight"),
+            Rule("_write_kernel", _blocks(2048 * 8), vector_loads=True, why=STREAM),
             Rule("_scan_kernel"),
-            Rule("_dual_kernel", min_blocks=2, vector_loads=True, why=STREAM),
+            Rule("_dual_kernel", _blocks(4096 * 12), vector_loads=True, why=STREAM),
         ),
         known_failures={
             TRITON36: (
@@ -242,8 +249,8 @@ FAMILIES: dict[str, Family] = {
         exercise=_exercise_lloyd,
         rules=(
             Rule("_lloyd_kernel", why="one program per segment: no spills"),
-            Rule("_sumsq_kernel", min_blocks=4, vector_loads=True, why=STREAM),
-            Rule("_codes_kernel", min_blocks=4, vector_loads=True, why=STREAM),
+            Rule("_sumsq_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
+            Rule("_codes_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
         ),
         known_failures={
             "*": (
