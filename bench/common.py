@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Ctx", "Row", "Target", "bench_ms", "copy_bandwidth", "environment", "write_results"]
+__all__ = ["Ctx", "Row", "Target", "bench_ms", "copy_bandwidth", "environment", "predicted", "write_results"]
 
 
 @dataclass
@@ -68,6 +68,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms / 1000)
 
 
+def predicted(ms: float, op, device: torch.device, bandwidth: float | None = None) -> dict:
+    """``{"pred_ms", "x_pred"}``: the roofline prediction of :mod:`bench.model` ``op`` on this GPU and
+    measured / predicted (the model's check); empty off CUDA, where a GPU model predicts nothing."""
+    if device.type != "cuda":
+        return {}
+    from bench import model
+
+    pred = op.predict_s(model.gpu_for(torch.cuda.get_device_name(device), bandwidth)) * 1e3
+    return {"pred_ms": pred, "x_pred": ms / pred}
+
+
 def environment(device: torch.device) -> dict:
     try:
         commit = (
@@ -98,14 +109,20 @@ def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target]) 
             f.write(json.dumps({**env, "target": asdict(t)}) + "\n")
     head = f"GPU: {env['gpu']} | commit {env['commit']} | {env['date']} | torch {env['torch']}"
     timings = _fmt_table(
-        ["bench", "case", "variant", "median ms", "notes"],
+        ["bench", "case", "variant", "median ms", "predicted ms", "measured / predicted", "notes"],
         [
             [
                 r.bench,
                 r.case,
                 r.variant,
                 f"{r.median_ms:.4g}",
-                ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items()),
+                f"{r.extra['pred_ms']:.4g}" if "pred_ms" in r.extra else "(no model)",
+                f"{r.extra['x_pred']:.2f}" if "x_pred" in r.extra else "",
+                ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.extra.items()
+                    if k not in ("pred_ms", "x_pred")
+                ),
             ]
             for r in rows
         ],

@@ -25,7 +25,8 @@ import torch
 from atmc_triton.kernels import lloyd_triton
 from atmc_triton.kernels.lloyd import errors_for_bits, lloyd_quantize, lloyd_quantize_ref
 
-from bench.common import Ctx, Row, Target, bench_ms
+from bench import model
+from bench.common import Ctx, Row, Target, bench_ms, predicted
 
 BENCH = "lloyd"
 ITERS = 20
@@ -121,6 +122,7 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
     dev = ctx.device
     shapes = [(16, 27), (32, 144), (8, 288), (10, 32)] if ctx.quick else resnet34_shapes()
     values, offsets = factor_segments(shapes, dev)
+    sizes = [b - a for a, b in zip(offsets, offsets[1:])]
     n, S = values.numel(), len(offsets) - 1
     off_t = torch.tensor(offsets, dtype=torch.int64, device=dev)
     case0 = f"{'tiny' if ctx.quick else 'resnet34'} factors ({n / 1e6:.2f}M values, {S} segments)"
@@ -131,7 +133,8 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
     targets: list[Target] = []
 
     sort_ms = fast(lambda: torch.sort(values))
-    rows.append(Row(BENCH, case0, "torch.sort alone (floor)", sort_ms))
+    sort_op = model.Op("sort", [model.sort_pairs("torch.sort", n, 4, 8, 32)], 8 * n)
+    rows.append(Row(BENCH, case0, "torch.sort alone (floor)", sort_ms, predicted(sort_ms, sort_op, dev)))
     if triton_ok:  # where the time goes: the segmented sort, then + prefix sums and sums of squares
         seg_ms = fast(lambda: lloyd_triton._segment_sort(values, off_t))
         rows.append(Row(BENCH, case0, "triton pipeline: segmented sort only", seg_ms, {"x_sort": seg_ms / sort_ms}))
@@ -175,7 +178,13 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
                 case,
                 "triton lloyd_quantize",
                 tri_ms,
-                {"x_sort": tri_ms / sort_ms, "vs_bucketize": buck_ms / tri_ms, "vs_ref": ref_ms / tri_ms, **check},
+                {
+                    "x_sort": tri_ms / sort_ms,
+                    "vs_bucketize": buck_ms / tri_ms,
+                    "vs_ref": ref_ms / tri_ms,
+                    **check,
+                    **predicted(tri_ms, model.lloyd_quantize(sizes, b, ITERS), dev),
+                },
             )
         )
         if ctx.quick:  # a smoke run on tiny sizes measures nothing worth a target

@@ -145,3 +145,75 @@ def test_model_counts_bytes_by_construction():
     big = model.atmc_linear(8192, 4096, 4096, 0.05, 8)
     assert big.floor_flops == 2 * 8192 * 4096 * 4096
     assert big.predict_s(model.H100) >= big.floor_s(model.H100)
+
+
+# --- the one-shot GPU check (bench/gpu_check.py) -------------------------------------------------------------------
+
+
+@needs_interp
+def test_gpu_check_cold_estimate_fits_8_minutes():
+    """Counted and timed with the CPU AOT compile (Triton 3.6, the test machine's, when the gate installed it)."""
+    from bench import gpu_check
+
+    side, why = static.triton36_site(install=False)
+    if side is None:
+        warnings.warn(f"gpu_check estimate with the installed Triton: {why}", stacklevel=1)
+    est = gpu_check.estimate(side)
+    print(est)
+    assert not est["failures"], est["failures"]
+    assert 0 < est["correctness_compiles"] <= gpu_check.MAX_CORRECTNESS_COMPILES, est
+    assert est["compile_cpu_s"] > 0.1 * (est["correctness_compiles"] + est["bench_compiles"]), est  # really timed
+    assert est["total_s"] <= 8 * 60, est
+
+
+def test_gpu_check_fails_soft_without_cuda(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU here: python -m bench.gpu_check runs for real")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=static.Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "no CUDA GPU" in res.stderr and "--estimate" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@needs_interp
+@pytest.mark.parametrize("index", [2, 3, 5])
+def test_gpu_check_correctness_cases_run_in_the_interpreter(index):
+    """The check's own case code (small cases: keep-all / keep-none ADMM, Lloyd) against the references."""
+    import torch
+
+    from bench import gpu_check
+
+    with gpu_check.poisoned_outputs():
+        op, case, fn = gpu_check.CORRECTNESS[index]
+        res = fn(torch.device("cpu"))
+    assert res["ok"], (op, case, res)
+
+
+def test_gpu_check_log_keeps_every_row(tmp_path):
+    """Rows reach the jsonl file one by one (a crash keeps what was measured) and the table shows them."""
+    import json
+
+    from bench import gpu_check
+
+    log = gpu_check.Log(tmp_path, {"gpu": "test"})
+    log.add({"phase": "correctness", "op": "admm_step", "case": "c", "ok": False, "error": "boom"})
+    assert len((tmp_path / "gpu_check.jsonl").read_text().splitlines()) == 1
+    row = {"phase": "bench", "op": "admm_step", "case": "n", "measured_ms": 1.0, "predicted_ms": 0.5}
+    log.add(row | {"x_pred": 2.0, "floor_ms": 0.4, "target": "<= 2x", "met": False})
+    recs = [json.loads(x) for x in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert [r["gpu"] for r in recs] == ["test", "test"]
+    table = gpu_check.summary(log.rows)
+    assert "FAILED boom" in table and "| 2.00 |" in table and "| NO |" in table
