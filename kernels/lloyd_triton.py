@@ -393,9 +393,9 @@ def lloyd_quantize_triton(
     from .lloyd import check_method, lloyd_quantize_host
 
     check_method(method)
+    _check(values, offsets, bits, max_iter, tol, "lloyd_quantize")  # every method: bad input fails alike
     if method != "lloyd":
         return lloyd_quantize_host(values, offsets, bits, max_iter, tol, method)
-    _check(values, offsets, bits, max_iter, tol, "lloyd_quantize")
     n, S, dev = values.numel(), bits.numel(), values.device
     book = _new((S, NUM_SLOTS), torch.float32, dev)
     codes = _new((n,), torch.int16, dev)
@@ -426,9 +426,9 @@ def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: 
     from .lloyd import check_method, errors_for_bits_host
 
     check_method(method, "errors_for_bits")
+    _check(values, offsets, None, max_iter, tol, "errors_for_bits")
     if method != "lloyd":
         return errors_for_bits_host(values, offsets, max_iter, tol, method)
-    _check(values, offsets, None, max_iter, tol, "errors_for_bits")
     S, dev = offsets.numel() - 1, values.device
     err = _new((S, NBITS), torch.float32, dev)
     if S == 0 or _metadata_only(values):
