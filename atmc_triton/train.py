@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atmc_triton.api import compress_, finalize_
-from atmc_triton.attacks import fgsm, pgd, resolve_suite, robust_suite, wrm
+from atmc_triton.attacks import _predict, fgsm, pgd, resolve_suite, robust_suite, wrm
 from atmc_triton.budget import atmc_layers, dense_bits, size_report
 from atmc_triton.checkpoint import (
     CheckpointError,
@@ -363,11 +363,6 @@ def collapse_reason(label_hist: Sequence[int], *pred_hists: Sequence[int]) -> st
 
 def _bincount(v: Tensor, c: int) -> Tensor:
     return torch.bincount(v.reshape(-1).to(torch.int64), minlength=c)[:c]
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, x: Tensor) -> Tensor:
-    return model(x).argmax(1)
 
 
 def evaluate(
