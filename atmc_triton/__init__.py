@@ -26,7 +26,18 @@ from atmc_triton.api import (
     finalize_,
     is_finalized,
 )
-from atmc_triton.attacks import SuiteResult, apgd_ce, apgd_dlr, fgsm, pgd, robust_attack, robust_suite, wrm
+from atmc_triton.attacks import (
+    SuiteResult,
+    apgd_ce,
+    apgd_dlr,
+    fgsm,
+    fgsm_rs,
+    n_fgsm,
+    pgd,
+    robust_attack,
+    robust_suite,
+    wrm,
+)
 from atmc_triton.budget import (
     FactorSize,
     SizeReport,
@@ -96,6 +107,8 @@ __all__ = [
     "export_safetensors",
     "factor_bits",
     "fgsm",
+    "fgsm_rs",
+    "n_fgsm",
     "finalize_",
     "fit",
     "is_finalized",

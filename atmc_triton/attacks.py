@@ -1,4 +1,5 @@
-"""White-box attacks: L-inf PGD, FGSM, WRM (Sinha et al. 2018), APGD-CE / APGD-DLR / APGD-T (Croce & Hein
+"""White-box attacks: L-inf PGD, FGSM, the cheap training attacks FGSM-RS (Wong et al. 2020) and N-FGSM
+(de Jorge et al. 2022), WRM (Sinha et al. 2018), APGD-CE / APGD-DLR / APGD-T (Croce & Hein
 2020), and an AutoAttack-grade suite run as a cascade (:func:`robust_suite`).
 
 Conventions (those of torchattacks and AutoAttack):
@@ -39,6 +40,8 @@ __all__ = [
     "autoattack_available",
     "cascade",
     "fgsm",
+    "fgsm_rs",
+    "n_fgsm",
     "pgd",
     "resolve_suite",
     "robust_attack",
@@ -176,6 +179,98 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, *, eval_m
         torch.Size([2, 1, 2, 2])
     """
     return pgd(model, x, y, eps, eps, 1, random_start=False, eval_mode=eval_mode)
+
+
+def _start(x: Tensor, radius: float, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    """``x + (2 noise - 1) radius`` clamped to ``[0, 1]``, ``noise`` uniform ``[0, 1)`` shaped like ``x``."""
+    if noise is None:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    return (x + (2.0 * noise - 1.0) * radius).clamp(0.0, 1.0)
+
+
+def fgsm_rs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 8 / 255,
+    alpha: float = 10 / 255,
+    loss_fn: LossFn | None = None,
+    *,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """FGSM with a random start (Wong et al. 2020, "Fast is better than free"; torchattacks' ``FFGSM``, whose
+    defaults ``eps=8/255, alpha=10/255`` it keeps): start uniform in the eps-ball, one step
+    ``alpha * sign(grad loss)``, then back into the eps-ball and ``[0, 1]``. A training attack
+    (Wong et al. use ``alpha = 1.25 eps``); too large an ``alpha`` invites catastrophic overfitting.
+
+    ``noise``: uniform ``[0, 1)`` draws shaped like ``x`` (the start is ``x + (2 noise - 1) eps``),
+    else drawn from ``generator``. ``loss_fn(logits, y)`` defaults to mean cross-entropy.
+
+    Args:
+        x: ``[N, ...]`` inputs in ``[0, 1]``; y: ``[N]`` labels.
+    Returns:
+        ``x_adv`` like ``x`` (detached), ``|x_adv - x| <= eps``, in ``[0, 1]``.
+
+    Example:
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> x = torch.rand(2, 1, 2, 2); adv = fgsm_rs(m, x, torch.tensor([0, 1]), 0.1, 0.125)
+        >>> bool((adv - x).abs().max() <= 0.1 + 1e-6)
+        True
+    """
+    _check(x, y, eps)
+    if not alpha >= 0:
+        raise ValueError(f"fgsm_rs needs alpha >= 0, got {alpha}")
+    x = x.detach()
+    with attack_context(model, eval_mode):
+        adv = _start(x, eps, noise, generator)
+        g = _input_grad(model, adv, y, loss_fn or F.cross_entropy)
+        return _project(adv + alpha * g.sign(), x, eps).detach()
+
+
+def n_fgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 8 / 255,
+    alpha: float | None = None,
+    k: float = 2.0,
+    loss_fn: LossFn | None = None,
+    *,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """N-FGSM (de Jorge et al. 2022, "Make some noise"): start uniform in the ``k * eps``-ball (default
+    ``k = 2``), one step ``alpha * sign(grad loss)`` (default ``alpha = eps``), **no** projection back to
+    the eps-ball, only to ``[0, 1]``: the perturbation reaches ``(k + 1) eps``. A training attack that
+    avoids catastrophic overfitting without a larger cost; not an evaluation attack.
+
+    ``noise``: uniform ``[0, 1)`` draws shaped like ``x`` (start ``x + (2 noise - 1) k eps``).
+
+    Args:
+        x: ``[N, ...]`` inputs in ``[0, 1]``; y: ``[N]`` labels.
+    Returns:
+        ``x_adv`` like ``x`` (detached), ``|x_adv - x| <= (k eps + alpha)``, in ``[0, 1]``.
+
+    Example:
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> x = torch.rand(2, 1, 2, 2); adv = n_fgsm(m, x, torch.tensor([0, 1]), 0.1)
+        >>> bool((adv - x).abs().max() <= 0.3 + 1e-6)
+        True
+    """
+    _check(x, y, eps)
+    alpha = eps if alpha is None else alpha
+    if not (alpha >= 0 and k >= 0):
+        raise ValueError(f"n_fgsm needs alpha >= 0 and k >= 0, got alpha={alpha}, k={k}")
+    x = x.detach()
+    with attack_context(model, eval_mode):
+        adv = _start(x, k * eps, noise, generator)
+        g = _input_grad(model, adv, y, loss_fn or F.cross_entropy)
+        return (adv + alpha * g.sign()).clamp(0.0, 1.0).detach()
 
 
 def wrm(

@@ -35,9 +35,20 @@ from atmc_triton.checkpoint import CheckpointError, atomic_write, load_checkpoin
 from atmc_triton.config import INITS, ATMCConfig
 from atmc_triton.data import DATASETS, load_dataset
 from atmc_triton.models import MODELS, is_model_name
-from atmc_triton.train import ATTACKS, PROTOCOLS, EvalResult, Experiment, NonFiniteError, Protocol, Schedule
+from atmc_triton.train import (
+    ATTACKS,
+    LOSSES,
+    LR_SCHEDULES,
+    PROTOCOLS,
+    TRAIN_ATTACKS,
+    EvalResult,
+    Experiment,
+    NonFiniteError,
+    Protocol,
+    Schedule,
+)
 
-__all__ = ["RECIPES", "Recipe", "main"]
+__all__ = ["FAST_RECIPES", "RECIPES", "Recipe", "main", "recipe_for"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Recipe:
     bits: int
     natural_baseline: bool = False
     threads: int | None = None  # CPU threads (None: torch's default)
+    lr_schedule: str = "cosine"
     square_queries: int = 5000  # Square queries of the torchattacks suite (AutoAttack's standard: 5000)
 
 
@@ -72,6 +84,44 @@ RECIPES: dict[str, Recipe] = {
     "cifar100": Recipe("resnet34", 100, 0.05, 50, 0.01, 128, 5e-4, 0.01, 8),
     "svhn": Recipe("wrn16_8", 40, 0.01, 20, 0.005, 128, 5e-4, 0.01, 8),
 }
+
+
+# ``--protocol fast``: single-step adversarial training (atmc_triton.train.PROTOCOLS["<dataset>_fast"]) with a
+# one-cycle learning rate, for the datasets that have such a preset (see the README's "Fast adversarial training")
+FAST_RECIPES: dict[str, Recipe] = {
+    "digits": Recipe(
+        "digits_cnn",
+        40,
+        0.05,
+        15,
+        0.02,
+        64,
+        5e-4,
+        0.02,
+        4,
+        natural_baseline=True,
+        threads=1,
+        square_queries=1000,
+        lr_schedule="onecycle",
+    ),
+    "mnist": Recipe("lenet", 30, 0.05, 8, 0.01, 128, 5e-4, 0.01, 8, lr_schedule="onecycle"),
+}
+
+
+def recipe_for(dataset: str, protocol: str = "paper") -> Recipe:
+    """The ``atmc train`` defaults of ``dataset`` under ``--protocol paper`` or ``fast``."""
+    if protocol == "paper":
+        return RECIPES[dataset]
+    if protocol != "fast":
+        raise ValueError(f"protocol must be 'paper' or 'fast', got {protocol!r}")
+    if dataset not in FAST_RECIPES:
+        raise ValueError(f"--protocol fast has presets for {', '.join(FAST_RECIPES)} only, not {dataset!r}")
+    return FAST_RECIPES[dataset]
+
+
+def _base_protocol(dataset: str, protocol: str = "paper") -> Protocol:
+    recipe_for(dataset, protocol)  # the same checks
+    return PROTOCOLS[dataset if protocol == "paper" else f"{dataset}_fast"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,6 +232,25 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _add_protocol(p)
     g = p.add_argument_group("training protocol")
     g.add_argument(
+        "--protocol",
+        choices=["paper", "fast"],
+        default="paper",
+        help="paper: the paper's PGD training (default); fast: single-step FGSM-RS training with an eps "
+        "warm-up, a one-cycle LR and the catastrophic-overfitting guard (digits and mnist; see the README)",
+    )
+    g.add_argument("--train-attack", choices=list(TRAIN_ATTACKS), help="training attack (paper: pgd)")
+    g.add_argument("--fgsm-step", type=float, help="single-step attacks' step in units of eps (1.25 / N-FGSM 1)")
+    g.add_argument("--fgsm-noise", type=float, help="N-FGSM's start-noise radius in units of eps (2)")
+    g.add_argument("--eps-warmup-epochs", type=float, help="ramp the training eps over this many epochs")
+    g.add_argument("--loss", choices=list(LOSSES), help="ce: clean/adversarial CE mix (paper); trades: TRADES")
+    g.add_argument("--beta", type=float, help="TRADES beta (default 6)")
+    g.add_argument(
+        "--guard-drop",
+        type=float,
+        help="catastrophic-overfitting guard: roll an epoch back when the guard batch's PGD accuracy falls "
+        "more than this below its best (fast: 0.2; 0 turns the guard off)",
+    )
+    g.add_argument(
         "--clean-weight",
         type=float,
         help="loss = w CE(clean) + (1 - w) CE(adv) (0.5 mnist/cifar10/digits, 0 cifar100/svhn)",
@@ -201,7 +270,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=0.9, help="SGD / ADMM momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, help="weight decay")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    g.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine", help="per-step LR schedule")
+    g.add_argument(
+        "--lr-schedule", choices=list(LR_SCHEDULES), help="per-step LR schedule (paper: cosine, fast: onecycle)"
+    )
     g.add_argument("--eval-size", type=int, default=1000, help="test examples for the per-epoch check (0: none)")
     b = p.add_argument_group("ATMC budget and ADMM (atmc_triton.ATMCConfig)")
     b.add_argument("--ratio", type=float, help="size budget: compressed bits / dense 32-bit bits, in (0, 1)")
@@ -293,19 +364,35 @@ def _pick(value: Any, default: Any) -> Any:
 
 
 def _setup(a: argparse.Namespace) -> _Setup:
-    recipe = RECIPES[a.dataset]
+    recipe = recipe_for(a.dataset, a.protocol)
     model = a.model or recipe.model
     attacks = tuple(s.strip() for s in a.attacks.split(",") if s.strip())
     bad = set(attacks) - set(ATTACKS)
     if bad:
         raise ValueError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
-    base = PROTOCOLS[a.dataset]
-    protocol = Protocol(
-        eps=_pick(a.eps, base.eps),
-        pgd_steps=_pick(a.pgd_steps, base.pgd_steps),
-        pgd_alpha=a.pgd_alpha,
-        clean_weight=_pick(a.clean_weight, base.clean_weight),
-        eval_pgd_steps=_pick(a.eval_pgd_steps, base.eval_pgd_steps),
+    base = _base_protocol(a.dataset, a.protocol)
+    over = {
+        k: getattr(a, f)
+        for k, f in (
+            ("eps", "eps"),
+            ("pgd_steps", "pgd_steps"),
+            ("pgd_alpha", "pgd_alpha"),
+            ("clean_weight", "clean_weight"),
+            ("eval_pgd_steps", "eval_pgd_steps"),
+            ("train_attack", "train_attack"),
+            ("fgsm_step", "fgsm_step"),
+            ("fgsm_noise", "fgsm_noise"),
+            ("eps_warmup_epochs", "eps_warmup_epochs"),
+            ("loss", "loss"),
+            ("trades_beta", "beta"),
+        )
+        if getattr(a, f) is not None
+    }
+    if a.guard_drop is not None:
+        over["guard_drop"] = a.guard_drop or None
+    protocol = dataclasses.replace(
+        base,
+        **over,
         apgd_steps=a.apgd_steps,
         wrm_gamma=a.wrm_gamma,
         wrm_steps=a.wrm_steps,
@@ -316,7 +403,7 @@ def _setup(a: argparse.Namespace) -> _Setup:
         "momentum": a.momentum,
         "weight_decay": _pick(a.weight_decay, recipe.weight_decay),
         "batch_size": _pick(a.batch_size, recipe.batch_size),
-        "lr_schedule": a.lr_schedule,
+        "lr_schedule": _pick(a.lr_schedule, recipe.lr_schedule),
         "nesterov": a.nesterov,
     }
     dense = Schedule(epochs=_pick(a.epochs, recipe.epochs), lr=_pick(a.lr, recipe.lr), **common)
@@ -526,7 +613,7 @@ def _finish(rows: list[dict[str, Any]], s: _Setup, t0: float, name: str) -> None
 
 def cmd_train(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    cfg = _config(a, RECIPES[a.dataset])  # bad budgets fail before any data is read
+    cfg = _config(a, recipe_for(a.dataset, a.protocol))  # bad budgets fail before any data is read
     s = _setup(a)
     _check_budget(s, cfg)
     given = s.exp.load(a.dense_checkpoint, stages=DENSE_STAGES) if a.dense_checkpoint else None  # checked first
@@ -549,7 +636,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     ratios = a.ratios
     if not ratios:
         raise ValueError("--ratios needs at least one ratio")
-    cfgs = [_config(a, RECIPES[a.dataset], ratio=r) for r in ratios]  # every ratio is checked before any work
+    recipe = recipe_for(a.dataset, a.protocol)
+    cfgs = [_config(a, recipe, ratio=r) for r in ratios]  # every ratio is checked before any work
     s = _setup(a)
     for cfg in cfgs:
         _check_budget(s, cfg)

@@ -54,13 +54,24 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atmc_triton.api import compress_, finalize_
-from atmc_triton.attacks import _predict, fgsm, pgd, resolve_suite, robust_suite, wrm
+from atmc_triton.attacks import (
+    _predict,
+    attack_context,
+    fgsm,
+    fgsm_rs,
+    n_fgsm,
+    pgd,
+    resolve_suite,
+    robust_suite,
+    wrm,
+)
 from atmc_triton.budget import atmc_layers, dense_bits, size_report
 from atmc_triton.checkpoint import (
     CheckpointError,
     atomic_write,
     check_meta,
     config_to_dict,
+    get_rng_state,
     load_checkpoint,
     remove_partial_writes,
     save_checkpoint,
@@ -85,6 +96,7 @@ from atmc_triton.optim import ADMM
 
 __all__ = [
     "ATTACKS",
+    "LOSSES",
     "PROTOCOLS",
     "EvalResult",
     "Experiment",
@@ -92,6 +104,7 @@ __all__ = [
     "NonFiniteWarning",
     "Protocol",
     "Schedule",
+    "TRAIN_ATTACKS",
     "collapse_reason",
     "evaluate",
     "fit",
@@ -100,6 +113,9 @@ __all__ = [
 ]
 
 ATTACKS = ("pgd", "fgsm", "wrm", "apgd")
+TRAIN_ATTACKS = ("pgd", "fgsm_rs", "n_fgsm")
+LR_SCHEDULES = ("cosine", "constant", "step", "onecycle")
+LOSSES = ("ce", "trades")
 _logger = logging.getLogger("atmc_triton")
 
 
@@ -125,6 +141,21 @@ class Protocol:
         wrm_gamma, wrm_steps, wrm_lr: WRM evaluation (see :func:`atmc_triton.attacks.wrm`).
         train_attack_mode: ``"train"`` (attack the model in train mode, BatchNorm statistics
             restored afterwards) or ``"eval"``.
+        train_attack: the training attack: ``"pgd"`` (``pgd_steps`` steps, the paper's), ``"fgsm_rs"``
+            (:func:`atmc_triton.attacks.fgsm_rs`) or ``"n_fgsm"`` (:func:`atmc_triton.attacks.n_fgsm`).
+        fgsm_step: the single-step attacks' step in units of the (ramped) eps; ``None`` = the
+            authors' (FGSM-RS 1.25, N-FGSM 1).
+        fgsm_noise: N-FGSM's start-noise radius ``k`` in units of eps (``None`` = 2); FGSM-RS always
+            starts uniformly in the eps-ball.
+        eps_warmup_epochs: the training eps ramps linearly from ``eps / steps`` to ``eps`` over the
+            steps of this many epochs (evaluation always uses ``eps``).
+        loss: ``"ce"`` (the ``clean_weight`` mix above) or ``"trades"`` (Zhang et al. 2019:
+            ``CE(f(x), y) + trades_beta * KL(f(x) || f(x'))``, the training attack maximizing that KL;
+            ``clean_weight`` is then unused).
+        guard_drop: catastrophic-overfitting guard (``None`` = off): after every epoch, PGD accuracy
+            (``guard_steps`` steps, eval mode) on a fixed seeded batch of ``guard_size`` training
+            examples; when it falls more than ``guard_drop`` below its best, the epoch is rolled
+            back to the last good checkpoint and the stage goes on with PGD-``pgd_steps`` training.
     """
 
     eps: float
@@ -137,6 +168,15 @@ class Protocol:
     wrm_steps: int = 15
     wrm_lr: float = 1.0
     train_attack_mode: str = "train"
+    train_attack: str = "pgd"
+    fgsm_step: float | None = None
+    fgsm_noise: float | None = None
+    eps_warmup_epochs: float = 0.0
+    loss: str = "ce"
+    trades_beta: float = 6.0
+    guard_drop: float | None = None
+    guard_size: int = 512
+    guard_steps: int = 10
 
     def __post_init__(self):
         if not (math.isfinite(self.eps) and 0 <= self.eps <= 1):
@@ -151,10 +191,35 @@ class Protocol:
             raise ValueError(f"apgd_steps must be >= 1, got {self.apgd_steps}")
         if self.train_attack_mode not in ("train", "eval"):
             raise ValueError(f"train_attack_mode must be 'train' or 'eval', got {self.train_attack_mode!r}")
+        if self.train_attack not in TRAIN_ATTACKS:
+            raise ValueError(f"train_attack must be one of {', '.join(TRAIN_ATTACKS)}, got {self.train_attack!r}")
+        for name in ("fgsm_step", "fgsm_noise"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (in units of eps), got {v}")
+        if not (math.isfinite(self.eps_warmup_epochs) and self.eps_warmup_epochs >= 0):
+            raise ValueError(f"eps_warmup_epochs must be >= 0, got {self.eps_warmup_epochs}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not (math.isfinite(self.trades_beta) and self.trades_beta >= 0):
+            raise ValueError(f"trades_beta must be >= 0, got {self.trades_beta}")
+        if self.guard_drop is not None and not 0 < self.guard_drop < 1:
+            raise ValueError(f"guard_drop must be in (0, 1) (an accuracy drop) or None, got {self.guard_drop}")
+        if self.guard_size < 1 or self.guard_steps < 1:
+            raise ValueError(f"guard_size and guard_steps must be >= 1, got {self.guard_size}, {self.guard_steps}")
 
     @property
     def alpha(self) -> float:
         return self.pgd_alpha if self.pgd_alpha is not None else 2.5 * self.eps / max(self.pgd_steps, 1)
+
+    def train_eps(self, step: int, steps_per_epoch: int) -> float:
+        """The training eps at optimizer step ``step`` (0-based): ``eps`` after the warm-up."""
+        ramp = self.eps_warmup_epochs * steps_per_epoch
+        return self.eps if ramp <= 0 or step + 1 >= ramp else self.eps * (step + 1) / ramp
+
+    def training_attack(self, fallback: bool = False) -> str:
+        """What :func:`fit` runs: ``train_attack``, or ``"pgd"`` after the guard rolled a stage back."""
+        return "pgd" if fallback else self.train_attack
 
     @property
     def eval_steps(self) -> int:
@@ -171,6 +236,28 @@ PROTOCOLS: dict[str, Protocol] = {
     # the paper: MNIST eps 0.3 with PGD-16, CIFAR / SVHN eps 4/255 with PGD-7; 0.5 clean + 0.5 adversarial CE
     # for MNIST and CIFAR-10, adversarial CE only for CIFAR-100 and SVHN. Step 2.5 eps / steps (0.047 on MNIST)
     "mnist": Protocol(eps=0.3, pgd_steps=16, clean_weight=0.5),
+    # --protocol fast (README "Fast adversarial training"): FGSM-RS (step 1.25 eps) on the adversarial CE
+    # only, eps ramped over the first epochs, the guard (PGD-10 on 512 training images) falling back to
+    # PGD-5 (digits: PGD-10) after a catastrophic-overfitting collapse; evaluation as in the paper's presets
+    "mnist_fast": Protocol(
+        eps=0.3,
+        pgd_steps=5,
+        eval_pgd_steps=50,
+        clean_weight=0.0,
+        train_attack="fgsm_rs",
+        eps_warmup_epochs=2,
+        guard_drop=0.2,
+    ),
+    "digits_fast": Protocol(
+        eps=0.2,
+        pgd_steps=10,
+        eval_pgd_steps=20,
+        clean_weight=0.5,
+        train_attack="fgsm_rs",
+        eps_warmup_epochs=5,
+        guard_drop=0.2,
+        guard_size=256,
+    ),
     "cifar10": Protocol(eps=4 / 255, pgd_steps=7, clean_weight=0.5),
     "cifar100": Protocol(eps=4 / 255, pgd_steps=7, clean_weight=0.0),
     "svhn": Protocol(eps=4 / 255, pgd_steps=7, clean_weight=0.0),
@@ -180,8 +267,9 @@ PROTOCOLS: dict[str, Protocol] = {
 @dataclass(frozen=True)
 class Schedule:
     """SGD schedule of one stage: ``lr`` decays by ``lr_schedule`` per step: ``"cosine"``, ``"constant"``,
-    or ``"step"`` (multiplied by ``gamma`` at each of the epochs in ``milestones``, as the public ATMC
-    code's ``--decreasing_lr 80,120,150``)."""
+    ``"step"`` (multiplied by ``gamma`` at each of the epochs in ``milestones``, as the public ATMC
+    code's ``--decreasing_lr 80,120,150``), or ``"onecycle"`` (linear from 0 up to ``lr`` over the first
+    40 % of the steps, then linear down to 0: the cyclic schedule of Wong et al. 2020)."""
 
     epochs: int
     lr: float
@@ -196,8 +284,8 @@ class Schedule:
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {self}")
-        if self.lr_schedule not in ("cosine", "constant", "step"):
-            raise ValueError(f"lr_schedule must be 'cosine', 'constant' or 'step', got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be ascending epochs >= 1, got {self.milestones}")
@@ -210,6 +298,9 @@ class Schedule:
         if self.lr_schedule == "step":  # epoch of this step (0-based), from the uniform steps per epoch
             epoch = step * self.epochs // total if self.epochs else 0
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.lr_schedule == "onecycle":  # step + 1: the first step already trains
+            t = (step + 1) / total
+            return self.lr * (t / 0.4 if t < 0.4 else max(0.0, (1.0 - t) / 0.6))
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
@@ -596,6 +687,46 @@ class _BufferGuard:
             torch._foreach_copy_(self.bufs, self.saved)
 
 
+def _train_attack(
+    model: nn.Module, x: Tensor, y: Tensor, p: Protocol, attack: str, eps: float, noise: Tensor, loss_fn
+) -> Tensor:
+    """The training attack ``attack`` at radius ``eps`` (the ramped eps) from the start ``noise``."""
+    kw = {"loss_fn": loss_fn, "eval_mode": p.train_attack_mode == "eval", "noise": noise}
+    if attack == "pgd":
+        alpha = p.alpha if eps == p.eps else p.alpha * eps / p.eps
+        return pgd(model, x, y, eps, alpha, p.pgd_steps, random_start=True, **kw)
+    if attack == "fgsm_rs":
+        step = 1.25 if p.fgsm_step is None else p.fgsm_step
+        return fgsm_rs(model, x, y, eps, step * eps, **kw)
+    step = 1.0 if p.fgsm_step is None else p.fgsm_step
+    k = 2.0 if p.fgsm_noise is None else p.fgsm_noise
+    return n_fgsm(model, x, y, eps, step * eps, k, **kw)
+
+
+def _trades_kl(logits_adv: Tensor, probs_clean: Tensor) -> Tensor:
+    """TRADES' robust term ``KL(p_clean || p_adv)``, summed over classes, averaged over the batch."""
+    return F.kl_div(F.log_softmax(logits_adv, 1), probs_clean, reduction="batchmean")
+
+
+def _guard_accuracy(model: nn.Module, split: Split, p: Protocol, seed: int, tag: str) -> tuple[float, float]:
+    """Clean and PGD-``guard_steps`` accuracy (eval mode, seeded start) on the guard batch."""
+    x, y = split.take(torch.arange(len(split)), next(model.parameters()).device)
+    gen = torch.Generator(x.device).manual_seed(_seed(seed, tag, 0, "guard"))
+    adv = pgd(model, x, y, p.eps, 2.5 * p.eps / p.guard_steps, p.guard_steps, generator=gen)
+    with torch.no_grad(), attack_context(model, True):
+        return (_predict(model, x) == y).float().mean().item(), (_predict(model, adv) == y).float().mean().item()
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, run: int) -> dict[str, Any]:
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "step": step,
+        "run": run,
+        "rng": get_rng_state(),
+    }
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -630,6 +761,14 @@ def fit(
 
     A NaN/Inf loss or gradient skips the step (:class:`NonFiniteWarning`; nothing is updated, the
     batch is consumed); ``max_nonfinite`` such steps in a row raise :class:`NonFiniteError`.
+
+    With ``protocol.guard_drop`` (adversarial stages), each epoch ends with the guard's clean and PGD
+    accuracy on a fixed batch of training examples (logged as ``guard_acc`` / ``guard_pgd_acc``). An
+    epoch whose PGD accuracy falls more than ``guard_drop`` below the best so far (catastrophic
+    overfitting of a single-step attack) is discarded: model, optimizer, step and RNG go back to the
+    end of the last accepted epoch, a ``{"event": "rollback"}`` record is logged, and the stage
+    re-runs that epoch and finishes with PGD-``pgd_steps`` training. Checkpoints hold accepted
+    epochs only, so a resumed run continues exactly as an uninterrupted one.
     """
     device = resolve_device(device)
     if not (isinstance(max_nonfinite, int) and max_nonfinite >= 1):
@@ -648,6 +787,7 @@ def fit(
         "seed": seed,
     }
     start, step, run = 0, 0, 0  # run: non-finite steps in a row
+    fallback, best = False, None  # the guard: rolled back to PGD training, best guard PGD accuracy
     if checkpoint is not None and main:
         remove_partial_writes(checkpoint)  # what a run killed while writing left behind
     if resume and checkpoint is not None and Path(checkpoint).is_file():
@@ -662,6 +802,7 @@ def fit(
             ) from None
         start, step = ck["epoch"], ck["step"]
         run = int(ck["extra"].get("nonfinite_run", 0))
+        fallback, best = bool(ck["extra"].get("fallback", False)), ck["extra"].get("guard_best")
         set_rng_state(ck["rng"])
         if main and start:
             _logger.info("resuming %s from %s after epoch %d", stage, checkpoint, start)
@@ -676,9 +817,14 @@ def fit(
     net = wrap_ddp(model, device) if world > 1 else model  # the attacks run on the bare model
     params = [q for q in model.parameters() if q.requires_grad]
     guard = _BufferGuard(model)
+    trades = protocol.loss == "trades"
+    watch = data.train.subset(protocol.guard_size, seed) if adversarial and protocol.guard_drop is not None else None
+    good = _snapshot(model, optimizer, step, run) if watch is not None else None
     last: dict[str, Any] = {}
-    for epoch in range(start, schedule.epochs):
-        t0 = time.perf_counter()
+    epoch = start
+    while epoch < schedule.epochs:
+        t0, c0 = time.perf_counter(), time.process_time()
+        attack = protocol.training_attack(fallback)
         gen = torch.Generator().manual_seed(_seed(seed, stage, epoch, "data"))
         atk_gen = torch.Generator(device).manual_seed(_seed(seed, stage, epoch, "attack"))
         model.train()
@@ -697,32 +843,30 @@ def fit(
                 g["lr"] = lr
             rows = y.shape[0]
             x, y = shard(x), shard(y)  # this rank's share of the global batch (all of it for one process)
-            x_adv = None
-            if adversarial and cw < 1:  # clean_weight 1 is natural training: no attack needed
+            x_adv = probs = loss_fn = None
+            if adversarial and (cw < 1 or trades):  # clean_weight 1 is natural training: no attack needed
                 # the random start is drawn for the whole global batch (the generator advances as in one
                 # process) and sharded like it, so N ranks attack their shares as one process attacks the batch
                 noise = shard(torch.rand((rows, *x.shape[1:]), generator=atk_gen, device=x.device, dtype=x.dtype))
-                x_adv = pgd(
-                    model,
-                    x,
-                    y,
-                    p.eps,
-                    p.alpha,
-                    p.pgd_steps,
-                    random_start=True,
-                    eval_mode=p.train_attack_mode == "eval",
-                    noise=noise,
-                )
+                if trades:  # the attack maximizes KL(p_clean || p_adv), TRADES' inner problem
+                    with torch.no_grad(), attack_context(model, p.train_attack_mode == "eval"):
+                        probs = F.softmax(model(x), 1)
+                    loss_fn = lambda logits, _y, q=probs: _trades_kl(logits, q)  # noqa: E731
+                x_adv = _train_attack(model, x, y, p, attack, p.train_eps(step, spe), noise, loss_fn)
             optimizer.zero_grad(set_to_none=True)
             guard.save()
             loss = torch.zeros((), device=device)
             logits_c = logits_a = None
-            if not adversarial or cw > 0:
+            if not adversarial or cw > 0 or trades:
                 logits_c = net(x)
-                loss = loss + (cw if adversarial else 1.0) * F.cross_entropy(logits_c, y)
+                w = 1.0 if trades or not adversarial else cw
+                loss = loss + w * F.cross_entropy(logits_c, y)
             if x_adv is not None:
                 logits_a = net(x_adv)
-                loss = loss + (1.0 - cw) * F.cross_entropy(logits_a, y)
+                if trades:
+                    loss = loss + p.trades_beta * _trades_kl(logits_a, F.softmax(logits_c, 1))
+                else:
+                    loss = loss + (1.0 - cw) * F.cross_entropy(logits_a, y)
             loss.backward()
             step += 1
             if _nonfinite(loss, params) or not _step(optimizer):
@@ -773,12 +917,35 @@ def fit(
             "step": step,
             "lr": schedule.lr_at(step, total),
             "loss": avg[0],
-            "train_acc": avg[1] if not adversarial or cw > 0 else None,
-            "train_adv_acc": avg[2] if adversarial and cw < 1 else None,
+            "train_acc": avg[1] if not adversarial or cw > 0 or trades else None,
+            "train_adv_acc": avg[2] if adversarial and (cw < 1 or trades) else None,
             "nnz": _nnz(model, optimizer),
             "nonfinite_steps": skipped,
             "train_seconds": time.perf_counter() - t0,
+            "train_cpu_seconds": time.process_time() - c0,  # this process, all its threads
         }
+        if adversarial and (cw < 1 or trades):
+            last.update(train_attack=attack, train_eps=protocol.train_eps(step - 1, spe))
+        if watch is not None:
+            g_acc, g_pgd = _guard_accuracy(model, watch, protocol, seed, f"{stage}/{epoch}")
+            last.update(guard_acc=g_acc, guard_pgd_acc=g_pgd)  # the guard is part of training: timed with it
+            last.update(train_seconds=time.perf_counter() - t0, train_cpu_seconds=time.process_time() - c0)
+            if not fallback and best is not None and g_pgd < best - protocol.guard_drop:
+                if main:  # catastrophic overfitting: back to the last accepted epoch, then PGD training
+                    _log(log, {**last, "event": "rollback", "guard_best": best})
+                    warnings.warn(
+                        f"{stage} epoch {epoch + 1}: guard PGD accuracy fell from {best:.3f} to {g_pgd:.3f} "
+                        f"(catastrophic overfitting of {attack}); rolled back to epoch {epoch}, training "
+                        f"on with PGD-{protocol.pgd_steps}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                model.load_state_dict(good["model"])
+                optimizer.load_state_dict(good["optimizer"])
+                step, run, fallback = good["step"], good["run"], True
+                set_rng_state(good["rng"])
+                continue
+            best = g_pgd if best is None else max(best, g_pgd)
         if test is not None and len(test):
             ev = evaluate(model, test, protocol, attacks=("pgd",), device=device, seed=seed, distributed=world > 1)
             last.update(test_acc=ev.clean_acc, test_pgd_acc=ev.pgd_acc, test_n=ev.n)
@@ -792,14 +959,17 @@ def fit(
                     meta=meta,
                     epoch=epoch + 1,
                     step=step,
-                    extra={"nonfinite_run": run},
+                    extra={"nonfinite_run": run, "fallback": fallback, "guard_best": best},
                 )
         barrier()  # the checkpoint is complete before any rank goes on (or fails)
         if progress and main:
             shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in last.items() if v is not None}
             tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
+        if watch is not None:
+            good = _snapshot(model, optimizer, step, run)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
+        epoch += 1
     model.eval()
     return last
 

@@ -111,6 +111,25 @@ PRESETS = {
     "reduced": StudyConfig("reduced", 10240, 1000, dense_epochs=12, atmc_epochs=2, prune_epochs=2),
     # the whole dataset (GPU): 20 dense + 10 ATMC / fine-tuning epochs
     "full": StudyConfig("full", None, None, dense_epochs=20, atmc_epochs=10, prune_epochs=10, eval_size=1000),
+    # the CPU preset (issue 19): all 60,000 training images, FGSM-RS training with an eps warm-up, a one-cycle LR
+    # and the catastrophic-overfitting guard (PROTOCOLS["mnist_fast"]); every point on the same 1,000 test images
+    # (the goal points also on the whole test set, --test-subset 0 with --methods ...)
+    "fast": StudyConfig(
+        "fast",
+        None,
+        1000,
+        dense_epochs=30,
+        atmc_epochs=8,
+        prune_epochs=8,
+        protocol="mnist_fast",
+        lr=0.05,
+        atmc_lr=0.01,
+        lr_schedule="onecycle",
+        weight_decay=5e-4,
+        square_queries=1000,
+        eval_size=500,
+        methods=("ATMC-8b", "ATMC-32b", "ATMC-alloc", "AP", "NAP"),
+    ),
     # a smoke test of the code path (seconds)
     "tiny": StudyConfig(
         "tiny",
@@ -138,17 +157,24 @@ class Point:
         return {"DA": "dense", "NAT": "natural"}.get(self.method) or f"{self.method.lower()}_r{self.ratio:g}"
 
 
-METHODS = ("ATMC-8b", "ATMC-32b", "ATMC-alloc", "AP", "NAP")
+METHODS = ("ATMC-8b", "ATMC-32b", "ATMC-alloc", "ATMC-svd", "ATMC-svd-r", "AP", "NAP")
 
 
 def points(cfg: StudyConfig) -> list[Point]:
-    """DA and NAT first, then the paper's comparison points, then the rest (partial runs stay useful)."""
+    """DA, the goal points of the fast preset (ATMC-8b at 1e-2, ATMC-alloc at 1e-3), NAT, the paper's
+    comparison points, then the rest (partial runs stay useful)."""
     bad = set(cfg.methods) - set(METHODS)
     if bad:
         raise ValueError(f"unknown method(s) {sorted(bad)}; choose from {', '.join(METHODS)}")
-    ps = [Point("DA"), Point("NAT")]
+    ps = [Point("DA")]
+    ps += [
+        p
+        for p in (Point("ATMC-8b", 1e-2), Point("ATMC-alloc", 1e-3))
+        if p.ratio in cfg.ratios and p.method in cfg.methods
+    ]
+    ps.append(Point("NAT"))
     key = [Point("ATMC-8b", 1e-3), Point("ATMC-8b", 1e-2), Point("ATMC-32b", 1e-2)]
-    ps += [p for p in key if p.ratio in cfg.ratios and p.method in cfg.methods]
+    ps += [p for p in key if p.ratio in cfg.ratios and p.method in cfg.methods and p not in ps]
     for r in cfg.ratios:
         for m in METHODS:
             if m in cfg.methods and Point(m, r) not in ps:
@@ -208,14 +234,18 @@ class Study:
 
     def atmc_config(self, p: Point) -> ATMCConfig:
         """ATMC-8b: 8 bits everywhere; ATMC-32b: no quantizer; ATMC-alloc: per-layer bits from
-        :func:`atmc_triton.bitalloc.allocate_bits` on DA's weights (8 bits the starting point)."""
+        :func:`atmc_triton.bitalloc.allocate_bits` on DA's weights (8 bits the starting point); ATMC-svd /
+        ATMC-svd-r: ATMC-8b from a truncated-SVD init at full rank / a quarter of it (the study's ``init``
+        is the others')."""
         c = self.cfg
+        svd = p.method.startswith("ATMC-svd")
         cfg = ATMCConfig(
             ratio=p.ratio,
             bits=None if p.method == "ATMC-32b" else 8,
             rho=c.rho,
             quant_interval=c.quant_interval,
-            init=c.init,
+            init="svd" if svd else c.init,
+            rank=0.25 if p.method == "ATMC-svd-r" else None,
         )
         if p.method == "ATMC-alloc":
             cfg = dataclasses.replace(cfg, layer_bits=allocate_bits(self.dense(True), cfg))
@@ -257,10 +287,11 @@ class Study:
             return model
         return self.pruned(p)
 
-    def _train_seconds(self, stage: str) -> float:
+    def _train_seconds(self, stage: str, key: str = "train_seconds") -> float:
+        """Seconds logged by ``stage``'s epochs (rolled-back epochs included: that time was spent)."""
         log = self.out / "metrics.jsonl"
         recs = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.is_file() else []
-        return sum(r.get("train_seconds", 0.0) for r in recs if r.get("stage") == stage)
+        return sum(r.get(key) or 0.0 for r in recs if r.get("stage") == stage)
 
     def run_point(self, p: Point) -> dict[str, Any]:
         cache = self.out / "points" / f"{p.stage}.json"
@@ -274,6 +305,10 @@ class Study:
         if p.method in ("AP", "NAP"):
             ev = dataclasses.replace(ev, **pruned_size(model))
         layers = atmc_layers(model)
+        factors = {f: 0 for f in "UVC"}  # where the nonzeros ended up (the factor holding W under init=identity)
+        for _, layer in layers:
+            for f, t in layer.factors():
+                factors[f] += int(torch.count_nonzero(t))
         per_layer = [str(layer.nbits or 32) for _, layer in layers] or ["32"]
         bits = per_layer[0] if len(set(per_layer)) == 1 else "/".join(per_layer)  # e.g. "8", or "4/1/1/2"
         row = {
@@ -281,7 +316,9 @@ class Study:
             "target_ratio": p.ratio,
             "bits": bits,
             **ev.as_dict(),
+            **({f"nnz_{f}": n for f, n in factors.items()} if layers else {}),
             "train_seconds": self._train_seconds(p.stage),
+            "train_cpu_seconds": self._train_seconds(p.stage, "train_cpu_seconds"),
         }
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(row, indent=1))
@@ -314,7 +351,11 @@ CSV_KEYS = [
     "fgsm_acc",
     "wrm_acc",
     "n",
+    "nnz_U",
+    "nnz_V",
+    "nnz_C",
     "train_seconds",
+    "train_cpu_seconds",
     "seconds",
 ]
 
@@ -409,6 +450,17 @@ def markdown(rows: list[dict[str, Any]], cfg: StudyConfig, paper: dict | None = 
         + (", ".join(collapsed) if collapsed else "none")
         + "\n"
     )
+    spread = [r for r in rows if r.get("nnz_U") is not None]
+    if spread:
+        text += (
+            "\nWhere the nonzeros ended up (finalized ATMC layers; init identity puts W in the factor with "
+            "the larger side):\n\n| point | nnz U | nnz V | nnz C | train CPU s |\n|---|---|---|---|---|\n"
+        )
+        for r in spread:
+            text += (
+                f"| {name(r)} | {r['nnz_U']:,} | {r['nnz_V']:,} | {r['nnz_C']:,} | "
+                f"{r.get('train_cpu_seconds') or 0:.0f} |\n"
+            )
     if paper:
         cmp = [
             "| point | paper TA / ATA | ours TA / ATA (worst case) | ours - paper, TA / ATA |",
@@ -482,6 +534,53 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, protocol: Protocol,
     plt.close(fig)
 
 
+def curves(log: Path, path: Path, title: str) -> None:
+    """Per-epoch training curves from ``metrics.jsonl``, one panel per stage: clean and PGD accuracy on the
+    held-out test examples of the per-epoch check, the guard's PGD accuracy on its training batch, and the
+    training attack's accuracy; rolled-back epochs as red crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log.is_file():
+        return
+    recs = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    stages = list(dict.fromkeys(r["stage"] for r in recs if "stage" in r))
+    if not stages:
+        return
+    cols = min(4, len(stages))
+    rows_ = math.ceil(len(stages) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 2.6 * rows_), squeeze=False)
+    keys = (
+        ("test_acc", "held-out clean", "C0"),
+        ("test_pgd_acc", "held-out PGD", "C1"),
+        ("guard_pgd_acc", "guard PGD (train batch)", "C2"),
+        ("train_adv_acc", "training attack (train)", "C7"),
+    )
+    for ax, stage in zip(axes.flat, stages):
+        mine = [r for r in recs if r.get("stage") == stage]
+        kept = [r for r in mine if r.get("event") != "rollback"]
+        for key, label, color in keys:
+            pts = [(r["epoch"], r[key]) for r in kept if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", color=color, label=label)
+        for r in mine:
+            if r.get("event") == "rollback":
+                ax.plot([r["epoch"]], [r.get("guard_pgd_acc") or 0], "x", color="red", ms=9)
+        ax.set_title(stage, fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(stages) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -530,26 +629,34 @@ def run(
         "test_images": len(study.exp.data.test),
     }
     record.write_text(json.dumps(meta, indent=1))
-    rows = []
-    for p in points(cfg):
-        rows.append(study.run_point(p))
-        write_csv(rows, out / f"{name}.csv")
     data = "synthetic " + cfg.dataset if cfg.synthetic else cfg.dataset
     title = (
         f"{cfg.model} on {data} ({cfg.preset}: {meta['train_images']} train / {meta['test_images']} test, "
         f"{cfg.dense_epochs} dense + {cfg.atmc_epochs} ATMC epochs), {_ata_label(study.protocol)}; "
         f"{env['commit']} {env['date']}"
     )
-    plot(rows, out / f"{name}.png", title, study.protocol, paper)
-    md = markdown(rows, cfg, paper)
-    (out / f"{name}.md").write_text(f"{title}\n\n{md}")
+    rows: list[dict[str, Any]] = []
+    for p in points(cfg):  # the outputs are rewritten after every point: a stopped study keeps what it finished
+        rows.append(study.run_point(p))
+        write_csv(rows, out / f"{name}.csv")
+        plot(rows, out / f"{name}.png", title, study.protocol, paper)
+        md = markdown(rows, cfg, paper)
+        (out / f"{name}.md").write_text(f"{title}\n\n{md}")
+        curves(out / "metrics.jsonl", out / f"{name}_curves.png", title)
     meta["wall_seconds_last_run"] = time.perf_counter() - t0
     record.write_text(json.dumps(meta, indent=1))
     if results is not None:
         results.mkdir(parents=True, exist_ok=True)
         stem = f"{name}_{env['date']}"
-        for src, ext in ((f"{name}.csv", "csv"), (f"{name}.png", "png"), (f"{name}.md", "md"), ("study.json", "json")):
-            shutil.copyfile(out / src, results / f"{stem}.{ext}")
+        for src, ext in (
+            (f"{name}.csv", "csv"),
+            (f"{name}.png", "png"),
+            (f"{name}_curves.png", "curves.png"),
+            (f"{name}.md", "md"),
+            ("study.json", "json"),
+        ):
+            if (out / src).is_file():
+                shutil.copyfile(out / src, results / f"{stem}.{ext}")
     print(md)
     return rows
 

@@ -44,3 +44,39 @@ def test_tiny_synthetic_study_reports_the_worst_case(tmp_path):
     again = mnist_study.run(cfg, None, out, paper=mnist_study.PAPER, results=None)
     assert again[2]["robust_acc"] == old["robust_acc"] and again[2]["suite"] == suite
     assert (out / "metrics.jsonl").read_text() == logged  # nothing retrained
+
+
+def test_fast_preset_study_writes_curves_and_where_the_nonzeros_went(tmp_path):
+    """The fast protocol through the study (synthetic data): per-epoch curves (a PNG from metrics.jsonl),
+    CPU seconds, and the nonzeros of U, V and C per ATMC point, identity against SVD init."""
+    torch.set_num_threads(1)
+    fast = mnist_study.PRESETS["fast"]
+    assert (fast.train_subset, fast.protocol, fast.lr_schedule) == (None, "mnist_fast", "onecycle")
+    cfg = dataclasses.replace(
+        mnist_study.PRESETS["tiny"],
+        synthetic=True,
+        protocol="mnist_fast",
+        lr_schedule="onecycle",
+        eval_size=8,
+        ratios=(0.05,),
+        methods=("ATMC-8b", "ATMC-svd"),
+    )
+    assert [p.method for p in mnist_study.points(cfg)] == ["DA", "NAT", "ATMC-8b", "ATMC-svd"]
+    goal = dataclasses.replace(fast, ratios=(1e-3, 1e-2))  # the goal points come right after DA
+    assert [p.stage for p in mnist_study.points(goal)][:4] == ["dense", "atmc-8b_r0.01", "atmc-alloc_r0.001", "natural"]
+    out = tmp_path / "fast"
+    rows = mnist_study.run(cfg, None, out, results=None)
+    assert (out / "mnist_study_curves.png").read_bytes()[:4] == b"\x89PNG"
+    logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    dense = [r for r in logs if r["stage"] == "dense"]
+    assert dense and all(r["train_attack"] == "fgsm_rs" and r["guard_pgd_acc"] is not None for r in dense)
+    assert all(r["train_cpu_seconds"] > 0 for r in logs)
+    by = {r["method"]: r for r in rows}
+    ident, svd = by["ATMC-8b"], by["ATMC-svd"]
+    assert ident["train_cpu_seconds"] > 0
+    for r in (ident, svd):
+        assert r["nnz_U"] + r["nnz_V"] + r["nnz_C"] == r["nnz"]
+    # identity init: W starts in one factor (V for the first conv: in 9 < out 32) and the other is 0 (+ I)
+    assert svd["nnz_U"] > 0 and svd["nnz_V"] > 0
+    md = (out / "mnist_study.md").read_text()
+    assert "| point | nnz U | nnz V | nnz C | train CPU s |" in md and "ATMC-svd @ 0.05" in md
