@@ -104,7 +104,7 @@ FAST_RECIPES: dict[str, Recipe] = {
         square_queries=1000,
         lr_schedule="onecycle",
     ),
-    "mnist": Recipe("lenet", 30, 0.05, 8, 0.01, 128, 5e-4, 0.01, 8, lr_schedule="onecycle"),
+    "mnist": Recipe("lenet", 40, 0.05, 8, 0.01, 128, 5e-4, 0.01, 8, lr_schedule="onecycle"),
 }
 
 
@@ -235,8 +235,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=["paper", "fast"],
         default="paper",
-        help="paper: the paper's PGD training (default); fast: single-step FGSM-RS training with an eps "
-        "warm-up, a one-cycle LR and the catastrophic-overfitting guard (digits and mnist; see the README)",
+        help="paper: the paper's PGD training (default); fast: PGD-3 (mnist) or FGSM-RS (digits) training with "
+        "an eps warm-up, a one-cycle LR and the catastrophic-overfitting guard (see the README)",
     )
     g.add_argument("--train-attack", choices=list(TRAIN_ATTACKS), help="training attack (paper: pgd)")
     g.add_argument("--fgsm-step", type=float, help="single-step attacks' step in units of eps (1.25 / N-FGSM 1)")

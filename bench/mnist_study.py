@@ -111,14 +111,14 @@ PRESETS = {
     "reduced": StudyConfig("reduced", 10240, 1000, dense_epochs=12, atmc_epochs=2, prune_epochs=2),
     # the whole dataset (GPU): 20 dense + 10 ATMC / fine-tuning epochs
     "full": StudyConfig("full", None, None, dense_epochs=20, atmc_epochs=10, prune_epochs=10, eval_size=1000),
-    # the CPU preset (issue 19): all 60,000 training images, FGSM-RS training with an eps warm-up, a one-cycle LR
+    # the CPU preset (issue 19): all 60,000 training images, PGD-3 training with an eps warm-up, a one-cycle LR
     # and the catastrophic-overfitting guard (PROTOCOLS["mnist_fast"]); every point on the same 1,000 test images
     # (the goal points also on the whole test set, --test-subset 0 with --methods ...)
     "fast": StudyConfig(
         "fast",
         None,
         1000,
-        dense_epochs=30,
+        dense_epochs=40,
         atmc_epochs=8,
         prune_epochs=8,
         protocol="mnist_fast",

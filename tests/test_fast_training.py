@@ -95,7 +95,7 @@ def test_protocol_fields_are_validated_and_eps_ramps():
     p = Protocol(eps=0.3, pgd_steps=1, eps_warmup_epochs=2)
     assert [round(p.train_eps(s, 10), 6) for s in (0, 9, 19, 20, 500)] == [0.015, 0.15, 0.3, 0.3, 0.3]
     assert Protocol(eps=0.3, pgd_steps=1).train_eps(0, 10) == 0.3
-    assert p.training_attack() == "pgd" and Protocol(0.3, 1, train_attack="n_fgsm").training_attack(True) == "pgd"
+    assert p.training_attack() == "pgd" and Protocol(0.3, 1, train_attack="n_fgsm").training_attack(True) == "fallback"
     s = Schedule(epochs=1, lr=1.0, lr_schedule="onecycle")
     lrs = [s.lr_at(t, 10) for t in range(10)]
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
@@ -165,9 +165,9 @@ def test_guard_rolls_back_a_planted_collapse_and_resumes_exactly(tmp_path, small
     assert [(r["epoch"], r.get("event"), r["train_attack"]) for r in logs] == [
         (1, None, "fgsm_rs"),
         (2, "rollback", "fgsm_rs"),
-        (2, None, "pgd"),
-        (3, None, "pgd"),
-        (4, None, "pgd"),
+        (2, None, "fallback"),
+        (3, None, "fallback"),
+        (4, None, "fallback"),
     ]
     assert logs[1]["guard_pgd_acc"] == 0.05 and logs[1]["guard_best"] == pytest.approx(0.4)
     ck = torch.load(tmp_path / "a" / "dense.pt", weights_only=False)
@@ -234,7 +234,9 @@ def test_fast_presets_and_cli_protocol():
     assert _base_protocol("mnist") == PROTOCOLS["mnist"] and PROTOCOLS["mnist"].train_attack == "pgd"
     for ds in ("mnist", "digits"):
         p = _base_protocol(ds, "fast")
-        assert p.train_attack == "fgsm_rs" and p.guard_drop is not None and p.eps == PROTOCOLS[ds].eps
+        assert p.guard_drop is not None and p.eps == PROTOCOLS[ds].eps and p.eps_warmup_epochs > 0
+        assert p.train_attack == {"mnist": "pgd", "digits": "fgsm_rs"}[ds]
+        assert (p.fallback_steps or p.pgd_steps) > (p.pgd_steps if p.train_attack == "pgd" else 1)
         assert FAST_RECIPES[ds].lr_schedule == "onecycle"
     with pytest.raises(ValueError, match="mnist"):
         recipe_for("cifar10", "fast")
