@@ -680,6 +680,7 @@ def suite_stages(
         c = model(x[:1]).shape[1] if x.shape[0] else 10
     k = min(n_target_classes, c - 1)
     std = steps == 100 and square_queries == 5000 and k == min(9, c - 1)
+    tk = "" if k == min(9, c - 1) else f"-{k}targets"  # a non-standard target count is in the stage names
     if suite == "autoattack":
         from autoattack import AutoAttack
 
@@ -693,11 +694,11 @@ def suite_stages(
         stages = [
             (f"apgd-ce-{steps}", ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")),
             (
-                f"apgd-t-{steps}",
+                f"apgd-t-{steps}{tk}",
                 ta.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=k + 1),
             ),
             (
-                f"fab-t-{steps}",
+                f"fab-t-{steps}{tk}",
                 ta.FAB(
                     model,
                     norm="Linf",
@@ -722,7 +723,7 @@ def suite_stages(
     if c >= 4:
         stages.append(
             (
-                f"apgd-t-{steps}",
+                f"apgd-t-{steps}{tk}",
                 lambda a, b: apgd_dlr(model, a, b, eps, steps, n_target_classes=k, generator=generator),
             )
         )

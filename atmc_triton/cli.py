@@ -211,6 +211,12 @@ def _add_protocol(p: argparse.ArgumentParser) -> None:
         "the evaluation of its three models under a minute of CPU)",
     )
     g.add_argument(
+        "--target-classes",
+        type=_positive_int,
+        default=9,
+        help="target classes of APGD-T and FAB-T (default 9, AutoAttack's; fewer is cheaper, and labelled)",
+    )
+    g.add_argument(
         "--autoattack",
         choices=["auto", "yes", "no"],
         default="auto",
@@ -235,8 +241,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=["paper", "fast"],
         default="paper",
-        help="paper: the paper's PGD training (default); fast: PGD-3 (mnist) or FGSM-RS (digits) training with "
-        "an eps warm-up, a one-cycle LR and the catastrophic-overfitting guard (see the README)",
+        help="paper: the paper's PGD training (default); fast: PGD-3 training with an eps warm-up, a one-cycle "
+        "LR and the catastrophic-overfitting guard (digits and mnist; see the README)",
     )
     g.add_argument("--train-attack", choices=list(TRAIN_ATTACKS), help="training attack (paper: pgd)")
     g.add_argument("--fgsm-step", type=float, help="single-step attacks' step in units of eps (1.25 / N-FGSM 1)")
@@ -427,6 +433,7 @@ def _setup(a: argparse.Namespace) -> _Setup:
         use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack],
         suite=a.suite,
         square_queries=_pick(a.square_queries, recipe.square_queries),
+        n_target_classes=a.target_classes,
         max_nonfinite=a.max_nonfinite,
     )
     natural = recipe.natural_baseline if a.natural_baseline is None else a.natural_baseline
@@ -754,6 +761,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack],
         suite=a.suite,
         square_queries=_pick(a.square_queries, RECIPES[meta["dataset"]].square_queries),
+        n_target_classes=a.target_classes,
     )
     model = exp.load(a.checkpoint)
     unfinalized = meta.get("atmc") is not None and meta.get("stage") != "final"

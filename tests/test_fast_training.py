@@ -235,8 +235,7 @@ def test_fast_presets_and_cli_protocol():
     for ds in ("mnist", "digits"):
         p = _base_protocol(ds, "fast")
         assert p.guard_drop is not None and p.eps == PROTOCOLS[ds].eps and p.eps_warmup_epochs > 0
-        assert p.train_attack == {"mnist": "pgd", "digits": "fgsm_rs"}[ds]
-        assert (p.fallback_steps or p.pgd_steps) > (p.pgd_steps if p.train_attack == "pgd" else 1)
+        assert p.train_attack == "pgd" and p.fallback_steps > p.pgd_steps < PROTOCOLS[ds].pgd_steps
         assert FAST_RECIPES[ds].lr_schedule == "onecycle"
     with pytest.raises(ValueError, match="mnist"):
         recipe_for("cifar10", "fast")
@@ -252,3 +251,15 @@ def test_train_throughput_bench_runs_and_refuses_bad_variants(capsys):
     assert "| pgd3 | 1 |" in out and "| n_fgsm | 1 |" in out
     with pytest.raises(SystemExit):
         train_throughput.main(["--variants", "fgsm", "--no-results"])
+
+
+def test_fewer_target_classes_are_labelled():
+    from atmc_triton.attacks import suite_stages
+
+    m, x = _net(), torch.rand(2, 1, 4, 4)
+    m10 = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    assert suite_stages(m10, x, "apgd", 0.1)[0] == "apgd-ce-100+apgd-t-100"
+    assert suite_stages(m10, x, "apgd", 0.1, n_target_classes=3)[0] == "apgd-ce-100+apgd-t-100-3targets"
+    label, stages = suite_stages(m10, x, "torchattacks", 0.1, n_target_classes=3)
+    assert [n for n, _ in stages][1:3] == ["apgd-t-100-3targets", "fab-t-100-3targets"] and "3targets" in label
+    assert suite_stages(m, x, "apgd", 0.1)[0] == "apgd-ce-100"  # 3 classes: no targeted stage

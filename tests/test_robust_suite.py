@@ -77,9 +77,9 @@ def test_cascade_only_lowers_accuracy_and_the_worst_case_bounds_every_attack(bat
         on_stage=lambda name, n: seen.append((name, n)),
         **FAST,
     )
-    assert r.suite == "aa-torchattacks(apgd-ce-4,apgd-t-4,fab-t-4,square-40)"
+    assert r.suite == "aa-torchattacks(apgd-ce-4,apgd-t-4-3targets,fab-t-4-3targets,square-40)"
     # every stage ran, each on the points the earlier ones missed: the attacked counts never grow
-    assert [n for n, _ in seen] == list(r.broken) == ["apgd-ce-4", "apgd-t-4", "fab-t-4", "square-40"]
+    assert [n for n, _ in seen] == list(r.broken) == ["apgd-ce-4", "apgd-t-4-3targets", "fab-t-4-3targets", "square-40"]
     counts = [k for _, k in seen]
     with torch.no_grad():
         clean_ok = model(x).argmax(1) == y
@@ -235,11 +235,11 @@ def test_suite_choice(batch, monkeypatch):
         def forward(self, v):
             return self.inner(v.view(-1, 1, 8, 8))
 
-    assert robust_suite(Flat(), flat, y, 0.05, **FAST).suite == "apgd-ce-4+apgd-t-4"
+    assert robust_suite(Flat(), flat, y, 0.05, **FAST).suite == "apgd-ce-4+apgd-t-4-3targets"
     with pytest.raises(ValueError, match="image batches"):
         robust_suite(Flat(), flat, y, 0.05, suite="torchattacks")
     monkeypatch.setitem(sys.modules, "torchattacks", None)
-    assert robust_suite(model, x, y, 0.05, **FAST).suite == "apgd-ce-4+apgd-t-4"
+    assert robust_suite(model, x, y, 0.05, **FAST).suite == "apgd-ce-4+apgd-t-4-3targets"
     with pytest.raises(ValueError, match=r"pip install 'torchattacks>=3.5'"):
         robust_suite(model, x, y, 0.05, suite="torchattacks")
     with pytest.raises(ValueError, match="torchattacks is not installed"):  # before any attack runs
