@@ -53,14 +53,13 @@ from atmc_triton.kernels.lowrank_gemm import (
     linear_path,
 )
 from atmc_triton.kernels.packed_format import (
+    FMT_BITMAP,
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
     FORMAT_NAMES,
-    code_width,
     encode_factor,
-    index_dtype,
-    packed_words,
+    factor_part_sizes,
 )
 from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear, attention_shells_
 
@@ -80,7 +79,8 @@ __all__ = [
 
 _PARTS = ("codes", "book", "indptr", "indices")
 META_KEY = "atmc_packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the bitmap factor format; version-1 files (no bitmaps) still load
+_READABLE_VERSIONS = (1, 2)
 
 
 class PackedLayer(nn.Module):
@@ -116,16 +116,9 @@ class PackedLayer(nn.Module):
         self.dense_cache = True  # PackedLinear: may cache the decoded weight for M >= the crossover
         raw = bits is None
         for f in FACTORS:
-            fmt, rows, cols = self.fmts[f], *self.shapes[f]
-            nnz, levels = self.nnz[f], self.levels[f]
-            empty = fmt == FMT_EMPTY
-            count = rows * cols if fmt == FMT_DENSE else nnz
-            sizes = {
-                "codes": (0 if empty else packed_words(count, code_width(fmt, levels, raw)), torch.int32),
-                "book": (0 if empty or raw else levels + 1, torch.float32),
-                "indptr": (rows + 1 if fmt == FMT_CSR else 0, torch.int32),
-                "indices": (nnz if fmt == FMT_CSR else 0, index_dtype(cols) if fmt == FMT_CSR else torch.int16),
-            }
+            if self.fmts[f] not in FORMAT_NAMES:
+                raise ValueError(f"packed layer: factor {f} has unknown format {self.fmts[f]}")
+            sizes = factor_part_sizes(self.fmts[f], *self.shapes[f], self.nnz[f], self.levels[f], raw)
             for part, (n, dt) in sizes.items():
                 self.register_buffer(f"{f}_{part}", torch.empty(n, dtype=dt, device=device))
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype, device=device)) if bias else None
@@ -353,7 +346,9 @@ class PackedLayer(nn.Module):
         (:func:`~atmc_triton.kernels.lowrank_gemm.dense_crossover` of this layer's packed sizes)."""
         if act_bytes not in self._crossover:
             csr = sum(self.nnz[f] for f in FACTORS if self.fmts[f] == FMT_CSR)
-            coded = sum(self.shapes[f][0] * self.shapes[f][1] for f in FACTORS if self.fmts[f] == FMT_DENSE)
+            coded = sum(  # dense-coded and bitmap factors run tensor-core tiles over every element
+                self.shapes[f][0] * self.shapes[f][1] for f in FACTORS if self.fmts[f] in (FMT_DENSE, FMT_BITMAP)
+            )
             nbytes = sum(self.factor_nbytes(f) for f in FACTORS)
             self._crossover[act_bytes] = dense_crossover(self.out_dim, self.in_dim, nbytes, csr, coded, act_bytes)
         return self._crossover[act_bytes]
@@ -740,7 +735,7 @@ def load_packed(
         header = json.loads(meta)
     except json.JSONDecodeError as e:
         raise ValueError(f"load_packed: {path} has a corrupted {META_KEY!r} header ({e})") from None
-    if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
+    if not isinstance(header, dict) or header.get("version") not in _READABLE_VERSIONS:
         version = header.get("version") if isinstance(header, dict) else None
         raise ValueError(f"load_packed: unsupported packed format version {version}")
     layers = header.get("layers")

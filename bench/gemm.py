@@ -50,6 +50,7 @@ from atmc_triton.kernels.lowrank_gemm import (
     predicted_us,
 )
 from atmc_triton.kernels.packed_format import (
+    FMT_BITMAP,
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
@@ -99,10 +100,12 @@ class Layer:
             enc = encode_factor(w, raw=False)
             self.factors.append(enc)
             self.dense.append(w)
-        self.fmts = "".join({FMT_EMPTY: "-", FMT_DENSE: "d", FMT_CSR: "s"}[f[0]] for f in self.factors)
+        self.fmts = "".join({FMT_EMPTY: "-", FMT_DENSE: "d", FMT_CSR: "s", FMT_BITMAP: "b"}[f[0]] for f in self.factors)
         self.nbytes = sum(t.nbytes for f in self.factors for t in f[1:])
         self.csr_nnz = sum(f[4].numel() for f in self.factors if f[0] == FMT_CSR)
-        self.coded = sum(r * c for f, (r, c) in zip(self.factors, shapes.values()) if f[0] == FMT_DENSE)
+        self.coded = sum(  # dense-coded and bitmap factors: tensor-core tiles over every element
+            r * c for f, (r, c) in zip(self.factors, shapes.values()) if f[0] in (FMT_DENSE, FMT_BITMAP)
+        )
         self.crossover = dense_crossover(N, K, self.nbytes, self.csr_nnz, self.coded)
         self.cached = None
         U, V, C = self.dense
@@ -144,10 +147,10 @@ class Layer:
         return F.linear(x, self.torch_weight(x.dtype))
 
     def make_sparse(self):
-        """cuSPARSE operands: CSR factors as sparse fp16 tensors, dense-coded ones as dense fp16."""
+        """cuSPARSE operands: CSR and bitmap factors as sparse fp16 tensors, dense-coded ones as dense fp16."""
         ops = []
         for f, w in zip(self.factors, self.dense):
-            if f[0] == FMT_CSR:
+            if f[0] in (FMT_CSR, FMT_BITMAP):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                     ops.append(w.half().to_sparse_csr())
@@ -297,10 +300,10 @@ def predicted_table(hbm: float = 3.0e12) -> str:
                     levels = min(2**bits, n)
                     fmt = choose_format(N, K, n, levels, False)
                     parts.append(factor_bytes_breakdown(fmt, N, K, n, levels, False))
-                    fmts += {FMT_DENSE: "d", FMT_CSR: "s", FMT_EMPTY: "-"}[fmt]
+                    fmts += {FMT_DENSE: "d", FMT_CSR: "s", FMT_BITMAP: "b", FMT_EMPTY: "-"}[fmt]
                     paper += n * max(1, (levels - 1).bit_length()) + 32 * levels
                     csr += n if fmt == FMT_CSR else 0
-                    coded += N * K if fmt == FMT_DENSE else 0
+                    coded += N * K if fmt in (FMT_DENSE, FMT_BITMAP) else 0
                 packed = sum(sum(p.values()) for p in parts)
                 pos = sum(p["indices"] for p in parts)
                 ptr = sum(p["indptr"] for p in parts)

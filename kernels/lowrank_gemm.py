@@ -35,10 +35,16 @@ from torch import Tensor
 
 from ._registry import HAS_TRITON, register_op
 from .packed_format import (
+    BITMAP_GROUP,
+    FMT_BITMAP,
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
     MAX_BOOK,
+    bitmap_encode,
+    bitmap_groups,
+    bitmap_mask,
+    bitmap_words,
     code_width,
     decode_factor_ref,
     packed_words,
@@ -159,8 +165,8 @@ def check_factor(
 ) -> None:
     """Validate one packed factor's format, dtypes, devices and sizes (not its index values)."""
     where = f"{op}: factor {name} [{rows}, {cols}]"
-    if fmt not in (FMT_EMPTY, FMT_DENSE, FMT_CSR):
-        raise ValueError(f"{where}: fmt must be 0 (empty), 1 (dense) or 2 (csr), got {fmt}")
+    if fmt not in (FMT_EMPTY, FMT_DENSE, FMT_CSR, FMT_BITMAP):
+        raise ValueError(f"{where}: fmt must be 0 (empty), 1 (dense), 2 (csr) or 3 (bitmap), got {fmt}")
     for t, what, dtypes in (
         (codes, "codes", (torch.int32,)),
         (book, "book", (torch.float32,)),
@@ -186,6 +192,16 @@ def check_factor(
             f"{where}: book must hold the zero plus 1..256 levels (or nothing for raw values), got {nbook} entries"
         )
     width = code_width(fmt, nbook - 1, nbook == 0)
+    if fmt == FMT_BITMAP:  # the code count is data (indptr[-1]): check_factor_values checks the codes' size
+        want = {"indptr": rows * bitmap_groups(cols) + 1, "indices": rows * bitmap_words(cols)}
+        for what, t in (("indptr", indptr), ("indices", indices)):
+            if t.numel() != want[what]:
+                raise ValueError(f"{where}: a bitmap factor's {what} must have {want[what]} entries, got {t.numel()}")
+        if indices.dtype != torch.int32:
+            raise ValueError(f"{where}: a bitmap factor's indices (the bitmap words) must be int32")
+        if codes.numel() < 1:
+            raise ValueError(f"{where}: codes must hold at least the pad word")
+        return
     if fmt == FMT_DENSE:
         count = rows * cols
         if indptr.numel() or indices.numel():
@@ -226,6 +242,8 @@ def check_factor_values(
         if int(c.max()) > levels:
             raise ValueError(f"{where} has code {int(c.max())} past its {levels} levels")
         return int((c != 0).sum())
+    if fmt == FMT_BITMAP:
+        return _check_bitmap_values(where, rows, cols, codes, book, indptr, indices, raw, levels, width)
     nnz = indices.numel()
     ip = indptr.long()
     if int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip[1:] < ip[:-1]).any()):
@@ -236,6 +254,28 @@ def check_factor_values(
     row = torch.repeat_interleave(torch.arange(rows, device=col.device), ip[1:] - ip[:-1], output_size=nnz)
     if bool(((row[1:] == row[:-1]) & (col[1:] <= col[:-1])).any()):
         raise ValueError(f"{where}: column indices must ascend within each row")
+    if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
+        raise ValueError(f"{where} has codes past its {levels} levels")
+    return nnz
+
+
+def _check_bitmap_values(where, rows, cols, codes, book, indptr, indices, raw, levels, width) -> int:
+    """:func:`check_factor_values` of a bitmap factor: no bit past ``cols``, group pointers equal to the
+    bitmap's running popcounts, codes sized for them and within the codebook."""
+    nz = bitmap_mask(indices, rows, cols)
+    want_ptr, want_words = bitmap_encode(nz)
+    if not torch.equal(want_words, indices):
+        raise ValueError(f"{where}: the bitmap has bits set past column {cols}")
+    if not torch.equal(want_ptr, indptr):
+        raise ValueError(
+            f"{where}: indptr must count the bitmap's nonzeros before each row group of {BITMAP_GROUP} columns"
+        )
+    nnz = int(want_ptr[-1])
+    if codes.numel() != packed_words(nnz, width):
+        raise ValueError(
+            f"{where}: codes must hold {packed_words(nnz, width)} int32 words "
+            f"({nnz} codes of {width} bits plus a pad word), got {codes.numel()}"
+        )
     if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
         raise ValueError(f"{where} has codes past its {levels} levels")
     return nnz
