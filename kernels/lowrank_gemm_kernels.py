@@ -440,7 +440,7 @@ def _csr_mm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_ok = rm < M
     rm64 = rm.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_J), dtype=tl.float32)  # reduced over j once, after the loop
     rj = tl.arange(0, BLOCK_J)  # [BJ]
     longest = tl.max(end - start, axis=0)
     jn = start[:, None] + rj[None, :]  # [BR, BJ]: the first chunk's column indices, loaded ahead
@@ -458,7 +458,8 @@ def _csr_mm_kernel(
             mask=m_ok[:, None, None] & ok[None, :, :],
             other=0.0,
         )  # [BM, BR, BJ]
-        acc += tl.sum(a.to(tl.float32) * val[None, :, :], axis=2)
+        acc3 += a.to(tl.float32) * val[None, :, :]
+    acc = tl.sum(acc3, axis=2)  # [BM, BR]
     ptrs = out_ptr + rm64[:, None] * stride_om + rows[None, :]
     mask = m_ok[:, None] & row_ok[None, :]
     if INIT:
