@@ -58,6 +58,7 @@ __all__ = [
     "SMALL_M_PATH",
     "IDENTITY_U",
     "IDENTITY_V",
+    "ISSUE",
     "atmc_decode",
     "atmc_decode_ref",
     "atmc_linear",
@@ -67,6 +68,7 @@ __all__ = [
     "check_linear",
     "dense_crossover",
     "dequantize",
+    "issue_instructions",
     "linear_path",
     "predicted_us",
 ]
@@ -78,7 +80,40 @@ SMALL_M_PATH = 32  # = lowrank_gemm_triton.SMALL_M: the split-K tile regime
 # H100 SXM ceilings the model uses: HBM bytes/s, bf16/fp16 dense tensor-core FLOP/s, fp32 CUDA-core FLOP/s,
 # aggregate L1 bytes/s for the CSR kernel's activation gathers (x^T stays in L1/L2; sorted columns let
 # neighbouring nonzeros share sectors), and a fixed ramp + tail latency per call.
-H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0}
+H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0, "issue": 132 * 4 * 1.755e9}
+# Warp instructions the compiled hot loops issue (sm_90 SASS, Triton 3.8, fp16 x, the best autotune config;
+# `python -m bench.gemm_issue` recounts them): per decoded weight element and BLOCK_M-row tile of the tile
+# kernel ("dense" codes, "bitmap"), per stored nonzero and BLOCK_M rows of the CSR kernel. At "issue"
+# warp instructions/s (132 SMs x 4 schedulers x 1.755 GHz) they bound a kernel's time from below.
+# (Triton 3.6 issues about the same for tiles and 1.3-1.7x more for CSR: 2.11 / 3.41 / 5.27 / 4.47 / 7.36.)
+ISSUE = {
+    "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
+    "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
+    "csr": {1: 1.27, 2: 2.22, 4: 3.34, 16: 3.45, 32: 5.34},
+}
+
+
+def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int = 0) -> float:
+    """Warp instructions the packed kernels' hot loops issue for ``M`` rows (from :data:`ISSUE`).
+
+    Tiles: every decoded element once per ``BLOCK_M``-row tile (16 or 32 rows on the split-K path, the
+    cheapest of 32/64/128 above); CSR: every nonzero once per ``BLOCK_M`` rows (the launcher's
+    ``pow2(M)`` up to 4, then 16, then 32-row chunks).
+
+    Example:
+        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 3.45 + 2000 bitmap elements at 1.34
+        6130.0
+    """
+    if M <= SMALL_M_PATH:
+        bm = 16 if M <= 16 else 32
+        tile = coded_elems * ISSUE["dense"][bm] + bitmap_elems * ISSUE["bitmap"][bm]
+    else:
+        tile = min(
+            -(-M // bm) * (coded_elems * ISSUE["dense"][bm] + bitmap_elems * ISSUE["bitmap"][bm])
+            for bm in (32, 64, 128)
+        )
+    cb = 1 << max(0, M - 1).bit_length() if M <= 4 else 16 if M <= 16 else 32  # lowrank_gemm_triton.csr_block_m
+    return round(tile + csr_nnz * ISSUE["csr"][cb] * -(-M // cb), 6)
 
 
 def predicted_us(
@@ -91,12 +126,15 @@ def predicted_us(
     coded_elems: int,
     act_bytes: int = 2,
     hw: dict | None = None,
+    bitmap_elems: int = 0,
 ) -> float:
     """Predicted microseconds of one ``[M, K] x [K, N]`` packed-layer call on ``path`` (roofline model).
 
     ``packed_bytes``: the layer's packed factor bytes; ``csr_nnz``: nonzeros stored as CSR (run on
-    CUDA cores, each gathering ``M`` activations); ``coded_elems``: elements of dense-coded factors
-    (tensor-core tiles, at least 16 rows each). ``"dense"`` is cuBLAS on the cached dense weight.
+    CUDA cores, each gathering ``M`` activations); ``coded_elems`` / ``bitmap_elems``: elements of
+    dense-coded / bitmap factors (decoded in tensor-core tiles of at least 16 rows). The time is the
+    largest of DRAM bytes, FLOPs, L1 gathers and instruction issue (:func:`issue_instructions`).
+    ``"dense"`` is cuBLAS on the cached dense weight.
 
     Example:
         >>> round(predicted_us("dense", 1, 4096, 4096, 0, 0, 0), 1)  # 32 MiB of fp16 weight at 3 TB/s
@@ -110,17 +148,20 @@ def predicted_us(
         raise ValueError(f"predicted_us: path must be one of {PATHS}, got {path!r}")
     rows = max(M, 16)  # an mma tile has at least 16 rows
     fetch = (packed_bytes + io + 4 * M * N) / hw["hbm"]  # + the float32 output pass of the CSR kernel
-    compute = 2 * rows * coded_elems / hw["tc"] + 2 * M * csr_nnz / hw["fma"]
+    compute = 2 * rows * (coded_elems + bitmap_elems) / hw["tc"] + 2 * M * csr_nnz / hw["fma"]
     gather = act_bytes * M * csr_nnz / hw["l1"]
-    return hw["launch_us"] + 1e6 * max(fetch, compute, gather)
+    issue = issue_instructions(M, csr_nnz, coded_elems, bitmap_elems) / hw["issue"]
+    return hw["launch_us"] + 1e6 * max(fetch, compute, gather, issue)
 
 
-def dense_crossover(N: int, K: int, packed_bytes: int, csr_nnz: int, coded_elems: int, act_bytes: int = 2) -> int:
+def dense_crossover(
+    N: int, K: int, packed_bytes: int, csr_nnz: int, coded_elems: int, act_bytes: int = 2, bitmap_elems: int = 0
+) -> int:
     """Smallest ``M`` above ``SMALL_M_PATH`` from which the model predicts cuBLAS on the cached dense
     weight at least as fast as the packed kernels (both predictions grow with ``M``; bisection)."""
 
     def dense_wins(m: int) -> bool:
-        args = (m, N, K, packed_bytes, csr_nnz, coded_elems, act_bytes)
+        args = (m, N, K, packed_bytes, csr_nnz, coded_elems, act_bytes, None, bitmap_elems)
         return predicted_us("dense", *args) <= predicted_us("tile", *args)
 
     lo, hi = SMALL_M_PATH + 1, 1 << 20

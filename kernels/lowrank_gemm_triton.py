@@ -64,6 +64,7 @@ __all__ = [
     "SMALL_M",
     "TARGET_PROGRAMS",
     "atmc_decode_triton",
+    "csr_block_m",
     "atmc_linear_triton",
     "decode_launch",
     "linear_launch",
@@ -97,7 +98,7 @@ TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes p
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
 ]
-# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 8, "wide" for BLOCK_M 16..64
+# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 4, "wide" for BLOCK_M 16 and 32
 # (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
 CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj, num_stages=4) for br, bj in ((16, 64), (8, 128), (4, 128))]
 # (wide: 3.5-3.9 warp instructions per nonzero slot at M = 16 in the compiled loop, sm_90; (8, 16) took 15)
@@ -182,6 +183,15 @@ def _pow2(n: int) -> int:
     while p < n:
         p *= 2
     return p
+
+
+def csr_block_m(M: int) -> int:
+    """Rows of activations one CSR program takes: ``pow2(M)`` up to 4, then 16, then 32-row chunks.
+
+    (Compiled for sm_90, the 8-row kernel issues 5.4 warp instructions per nonzero, more than the
+    16-row one's 3.5: ``python -m bench.gemm_issue``.)
+    """
+    return _pow2(M) if M <= 4 else 16 if M <= 16 else 32
 
 
 def split_k(M: int, N: int, K_total: int, block_n: int = 64, block_k: int = 64) -> int:
@@ -361,7 +371,7 @@ def _csr_launch(
     ``out = addend + bias + a deq(f)^T``). With ``M`` contiguous, the ``BLOCK_M`` activations one
     nonzero multiplies are one coalesced read."""
     M, N = out.shape
-    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, _pow2(M) if small else 32
+    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, csr_block_m(M)
     book, book_len, _ = _book_args(f)
     args = {
         "out_ptr": out,

@@ -17,6 +17,7 @@ Its packed form is four tensors (unused ones are empty) and a format tag:
   ``codes`` as for CSR. Per element: ``1 + 32 / GROUP`` bits of positions (1.125) plus ``width``
   bits per nonzero, against ``16 + width`` bits per nonzero for CSR: the smaller one above about 7 %
   density (17 % for the main factor of a 4096^2 layer at ratio 0.05: 2.4 against 4.1 bits per element).
+  Only ``SIZE_FORMATS`` choose it (``pack_(model, formats="size")``): it saves bytes, not time.
 
 ``book [L + 1]`` float32 holds the zero in slot 0 and the levels ascending in slots ``1..L``.
 A layer without a quantizer (``bits = 0``) stores raw float32 values instead of codes:
@@ -24,8 +25,9 @@ A layer without a quantizer (``bits = 0``) stores raw float32 values instead of 
 
 Codes are a little-endian bit stream in int32 words: code ``i`` occupies bits
 ``[i * width, (i + 1) * width)``; codes may straddle two words, and one zero pad word at the
-end lets a reader always load the pair ``(w, w + 1)``. The format with fewer bytes wins
-(dense on ties); :func:`factor_nbytes` is that exact byte count, :func:`factor_bytes_breakdown`
+end lets a reader always load the pair ``(w, w + 1)``. Among the candidate formats (dense and
+CSR by default, plus bitmap for the smallest storage) the one with the fewest bytes wins (the
+earlier on ties); :func:`factor_nbytes` is that exact byte count, :func:`factor_bytes_breakdown`
 its parts. ``tests/test_lowrank_gemm.py::test_on_disk_format_is_pinned`` pins the layout.
 
 Code widths and the quantizer: a factor holds ``L <= 2^b`` levels (``2^b`` free Lloyd centres;
@@ -55,6 +57,8 @@ __all__ = [
     "FMT_EMPTY",
     "FORMAT_NAMES",
     "MAX_BOOK",
+    "SIZE_FORMATS",
+    "SPEED_FORMATS",
     "choose_format",
     "code_width",
     "codes_at",
@@ -158,11 +162,27 @@ def factor_bytes_breakdown(fmt: int, rows: int, cols: int, nnz: int, levels: int
     return parts
 
 
-def choose_format(rows: int, cols: int, nnz: int, levels: int, raw: bool) -> int:
-    """The format with the fewest bytes (ties: dense, then CSR, then bitmap; empty when ``nnz == 0``)."""
+SPEED_FORMATS = (FMT_DENSE, FMT_CSR)  # the default candidates: the fastest kernels at small M (see the README)
+SIZE_FORMATS = (FMT_DENSE, FMT_CSR, FMT_BITMAP)  # the smallest storage
+
+
+def choose_format(rows: int, cols: int, nnz: int, levels: int, raw: bool, formats: tuple = SPEED_FORMATS) -> int:
+    """The candidate in ``formats`` with the fewest bytes (ties: the earlier one; empty when ``nnz == 0``).
+
+    The default leaves the bitmap out: its tile decode issues about twice the instructions per element
+    of dense codes and more than CSR per nonzero at these densities (``ISSUE`` in
+    :mod:`.lowrank_gemm`), so it saves bytes but not time; ``SIZE_FORMATS`` adds it.
+
+    Example:
+        >>> nnz = 2_850_000  # 17 % of 4096^2, 8-bit codes
+        >>> choose_format(4096, 4096, nnz, 256, False), choose_format(4096, 4096, nnz, 256, False, SIZE_FORMATS)
+        (2, 3)
+    """
     if nnz == 0:
         return FMT_EMPTY
-    return min((FMT_DENSE, FMT_CSR, FMT_BITMAP), key=lambda f: factor_nbytes(f, rows, cols, nnz, levels, raw))
+    if not formats or any(f not in (FMT_DENSE, FMT_CSR, FMT_BITMAP) for f in formats):
+        raise ValueError(f"choose_format: formats must be a non-empty subset of (1, 2, 3), got {formats}")
+    return min(formats, key=lambda f: factor_nbytes(f, rows, cols, nnz, levels, raw))
 
 
 def _to_int32_words(w64: Tensor) -> Tensor:
@@ -282,12 +302,14 @@ def decode_factor_ref(
     return out
 
 
-def encode_factor(w: Tensor, raw: bool, fmt: int | None = None) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+def encode_factor(
+    w: Tensor, raw: bool, fmt: int | None = None, formats: tuple = SPEED_FORMATS
+) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
     """Pack ``w [rows, cols]`` into ``(fmt, codes, book, indptr, indices)``; inverse of :func:`decode_factor_ref`.
 
     ``raw``: store float32 values (no quantizer); otherwise ``w`` may take at most 256 distinct
-    nonzero values, which become the codebook. ``fmt`` forces a format (default: the smaller one);
-    an all-zero factor is always ``FMT_EMPTY``.
+    nonzero values, which become the codebook. ``fmt`` forces a format (default: the smallest of
+    ``formats``, see :func:`choose_format`); an all-zero factor is always ``FMT_EMPTY``.
 
     Example:
         >>> w = torch.tensor([[0.0, 0.5], [0.5, -2.0]])
@@ -305,7 +327,7 @@ def encode_factor(w: Tensor, raw: bool, fmt: int | None = None) -> tuple[int, Te
     levels = flat.new_zeros(0) if raw else torch.unique(flat[nz])
     if levels.numel() > MAX_BOOK - 1:
         raise ValueError(f"encode_factor: {levels.numel()} distinct nonzero values, a codebook holds at most 256")
-    fmt = choose_format(rows, cols, nnz, levels.numel(), raw) if fmt is None or nnz == 0 else fmt
+    fmt = choose_format(rows, cols, nnz, levels.numel(), raw, formats) if fmt is None or nnz == 0 else fmt
     i32 = torch.zeros(0, dtype=torch.int32, device=dev)
     book = flat.new_zeros(0) if raw or fmt == FMT_EMPTY else torch.cat([flat.new_zeros(1), levels])
     if fmt == FMT_EMPTY:

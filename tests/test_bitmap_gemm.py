@@ -12,6 +12,7 @@ from atmc_triton.kernels.packed_format import (
     FMT_BITMAP,
     FMT_CSR,
     FMT_EMPTY,
+    SIZE_FORMATS,
     bitmap_encode,
     bitmap_mask,
     choose_format,
@@ -38,11 +39,15 @@ from test_lowrank_gemm import (  # noqa: F401 (_poison_outputs: the autouse NaN 
 
 
 def test_bitmap_is_chosen_where_it_is_smallest():
-    """4096^2 at 17 % density and 8-bit codes: bitmap 5.2 MB against CSR 8.6 MB; below ~7 % CSR wins."""
+    """4096^2 at 17 % density and 8-bit codes: bitmap 5.2 MB against CSR 8.6 MB; below ~7 % CSR wins. Only
+    the size objective considers it (the default keeps the faster CSR)."""
     n = 4096
     for density, want in ((0.17, FMT_BITMAP), (0.34, FMT_BITMAP), (0.05, FMT_CSR), (0.01, FMT_CSR)):
         nnz = int(density * n * n)
-        assert choose_format(n, n, nnz, 256, False) == want
+        assert choose_format(n, n, nnz, 256, False, SIZE_FORMATS) == want
+        assert choose_format(n, n, nnz, 256, False) == FMT_CSR
+    with pytest.raises(ValueError, match="formats must be"):
+        choose_format(n, n, 5, 256, False, (FMT_BITMAP, 7))
     nnz = int(0.17 * n * n)
     assert (
         factor_nbytes(FMT_BITMAP, n, n, nnz, 256, False)
@@ -219,3 +224,24 @@ def test_bitmap_with_every_other_format_in_both_stages(device):
 def test_encode_refuses_unknown_format():
     with pytest.raises(ValueError, match="unknown format"):
         encode_factor(torch.ones(2, 2), raw=False, fmt=7)
+
+
+def test_model_charges_instruction_issue():
+    """The roofline model bounds each packed call by the warp instructions its hot loops issue (SASS counts):
+    a bitmap factor decodes every element, CSR only its nonzeros, so at 17 % density and M <= 16 the CSR
+    layer is predicted faster although it moves 1.5x the bytes (why the bitmap is opt-in)."""
+    from atmc_triton.kernels.lowrank_gemm import H100, ISSUE, issue_instructions, predicted_us
+
+    n = 4096
+    main, c = 2_850_000, 503_000  # 85 % / 15 % of ratio 0.05, b = 8
+    fmt_bytes = {f: factor_nbytes(f, n, n, main, 256, False) for f in (FMT_CSR, FMT_BITMAP)}
+    c_bytes = factor_nbytes(FMT_CSR, n, n, c, 256, False)
+    for M in (1, 4, 16):
+        csr = predicted_us("split_k", M, n, n, fmt_bytes[FMT_CSR] + c_bytes, main + c, 0)
+        bitmap = predicted_us("split_k", M, n, n, fmt_bytes[FMT_BITMAP] + c_bytes, c, 0, bitmap_elems=n * n)
+        assert csr < bitmap
+        assert bitmap >= 1e6 * n * n * ISSUE["bitmap"][16] / H100["issue"]
+    assert issue_instructions(40, 0, 0, 100) == 100 * min(
+        2 * ISSUE["bitmap"][32], ISSUE["bitmap"][64], ISSUE["bitmap"][128]
+    )
+    assert issue_instructions(3, 10, 0) == 10 * ISSUE["csr"][4]  # the CSR kernel's BLOCK_M is pow2(M)

@@ -29,6 +29,7 @@ from atmc_triton.kernels.packed_format import (
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
+    SIZE_FORMATS,
     choose_format,
     code_width,
     decode_factor_ref,
@@ -213,10 +214,13 @@ def test_encode_decode_is_exact_in_every_format(rows, cols, density, levels, raw
     nnz = int((w != 0).sum())
     lv = 0 if raw else int(torch.unique(w[w != 0]).numel())
     best = choose_format(rows, cols, nnz, lv, raw)
-    for fmt in (None, FMT_DENSE, FMT_CSR, FMT_BITMAP):
-        enc = encode_factor(w, raw, fmt)
+    for fmt in (None, FMT_DENSE, FMT_CSR, FMT_BITMAP, "size"):
+        enc = encode_factor(w, raw, None, SIZE_FORMATS) if fmt == "size" else encode_factor(w, raw, fmt)
         got_fmt = enc[0]
-        assert got_fmt == (FMT_EMPTY if nnz == 0 else best if fmt is None else fmt)
+        if fmt == "size":
+            assert got_fmt == (FMT_EMPTY if nnz == 0 else choose_format(rows, cols, nnz, lv, raw, SIZE_FORMATS))
+        else:
+            assert got_fmt == (FMT_EMPTY if nnz == 0 else best if fmt is None else fmt)
         back = decode_factor_ref(got_fmt, rows, cols, *enc[1:])
         assert torch.equal(back.view(torch.int32), w.view(torch.int32))  # bit-exact
         assert sum(t.nbytes for t in enc[1:]) == factor_nbytes(got_fmt, rows, cols, nnz, lv, raw)
@@ -227,7 +231,8 @@ def test_encode_decode_is_exact_in_every_format(rows, cols, density, levels, raw
             )
     if nnz:
         sizes = {f: factor_nbytes(f, rows, cols, nnz, lv, raw) for f in (FMT_DENSE, FMT_CSR, FMT_BITMAP)}
-        assert sizes[best] == min(sizes.values())
+        assert sizes[best] == min(sizes[FMT_DENSE], sizes[FMT_CSR])
+        assert sizes[choose_format(rows, cols, nnz, lv, raw, SIZE_FORMATS)] == min(sizes.values())
 
 
 def test_on_disk_format_is_pinned():

@@ -168,7 +168,10 @@ def bitmap_model() -> nn.Module:
 def test_bitmap_layer_packs_saves_loads_and_unpacks_exactly(tmp_path):
     model = bitmap_model()
     x = torch.randn(5, 200)
-    packed = pk.pack_(copy.deepcopy(model))
+    assert pk.pack_(copy.deepcopy(model))[0].fmts["C"] == FMT_DENSE  # the default keeps the faster formats
+    with pytest.raises(ValueError, match="formats must be one of"):
+        pk.pack_(copy.deepcopy(model), formats="smallest")
+    packed = pk.pack_(copy.deepcopy(model), formats="size")
     layer = packed[0]
     assert layer.fmts == {"U": FMT_DENSE, "V": FMT_CSR, "C": FMT_BITMAP}
     assert layer.C_indices.dtype == torch.int32 and layer.C_indices.numel() == 64 * 7  # 7 words per 200-column row
