@@ -177,6 +177,9 @@ def test_bitmap_layer_packs_saves_loads_and_unpacks_exactly(tmp_path):
     assert layer.C_indices.dtype == torch.int32 and layer.C_indices.numel() == 64 * 7  # 7 words per 200-column row
     assert layer.C_indptr.numel() == 64 * 1 + 1  # one 256-column group per row
     torch.testing.assert_close(packed(x), model(x), rtol=1e-5, atol=1e-5)
+    counter = CompileCounter()  # the bitmap decode has static shapes: one frame, no graph break
+    assert torch.equal(torch.compile(packed, backend=counter, fullgraph=True)(x), packed(x))
+    assert counter.frame_count == 1
     path = tmp_path / "bitmap.safetensors"
     pk.save_packed(packed, path)
     loaded = pk.load_packed(nn.Sequential(nn.Linear(200, 64)), path)
