@@ -20,8 +20,10 @@ Which path a packed layer takes for ``M`` rows of activations is :func:`linear_p
 function of ``M`` and the layer's sizes, from the cost model :func:`predicted_us` (H100
 figures; a prediction, not a measurement):
 
-* ``"split_k"`` (``M <= SMALL_M_PATH``): bound by the packed bytes. Dense-coded factors run
-  split-K tensor-core tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel.
+* ``"split_k"`` (``M <= SMALL_M_PATH``): dense-coded and bitmap factors run split-K tensor-core
+  tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel. The model bounds them by
+  bytes and by the instructions their compiled loops issue (:data:`ISSUE`); the latter dominates
+  for large layers.
 * ``"tile"`` (``SMALL_M_PATH < M <`` crossover): the packed kernels with large tiles.
 * ``"dense"`` (``M >=`` crossover): ``F.linear`` (cuBLAS) on the decoded dense weight that a
   packed layer caches once, on the first such call (``PackedLayer.cache_nbytes`` reports it).

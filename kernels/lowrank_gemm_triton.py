@@ -7,10 +7,11 @@ pure torch ops plus ``wrap_triton`` kernels (``torch.compile(fullgraph=True)`` t
    when ``V`` is empty and the identity is on ``V`` (the usual identity-init layer);
 2. ``y = x deq(C)^T + t deq(U)^T (+ t) + bias``.
 
-Dense-coded factors run in :func:`_tile_kernel`: an output tile ``[BLOCK_M, BLOCK_N]`` runs the
-K-steps of ``x deq(C)^T`` and then, as extra K-steps of the same accumulator, those of
-``t deq(U)^T``; codes are unpacked and looked up in the codebook inside the tile loop and fed
-to ``tl.dot`` (fp16/bf16 tensor cores; exact fp32 for fp32 inputs). CSR factors run in
+Dense-coded and bitmap factors run in :func:`_tile_kernel`: an output tile ``[BLOCK_M, BLOCK_N]``
+runs the K-steps of ``x deq(C)^T`` and then, as extra K-steps of the same accumulator, those of
+``t deq(U)^T``; codes are unpacked (a bitmap's found by popcounts from its row-group pointer) and
+looked up in the codebook inside the tile loop and fed to ``tl.dot`` (fp16/bf16 tensor cores;
+tf32 for fp32 inputs). CSR factors run in
 :func:`_csr_mm_kernel`, a second launch on the same output: one program owns ``BLOCK_M`` rows of
 ``M`` times ``BLOCK_R`` rows of the factor and walks their nonzeros, gathering the activations
 from ``x^T`` (the ``BLOCK_M`` values one nonzero needs are contiguous; the sorted columns of a
