@@ -53,14 +53,15 @@ from atmc_triton.kernels.lowrank_gemm import (
     linear_path,
 )
 from atmc_triton.kernels.packed_format import (
+    FMT_BITMAP,
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
     FORMAT_NAMES,
-    code_width,
+    SIZE_FORMATS,
+    SPEED_FORMATS,
     encode_factor,
-    index_dtype,
-    packed_words,
+    factor_part_sizes,
 )
 from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear, attention_shells_
 
@@ -79,8 +80,10 @@ __all__ = [
 ]
 
 _PARTS = ("codes", "book", "indptr", "indices")
+_FORMAT_SETS = {"speed": SPEED_FORMATS, "size": SIZE_FORMATS}  # pack_(formats=...)
 META_KEY = "atmc_packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the bitmap factor format; version-1 files (no bitmaps) still load
+_READABLE_VERSIONS = (1, 2)
 
 
 class PackedLayer(nn.Module):
@@ -116,16 +119,9 @@ class PackedLayer(nn.Module):
         self.dense_cache = True  # PackedLinear: may cache the decoded weight for M >= the crossover
         raw = bits is None
         for f in FACTORS:
-            fmt, rows, cols = self.fmts[f], *self.shapes[f]
-            nnz, levels = self.nnz[f], self.levels[f]
-            empty = fmt == FMT_EMPTY
-            count = rows * cols if fmt == FMT_DENSE else nnz
-            sizes = {
-                "codes": (0 if empty else packed_words(count, code_width(fmt, levels, raw)), torch.int32),
-                "book": (0 if empty or raw else levels + 1, torch.float32),
-                "indptr": (rows + 1 if fmt == FMT_CSR else 0, torch.int32),
-                "indices": (nnz if fmt == FMT_CSR else 0, index_dtype(cols) if fmt == FMT_CSR else torch.int16),
-            }
+            if self.fmts[f] not in FORMAT_NAMES:
+                raise ValueError(f"packed layer: factor {f} has unknown format {self.fmts[f]}")
+            sizes = factor_part_sizes(self.fmts[f], *self.shapes[f], self.nnz[f], self.levels[f], raw)
             for part, (n, dt) in sizes.items():
                 self.register_buffer(f"{f}_{part}", torch.empty(n, dtype=dt, device=device))
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype, device=device)) if bias else None
@@ -169,8 +165,8 @@ class PackedLayer(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_atmc(cls, layer: ATMCLayer) -> PackedLayer:
-        """Pack a finalized ATMC layer."""
+    def from_atmc(cls, layer: ATMCLayer, formats: tuple = SPEED_FORMATS) -> PackedLayer:
+        """Pack a finalized ATMC layer; each factor takes the smallest of ``formats`` (:func:`pack_`)."""
         if not bool(layer.finalized):
             raise ValueError(f"{type(layer).__name__} is not finalized: call atmc_triton.finalize_(model) first")
         raw = layer.nbits is None
@@ -179,7 +175,7 @@ class PackedLayer(nn.Module):
             p = getattr(layer, f).detach()
             if raw and not torch.equal(p.float().to(p.dtype), p):
                 raise ValueError(f"factor {f} has values float32 cannot hold exactly ({p.dtype})")
-            enc[f] = encode_factor(p, raw)
+            enc[f] = encode_factor(p, raw, formats=formats)
             nz = p[p != 0]
             factors[f] = {
                 "fmt": enc[f][0],
@@ -353,9 +349,12 @@ class PackedLayer(nn.Module):
         (:func:`~atmc_triton.kernels.lowrank_gemm.dense_crossover` of this layer's packed sizes)."""
         if act_bytes not in self._crossover:
             csr = sum(self.nnz[f] for f in FACTORS if self.fmts[f] == FMT_CSR)
-            coded = sum(self.shapes[f][0] * self.shapes[f][1] for f in FACTORS if self.fmts[f] == FMT_DENSE)
+            elems = {fmt: sum(self.shapes[f][0] * self.shapes[f][1] for f in FACTORS if self.fmts[f] == fmt)
+                     for fmt in (FMT_DENSE, FMT_BITMAP)}  # fmt: skip
             nbytes = sum(self.factor_nbytes(f) for f in FACTORS)
-            self._crossover[act_bytes] = dense_crossover(self.out_dim, self.in_dim, nbytes, csr, coded, act_bytes)
+            self._crossover[act_bytes] = dense_crossover(
+                self.out_dim, self.in_dim, nbytes, csr, elems[FMT_DENSE], act_bytes, elems[FMT_BITMAP]
+            )
         return self._crossover[act_bytes]
 
     def _format_repr(self) -> str:
@@ -626,11 +625,15 @@ def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> None:
                 parent._modules[child_name] = swaps[id(child)]
 
 
-def pack_(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
+def pack_(model: nn.Module, *, progress: bool | None = None, formats: str = "speed") -> nn.Module:
     """Swap every finalized ATMC layer of ``model`` for its packed inference layer, in place.
 
     Layers that are already packed stay as they are; an unfinalized ATMC layer is refused.
-    ``progress``: a tqdm bar over the layers (``None``: on for models of 5M+ weights). Returns ``model``.
+    ``progress``: a tqdm bar over the layers (``None``: on for models of 5M+ weights). ``formats``:
+    ``"speed"`` stores each factor as the smaller of dense codes and CSR (the fastest kernels at
+    small batch, and what :func:`atmc_triton.size_report` counts); ``"size"`` also allows the bitmap
+    format, the smallest storage (e.g. 10.1 -> 6.7 MB for a 4096^2 layer at ratio 0.05, b = 8) at a
+    slower small-batch kernel (README, "Packed inference"). Returns ``model``.
 
     Example:
         >>> import atmc_triton as at
@@ -638,6 +641,8 @@ def pack_(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
         >>> pack_(m)[0]  # doctest: +ELLIPSIS
         PackedLinear(in_features=8, out_features=4, rank=4, bits=2, U=..., V=..., C=..., bias=True)
     """
+    if formats not in _FORMAT_SETS:
+        raise ValueError(f"pack_: formats must be one of {sorted(_FORMAT_SETS)}, got {formats!r}")
     root = unwrap(model)
     if isinstance(root, (ATMCLayer, PackedLayer)):
         raise ValueError("pack_ swaps submodules in place; wrap a bare layer first, e.g. nn.Sequential(layer)")
@@ -650,7 +655,8 @@ def pack_(model: nn.Module, *, progress: bool | None = None) -> nn.Module:
     from atmc_triton.api import _bar, progress_enabled
 
     show = progress_enabled(progress, sum(layer.C.numel() for _, layer in layers))
-    _swap(root, {id(layer): PackedLayer.from_atmc(layer) for _, layer in _bar(layers, show, "pack_")})
+    cands = _FORMAT_SETS[formats]
+    _swap(root, {id(layer): PackedLayer.from_atmc(layer, cands) for _, layer in _bar(layers, show, "pack_")})
     return model
 
 
@@ -740,7 +746,7 @@ def load_packed(
         header = json.loads(meta)
     except json.JSONDecodeError as e:
         raise ValueError(f"load_packed: {path} has a corrupted {META_KEY!r} header ({e})") from None
-    if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION:
+    if not isinstance(header, dict) or header.get("version") not in _READABLE_VERSIONS:
         version = header.get("version") if isinstance(header, dict) else None
         raise ValueError(f"load_packed: unsupported packed format version {version}")
     layers = header.get("layers")

@@ -208,7 +208,20 @@ def _sass_figures(cubin: bytes, tools: str) -> dict:
     ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass.stdout)]
     counts = {k: sum(1 for op in ops if re.search(rx, op)) for k, rx in _SASS_COUNTS.items()}
     counts["total"] = len(ops)
+    counts["loop"] = _longest_loop(sass.stdout)
     return {"usage": fig, "sass": counts}
+
+
+def _longest_loop(sass: str) -> int:
+    """Instructions in the longest backward-branch body of the SASS (a kernel's hot loop, issued once per
+    warp and iteration); 0 without loops."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best = 0
+    for addr, op in ins:
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
+        if m and int(m.group(1), 16) < addr:
+            best = max(best, sum(1 for a, _ in ins if int(m.group(1), 16) <= a <= addr))
+    return best
 
 
 def _arg_value(desc: list):
@@ -281,7 +294,8 @@ def _compile_one(job: tuple[dict, int, str, bool, str]) -> dict:
         path = Path(cache) / "figures" / f"{key}.json"
         if path.exists():
             cached = json.loads(path.read_text())
-            if "compile_cpu_s" in cached:  # (figures written before compile times were kept are redone)
+            # (figures written before compile times or loop lengths were kept are redone)
+            if "compile_cpu_s" in cached and (not analyze or "loop" in cached.get("sass", {})):
                 return {**cached, "cached": True}
         t0, c0 = time.perf_counter(), _cpu_s(resource)
         target = GPUTarget("cuda", arch, 32)

@@ -41,18 +41,23 @@ import warnings
 import torch
 import torch.nn.functional as F
 from atmc_triton.kernels.lowrank_gemm import (
+    H100,
     IDENTITY_NONE,
     IDENTITY_U,
     IDENTITY_V,
     atmc_linear,
     dense_crossover,
+    issue_instructions,
     linear_path,
     predicted_us,
 )
 from atmc_triton.kernels.packed_format import (
+    FMT_BITMAP,
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
+    SIZE_FORMATS,
+    SPEED_FORMATS,
     choose_format,
     decode_factor_ref,
     encode_factor,
@@ -72,7 +77,18 @@ BUDGET_S = float(os.environ.get("ATMC_BENCH_GEMM_BUDGET_S", "240"))
 class Layer:
     """Packed factors of one synthetic layer ``W [N, K]`` and its dense fp16 weight."""
 
-    def __init__(self, name: str, N: int, K: int, ratio: float, bits: int, structure: str, device, seed: int = 0):
+    def __init__(
+        self,
+        name: str,
+        N: int,
+        K: int,
+        ratio: float,
+        bits: int,
+        structure: str,
+        device,
+        seed: int = 0,
+        formats: str = "speed",
+    ):
         self.name, self.N, self.K = name, N, K
         nnz = max(3, int((ratio * 32 * N * K - 3 * 32 * 2**bits) // bits))
         g = torch.Generator(device=device).manual_seed(seed)
@@ -96,14 +112,15 @@ class Layer:
             book = torch.randn(2**bits, generator=g, device=device) * 0.02
             book = book + torch.sign(book) * 1e-3
             w = torch.where(keep, book[torch.randint(0, 2**bits, (rows, cols), generator=g, device=device)], 0.0)
-            enc = encode_factor(w, raw=False)
+            enc = encode_factor(w, raw=False, formats=SIZE_FORMATS if formats == "size" else SPEED_FORMATS)
             self.factors.append(enc)
             self.dense.append(w)
-        self.fmts = "".join({FMT_EMPTY: "-", FMT_DENSE: "d", FMT_CSR: "s"}[f[0]] for f in self.factors)
+        self.fmts = "".join({FMT_EMPTY: "-", FMT_DENSE: "d", FMT_CSR: "s", FMT_BITMAP: "b"}[f[0]] for f in self.factors)
         self.nbytes = sum(t.nbytes for f in self.factors for t in f[1:])
         self.csr_nnz = sum(f[4].numel() for f in self.factors if f[0] == FMT_CSR)
         self.coded = sum(r * c for f, (r, c) in zip(self.factors, shapes.values()) if f[0] == FMT_DENSE)
-        self.crossover = dense_crossover(N, K, self.nbytes, self.csr_nnz, self.coded)
+        self.bitmap = sum(r * c for f, (r, c) in zip(self.factors, shapes.values()) if f[0] == FMT_BITMAP)
+        self.crossover = dense_crossover(N, K, self.nbytes, self.csr_nnz, self.coded, 2, self.bitmap)
         self.cached = None
         U, V, C = self.dense
         eye = torch.eye(self.r, device=device)
@@ -127,7 +144,7 @@ class Layer:
         return F.linear(x, self.cached)
 
     def predict_us(self, M: int, path: str) -> float:
-        return predicted_us(path, M, self.N, self.K, self.nbytes, self.csr_nnz, self.coded)
+        return predicted_us(path, M, self.N, self.K, self.nbytes, self.csr_nnz, self.coded, bitmap_elems=self.bitmap)
 
     def torch_weight(self, dtype):
         U, V, C = (
@@ -144,10 +161,10 @@ class Layer:
         return F.linear(x, self.torch_weight(x.dtype))
 
     def make_sparse(self):
-        """cuSPARSE operands: CSR factors as sparse fp16 tensors, dense-coded ones as dense fp16."""
+        """cuSPARSE operands: CSR and bitmap factors as sparse fp16 tensors, dense-coded ones as dense fp16."""
         ops = []
         for f, w in zip(self.factors, self.dense):
-            if f[0] == FMT_CSR:
+            if f[0] in (FMT_CSR, FMT_BITMAP):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                     ops.append(w.half().to_sparse_csr())
@@ -281,49 +298,66 @@ def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Targ
 def predicted_table(hbm: float = 3.0e12) -> str:
     """Markdown: per shape, ratio and b of the grid (identity-init layers, sizes by construction, no
     tensors), the packed bytes against the paper's bits, the speedup over cuBLAS fp16 that the bytes
-    floor allows at M = 1, and what the model predicts (H100; predictions, not measurements)."""
+    floor allows at M = 1, and what the model predicts (H100; predictions, not measurements). Rows
+    for ``pack_(formats="size")`` follow where it stores a factor differently (the bitmap)."""
     lines = [
         "| layer | ratio | b | fmt | packed MB | paper MB | overhead (positions / row ptrs / zero codes) "
-        "| floor speedup M=1 | predicted speedup M=1 / 16 | % of floor M=1 / 4 / 16 | M=1024: path, time / cuBLAS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| floor speedup M=1 | predicted speedup M=1 / 16 | % of floor M=1 / 4 / 16 | bound at M=16 "
+        "| M=1024: path, time / cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, N, K in SHAPES:
         for ratio in RATIOS:
             for bits in BITS:
-                nnz = max(3, int((ratio * 32 * N * K - 3 * 32 * 2**bits) // bits))
-                parts, fmts, paper, csr, coded = [], "", 0, 0, 0
-                for share in (0.85, 0.15):  # the factor that started as W, and C; both [N, K]
-                    n = int(share * nnz)
-                    levels = min(2**bits, n)
-                    fmt = choose_format(N, K, n, levels, False)
-                    parts.append(factor_bytes_breakdown(fmt, N, K, n, levels, False))
-                    fmts += {FMT_DENSE: "d", FMT_CSR: "s", FMT_EMPTY: "-"}[fmt]
-                    paper += n * max(1, (levels - 1).bit_length()) + 32 * levels
-                    csr += n if fmt == FMT_CSR else 0
-                    coded += N * K if fmt == FMT_DENSE else 0
-                packed = sum(sum(p.values()) for p in parts)
-                pos = sum(p["indices"] for p in parts)
-                ptr = sum(p["indptr"] for p in parts)
-                zero = packed - paper / 8 - pos - ptr - sum(p["pad"] for p in parts)  # dense zeros, word rounding
-                args = (N, K, packed, csr, coded)
-                cross = dense_crossover(*args)
-
-                def pred(m, _args=args, _cross=cross):
-                    return predicted_us(linear_path(m, _cross), m, *_args)
-
-                def floor(m, _packed=packed, _io=N + K):
-                    return (_packed + 2 * m * _io) / hbm * 1e6
-
-                dense1 = predicted_us("dense", 1, *args)
-                lines.append(
-                    f"| {name} | {ratio} | {bits} | {fmts} | {packed / 1e6:.3f} | {paper / 8e6:.3f} "
-                    f"| {pos / 1e6:.3f} / {ptr / 1e6:.3f} / {max(zero, 0) / 1e6:.3f} MB "
-                    f"| {(2 * N * K + 2 * (N + K)) / (packed + 2 * (N + K)):.1f}x "
-                    f"| {dense1 / pred(1):.1f}x / {predicted_us('dense', 16, *args) / pred(16):.1f}x "
-                    f"| {' / '.join(f'{100 * floor(m) / pred(m):.0f}' for m in (1, 4, 16))} "
-                    f"| {linear_path(1024, cross)}, {pred(1024) / predicted_us('dense', 1024, *args):.2f} |"
-                )
+                seen = set()
+                for objective, cands in (("speed", SPEED_FORMATS), ("size", SIZE_FORMATS)):
+                    row = _predicted_row(name, N, K, ratio, bits, cands, hbm)
+                    if row[0] not in seen:
+                        seen.add(row[0])
+                        lines.append(
+                            row[1] if objective == "speed" else row[1].replace(f"| {row[0]} |", f"| {row[0]} (size) |")
+                        )
     return "\n".join(lines)
+
+
+def _predicted_row(name: str, N: int, K: int, ratio: float, bits: int, cands: tuple, hbm: float) -> tuple[str, str]:
+    """``(formats, markdown row)`` of :func:`predicted_table` for one layer and candidate formats."""
+    nnz = max(3, int((ratio * 32 * N * K - 3 * 32 * 2**bits) // bits))
+    parts, fmts, paper, csr, elems = [], "", 0, 0, {FMT_DENSE: 0, FMT_BITMAP: 0}
+    for share in (0.85, 0.15):  # the factor that started as W, and C; both [N, K]
+        n = int(share * nnz)
+        levels = min(2**bits, n)
+        fmt = choose_format(N, K, n, levels, False, cands)
+        parts.append(factor_bytes_breakdown(fmt, N, K, n, levels, False))
+        fmts += {FMT_DENSE: "d", FMT_CSR: "s", FMT_BITMAP: "b", FMT_EMPTY: "-"}[fmt]
+        paper += n * max(1, (levels - 1).bit_length()) + 32 * levels
+        csr += n if fmt == FMT_CSR else 0
+        elems[fmt] = elems.get(fmt, 0) + N * K
+    packed = sum(sum(p.values()) for p in parts)
+    pos = sum(p["indices"] for p in parts)
+    ptr = sum(p["indptr"] for p in parts)
+    zero = packed - paper / 8 - pos - ptr - sum(p["pad"] for p in parts)  # dense zeros, word rounding
+    args = (N, K, packed, csr, elems[FMT_DENSE])
+    cross = dense_crossover(*args, 2, elems[FMT_BITMAP])
+
+    def pred(m, path=None):
+        return predicted_us(path or linear_path(m, cross), m, *args, bitmap_elems=elems[FMT_BITMAP])
+
+    def floor(m):
+        return (packed + 2 * m * (N + K)) / hbm * 1e6
+
+    issue16 = 1e6 * issue_instructions(16, csr, elems[FMT_DENSE], elems[FMT_BITMAP]) / H100["issue"]
+    fetch16 = 1e6 * (packed + 2 * 16 * (N + K) + 4 * 16 * N) / H100["hbm"]
+    bound = "issue" if issue16 >= fetch16 else "bytes"
+    return fmts, (
+        f"| {name} | {ratio} | {bits} | {fmts} | {packed / 1e6:.3f} | {paper / 8e6:.3f} "
+        f"| {pos / 1e6:.3f} / {ptr / 1e6:.3f} / {max(zero, 0) / 1e6:.3f} MB "
+        f"| {(2 * N * K + 2 * (N + K)) / (packed + 2 * (N + K)):.1f}x "
+        f"| {pred(1, 'dense') / pred(1):.1f}x / {pred(16, 'dense') / pred(16):.1f}x "
+        f"| {' / '.join(f'{100 * floor(m) / pred(m):.0f}' for m in (1, 4, 16))} "
+        f"| {bound} ({issue16:.1f} vs {fetch16:.1f} us) "
+        f"| {linear_path(1024, cross)}, {pred(1024) / pred(1024, 'dense'):.2f} |"
+    )
 
 
 def run_diagnostics(ctx: Ctx, bw: float) -> list[Row]:

@@ -43,7 +43,8 @@ AUTOTUNE_OVERHEAD_S = 0.2  # benchmarking one autotune config for one key (estim
 LEFT_OUT = (
     "Nesterov ADMM steps, fp16 ADMM grads (bf16 covers the half-precision path), "
     "Lloyd with max_iter = 0 / tol > 0, GEMM with raw (unquantized, 32-bit) factors, book_gather=True, "
-    "biases, identity on U (K > N), bf16 at M > 32, the fixed test tiles of tests/test_lowrank_gemm.py: "
+    "biases, identity on U (K > N), bf16 at M > 32, bitmap factors (pack_(formats='size')), "
+    "the fixed test tiles of tests/test_lowrank_gemm.py and tests/test_bitmap_gemm.py: "
     "all of them run in `pytest -m gpu`"
 )
 

@@ -56,6 +56,7 @@ class GPU:
     latency: float = 0.6e-6  # s, dependent DRAM load to use
     l2_latency: float = 0.25e-6  # s, dependent L2 hit
     launch: float = 2.5e-6  # s per launch (gap between back-to-back kernels, no CUDA graph)
+    issue_rate: float = 132 * 4 * 1.755e9  # warp instructions/s: 4 schedulers per SM, one issue per cycle each
 
 
 H100 = GPU("H100 SXM (3.0 TB/s)", bandwidth=3.0e12)
@@ -94,6 +95,7 @@ class Launch:
     chain: int = 0  # dependent global loads on one program's critical path
     chain_l2: bool = True  # the chain hits L2 (else DRAM)
     programs: int = 1  # programs in the grid (waves of the chain)
+    issue: float = 0.0  # warp instructions the launch issues (its hot loop's SASS x iterations; 0: not counted)
 
     def time_s(self, gpu: GPU, blocks_sm: int | None = None) -> float:
         bw = gpu.bandwidth
@@ -103,7 +105,7 @@ class Launch:
         comp = self.flops / (gpu.tc_flops if self.tensor_cores else gpu.fma_flops)
         waves = math.ceil(self.programs / (gpu.sms * (blocks_sm or 1)))
         lat = self.chain * (gpu.l2_latency if self.chain_l2 else gpu.latency) * waves
-        return max(mem, comp, lat) + gpu.launch
+        return max(mem, comp, lat, self.issue / gpu.issue_rate) + gpu.launch
 
 
 @dataclass
@@ -290,16 +292,16 @@ def lloyd_errors_for_bits(sizes: list[int], iters: int = 20) -> Op:
 # ---------------------------------------------------------------------------------------------- GEMM
 
 
-def _factor_bytes(rows: int, cols: int, nnz: int, bits: int) -> tuple[int, int]:
+def _factor_bytes(rows: int, cols: int, nnz: int, bits: int, formats: str = "speed") -> tuple[int, int]:
     """(format, exact packed bytes) of a factor with ``nnz`` nonzeros over ``2^bits`` levels."""
-    from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
+    from atmc_triton.kernels.packed_format import SIZE_FORMATS, SPEED_FORMATS, choose_format, factor_nbytes
 
     levels = min(2**bits, max(nnz, 1))
-    fmt = choose_format(rows, cols, nnz, levels, False)
+    fmt = choose_format(rows, cols, nnz, levels, False, SIZE_FORMATS if formats == "size" else SPEED_FORMATS)
     return fmt, factor_nbytes(fmt, rows, cols, nnz, levels, False)
 
 
-def packed_layer(N: int, K: int, ratio: float, bits: int, structure: str = "identity") -> dict:
+def packed_layer(N: int, K: int, ratio: float, bits: int, structure: str = "identity", formats: str = "speed") -> dict:
     """Factor shapes, nonzeros, formats and bytes of ``bench/gemm.py``'s synthetic layer (expected counts)."""
     nnz = max(3, int((ratio * 32 * N * K - 3 * 32 * 2**bits) // bits))
     if structure == "svd":
@@ -315,7 +317,7 @@ def packed_layer(N: int, K: int, ratio: float, bits: int, structure: str = "iden
     for f in "UVC":
         rows, cols = shapes[f]
         count = min(want[f], rows * cols)
-        fmt, nbytes = _factor_bytes(rows, cols, count, bits) if count else (0, 0)
+        fmt, nbytes = _factor_bytes(rows, cols, count, bits, formats) if count else (0, 0)
         out["factors"][f] = {"rows": rows, "cols": cols, "nnz": count, "fmt": fmt, "bytes": nbytes}
     out["bytes"] = sum(f["bytes"] for f in out["factors"].values())
     return out
@@ -328,27 +330,32 @@ def cublas_linear(M: int, N: int, K: int, elt: int = 2) -> Op:
     return Op("cuBLAS fp16", [gemm], nbytes, 2 * M * N * K)
 
 
-def atmc_linear(M: int, N: int, K: int, ratio: float, bits: int, structure: str = "identity", elt: int = 2) -> Op:
+def atmc_linear(
+    M: int, N: int, K: int, ratio: float, bits: int, structure: str = "identity", elt: int = 2, formats: str = "speed"
+) -> Op:
     """What a ``PackedLinear`` runs at batch ``M`` with ``elt``-byte activations (``linear_path`` picks the path).
 
     "split_k" (M <= 32): split-K tiles stream the dense-coded factors into a ``[SPLIT_K, M, n]`` fp32
     workspace, one fixed-order sum, then one CSR pass per CSR factor (read-modify-write of the fp32
     sum) and a final cast; a stage of CSR factors only writes its output from the first CSR pass.
-    "tile" (32 < M < crossover): large tensor-core tiles for dense codes, CSR SpMM on CUDA cores, no
-    decode. "dense" (M >= crossover): cuBLAS on the weight decoded once and cached (the one-time
-    decode is not counted). Floor: the packed bytes + x + y, or the dense FLOPs at M > 32.
+    "tile" (32 < M < crossover): large tensor-core tiles for dense codes and bitmaps, CSR SpMM on CUDA
+    cores, no decode. "dense" (M >= crossover): cuBLAS on the weight decoded once and cached (the
+    one-time decode is not counted). Each packed launch also carries the warp instructions its hot
+    loop issues (:func:`~atmc_triton.kernels.lowrank_gemm.issue_instructions`). Floor: the packed
+    bytes + x + y, or the dense FLOPs at M > 32. ``formats``: ``pack_``'s ("speed" or "size").
     """
-    from atmc_triton.kernels.lowrank_gemm import dense_crossover, linear_path
+    from atmc_triton.kernels.lowrank_gemm import dense_crossover, issue_instructions, linear_path
     from atmc_triton.kernels.lowrank_gemm_triton import split_k
-    from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE
+    from atmc_triton.kernels.packed_format import FMT_BITMAP, FMT_CSR, FMT_DENSE
 
-    lay = packed_layer(N, K, ratio, bits, structure)
+    lay = packed_layer(N, K, ratio, bits, structure, formats)
     fs = lay["factors"]
     r = lay["r"]
     x, y = elt * M * K, elt * M * N
     csr_nnz = sum(f["nnz"] for f in fs.values() if f["fmt"] == FMT_CSR)
     coded = sum(f["rows"] * f["cols"] for f in fs.values() if f["fmt"] == FMT_DENSE)
-    path = linear_path(M, dense_crossover(N, K, lay["bytes"], csr_nnz, coded, elt))
+    bitmap = sum(f["rows"] * f["cols"] for f in fs.values() if f["fmt"] == FMT_BITMAP)
+    path = linear_path(M, dense_crossover(N, K, lay["bytes"], csr_nnz, coded, elt, bitmap))
     launches: list[Launch] = []
     small = path == "split_k"
     if path == "dense":
@@ -366,7 +373,7 @@ def atmc_linear(M: int, N: int, K: int, ratio: float, bits: int, structure: str 
         for out_name, n, _kdim, products in stages:
             products = [(a, f) for a, f in products if f["nnz"]]
             out_elt = 4 if out_name == "t" else elt
-            tile = [(a, f) for a, f in products if f["fmt"] == FMT_DENSE]
+            tile = [(a, f) for a, f in products if f["fmt"] in (FMT_DENSE, FMT_BITMAP)]
             csr = [(a, f) for a, f in products if f["fmt"] == FMT_CSR]
             acc_elt = 4 if small and tile else out_elt  # the split-K sum is float32
             if tile:
@@ -375,7 +382,13 @@ def atmc_linear(M: int, N: int, K: int, ratio: float, bits: int, structure: str 
                 splits = split_k(M, n, sum(f["cols"] for _, f in tile)) if small else 1
                 b_bytes = sum(f["bytes"] for _, f in tile)
                 written = 4 * splits * M * n if small else out_elt * M * n
-                launches.append(Launch("_tile_kernel", b_bytes + sum(act[a] for a in acts), written, flops))
+                elems = {
+                    k: sum(f["rows"] * f["cols"] for _, f in tile if f["fmt"] == k) for k in (FMT_DENSE, FMT_BITMAP)
+                }
+                issue = issue_instructions(M, 0, elems[FMT_DENSE], elems[FMT_BITMAP])
+                launches.append(
+                    Launch("_tile_kernel", b_bytes + sum(act[a] for a in acts), written, flops, issue=issue)
+                )
                 if small and splits > 1:
                     launches.append(Launch("split-K sum (fixed order)", 4 * splits * M * n, 4 * M * n))
             for a in {a for a, _ in csr} if M > 1 else ():  # x^T [K, M] (t^T) for coalesced CSR gathers
@@ -383,7 +396,14 @@ def atmc_linear(M: int, N: int, K: int, ratio: float, bits: int, structure: str 
             for i, (a, f) in enumerate(csr):
                 rmw = 0 if (i == 0 and not tile) else acc_elt * M * n
                 launches.append(
-                    Launch("_csr_mm_kernel", f["bytes"] + act[a] + rmw, acc_elt * M * n, 2 * M * f["nnz"], False)
+                    Launch(
+                        "_csr_mm_kernel",
+                        f["bytes"] + act[a] + rmw,
+                        acc_elt * M * n,
+                        2 * M * f["nnz"],
+                        False,
+                        issue=issue_instructions(M, f["nnz"], 0),
+                    )
                 )
             if small and tile and out_elt != 4:
                 launches.append(Launch("cast fp32 -> out", 4 * M * n, out_elt * M * n))
@@ -398,7 +418,7 @@ def atmc_linear(M: int, N: int, K: int, ratio: float, bits: int, structure: str 
     else:
         target = "<= 1.1x cuBLAS time (both at the dense FLOPs floor)"
     return Op(
-        f"atmc_linear {N}x{K} r={ratio} b={bits} {structure} M={M} [{path}]",
+        f"atmc_linear {N}x{K} r={ratio} b={bits} {structure}{' size' if formats == 'size' else ''} M={M} [{path}]",
         launches,
         floor_b,
         floor_f,

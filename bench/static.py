@@ -154,16 +154,20 @@ def _exercise_lloyd() -> None:
     errors_for_bits_triton(x, off, 20, 0.0, "lloyd")
 
 
-GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype): bench/gemm.py's layers (N >= K: identity on V), scaled
-    (384, 256, 0.05, 4, "identity", 16, "fp16"),  # M <= 16: split-K tiles on 5-bit dense codes + CSR (wide)
-    (384, 256, 0.05, 8, "svd", 16, "fp16"),  # ... 9-bit dense codes (U and V), two stages
-    (384, 256, 0.05, 4, "identity", 16, "fp32"),  # ... fp32 activations (tf32 tensor cores)
-    (384, 256, 0.05, 4, "identity", 20, "fp32"),  # 16 < M <= 32: split-K tiles with BLOCK_M = 32
-    (384, 256, 0.05, 8, "identity", 1, "fp16"),  # M = 1: CSR factors (narrow)
-    (384, 256, 0.05, 4, "identity", 40, "fp16"),  # M > 32: dense codes in large tiles + CSR SpMM (no decode)
-    (384, 256, 0.05, 4, "identity", 40, "fp32"),
-    (384, 256, 0.05, 8, "svd", 40, "fp16"),  # M > 32: two coded factors, two stages
-    (384, 256, 0.002, 8, "identity", 40, "fp16"),  # M > 32, all CSR: SpMM only
+GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype, formats): bench/gemm.py's layers (N >= K: identity on V)
+    (384, 256, 0.05, 4, "identity", 16, "fp16", "speed"),  # M <= 16: split-K tiles on 5-bit dense codes + CSR (wide)
+    (384, 256, 0.05, 4, "identity", 16, "fp16", "size"),  # ... on a bitmap factor + CSR
+    (384, 256, 0.05, 8, "svd", 16, "fp16", "speed"),  # ... 9-bit dense codes (U and V), two stages
+    (384, 256, 0.05, 8, "svd", 16, "fp16", "size"),  # ... 9-bit dense codes + bitmap C
+    (384, 256, 0.05, 4, "identity", 16, "fp32", "speed"),  # ... fp32 activations (tf32 tensor cores)
+    (384, 256, 0.05, 4, "identity", 16, "fp32", "size"),
+    (384, 256, 0.05, 4, "identity", 20, "fp32", "speed"),  # 16 < M <= 32: split-K tiles with BLOCK_M = 32
+    (384, 256, 0.05, 8, "identity", 1, "fp16", "speed"),  # M = 1: CSR factors (narrow)
+    (384, 256, 0.05, 4, "identity", 40, "fp16", "speed"),  # M > 32: dense codes in large tiles + CSR SpMM (no decode)
+    (384, 256, 0.05, 4, "identity", 40, "fp16", "size"),  # ... a bitmap factor in large tiles
+    (384, 256, 0.05, 4, "identity", 40, "fp32", "speed"),
+    (384, 256, 0.05, 8, "svd", 40, "fp16", "speed"),  # M > 32: two coded factors, two stages
+    (384, 256, 0.002, 8, "identity", 40, "fp16", "speed"),  # M > 32, all CSR: SpMM only
 )
 
 
@@ -174,16 +178,17 @@ def _exercise_gemm() -> None:
     from bench.gemm import Layer
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    for N, K, ratio, bits, structure, M, dt in GEMM_CASES:
-        layer = Layer("static", N, K, ratio, bits, structure, torch.device("cpu"))
+    for N, K, ratio, bits, structure, M, dt, formats in GEMM_CASES:
+        layer = Layer("static", N, K, ratio, bits, structure, torch.device("cpu"), formats=formats)
         linear_launch(torch.zeros(M, K, dtype=dtypes[dt]), None, N, layer.r, layer.identity, layer.factors, {})
     # the decode kernels: the dense weight a packed layer caches (large M, convolutions), fp32 and fp16
-    layer = Layer("static", 384, 256, 0.05, 4, "identity", torch.device("cpu"))
-    shapes = ((384, layer.r), (layer.r, 256), (384, 256))
-    for f, (rows, cols) in zip(layer.factors, shapes):
-        if f[0]:
-            for dtype in (torch.float32, torch.float16):
-                decode_launch(_Factor(f[0], rows, cols, *f[1:]), dtype)
+    for formats in ("speed", "size"):  # dense codes + CSR, bitmap + CSR
+        layer = Layer("static", 384, 256, 0.05, 4, "identity", torch.device("cpu"), formats=formats)
+        shapes = ((384, layer.r), (layer.r, 256), (384, 256))
+        for f, (rows, cols) in zip(layer.factors, shapes):
+            if f[0]:
+                for dtype in (torch.float32, torch.float16):
+                    decode_launch(_Factor(f[0], rows, cols, *f[1:]), dtype)
 
 
 def _gemm_configs(specs: list[dict], keep_m1: bool = False) -> list[dict]:
@@ -271,6 +276,7 @@ FAMILIES: dict[str, Family] = {
             Rule("_csr_mm_kernel"),
             Rule("_decode_dense_kernel", why="one-time decode of a cached weight, off the per-call path: no spills"),
             Rule("_decode_csr_kernel"),
+            Rule("_decode_bitmap_kernel", why="one-time decode of a cached weight: no spills"),
         ),
     ),
 }
@@ -440,16 +446,18 @@ def predictions(blocks: dict[str, int] | None = None) -> list[dict]:
         model.lloyd_quantize(rn, 4),
         model.lloyd_errors_for_bits(rn),
     ]
-    for N, K, ratio, bits, structure, Ms in (
-        (4096, 4096, 0.05, 8, "identity", (1, 16, 1024, 8192)),
-        (4096, 4096, 0.05, 4, "identity", (1, 16, 1024, 8192)),
-        (4096, 4096, 0.01, 8, "identity", (1, 16, 1024)),
-        (11008, 4096, 0.05, 4, "identity", (1, 16, 1024)),
-        (4096, 4096, 0.05, 4, "svd", (1, 16, 1024)),
-        (500, 800, 0.01, 8, "identity", (1, 1024)),
+    for N, K, ratio, bits, structure, Ms, formats in (
+        (4096, 4096, 0.05, 8, "identity", (1, 16, 1024, 8192), "speed"),
+        (4096, 4096, 0.05, 8, "identity", (1, 16), "size"),  # the bitmap format
+        (4096, 4096, 0.05, 4, "identity", (1, 16, 1024, 8192), "speed"),
+        (4096, 4096, 0.05, 4, "identity", (1, 16), "size"),
+        (4096, 4096, 0.01, 8, "identity", (1, 16, 1024), "speed"),
+        (11008, 4096, 0.05, 4, "identity", (1, 16, 1024), "speed"),
+        (4096, 4096, 0.05, 4, "svd", (1, 16, 1024), "speed"),
+        (500, 800, 0.01, 8, "identity", (1, 1024), "speed"),
     ):
         for M in Ms:
-            ops.append(model.atmc_linear(M, N, K, ratio, bits, structure))
+            ops.append(model.atmc_linear(M, N, K, ratio, bits, structure, formats=formats))
     out = []
     for op in ops:
         row = {"op": op.name, "target": op.target, "bytes": op.bytes, "flops": op.flops}

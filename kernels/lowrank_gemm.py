@@ -20,8 +20,10 @@ Which path a packed layer takes for ``M`` rows of activations is :func:`linear_p
 function of ``M`` and the layer's sizes, from the cost model :func:`predicted_us` (H100
 figures; a prediction, not a measurement):
 
-* ``"split_k"`` (``M <= SMALL_M_PATH``): bound by the packed bytes. Dense-coded factors run
-  split-K tensor-core tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel.
+* ``"split_k"`` (``M <= SMALL_M_PATH``): dense-coded and bitmap factors run split-K tensor-core
+  tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel. The model bounds them by
+  bytes and by the instructions their compiled loops issue (:data:`ISSUE`); the latter dominates
+  for large layers.
 * ``"tile"`` (``SMALL_M_PATH < M <`` crossover): the packed kernels with large tiles.
 * ``"dense"`` (``M >=`` crossover): ``F.linear`` (cuBLAS) on the decoded dense weight that a
   packed layer caches once, on the first such call (``PackedLayer.cache_nbytes`` reports it).
@@ -35,10 +37,16 @@ from torch import Tensor
 
 from ._registry import HAS_TRITON, register_op
 from .packed_format import (
+    BITMAP_GROUP,
+    FMT_BITMAP,
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
     MAX_BOOK,
+    bitmap_encode,
+    bitmap_groups,
+    bitmap_mask,
+    bitmap_words,
     code_width,
     decode_factor_ref,
     packed_words,
@@ -52,6 +60,7 @@ __all__ = [
     "SMALL_M_PATH",
     "IDENTITY_U",
     "IDENTITY_V",
+    "ISSUE",
     "atmc_decode",
     "atmc_decode_ref",
     "atmc_linear",
@@ -61,6 +70,7 @@ __all__ = [
     "check_linear",
     "dense_crossover",
     "dequantize",
+    "issue_instructions",
     "linear_path",
     "predicted_us",
 ]
@@ -72,7 +82,40 @@ SMALL_M_PATH = 32  # = lowrank_gemm_triton.SMALL_M: the split-K tile regime
 # H100 SXM ceilings the model uses: HBM bytes/s, bf16/fp16 dense tensor-core FLOP/s, fp32 CUDA-core FLOP/s,
 # aggregate L1 bytes/s for the CSR kernel's activation gathers (x^T stays in L1/L2; sorted columns let
 # neighbouring nonzeros share sectors), and a fixed ramp + tail latency per call.
-H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0}
+H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0, "issue": 132 * 4 * 1.755e9}
+# Warp instructions the compiled hot loops issue (sm_90 SASS, Triton 3.8, fp16 x, the best autotune config;
+# `python -m bench.gemm_issue` recounts them): per decoded weight element and BLOCK_M-row tile of the tile
+# kernel ("dense" codes, "bitmap"), per stored nonzero and BLOCK_M rows of the CSR kernel. At "issue"
+# warp instructions/s (132 SMs x 4 schedulers x 1.755 GHz) they bound a kernel's time from below.
+# (Triton 3.6 issues about the same for tiles and 1.3-1.7x more for CSR: 2.11 / 3.41 / 5.27 / 4.47 / 7.36.)
+ISSUE = {
+    "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
+    "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
+    "csr": {1: 1.27, 2: 2.22, 4: 3.34, 16: 3.45, 32: 5.34},
+}
+
+
+def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int = 0) -> float:
+    """Warp instructions the packed kernels' hot loops issue for ``M`` rows (from :data:`ISSUE`).
+
+    Tiles: every decoded element once per ``BLOCK_M``-row tile (16 or 32 rows on the split-K path, the
+    cheapest of 32/64/128 above); CSR: every nonzero once per ``BLOCK_M`` rows (the launcher's
+    ``pow2(M)`` up to 4, then 16, then 32-row chunks).
+
+    Example:
+        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 3.45 + 2000 bitmap elements at 1.34
+        6130.0
+    """
+    if M <= SMALL_M_PATH:
+        bm = 16 if M <= 16 else 32
+        tile = coded_elems * ISSUE["dense"][bm] + bitmap_elems * ISSUE["bitmap"][bm]
+    else:
+        tile = min(
+            -(-M // bm) * (coded_elems * ISSUE["dense"][bm] + bitmap_elems * ISSUE["bitmap"][bm])
+            for bm in (32, 64, 128)
+        )
+    cb = 1 << max(0, M - 1).bit_length() if M <= 4 else 16 if M <= 16 else 32  # lowrank_gemm_triton.csr_block_m
+    return round(tile + csr_nnz * ISSUE["csr"][cb] * -(-M // cb), 6)
 
 
 def predicted_us(
@@ -85,12 +128,15 @@ def predicted_us(
     coded_elems: int,
     act_bytes: int = 2,
     hw: dict | None = None,
+    bitmap_elems: int = 0,
 ) -> float:
     """Predicted microseconds of one ``[M, K] x [K, N]`` packed-layer call on ``path`` (roofline model).
 
     ``packed_bytes``: the layer's packed factor bytes; ``csr_nnz``: nonzeros stored as CSR (run on
-    CUDA cores, each gathering ``M`` activations); ``coded_elems``: elements of dense-coded factors
-    (tensor-core tiles, at least 16 rows each). ``"dense"`` is cuBLAS on the cached dense weight.
+    CUDA cores, each gathering ``M`` activations); ``coded_elems`` / ``bitmap_elems``: elements of
+    dense-coded / bitmap factors (decoded in tensor-core tiles of at least 16 rows). The time is the
+    largest of DRAM bytes, FLOPs, L1 gathers and instruction issue (:func:`issue_instructions`).
+    ``"dense"`` is cuBLAS on the cached dense weight.
 
     Example:
         >>> round(predicted_us("dense", 1, 4096, 4096, 0, 0, 0), 1)  # 32 MiB of fp16 weight at 3 TB/s
@@ -104,17 +150,20 @@ def predicted_us(
         raise ValueError(f"predicted_us: path must be one of {PATHS}, got {path!r}")
     rows = max(M, 16)  # an mma tile has at least 16 rows
     fetch = (packed_bytes + io + 4 * M * N) / hw["hbm"]  # + the float32 output pass of the CSR kernel
-    compute = 2 * rows * coded_elems / hw["tc"] + 2 * M * csr_nnz / hw["fma"]
+    compute = 2 * rows * (coded_elems + bitmap_elems) / hw["tc"] + 2 * M * csr_nnz / hw["fma"]
     gather = act_bytes * M * csr_nnz / hw["l1"]
-    return hw["launch_us"] + 1e6 * max(fetch, compute, gather)
+    issue = issue_instructions(M, csr_nnz, coded_elems, bitmap_elems) / hw["issue"]
+    return hw["launch_us"] + 1e6 * max(fetch, compute, gather, issue)
 
 
-def dense_crossover(N: int, K: int, packed_bytes: int, csr_nnz: int, coded_elems: int, act_bytes: int = 2) -> int:
+def dense_crossover(
+    N: int, K: int, packed_bytes: int, csr_nnz: int, coded_elems: int, act_bytes: int = 2, bitmap_elems: int = 0
+) -> int:
     """Smallest ``M`` above ``SMALL_M_PATH`` from which the model predicts cuBLAS on the cached dense
     weight at least as fast as the packed kernels (both predictions grow with ``M``; bisection)."""
 
     def dense_wins(m: int) -> bool:
-        args = (m, N, K, packed_bytes, csr_nnz, coded_elems, act_bytes)
+        args = (m, N, K, packed_bytes, csr_nnz, coded_elems, act_bytes, None, bitmap_elems)
         return predicted_us("dense", *args) <= predicted_us("tile", *args)
 
     lo, hi = SMALL_M_PATH + 1, 1 << 20
@@ -159,8 +208,8 @@ def check_factor(
 ) -> None:
     """Validate one packed factor's format, dtypes, devices and sizes (not its index values)."""
     where = f"{op}: factor {name} [{rows}, {cols}]"
-    if fmt not in (FMT_EMPTY, FMT_DENSE, FMT_CSR):
-        raise ValueError(f"{where}: fmt must be 0 (empty), 1 (dense) or 2 (csr), got {fmt}")
+    if fmt not in (FMT_EMPTY, FMT_DENSE, FMT_CSR, FMT_BITMAP):
+        raise ValueError(f"{where}: fmt must be 0 (empty), 1 (dense), 2 (csr) or 3 (bitmap), got {fmt}")
     for t, what, dtypes in (
         (codes, "codes", (torch.int32,)),
         (book, "book", (torch.float32,)),
@@ -186,6 +235,16 @@ def check_factor(
             f"{where}: book must hold the zero plus 1..256 levels (or nothing for raw values), got {nbook} entries"
         )
     width = code_width(fmt, nbook - 1, nbook == 0)
+    if fmt == FMT_BITMAP:  # the code count is data (indptr[-1]): check_factor_values checks the codes' size
+        want = {"indptr": rows * bitmap_groups(cols) + 1, "indices": rows * bitmap_words(cols)}
+        for what, t in (("indptr", indptr), ("indices", indices)):
+            if t.numel() != want[what]:
+                raise ValueError(f"{where}: a bitmap factor's {what} must have {want[what]} entries, got {t.numel()}")
+        if indices.dtype != torch.int32:
+            raise ValueError(f"{where}: a bitmap factor's indices (the bitmap words) must be int32")
+        if codes.numel() < 1:
+            raise ValueError(f"{where}: codes must hold at least the pad word")
+        return
     if fmt == FMT_DENSE:
         count = rows * cols
         if indptr.numel() or indices.numel():
@@ -226,6 +285,8 @@ def check_factor_values(
         if int(c.max()) > levels:
             raise ValueError(f"{where} has code {int(c.max())} past its {levels} levels")
         return int((c != 0).sum())
+    if fmt == FMT_BITMAP:
+        return _check_bitmap_values(where, rows, cols, codes, book, indptr, indices, raw, levels, width)
     nnz = indices.numel()
     ip = indptr.long()
     if int(ip[0]) != 0 or int(ip[-1]) != nnz or bool((ip[1:] < ip[:-1]).any()):
@@ -236,6 +297,28 @@ def check_factor_values(
     row = torch.repeat_interleave(torch.arange(rows, device=col.device), ip[1:] - ip[:-1], output_size=nnz)
     if bool(((row[1:] == row[:-1]) & (col[1:] <= col[:-1])).any()):
         raise ValueError(f"{where}: column indices must ascend within each row")
+    if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
+        raise ValueError(f"{where} has codes past its {levels} levels")
+    return nnz
+
+
+def _check_bitmap_values(where, rows, cols, codes, book, indptr, indices, raw, levels, width) -> int:
+    """:func:`check_factor_values` of a bitmap factor: no bit past ``cols``, group pointers equal to the
+    bitmap's running popcounts, codes sized for them and within the codebook."""
+    nz = bitmap_mask(indices, rows, cols)
+    want_ptr, want_words = bitmap_encode(nz)
+    if not torch.equal(want_words, indices):
+        raise ValueError(f"{where}: the bitmap has bits set past column {cols}")
+    if not torch.equal(want_ptr, indptr):
+        raise ValueError(
+            f"{where}: indptr must count the bitmap's nonzeros before each row group of {BITMAP_GROUP} columns"
+        )
+    nnz = int(want_ptr[-1])
+    if codes.numel() != packed_words(nnz, width):
+        raise ValueError(
+            f"{where}: codes must hold {packed_words(nnz, width)} int32 words "
+            f"({nnz} codes of {width} bits plus a pad word), got {codes.numel()}"
+        )
     if not raw and nnz and int(unpack_bits(codes, nnz, width).max()) >= levels:
         raise ValueError(f"{where} has codes past its {levels} levels")
     return nnz

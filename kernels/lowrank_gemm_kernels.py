@@ -11,6 +11,9 @@ Bytes per element (what the roofline model counts): a dense-coded factor reads `
 bytes per weight element plus its codebook once per program (L1); a CSR factor reads, per
 nonzero, its column index (2 bytes, int16, or 4) and ``WIDTH / 8`` bytes of code, plus 4 bytes per
 row of ``indptr``, and gathers ``BLOCK_M`` activations (2 or 4 bytes each) per nonzero from L1/L2.
+A bitmap factor reads 1/8 byte per element (its bitmap), ``WIDTH / 8`` bytes per nonzero and a 4-byte
+group pointer per ``GROUP`` (256) elements; it is decoded in the tile loop and fed to the tensor cores like
+dense codes, at the cost of integer work per element (a bit test, a popcount, a code fetch from L1).
 Activations ``x [M, K]`` are read once per output-column tile, outputs written once (the
 split-K tile path writes ``SPLIT_K`` float32 partials that one fixed-order pass sums).
 """
@@ -54,6 +57,86 @@ def _tile_codes(words_ptr, row_bit0, kk, mask, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _popc(w):
+    """Set bits of each uint32 ``w`` (int32; the SWAR idiom, which LLVM turns into one POPC)."""
+    w = w - ((w >> 1) & 0x55555555)
+    w = (w & 0x33333333) + ((w >> 2) & 0x33333333)
+    w = (w + (w >> 4)) & 0x0F0F0F0F
+    return ((w * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _bitmap_tile(
+    codes_ptr,
+    gp_ptr,
+    bm_ptr,
+    book_ptr,
+    book_len,
+    book,
+    nnz,
+    K,
+    N,
+    k0,
+    kk,
+    rn,
+    WIDTH: tl.constexpr,
+    BOOK_GATHER: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a bitmap factor ``B [N, K]``, columns
+    ``kk = k0 + arange(BLOCK_K)`` (``k0`` a multiple of ``BLOCK_K``, which divides ``GROUP``).
+
+    The code of element ``(n, k)`` is number ``gp[n, k0 // GROUP]`` + the set bits of row ``n`` from
+    the group's first column up to ``k`` in the code stream: one pointer per row, the popcounts of at
+    most ``GROUP / 32`` words per row and step (L1), then the element's own word.
+    """
+    tl.static_assert(GROUP % BLOCK_K == 0 and (BLOCK_K % 32 == 0 or 32 % BLOCK_K == 0))
+    GW: tl.constexpr = GROUP // 32
+    WPS: tl.constexpr = max(1, BLOCK_K // 32)  # bitmap words a step touches
+    wpr = (K + 31) // 32
+    n_ok = rn < N  # [BN]
+    row_w = rn.to(tl.int64) * wpr  # [BN]: the row's first bitmap word
+    g = k0 // GROUP
+    kw0 = k0 // 32
+    base = tl.load(gp_ptr + rn.to(tl.int64) * ((K + GROUP - 1) // GROUP) + g, mask=n_ok, other=0)  # [BN]
+    jw = g * GW + tl.arange(0, GW)  # [GW]: the group's words; those before this step count
+    pre = tl.load(bm_ptr + row_w[None, :] + jw[:, None], mask=(jw[:, None] < kw0) & n_ok[None, :], other=0)
+    base += tl.sum(_popc(pre.to(tl.uint32, bitcast=True)), axis=0)  # [BN]: nonzeros before column k0
+    mask = (kk[:, None] < K) & n_ok[None, :]  # [BK, BN]
+    own = tl.load(bm_ptr + row_w[None, :] + (kk // 32)[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    sh = (kk & 31).to(tl.uint32)[:, None]  # [BK, 1]
+    nz = ((own >> sh) & 1) != 0  # [BK, BN]
+    rel = _popc(own & (((own * 0 + 1) << sh) - 1))  # [BK, BN]: set bits below k in its own word
+    lw = (kk - k0) // 32  # [BK]: the element's word within the step
+    for q in tl.static_range(WPS - 1):  # set bits of the step's earlier words
+        wq = tl.load(bm_ptr + row_w + kw0 + q, mask=n_ok & (kw0 + q < wpr), other=0).to(tl.uint32, bitcast=True)
+        rel += tl.where(lw[:, None] > q, _popc(wq)[None, :], 0)
+    ok = mask & nz & (base[None, :] + rel < nnz)  # a corrupt pointer never reads past the codes
+    if WIDTH == 32:  # raw float32 values
+        b = tl.load(codes_ptr + base[None, :].to(tl.int64) + rel, mask=ok, other=0).to(tl.float32, bitcast=True)
+    else:
+        bit0 = base.to(tl.int64) * WIDTH  # [BN] int64; per element 32-bit offsets from it
+        bit = (bit0 & 31).to(tl.int32)[None, :] + rel * WIDTH  # [BK, BN]
+        ptrs = codes_ptr + (bit0 >> 5)[None, :] + (bit >> 5)
+        bsh = (bit & 31).to(tl.uint32)
+        lo = tl.load(ptrs, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        if 32 % WIDTH == 0:  # a code never straddles two words
+            code = lo >> bsh
+        else:
+            hi = tl.load(ptrs + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)
+            code = (lo >> bsh) | ((hi << 1) << (31 - bsh))
+        slot = tl.minimum((code & ((1 << WIDTH) - 1)).to(tl.int32) + 1, book_len - 1)  # never past the book
+        if BOOK_GATHER:
+            b = tl.reshape(tl.gather(book, tl.reshape(slot, (BLOCK_K * BLOCK_N,)), 0), (BLOCK_K, BLOCK_N))
+            b = tl.where(ok, b, 0.0)
+        else:
+            b = tl.load(book_ptr + slot, mask=ok, other=0.0)
+    return b
+
+
+@triton.jit
 def _dequant(words_ptr, book_ptr, book_len, idx, mask, WIDTH: tl.constexpr, SLOT0: tl.constexpr):
     """float32 values of stored entries ``idx``: raw bit patterns (WIDTH 32) or ``book[code + SLOT0]``."""
     if WIDTH == 32:
@@ -76,15 +159,42 @@ def _b_tile(
     N,
     kk,
     rn,
+    gp_ptr,
+    bm_ptr,
+    nnz,
+    k0,
     KIND: tl.constexpr,
     WIDTH: tl.constexpr,
     BOOK_GATHER: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a factor ``B [N, K]``."""
+    """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a factor ``B [N, K]``, columns ``kk``
+    (``= k0 + arange(BLOCK_K)``). ``KIND`` 1 dense codes, 2 a plain matrix, 3 a bitmap factor (``gp_ptr``,
+    ``bm_ptr``: its group pointers and bitmap words, ``nnz`` codes)."""
     mask = (kk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
-    if KIND == 2:  # plain float matrix
+    if KIND == 3:
+        b = _bitmap_tile(
+            b_ptr,
+            gp_ptr,
+            bm_ptr,
+            book_ptr,
+            book_len,
+            book,
+            nnz,
+            K,
+            N,
+            k0,
+            kk,
+            rn,
+            WIDTH,
+            BOOK_GATHER,
+            GROUP,
+            BLOCK_K,
+            BLOCK_N,
+        )
+    elif KIND == 2:  # plain float matrix
         idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None] * stride_bk  # [BK, BN]
         b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     elif WIDTH == 32:  # raw float32 values
@@ -114,7 +224,7 @@ def _mma(acc, a, b, DOT: tl.constexpr):
 def _load_book(
     book_ptr, book_len, KIND: tl.constexpr, WIDTH: tl.constexpr, BOOK_GATHER: tl.constexpr, BOOK_SIZE: tl.constexpr
 ):
-    if BOOK_GATHER and KIND == 1 and WIDTH != 32:
+    if BOOK_GATHER and (KIND == 1 or KIND == 3) and WIDTH != 32:
         r = tl.arange(0, BOOK_SIZE)
         book = tl.load(book_ptr + r, mask=r < book_len, other=0.0)  # [BOOK_SIZE]
     else:
@@ -140,6 +250,9 @@ def _tile_kernel(
     book1_len,
     stride_b1n,
     stride_b1k,
+    gp1_ptr,
+    bm1_ptr,
+    nnz1,
     a2_ptr,
     stride_a2m,
     K2,
@@ -148,6 +261,9 @@ def _tile_kernel(
     book2_len,
     stride_b2n,
     stride_b2k,
+    gp2_ptr,
+    bm2_ptr,
+    nnz2,
     e_ptr,
     stride_em,
     bias_ptr,
@@ -162,6 +278,7 @@ def _tile_kernel(
     HAS_BIAS: tl.constexpr,
     DOT: tl.constexpr,
     BOOK_GATHER: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -171,7 +288,8 @@ def _tile_kernel(
     """``out [M, N] (+)= A1 deq(B1)^T + A2 deq(B2)^T + E + bias`` for ``A_s [M, K_s]``, ``B_s [N, K_s]``.
 
     ``KIND_s``: 0 absent, 1 bit-packed codes (``WIDTH_s`` bits; 32 = raw float32), 2 a plain
-    float matrix. ``B_s[n, k]`` is element ``n * stride_bsn + k * stride_bsk``. The K-steps of
+    float matrix, 3 a bitmap factor (codes at ``b_s``, ``GROUP``-column pointers at ``gp_s``, bitmap
+    words at ``bm_s``, ``nnz_s`` codes). ``B_s[n, k]`` is element ``n * stride_bsn + k * stride_bsk``. The K-steps of
     both products form one sequence that ``SPLIT_K`` programs share; split ``s`` stores its
     partial sums to ``out[s]`` (``out [SPLIT_K, M, N]`` float32 when ``SPLIT_K > 1``, strides
     ``stride_ok, stride_om``), which the launcher sums in a fixed order: no atomics, the same bits
@@ -221,9 +339,14 @@ def _tile_kernel(
                 N,
                 kk,
                 rn,
+                gp1_ptr,
+                bm1_ptr,
+                nnz1,
+                s * BLOCK_K,
                 KIND1,
                 WIDTH1,
                 BOOK_GATHER,
+                GROUP,
                 BLOCK_K,
                 BLOCK_N,
             )  # [BK, BN]
@@ -247,9 +370,14 @@ def _tile_kernel(
                 N,
                 kk,
                 rn,
+                gp2_ptr,
+                bm2_ptr,
+                nnz2,
+                s * BLOCK_K,
                 KIND2,
                 WIDTH2,
                 BOOK_GATHER,
+                GROUP,
                 BLOCK_K,
                 BLOCK_N,
             )  # [BK, BN]
@@ -312,7 +440,7 @@ def _csr_mm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_ok = rm < M
     rm64 = rm.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_J), dtype=tl.float32)  # reduced over j once, after the loop
     rj = tl.arange(0, BLOCK_J)  # [BJ]
     longest = tl.max(end - start, axis=0)
     jn = start[:, None] + rj[None, :]  # [BR, BJ]: the first chunk's column indices, loaded ahead
@@ -330,7 +458,8 @@ def _csr_mm_kernel(
             mask=m_ok[:, None, None] & ok[None, :, :],
             other=0.0,
         )  # [BM, BR, BJ]
-        acc += tl.sum(a.to(tl.float32) * val[None, :, :], axis=2)
+        acc3 += a.to(tl.float32) * val[None, :, :]
+    acc = tl.sum(acc3, axis=2)  # [BM, BR]
     ptrs = out_ptr + rm64[:, None] * stride_om + rows[None, :]
     mask = m_ok[:, None] & row_ok[None, :]
     if INIT:
@@ -399,3 +528,52 @@ def _decode_csr_kernel(
         ptrs = out_ptr + rr[:, None].to(tl.int64) * stride_o + col
         prev = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         tl.store(ptrs, (prev + val).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _decode_bitmap_kernel(
+    out_ptr,
+    stride_o,
+    rows,
+    cols,
+    gp_ptr,
+    bm_ptr,
+    words_ptr,
+    book_ptr,
+    book_len,
+    nnz,
+    WIDTH: tl.constexpr,
+    ACCUM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``out[:rows, :cols] (+)= deq(B)`` for a bitmap factor ``B``: the tile kernel's decode, stored."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    k0 = tl.program_id(1) * BLOCK_C
+    c = k0 + tl.arange(0, BLOCK_C)  # [BC]
+    book = tl.zeros((1,), dtype=tl.float32)
+    v = _bitmap_tile(
+        words_ptr,
+        gp_ptr,
+        bm_ptr,
+        book_ptr,
+        book_len,
+        book,
+        nnz,
+        cols,
+        rows,
+        k0,
+        c,
+        r,
+        WIDTH,
+        False,
+        GROUP,
+        BLOCK_C,
+        BLOCK_R,
+    )  # [BC, BR]
+    mask = (c[:, None] < cols) & (r[None, :] < rows)
+    ptrs = out_ptr + r[None, :].to(tl.int64) * stride_o + c[:, None]
+    if ACCUM:
+        v += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)

@@ -7,10 +7,11 @@ pure torch ops plus ``wrap_triton`` kernels (``torch.compile(fullgraph=True)`` t
    when ``V`` is empty and the identity is on ``V`` (the usual identity-init layer);
 2. ``y = x deq(C)^T + t deq(U)^T (+ t) + bias``.
 
-Dense-coded factors run in :func:`_tile_kernel`: an output tile ``[BLOCK_M, BLOCK_N]`` runs the
-K-steps of ``x deq(C)^T`` and then, as extra K-steps of the same accumulator, those of
-``t deq(U)^T``; codes are unpacked and looked up in the codebook inside the tile loop and fed
-to ``tl.dot`` (fp16/bf16 tensor cores; exact fp32 for fp32 inputs). CSR factors run in
+Dense-coded and bitmap factors run in :func:`_tile_kernel`: an output tile ``[BLOCK_M, BLOCK_N]``
+runs the K-steps of ``x deq(C)^T`` and then, as extra K-steps of the same accumulator, those of
+``t deq(U)^T``; codes are unpacked (a bitmap's found by popcounts from its row-group pointer) and
+looked up in the codebook inside the tile loop and fed to ``tl.dot`` (fp16/bf16 tensor cores;
+tf32 for fp32 inputs). CSR factors run in
 :func:`_csr_mm_kernel`, a second launch on the same output: one program owns ``BLOCK_M`` rows of
 ``M`` times ``BLOCK_R`` rows of the factor and walks their nonzeros, gathering the activations
 from ``x^T`` (the ``BLOCK_M`` values one nonzero needs are contiguous; the sorted columns of a
@@ -51,13 +52,20 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .lowrank_gemm import IDENTITY_U, IDENTITY_V, atmc_decode_ref, atmc_linear_ref, check_factor, check_linear
-from .lowrank_gemm_kernels import _csr_mm_kernel, _decode_csr_kernel, _decode_dense_kernel, _tile_kernel
-from .packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY, code_width
+from .lowrank_gemm_kernels import (
+    _csr_mm_kernel,
+    _decode_bitmap_kernel,
+    _decode_csr_kernel,
+    _decode_dense_kernel,
+    _tile_kernel,
+)
+from .packed_format import BITMAP_GROUP, FMT_BITMAP, FMT_CSR, FMT_DENSE, FMT_EMPTY, code_width
 
 __all__ = [
     "SMALL_M",
     "TARGET_PROGRAMS",
     "atmc_decode_triton",
+    "csr_block_m",
     "atmc_linear_triton",
     "decode_launch",
     "linear_launch",
@@ -67,7 +75,7 @@ __all__ = [
 SMALL_M = 32
 TARGET_PROGRAMS = 264  # 2 programs per SM on a 132-SM H100: the split-K tile path aims at least this many
 MAX_SPLIT_K = 16
-KIND_NONE, KIND_CODES, KIND_PLAIN = 0, 1, 2
+KIND_NONE, KIND_CODES, KIND_PLAIN, KIND_BITMAP = 0, 1, 2, 3
 DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
 _DOT = {torch.float32: DOT_F32, torch.float16: DOT_F16, torch.bfloat16: DOT_BF16}
 
@@ -91,10 +99,11 @@ TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes p
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
 ]
-# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 8, "wide" for BLOCK_M 16..64
+# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 4, "wide" for BLOCK_M 16 and 32
 # (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
 CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj, num_stages=4) for br, bj in ((16, 64), (8, 128), (4, 128))]
-CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((2, 64), (4, 32), (8, 16))]
+# (wide: 3.5-3.9 warp instructions per nonzero slot at M = 16 in the compiled loop, sm_90; (8, 16) took 15)
+CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((2, 64), (4, 64), (8, 32))]
 # Fixed tiles: Triton's interpreter (CPU tensors: nothing to tune), epilogue-only launches, tests.
 FIXED_CONFIG = {
     "tile_small": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1},
@@ -103,6 +112,7 @@ FIXED_CONFIG = {
 }
 DECODE_DENSE = {"BLOCK_R": 16, "BLOCK_C": 128}
 DECODE_CSR = {"BLOCK_R": 16, "BLOCK_J": 32}
+DECODE_BITMAP = {"BLOCK_R": 32, "BLOCK_C": 64}
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KB)
 
@@ -157,8 +167,10 @@ class _Factor:
         self.width = code_width(fmt, book.numel() - 1, self.raw)
 
     @property
-    def density(self) -> float:
-        return self.indices.numel() / (self.rows * self.cols)
+    def max_codes(self) -> int:
+        """Codes the stream can hold (its words less the pad word): a bitmap kernel never reads past it, even
+        when corrupt pointers say otherwise (validated data has exactly its nonzero count)."""
+        return 0 if self.fmt == FMT_EMPTY else (self.codes.numel() - 1) * 32 // self.width
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -172,6 +184,15 @@ def _pow2(n: int) -> int:
     while p < n:
         p *= 2
     return p
+
+
+def csr_block_m(M: int) -> int:
+    """Rows of activations one CSR program takes: ``pow2(M)`` up to 4, then 16, then 32-row chunks.
+
+    (Compiled for sm_90, the 8-row kernel issues 5.4 warp instructions per nonzero, more than the
+    16-row one's 3.5: ``python -m bench.gemm_issue``.)
+    """
+    return _pow2(M) if M <= 4 else 16 if M <= 16 else 32
 
 
 def split_k(M: int, N: int, K_total: int, block_n: int = 64, block_k: int = 64) -> int:
@@ -206,6 +227,24 @@ def decode_into(out: Tensor, f: _Factor, accumulate: bool) -> Tensor:
             ACCUM=accumulate,
             **DECODE_DENSE,
         )
+    elif f.fmt == FMT_BITMAP:
+        grid = (triton.cdiv(f.rows, DECODE_BITMAP["BLOCK_R"]), triton.cdiv(f.cols, DECODE_BITMAP["BLOCK_C"]))
+        wrap_triton(_decode_bitmap_kernel)[grid](
+            out_ptr=out,
+            stride_o=out.stride(0),
+            rows=f.rows,
+            cols=f.cols,
+            gp_ptr=f.indptr,
+            bm_ptr=f.indices,
+            words_ptr=f.codes,
+            book_ptr=book,
+            book_len=book_len,
+            nnz=f.max_codes,
+            WIDTH=f.width,
+            ACCUM=accumulate,
+            GROUP=BITMAP_GROUP,
+            **DECODE_BITMAP,
+        )
     elif f.fmt == FMT_CSR:
         grid = (triton.cdiv(f.rows, DECODE_CSR["BLOCK_R"]),)
         wrap_triton(_decode_csr_kernel)[grid](
@@ -227,7 +266,7 @@ def decode_into(out: Tensor, f: _Factor, accumulate: bool) -> Tensor:
 
 def decode_launch(f: _Factor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Dense ``[rows, cols]`` of ``f`` in ``dtype``."""
-    if f.fmt == FMT_DENSE:
+    if f.fmt in (FMT_DENSE, FMT_BITMAP):  # these kernels write every element
         return decode_into(_empty((f.rows, f.cols), dtype, f.codes.device), f, accumulate=False)
     return decode_into(torch.zeros(f.rows, f.cols, dtype=dtype, device=f.codes.device), f, accumulate=True)
 
@@ -258,11 +297,25 @@ def _tile_launch(
         "bias_ptr": out if bias is None else bias,
         "M_BUCKET": _pow2(M),
     }
-    consts = {"HAS_ADDEND": addend is not None, "HAS_BIAS": bias is not None, "DOT": dot, "BOOK_GATHER": book_gather}
+    consts = {
+        "HAS_ADDEND": addend is not None,
+        "HAS_BIAS": bias is not None,
+        "DOT": dot,
+        "BOOK_GATHER": book_gather,
+        "GROUP": BITMAP_GROUP,
+    }
     for s in (1, 2):
         a, b = terms[s - 1] if s <= len(terms) else (None, None)
-        kind = KIND_NONE if b is None else KIND_PLAIN if isinstance(b, Tensor) else KIND_CODES
-        f = b if kind == KIND_CODES else None
+        kind = (
+            KIND_NONE
+            if b is None
+            else KIND_PLAIN
+            if isinstance(b, Tensor)
+            else KIND_BITMAP
+            if b.fmt == FMT_BITMAP
+            else KIND_CODES
+        )
+        f = b if kind in (KIND_CODES, KIND_BITMAP) else None
         book, book_len, book_size = _book_args(f)
         b_ptr = out if b is None else b if kind == KIND_PLAIN else f.codes
         K = 0 if a is None else a.shape[1]
@@ -275,6 +328,9 @@ def _tile_launch(
             f"book{s}_len": book_len,
             f"stride_b{s}n": K,
             f"stride_b{s}k": 1,
+            f"gp{s}_ptr": f.indptr if kind == KIND_BITMAP else b_ptr,
+            f"bm{s}_ptr": f.indices if kind == KIND_BITMAP else b_ptr,
+            f"nnz{s}": f.max_codes if kind == KIND_BITMAP else 0,
         }
         consts |= {
             f"KIND{s}": kind,
@@ -316,7 +372,7 @@ def _csr_launch(
     ``out = addend + bias + a deq(f)^T``). With ``M`` contiguous, the ``BLOCK_M`` activations one
     nonzero multiplies are one coalesced read."""
     M, N = out.shape
-    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, _pow2(M) if small else 32
+    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, csr_block_m(M)
     book, book_len, _ = _book_args(f)
     args = {
         "out_ptr": out,
@@ -374,7 +430,7 @@ def _packed_matmul(
     device = (addend if addend is not None else products[0][0]).device
     tile, sparse = [], []
     for a, f in products:
-        if f.fmt == FMT_DENSE:
+        if f.fmt in (FMT_DENSE, FMT_BITMAP):  # decoded in the tile loop, fed to tensor cores
             tile.append((a, f))
         elif f.fmt == FMT_CSR:
             if densify:

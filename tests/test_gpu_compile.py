@@ -71,10 +71,12 @@ def _exercise_gemm():
     sys.path.insert(0, str(HERE))
     from atmc_triton.kernels import lowrank_gemm_triton as lt
     from atmc_triton.kernels.lowrank_gemm import IDENTITY_NONE, IDENTITY_U, IDENTITY_V
-    from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY
+    from atmc_triton.kernels.packed_format import FMT_BITMAP, FMT_CSR, FMT_DENSE, FMT_EMPTY
     from test_lowrank_gemm import layer_case
 
     for M, fmts, identity, dtype, raw in [
+        (3, (FMT_BITMAP, FMT_BITMAP, FMT_CSR), IDENTITY_NONE, torch.float16, False),
+        (70, (FMT_BITMAP, FMT_EMPTY, FMT_BITMAP), IDENTITY_V, torch.float32, True),
         (3, (FMT_DENSE, FMT_DENSE, FMT_DENSE), IDENTITY_NONE, torch.float32, False),
         (3, (FMT_CSR, FMT_CSR, FMT_CSR), IDENTITY_U, torch.float16, False),
         (20, (FMT_DENSE, FMT_EMPTY, FMT_CSR), IDENTITY_V, torch.float32, True),

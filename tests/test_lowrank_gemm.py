@@ -24,9 +24,12 @@ from atmc_triton.kernels.lowrank_gemm import (
     predicted_us,
 )
 from atmc_triton.kernels.packed_format import (
+    BITMAP_GROUP,
+    FMT_BITMAP,
     FMT_CSR,
     FMT_DENSE,
     FMT_EMPTY,
+    SIZE_FORMATS,
     choose_format,
     code_width,
     decode_factor_ref,
@@ -53,7 +56,7 @@ DEVICES = [
     ),
     pytest.param("cuda", marks=[needs_triton, pytest.mark.gpu]),
 ]
-FMTS = (FMT_EMPTY, FMT_DENSE, FMT_CSR)
+FMTS = (FMT_EMPTY, FMT_DENSE, FMT_CSR, FMT_BITMAP)
 
 
 @pytest.fixture(autouse=True)
@@ -211,10 +214,13 @@ def test_encode_decode_is_exact_in_every_format(rows, cols, density, levels, raw
     nnz = int((w != 0).sum())
     lv = 0 if raw else int(torch.unique(w[w != 0]).numel())
     best = choose_format(rows, cols, nnz, lv, raw)
-    for fmt in (None, FMT_DENSE, FMT_CSR):
-        enc = encode_factor(w, raw, fmt)
+    for fmt in (None, FMT_DENSE, FMT_CSR, FMT_BITMAP, "size"):
+        enc = encode_factor(w, raw, None, SIZE_FORMATS) if fmt == "size" else encode_factor(w, raw, fmt)
         got_fmt = enc[0]
-        assert got_fmt == (FMT_EMPTY if nnz == 0 else best if fmt is None else fmt)
+        if fmt == "size":
+            assert got_fmt == (FMT_EMPTY if nnz == 0 else choose_format(rows, cols, nnz, lv, raw, SIZE_FORMATS))
+        else:
+            assert got_fmt == (FMT_EMPTY if nnz == 0 else best if fmt is None else fmt)
         back = decode_factor_ref(got_fmt, rows, cols, *enc[1:])
         assert torch.equal(back.view(torch.int32), w.view(torch.int32))  # bit-exact
         assert sum(t.nbytes for t in enc[1:]) == factor_nbytes(got_fmt, rows, cols, nnz, lv, raw)
@@ -224,14 +230,16 @@ def test_encode_decode_is_exact_in_every_format(rows, cols, density, levels, raw
                 rows * cols if got_fmt == FMT_DENSE else nnz, code_width(got_fmt, lv, raw)
             )
     if nnz:
-        sizes = {f: factor_nbytes(f, rows, cols, nnz, lv, raw) for f in (FMT_DENSE, FMT_CSR)}
-        assert sizes[best] == min(sizes.values())
+        sizes = {f: factor_nbytes(f, rows, cols, nnz, lv, raw) for f in (FMT_DENSE, FMT_CSR, FMT_BITMAP)}
+        assert sizes[best] == min(sizes[FMT_DENSE], sizes[FMT_CSR])
+        assert sizes[choose_format(rows, cols, nnz, lv, raw, SIZE_FORMATS)] == min(sizes.values())
 
 
 def test_on_disk_format_is_pinned():
-    """The saved words of a dense and a CSR factor, bit for bit: code i at bits [i w, (i + 1) w) of a
-    little-endian stream of int32 words plus one zero pad word; dense code 0 is the zero, CSR code c is
-    level c + 1; int16 column indices; int32 row pointers. Changing any of these breaks saved files."""
+    """The saved words of a dense, a CSR and a bitmap factor, bit for bit: code i at bits [i w, (i + 1) w) of
+    a little-endian stream of int32 words plus one zero pad word; dense code 0 is the zero, CSR and bitmap
+    code c is level c + 1; int16 column indices; int32 row pointers; bitmap bit j of a row's word i is
+    column 32 i + j, one pointer per row and 256 columns. Changing any of these breaks saved files."""
     w = torch.tensor([[0.0, 0.5, -1.0, 0.0, 2.0], [2.0, 0.0, 0.0, -1.0, 0.5]])
     fmt, codes, book, indptr, indices = encode_factor(w, raw=False, fmt=FMT_DENSE)
     assert fmt == FMT_DENSE and book.tolist() == [0.0, -1.0, 0.5, 2.0]  # 3 levels: 2-bit dense codes
@@ -241,6 +249,16 @@ def test_on_disk_format_is_pinned():
     assert indptr.tolist() == [0, 3, 6] and indptr.dtype == torch.int32
     assert indices.tolist() == [1, 2, 4, 0, 3, 4] and indices.dtype == torch.int16
     assert codes.tolist() == [0b01_00_10_10_00_01, 0]  # levels 2 1 3 3 1 2 -> codes 1 0 2 2 0 1, 2 bits each
+    fmt, codes, book, indptr, indices = encode_factor(w, raw=False, fmt=FMT_BITMAP)
+    assert indices.tolist() == [0b10110, 0b11001] and indices.dtype == torch.int32  # bit j = column j
+    assert indptr.tolist() == [0, 3, 6] and indptr.dtype == torch.int32  # nonzeros before each row's 256-col group
+    assert codes.tolist() == [0b01_00_10_10_00_01, 0]  # the CSR codes, in the same row-major order
+    wide = torch.zeros(2, 300)
+    wide[0, [0, 255, 256, 299]] = 1.0
+    wide[1, 31] = 1.0
+    fmt, codes, book, indptr, indices = encode_factor(wide, raw=False, fmt=FMT_BITMAP)
+    assert BITMAP_GROUP == 256 and indptr.tolist() == [0, 2, 4, 5, 5]  # row 0: groups [0, 256), [256, 300)
+    assert [int(v) & 0xFFFFFFFF for v in indices] == [1, 0, 0, 0, 0, 0, 0, 1 << 31, 1, 1 << 11] + [1 << 31] + [0] * 9
     nine = pack_bits(torch.tensor([0x155, 0x0AA, 0x1FF, 0x1E1]), 9)  # the 4th 9-bit code straddles words 0, 1
     assert [int(v) & 0xFFFFFFFF for v in nine] == [0x0FFD5555, 0xF, 0]
     assert unpack_bits(nine, 4, 9).tolist() == [0x155, 0x0AA, 0x1FF, 0x1E1]
@@ -249,7 +267,8 @@ def test_on_disk_format_is_pinned():
 def test_code_widths():
     assert [code_width(FMT_DENSE, L, False) for L in (1, 2, 3, 4, 255, 256)] == [1, 2, 2, 3, 8, 9]
     assert [code_width(FMT_CSR, L, False) for L in (1, 2, 3, 4, 255, 256)] == [1, 1, 2, 2, 8, 8]
-    assert code_width(FMT_CSR, 0, True) == code_width(FMT_DENSE, 0, True) == 32
+    assert [code_width(FMT_BITMAP, L, False) for L in (1, 2, 3, 4, 255, 256)] == [1, 1, 2, 2, 8, 8]
+    assert code_width(FMT_CSR, 0, True) == code_width(FMT_DENSE, 0, True) == code_width(FMT_BITMAP, 0, True) == 32
 
 
 def test_encode_refuses_more_than_256_levels():

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 import torch
-from atmc_triton.kernels.packed_format import FMT_CSR, FMT_DENSE, FMT_EMPTY
+from atmc_triton.kernels.packed_format import FMT_BITMAP, FMT_CSR, FMT_DENSE, FMT_EMPTY
 from helpers import lenet, small_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,6 +151,52 @@ def test_formats_follow_density():
     assert packed.V_indices.dtype == torch.int16 and packed.V_indptr.numel() == packed.rank + 1
     assert packed.U_book.tolist() == [0.0, -1.0, -0.5, 0.5, 1.0] and packed.U_codes.numel() == 64 * 64 * 3 // 32 + 1
     assert packed.C_codes.numel() == packed.C_book.numel() == 0
+
+
+def bitmap_model() -> nn.Module:
+    """``known_formats`` with C a 30 %-dense factor over 3 levels, which packs smallest as a bitmap."""
+    model = known_formats()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        keep = torch.rand(64, 200, generator=g) < 0.3
+        model[0].C.copy_(
+            torch.where(keep, torch.tensor([-0.25, 0.25, 0.75])[torch.randint(0, 3, (64, 200), generator=g)], 0.0)
+        )
+    return model
+
+
+def test_bitmap_layer_packs_saves_loads_and_unpacks_exactly(tmp_path):
+    model = bitmap_model()
+    x = torch.randn(5, 200)
+    assert pk.pack_(copy.deepcopy(model))[0].fmts["C"] == FMT_DENSE  # the default keeps the faster formats
+    with pytest.raises(ValueError, match="formats must be one of"):
+        pk.pack_(copy.deepcopy(model), formats="smallest")
+    packed = pk.pack_(copy.deepcopy(model), formats="size")
+    layer = packed[0]
+    assert layer.fmts == {"U": FMT_DENSE, "V": FMT_CSR, "C": FMT_BITMAP}
+    assert layer.C_indices.dtype == torch.int32 and layer.C_indices.numel() == 64 * 7  # 7 words per 200-column row
+    assert layer.C_indptr.numel() == 64 * 1 + 1  # one 256-column group per row
+    torch.testing.assert_close(packed(x), model(x), rtol=1e-5, atol=1e-5)
+    counter = CompileCounter()  # the bitmap decode has static shapes: one frame, no graph break
+    assert torch.equal(torch.compile(packed, backend=counter, fullgraph=True)(x), packed(x))
+    assert counter.frame_count == 1
+    path = tmp_path / "bitmap.safetensors"
+    pk.save_packed(packed, path)
+    loaded = pk.load_packed(nn.Sequential(nn.Linear(200, 64)), path)
+    assert loaded[0].fmts == layer.fmts and bits_of(loaded.state_dict()) == bits_of(packed.state_dict())
+    assert torch.equal(loaded(x), packed(x))
+    unpacked = pk.unpack(loaded)
+    assert torch.equal(unpacked[0].C, model[0].C) and torch.equal(unpacked(x), model(x))
+    for edit, message in (
+        (lambda t, h: t["0.C_indices"].__setitem__(6, -1), "bits set past column 200"),
+        (lambda t, h: t["0.C_indptr"].__setitem__(1, 0), "indptr must count"),
+        (lambda t, h: t["0.C_codes"].fill_(-1), "past its"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pk.load_packed(nn.Sequential(nn.Linear(200, 64)), _corrupt(tmp_path, packed, edit))
+    layer.C_indices[6] = -1  # changed in place after loading: refused before any kernel on the next forward
+    with pytest.raises(ValueError, match="bits set past column 200"):
+        packed(x)
 
 
 # --- sizes -----------------------------------------------------------------------------------------------------------

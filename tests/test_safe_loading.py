@@ -272,7 +272,8 @@ def test_packed_metadata_that_lies_is_refused(packed_file, tmp_path):
     cases = [
         (lambda h: layer(h).update(bits=1), r"has 4 levels, more than 2\^1"),  # U holds 4 levels
         (lambda h: layer(h)["factors"]["C"].update(nnz=3), "factor C is empty but its metadata says 3 nonzeros"),
-        (lambda h: layer(h)["factors"]["U"].update(fmt=7), r"not fit the model:[\s\S]*size mismatch for 0\.U_codes"),
+        (lambda h: layer(h)["factors"]["U"].update(fmt=7), "bad packed-layer metadata.*factor U has unknown format 7"),
+        (lambda h: layer(h)["factors"]["U"].update(fmt=3), r"not fit the model:[\s\S]*size mismatch for 0\.U_codes"),
         (lambda h: layer(h)["factors"]["C"].update(fmt=7), "bad packed-layer metadata"),
         (lambda h: layer(h).update(dtype="Tensor"), "bad packed-layer metadata"),
     ]
