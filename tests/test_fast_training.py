@@ -263,3 +263,13 @@ def test_fewer_target_classes_are_labelled():
     label, stages = suite_stages(m10, x, "torchattacks", 0.1, n_target_classes=3)
     assert [n for n, _ in stages][1:3] == ["apgd-t-100-3targets", "fab-t-100-3targets"] and "3targets" in label
     assert suite_stages(m, x, "apgd", 0.1)[0] == "apgd-ce-100"  # 3 classes: no targeted stage
+
+
+def test_channels_last_models_compute_the_same(small_digits):
+    plain = Experiment("digits_cnn", small_digits, _fast(), device="cpu").new_model()
+    cl = Experiment("digits_cnn", small_digits, _fast(), device="cpu", channels_last=True).new_model()
+    w = next(p for p in cl.parameters() if p.dim() == 4 and p.shape[1] > 1)
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    x = torch.rand(7, 1, 8, 8)
+    torch.testing.assert_close(cl(x), plain(x), rtol=1e-5, atol=1e-5)
+    plain.load_state_dict(cl.state_dict())  # checkpoints do not depend on the memory format
