@@ -69,7 +69,7 @@ def test_fast_preset_study_writes_curves_and_where_the_nonzeros_went(tmp_path):
     assert (out / "mnist_study_curves.png").read_bytes()[:4] == b"\x89PNG"
     logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     dense = [r for r in logs if r["stage"] == "dense"]
-    assert dense and all(r["train_attack"] == "fgsm_rs" and r["guard_pgd_acc"] is not None for r in dense)
+    assert dense and all(r["train_attack"] in ("pgd", "fallback") and r["guard_pgd_acc"] is not None for r in dense)
     assert all(r["train_cpu_seconds"] > 0 for r in logs)
     by = {r["method"]: r for r in rows}
     ident, svd = by["ATMC-8b"], by["ATMC-svd"]
