@@ -70,6 +70,8 @@ WINDOW = 6  # the fast path's refinement: half window (2 (2 W + 1) candidates pe
 MAX_PASSES = 32  # ... its cap on passes ...
 PASS_RTOL = 1e-3  # ... and the relative gain below which a segment stops
 CHUNK_VALUES = 1 << 24  # the fast path batches segments up to this many values at a time
+LUT_PER_MID = 16  # CPU bucketing: lookup-table bins per midpoint ...
+LUT_MAX_STEPS = 8  # ... and the most midpoints a bin window may hold (else a binary search)
 
 
 def round_down_midpoints(c: Tensor) -> Tensor:
@@ -133,9 +135,11 @@ def _prefix_sum(s: Tensor) -> Tensor:
 def _sorted_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Sorted nonzeros ``s [m]``, their float64 prefix sums ``[m + 1]`` and float64 sum of squares."""
     s = _sorted_nonzeros(x)
-    if s.device.type == "cpu":
+    if s.device.type == "cpu":  # one float64 copy for both (numpy: a casting cumsum is ~5x slower)
         s64 = s.numpy().astype(np.float64)
-        return s, _prefix_sum(s), torch.tensor(float(np.dot(s64, s64)), dtype=torch.float64)
+        p = np.zeros(s64.size + 1)
+        np.cumsum(s64, out=p[1:])
+        return s, torch.from_numpy(p), torch.tensor(float(np.dot(s64, s64)), dtype=torch.float64)
     return s, _prefix_sum(s), s.double().square().sum()
 
 
@@ -147,10 +151,37 @@ def _count_le(s: Tensor, v: Tensor) -> Tensor:
 
 
 def _bucket(x: Tensor, mids: Tensor) -> Tensor:
-    """``bucketize(x, mids)`` (count of ``mids < x``) as int32; numpy on CPU (several times faster)."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.searchsorted(mids.numpy(), x.numpy(), side="left").astype(np.int32))
-    return torch.bucketize(x, mids, out_int32=True)
+    """``torch.bucketize(x, mids)`` (the count of ``mids < x``) as int32, exactly.
+
+    On CPU a lookup table replaces the per-value binary search (~10x fewer passes): ``x`` is
+    binned on a uniform grid over ``[mids[0], mids[-1]]``, each bin starts from the count below
+    the bin two to its left (slack for rounding), and a few vectorized compare-and-step rounds
+    finish the count. Falls back to ``torch.bucketize`` when a bin window holds many midpoints or
+    ``x`` is not finite.
+    """
+    M = mids.numel()
+    if x.device.type != "cpu" or M < 2 or x.numel() < 4096:
+        return torch.bucketize(x, mids, out_int32=True)
+    m, xn = mids.numpy(), x.numpy()
+    lo, hi = float(m[0]), float(m[-1])
+    nb = LUT_PER_MID * M
+    if not hi > lo or not np.isfinite(xn).all():
+        return torch.bucketize(x, mids, out_int32=True)
+    scale = nb / (hi - lo)
+    edges = lo + (np.arange(nb + 4) - 2) / scale  # bin j (x in [lo + j/scale, ...)) starts below edges[j]
+    start = np.searchsorted(m, edges.astype(np.float32), side="left").astype(np.int32)
+    start = np.append(start, np.int32(M))  # [nb + 5]: past the last edge every midpoint is below
+    if int((start[4:] - start[:-4]).max()) > LUT_MAX_STEPS:  # midpoints a bin's x may still have to pass
+        return torch.bucketize(x, mids, out_int32=True)
+    j = np.clip((xn.astype(np.float64) - lo) * scale, 0, nb).astype(np.int64)
+    k = start[j]
+    mp = np.append(m, np.float32(np.inf))  # a sentinel past the last midpoint
+    for _ in range(LUT_MAX_STEPS + 2):
+        step = mp[k] < xn
+        if not step.any():
+            break
+        k += step
+    return torch.from_numpy(k)
 
 
 def _fit(
@@ -269,8 +300,8 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
         z = int(np.searchsorted(sn, 0.0))
         bnd = np.union1d(atom_bounds(sn, K), [z])  # [G + 1]
         s64 = sn.astype(np.float64)
-        p2 = np.zeros(sn.size + 1)
-        np.cumsum(np.multiply(s64, s64, out=s64), out=p2[1:])
+        sq = np.add.reduceat(np.multiply(s64, s64, out=s64), bnd[:-1])  # [G] sums of squares per atom
+        p2 = np.concatenate([[0.0], np.cumsum(sq)])  # [G + 1] at the atom boundaries
         c0 = compand_init(sn, K, max(MIN_ATOMS, GRID_PER_CENTRE * K))  # [K] ascending
         zc = int(np.searchsorted(c0, 0.0))
         c = np.insert(c0, zc, 0.0)  # [K + 1] with the pinned zero
@@ -279,7 +310,7 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
         B = np.concatenate([[0], B, [bnd.size - 1]])
         B[: zc + 1] = np.minimum(B[: zc + 1], za)  # the zero cluster holds the sign change
         B[zc + 1 :] = np.maximum(B[zc + 1 :], za)
-        probs.append((i, bnd, p[bnd], p2[bnd], za, B, zc))
+        probs.append((i, bnd, p[bnd], p2, za, B, zc))
     if not probs:
         return out
     Gmax = max(pr[1].size for pr in probs)
@@ -306,8 +337,8 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
 Stats = tuple[Tensor, Tensor, Tensor]  # sorted nonzeros [m], float64 prefix sums [m + 1], sum of squares []
 
 
-def _stat_batches(values: Tensor, bounds: list[int]):
-    """Yield lists of ``(segment, stats)`` of the nonempty segments, up to ``CHUNK_VALUES`` values a list."""
+def _stat_batches(values: Tensor, bounds: list[int], chunk: int = CHUNK_VALUES):
+    """Yield lists of ``(segment, stats)`` of the nonempty segments, up to ``chunk`` values a list."""
     batch: list[tuple[int, Stats]] = []
     size = 0
     for i in range(len(bounds) - 1):
@@ -315,7 +346,7 @@ def _stat_batches(values: Tensor, bounds: list[int]):
         if a < b:
             batch.append((i, _sorted_stats(values[a:b])))
             size += b - a
-        if size >= CHUNK_VALUES:
+        if size >= chunk:
             yield batch
             batch, size = [], 0
     if batch:
@@ -390,7 +421,7 @@ def lloyd_quantize_ref(
     q = torch.zeros_like(values)
     err = torch.zeros(S, dtype=torch.float32, device=values.device)
     bl = dict(enumerate(bits.tolist()))
-    for batch in _stat_batches(values, bounds):
+    for batch in _stat_batches(values, bounds, CHUNK_VALUES if method == "fast" else 1):
         inits = _batch_inits(batch, bl, method)
         for i, st in batch:
             a, b = bounds[i], bounds[i + 1]
@@ -418,7 +449,7 @@ def errors_for_bits_ref(values: Tensor, offsets: Tensor, max_iter: int, tol: flo
     bounds = _check_inputs(values, offsets, None, max_iter, tol, method)
     S = len(bounds) - 1
     err = torch.zeros(S, MAX_BITS, dtype=torch.float32, device=values.device)
-    for batch in _stat_batches(values, bounds):
+    for batch in _stat_batches(values, bounds, CHUNK_VALUES if method == "fast" else 1):
         for b in range(1, MAX_BITS + 1):
             inits = _batch_inits(batch, dict.fromkeys(range(S), b), method)
             for i, (s, p1, total_sq) in batch:

@@ -83,26 +83,31 @@ def _pass(
     A1 = np.zeros((S, T, NC), np.int32)
     Z = np.zeros((S, T, NC), bool)
     zc = za[:, None, None]
+    lo_t, hi_t = win.min(2), win.max(2)  # [S, T]
     for t in range(T - 1):
         a, b = win[:, t][:, None, :], win[:, t + 1][:, :, None]  # [S, 1, NC] previous, [S, NC, 1] next
         n = Cw[:, t + 1][:, :, None] - Cw[:, t][:, None, :]  # [S, NC, NC]
         s1 = S1w[:, t + 1][:, :, None] - S1w[:, t][:, None, :]
         s2 = S2w[:, t + 1][:, :, None] - S2w[:, t][:, None, :]
         bad = np.where(a <= b, 0.0, np.inf)  # a boundary before its predecessor
-        free = np.maximum(s2 - np.divide(s1 * s1, n, out=np.zeros_like(s1), where=n > 0), 0.0) + bad
-        c0 = V0[:, None, :] + free
-        a0 = c0.argmin(2)  # [S, NC]
-        if np.any((win[:, t].min(1) <= za) & (za <= win[:, t + 1].max(1))):  # may be the zero cluster
+        free = np.maximum(s2 - s1 * s1 / np.maximum(n, 1.0), 0.0) + bad  # (n = 0 has s1 = 0)
+        # V0 matters while the zero cluster may still start (a candidate at or before za); V1 once it may exist
+        need0 = bool(np.any(lo_t[:, t + 1] <= za))
+        if need0:
+            c0 = V0[:, None, :] + free
+            A0[:, t + 1] = c0.argmin(2)  # [S, NC]
+        if np.any((lo_t[:, t] <= za) & (za <= hi_t[:, t + 1])):  # cluster t may be the zero cluster
             zero = s2 + np.where((a <= zc) & (zc <= b), bad, np.inf)  # it holds the sign change
             c1 = np.concatenate([V1[:, None, :] + free, V0[:, None, :] + zero], 2)  # [S, NC, 2 NC]
             a1 = c1.argmin(2)
             use_z = a1 >= NC
             A1[:, t + 1], Z[:, t + 1] = a1 - NC * use_z, use_z
-        else:
+            V1 = c1.min(2)
+        elif np.isfinite(V1).any():
             c1 = V1[:, None, :] + free
-            A1[:, t + 1] = a1 = c1.argmin(2)
-        A0[:, t + 1] = a0
-        V0, V1 = c0.min(2), c1.min(2)
+            A1[:, t + 1] = c1.argmin(2)
+            V1 = c1.min(2)
+        V0 = c0.min(2) if need0 else np.full((S, NC), np.inf)
     x = V1.argmin(1)  # every last candidate is G
     cost = V1[rows[:, 0], x]
     flag = np.ones(S, bool)
