@@ -303,7 +303,8 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
         s64 = sn.astype(np.float64)
         sq = np.add.reduceat(np.multiply(s64, s64, out=s64), bnd[:-1])  # [G] sums of squares per atom
         p2 = np.concatenate([[0.0], np.cumsum(sq)])  # [G + 1] at the atom boundaries
-        c0 = compand_init(sn, K, max(MIN_ATOMS, GRID_PER_CENTRE * K))  # [K] ascending
+        with np.errstate(invalid="ignore", over="ignore"):
+            c0 = compand_init(sn, K, max(MIN_ATOMS, GRID_PER_CENTRE * K))  # [K] ascending
         zc = int(np.searchsorted(c0, 0.0))
         c = np.insert(c0, zc, 0.0)  # [K + 1] with the pinned zero
         za = int(np.searchsorted(bnd, z))
@@ -325,7 +326,8 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
     G = np.array([pr[1].size - 1 for pr in probs])
     za = np.array([pr[4] for pr in probs])
     B0, zc0 = np.stack([pr[5] for pr in probs]), np.array([pr[6] for pr in probs])
-    B, zc, _ = refine_partition(C, P1, P2, G, za, B0, zc0, WINDOW, MAX_PASSES, PASS_RTOL)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite values: NaN errors, as with "lloyd"
+        B, zc, _ = refine_partition(C, P1, P2, G, za, B0, zc0, WINDOW, MAX_PASSES, PASS_RTOL)
     for r, pr in enumerate(probs):
         lo, hi = B[r, :-1], B[r, 1:]
         n = C[r, hi] - C[r, lo]

@@ -159,3 +159,19 @@ def test_never_worse_than_legacy_where_the_refined_init_alone_is(seed, b):
     legacy = float(quantize(x, b, "lloyd")[3][0])
     assert init_only > legacy  # the case this test is about
     assert float(quantize(x, b, "fast")[3][0]) <= legacy
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_give_a_nan_error_without_warnings(bad):
+    """A non-finite value poisons the segment's error (NaN) for ``"fast"`` as for ``"lloyd"``: no crash,
+    no numpy warnings, the other segments untouched."""
+    import warnings
+
+    x = np.random.default_rng(0).standard_normal(6000).astype(np.float32)
+    x[7] = bad
+    v = torch.from_numpy(x)
+    for m in ("fast", "lloyd"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            err = lloyd_quantize_ref(v, torch.tensor([0, 3000, 6000]), torch.tensor([8, 8]), 20, 1e-5, m)[3]
+        assert torch.isnan(err[0]) and torch.isfinite(err[1]), (m, err)
