@@ -17,7 +17,7 @@ O(K n log n) time, O(n) memory per stored layer.
 
 The same DP runs over *atoms* (runs ``[bounds[t], bounds[t+1])`` of the sorted values) with
 their exact counts and sums: with one atom per distinct value it is exact; with coarser atoms
-it is the best partition whose boundaries are atom boundaries (the fast path's init).
+it is the best partition whose boundaries are atom boundaries.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ def dp_partition(
         bounds: ascending atom boundaries ``[N + 1]`` from 0 to m (default: every position,
             which makes the result exact). The sign change is added when missing.
         prefix: float64 prefix sums ``(p1, p2) [m + 1]`` of ``s`` and ``s**2``: the cluster costs
-            then come from them, uncentred, with no pass over ``s`` (the fast path's init; the
-            default centres each side first, which is more accurate for one-sided data).
+            then come from them, uncentred, with no pass over ``s`` (the default centres each
+            side first, which is more accurate for one-sided data).
     Returns:
         ``(cuts, zero, sse)``: ascending cluster boundaries ``cuts`` (positions in ``0..m``,
         first 0, last m, no empty free cluster), the index ``zero`` such that the zero cluster is

@@ -148,14 +148,30 @@ def test_bad_method():
 
 
 @pytest.mark.parametrize("seed, b", [(0, 1), (8, 2)])
-def test_never_worse_than_legacy_where_the_dp_init_alone_is(seed, b):
-    """On these inputs Lloyd from the DP init stops (tol 1e-5) slightly above the legacy result:
+def test_never_worse_than_legacy_where_the_refined_init_alone_is(seed, b):
+    """On these inputs Lloyd from the refined init stops (tol 1e-5) slightly above the legacy result:
     ``"fast"`` must return the legacy one then."""
     from atmc_triton.kernels import lloyd as L
 
     x = np.random.default_rng(seed).standard_normal(2000).astype(np.float32)
     s, p1, tsq = L._sorted_stats(torch.from_numpy(x))
-    dp_only = float(L._fit(s, p1, tsq, L._dp_init(s, p1, 2**b, False), 20, 1e-5)[2])
+    init_only = float(L._fit(s, p1, tsq, L._fast_inits([(s, p1)], 2**b)[0], 20, 1e-5)[2])
     legacy = float(quantize(x, b, "lloyd")[3][0])
-    assert dp_only > legacy  # the case this test is about
+    assert init_only > legacy  # the case this test is about
     assert float(quantize(x, b, "fast")[3][0]) <= legacy
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_give_a_nan_error_without_warnings(bad):
+    """A non-finite value poisons the segment's error (NaN) for ``"fast"`` as for ``"lloyd"``: no crash,
+    no numpy warnings, the other segments untouched."""
+    import warnings
+
+    x = np.random.default_rng(0).standard_normal(6000).astype(np.float32)
+    x[7] = bad
+    v = torch.from_numpy(x)
+    for m in ("fast", "lloyd"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            err = lloyd_quantize_ref(v, torch.tensor([0, 3000, 6000]), torch.tensor([8, 8]), 20, 1e-5, m)[3]
+        assert torch.isnan(err[0]) and torch.isfinite(err[1]), (m, err)

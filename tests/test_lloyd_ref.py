@@ -163,3 +163,23 @@ def test_errors_for_bits_rejects_bad_inputs():
         errors_for_bits_ref(torch.zeros(4), torch.tensor([0, 3]), 20, 0.0)
     with pytest.raises(ValueError, match="tol"):
         errors_for_bits_ref(torch.zeros(4), torch.tensor([0, 4]), 20, -1.0)
+
+
+@pytest.mark.parametrize("case", ["plain", "duplicate_mids", "far_outlier_mid", "few_mids"])
+def test_cpu_bucketing_equals_torch_bucketize(case):
+    """The CPU lookup-table bucketing of the codes pass equals ``torch.bucketize`` exactly (ties, values past
+    both ends, neighbours one ulp above a midpoint, many equal midpoints that force the fallback)."""
+    from atmc_triton.kernels.lloyd import _bucket
+
+    g = torch.Generator().manual_seed(len(case))
+    M = {"few_mids": 2}.get(case, 200)
+    mids = torch.sort(torch.randn(M, generator=g))[0]
+    if case == "duplicate_mids":
+        mids[M // 2 :] = mids[M // 2]
+    if case == "far_outlier_mid":
+        mids[-1] = 1e3
+    x = torch.randn(20000, generator=g) * 2
+    x[:500] = mids[torch.randint(0, M, (500,), generator=g)]  # exact ties go to the lower bucket
+    x[500:600] = torch.nextafter(x[:100], torch.full((100,), float("inf")))
+    x[600:700], x[700:800], x[800:900] = 0.0, 1e4, -1e4
+    assert torch.equal(_bucket(x, mids), torch.bucketize(x, mids, out_int32=True))

@@ -1,0 +1,85 @@
+"""CPU cost of the quantizer methods against an older commit's: ``python -m bench.lloyd_cpu_ab [--old REV]``.
+
+Times, in one process and interleaved (three rounds, median), the reference
+:func:`lloyd_quantize_ref` of ``--old`` (default ``e6302ca``, the commit before the windowed-DP
+``"fast"``; its ``lloyd`` is the old default) against this tree's ``fast`` and ``lloyd``, on:
+``2M/30`` (2M Gaussian values in 30 equal segments), ``resnet34`` (the 111 U, V, C factors of
+ResNet34, 46M values, as in :mod:`bench.lloyd`) and ``21M/1``, at b = 4 and 8, one torch thread.
+Reports CPU seconds of the process (``time.process_time``), which a machine shared with other
+jobs disturbs much less than wall time. Writes ``bench/results/lloyd_cpu_ab.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from atmc_triton.kernels.lloyd import lloyd_quantize_ref
+
+from bench.common import environment
+from bench.lloyd import factor_segments, resnet34_shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "lloyd_cpu_ab.json"
+
+
+def old_reference(rev: str):
+    """``lloyd_quantize_ref`` of ``kernels/lloyd.py`` at ``rev`` (its op registration cut off)."""
+    show = ["git", "show", f"{rev}:kernels/lloyd.py"]
+    src = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    text = src[: src.index("def _lloyd_fake(")]
+    text = text.replace("from ._registry import HAS_TRITON, register_op\n", "")
+    text = text.replace("from .lloyd_optimal import", "from atmc_triton.kernels.lloyd_optimal import")
+    path = Path(tempfile.mkdtemp()) / f"lloyd_{rev}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+    return mod.lloyd_quantize_ref
+
+
+def workload(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "resnet34":
+        v, o = factor_segments(resnet34_shapes(), torch.device("cpu"))
+        return v, torch.tensor(o)
+    n, S = {"2M/30": (2_000_000, 30), "21M/1": (21_000_000, 1)}[name]
+    return torch.randn(n, generator=torch.Generator().manual_seed(0)), torch.linspace(0, n, S + 1).round().long()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--old", default="e6302ca")
+    ap.add_argument("--workloads", default="2M/30,resnet34,21M/1")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    runs = (("old lloyd", old_reference(a.old), "lloyd"), ("fast", lloyd_quantize_ref, "fast"))
+    runs += (("lloyd", lloyd_quantize_ref, "lloyd"),)
+    out: dict[str, list[float]] = {}
+    for wl in a.workloads.split(","):
+        v, off = workload(wl)
+        for b in (4, 8):
+            bits = torch.full((off.numel() - 1,), b, dtype=torch.int32)
+            for _ in range(3):
+                for name, fn, method in runs:
+                    gc.collect()
+                    t0 = time.process_time()
+                    fn(v, off, bits, 20, 1e-5, method)
+                    out.setdefault(f"{wl} b={b} {name}", []).append(time.process_time() - t0)
+            for name, _, _ in runs:
+                key = f"{wl} b={b} {name}"
+                print(f"{key}: median {sorted(out[key])[1]:.2f} CPU s ({', '.join(f'{t:.2f}' for t in out[key])})")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"env": environment(torch.device("cpu")), "old": a.old, "cpu_s": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
