@@ -770,6 +770,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         suite=a.suite,
         square_queries=_pick(a.square_queries, RECIPES[meta["dataset"]].square_queries),
         n_target_classes=a.target_classes,
+        channels_last=a.channels_last,
     )
     model = exp.load(a.checkpoint)
     unfinalized = meta.get("atmc") is not None and meta.get("stage") != "final"
@@ -849,6 +850,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _add_data(e, dataset=False)
     _add_protocol(e)
+    e.add_argument(
+        "--channels-last", action="store_true", help="evaluate in channels_last memory format (faster on CPU)"
+    )
     e.set_defaults(apgd_steps=None, wrm_gamma=None, wrm_steps=None, wrm_lr=None, func=cmd_eval)
     return ap
 
