@@ -160,6 +160,12 @@ def test_eval_command(digits_run, capsys):
     rc = main(["eval", str(out / "dense.pt"), "--attack", "fgsm", "--test-subset", "16"])
     text = capsys.readouterr().out
     assert rc == 0 and "FGSM:" in text and "TA" in text and "PGD" not in text
+    # channels_last gives the same accuracies; fewer APGD-T targets are named in the suite label
+    rc = main(["eval", str(out / "dense.pt"), "--attack", "fgsm", "--test-subset", "16", "--channels-last"])
+    assert rc == 0 and capsys.readouterr().out.split("FGSM:")[1].split("\n")[0] == text.split("FGSM:")[1].split("\n")[0]
+    args = ["eval", str(out / "dense.pt"), "--attack", "apgd", "--suite", "apgd", "--target-classes", "2"]
+    rc = main([*args, "--test-subset", "8", "--apgd-steps", "2"])
+    assert rc == 0 and "apgd-ce-2+apgd-t-2-2targets" in capsys.readouterr().out
 
 
 def test_sweep_writes_csv_and_figure(digits_run, tmp_path):
