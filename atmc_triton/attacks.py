@@ -112,6 +112,15 @@ def _input_grad(model: nn.Module, adv: Tensor, y: Tensor, loss_fn: LossFn) -> Te
     return g
 
 
+def _start(x: Tensor, radius: float, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    """``x + (2 noise - 1) radius`` clamped to ``[0, 1]``, ``noise`` uniform ``[0, 1)`` shaped like ``x``."""
+    if noise is None:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    return (x + (2.0 * noise - 1.0) * radius).clamp(0.0, 1.0)
+
+
 def pgd(
     model: nn.Module,
     x: Tensor,
@@ -158,11 +167,7 @@ def pgd(
     loss_fn = loss_fn or F.cross_entropy
     x = x.detach()
     with attack_context(model, eval_mode):
-        adv = x.clone()
-        if random_start:
-            if noise is None:
-                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            adv = (x + (2.0 * noise - 1.0) * eps).clamp(0.0, 1.0)
+        adv = _start(x, eps, noise, generator) if random_start else x.clone()
         for _ in range(steps):
             g = _input_grad(model, adv, y, loss_fn)
             adv = _project(adv.detach() + alpha * g.sign(), x, eps).detach()
@@ -179,15 +184,6 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, *, eval_m
         torch.Size([2, 1, 2, 2])
     """
     return pgd(model, x, y, eps, eps, 1, random_start=False, eval_mode=eval_mode)
-
-
-def _start(x: Tensor, radius: float, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    """``x + (2 noise - 1) radius`` clamped to ``[0, 1]``, ``noise`` uniform ``[0, 1)`` shaped like ``x``."""
-    if noise is None:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    elif noise.shape != x.shape:
-        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
-    return (x + (2.0 * noise - 1.0) * radius).clamp(0.0, 1.0)
 
 
 def fgsm_rs(

@@ -87,8 +87,8 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-# ``--protocol fast``: single-step adversarial training (atmc_triton.train.PROTOCOLS["<dataset>_fast"]) with a
-# one-cycle learning rate, for the datasets that have such a preset (see the README's "Fast adversarial training")
+# ``--protocol fast``: PGD-3 training with an eps warm-up and the guard (atmc_triton.train.PROTOCOLS["<dataset>_fast"])
+# and a one-cycle learning rate, for the datasets that have such a preset (README: "Fast adversarial training")
 FAST_RECIPES: dict[str, Recipe] = {
     "digits": Recipe(
         "digits_cnn",
@@ -384,23 +384,10 @@ def _setup(a: argparse.Namespace) -> _Setup:
     if bad:
         raise ValueError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
     base = _base_protocol(a.dataset, a.protocol)
-    over = {
-        k: getattr(a, f)
-        for k, f in (
-            ("eps", "eps"),
-            ("pgd_steps", "pgd_steps"),
-            ("pgd_alpha", "pgd_alpha"),
-            ("clean_weight", "clean_weight"),
-            ("eval_pgd_steps", "eval_pgd_steps"),
-            ("train_attack", "train_attack"),
-            ("fgsm_step", "fgsm_step"),
-            ("fgsm_noise", "fgsm_noise"),
-            ("eps_warmup_epochs", "eps_warmup_epochs"),
-            ("loss", "loss"),
-            ("trades_beta", "beta"),
-        )
-        if getattr(a, f) is not None
-    }
+    given = {**vars(a), "trades_beta": a.beta}  # --beta sets Protocol.trades_beta
+    names = ("eps", "pgd_steps", "pgd_alpha", "clean_weight", "eval_pgd_steps", "train_attack", "fgsm_step")
+    names += ("fgsm_noise", "eps_warmup_epochs", "loss", "trades_beta")
+    over = {k: given[k] for k in names if given[k] is not None}
     if a.guard_drop is not None:
         over["guard_drop"] = a.guard_drop or None
     protocol = dataclasses.replace(

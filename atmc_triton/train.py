@@ -215,7 +215,11 @@ class Protocol:
 
     @property
     def alpha(self) -> float:
-        return self.pgd_alpha if self.pgd_alpha is not None else 2.5 * self.eps / max(self.pgd_steps, 1)
+        return self.alpha_for(self.pgd_steps)
+
+    def alpha_for(self, steps: int) -> float:
+        """The PGD step for ``steps`` steps: ``pgd_alpha``, else ``2.5 * eps / steps``."""
+        return self.pgd_alpha if self.pgd_alpha is not None else 2.5 * self.eps / max(steps, 1)
 
     def train_eps(self, step: int, steps_per_epoch: int) -> float:
         """The training eps at optimizer step ``step`` (0-based): ``eps`` after the warm-up."""
@@ -233,7 +237,7 @@ class Protocol:
 
     @property
     def eval_alpha(self) -> float:
-        return self.pgd_alpha if self.pgd_alpha is not None else 2.5 * self.eps / max(self.eval_steps, 1)
+        return self.alpha_for(self.eval_steps)
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -700,7 +704,7 @@ def _train_attack(
     kw = {"loss_fn": loss_fn, "eval_mode": p.train_attack_mode == "eval", "noise": noise}
     if attack in ("pgd", "fallback"):
         steps = p.pgd_steps if attack == "pgd" or p.fallback_steps is None else p.fallback_steps
-        alpha = p.pgd_alpha if p.pgd_alpha is not None else 2.5 * p.eps / max(steps, 1)
+        alpha = p.alpha_for(steps)
         alpha = alpha if eps == p.eps else alpha * eps / p.eps
         return pgd(model, x, y, eps, alpha, steps, random_start=True, **kw)
     if attack == "fgsm_rs":
@@ -716,9 +720,8 @@ def _trades_kl(logits_adv: Tensor, probs_clean: Tensor) -> Tensor:
     return F.kl_div(F.log_softmax(logits_adv, 1), probs_clean, reduction="batchmean")
 
 
-def _guard_accuracy(model: nn.Module, split: Split, p: Protocol, seed: int, tag: str) -> tuple[float, float]:
-    """Clean and PGD-``guard_steps`` accuracy (eval mode, seeded start) on the guard batch."""
-    x, y = split.take(torch.arange(len(split)), next(model.parameters()).device)
+def _guard_accuracy(model: nn.Module, x: Tensor, y: Tensor, p: Protocol, seed: int, tag: str) -> tuple[float, float]:
+    """Clean and PGD-``guard_steps`` accuracy (eval mode, seeded start) on the guard batch ``x [N, ...]``, ``y [N]``."""
     gen = torch.Generator(x.device).manual_seed(_seed(seed, tag, 0, "guard"))
     adv = pgd(model, x, y, p.eps, 2.5 * p.eps / p.guard_steps, p.guard_steps, generator=gen)
     with torch.no_grad(), attack_context(model, True):
@@ -775,7 +778,7 @@ def fit(
     epoch whose PGD accuracy falls more than ``guard_drop`` below the best so far (catastrophic
     overfitting of a single-step attack) is discarded: model, optimizer, step and RNG go back to the
     end of the last accepted epoch, a ``{"event": "rollback"}`` record is logged, and the stage
-    re-runs that epoch and finishes with PGD-``pgd_steps`` training. Checkpoints hold accepted
+    re-runs that epoch and finishes with PGD-``fallback_steps`` training. Checkpoints hold accepted
     epochs only, so a resumed run continues exactly as an uninterrupted one.
     """
     device = resolve_device(device)
@@ -826,7 +829,10 @@ def fit(
     params = [q for q in model.parameters() if q.requires_grad]
     guard = _BufferGuard(model)
     trades = protocol.loss == "trades"
-    watch = data.train.subset(protocol.guard_size, seed) if adversarial and protocol.guard_drop is not None else None
+    watch = None  # the guard batch (x, y), taken once
+    if adversarial and protocol.guard_drop is not None:
+        held = data.train.subset(protocol.guard_size, seed)
+        watch = held.take(torch.arange(len(held)), device)
     good = _snapshot(model, optimizer, step, run) if watch is not None else None
     last: dict[str, Any] = {}
     epoch = start
@@ -935,7 +941,7 @@ def fit(
         if adversarial and (cw < 1 or trades):
             last.update(train_attack=attack, train_eps=protocol.train_eps(step - 1, spe))
         if watch is not None:
-            g_acc, g_pgd = _guard_accuracy(model, watch, protocol, seed, f"{stage}/{epoch}")
+            g_acc, g_pgd = _guard_accuracy(model, *watch, protocol, seed, f"{stage}/{epoch}")
             last.update(guard_acc=g_acc, guard_pgd_acc=g_pgd)  # the guard is part of training: timed with it
             last.update(train_seconds=time.perf_counter() - t0, train_cpu_seconds=time.process_time() - c0)
             if not fallback and best is not None and g_pgd < best - protocol.guard_drop:

@@ -42,9 +42,7 @@ def measure(name: str, threads: int, steps: int, batch: int = 128) -> dict:
     protocol, mode = VARIANTS[name]
     torch.set_num_threads(threads)
     data = synthetic_dataset("mnist", n_train=steps * batch, n_test=8, seed=0)
-    model = Experiment("lenet", data, protocol, device="cpu", eval_size=0).new_model()
-    if mode == "cl":
-        model = model.to(memory_format=torch.channels_last)
+    model = Experiment("lenet", data, protocol, device="cpu", eval_size=0, channels_last=mode == "cl").new_model()
     net = torch.compile(model) if mode == "compile" else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sched = Schedule(epochs=1, lr=0.01, batch_size=batch)

@@ -132,7 +132,7 @@ def test_trades_and_n_fgsm_train(tmp_path, small_digits):
 def _planted(collapse_at):
     """A guard whose PGD accuracy rises, except a collapse after epoch ``collapse_at`` (1-based)."""
 
-    def guard(model, split, p, seed, tag):
+    def guard(model, x, y, p, seed, tag):
         epoch = int(tag.rsplit("/", 1)[1]) + 1
         return 0.9, (0.05 if epoch == collapse_at else 0.3 + 0.1 * epoch)
 
