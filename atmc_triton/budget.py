@@ -396,8 +396,9 @@ def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tenso
 
     ``mode`` is :attr:`atmc_triton.ATMCConfig.floor`. The floor of a row is the largest entry of
     that output unit's row in the factor that carries the weight: ``U`` when the identity init put
-    W there (``W = U (V + I) + C``), ``V`` for ``W = (U + I) V + C``, and for the SVD init the
-    largest ``U[i, r]`` plus the largest entry of row ``r`` of ``V``. ``source`` picks the values:
+    W there (``W = U (V + I) + C``), ``V`` for ``W = (U + I) V + C``, ``C`` for the sparse init
+    (``W = C``, rank 0), and for the SVD init the largest ``U[i, r]`` plus the largest entry of
+    row ``r`` of ``V``. ``source`` picks the values:
     ``""`` the factors, ``"_z"`` their quantized copies. Zero entries are never part of the floor.
 
     Example:
@@ -418,7 +419,7 @@ def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tenso
             continue
         rows = mode == "rows" or j == len(layers) - 1
         ident = int(layer.identity)
-        carrier = "V" if ident == IDENTITY_U else "U"
+        carrier = "C" if layer.rank == 0 else "V" if ident == IDENTITY_U else "U"
         a = vals[carrier].abs()  # [out, cols]
         cols = a.shape[1]
         if rows:
@@ -430,7 +431,7 @@ def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tenso
         nz = a[r, c] != 0
         r, c = r[nz], c[nz]
         out.append(offs[carrier] + r * cols + c)
-        if ident == IDENTITY_NONE and c.numel():  # U[i, r] needs a nonzero in row r of V
+        if carrier == "U" and ident == IDENTITY_NONE and c.numel():  # U[i, r] needs a nonzero in row r of V
             v = vals["V"].abs()
             rr = torch.unique(c)
             cc = v[rr].argmax(dim=1)

@@ -307,7 +307,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--quant-method", choices=("fast", "optimal", "lloyd"), default="fast", help="codebook method (ATMCConfig)"
     )
-    b.add_argument("--init", choices=list(INITS), default="identity", help="factor init (default identity)")
+    b.add_argument(
+        "--init",
+        choices=list(INITS),
+        default=ATMCConfig.init,
+        help=f"factor init: identity (W = U (V + I) + C), svd or sparse (W = C only) (default {ATMCConfig.init})",
+    )
     b.add_argument("--rank", type=_rank, help="SVD rank (int) or fraction (init=svd only)")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, help="output directory (default atmc_runs/<dataset>_<model>)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["ATMCConfig", "FLOORS", "INITS"]
 
-INITS = ("identity", "svd")
+INITS = ("identity", "svd", "sparse")
 FLOORS = ("auto", "last", "rows", "none")
 
 
@@ -53,8 +53,11 @@ class ATMCConfig:
         max_iter, tol: Lloyd iteration cap and relative-SSE tolerance.
         quant_method: codebook method of the quantizer: ``"fast"`` (DP init + Lloyd, within
             2 % of the optimum), ``"optimal"`` (exact DP) or ``"lloyd"`` (the legacy init).
-        init: ``"identity"`` (the reference's W = (B + I) A + C, full rank) or
-            ``"svd"`` (truncated SVD, U V = best rank-r approximation, C = 0).
+        init: ``"identity"`` (the reference's W = (B + I) A + C, full rank),
+            ``"svd"`` (truncated SVD, U V = best rank-r approximation, C = 0) or ``"sparse"``
+            (W = C: no low-rank part, ``U [out, 0]`` and ``V [0, in]`` are empty; pruning plus
+            quantization under the same ADMM, budget and codebooks, a third of the identity
+            init's training state for a square layer).
         rank: SVD rank, an int ``>= 1`` or a fraction in (0, 1] of ``min(out, in*kh*kw)``;
             only with ``init="svd"`` (``None`` = full rank).
         exclude: module names or fnmatch patterns (e.g. ``("fc", "*.head")``) that
@@ -140,7 +143,8 @@ class ATMCConfig:
             raise ValueError(f"ATMCConfig.floor must be one of {FLOORS}, got {self.floor!r}")
         if self.rank is not None:
             if self.init != "svd":
-                raise ValueError("ATMCConfig.rank applies to init='svd' only; init='identity' is full rank")
+                what = "has no low-rank part (rank 0)" if self.init == "sparse" else "is full rank"
+                raise ValueError(f"ATMCConfig.rank applies to init='svd' only; init={self.init!r} {what}")
             if _is_int(self.rank):
                 if self.rank < 1:
                     raise ValueError(f"ATMCConfig.rank must be >= 1, got {self.rank!r}")
@@ -171,7 +175,9 @@ class ATMCConfig:
         return None
 
     def rank_for(self, out_features: int, in_features: int) -> int:
-        """Rank r of ``U [out, r] V [r, in]`` for a layer of that shape."""
+        """Rank r of ``U [out, r] V [r, in]`` for a layer of that shape (0 for ``init="sparse"``)."""
+        if self.init == "sparse":
+            return 0
         full = min(out_features, in_features)
         if self.rank is None:
             return full

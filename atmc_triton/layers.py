@@ -1,4 +1,4 @@
-"""ATMC layers: every weight is ``W = U V + C`` (plus the identity of the identity init)."""
+"""ATMC layers: every weight is ``W = U V + C`` (plus the identity of the identity init; ``W = C`` at rank 0)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ FACTORS = ("U", "V", "C")
 def _factor_init(w2d: Tensor, cfg: ATMCConfig) -> tuple[Tensor, Tensor, Tensor, int]:
     """``(U [out, r], V [r, in], C [out, in], identity)`` reproducing ``w2d [out, in]``."""
     out, inn = w2d.shape
+    if cfg.init == "sparse":  # W = C: no low-rank part, U [out, 0] and V [0, in] are empty
+        empty = {"dtype": w2d.dtype, "device": w2d.device}
+        return torch.zeros(out, 0, **empty), torch.zeros(0, inn, **empty), w2d.clone(), IDENTITY_NONE
     C = torch.zeros_like(w2d)
     if cfg.init == "identity":  # the reference: one factor holds W, the other is 0 (+ I)
         if inn <= out:  # r = in:  W = U (V + I) + C with U = W, V = 0
@@ -47,7 +50,8 @@ class ATMCLayer(nn.Module):
     """Shared state of :class:`ATMCLinear` and :class:`ATMCConv2d`.
 
     Parameters ``U [out, r]``, ``V [r, in]``, ``C [out, in]`` (``in`` = in_channels * kh * kw
-    for convolutions). Buffers, updated in place by :class:`atmc_triton.ADMM`:
+    for convolutions); ``r = 0`` (``init="sparse"``) leaves ``U`` and ``V`` and their buffers
+    empty and ``W = C``. Buffers, updated in place by :class:`atmc_triton.ADMM`:
     ``{U,V,C}_z`` (quantized copy Z), ``{U,V,C}_u`` (dual u), ``{U,V,C}_mask`` (nonzeros),
     ``codebook [3, 257]`` (rows U, V, C; slot 0 is the pinned zero), ``bits`` (0 = no
     quantizer), ``identity`` (0 none, 1: W = (U + I) V + C, 2: W = U (V + I) + C) and
@@ -57,8 +61,8 @@ class ATMCLayer(nn.Module):
     def _setup(self, out: int, inn: int, rank: int, identity: int, bits: int | None, bias: bool, dd: dict):
         if identity == IDENTITY_U and rank != out or identity == IDENTITY_V and rank != inn:
             raise ValueError(f"identity={identity} needs full rank, got rank={rank} for [{out}, {inn}]")
-        if not 1 <= rank <= min(out, inn):
-            raise ValueError(f"rank must be in 1..{min(out, inn)} for a [{out}, {inn}] weight, got {rank}")
+        if not (isinstance(rank, int) and 0 <= rank <= min(out, inn)):
+            raise ValueError(f"rank must be an int in 0..{min(out, inn)} for a [{out}, {inn}] weight, got {rank!r}")
         if bits is not None and not 1 <= bits <= 8:
             raise ValueError(f"bits must be in 1..8 or None, got {bits}")
         self.rank = rank
@@ -89,6 +93,8 @@ class ATMCLayer(nn.Module):
         """The effective weight as ``[out, in]``: ``U V + C`` plus the identity term."""
         if self._cached_w is not None:
             return self._cached_w
+        if self.rank == 0:  # init="sparse": no low-rank product to form
+            return self.C
         w = torch.addmm(self.C, self.U, self.V)
         if self._identity == IDENTITY_U:  # (U + I) V = U V + V
             w = w + self.V
@@ -132,6 +138,14 @@ class ATMCLayer(nn.Module):
         self.finalized.fill_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        u, ident = state_dict.get(prefix + "U"), state_dict.get(prefix + "identity")
+        if isinstance(u, Tensor) and u.dim() == 2 and u.shape[1] != self.rank:  # e.g. identity or svd into sparse
+            theirs = _init_name(u.shape[1], int(ident) if isinstance(ident, Tensor) else None)
+            raise ValueError(
+                f"{prefix or 'layer '}U: the checkpoint was saved with {theirs} (U {tuple(u.shape)}), this layer "
+                f"has {_init_name(self.rank, self._identity)} (U {tuple(self.U.shape)}); build the model with "
+                "the checkpoint's ATMCConfig.init / rank"
+            )
         for name in ("bits", "identity"):
             key = prefix + name
             if key in state_dict and int(state_dict[key]) != int(getattr(self, name)):
@@ -140,6 +154,15 @@ class ATMCLayer(nn.Module):
                     f"{int(getattr(self, name))}; it was saved from another ATMC config"
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _init_name(rank: int, identity: int | None) -> str:
+    """The ``ATMCConfig.init`` a layer of this rank and identity side came from, in words."""
+    if rank == 0:
+        return "init='sparse'"
+    if identity in (IDENTITY_U, IDENTITY_V):
+        return f"init='identity' (rank {rank})"
+    return f"init='svd' (rank {rank})" if identity == IDENTITY_NONE else f"rank {rank}"
 
 
 @contextlib.contextmanager

@@ -169,7 +169,7 @@ class ADMM(torch.optim.Optimizer):
     def _void_if_dense_nonfinite(self) -> None:
         """A NaN/Inf dense grad voids the whole step: it is passed on to the factor op (which then
         writes nothing and returns tau = NaN) as a NaN in the first factor grad; no host sync."""
-        dense = [p.grad for g in self.param_groups[1:] for p in g["params"] if p.grad is not None]
+        dense = [p.grad for g in self.param_groups[1:] for p in g["params"] if p.grad is not None and p.grad.numel()]
         if not dense:
             return
         bad = ~torch.isfinite(torch.stack([x.float() for x in torch._foreach_norm(dense, float("inf"))])).all()

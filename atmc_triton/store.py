@@ -112,11 +112,16 @@ class FactorStore:
         for s, (layer, f) in enumerate(self.segments):
             start = self.offsets[s]
             p = layer._parameters[f]
-            if p.device != self.device or p.data_ptr() != self.w.data_ptr() + start * item:
+            empty = start == self.offsets[s + 1]  # a rank-0 U / V: data_ptr() is 0, there is nothing to share
+            if p.device != self.device or not empty and p.data_ptr() != self.w.data_ptr() + start * item:
                 return False
             for suffix, flat in zip(_BUFFERS, (self.z, self.u, self.mask)):
                 b = layer._buffers[f + suffix]
-                if b.device != self.device or b.data_ptr() != flat.data_ptr() + start * flat.element_size():
+                if (
+                    b.device != self.device
+                    or not empty
+                    and b.data_ptr() != flat.data_ptr() + start * flat.element_size()
+                ):
                     return False
         return all(
             layer._buffers["codebook"].data_ptr() == self.codebook[3 * j].data_ptr()

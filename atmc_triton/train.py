@@ -657,7 +657,7 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 def _nonfinite(loss: Tensor, params: list[Tensor]) -> bool:
     """Whether the loss or any gradient is NaN/Inf on any rank (one host sync)."""
     bad = ~torch.isfinite(loss.detach()).all()
-    grads = [q.grad for q in params if q.grad is not None]
+    grads = [q.grad for q in params if q.grad is not None and q.grad.numel()]  # init="sparse": U, V are empty
     if grads:
         norms = torch.stack([v.float().to(bad.device) for v in torch._foreach_norm(grads, float("inf"))])
         bad = bad | ~torch.isfinite(norms).all()

@@ -10,7 +10,9 @@ Points, all in one run and from the same two dense models:
   dense_bits / 32``), adversarial fine-tuning with the mask fixed (:mod:`atmc_triton.baselines`);
 * **NAP**: natural training, the same pruning, natural fine-tuning (no adversarial training anywhere);
 * **ATMC-alloc** (not in the paper; ``--methods ...,ATMC-alloc``): ATMC with per-layer bits chosen by
-  :func:`atmc_triton.bitalloc.allocate_bits` for each ratio (the codebooks dominate small budgets).
+  :func:`atmc_triton.bitalloc.allocate_bits` for each ratio (the codebooks dominate small budgets);
+* **ATMC-svd**, **ATMC-svd-r**, **ATMC-sparse** (``--methods``): ATMC-8b from another factor init (SVD at
+  full / quarter rank; ``init="sparse"``, W = C with no low-rank part).
 
 Every point is evaluated on the same test examples: TA, ATA (PGD-16 with a random start, step
 2.5 eps / 16), the robustness suite (``--suite``, default ``auto``: AutoAttack-grade, see
@@ -159,7 +161,7 @@ class Point:
         return {"DA": "dense", "NAT": "natural"}.get(self.method) or f"{self.method.lower()}_r{self.ratio:g}"
 
 
-METHODS = ("ATMC-8b", "ATMC-32b", "ATMC-alloc", "ATMC-svd", "ATMC-svd-r", "AP", "NAP")
+METHODS = ("ATMC-8b", "ATMC-32b", "ATMC-alloc", "ATMC-svd", "ATMC-svd-r", "ATMC-sparse", "AP", "NAP")
 
 
 def points(cfg: StudyConfig) -> list[Point]:
@@ -238,8 +240,8 @@ class Study:
     def atmc_config(self, p: Point) -> ATMCConfig:
         """ATMC-8b: 8 bits everywhere; ATMC-32b: no quantizer; ATMC-alloc: per-layer bits from
         :func:`atmc_triton.bitalloc.allocate_bits` on DA's weights (8 bits the starting point); ATMC-svd /
-        ATMC-svd-r: ATMC-8b from a truncated-SVD init at full rank / a quarter of it (the study's ``init``
-        is the others')."""
+        ATMC-svd-r: ATMC-8b from a truncated-SVD init at full rank / a quarter of it; ATMC-sparse: ATMC-8b with
+        ``init="sparse"`` (W = C, no low-rank part) (the study's ``init`` is the others')."""
         c = self.cfg
         svd = p.method.startswith("ATMC-svd")
         cfg = ATMCConfig(
@@ -247,7 +249,7 @@ class Study:
             bits=None if p.method == "ATMC-32b" else 8,
             rho=c.rho,
             quant_interval=c.quant_interval,
-            init="svd" if svd else c.init,
+            init="svd" if svd else "sparse" if p.method == "ATMC-sparse" else c.init,
             rank=0.25 if p.method == "ATMC-svd-r" else None,
         )
         if p.method == "ATMC-alloc":

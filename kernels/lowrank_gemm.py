@@ -336,8 +336,10 @@ def check_linear(
             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
         )
     K = x.shape[1]
-    if n < 1 or r < 1 or K < 1:
-        raise ValueError(f"{op}: need N, r, K >= 1, got N={n}, r={r}, K={K}")
+    if n < 1 or r < 0 or K < 1:
+        raise ValueError(f"{op}: need N, K >= 1 and r >= 0, got N={n}, r={r}, K={K}")
+    if r == 0 and (factors[0][0] != FMT_EMPTY or factors[1][0] != FMT_EMPTY):
+        raise ValueError(f"{op}: r = 0 (W = C) needs empty U and V (fmt 0), got fmts {factors[0][0]}, {factors[1][0]}")
     if identity not in (IDENTITY_NONE, IDENTITY_U, IDENTITY_V):
         raise ValueError(f"{op}: identity must be 0, 1 or 2, got {identity}")
     if (identity == IDENTITY_U and r != n) or (identity == IDENTITY_V and r != K):

@@ -30,10 +30,10 @@ class NotATensor:
     pass
 
 
-def _compressed(seed=0):
+def _compressed(seed=0, init="identity"):
     torch.manual_seed(seed)
     model = small_cnn()
-    cfg = at.ATMCConfig(ratio=0.3, bits=3, quant_interval=2, layer_bits={"7": 2})
+    cfg = at.ATMCConfig(ratio=0.3, bits=3, quant_interval=2, layer_bits={"7": 2}, init=init)
     at.compress_(model, cfg)
     opt = at.ADMM(model, cfg, lr=0.05)
     x, y = torch.rand(6, 3, 8, 8), torch.arange(6) % 5
@@ -61,15 +61,16 @@ def test_atomic_write_replaces_or_leaves_the_old_file(tmp_path):
     assert p.read_bytes() == b"new" and os.listdir(p.parent) == ["f.bin"]
 
 
-def test_atmc_model_and_admm_state_round_trip(tmp_path):
-    model, opt, cfg = _compressed()
+@pytest.mark.parametrize("init", ["identity", "sparse"])
+def test_atmc_model_and_admm_state_round_trip(tmp_path, init):
+    model, opt, cfg = _compressed(init=init)
     meta = {"model": "small_cnn", "dataset": "toy", "atmc": config_to_dict(cfg)}
     save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, meta=meta, epoch=4, step=12)
     ck = load_checkpoint(tmp_path / "c.pt")
     assert (ck["epoch"], ck["step"], ck["meta"]) == (4, 12, meta)
     assert config_from_dict(ck["meta"]["atmc"]) == cfg
 
-    twin, _, _ = _compressed(seed=1)  # same architecture, different values
+    twin, _, _ = _compressed(seed=1, init=init)  # same architecture, different values
     twin_opt = at.ADMM(twin, cfg, lr=0.05)
     twin.load_state_dict(ck["model"])
     twin_opt.load_state_dict(ck["optimizer"])
@@ -130,8 +131,9 @@ def test_check_meta_names_the_mismatch():
         check_meta(ck, "a.pt", model="resnet34", dataset="mnist")
 
 
-def test_safetensors_export_of_shared_flat_buffers(tmp_path):
-    model, _, cfg = _compressed()
+@pytest.mark.parametrize("init", ["identity", "sparse"])  # sparse: zero-size U, V and their buffers
+def test_safetensors_export_of_shared_flat_buffers(tmp_path, init):
+    model, _, cfg = _compressed(init=init)
     at.finalize_(model)
     p = export_safetensors(model, tmp_path / "m.safetensors", {"ratio": 0.3})
     tensors = load_safetensors(p)

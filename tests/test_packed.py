@@ -69,7 +69,7 @@ def cnn():
 @given(
     bits=st.sampled_from([1, 2, 4, 8, None]),
     ratio=st.sampled_from([0.02, 0.1, 0.5]),
-    init=st.sampled_from(["identity", "svd"]),
+    init=st.sampled_from(["identity", "svd", "sparse"]),
     seed=st.integers(0, 99),
 )
 def test_packed_forward_equals_finalized_and_unpack_is_exact(bits, ratio, init, seed):
@@ -321,7 +321,7 @@ def test_load_validates_everything(tmp_path):
 # --- modules ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init", ["identity", "svd"])
+@pytest.mark.parametrize("init", ["identity", "svd", "sparse"])
 def test_decomposed_conv_equals_cached_dense_conv(init):
     torch.manual_seed(3)
     convs = nn.Sequential(
