@@ -93,8 +93,8 @@ class ATMCLayer(nn.Module):
         """The effective weight as ``[out, in]``: ``U V + C`` plus the identity term."""
         if self._cached_w is not None:
             return self._cached_w
-        if self.rank == 0:  # init="sparse": no low-rank product to form
-            return self.C
+        # at rank 0 (init="sparse") this is C plus an empty product: one copy of C, and U, V stay in the graph
+        # with empty gradients (DDP requires every parameter to take part)
         w = torch.addmm(self.C, self.U, self.V)
         if self._identity == IDENTITY_U:  # (U + I) V = U V + V
             w = w + self.V

@@ -291,7 +291,7 @@ def test_lr_scheduler_drives_both_groups():
 
 
 def test_nonfinite_grad_raises_before_writing():
-    model, opt, _ = setup()
+    model, opt, _ = setup(at.ATMCConfig(ratio=0.3, bits=3, quant_interval=2, init="identity"))  # V [r, in] exists
     x, y = batch()
     train_steps(model, opt, 2, x, y)
     opt.zero_grad()
@@ -307,7 +307,7 @@ def test_nonfinite_grad_raises_before_writing():
 
 
 def test_views_survive_set_to_none_and_reassignment():
-    model, opt, _ = setup()
+    model, opt, _ = setup(at.ATMCConfig(ratio=0.3, bits=3, quant_interval=2, init="identity"))  # U is not empty
     x, y = batch()
     train_steps(model, opt, 1, x, y)
     model.zero_grad(set_to_none=True)  # user bypasses opt.zero_grad
@@ -396,7 +396,7 @@ def test_finalize_meets_levels_and_ratio(arch, ratio, bits, steps, seed):
 
 
 def test_finalize_binds_to_exact_budget():
-    cfg = at.ATMCConfig(ratio=0.01, bits=8)
+    cfg = at.ATMCConfig(ratio=0.01, bits=8, init="identity")  # 12 non-empty factors
     model = at.compress_(lenet(), cfg)
     k = int(model.atmc_nnz_budget)
     # k assumed the 3 factors holding weights; put large distinct values into all 12 instead

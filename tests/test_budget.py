@@ -96,7 +96,7 @@ def test_nnz_budget_k_with_per_layer_bits():
 
 
 def test_explicit_nnz_is_capped_by_the_factor_count_and_has_no_bit_budget():
-    model = at.compress_(nn.Sequential(nn.Linear(4, 3)), at.ATMCConfig(nnz=10**6, bits=4))
+    model = at.compress_(nn.Sequential(nn.Linear(4, 3)), at.ATMCConfig(nnz=10**6, bits=4, init="identity"))
     assert int(model.atmc_nnz_budget) == 3 * 3 + 3 * 4 + 3 * 4  # U [3, 3], V [3, 4], C [3, 4]
     assert int(model.atmc_bits_budget) == -1
 

@@ -54,7 +54,7 @@ CONFIG_KWARGS = st.fixed_dictionaries(
         "quant_interval": st.integers(1, 20) | JUNK,
         "max_iter": st.integers(0, 30) | JUNK,
         "tol": st.floats(0, 1e-2) | JUNK,
-        "init": st.sampled_from(["identity", "svd"]) | JUNK,
+        "init": st.sampled_from(["identity", "svd", "sparse"]) | JUNK,
         "rank": st.none() | st.integers(1, 16) | st.floats(0, 1) | JUNK,
     },
 )
@@ -91,7 +91,7 @@ def documented_valid(kw: dict) -> bool:
             _int(c["quant_interval"]) and c["quant_interval"] >= 1,
             _int(c["max_iter"]) and c["max_iter"] >= 0,
             _real(c["tol"]) and c["tol"] >= 0,
-            c["init"] in ("identity", "svd"),
+            c["init"] in ("identity", "svd", "sparse"),
             rank is None or (c["init"] == "svd" and (rank >= 1 if _int(rank) else _real(rank) and 0 < rank <= 1)),
         )
     )
@@ -175,7 +175,7 @@ def configs(draw):
         )
     )
     bits = draw(BITS)
-    init = draw(st.sampled_from(["identity", "svd"]))
+    init = draw(st.sampled_from(["identity", "svd", "sparse"]))
     rank = draw(st.none() | st.integers(1, 4) | st.floats(0.05, 1.0)) if init == "svd" else None
     layer_bits = draw(st.none() | st.dictionaries(st.sampled_from(["0", "1.*", "*"]), st.integers(1, 8), max_size=2))
     return at.ATMCConfig(

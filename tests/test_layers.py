@@ -24,7 +24,7 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_identity_init_linear_equals_dense(out, inn, bias, batch):
     torch.manual_seed(out * 1000 + inn)
     dense = nn.Linear(inn, out, bias=bias)
-    model = at.compress_(nn.Sequential(copy.deepcopy(dense)), at.ATMCConfig(nnz=1))
+    model = at.compress_(nn.Sequential(copy.deepcopy(dense)), at.ATMCConfig(nnz=1, init="identity"))
     x = torch.randn(batch, inn)
     assert max_rel(model(x), dense(x)) <= 1e-5
     layer = model[0]
@@ -44,7 +44,7 @@ def test_identity_init_linear_equals_dense(out, inn, bias, batch):
 )
 def test_identity_init_conv_equals_dense(cin, cout, k, stride, padding, dilation, bias, hw):
     dense = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=bias)
-    model = at.compress_(nn.Sequential(copy.deepcopy(dense)), at.ATMCConfig(nnz=1))
+    model = at.compress_(nn.Sequential(copy.deepcopy(dense)), at.ATMCConfig(nnz=1, init="identity"))
     x = torch.randn(2, cin, hw, hw + 2)
     assert max_rel(model(x), dense(x)) <= 1e-5
     assert model[0].weight.shape == dense.weight.shape
@@ -71,8 +71,9 @@ def test_svd_init(rank):
 
 
 def test_identity_init_uses_the_reference_layout():
-    wide = at.ATMCLinear.from_dense(nn.Linear(9, 4), at.ATMCConfig(nnz=1))  # out < in: (U + I) V
-    tall = at.ATMCLinear.from_dense(nn.Linear(4, 9), at.ATMCConfig(nnz=1))  # in <= out: U (V + I)
+    ident = at.ATMCConfig(nnz=1, init="identity")
+    wide = at.ATMCLinear.from_dense(nn.Linear(9, 4), ident)  # out < in: (U + I) V
+    tall = at.ATMCLinear.from_dense(nn.Linear(4, 9), ident)  # in <= out: U (V + I)
     assert int(wide.identity) == 1 and torch.count_nonzero(wide.U) == 0
     assert int(tall.identity) == 2 and torch.count_nonzero(tall.V) == 0
 
