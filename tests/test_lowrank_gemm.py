@@ -340,7 +340,9 @@ def _call(x, b, n, r, identity, facs):
         (lambda a: a.__setitem__(4, 3), "identity must be"),
         (lambda a: a.__setitem__(4, IDENTITY_U), "needs r == N"),
         (lambda a: a.__setitem__(4, IDENTITY_V), "needs r == K"),
-        (lambda a: a.__setitem__(2, 0), "N, r, K >= 1"),
+        (lambda a: a.__setitem__(2, 0), "need N, K >= 1 and r >= 0"),
+        (lambda a: a.__setitem__(3, -1), "need N, K >= 1 and r >= 0"),
+        (lambda a: a.__setitem__(3, 0), r"r = 0 \(W = C\) needs empty U and V"),  # init="sparse": only C
         (lambda a: a[5][0].__setitem__(0, 5), "fmt must be"),
         (lambda a: a[5][0].__setitem__(1, a[5][0][1][:-1]), "codes must hold"),
         (lambda a: a[5][0].__setitem__(1, a[5][0][1].long()), "codes must be a 1-D"),

@@ -119,7 +119,7 @@ def test_gradients_equal_a_masked_dense_layer():
 def test_training_state_is_the_dense_weights_only():
     """The memory the issue asked about: factor entries = dense weights, and no store rebuild per step."""
     dense = lenet()
-    ident = at.compress_(copy.deepcopy(dense), at.ATMCConfig(ratio=0.01), return_report=True)
+    ident = at.compress_(copy.deepcopy(dense), at.ATMCConfig(ratio=0.01, init="identity"), return_report=True)
     sparse = at.compress_(copy.deepcopy(dense), at.ATMCConfig(ratio=0.01, init="sparse"), return_report=True)
     assert sparse.factor_entries == sparse.compressed_weights == 430_500
     assert ident.factor_entries == 2 * 430_500 + 20 * 20 + 50 * 50 + 500 * 500 + 10 * 10
@@ -348,3 +348,14 @@ def test_study_has_an_atmc_sparse_method():
     assert mnist_study.Study.atmc_config(study, mnist_study.Point("ATMC-8b", 0.01)).init == study.cfg.init
     tiny = dataclasses.replace(mnist_study.PRESETS["tiny"], ratios=(0.01,), methods=("ATMC-8b", "ATMC-sparse"))
     assert [p.method for p in mnist_study.points(tiny)] == ["DA", "ATMC-8b", "NAT", "ATMC-sparse"]
+
+
+def test_train_state_bench_counts_every_tensor_once():
+    from atmc_triton.models import build_model
+    from bench.train_state import measure
+
+    n = sum(p.numel() for p in build_model("digits_cnn", 10, (1, 8, 8)).parameters())
+    sparse, ident = measure("digits_cnn", "sparse"), measure("digits_cnn", "identity")
+    assert sparse["params"] == sparse["grads"] == sparse["momentum"] == 4 * n  # every weight once, as dense
+    assert 9 * 151_072 <= sparse["buffers"] <= 9 * 151_072 + 4 * 3 * 257 * 4 + 1024  # Z, u, mask; 4 x 3 codebooks
+    assert ident["params"] > 2 * sparse["params"] and sparse["total"] < 0.5 * ident["total"]
