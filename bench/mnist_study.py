@@ -611,9 +611,14 @@ def run(
     progress: bool = False,
     resume: bool = True,
     command: str = "",
+    report: bool = False,
 ) -> list[dict[str, Any]]:
     """Run (or continue) a study; returns the rows. Writes ``<name>.csv``, ``<name>.png``, ``<name>.md`` and
-    ``study.json`` in ``out`` and, unless ``results`` is None, copies them to ``results/<name>_<date>.*``."""
+    ``study.json`` in ``out`` and, unless ``results`` is None, copies them to ``results/<name>_<date>.*``.
+    ``report=True`` trains and evaluates nothing: the outputs hold the cached points only, and the
+    missing ones are named."""
+    if report and not resume:
+        raise ValueError("report needs the cached points: it cannot be combined with no-resume")
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     record = out / "study.json"
@@ -644,13 +649,21 @@ def run(
         f"{env['commit']} {env['date']}"
     )
     rows: list[dict[str, Any]] = []
+    md, missing = "", []
     for p in points(cfg):  # the outputs are rewritten after every point: a stopped study keeps what it finished
+        if report and not (out / "points" / f"{p.stage}.json").is_file():
+            missing.append(p.stage)
+            continue
         rows.append(study.run_point(p))
         write_csv(rows, out / f"{name}.csv")
         plot(rows, out / f"{name}.png", title, study.protocol, paper)
         md = markdown(rows, cfg, paper)
         (out / f"{name}.md").write_text(f"{title}\n\n{md}")
         curves(out / "metrics.jsonl", out / f"{name}_curves.png", title)
+    if report and not rows:
+        raise ValueError(f"{out} holds no evaluated point of this study to report")
+    if missing:
+        _say(f"not evaluated yet (left out of the report): {', '.join(missing)}")
     meta["wall_seconds_last_run"] = time.perf_counter() - t0
     record.write_text(json.dumps(meta, indent=1))
     if results is not None:
@@ -733,6 +746,9 @@ def parser(
     ap.add_argument("--no-results", action="store_true", help="do not copy the outputs to --results")
     ap.add_argument("--no-resume", action="store_true", help="retrain every stage even if checkpoints exist")
     ap.add_argument("--progress", action="store_true", help="progress bars")
+    ap.add_argument(
+        "--report", action="store_true", help="train nothing: write the outputs from the points already evaluated"
+    )
     return ap
 
 
@@ -766,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=a.progress,
         resume=not a.no_resume,
         command="python -m bench.mnist_study " + " ".join(argv),
+        report=a.report,
     )
 
 

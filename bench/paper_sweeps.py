@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=a.progress,
         resume=not a.no_resume,
         command="python -m bench.paper_sweeps " + " ".join(argv),
+        report=a.report,
     )
 
 

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from bench import mnist_study
@@ -44,6 +45,16 @@ def test_tiny_synthetic_study_reports_the_worst_case(tmp_path):
     again = mnist_study.run(cfg, None, out, paper=mnist_study.PAPER, results=None)
     assert again[2]["robust_acc"] == old["robust_acc"] and again[2]["suite"] == suite
     assert (out / "metrics.jsonl").read_text() == logged  # nothing retrained
+    # --report: the cached points only; a point never evaluated (ATMC-32b) is named, not trained
+    wider = dataclasses.replace(cfg, methods=("ATMC-8b", "ATMC-32b"))
+    report = mnist_study.run(wider, None, out, paper=mnist_study.PAPER, results=None, report=True)
+    assert [r["method"] for r in report] == ["DA", "NAT", "ATMC-8b"] and report[2] == again[2]
+    assert (out / "metrics.jsonl").read_text() == logged and not (out / "atmc-32b_r0.05.pt").exists()
+    assert "| ATMC-32b |" not in (out / "mnist_study.md").read_text()
+    with pytest.raises(ValueError, match="no evaluated point"):
+        mnist_study.run(wider, None, tmp_path / "empty", results=None, report=True)
+    with pytest.raises(ValueError, match="no-resume"):
+        mnist_study.run(wider, None, out, results=None, report=True, resume=False)
 
 
 def test_fast_preset_study_writes_curves_and_where_the_nonzeros_went(tmp_path):
