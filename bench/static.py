@@ -150,8 +150,9 @@ def _exercise_lloyd() -> None:
 
     x = torch.randn(30000)
     off = torch.tensor([0, 10000, 10003, 30000])
-    lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0, "lloyd")  # the kernel method
-    errors_for_bits_triton(x, off, 20, 0.0, "lloyd")
+    for method in ("lloyd", "fast"):  # "fast" adds the init kernel and the FAST Lloyd kernel
+        lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0, method)
+        errors_for_bits_triton(x, off, 20, 0.0, method)
 
 
 GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype, formats): bench/gemm.py's layers (N >= K: identity on V)
@@ -261,6 +262,7 @@ FAMILIES: dict[str, Family] = {
         exercise=_exercise_lloyd,
         rules=(
             Rule("_lloyd_kernel", why="one program per segment: no spills"),
+            Rule("fast_init_kernel", why="one program per segment: no spills"),
             Rule("_sumsq_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
             Rule("_codes_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
         ),
