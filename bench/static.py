@@ -446,6 +446,8 @@ def predictions(blocks: dict[str, int] | None = None) -> list[dict]:
         model.admm_dual_update(sum(rn)),
         model.lloyd_quantize(rn, 8),
         model.lloyd_quantize(rn, 4),
+        model.lloyd_quantize(rn, 8, method="fast"),
+        model.lloyd_quantize(rn, 4, method="fast"),
         model.lloyd_errors_for_bits(rn),
     ]
     for N, K, ratio, bits, structure, Ms, formats in (

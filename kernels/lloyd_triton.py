@@ -15,6 +15,10 @@ The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
 4. an elementwise pass that writes codes and q in the original order by searching each value
    against its segment's midpoints.
 
+``method="fast"`` adds, between 2 and 3, the prefix sums of squares, the distinct-run ranks and
+the init launch of :mod:`.lloyd_window_triton`; the Lloyd launch then also runs from that init
+and keeps the lower error. ``method="optimal"`` runs the reference on host copies.
+
 Floating point: means are float64 prefix-sum differences rounded to float32, like the
 reference. The prefix sums are taken over the whole sorted buffer (not restarted per
 segment) and in a different order than the reference's, so a centre can differ from the

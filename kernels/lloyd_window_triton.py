@@ -39,6 +39,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .lloyd_triton import _count_le, _search_steps  # the binary searches of the Lloyd kernel
+
 __all__ = ["GT", "NCP", "TSTRIDE", "ASTRIDE", "fast_init_kernel"]
 
 GT = 4096  # max(512, 16 * 256): the most atoms a segment gets (a power of two: one tile)
@@ -48,28 +50,6 @@ NCP = 32  # candidates per boundary, padded (NC = 2 (2 W + 1) = 26 at W = 6)
 TB = 32  # boundaries per candidate tile
 KLANES = 256  # free centres
 INT_MAX = tl.constexpr(2147483647)  # a global a kernel may read
-
-
-@triton.jit
-def _steps(length):
-    """Halving-search steps that settle a window of ``length`` elements."""
-    return tl.ceil(tl.log2(length.to(tl.float32) + 1.0)).to(tl.int32) + 2
-
-
-@triton.jit
-def _first_gt(data_ptr, lo, hi, target, steps, STRICT: tl.constexpr):
-    """First position in ``[lo, hi)`` whose value is ``> target`` (``>= target`` if ``STRICT``)."""
-    for _ in range(steps):
-        active = lo < hi
-        mid = lo + (hi - lo) // 2
-        v = tl.load(data_ptr + mid, mask=active, other=0)
-        if STRICT:
-            go_right = v < target
-        else:
-            go_right = v <= target
-        lo = tl.where(active & go_right, mid + 1, lo)
-        hi = tl.where(active & (~go_right), mid, hi)
-    return lo
 
 
 @triton.jit
@@ -159,9 +139,9 @@ def fast_init_kernel(
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
     n_s = end - start
-    steps = _steps(n_s)
-    zlo = _first_gt(sorted_ptr, start, end, 0.0, steps, STRICT=True)  # first value >= 0
-    zhi = _first_gt(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
+    steps = _search_steps(n_s)
+    zlo = _count_le(sorted_ptr, start, end, 0.0, steps, STRICT=True)  # first value >= 0
+    zhi = _count_le(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
     zneg = zlo - start
     nz = zhi - zlo
     m = n_s - nz
@@ -176,7 +156,7 @@ def fast_init_kernel(
     finite = (lo_x > -float("inf")) & (hi_x < float("inf"))  # sorted: -inf first, NaN and +inf last
     if (dcount <= K) | (~finite):  # the distinct nonzeros are the centres; non-finite: no init (legacy, NaN)
         r = klane.to(tl.int64)
-        pe = _first_gt(rank_ptr, start + r * 0, end + r * 0, base + r, steps, STRICT=False)
+        pe = _count_le(rank_ptr, start + r * 0, end + r * 0, base + r, steps, STRICT=False)
         fin_v = (r * 0 + finite.to(tl.int64)) != 0  # (a scalar & vector mask trips the interpreter)
         v = tl.load(sorted_ptr + pe, mask=(r < dcount) & fin_v, other=float("inf"))
         tl.store(init_ptr + ko + klane, v)
@@ -188,7 +168,7 @@ def fast_init_kernel(
         lane = tl.arange(0, GT).to(tl.int64)
         # ---- 2. atom boundaries [G + 1], ascending nonzero positions from 0 to m
         if dcount <= Gg:  # every distinct run is an atom (the sign change is a run start)
-            pr = _first_gt(rank_ptr, start + lane * 0, end + lane * 0, base + lane, steps, STRICT=False)
+            pr = _count_le(rank_ptr, start + lane * 0, end + lane * 0, base + lane, steps, STRICT=False)
             tl.store(atoms_ptr + ao + lane, (pr - start - tl.where(pr >= zhi, nz, 0)).to(tl.int32), mask=lane < dcount)
             tl.store(atoms_ptr + ao + dcount, m.to(tl.int32))
             G = dcount
@@ -200,7 +180,7 @@ def fast_init_kernel(
             iq = lane + 1  # quantiles 1 .. H - 1
             jq = (iq * m) // H
             vq = tl.load(sorted_ptr + _gpos(jq, start, zneg, nz), mask=lane < H - 1, other=0.0)
-            pq = _first_gt(sorted_ptr, start + lane * 0, end + lane * 0, vq, steps, STRICT=True)
+            pq = _count_le(sorted_ptr, start + lane * 0, end + lane * 0, vq, steps, STRICT=True)
             il = lane - (H - 1) + 1  # value grid 1 .. Q - 1
             ic = lane - (H - 1) - (Q - 1) + 1  # cube-root grid 1 .. Q - 1
             cl = _cbrt(lo_v)
@@ -208,7 +188,7 @@ def fast_init_kernel(
             vl = il.to(tl.float64) * ((hi_v - lo_v) / Q.to(tl.float64)) + lo_v
             vc = ic.to(tl.float64) * ((ch - cl) / Q.to(tl.float64)) + cl
             vg = tl.where(lane < H - 1 + Q - 1, vl, vc * vc * vc).to(tl.float32)
-            pg = _first_gt(sorted_ptr, start + lane * 0, end + lane * 0, vg, steps, STRICT=False)
+            pg = _count_le(sorted_ptr, start + lane * 0, end + lane * 0, vg, steps, STRICT=False)
             pos = tl.where(lane < H - 1, pq, pg)
             pos = pos - start - tl.where(pos >= zhi, nz, 0)
             pos = tl.where(lane == Gg - 3, 0, tl.where(lane == Gg - 2, m, tl.where(lane == Gg - 1, zneg, pos)))
@@ -227,7 +207,7 @@ def fast_init_kernel(
             gp = _gpos(aa, start, zneg, nz)
             tl.store(a1_ptr + ao + ia, _excl(prefix_ptr, gp) - _excl(prefix_ptr, start), mask=inr_a)
             tl.store(a2_ptr + ao + ia, _excl(prefix2_ptr, gp) - _excl(prefix2_ptr, start), mask=inr_a)
-        za = _first_gt(atoms_ptr + ao, G * 0, G + 1, zneg.to(tl.int32), _steps(G + 1), STRICT=True)
+        za = _count_le(atoms_ptr + ao, G * 0, G + 1, zneg.to(tl.int32), _search_steps(G + 1), STRICT=True)
         # ---- 3. compand init: K centres spread like density^(1/3), 10 % by count
         g = tl.minimum(m, Gg)
         valid = lane < g
@@ -252,7 +232,7 @@ def fast_init_kernel(
         k = klane.to(tl.int64)
         kin = k < K
         tq = (k.to(tl.float64) + 0.5) / K.to(tl.float64) * total
-        ii = _first_gt(cum_ptr + go, k * 0, g + k * 0, tq, _steps(g), STRICT=False)
+        ii = _count_le(cum_ptr + go, k * 0, g + k * 0, tq, _search_steps(g), STRICT=False)
         ii = tl.minimum(ii, g - 1)
         cprev = tl.load(cum_ptr + go + ii - 1, mask=ii > 0, other=0.0)
         mi = tl.load(mass_ptr + go + ii)
@@ -269,9 +249,9 @@ def fast_init_kernel(
         c_lo = tl.where(klane < zc, c0v, tl.where(klane == zc, 0.0, c_pv))
         c_hi = tl.where(klane + 1 < zc, c_nx, tl.where(klane + 1 == zc, 0.0, c0v))
         mid = (c_lo + c_hi) * 0.5
-        pm = _first_gt(sorted_ptr, start + k * 0, end + k * 0, mid, steps, STRICT=False)
+        pm = _count_le(sorted_ptr, start + k * 0, end + k * 0, mid, steps, STRICT=False)
         pm = (pm - start - tl.where(pm >= zhi, nz, 0)).to(tl.int32)
-        bk = _first_gt(atoms_ptr + ao, k * 0, G + 1 + k * 0, pm, _steps(G + 1), STRICT=True)
+        bk = _count_le(atoms_ptr + ao, k * 0, G + 1 + k * 0, pm, _search_steps(G + 1), STRICT=True)
         bk = tl.where(klane + 1 <= zc, tl.minimum(bk, za), tl.maximum(bk, za)).to(tl.int32)
         bo = prob * TSTRIDE
         tl.store(bnd_ptr + bo + 1 + klane, bk, mask=kin)
