@@ -252,30 +252,62 @@ def _lloyd_chain(largest: int, iters: int) -> int:
     return 2 * steps + (iters + 1) * (steps + 1) + 4
 
 
-def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20) -> Op:
+FAST_PASSES = {1: 3, 2: 3, 3: 3, 4: 3, 5: 5, 6: 5, 7: 8, 8: 17}  # most windowed-DP passes seen per b
+# (bench/results/quant_quality_triton.json: synthetic families and the issue's cases; the kernel caps them at 32)
+
+
+def _fast_prepare(n: int) -> list[Launch]:
+    """The fast path's extra scans (``lloyd_triton._fast_init``): prefix sums of squares and distinct-run ranks."""
+    return [
+        Launch("isfinite/where (finite values)", 4 * n, 4 * n),
+        Launch("double/square/cumsum (prefix of squares)", 4 * n + 8 * n + 8 * n, 8 * n + 8 * n + 8 * n),
+        Launch("run starts (ne, &, != 0)", 8 * n + 2 * n, 3 * n),
+        Launch("cumsum int32 (ranks)", n, 4 * n),
+    ]
+
+
+def _fast_init_chain(largest: int, bits: int, passes: int) -> int:
+    """Dependent steps of one init program: setup searches, then per pass a Viterbi step per boundary
+    (a candidate row, its atom gathers, and the cross-warp reductions: counted as 3 L2 latencies) and a
+    backtrack step per boundary (one dependent backpointer load)."""
+    steps = math.ceil(math.log2(largest + 1)) + 2
+    T = 2**bits + 2
+    setup = 5 * steps + 50  # zero, rank, grid, midpoint searches; atom sums; compand search; means
+    return setup + passes * (4 * (T - 1) + math.ceil(T / 32))
+
+
+def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "lloyd") -> Op:
     """``lloyd_quantize`` of segments ``sizes`` (every value nonzero: the worst case) at ``bits``, ``iters`` rounds.
 
     Lloyd itself is one program per segment: its time is the dependent chain of the largest one
     (binary searches over its sorted values, L2 latency per step). Floor: read the values once and
     write codes (int16) and q (float32): 10 B/value. Targets (ResNet34): <= 3 ms at b = 8, <= 1.5 ms
-    at b = 4. This models the Triton path, ``method="lloyd"``; the default ``"fast"`` and
-    ``"optimal"`` have no kernel yet (their DP runs on the host) and are not modelled. The chain
-    does not depend on K (256 lanes at every b), so b = 4 is predicted as b = 8.
+    at b = 4. ``method="lloyd"``: the chain does not depend on K (256 lanes at every b).
+    ``method="fast"`` adds the scans of :func:`_fast_prepare`, the init kernel (one program per
+    segment; its chain is the windowed-DP passes, :data:`FAST_PASSES`, proportional to K) and a
+    second Lloyd run in the Lloyd kernel.
     """
     n, S = sum(sizes), len(sizes)
     K = 2**bits
-    launches = _lloyd_prepare(n, S) + [
-        Launch(
-            "_lloyd_kernel", S * K * 4 * 2 * (iters + 1), S * (K + 1) * 4 * 2, chain=_lloyd_chain(max(sizes), iters)
-        ),
+    fast = method == "fast"
+    chain = _lloyd_chain(max(sizes), iters) * (2 if fast else 1)
+    launches = _lloyd_prepare(n, S)
+    if fast:
+        p = FAST_PASSES[bits]
+        scratch = S * 3 * 4104 * 8 + S * 4 * 264 * 32 * p  # atoms and their sums; candidates, backpointers
+        launches += _fast_prepare(n) + [
+            Launch("fast_init_kernel", scratch, scratch, chain=_fast_init_chain(max(sizes), bits, p))
+        ]
+    launches += [
+        Launch("_lloyd_kernel", S * K * 4 * 2 * (iters + 1), S * (K + 1) * 4 * 2, chain=chain),
         Launch("_codes_kernel", 4 * n, 6 * n, inflight=4 * 1024, programs=math.ceil(n / 1024)),
     ]
     return Op(
-        f"lloyd_quantize b={bits}",
+        f"lloyd_quantize b={bits}" + (" fast" if fast else ""),
         launches,
         10 * n,
         target=("<= 3 ms at b = 8" if bits == 8 else "<= 1.5 ms at b = 4" if bits == 4 else "(no target)")
-        + " (method='lloyd', a design with one full sort; the bytes floor is 10 B/value)",
+        + f" (method='{method}', a design with one full sort; the bytes floor is 10 B/value)",
         notes={"values": n, "segments": S},
     )
 

@@ -150,8 +150,9 @@ def _exercise_lloyd() -> None:
 
     x = torch.randn(30000)
     off = torch.tensor([0, 10000, 10003, 30000])
-    lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0, "lloyd")  # the kernel method
-    errors_for_bits_triton(x, off, 20, 0.0, "lloyd")
+    for method in ("lloyd", "fast"):  # "fast" adds the init kernel and the FAST Lloyd kernel
+        lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0, method)
+        errors_for_bits_triton(x, off, 20, 0.0, method)
 
 
 GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype, formats): bench/gemm.py's layers (N >= K: identity on V)
@@ -261,6 +262,7 @@ FAMILIES: dict[str, Family] = {
         exercise=_exercise_lloyd,
         rules=(
             Rule("_lloyd_kernel", why="one program per segment: no spills"),
+            Rule("fast_init_kernel", why="one program per segment: no spills"),
             Rule("_sumsq_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
             Rule("_codes_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
         ),
@@ -444,6 +446,8 @@ def predictions(blocks: dict[str, int] | None = None) -> list[dict]:
         model.admm_dual_update(sum(rn)),
         model.lloyd_quantize(rn, 8),
         model.lloyd_quantize(rn, 4),
+        model.lloyd_quantize(rn, 8, method="fast"),
+        model.lloyd_quantize(rn, 4, method="fast"),
         model.lloyd_errors_for_bits(rn),
     ]
     for N, K, ratio, bits, structure, Ms, formats in (

@@ -488,7 +488,7 @@ def _errors_host(values: Tensor, offsets: Tensor, max_iter: int, tol: float, met
     return errors_for_bits_ref(values.cpu(), offsets.cpu(), max_iter, tol, method).to(values.device)
 
 
-# The DP methods have no Triton kernel yet: on CUDA they run the reference on the host (a host sync).
+# "optimal" has no Triton kernel: on CUDA it runs the reference on the host (a host sync). ("fast" and "lloyd" do.)
 lloyd_quantize_host = torch.library.custom_op("atmc::lloyd_quantize_host", _quantize_host, mutates_args=())
 lloyd_quantize_host.register_fake(_lloyd_fake)
 errors_for_bits_host = torch.library.custom_op("atmc::lloyd_errors_for_bits_host", _errors_host, mutates_args=())

@@ -15,6 +15,10 @@ The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
 4. an elementwise pass that writes codes and q in the original order by searching each value
    against its segment's midpoints.
 
+``method="fast"`` adds, between 2 and 3, the prefix sums of squares, the distinct-run ranks and
+the init launch of :mod:`.lloyd_window_triton`; the Lloyd launch then also runs from that init
+and keeps the lower error. ``method="optimal"`` runs the reference on host copies.
+
 Floating point: means are float64 prefix-sum differences rounded to float32, like the
 reference. The prefix sums are taken over the whole sorted buffer (not restarted per
 segment) and in a different order than the reference's, so a centre can differ from the
@@ -39,6 +43,7 @@ SPLIT = 32  # programs per segment for the sum of squares
 SUMSQ_BLOCK = 1024
 CODES_BLOCK = 1024
 LLOYD_WARPS = 4
+FAST_WARPS = 8  # the fast init kernel: 4096-wide atom tiles
 
 
 @triton.jit
@@ -118,6 +123,35 @@ def _gain(F, cnt, s1, act):
     return tl.sum(tl.where(act & (cnt > 0), term, 0.0), 0)
 
 
+@triton.jit
+def _iterate(F, Keff, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, max_iter, skip, LANES: tl.constexpr):
+    """Lloyd from the free centres ``F [LANES]`` (ascending, ``Keff`` of them, +inf padded) until a fixed
+    point, a relative SSE drop ``<= tol`` or ``max_iter``; returns the centres, the pinned zero's place
+    among them (fixed by the init, as in the reference) and their float64 SSE."""
+    lane = tl.arange(0, LANES)
+    act = lane < Keff
+    nneg = tl.sum((act & (F < 0)).to(tl.int32), 0)
+    prev_rel = tl.full([LANES], -1, tl.int32)
+    prev_err = tl.zeros((), tl.float64) + float("inf")
+    done = skip.to(tl.int32)
+    it = tl.zeros((), tl.int32)
+    while (it < max_iter) & (done == 0):
+        mid, rel, cnt, s1 = _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, Keff, nneg, LANES)
+        mean = (s1 / tl.maximum(cnt, 1).to(tl.float64)).to(tl.float32)
+        F = tl.where(act & (cnt > 0), mean, F)  # an empty cluster keeps its centre
+        err = total_sq - _gain(F, cnt, s1, act)
+        fixed = tl.sum((act & (rel != prev_rel)).to(tl.int32), 0) == 0
+        finite = prev_err < float("inf")
+        prev = tl.where(finite, prev_err, 0.0)  # (avoids 0 * inf)
+        small = finite & ((prev - err) <= tol * prev)
+        done = (fixed | small).to(tl.int32)
+        prev_err = err
+        prev_rel = rel
+        it += 1
+    mid, rel, cnt, s1 = _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, Keff, nneg, LANES)
+    return F, nneg, total_sq - _gain(F, cnt, s1, act)
+
+
 @triton.jit(do_not_specialize=["max_iter"])
 def _lloyd_kernel(
     sorted_ptr,  # [n] f32: each segment ascending within its range
@@ -126,12 +160,16 @@ def _lloyd_kernel(
     offsets_ptr,  # [S + 1] i64
     bits_ptr,  # [S] i32 (unused when ALL_BITS)
     tol_ptr,  # [1] f64
+    init_ptr,  # [P, LANES] f32: the fast init's free centres, +inf padded (FAST only)
+    ninit_ptr,  # [P] i32: their number (FAST only)
+    iexact_ptr,  # [P] i32: 1 when they are the distinct nonzeros (FAST only)
     book_ptr,  # [S, LANES + 1] f32 out
     mids_ptr,  # [S, LANES] f32 out: round-down midpoints, +inf padded
     nneg_ptr,  # [S] i32 out: negative free centres
     err_ptr,  # [S] f32 out, or [S, NBITS] when ALL_BITS
     max_iter,  # i32
     ALL_BITS: tl.constexpr,  # grid (S, NBITS): bits = program_id(1) + 1, only err is written
+    FAST: tl.constexpr,  # also run Lloyd from the fast init (P = S, or S * NBITS when ALL_BITS); keep the lower SSE
     NBITS: tl.constexpr,
     SPLIT: tl.constexpr,
     LANES: tl.constexpr,
@@ -139,8 +177,10 @@ def _lloyd_kernel(
     seg = tl.program_id(0)
     if ALL_BITS:
         b = tl.program_id(1) + 1
+        prob = seg * NBITS + b - 1
     else:
         b = tl.load(bits_ptr + seg)
+        prob = seg
     K = (b * 0 + 1) << b  # i32 scalar
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
@@ -150,10 +190,13 @@ def _lloyd_kernel(
     zhi = _count_le(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
     zneg = zlo - start
     m = n_s - (zhi - zlo)  # nonzeros
-    exact = m <= K
     lane = tl.arange(0, LANES)
     j = lane.to(tl.int64)
-    exact_v = (j * 0 + m) <= K  # [LANES] copy of `exact` (a scalar & vector mask trips the interpreter)
+    if FAST:  # the init kernel found <= K distinct nonzeros (m <= K included): they are the centres
+        exact = tl.load(iexact_ptr + prob) != 0
+    else:
+        exact = m <= K
+    exact_v = (j * 0 + exact.to(tl.int32)) != 0  # [LANES] copy (a scalar & vector mask trips the interpreter)
 
     # kept exactly: the free centres are the distinct nonzeros (m <= K <= LANES of them)
     inr = exact_v & (j < m)
@@ -175,36 +218,34 @@ def _lloyd_kernel(
         mask=(lane < K) & (~exact_v),
         other=float("inf"),
     )
-    F = tl.where(exact, f_exact, f_init)  # [LANES] ascending, +inf padded
-    Keff = tl.where(exact, n_uniq, K)
-    act = lane < Keff
-    nneg = tl.sum((act & (F < 0)).to(tl.int32), 0)
     total_sq = tl.sum(tl.load(sumsq_ptr + seg * SPLIT + tl.arange(0, SPLIT)), 0)
     tol = tl.load(tol_ptr)
-
-    prev_rel = tl.full([LANES], -1, tl.int32)
-    prev_err = tl.zeros((), tl.float64) + float("inf")
-    done = exact.to(tl.int32)
-    it = tl.zeros((), tl.int32)
-    while (it < max_iter) & (done == 0):
-        mid, rel, cnt, s1 = _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, Keff, nneg, LANES)
-        mean = (s1 / tl.maximum(cnt, 1).to(tl.float64)).to(tl.float32)
-        F = tl.where(act & (cnt > 0), mean, F)  # an empty cluster keeps its centre
-        err = total_sq - _gain(F, cnt, s1, act)
-        fixed = tl.sum((act & (rel != prev_rel)).to(tl.int32), 0) == 0
-        finite = prev_err < float("inf")
-        prev = tl.where(finite, prev_err, 0.0)  # (avoids 0 * inf)
-        small = finite & ((prev - err) <= tol * prev)
-        done = (fixed | small).to(tl.int32)
-        prev_err = err
-        prev_rel = rel
-        it += 1
-
-    mid, rel, cnt, s1 = _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, Keff, nneg, LANES)
-    err = tl.where(exact, 0.0, total_sq - _gain(F, cnt, s1, act))
+    Fa, nn_a, err_a = _iterate(
+        f_init, K, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, max_iter, exact, LANES
+    )
+    if FAST:
+        Kb = tl.load(ninit_ptr + prob)
+        Fb = tl.load(init_ptr + prob * LANES + lane)
+        Fb, nn_b, err_b = _iterate(
+            Fb, Kb, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, max_iter, exact, LANES
+        )
+        use_b = exact | (err_b <= err_a)  # never worse than the legacy init
+    else:
+        Kb = n_uniq
+        Fb = f_exact
+        nn_b = tl.sum(((lane < n_uniq) & (f_exact < 0)).to(tl.int32), 0)
+        err_b = err_a
+        use_b = exact
+    use_v = (j * 0 + use_b.to(tl.int32)) != 0
+    F = tl.where(use_v, Fb, Fa)  # [LANES] ascending, +inf padded
+    Keff = tl.where(use_b, Kb, K)
+    act = lane < Keff
+    nneg = tl.where(use_b, nn_b, nn_a)
+    err = tl.where(exact, 0.0, tl.where(use_b, err_b, err_a))
     if ALL_BITS:
         tl.store(err_ptr + seg * NBITS + b - 1, err.to(tl.float32))
     else:
+        mid, rel, cnt, s1 = _assign(sorted_ptr, prefix_ptr, start, n_s, steps, F, Keff, nneg, LANES)
         tl.store(mids_ptr + seg * LANES + lane, mid)
         tl.store(book_ptr + seg * (LANES + 1) + 1 + lane, tl.where(act, F, 0.0))
         tl.store(book_ptr + seg * (LANES + 1), 0.0)
@@ -303,7 +344,7 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
             raise ValueError(f"{name}: {what} is on {t.device}, values on {values.device}")
     if max_iter < 0 or not (tol >= 0):
         raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
-    if _tracing(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if _skip_value_checks(values):
         return  # value checks read tensors back: skipped under tracing and CUDA-graph capture
     if not (values.device.type == "cuda" or (values.device.type == "cpu" and _interpreted())):
         raise ValueError(
@@ -315,6 +356,11 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
             raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
     if bits is not None and bits.numel() and not bool(((bits >= 1) & (bits <= NBITS)).all()):
         raise ValueError(f"{name}: bits must lie in 1..{NBITS}, got {bits.tolist()}")
+
+
+def _skip_value_checks(values: Tensor) -> bool:
+    """Under tracing or CUDA-graph capture the value checks (which read tensors back) are skipped."""
+    return _tracing(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _interpreted() -> bool:
@@ -359,6 +405,11 @@ def _segment_sort(values: Tensor, offsets: Tensor) -> Tensor:
     return by_value.index_select(0, perm)
 
 
+def _finite(x: Tensor) -> Tensor:
+    """``x`` with non-finite values as 0 (for the global prefix sums; their segment's error is NaN anyway)."""
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
 def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Output allocation (tests poison it with NaN / sentinels to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -368,7 +419,7 @@ def _prepare(values: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Segment-sorted values, their float64 inclusive prefix sums and ``[S, SPLIT]`` partial sums of squares."""
     S = offsets.numel() - 1
     srt = _segment_sort(values, offsets)
-    prefix = torch.cumsum(srt, 0, dtype=torch.float64)
+    prefix = torch.cumsum(_finite(srt), 0, dtype=torch.float64)  # one segment's NaN must not reach the next
     sumsq = _new((S, SPLIT), torch.float64, values.device)
     if S:
         wrap_triton(_sumsq_kernel)[(S, SPLIT)](
@@ -377,13 +428,47 @@ def _prepare(values: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return srt, prefix, sumsq
 
 
+def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None) -> tuple[Tensor, ...]:
+    """The fast path's init on the device (:mod:`.lloyd_window_triton`): ``init [P, LANES]`` f32 free
+    centres (+inf padded), ``ninit [P]``, ``exact [P]`` and ``passes [P]`` int32, with ``P = S``, or
+    ``S * NBITS`` (row ``s * NBITS + b - 1``) when ``bits`` is None."""
+    from . import lloyd_window_triton as wt
+    from .lloyd import GRID_PER_CENTRE, MAX_PASSES, MIN_ATOMS, PASS_RTOL, WINDOW
+
+    n, S, dev = srt.numel(), offsets.numel() - 1, srt.device
+    prefix2 = torch.cumsum(_finite(srt).double().square(), 0)  # [n] f64
+    new = torch.ones(n, dtype=torch.bool, device=dev)  # a distinct nonzero starts here
+    new[1:] = srt[1:] != srt[:-1]
+    if n:  # (a shape, not a value) every segment starts a run
+        new[offsets[:-1].clamp(max=n - 1)] = True
+    rank = torch.cumsum(new & (srt != 0), 0, dtype=torch.int32)  # [n]
+    P = S if bits is not None else S * NBITS
+    i32, f64 = torch.int32, torch.float64
+    init, ninit, exact, passes = _new((P, LANES), torch.float32, dev), *(_new((P,), i32, dev) for _ in range(3))
+    rows = (P, wt.TSTRIDE * wt.NCP)
+    wrap_triton(wt.fast_init_kernel)[(S,) if bits is not None else (S, NBITS)](
+        sorted_ptr=srt, prefix_ptr=prefix, prefix2_ptr=prefix2, rank_ptr=rank, offsets_ptr=offsets,
+        bits_ptr=bits.to(i32) if bits is not None else rank, atoms_ptr=_new((P, wt.ASTRIDE), i32, dev),
+        a1_ptr=_new((P, wt.ASTRIDE), f64, dev), a2_ptr=_new((P, wt.ASTRIDE), f64, dev),
+        cum_ptr=_new((P, wt.GT), f64, dev), mass_ptr=_new((P, wt.GT), f64, dev),
+        bnd_ptr=_new((P, wt.TSTRIDE), i32, dev), win_ptr=_new(rows, i32, dev), arg0_ptr=_new(rows, i32, dev),
+        arg1_ptr=_new(rows, i32, dev), zflag_ptr=torch.empty(rows, dtype=torch.int8, device=dev), init_ptr=init,
+        ninit_ptr=ninit, exact_ptr=exact, passes_ptr=passes, rtol=PASS_RTOL, max_passes=MAX_PASSES,
+        ALL_BITS=bits is None, NBITS=NBITS, W=WINDOW, MIN_ATOMS=MIN_ATOMS, GRID_PER_CENTRE=GRID_PER_CENTRE,
+        GT=wt.GT, ASTRIDE=wt.ASTRIDE, TSTRIDE=wt.TSTRIDE, NCP=wt.NCP, TB=wt.TB, KLANES=LANES, num_warps=FAST_WARPS,
+    )  # fmt: skip
+    return init, ninit, exact, passes
+
+
 def lloyd_quantize_triton(
     values: Tensor, offsets: Tensor, bits: Tensor, max_iter: int, tol: float, method: str = "fast"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton launcher of ``atmc::lloyd_quantize`` (same contract as the reference).
 
-    ``method="lloyd"`` runs the Triton kernels; ``"fast"`` and ``"optimal"`` (whose DP has no
-    kernel yet) run the reference on host copies through ``atmc::lloyd_quantize_host``.
+    ``"lloyd"`` and ``"fast"`` run on the device with no host synchronisation after the eager-only
+    value checks (``"fast"``: the init kernel of :mod:`.lloyd_window_triton`, then Lloyd from it and
+    from the legacy init, the lower SSE kept); ``"optimal"`` (the exact DP, no kernel) runs the
+    reference on host copies through ``atmc::lloyd_quantize_host``.
 
     Example:
         >>> v = torch.tensor([0.0, 1.0, 1.1, 5.0, -2.0], device="cuda")
@@ -394,7 +479,7 @@ def lloyd_quantize_triton(
 
     check_method(method)
     _check(values, offsets, bits, max_iter, tol, "lloyd_quantize")  # every method: bad input fails alike
-    if method != "lloyd":
+    if method == "optimal":
         return lloyd_quantize_host(values, offsets, bits, max_iter, tol, method)
     n, S, dev = values.numel(), bits.numel(), values.device
     book = _new((S, NUM_SLOTS), torch.float32, dev)
@@ -407,10 +492,13 @@ def lloyd_quantize_triton(
     mids = _new((S, LANES), torch.float32, dev)
     nneg = _new((S,), torch.int32, dev)
     tol_t = torch.full((1,), tol, dtype=torch.float64, device=dev)
+    fast = method == "fast"
+    init, ninit, iexact, _ = _fast_init(srt, prefix, offsets, bits) if fast else (nneg,) * 4
     wrap_triton(_lloyd_kernel)[(S,)](
         sorted_ptr=srt, prefix_ptr=prefix, sumsq_ptr=sumsq, offsets_ptr=offsets, bits_ptr=bits.to(torch.int32),
-        tol_ptr=tol_t, book_ptr=book, mids_ptr=mids, nneg_ptr=nneg, err_ptr=err, max_iter=max_iter,
-        ALL_BITS=False, NBITS=NBITS, SPLIT=SPLIT, LANES=LANES, num_warps=LLOYD_WARPS,
+        tol_ptr=tol_t, init_ptr=init, ninit_ptr=ninit, iexact_ptr=iexact, book_ptr=book, mids_ptr=mids,
+        nneg_ptr=nneg, err_ptr=err, max_iter=max_iter, ALL_BITS=False, FAST=fast, NBITS=NBITS, SPLIT=SPLIT,
+        LANES=LANES, num_warps=LLOYD_WARPS,
     )  # fmt: skip
     if n:
         wrap_triton(_codes_kernel)[(triton.cdiv(n, CODES_BLOCK),)](
@@ -427,7 +515,7 @@ def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: 
 
     check_method(method, "errors_for_bits")
     _check(values, offsets, None, max_iter, tol, "errors_for_bits")
-    if method != "lloyd":
+    if method == "optimal":
         return errors_for_bits_host(values, offsets, max_iter, tol, method)
     S, dev = offsets.numel() - 1, values.device
     err = _new((S, NBITS), torch.float32, dev)
@@ -436,9 +524,12 @@ def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: 
     srt, prefix, sumsq = _prepare(values, offsets)
     tol_t = torch.full((1,), tol, dtype=torch.float64, device=dev)
     unused = _new((1,), torch.int32, dev)  # codebook / midpoint / nneg outputs are not written here
+    fast = method == "fast"
+    init, ninit, iexact, _ = _fast_init(srt, prefix, offsets, None) if fast else (unused,) * 4
     wrap_triton(_lloyd_kernel)[(S, NBITS)](
         sorted_ptr=srt, prefix_ptr=prefix, sumsq_ptr=sumsq, offsets_ptr=offsets, bits_ptr=unused, tol_ptr=tol_t,
-        book_ptr=unused, mids_ptr=unused, nneg_ptr=unused, err_ptr=err, max_iter=max_iter,
-        ALL_BITS=True, NBITS=NBITS, SPLIT=SPLIT, LANES=LANES, num_warps=LLOYD_WARPS,
+        init_ptr=init, ninit_ptr=ninit, iexact_ptr=iexact, book_ptr=unused, mids_ptr=unused, nneg_ptr=unused,
+        err_ptr=err, max_iter=max_iter, ALL_BITS=True, FAST=fast, NBITS=NBITS, SPLIT=SPLIT, LANES=LANES,
+        num_warps=LLOYD_WARPS,
     )  # fmt: skip
     return err

@@ -65,6 +65,9 @@ def _exercise_lloyd():
     off = torch.tensor([0, 1000, 1003, 3000])
     lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 5, 1e-5, "lloyd")
     errors_for_bits_triton(x, off, 5, 1e-5, "lloyd")
+    x, off = x[:300], torch.tensor([0, 100, 103, 300])  # the fast path's kernels (slow in the interpreter)
+    lloyd_quantize_triton(x, off, torch.tensor([3, 2, 1], dtype=torch.int32), 5, 1e-5, "fast")
+    errors_for_bits_triton(x, off, 5, 1e-5, "fast")
 
 
 def _exercise_gemm():
@@ -128,7 +131,7 @@ def test_every_kernel_compiles_for_sm90(recorder, tmp_path):
     specs = list(recorder)
     specs = unique_specs(specs + _autotune_variants(specs, lt) + _bf16_variants(specs))
     kernels = {s["name"] for s in specs}
-    assert {"_lloyd_kernel", "_codes_kernel", "_tile_kernel", "_csr_mm_kernel"} <= kernels, kernels
+    assert {"_lloyd_kernel", "_codes_kernel", "fast_init_kernel", "_tile_kernel", "_csr_mm_kernel"} <= kernels, kernels
     assert len(kernels) >= 8, kernels
     print(f"{len(specs)} specializations of {len(kernels)} kernels")
     results = compile_specs(specs, arch=90, analyze=False, timeout=900)

@@ -1,0 +1,365 @@
+"""The fast quantizer's init on the device: compand init, atom grid and windowed-DP refinement.
+
+Triton twin of the numpy path :func:`atmc_triton.kernels.lloyd._fast_inits` (with
+:func:`.lloyd_window.compand_init` and :func:`.lloyd_window.refine_partition`): ONE launch, one
+program per segment (per segment and bit width for ``errors_for_bits``), every step inside the
+kernel, no host synchronisation. Per program, on the segment's sorted nonzeros ``s [m]``
+(read from the segment-sorted buffer, zeros skipped) with ``K = 2**b`` free centres:
+
+1. ``dcount <= K`` distinct nonzeros: they are the centres (``exact = 1``), done;
+2. atoms (``G_goal = max(512, 16 K)``): every distinct run when ``dcount <= G_goal``, else the
+   union of equal-count quantiles, a value grid and a cube-root grid and the sign change
+   (``tl.sort`` of ``G_goal`` positions, duplicates dropped); counts, sums and sums of squares at
+   the atom boundaries come from the global prefix sums;
+3. compand init (density^(1/3) over ``min(m, G_goal)`` equal-count atoms), its midpoints
+   snapped to atoms, the zero cluster around the sign change;
+4. passes of the windowed DP: ``NC = 2 (2 W + 1)`` candidates per boundary, the Viterbi chain
+   over the ``K + 1`` clusters (``[NCP, NCP]`` float64 tiles, a flag for "zero cluster placed"),
+   backpointers in scratch, a scalar backtrack; until nothing moves, the gain is ``<= rtol``
+   or ``max_passes``;
+5. the cluster means (float32, ascending, duplicates dropped) are the init of the Lloyd kernel,
+   which also runs the legacy init and keeps the lower error.
+
+Equality with the reference: the arithmetic is the reference's formula for formula, but
+prefix sums come from global float64 scans (not per-segment numpy cumsums), ``cbrt`` is
+``exp2(log2(x) / 3)`` and the compand scan is a tree, so costs differ from numpy's in the last
+bits and a near-tie between two partitions can resolve the other way. The launcher's contract is
+therefore quality, not bits: the same SSE up to such ties (tested: ratio to the exact optimum
+``<= 1.02``, never above the legacy quantizer, codes decoding to ``q``); segments kept exactly
+(``<= K`` distinct nonzeros) match the reference bit for bit.
+
+Bytes per value (device path): the prefix sums of squares (read 4 B, write 8 B) and the
+distinct-run ranks (read 4 B, write 1 + 4 B, read 1 B) are added to the ``"lloyd"`` path's
+sort and prefix sums; the refinement itself reads only ``O(G + K NC passes)`` per segment
+(scratch: ``[S, 4104]`` int32 + 2 float64, ``[S, 264, 32]`` int32 x 3 + int8).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .lloyd_triton import _count_le, _search_steps  # the binary searches of the Lloyd kernel
+
+__all__ = ["GT", "NCP", "TSTRIDE", "ASTRIDE", "fast_init_kernel"]
+
+GT = 4096  # max(512, 16 * 256): the most atoms a segment gets (a power of two: one tile)
+ASTRIDE = GT + 8  # scratch row of atom boundaries (G + 1 <= GT + 1 of them)
+TSTRIDE = 264  # scratch rows of candidates and backpointers (K + 2 <= 258 boundaries)
+NCP = 32  # candidates per boundary, padded (NC = 2 (2 W + 1) = 26 at W = 6)
+TB = 32  # boundaries per candidate tile
+KLANES = 256  # free centres
+INT_MAX = tl.constexpr(2147483647)  # a global a kernel may read
+
+
+@triton.jit
+def _gpos(j, start, zneg, nz):
+    """Global position of nonzero ``j`` of the segment (``j = m`` maps to its end)."""
+    return start + j + tl.where(j >= zneg, nz, 0)
+
+
+@triton.jit
+def _excl(ptr, p):
+    """Exclusive prefix at global position ``p`` from an inclusive scan."""
+    return tl.load(ptr + p - 1, mask=p > 0, other=0)
+
+
+@triton.jit
+def _cbrt(x):
+    """Real cube root (float64)."""
+    r = tl.exp2(tl.log2(tl.abs(x)) * (1.0 / 3.0))
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even (numpy's ``rint``) of float64 ``x >= 0``."""
+    r = tl.floor(x + 0.5)
+    odd = (r.to(tl.int64) % 2) == 1
+    return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _first_min(c, mn, col, NCP: tl.constexpr):
+    """Per row of ``c [R, NCP]``, the first column holding the row's minimum ``mn [R]`` (numpy's argmin;
+    0 for an all-NaN row); min + compare instead of ``tl.argmin``, which the interpreter runs element-wise."""
+    i = tl.min(tl.where(c == mn[:, None], col, NCP), 1)
+    return tl.where(i == NCP, 0, i)
+
+
+@triton.jit
+def _fmax(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit(do_not_specialize=["max_passes"])
+def fast_init_kernel(
+    sorted_ptr,  # [n] f32: each segment ascending within its range
+    prefix_ptr,  # [n] f64: inclusive prefix sums of sorted
+    prefix2_ptr,  # [n] f64: inclusive prefix sums of squares
+    rank_ptr,  # [n] i32: inclusive count of distinct-run starts among nonzeros
+    offsets_ptr,  # [S + 1] i64
+    bits_ptr,  # [S] i32 (unused when ALL_BITS)
+    atoms_ptr,  # [P, ASTRIDE] i32 scratch: atom boundaries (nonzero positions)
+    a1_ptr,  # [P, ASTRIDE] f64 scratch: sums before each atom boundary
+    a2_ptr,  # [P, ASTRIDE] f64 scratch: sums of squares before each atom boundary
+    cum_ptr,  # [P, GT] f64 scratch: compand masses, inclusive scan
+    mass_ptr,  # [P, GT] f64 scratch: compand masses
+    bnd_ptr,  # [P, TSTRIDE] i32 scratch: current cluster boundaries (atom indices)
+    win_ptr,  # [P, TSTRIDE, NCP] i32 scratch: candidates
+    arg0_ptr,  # [P, TSTRIDE, NCP] i32 scratch: backpointers, zero cluster not yet placed
+    arg1_ptr,  # [P, TSTRIDE, NCP] i32 scratch: backpointers, zero cluster placed
+    zflag_ptr,  # [P, TSTRIDE, NCP] i8 scratch: the zero cluster ends at this boundary
+    init_ptr,  # [P, KLANES] f32 out: free centres ascending, +inf padded
+    ninit_ptr,  # [P] i32 out: their number
+    exact_ptr,  # [P] i32 out: 1 when they are the distinct nonzeros (error 0)
+    passes_ptr,  # [P] i32 out: refinement passes run
+    rtol,  # f64: a pass must gain more than rtol * cost to continue
+    max_passes,  # i32
+    ALL_BITS: tl.constexpr,  # grid (S, NBITS): bits = program_id(1) + 1
+    NBITS: tl.constexpr,
+    W: tl.constexpr,  # half window
+    MIN_ATOMS: tl.constexpr,
+    GRID_PER_CENTRE: tl.constexpr,
+    GT: tl.constexpr,
+    ASTRIDE: tl.constexpr,
+    TSTRIDE: tl.constexpr,
+    NCP: tl.constexpr,
+    TB: tl.constexpr,
+    KLANES: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    if ALL_BITS:
+        b = tl.program_id(1) + 1
+        prob = seg * NBITS + b - 1
+    else:
+        b = tl.load(bits_ptr + seg)
+        prob = seg
+    K = (b * 0 + 1) << b
+    start = tl.load(offsets_ptr + seg)
+    end = tl.load(offsets_ptr + seg + 1)
+    n_s = end - start
+    steps = _search_steps(n_s)
+    zlo = _count_le(sorted_ptr, start, end, 0.0, steps, STRICT=True)  # first value >= 0
+    zhi = _count_le(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
+    zneg = zlo - start
+    nz = zhi - zlo
+    m = n_s - nz
+    base = _excl(rank_ptr, start)
+    last = tl.load(rank_ptr + tl.maximum(end - 1, 0), mask=n_s > 0, other=0)
+    dcount = tl.where(m > 0, last - base, 0).to(tl.int64)
+    klane = tl.arange(0, KLANES)
+    ko = prob * KLANES
+    tl.store(passes_ptr + prob, 0)
+    lo_x = tl.load(sorted_ptr + start, mask=n_s > 0, other=0.0)
+    hi_x = tl.load(sorted_ptr + tl.maximum(end - 1, 0), mask=n_s > 0, other=0.0)
+    finite = (lo_x > -float("inf")) & (hi_x < float("inf"))  # sorted: -inf first, NaN and +inf last
+    if (dcount <= K) | (~finite):  # the distinct nonzeros are the centres; non-finite: no init (legacy, NaN)
+        r = klane.to(tl.int64)
+        pe = _count_le(rank_ptr, start + r * 0, end + r * 0, base + r, steps, STRICT=False)
+        fin_v = (r * 0 + finite.to(tl.int64)) != 0  # (a scalar & vector mask trips the interpreter)
+        v = tl.load(sorted_ptr + pe, mask=(r < dcount) & fin_v, other=float("inf"))
+        tl.store(init_ptr + ko + klane, v)
+        tl.store(ninit_ptr + prob, tl.where(finite, dcount, 0).to(tl.int32))
+        tl.store(exact_ptr + prob, finite.to(tl.int32))
+    else:
+        Gg = tl.maximum(GRID_PER_CENTRE * K, MIN_ATOMS).to(tl.int64)
+        ao = prob * ASTRIDE
+        lane = tl.arange(0, GT).to(tl.int64)
+        # ---- 2. atom boundaries [G + 1], ascending nonzero positions from 0 to m
+        if dcount <= Gg:  # every distinct run is an atom (the sign change is a run start)
+            pr = _count_le(rank_ptr, start + lane * 0, end + lane * 0, base + lane, steps, STRICT=False)
+            tl.store(atoms_ptr + ao + lane, (pr - start - tl.where(pr >= zhi, nz, 0)).to(tl.int32), mask=lane < dcount)
+            tl.store(atoms_ptr + ao + dcount, m.to(tl.int32))
+            G = dcount
+        else:  # quantiles, a value grid and a cube-root grid, sorted, duplicates dropped
+            H = Gg // 2
+            Q = Gg // 4
+            lo_v = tl.load(sorted_ptr + start).to(tl.float64)
+            hi_v = tl.load(sorted_ptr + end - 1).to(tl.float64)
+            iq = lane + 1  # quantiles 1 .. H - 1
+            jq = (iq * m) // H
+            vq = tl.load(sorted_ptr + _gpos(jq, start, zneg, nz), mask=lane < H - 1, other=0.0)
+            pq = _count_le(sorted_ptr, start + lane * 0, end + lane * 0, vq, steps, STRICT=True)
+            il = lane - (H - 1) + 1  # value grid 1 .. Q - 1
+            ic = lane - (H - 1) - (Q - 1) + 1  # cube-root grid 1 .. Q - 1
+            cl = _cbrt(lo_v)
+            ch = _cbrt(hi_v)
+            vl = il.to(tl.float64) * ((hi_v - lo_v) / Q.to(tl.float64)) + lo_v
+            vc = ic.to(tl.float64) * ((ch - cl) / Q.to(tl.float64)) + cl
+            vg = tl.where(lane < H - 1 + Q - 1, vl, vc * vc * vc).to(tl.float32)
+            pg = _count_le(sorted_ptr, start + lane * 0, end + lane * 0, vg, steps, STRICT=False)
+            pos = tl.where(lane < H - 1, pq, pg)
+            pos = pos - start - tl.where(pos >= zhi, nz, 0)
+            pos = tl.where(lane == Gg - 3, 0, tl.where(lane == Gg - 2, m, tl.where(lane == Gg - 1, zneg, pos)))
+            pos = tl.where(lane < Gg, pos, INT_MAX).to(tl.int32)
+            srt = tl.sort(pos, 0)
+            prv = tl.gather(srt, tl.maximum(lane - 1, 0).to(tl.int32), 0)
+            first = (srt != INT_MAX) & ((lane == 0) | (srt != prv))
+            at = tl.cumsum(first.to(tl.int32), 0) - 1
+            tl.store(atoms_ptr + ao + at, srt, mask=first)
+            G = (tl.sum(first.to(tl.int32), 0) - 1).to(tl.int64)
+        tl.debug_barrier()
+        for ch0 in range(0, G + 1, GT):  # sums and sums of squares at the atom boundaries
+            ia = ch0 + lane
+            inr_a = ia <= G
+            aa = tl.load(atoms_ptr + ao + ia, mask=inr_a, other=0).to(tl.int64)
+            gp = _gpos(aa, start, zneg, nz)
+            tl.store(a1_ptr + ao + ia, _excl(prefix_ptr, gp) - _excl(prefix_ptr, start), mask=inr_a)
+            tl.store(a2_ptr + ao + ia, _excl(prefix2_ptr, gp) - _excl(prefix2_ptr, start), mask=inr_a)
+        za = _count_le(atoms_ptr + ao, G * 0, G + 1, zneg.to(tl.int32), _search_steps(G + 1), STRICT=True)
+        # ---- 3. compand init: K centres spread like density^(1/3), 10 % by count
+        g = tl.minimum(m, Gg)
+        valid = lane < g
+        lo_i = (lane * m) // g
+        hi_i = ((lane + 1) * m) // g
+        cnt = (hi_i - lo_i).to(tl.float64)
+        x0 = tl.load(sorted_ptr + _gpos(lo_i, start, zneg, nz), mask=valid, other=0.0).to(tl.float64)
+        xn = tl.load(sorted_ptr + _gpos(tl.minimum(hi_i, m - 1), start, zneg, nz), mask=valid, other=0.0)
+        w = tl.where(valid, tl.maximum(xn.to(tl.float64) - x0, 0.0), 0.0)
+        raw = tl.exp2(tl.log2(cnt * w * w) * (1.0 / 3.0))
+        raw = tl.where(valid & (w > 0), raw, 0.0)
+        tot = tl.sum(raw, 0)
+        by_cnt = cnt / m.to(tl.float64)
+        mass = tl.where(tot > 0, 0.9 * raw / tl.where(tot > 0, tot, 1.0) + 0.1 * by_cnt, by_cnt)
+        mass = tl.where(valid, mass, 0.0)
+        incl = tl.cumsum(mass, 0)
+        total = tl.max(tl.where(valid, incl, 0.0), 0)
+        go = prob * GT
+        tl.store(cum_ptr + go + lane, incl)
+        tl.store(mass_ptr + go + lane, mass)
+        tl.debug_barrier()
+        k = klane.to(tl.int64)
+        kin = k < K
+        tq = (k.to(tl.float64) + 0.5) / K.to(tl.float64) * total
+        ii = _count_le(cum_ptr + go, k * 0, g + k * 0, tq, _search_steps(g), STRICT=False)
+        ii = tl.minimum(ii, g - 1)
+        cprev = tl.load(cum_ptr + go + ii - 1, mask=ii > 0, other=0.0)
+        mi = tl.load(mass_ptr + go + ii)
+        frac = tl.minimum(tl.maximum((tq - cprev) / tl.maximum(mi, 1e-300), 0.0), 1.0)
+        lo_k = (ii * m) // g
+        hi_k = tl.minimum(((ii + 1) * m) // g, m - 1)
+        x0k = tl.load(sorted_ptr + _gpos(lo_k, start, zneg, nz)).to(tl.float64)
+        xnk = tl.load(sorted_ptr + _gpos(hi_k, start, zneg, nz)).to(tl.float64)
+        c0v = tl.where(kin, x0k + frac * tl.maximum(xnk - x0k, 0.0), float("inf"))
+        # ---- initial boundaries: midpoints of the centres (zero inserted), snapped to atoms
+        zc = tl.sum((kin & (c0v < 0)).to(tl.int32), 0)
+        c_nx = tl.gather(c0v, tl.minimum(klane + 1, KLANES - 1), 0)
+        c_pv = tl.gather(c0v, tl.maximum(klane - 1, 0), 0)
+        c_lo = tl.where(klane < zc, c0v, tl.where(klane == zc, 0.0, c_pv))
+        c_hi = tl.where(klane + 1 < zc, c_nx, tl.where(klane + 1 == zc, 0.0, c0v))
+        mid = (c_lo + c_hi) * 0.5
+        pm = _count_le(sorted_ptr, start + k * 0, end + k * 0, mid, steps, STRICT=False)
+        pm = (pm - start - tl.where(pm >= zhi, nz, 0)).to(tl.int32)
+        bk = _count_le(atoms_ptr + ao, k * 0, G + 1 + k * 0, pm, _search_steps(G + 1), STRICT=True)
+        bk = tl.where(klane + 1 <= zc, tl.minimum(bk, za), tl.maximum(bk, za)).to(tl.int32)
+        bo = prob * TSTRIDE
+        tl.store(bnd_ptr + bo + 1 + klane, bk, mask=kin)
+        tl.store(bnd_ptr + bo, 0)
+        tl.store(bnd_ptr + bo + K + 1, G.to(tl.int32))
+        # ---- 4. windowed-DP passes
+        T = K + 2
+        ocol = tl.arange(0, NCP)
+        NC: tl.constexpr = 2 * (2 * W + 1)
+        wo = prob * TSTRIDE * NCP
+        G32 = G.to(tl.int32)
+        prev_cost = tl.zeros((), tl.float64) + float("inf")
+        zcur = zc
+        passes = tl.zeros((), tl.int32)
+        active = tl.zeros((), tl.int32) + 1
+        while (active != 0) & (passes < max_passes):
+            passes += 1
+            tl.debug_barrier()
+            for t0 in range(0, T, TB):  # candidates [T, NCP]
+                tt = t0 + tl.arange(0, TB)[:, None]
+                o = ocol[None, :]
+                inr_c = tt < T
+                Bt = tl.load(bnd_ptr + bo + tt, mask=inr_c, other=0)
+                Bp = tl.load(bnd_ptr + bo + tl.maximum(tt - 1, 0), mask=inr_c, other=0)
+                Bn = tl.load(bnd_ptr + bo + tl.minimum(tt + 1, T - 1), mask=inr_c, other=0)
+                local = tl.minimum(tl.maximum(Bt + o - W, 0), G32)
+                lo = tl.maximum(tl.minimum(Bp, Bt - W), 0).to(tl.float64)
+                hi = tl.minimum(tl.maximum(Bn, Bt + W), G32).to(tl.float64)
+                j = (o - (2 * W + 1)).to(tl.float64)
+                spread = _rint(lo + j / (2 * W) * (hi - lo)).to(tl.int32)
+                cand = tl.where(o < 2 * W + 1, local, tl.where(o < NC, spread, Bt))
+                cand = tl.where(tt == 0, 0, tl.where(tt == T - 1, G32, cand))
+                tl.store(win_ptr + wo + tt * NCP + o, cand, mask=inr_c & (o < NCP))
+            tl.debug_barrier()
+            ip = ocol[None, :]  # previous candidate (columns)
+            inx = ocol[:, None]  # next candidate (rows)
+            V0 = tl.where(ocol < NC, 0.0, float("inf")).to(tl.float64)
+            V1 = tl.zeros([NCP], tl.float64) + float("inf")
+            for t in range(0, T - 1):
+                a = tl.load(win_ptr + wo + t * NCP + ip)  # [1, NCP]
+                bb = tl.load(win_ptr + wo + (t + 1) * NCP + inx)  # [NCP, 1]
+                n = (tl.load(atoms_ptr + ao + bb) - tl.load(atoms_ptr + ao + a)).to(tl.float64)
+                s1 = tl.load(a1_ptr + ao + bb) - tl.load(a1_ptr + ao + a)
+                s2 = tl.load(a2_ptr + ao + bb) - tl.load(a2_ptr + ao + a)
+                bad = tl.where(a <= bb, 0.0, float("inf"))
+                bad = tl.where((ip < NC) & (inx < NC), bad, float("inf"))
+                free = tl.maximum(s2 - s1 * s1 / tl.maximum(n, 1.0), 0.0) + bad  # [NCP, NCP]
+                zero = s2 + tl.where((a <= za) & (za <= bb), bad, float("inf"))
+                c0 = V0[None, :] + free
+                c1 = V1[None, :] + free
+                cz = V0[None, :] + zero
+                m0 = tl.min(c0, 1)
+                m1 = tl.min(c1, 1)
+                mz = tl.min(cz, 1)
+                i0 = _first_min(c0, m0, ip, NCP)
+                i1 = _first_min(c1, m1, ip, NCP)
+                iz = _first_min(cz, mz, ip, NCP)
+                use_z = mz < m1
+                ro = wo + (t + 1) * NCP + ocol
+                tl.store(arg0_ptr + ro, i0)
+                tl.store(arg1_ptr + ro, tl.where(use_z, iz, i1))
+                tl.store(zflag_ptr + ro, use_z.to(tl.int8))
+                V0 = m0
+                V1 = tl.where(use_z, mz, m1)
+            tl.debug_barrier()
+            cost = tl.min(V1, 0)
+            x = tl.min(tl.where(V1 == cost, ocol, NCP), 0)
+            x = tl.where(x == NCP, 0, x)
+            flag = x * 0 + 1
+            zero_at = x * 0
+            moved = x * 0
+            for ib in range(0, T - 1):  # backtrack from the last boundary
+                tb = T - 1 - ib
+                rb = wo + tb * NCP + x
+                bt = tl.load(win_ptr + rb)
+                moved = moved | (bt != tl.load(bnd_ptr + bo + tb)).to(tl.int32)
+                tl.store(bnd_ptr + bo + tb, bt)
+                zh = flag & tl.load(zflag_ptr + rb).to(tl.int32)
+                zero_at = tl.where(zh != 0, tb - 1, zero_at)
+                x = tl.where(flag != 0, tl.load(arg1_ptr + rb), tl.load(arg0_ptr + rb))
+                flag = flag & (1 - zh)
+            moved = moved | (zero_at != zcur).to(tl.int32)
+            zcur = zero_at
+            active = (moved != 0) & ((prev_cost - cost) > rtol * cost)
+            active = active.to(tl.int32)
+            prev_cost = cost
+        tl.store(passes_ptr + prob, passes)
+        tl.debug_barrier()
+        # ---- 5. cluster means: float32, ascending, duplicates dropped
+        count = tl.zeros((), tl.int32)
+        run_max = tl.zeros((), tl.float32) - float("inf")
+        for t0 in range(0, K + 1, KLANES):
+            tc = t0 + klane
+            inr_m = tc <= K
+            blo = tl.load(bnd_ptr + bo + tc, mask=inr_m, other=0)
+            bhi = tl.load(bnd_ptr + bo + tc + 1, mask=inr_m, other=0)
+            cn = tl.load(atoms_ptr + ao + bhi, mask=inr_m, other=0) - tl.load(atoms_ptr + ao + blo, mask=inr_m, other=0)
+            sm = tl.load(a1_ptr + ao + bhi, mask=inr_m, other=0.0) - tl.load(a1_ptr + ao + blo, mask=inr_m, other=0.0)
+            keep = inr_m & (cn > 0) & (tc != zcur)
+            mean = (sm / tl.maximum(cn, 1).to(tl.float64)).to(tl.float32)
+            kv = tl.where(keep, mean, -float("inf"))
+            cmax = tl.associative_scan(kv, 0, _fmax)
+            before = tl.where(klane == 0, run_max, tl.maximum(tl.gather(cmax, tl.maximum(klane - 1, 0), 0), run_max))
+            new = keep & (mean > before)
+            at_m = count + tl.cumsum(new.to(tl.int32), 0) - 1
+            tl.store(init_ptr + ko + at_m, mean, mask=new)
+            count += tl.sum(new.to(tl.int32), 0)
+            run_max = tl.maximum(run_max, tl.max(kv, 0))
+        tl.store(init_ptr + ko + klane, tl.zeros([KLANES], tl.float32) + float("inf"), mask=klane >= count)
+        tl.store(ninit_ptr + prob, count)
+        tl.store(exact_ptr + prob, 0)
