@@ -53,11 +53,12 @@ class ATMCConfig:
         max_iter, tol: Lloyd iteration cap and relative-SSE tolerance.
         quant_method: codebook method of the quantizer: ``"fast"`` (DP init + Lloyd, within
             2 % of the optimum), ``"optimal"`` (exact DP) or ``"lloyd"`` (the legacy init).
-        init: ``"identity"`` (the reference's W = (B + I) A + C, full rank),
-            ``"svd"`` (truncated SVD, U V = best rank-r approximation, C = 0) or ``"sparse"``
-            (W = C: no low-rank part, ``U [out, 0]`` and ``V [0, in]`` are empty; pruning plus
-            quantization under the same ADMM, budget and codebooks, a third of the identity
-            init's training state for a square layer).
+        init: ``"sparse"`` (default; W = C: no low-rank part, ``U [out, 0]`` and ``V [0, in]``
+            are empty; pruning plus quantization under the same ADMM, budget and codebooks, about
+            half the identity init's training state), ``"identity"`` (the reference's
+            W = (B + I) A + C, full rank) or ``"svd"`` (truncated SVD, U V = best rank-r
+            approximation, C = 0). The low-rank part bought no accuracy at equal size on digits
+            and MNIST (README, "Does the factorization earn its memory?").
         rank: SVD rank, an int ``>= 1`` or a fraction in (0, 1] of ``min(out, in*kh*kw)``;
             only with ``init="svd"`` (``None`` = full rank).
         exclude: module names or fnmatch patterns (e.g. ``("fc", "*.head")``) that
@@ -90,7 +91,7 @@ class ATMCConfig:
     max_iter: int = 20
     tol: float = 1e-5
     quant_method: str = "fast"
-    init: str = "identity"
+    init: str = "sparse"
     rank: int | float | None = None
     exclude: tuple[str, ...] | None = None
     floor: str = "auto"

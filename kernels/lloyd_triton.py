@@ -152,6 +152,27 @@ def _iterate(F, Keff, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, 
     return F, nneg, total_sq - _gain(F, cnt, s1, act)
 
 
+@triton.jit
+def _segment_head(bits_ptr, offsets_ptr, sorted_ptr, ALL_BITS: tl.constexpr, NBITS: tl.constexpr):
+    """This program's problem: ``(b, prob, K, start, end, steps, zlo, zhi)``: bits, problem index (segment,
+    or segment x bits when ``ALL_BITS``), free centres, the segment's range, the halving-search steps
+    that settle it, and the range ``[zlo, zhi)`` of its zeros in the sorted buffer."""
+    seg = tl.program_id(0)
+    if ALL_BITS:
+        b = tl.program_id(1) + 1
+        prob = seg * NBITS + b - 1
+    else:
+        b = tl.load(bits_ptr + seg)
+        prob = seg
+    K = (b * 0 + 1) << b  # i32 scalar
+    start = tl.load(offsets_ptr + seg)
+    end = tl.load(offsets_ptr + seg + 1)
+    steps = _search_steps(end - start)
+    zlo = _count_le(sorted_ptr, start, end, 0.0, steps, STRICT=True)  # first value >= 0
+    zhi = _count_le(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
+    return b, prob, K, start, end, steps, zlo, zhi
+
+
 @triton.jit(do_not_specialize=["max_iter"])
 def _lloyd_kernel(
     sorted_ptr,  # [n] f32: each segment ascending within its range
@@ -175,19 +196,8 @@ def _lloyd_kernel(
     LANES: tl.constexpr,
 ):
     seg = tl.program_id(0)
-    if ALL_BITS:
-        b = tl.program_id(1) + 1
-        prob = seg * NBITS + b - 1
-    else:
-        b = tl.load(bits_ptr + seg)
-        prob = seg
-    K = (b * 0 + 1) << b  # i32 scalar
-    start = tl.load(offsets_ptr + seg)
-    end = tl.load(offsets_ptr + seg + 1)
+    b, prob, K, start, end, steps, zlo, zhi = _segment_head(bits_ptr, offsets_ptr, sorted_ptr, ALL_BITS, NBITS)
     n_s = end - start
-    steps = _search_steps(n_s)
-    zlo = _count_le(sorted_ptr, start, end, 0.0, steps, STRICT=True)  # first value >= 0
-    zhi = _count_le(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
     zneg = zlo - start
     m = n_s - (zhi - zlo)  # nonzeros
     lane = tl.arange(0, LANES)

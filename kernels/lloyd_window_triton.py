@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lloyd_triton import _count_le, _search_steps  # the binary searches of the Lloyd kernel
+from .lloyd_triton import _count_le, _search_steps, _segment_head  # shared with the Lloyd kernel
 
 __all__ = ["GT", "NCP", "TSTRIDE", "ASTRIDE", "fast_init_kernel"]
 
@@ -128,20 +128,8 @@ def fast_init_kernel(
     TB: tl.constexpr,
     KLANES: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    if ALL_BITS:
-        b = tl.program_id(1) + 1
-        prob = seg * NBITS + b - 1
-    else:
-        b = tl.load(bits_ptr + seg)
-        prob = seg
-    K = (b * 0 + 1) << b
-    start = tl.load(offsets_ptr + seg)
-    end = tl.load(offsets_ptr + seg + 1)
+    b, prob, K, start, end, steps, zlo, zhi = _segment_head(bits_ptr, offsets_ptr, sorted_ptr, ALL_BITS, NBITS)
     n_s = end - start
-    steps = _search_steps(n_s)
-    zlo = _count_le(sorted_ptr, start, end, 0.0, steps, STRICT=True)  # first value >= 0
-    zhi = _count_le(sorted_ptr, zlo, end, 0.0, steps, STRICT=False)  # first value > 0
     zneg = zlo - start
     nz = zhi - zlo
     m = n_s - nz
