@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from hypothesis import example
 from hypothesis import strategies as st
 from torch import nn
 
@@ -52,6 +53,25 @@ def segment(draw, max_len: int = 300, kinds: tuple[str, ...] = SEGMENT_KINDS, b:
     else:
         raise ValueError(f"unknown segment kind {kind!r}")
     return x.astype(np.float32)
+
+
+EDGE_SEGMENTS = (  # (segment, bits): the quantizer's edges, explicit examples of its hypothesis tests
+    (np.array([0.5] * 40 + [0.0] * 3, np.float32), 1),  # all equal
+    (np.array([0.0, 0.0, -3.0], np.float32), 2),  # a single nonzero
+    (np.zeros(20, np.float32), 3),  # all zero
+    (np.arange(1, 17, dtype=np.float32), 4),  # nnz = 2^b
+    (np.arange(1, 18, dtype=np.float32), 4),  # nnz = 2^b + 1
+    (np.repeat(np.arange(1, 17, dtype=np.float32), 7), 4),  # 2^b distinct values, duplicated
+    (np.where(np.arange(200) % 5 < 3, 0.7, np.arange(200) % 12 * 0.3 - 1.5).astype(np.float32), 4),  # ties
+    (np.concatenate([np.linspace(0.5, 3, 97), -np.linspace(0.05, 0.15, 3)]).astype(np.float32), 2),  # one-sided-ish
+)
+
+
+def edge_examples(test):
+    """Add every :data:`EDGE_SEGMENTS` case as an ``@example(xb=...)`` of a ``@given(xb=...)`` test."""
+    for xb in reversed(EDGE_SEGMENTS):
+        test = example(xb=xb)(test)
+    return test
 
 
 def segment_and_bits(max_len: int = 300, max_bits: int = 8) -> st.SearchStrategy:

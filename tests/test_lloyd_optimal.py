@@ -7,7 +7,7 @@ import pytest
 import torch
 from atmc_triton.kernels.lloyd import METHODS, lloyd_quantize_ref
 from atmc_triton.kernels.lloyd_optimal import dp_partition, optimal_sse
-from helpers import EDGES, edges, segment, segment_and_bits
+from helpers import EDGES, edge_examples, edges, segment, segment_and_bits
 from hypothesis import example, given, settings, target
 from hypothesis import strategies as st
 
@@ -63,14 +63,7 @@ def ratio_ok(got: float, opt: float, energy: float) -> bool:
 
 
 @given(xb=segment_and_bits(max_len=400))
-@example(xb=(np.array([0.5] * 40 + [0.0] * 3, np.float32), 1))  # all equal
-@example(xb=(np.array([0.0, 0.0, -3.0], np.float32), 2))  # a single nonzero
-@example(xb=(np.zeros(20, np.float32), 3))  # all zero
-@example(xb=(np.arange(1, 17, dtype=np.float32), 4))  # nnz = 2^b
-@example(xb=(np.arange(1, 18, dtype=np.float32), 4))  # nnz = 2^b + 1
-@example(xb=(np.repeat(np.arange(1, 17, dtype=np.float32), 7), 4))  # 2^b distinct values, duplicated
-@example(xb=(np.where(np.arange(200) % 5 < 3, 0.7, np.arange(200) % 12 * 0.3 - 1.5).astype(np.float32), 4))  # ties
-@example(xb=(np.concatenate([np.linspace(0.5, 3, 97), -np.linspace(0.05, 0.15, 3)]).astype(np.float32), 2))
+@edge_examples
 def test_fast_within_2_percent_of_the_optimum(xb):
     """``"fast"`` (the default) is within 2 % of the exact optimum, never worse than ``"lloyd"``,
     and exact (0 error, q == x) when the segment has at most 2^b distinct nonzeros."""

@@ -20,8 +20,8 @@ pytest.importorskip("triton")
 from atmc_triton.kernels import lloyd_triton as lt  # noqa: E402
 from atmc_triton.kernels.lloyd import errors_for_bits_ref, lloyd_quantize_ref  # noqa: E402
 from atmc_triton.kernels.lloyd_optimal import optimal_sse  # noqa: E402
-from helpers import segment_and_bits  # noqa: E402
-from hypothesis import example, given  # noqa: E402
+from helpers import edge_examples, segment_and_bits  # noqa: E402
+from hypothesis import given  # noqa: E402
 from test_lloyd_triton import DEVICES, _make, _poison_outputs  # noqa: E402, F401
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -101,14 +101,7 @@ def test_fast_many_centres_and_passes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(xb=segment_and_bits(max_len=300, max_bits=4))
-@example(xb=(np.array([0.5] * 40 + [0.0] * 3, np.float32), 1))  # all equal
-@example(xb=(np.array([0.0, 0.0, -3.0], np.float32), 2))  # a single nonzero
-@example(xb=(np.zeros(20, np.float32), 3))  # all zero
-@example(xb=(np.arange(1, 17, dtype=np.float32), 4))  # nnz = 2^b
-@example(xb=(np.arange(1, 18, dtype=np.float32), 4))  # nnz = 2^b + 1
-@example(xb=(np.repeat(np.arange(1, 17, dtype=np.float32), 7), 4))  # 2^b distinct values, duplicated
-@example(xb=(np.where(np.arange(200) % 5 < 3, 0.7, np.arange(200) % 12 * 0.3 - 1.5).astype(np.float32), 4))  # ties
-@example(xb=(np.concatenate([np.linspace(0.5, 3, 97), -np.linspace(0.05, 0.15, 3)]).astype(np.float32), 2))
+@edge_examples
 def test_fast_matches_reference(device, xb):
     """Drawn segments (the strategy reaches every edge: ``test_lloyd_optimal``), two per launch."""
     x, b = xb
