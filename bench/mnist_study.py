@@ -649,19 +649,27 @@ def run(
         f"{env['commit']} {env['date']}"
     )
     rows: list[dict[str, Any]] = []
-    md, missing = "", []
-    for p in points(cfg):  # the outputs are rewritten after every point: a stopped study keeps what it finished
-        if report and not (out / "points" / f"{p.stage}.json").is_file():
-            missing.append(p.stage)
-            continue
-        rows.append(study.run_point(p))
+    missing: list[str] = []
+
+    def write() -> str:
         write_csv(rows, out / f"{name}.csv")
         plot(rows, out / f"{name}.png", title, study.protocol, paper)
         md = markdown(rows, cfg, paper)
         (out / f"{name}.md").write_text(f"{title}\n\n{md}")
         curves(out / "metrics.jsonl", out / f"{name}_curves.png", title)
-    if report and not rows:
-        raise ValueError(f"{out} holds no evaluated point of this study to report")
+        return md
+
+    for p in points(cfg):
+        if report and not (out / "points" / f"{p.stage}.json").is_file():
+            missing.append(p.stage)
+            continue
+        rows.append(study.run_point(p))
+        if not report:  # rewritten after every trained point: a stopped study keeps what it finished
+            md = write()
+    if report:  # cached points only: written once
+        if not rows:
+            raise ValueError(f"{out} holds no evaluated point of this study to report")
+        md = write()
     if missing:
         _say(f"not evaluated yet (left out of the report): {', '.join(missing)}")
     meta["wall_seconds_last_run"] = time.perf_counter() - t0
