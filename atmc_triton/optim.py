@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -21,6 +22,22 @@ from atmc_triton.kernels import (
 from atmc_triton.store import FactorStore, check_plain_factors
 
 __all__ = ["ADMM"]
+
+
+def all_finite(tensors: Iterable[Tensor | None]) -> Tensor | None:
+    """A 0-d bool tensor: every element of the given tensors is finite (no host sync). ``None`` entries
+    and empty tensors (``init="sparse"``: U and V and their grads are empty) are skipped; ``None`` when
+    nothing is left.
+
+    Example:
+        >>> bool(all_finite([torch.ones(3), None, torch.empty(0)]))
+        True
+    """
+    ts = [t for t in tensors if t is not None and t.numel()]
+    if not ts:
+        return None
+    norms = torch._foreach_norm(ts, float("inf"))  # one launch per device and dtype group
+    return torch.isfinite(torch.stack([x.float().to(ts[0].device) for x in norms])).all()
 
 
 class ADMM(torch.optim.Optimizer):
@@ -169,12 +186,11 @@ class ADMM(torch.optim.Optimizer):
     def _void_if_dense_nonfinite(self) -> None:
         """A NaN/Inf dense grad voids the whole step: it is passed on to the factor op (which then
         writes nothing and returns tau = NaN) as a NaN in the first factor grad; no host sync."""
-        dense = [p.grad for g in self.param_groups[1:] for p in g["params"] if p.grad is not None and p.grad.numel()]
-        if not dense:
+        ok = all_finite(p.grad for g in self.param_groups[1:] for p in g["params"])
+        if ok is None:
             return
-        bad = ~torch.isfinite(torch.stack([x.float() for x in torch._foreach_norm(dense, float("inf"))])).all()
         g0 = self.store.grad[:1]
-        g0.copy_(torch.where(bad.to(g0.device), float("nan"), g0))
+        g0.copy_(torch.where(ok.to(g0.device), g0, float("nan")))
 
     @torch.no_grad()
     def step(self, closure=None) -> Tensor | None:

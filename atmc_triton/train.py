@@ -92,7 +92,7 @@ from atmc_triton.distributed import (
 )
 from atmc_triton.layers import ATMCLayer
 from atmc_triton.models import build_model
-from atmc_triton.optim import ADMM
+from atmc_triton.optim import ADMM, all_finite
 
 __all__ = [
     "ATTACKS",
@@ -657,10 +657,9 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 def _nonfinite(loss: Tensor, params: list[Tensor]) -> bool:
     """Whether the loss or any gradient is NaN/Inf on any rank (one host sync)."""
     bad = ~torch.isfinite(loss.detach()).all()
-    grads = [q.grad for q in params if q.grad is not None and q.grad.numel()]  # init="sparse": U, V are empty
-    if grads:
-        norms = torch.stack([v.float().to(bad.device) for v in torch._foreach_norm(grads, float("inf"))])
-        bad = bad | ~torch.isfinite(norms).all()
+    ok = all_finite(q.grad for q in params)
+    if ok is not None:
+        bad = bad | ~ok.to(bad.device)
     if is_distributed():
         flag = all_reduce_(bad.reshape(1).to(torch.int32), "max")
         return bool(flag[0])

@@ -268,3 +268,15 @@ def test_cli_stops_a_diverging_run_with_exit_code_3(tmp_path, capsys):
     assert rc == 3, err
     assert "atmc: error: 2 training steps in a row had a NaN/Inf loss or gradient (dense epoch 1" in err
     assert not (tmp_path / "dense.pt").exists()
+
+
+def test_all_finite_skips_none_and_empty_and_finds_any_nan_or_inf():
+    from atmc_triton.optim import all_finite
+
+    ok = [torch.ones(3), None, torch.empty(0), torch.zeros(2, 2, dtype=torch.float16)]
+    assert all_finite([]) is None and all_finite([None, torch.empty(0, 4)]) is None
+    assert all_finite(ok).dtype == torch.bool and all_finite(ok).dim() == 0 and bool(all_finite(ok))
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.zeros(7)
+        t[6] = bad
+        assert not bool(all_finite([*ok, t])) and not bool(all_finite(iter([t.half(), torch.ones(1)])))
