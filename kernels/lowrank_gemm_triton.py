@@ -51,7 +51,15 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .lowrank_gemm import IDENTITY_U, IDENTITY_V, atmc_decode_ref, atmc_linear_ref, check_factor, check_linear
+from .lowrank_gemm import (
+    IDENTITY_U,
+    IDENTITY_V,
+    atmc_decode_ref,
+    atmc_linear_ref,
+    check_factor,
+    check_linear,
+    linear_op,
+)
 from .lowrank_gemm_kernels import _csr_mm_kernel, _decode_kernel, _tile_kernel
 from .packed_format import BITMAP_GROUP, FMT_BITMAP, FMT_CSR, FMT_DENSE, FMT_EMPTY, code_width
 
@@ -479,34 +487,9 @@ def linear_launch(
     return _packed_matmul(M, n, products, t if identity == IDENTITY_U else None, bias, x.dtype, x.dtype, config)
 
 
-def atmc_linear_triton(
-    x: Tensor,
-    bias: Tensor | None,
-    n: int,
-    r: int,
-    identity: int,
-    u_fmt: int,
-    u_codes: Tensor,
-    u_book: Tensor,
-    u_indptr: Tensor,
-    u_indices: Tensor,
-    v_fmt: int,
-    v_codes: Tensor,
-    v_book: Tensor,
-    v_indptr: Tensor,
-    v_indices: Tensor,
-    c_fmt: int,
-    c_codes: Tensor,
-    c_book: Tensor,
-    c_indptr: Tensor,
-    c_indices: Tensor,
-) -> Tensor:
+@linear_op
+def atmc_linear_triton(x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> Tensor:
     """Launcher of op ``atmc_linear`` (same signature and result as :func:`atmc_linear_ref`)."""
-    factors = (
-        (u_fmt, u_codes, u_book, u_indptr, u_indices),
-        (v_fmt, v_codes, v_book, v_indptr, v_indices),
-        (c_fmt, c_codes, c_book, c_indptr, c_indices),
-    )
     if x.device.type == "cpu":  # only reached when tracing a CPU graph: CPU tensors take the reference
         return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))
     return linear_launch(x, bias, n, r, identity, factors)
