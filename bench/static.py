@@ -276,9 +276,7 @@ FAMILIES: dict[str, Family] = {
             Rule("_tile_kernel", smem_bound=_tile_smem_bound, why="no spills in any autotune config"),
             Rule("_tile_kernel", tensor_cores=True, when=_large_tile, why="tensor cores in every tile used at M > 32"),
             Rule("_csr_mm_kernel"),
-            Rule("_decode_dense_kernel", why="one-time decode of a cached weight, off the per-call path: no spills"),
-            Rule("_decode_csr_kernel"),
-            Rule("_decode_bitmap_kernel", why="one-time decode of a cached weight: no spills"),
+            Rule("_decode_kernel", why="one-time decode of a cached weight, off the per-call path: no spills"),
         ),
     ),
 }

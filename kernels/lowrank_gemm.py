@@ -32,6 +32,8 @@ figures; a prediction, not a measurement):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -71,6 +73,7 @@ __all__ = [
     "dense_crossover",
     "dequantize",
     "issue_instructions",
+    "linear_op",
     "linear_path",
     "predicted_us",
 ]
@@ -363,28 +366,49 @@ def _decoded(fmt, rows, cols, codes, book, indptr, indices, dtype) -> Tensor | N
     return decode_factor_ref(fmt, rows, cols, codes, book, indptr, indices).to(dtype)
 
 
-def atmc_linear_ref(
-    x: Tensor,
-    bias: Tensor | None,
-    n: int,
-    r: int,
-    identity: int,
-    u_fmt: int,
-    u_codes: Tensor,
-    u_book: Tensor,
-    u_indptr: Tensor,
-    u_indices: Tensor,
-    v_fmt: int,
-    v_codes: Tensor,
-    v_book: Tensor,
-    v_indptr: Tensor,
-    v_indices: Tensor,
-    c_fmt: int,
-    c_codes: Tensor,
-    c_book: Tensor,
-    c_indptr: Tensor,
-    c_indices: Tensor,
-) -> Tensor:
+def linear_op(impl: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Give ``impl(x, bias, n, r, identity, factors)`` op ``atmc_linear``'s flat, annotated signature (what
+    ``torch.library`` reads); ``factors = ((fmt, codes, book, indptr, indices),) * 3`` for U, V, C.
+
+    The reference and the Triton launcher share it; the result keeps ``impl``'s name and docstring.
+    """
+
+    def op(
+        x: Tensor,
+        bias: Tensor | None,
+        n: int,
+        r: int,
+        identity: int,
+        u_fmt: int,
+        u_codes: Tensor,
+        u_book: Tensor,
+        u_indptr: Tensor,
+        u_indices: Tensor,
+        v_fmt: int,
+        v_codes: Tensor,
+        v_book: Tensor,
+        v_indptr: Tensor,
+        v_indices: Tensor,
+        c_fmt: int,
+        c_codes: Tensor,
+        c_book: Tensor,
+        c_indptr: Tensor,
+        c_indices: Tensor,
+    ) -> Tensor:
+        factors = (
+            (u_fmt, u_codes, u_book, u_indptr, u_indices),
+            (v_fmt, v_codes, v_book, v_indptr, v_indices),
+            (c_fmt, c_codes, c_book, c_indptr, c_indices),
+        )
+        return impl(x, bias, n, r, identity, factors)
+
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):  # not __wrapped__: torch would read impl's
+        setattr(op, attr, getattr(impl, attr))
+    return op
+
+
+@linear_op
+def atmc_linear_ref(x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> Tensor:
     """``y [M, n]`` for ``x [M, K]`` from packed factors ``U [n, r]``, ``V [r, K]``, ``C [n, K]``.
 
     Dequantizes each factor densely, then ``t = x V^T``, ``y = t U^T + x C^T + bias`` (plus
@@ -399,11 +423,6 @@ def atmc_linear_ref(
         >>> atmc_linear_ref(torch.ones(1, 2), None, 2, 2, 2, *u, *none, *none).tolist()  # U (0 + I) x
         [[2.0, 2.0]]
     """
-    factors = (
-        (u_fmt, u_codes, u_book, u_indptr, u_indices),
-        (v_fmt, v_codes, v_book, v_indptr, v_indices),
-        (c_fmt, c_codes, c_book, c_indptr, c_indices),
-    )
     check_linear("atmc_linear", x, bias, n, r, identity, factors, values=not torch.compiler.is_compiling())
     K = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -40,20 +40,45 @@ def _codes_at(words_ptr, idx, mask, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _tile_codes(words_ptr, row_bit0, kk, mask, WIDTH: tl.constexpr):
-    """Codes (int32) ``[BK, BN]`` of a row-major ``WIDTH``-bit stream: element ``(k, n)`` starts at bit
-    ``row_bit0[n] + k * WIDTH``. int64 only per column; the per-element arithmetic is 32-bit."""
-    word0 = row_bit0 >> 5  # [BN] int64
-    bit = (row_bit0 & 31).to(tl.int32)[None, :] + kk[:, None] * WIDTH  # [BK, BN] int32
-    ptrs = words_ptr + word0[None, :] + (bit >> 5)
-    sh = (bit & 31).to(tl.uint32)
-    lo = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    if 32 % WIDTH == 0:  # a code never straddles two words
-        code = lo >> sh
+def _tile_values(
+    words_ptr,
+    elem0,
+    rel,
+    mask,
+    book_ptr,
+    book_len,
+    book,
+    WIDTH: tl.constexpr,
+    SLOT0: tl.constexpr,
+    BOOK_GATHER: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """float32 values ``[BLOCK_K, BLOCK_N]`` of stream entries ``elem0[n] + rel[k, n]`` (``elem0 [BN]`` int64,
+    ``rel`` int32 ``[BK, BN]`` or ``[BK, 1]``): raw float32 bits (``WIDTH`` 32) or ``book[code + SLOT0]`` of a
+    little-endian ``WIDTH``-bit code stream in int32 words. int64 only per column; the per-element arithmetic
+    is 32-bit. Masked elements read 0 (with ``SLOT0`` 0 their code 0 is the codebook's zero)."""
+    if WIDTH == 32:  # raw float32 values
+        v = tl.load(words_ptr + (elem0[None, :] + rel), mask=mask, other=0).to(tl.float32, bitcast=True)
     else:
-        hi = tl.load(ptrs + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        code = (lo >> sh) | ((hi << 1) << (31 - sh))  # (hi << 32 - sh), defined for sh = 0 too
-    return (code & ((1 << WIDTH) - 1)).to(tl.int32)
+        bit0 = elem0 * WIDTH  # [BN] int64
+        bit = (bit0 & 31).to(tl.int32)[None, :] + rel * WIDTH  # [BK, BN] int32
+        ptrs = words_ptr + (bit0 >> 5)[None, :] + (bit >> 5)
+        sh = (bit & 31).to(tl.uint32)
+        lo = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        if 32 % WIDTH == 0:  # a code never straddles two words
+            code = lo >> sh
+        else:
+            hi = tl.load(ptrs + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)
+            code = (lo >> sh) | ((hi << 1) << (31 - sh))  # (hi << 32 - sh), defined for sh = 0 too
+        slot = tl.minimum((code & ((1 << WIDTH) - 1)).to(tl.int32) + SLOT0, book_len - 1)  # never past the book
+        if BOOK_GATHER:  # codebook held in registers / shared memory
+            v = tl.reshape(tl.gather(book, tl.reshape(slot, (BLOCK_K * BLOCK_N,)), 0), (BLOCK_K, BLOCK_N))
+            if SLOT0 != 0:  # a masked element's code 0 reads a level, not the zero
+                v = tl.where(mask, v, 0.0)
+        else:  # small-table load: the codebook stays in L1
+            v = tl.load(book_ptr + slot, mask=mask, other=0.0)
+    return v
 
 
 @triton.jit
@@ -66,31 +91,15 @@ def _popc(w):
 
 
 @triton.jit
-def _bitmap_tile(
-    codes_ptr,
-    gp_ptr,
-    bm_ptr,
-    book_ptr,
-    book_len,
-    book,
-    nnz,
-    K,
-    N,
-    k0,
-    kk,
-    rn,
-    WIDTH: tl.constexpr,
-    BOOK_GATHER: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a bitmap factor ``B [N, K]``, columns
-    ``kk = k0 + arange(BLOCK_K)`` (``k0`` a multiple of ``BLOCK_K``, which divides ``GROUP``).
+def _bitmap_index(gp_ptr, bm_ptr, nnz, K, N, k0, kk, rn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Where the codes of a bitmap factor ``B [N, K]``'s ``B^T`` tile (columns ``kk = k0 + arange(BLOCK_K)``,
+    ``k0`` a multiple of ``BLOCK_K``, which divides ``GROUP``; rows ``rn``) stand in its code stream:
+    ``(base [BN] int64, rel [BK, BN] int32, ok [BK, BN])``, element ``(n, k)`` is code ``base[n] + rel[k, n]``
+    where ``ok`` (a stored nonzero, inside the tile and the stream).
 
-    The code of element ``(n, k)`` is number ``gp[n, k0 // GROUP]`` + the set bits of row ``n`` from
-    the group's first column up to ``k`` in the code stream: one pointer per row, the popcounts of at
-    most ``GROUP / 32`` words per row and step (L1), then the element's own word.
+    ``base[n]`` is ``gp[n, k0 // GROUP]`` plus the set bits of row ``n`` from the group's first column up
+    to ``k0``, ``rel`` the set bits before ``k`` in the step: one pointer per row, the popcounts of at most
+    ``GROUP / 32`` words per row and step (L1), then the element's own word.
     """
     tl.static_assert(GROUP % BLOCK_K == 0 and (BLOCK_K % 32 == 0 or 32 % BLOCK_K == 0))
     GW: tl.constexpr = GROUP // 32
@@ -114,26 +123,7 @@ def _bitmap_tile(
         wq = tl.load(bm_ptr + row_w + kw0 + q, mask=n_ok & (kw0 + q < wpr), other=0).to(tl.uint32, bitcast=True)
         rel += tl.where(lw[:, None] > q, _popc(wq)[None, :], 0)
     ok = mask & nz & (base[None, :] + rel < nnz)  # a corrupt pointer never reads past the codes
-    if WIDTH == 32:  # raw float32 values
-        b = tl.load(codes_ptr + base[None, :].to(tl.int64) + rel, mask=ok, other=0).to(tl.float32, bitcast=True)
-    else:
-        bit0 = base.to(tl.int64) * WIDTH  # [BN] int64; per element 32-bit offsets from it
-        bit = (bit0 & 31).to(tl.int32)[None, :] + rel * WIDTH  # [BK, BN]
-        ptrs = codes_ptr + (bit0 >> 5)[None, :] + (bit >> 5)
-        bsh = (bit & 31).to(tl.uint32)
-        lo = tl.load(ptrs, mask=ok, other=0).to(tl.uint32, bitcast=True)
-        if 32 % WIDTH == 0:  # a code never straddles two words
-            code = lo >> bsh
-        else:
-            hi = tl.load(ptrs + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)
-            code = (lo >> bsh) | ((hi << 1) << (31 - bsh))
-        slot = tl.minimum((code & ((1 << WIDTH) - 1)).to(tl.int32) + 1, book_len - 1)  # never past the book
-        if BOOK_GATHER:
-            b = tl.reshape(tl.gather(book, tl.reshape(slot, (BLOCK_K * BLOCK_N,)), 0), (BLOCK_K, BLOCK_N))
-            b = tl.where(ok, b, 0.0)
-        else:
-            b = tl.load(book_ptr + slot, mask=ok, other=0.0)
-    return b
+    return base.to(tl.int64), rel, ok
 
 
 @triton.jit
@@ -149,19 +139,10 @@ def _dequant(words_ptr, book_ptr, book_len, idx, mask, WIDTH: tl.constexpr, SLOT
 
 @triton.jit
 def _b_tile(
-    b_ptr,
-    book_ptr,
-    book_len,
-    book,
-    stride_bn,
-    stride_bk,
-    K,
+    p,
     N,
     kk,
     rn,
-    gp_ptr,
-    bm_ptr,
-    nnz,
     k0,
     KIND: tl.constexpr,
     WIDTH: tl.constexpr,
@@ -170,43 +151,56 @@ def _b_tile(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of a factor ``B [N, K]``, columns ``kk``
-    (``= k0 + arange(BLOCK_K)``). ``KIND`` 1 dense codes, 2 a plain matrix, 3 a bitmap factor (``gp_ptr``,
-    ``bm_ptr``: its group pointers and bitmap words, ``nnz`` codes)."""
-    mask = (kk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
+    """Dequantized ``B^T`` tile ``[BLOCK_K, BLOCK_N]`` (float32) of product ``p``'s factor ``B [N, K]`` (see
+    :func:`_k_steps`), columns ``kk`` (``= k0 + arange(BLOCK_K)``). ``KIND`` 1 dense codes, 2 a plain
+    matrix, 3 a bitmap factor (``gp_ptr``, ``bm_ptr``: its group pointers and bitmap words, ``nnz`` codes)."""
+    _, _, K, b_ptr, book_ptr, book_len, book, stride_bn, stride_bk, gp_ptr, bm_ptr, nnz = p
     if KIND == 3:
-        b = _bitmap_tile(
-            b_ptr,
-            gp_ptr,
-            bm_ptr,
-            book_ptr,
-            book_len,
-            book,
-            nnz,
-            K,
-            N,
-            k0,
-            kk,
-            rn,
-            WIDTH,
-            BOOK_GATHER,
-            GROUP,
-            BLOCK_K,
-            BLOCK_N,
-        )
-    elif KIND == 2:  # plain float matrix
-        idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None] * stride_bk  # [BK, BN]
-        b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    elif WIDTH == 32:  # raw float32 values
-        idx = rn[None, :].to(tl.int64) * stride_bn + kk[:, None] * stride_bk  # [BK, BN]
-        b = tl.load(b_ptr + idx, mask=mask, other=0).to(tl.float32, bitcast=True)
-    else:  # codes: row n starts at bit n * stride_bn * WIDTH (stride_bk is 1)
-        slot = tl.minimum(_tile_codes(b_ptr, rn.to(tl.int64) * stride_bn * WIDTH, kk, mask, WIDTH), book_len - 1)
-        if BOOK_GATHER:  # codebook held in registers / shared memory
-            b = tl.reshape(tl.gather(book, tl.reshape(slot, (BLOCK_K * BLOCK_N,)), 0), (BLOCK_K, BLOCK_N))
-        else:  # small-table load: the codebook stays in L1
-            b = tl.load(book_ptr + slot, mask=mask, other=0.0)
+        base, rel, ok = _bitmap_index(gp_ptr, bm_ptr, nnz, K, N, k0, kk, rn, GROUP, BLOCK_K)
+        b = _tile_values(b_ptr, base, rel, ok, book_ptr, book_len, book, WIDTH, 1, BOOK_GATHER, BLOCK_K, BLOCK_N)
+    else:
+        mask = (kk[:, None] < K) & (rn[None, :] < N)  # [BK, BN]
+        row0 = rn.to(tl.int64) * stride_bn  # [BN]: each row's first element
+        rel = kk[:, None] * stride_bk  # [BK, 1] (stride_bk is 1 for codes)
+        if KIND == 2:  # plain float matrix
+            b = tl.load(b_ptr + (row0[None, :] + rel), mask=mask, other=0.0).to(tl.float32)
+        else:
+            b = _tile_values(b_ptr, row0, rel, mask, book_ptr, book_len, book, WIDTH, 0, BOOK_GATHER, BLOCK_K, BLOCK_N)
     return b
+
+
+@triton.jit
+def _k_steps(
+    acc,
+    p,
+    M,
+    N,
+    rm,
+    rn,
+    rk,
+    s_lo,
+    s_hi,
+    KIND: tl.constexpr,
+    WIDTH: tl.constexpr,
+    DOT: tl.constexpr,
+    BOOK_GATHER: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``acc [BM, BN] += A[rm] deq(B)[rn]^T`` over K-steps ``s_lo <= s < s_hi`` of one product ``p = (a_ptr,
+    stride_am, K, b_ptr, book_ptr, book_len, book, stride_bn, stride_bk, gp_ptr, bm_ptr, nnz)``: ``A [M, K]``
+    (row stride ``stride_am``) times the factor ``B [N, K]`` that ``KIND`` / ``WIDTH`` describe (:func:`_b_tile`;
+    ``book``: the codebook in registers when ``BOOK_GATHER``)."""
+    a_ptr, stride_am, K = p[0], p[1], p[2]
+    rm64 = rm.to(tl.int64)  # row offsets of big inputs pass 2^31
+    for s in range(s_lo, s_hi):
+        kk = s * BLOCK_K + rk
+        a_mask = (rm[:, None] < M) & (kk[None, :] < K)
+        a = tl.load(a_ptr + rm64[:, None] * stride_am + kk[None, :], mask=a_mask, other=0.0)  # [BM, BK]
+        b = _b_tile(p, N, kk, rn, s * BLOCK_K, KIND, WIDTH, BOOK_GATHER, GROUP, BLOCK_K, BLOCK_N)  # [BK, BN]
+        acc = _mma(acc, a, b, DOT)
+    return acc
 
 
 @triton.jit
@@ -309,7 +303,9 @@ def _tile_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = tl.arange(0, BLOCK_K)  # [BK]
     book1 = _load_book(book1_ptr, book1_len, KIND1, WIDTH1, BOOK_GATHER, BOOK1)
+    p1 = (a1_ptr, stride_a1m, K1, b1_ptr, book1_ptr, book1_len, book1, stride_b1n, stride_b1k, gp1_ptr, bm1_ptr, nnz1)
     book2 = _load_book(book2_ptr, book2_len, KIND2, WIDTH2, BOOK_GATHER, BOOK2)
+    p2 = (a2_ptr, stride_a2m, K2, b2_ptr, book2_ptr, book2_len, book2, stride_b2n, stride_b2k, gp2_ptr, bm2_ptr, nnz2)
     steps1 = 0
     steps2 = 0
     if KIND1 != 0:
@@ -321,67 +317,11 @@ def _tile_kernel(
     s1 = tl.minimum(s0 + per, steps1 + steps2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if KIND1 != 0:
-        for s in range(s0, tl.minimum(s1, steps1)):
-            kk = s * BLOCK_K + rk
-            a = tl.load(
-                a1_ptr + rm64[:, None] * stride_a1m + kk[None, :],
-                mask=(rm[:, None] < M) & (kk[None, :] < K1),
-                other=0.0,
-            )  # [BM, BK]
-            b = _b_tile(
-                b1_ptr,
-                book1_ptr,
-                book1_len,
-                book1,
-                stride_b1n,
-                stride_b1k,
-                K1,
-                N,
-                kk,
-                rn,
-                gp1_ptr,
-                bm1_ptr,
-                nnz1,
-                s * BLOCK_K,
-                KIND1,
-                WIDTH1,
-                BOOK_GATHER,
-                GROUP,
-                BLOCK_K,
-                BLOCK_N,
-            )  # [BK, BN]
-            acc = _mma(acc, a, b, DOT)
+        lo, hi = s0, tl.minimum(s1, steps1)
+        acc = _k_steps(acc, p1, M, N, rm, rn, rk, lo, hi, KIND1, WIDTH1, DOT, BOOK_GATHER, GROUP, BLOCK_K, BLOCK_N)
     if KIND2 != 0:
-        for s in range(tl.maximum(s0, steps1) - steps1, tl.maximum(s1, steps1) - steps1):
-            kk = s * BLOCK_K + rk
-            a = tl.load(
-                a2_ptr + rm64[:, None] * stride_a2m + kk[None, :],
-                mask=(rm[:, None] < M) & (kk[None, :] < K2),
-                other=0.0,
-            )  # [BM, BK]
-            b = _b_tile(
-                b2_ptr,
-                book2_ptr,
-                book2_len,
-                book2,
-                stride_b2n,
-                stride_b2k,
-                K2,
-                N,
-                kk,
-                rn,
-                gp2_ptr,
-                bm2_ptr,
-                nnz2,
-                s * BLOCK_K,
-                KIND2,
-                WIDTH2,
-                BOOK_GATHER,
-                GROUP,
-                BLOCK_K,
-                BLOCK_N,
-            )  # [BK, BN]
-            acc = _mma(acc, a, b, DOT)
+        lo, hi = tl.maximum(s0, steps1) - steps1, tl.maximum(s1, steps1) - steps1
+        acc = _k_steps(acc, p2, M, N, rm, rn, rk, lo, hi, KIND2, WIDTH2, DOT, BOOK_GATHER, GROUP, BLOCK_K, BLOCK_N)
     mask = (rm[:, None] < M) & (rn[None, :] < N)  # [BM, BN]
     first = (rn * 0 + pid_k) == 0  # [BN]: only split 0 adds the bias and the identity term
     if HAS_BIAS:
@@ -473,7 +413,7 @@ def _csr_mm_kernel(
 
 
 @triton.jit
-def _decode_dense_kernel(
+def _decode_kernel(
     out_ptr,
     stride_o,
     rows,
@@ -481,99 +421,52 @@ def _decode_dense_kernel(
     words_ptr,
     book_ptr,
     book_len,
-    WIDTH: tl.constexpr,
-    ACCUM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``out[:rows, :cols] (+)= deq(codes)`` for a dense-coded factor."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    v = _dequant(words_ptr, book_ptr, book_len, r[:, None].to(tl.int64) * cols + c[None, :], mask, WIDTH, 0)
-    ptrs = out_ptr + r[:, None].to(tl.int64) * stride_o + c[None, :]
-    if ACCUM:
-        v += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _decode_csr_kernel(
-    out_ptr,
-    stride_o,
-    rows,
-    cols,
     indptr_ptr,
     indices_ptr,
-    words_ptr,
-    book_ptr,
-    book_len,
     nnz,
-    WIDTH: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    """``out[row, col] += val`` for every nonzero of a CSR factor (a row's columns are distinct)."""
-    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rr < rows
-    start = tl.load(indptr_ptr + rr, mask=row_ok, other=0)
-    end = tl.load(indptr_ptr + rr + 1, mask=row_ok, other=0)
-    rj = tl.arange(0, BLOCK_J)
-    for j0 in range(0, tl.max(end - start, axis=0), BLOCK_J):
-        jj = start[:, None] + j0 + rj[None, :]  # [BR, BJ]
-        ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
-        col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
-        ok = ok & (col >= 0) & (col < cols)
-        val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)
-        ptrs = out_ptr + rr[:, None].to(tl.int64) * stride_o + col
-        prev = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(ptrs, (prev + val).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _decode_bitmap_kernel(
-    out_ptr,
-    stride_o,
-    rows,
-    cols,
-    gp_ptr,
-    bm_ptr,
-    words_ptr,
-    book_ptr,
-    book_len,
-    nnz,
+    FMT: tl.constexpr,
     WIDTH: tl.constexpr,
     ACCUM: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``out[:rows, :cols] (+)= deq(B)`` for a bitmap factor ``B``: the tile kernel's decode, stored."""
+    """``out[:rows, :cols] (+)= deq(W)`` for a packed factor ``W`` of format ``FMT`` (1 dense codes, 2 CSR,
+    3 bitmap): ``indptr`` / ``indices`` are its CSR row pointers and column indices, or its bitmap's group
+    pointers and words; ``nnz`` the codes they may address.
+
+    Dense codes and bitmaps: a program writes one tile of ``BLOCK_R`` rows and ``BLOCK_C`` columns (the
+    bitmap with the tile kernel's decode; ``ACCUM``: adds to it). CSR: a program walks the nonzeros of
+    ``BLOCK_R`` rows, ``BLOCK_C`` at a time, and adds each into ``out`` (always; a row's columns are distinct).
+    """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    k0 = tl.program_id(1) * BLOCK_C
-    c = k0 + tl.arange(0, BLOCK_C)  # [BC]
-    book = tl.zeros((1,), dtype=tl.float32)
-    v = _bitmap_tile(
-        words_ptr,
-        gp_ptr,
-        bm_ptr,
-        book_ptr,
-        book_len,
-        book,
-        nnz,
-        cols,
-        rows,
-        k0,
-        c,
-        r,
-        WIDTH,
-        False,
-        GROUP,
-        BLOCK_C,
-        BLOCK_R,
-    )  # [BC, BR]
-    mask = (c[:, None] < cols) & (r[None, :] < rows)
-    ptrs = out_ptr + r[None, :].to(tl.int64) * stride_o + c[:, None]
-    if ACCUM:
-        v += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    if FMT == 2:
+        row_ok = r < rows
+        start = tl.load(indptr_ptr + r, mask=row_ok, other=0)
+        end = tl.load(indptr_ptr + r + 1, mask=row_ok, other=0)
+        rj = tl.arange(0, BLOCK_C)
+        for j0 in range(0, tl.max(end - start, axis=0), BLOCK_C):
+            jj = start[:, None] + j0 + rj[None, :]  # [BR, BC]
+            ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
+            col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
+            ok = ok & (col >= 0) & (col < cols)
+            val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)
+            ptrs = out_ptr + r[:, None].to(tl.int64) * stride_o + col
+            prev = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptrs, (prev + val).to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        k0 = tl.program_id(1) * BLOCK_C
+        c = k0 + tl.arange(0, BLOCK_C)  # [BC]
+        if FMT == 3:  # [BC, BR], the tile kernel's B^T layout
+            base, rel, ok = _bitmap_index(indptr_ptr, indices_ptr, nnz, cols, rows, k0, c, r, GROUP, BLOCK_C)
+            book = tl.zeros((1,), dtype=tl.float32)  # unused: the codebook is read from L1
+            v = _tile_values(words_ptr, base, rel, ok, book_ptr, book_len, book, WIDTH, 1, False, BLOCK_C, BLOCK_R)
+            mask = (c[:, None] < cols) & (r[None, :] < rows)
+            ptrs = out_ptr + r[None, :].to(tl.int64) * stride_o + c[:, None]
+        else:  # [BR, BC]
+            mask = (r[:, None] < rows) & (c[None, :] < cols)
+            v = _dequant(words_ptr, book_ptr, book_len, r[:, None].to(tl.int64) * cols + c[None, :], mask, WIDTH, 0)
+            ptrs = out_ptr + r[:, None].to(tl.int64) * stride_o + c[None, :]
+        if ACCUM:
+            v += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)

@@ -51,14 +51,16 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .lowrank_gemm import IDENTITY_U, IDENTITY_V, atmc_decode_ref, atmc_linear_ref, check_factor, check_linear
-from .lowrank_gemm_kernels import (
-    _csr_mm_kernel,
-    _decode_bitmap_kernel,
-    _decode_csr_kernel,
-    _decode_dense_kernel,
-    _tile_kernel,
+from .lowrank_gemm import (
+    IDENTITY_U,
+    IDENTITY_V,
+    atmc_decode_ref,
+    atmc_linear_ref,
+    check_factor,
+    check_linear,
+    linear_op,
 )
+from .lowrank_gemm_kernels import _csr_mm_kernel, _decode_kernel, _tile_kernel
 from .packed_format import BITMAP_GROUP, FMT_BITMAP, FMT_CSR, FMT_DENSE, FMT_EMPTY, code_width
 
 __all__ = [
@@ -110,9 +112,12 @@ FIXED_CONFIG = {
     "tile_large": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2},
     "csr": {"BLOCK_R": 8, "BLOCK_J": 16},
 }
-DECODE_DENSE = {"BLOCK_R": 16, "BLOCK_C": 128}
-DECODE_CSR = {"BLOCK_R": 16, "BLOCK_J": 32}
-DECODE_BITMAP = {"BLOCK_R": 32, "BLOCK_C": 64}
+# Decode tiles per format: [BLOCK_R, BLOCK_C] (CSR: BLOCK_R rows, BLOCK_C nonzeros of each at a time)
+DECODE = {
+    FMT_DENSE: {"BLOCK_R": 16, "BLOCK_C": 128},
+    FMT_CSR: {"BLOCK_R": 16, "BLOCK_C": 32},
+    FMT_BITMAP: {"BLOCK_R": 32, "BLOCK_C": 64},
+}
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KB)
 
@@ -211,56 +216,30 @@ def _book_args(f: _Factor | None) -> tuple[Tensor | None, int, int]:
 
 def decode_into(out: Tensor, f: _Factor, accumulate: bool) -> Tensor:
     """``out [rows, cols] (+)= deq(f)``; a CSR factor always accumulates (``out`` must start at 0)."""
+    if f.fmt == FMT_EMPTY:
+        return out
     book, book_len, _ = _book_args(f)
-    book = f.codes if book is None else book
-    if f.fmt == FMT_DENSE:
-        grid = (triton.cdiv(f.rows, DECODE_DENSE["BLOCK_R"]), triton.cdiv(f.cols, DECODE_DENSE["BLOCK_C"]))
-        wrap_triton(_decode_dense_kernel)[grid](
-            out_ptr=out,
-            stride_o=out.stride(0),
-            rows=f.rows,
-            cols=f.cols,
-            words_ptr=f.codes,
-            book_ptr=book,
-            book_len=book_len,
-            WIDTH=f.width,
-            ACCUM=accumulate,
-            **DECODE_DENSE,
-        )
-    elif f.fmt == FMT_BITMAP:
-        grid = (triton.cdiv(f.rows, DECODE_BITMAP["BLOCK_R"]), triton.cdiv(f.cols, DECODE_BITMAP["BLOCK_C"]))
-        wrap_triton(_decode_bitmap_kernel)[grid](
-            out_ptr=out,
-            stride_o=out.stride(0),
-            rows=f.rows,
-            cols=f.cols,
-            gp_ptr=f.indptr,
-            bm_ptr=f.indices,
-            words_ptr=f.codes,
-            book_ptr=book,
-            book_len=book_len,
-            nnz=f.max_codes,
-            WIDTH=f.width,
-            ACCUM=accumulate,
-            GROUP=BITMAP_GROUP,
-            **DECODE_BITMAP,
-        )
-    elif f.fmt == FMT_CSR:
-        grid = (triton.cdiv(f.rows, DECODE_CSR["BLOCK_R"]),)
-        wrap_triton(_decode_csr_kernel)[grid](
-            out_ptr=out,
-            stride_o=out.stride(0),
-            rows=f.rows,
-            cols=f.cols,
-            indptr_ptr=f.indptr,
-            indices_ptr=f.indices,
-            words_ptr=f.codes,
-            book_ptr=book,
-            book_len=book_len,
-            nnz=f.indices.numel(),
-            WIDTH=f.width,
-            **DECODE_CSR,
-        )
+    meta = DECODE[f.fmt]
+    grid = (triton.cdiv(f.rows, meta["BLOCK_R"]),)  # CSR: BLOCK_R rows a program, walking their nonzeros
+    if f.fmt != FMT_CSR:  # dense codes and bitmaps: 2-D tiles
+        grid += (triton.cdiv(f.cols, meta["BLOCK_C"]),)
+    wrap_triton(_decode_kernel)[grid](
+        out_ptr=out,
+        stride_o=out.stride(0),
+        rows=f.rows,
+        cols=f.cols,
+        words_ptr=f.codes,
+        book_ptr=f.codes if book is None else book,
+        book_len=book_len,
+        indptr_ptr=f.codes if f.fmt == FMT_DENSE else f.indptr,
+        indices_ptr=f.codes if f.fmt == FMT_DENSE else f.indices,
+        nnz=f.max_codes if f.fmt == FMT_BITMAP else f.indices.numel(),
+        FMT=f.fmt,
+        WIDTH=f.width,
+        ACCUM=accumulate or f.fmt == FMT_CSR,
+        GROUP=BITMAP_GROUP,
+        **meta,
+    )
     return out
 
 
@@ -508,34 +487,9 @@ def linear_launch(
     return _packed_matmul(M, n, products, t if identity == IDENTITY_U else None, bias, x.dtype, x.dtype, config)
 
 
-def atmc_linear_triton(
-    x: Tensor,
-    bias: Tensor | None,
-    n: int,
-    r: int,
-    identity: int,
-    u_fmt: int,
-    u_codes: Tensor,
-    u_book: Tensor,
-    u_indptr: Tensor,
-    u_indices: Tensor,
-    v_fmt: int,
-    v_codes: Tensor,
-    v_book: Tensor,
-    v_indptr: Tensor,
-    v_indices: Tensor,
-    c_fmt: int,
-    c_codes: Tensor,
-    c_book: Tensor,
-    c_indptr: Tensor,
-    c_indices: Tensor,
-) -> Tensor:
+@linear_op
+def atmc_linear_triton(x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> Tensor:
     """Launcher of op ``atmc_linear`` (same signature and result as :func:`atmc_linear_ref`)."""
-    factors = (
-        (u_fmt, u_codes, u_book, u_indptr, u_indices),
-        (v_fmt, v_codes, v_book, v_indptr, v_indices),
-        (c_fmt, c_codes, c_book, c_indptr, c_indices),
-    )
     if x.device.type == "cpu":  # only reached when tracing a CPU graph: CPU tensors take the reference
         return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))
     return linear_launch(x, bias, n, r, identity, factors)

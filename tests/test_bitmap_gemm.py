@@ -6,6 +6,7 @@ tensors run the kernels in Triton's interpreter; the same tests run compiled on 
 
 import pytest
 import torch
+from atmc_triton.kernels import packed_format
 from atmc_triton.kernels.lowrank_gemm import IDENTITY_NONE, IDENTITY_V, atmc_decode, atmc_linear
 from atmc_triton.kernels.packed_format import (
     BITMAP_GROUP,
@@ -219,6 +220,18 @@ def test_bitmap_with_every_other_format_in_both_stages(device):
         assert_close(
             run_kernel(x, b, n, r, IDENTITY_NONE, facs), *oracle(x, b, n, r, IDENTITY_NONE, facs), torch.float32
         )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M", [3, 40])
+def test_bitmap_tiles_with_the_codebook_in_registers(device, M):
+    """``book_gather=True`` (split-K and large tiles): a bitmap's zeros read code 0, which is a level (slot 1),
+    not the zero, so the gathered value must be masked; dense codes beside it read their own zero level."""
+    fmts = (FMT_BITMAP, packed_format.FMT_DENSE, FMT_BITMAP)
+    x, b, n, r, facs = layer_case(M, 40, 300, 6, IDENTITY_NONE, fmts, bits=4, density=0.3, device=device)
+    assert tuple(f[0] for f in facs) == fmts
+    got = run_kernel(x, b, n, r, IDENTITY_NONE, facs, {"book_gather": True})
+    assert_close(got, *oracle(x, b, n, r, IDENTITY_NONE, facs), torch.float32)
 
 
 def test_encode_refuses_unknown_format():
