@@ -298,13 +298,14 @@ def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Targ
 def predicted_table(hbm: float = 3.0e12) -> str:
     """Markdown: per shape, ratio and b of the grid (identity-init layers, sizes by construction, no
     tensors), the packed bytes against the paper's bits, the speedup over cuBLAS fp16 that the bytes
-    floor allows at M = 1, and what the model predicts (H100; predictions, not measurements). Rows
+    floor allows at M = 1, and what the model predicts (H100, Triton 3.8's instruction counts and, for the
+    fraction of the floor, 3.6's too; predictions, not measurements). Rows
     for ``pack_(formats="size")`` follow where it stores a factor differently (the bitmap)."""
     lines = [
         "| layer | ratio | b | fmt | packed MB | paper MB | overhead (positions / row ptrs / zero codes) "
-        "| floor speedup M=1 | predicted speedup M=1 / 16 | % of floor M=1 / 4 / 16 | bound at M=16 "
-        "| M=1024: path, time / cuBLAS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| floor speedup M=1 | predicted speedup M=1 / 16 | % of floor M=1 / 4 / 16 "
+        "| % of floor, Triton 3.6 counts | bound at M=16 | M=1024: path, time / cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, N, K in SHAPES:
         for ratio in RATIOS:
@@ -340,8 +341,10 @@ def _predicted_row(name: str, N: int, K: int, ratio: float, bits: int, cands: tu
     args = (N, K, packed, csr, elems[FMT_DENSE])
     cross = dense_crossover(*args, 2, elems[FMT_BITMAP])
 
-    def pred(m, path=None):
-        return predicted_us(path or linear_path(m, cross), m, *args, bitmap_elems=elems[FMT_BITMAP])
+    t36 = "3.6"
+
+    def pred(m, path=None, triton="3.8"):
+        return predicted_us(path or linear_path(m, cross), m, *args, bitmap_elems=elems[FMT_BITMAP], triton=triton)
 
     def floor(m):
         return (packed + 2 * m * (N + K)) / hbm * 1e6
@@ -355,6 +358,7 @@ def _predicted_row(name: str, N: int, K: int, ratio: float, bits: int, cands: tu
         f"| {(2 * N * K + 2 * (N + K)) / (packed + 2 * (N + K)):.1f}x "
         f"| {pred(1, 'dense') / pred(1):.1f}x / {pred(16, 'dense') / pred(16):.1f}x "
         f"| {' / '.join(f'{100 * floor(m) / pred(m):.0f}' for m in (1, 4, 16))} "
+        f"| {' / '.join(f'{100 * floor(m) / pred(m, None, t36):.0f}' for m in (1, 4, 16))} "
         f"| {bound} ({issue16:.1f} vs {fetch16:.1f} us) "
         f"| {linear_path(1024, cross)}, {pred(1024) / pred(1024, 'dense'):.2f} |"
     )

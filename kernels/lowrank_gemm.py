@@ -63,6 +63,7 @@ __all__ = [
     "IDENTITY_U",
     "IDENTITY_V",
     "ISSUE",
+    "ISSUE_COUNTS",
     "atmc_decode",
     "atmc_decode_ref",
     "atmc_linear",
@@ -86,20 +87,30 @@ SMALL_M_PATH = 32  # = lowrank_gemm_triton.SMALL_M: the split-K tile regime
 # aggregate L1 bytes/s for the CSR kernel's activation gathers (x^T stays in L1/L2; sorted columns let
 # neighbouring nonzeros share sectors), and a fixed ramp + tail latency per call.
 H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0, "issue": 132 * 4 * 1.755e9}
-# Warp instructions the compiled hot loops issue (sm_90 SASS, Triton 3.8, fp16 x, the best autotune config;
-# `python -m bench.gemm_issue` recounts them): per decoded weight element and BLOCK_M-row tile of the tile
-# kernel ("dense" codes, "bitmap"), per stored nonzero and BLOCK_M rows of the CSR kernel. At "issue"
-# warp instructions/s (132 SMs x 4 schedulers x 1.755 GHz) they bound a kernel's time from below.
-# (Triton 3.6 issues about the same for tiles and 1.3-1.7x more for CSR: 2.11 / 3.41 / 5.27 / 4.47 / 7.36.)
-ISSUE = {
-    "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
-    "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
-    "csr": {1: 1.27, 2: 2.22, 4: 3.34, 16: 3.45, 32: 5.34},
+# Warp instructions the compiled hot loops issue (sm_90 SASS, fp16 x, the best autotune config;
+# `python -m bench.gemm_issue` recounts them, bench/results/gemm_issue_2026-11-30.json), per Triton: per
+# decoded weight element and BLOCK_M-row tile of the tile kernel ("dense" codes, "bitmap"), per stored
+# nonzero and BLOCK_M rows of the CSR kernel. At "issue" warp instructions/s (132 SMs x 4 schedulers x
+# 1.755 GHz) they bound a kernel's time from below. Triton 3.8 is the model's default; 3.6 (torch 2.11's,
+# the lent H200's) issues 1.4x more for dense tiles and 1.3-1.7x more for CSR.
+ISSUE_COUNTS = {
+    "3.8": {
+        "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
+        "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
+        "csr": {1: 1.27, 2: 2.22, 4: 3.34, 16: 3.45, 32: 5.34},
+    },
+    "3.6": {
+        "dense": {16: 0.88, 32: 0.90, 64: 1.02, 128: 1.14},
+        "bitmap": {16: 1.33, 32: 1.35, 64: 1.41, 128: 1.61},
+        "csr": {1: 2.11, 2: 3.41, 4: 5.27, 16: 4.47, 32: 7.36},
+    },
 }
+ISSUE = ISSUE_COUNTS["3.8"]
 
 
-def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int = 0) -> float:
-    """Warp instructions the packed kernels' hot loops issue for ``M`` rows (from :data:`ISSUE`).
+def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int = 0, triton: str = "3.8") -> float:
+    """Warp instructions the packed kernels' hot loops issue for ``M`` rows (from :data:`ISSUE_COUNTS`
+    of ``triton``, ``"3.8"`` or ``"3.6"``).
 
     Tiles: every decoded element once per ``BLOCK_M``-row tile (16 or 32 rows on the split-K path, the
     cheapest of 32/64/128 above); CSR: every nonzero once per ``BLOCK_M`` rows (the launcher's
@@ -109,6 +120,9 @@ def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int
         >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 3.45 + 2000 bitmap elements at 1.34
         6130.0
     """
+    if triton not in ISSUE_COUNTS:
+        raise ValueError(f"issue_instructions: triton must be one of {sorted(ISSUE_COUNTS)}, got {triton!r}")
+    ISSUE = ISSUE_COUNTS[triton]  # noqa: N806 (the module table of that Triton)
     if M <= SMALL_M_PATH:
         bm = 16 if M <= 16 else 32
         tile = coded_elems * ISSUE["dense"][bm] + bitmap_elems * ISSUE["bitmap"][bm]
@@ -132,13 +146,15 @@ def predicted_us(
     act_bytes: int = 2,
     hw: dict | None = None,
     bitmap_elems: int = 0,
+    triton: str = "3.8",
 ) -> float:
     """Predicted microseconds of one ``[M, K] x [K, N]`` packed-layer call on ``path`` (roofline model).
 
     ``packed_bytes``: the layer's packed factor bytes; ``csr_nnz``: nonzeros stored as CSR (run on
     CUDA cores, each gathering ``M`` activations); ``coded_elems`` / ``bitmap_elems``: elements of
     dense-coded / bitmap factors (decoded in tensor-core tiles of at least 16 rows). The time is the
-    largest of DRAM bytes, FLOPs, L1 gathers and instruction issue (:func:`issue_instructions`).
+    largest of DRAM bytes, FLOPs, L1 gathers and instruction issue (:func:`issue_instructions`, with the
+    counts of ``triton``).
     ``"dense"`` is cuBLAS on the cached dense weight.
 
     Example:
@@ -155,7 +171,7 @@ def predicted_us(
     fetch = (packed_bytes + io + 4 * M * N) / hw["hbm"]  # + the float32 output pass of the CSR kernel
     compute = 2 * rows * (coded_elems + bitmap_elems) / hw["tc"] + 2 * M * csr_nnz / hw["fma"]
     gather = act_bytes * M * csr_nnz / hw["l1"]
-    issue = issue_instructions(M, csr_nnz, coded_elems, bitmap_elems) / hw["issue"]
+    issue = issue_instructions(M, csr_nnz, coded_elems, bitmap_elems, triton) / hw["issue"]
     return hw["launch_us"] + 1e6 * max(fetch, compute, gather, issue)
 
 
