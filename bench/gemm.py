@@ -341,13 +341,14 @@ def _predicted_row(name: str, N: int, K: int, ratio: float, bits: int, cands: tu
     args = (N, K, packed, csr, elems[FMT_DENSE])
     cross = dense_crossover(*args, 2, elems[FMT_BITMAP])
 
-    t36 = "3.6"
-
     def pred(m, path=None, triton="3.8"):
         return predicted_us(path or linear_path(m, cross), m, *args, bitmap_elems=elems[FMT_BITMAP], triton=triton)
 
     def floor(m):
         return (packed + 2 * m * (N + K)) / hbm * 1e6
+
+    def pct_of_floor(triton):  # at M = 1 / 4 / 16, with that Triton's instruction counts
+        return " / ".join(f"{100 * floor(m) / pred(m, triton=triton):.0f}" for m in (1, 4, 16))
 
     issue16 = 1e6 * issue_instructions(16, csr, elems[FMT_DENSE], elems[FMT_BITMAP]) / H100["issue"]
     fetch16 = 1e6 * (packed + 2 * 16 * (N + K) + 4 * 16 * N) / H100["hbm"]
@@ -357,8 +358,7 @@ def _predicted_row(name: str, N: int, K: int, ratio: float, bits: int, cands: tu
         f"| {pos / 1e6:.3f} / {ptr / 1e6:.3f} / {max(zero, 0) / 1e6:.3f} MB "
         f"| {(2 * N * K + 2 * (N + K)) / (packed + 2 * (N + K)):.1f}x "
         f"| {pred(1, 'dense') / pred(1):.1f}x / {pred(16, 'dense') / pred(16):.1f}x "
-        f"| {' / '.join(f'{100 * floor(m) / pred(m):.0f}' for m in (1, 4, 16))} "
-        f"| {' / '.join(f'{100 * floor(m) / pred(m, None, t36):.0f}' for m in (1, 4, 16))} "
+        f"| {pct_of_floor('3.8')} | {pct_of_floor('3.6')} "
         f"| {bound} ({issue16:.1f} vs {fetch16:.1f} us) "
         f"| {linear_path(1024, cross)}, {pred(1024) / pred(1024, 'dense'):.2f} |"
     )

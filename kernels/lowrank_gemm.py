@@ -122,17 +122,17 @@ def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int
     """
     if triton not in ISSUE_COUNTS:
         raise ValueError(f"issue_instructions: triton must be one of {sorted(ISSUE_COUNTS)}, got {triton!r}")
-    ISSUE = ISSUE_COUNTS[triton]  # noqa: N806 (the module table of that Triton)
+    counts = ISSUE_COUNTS[triton]
     if M <= SMALL_M_PATH:
         bm = 16 if M <= 16 else 32
-        tile = coded_elems * ISSUE["dense"][bm] + bitmap_elems * ISSUE["bitmap"][bm]
+        tile = coded_elems * counts["dense"][bm] + bitmap_elems * counts["bitmap"][bm]
     else:
         tile = min(
-            -(-M // bm) * (coded_elems * ISSUE["dense"][bm] + bitmap_elems * ISSUE["bitmap"][bm])
+            -(-M // bm) * (coded_elems * counts["dense"][bm] + bitmap_elems * counts["bitmap"][bm])
             for bm in (32, 64, 128)
         )
     cb = 1 << max(0, M - 1).bit_length() if M <= 4 else 16 if M <= 16 else 32  # lowrank_gemm_triton.csr_block_m
-    return round(tile + csr_nnz * ISSUE["csr"][cb] * -(-M // cb), 6)
+    return round(tile + csr_nnz * counts["csr"][cb] * -(-M // cb), 6)
 
 
 def predicted_us(
