@@ -1,7 +1,7 @@
 """Triton kernels of the packed ATMC linear layer (launchers: :mod:`.lowrank_gemm_triton`).
 
 Factors arrive as bit-packed codes (:mod:`.packed_format`): ``_codes_at`` unpacks a code that
-may straddle two int32 words, ``_dequant`` looks it up in the codebook (or reinterprets raw
+may straddle two int32 words (8-bit codes: one byte load), ``_dequant`` looks it up in the codebook (or reinterprets raw
 float32 bits). Every index is masked or clamped, so corrupt codes or column indices never read
 out of bounds: a code past the codebook reads its last level, a column index outside ``[0, K)``
 contributes nothing (the launchers' callers validate packed data before it gets here; these
@@ -26,16 +26,24 @@ import triton.language as tl
 
 @triton.jit
 def _codes_at(words_ptr, idx, mask, WIDTH: tl.constexpr):
-    """Codes (int64) of elements ``idx`` (int64) of a little-endian ``WIDTH``-bit stream in int32 words."""
-    bit = idx * WIDTH
-    wi = bit >> 5
-    sh = bit & 31
-    lo = tl.load(words_ptr + wi, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-    if 32 % WIDTH == 0:  # a code never straddles two words
-        code = (lo >> sh) & ((1 << WIDTH) - 1)
+    """Codes (int32) of elements ``idx`` (int32 or int64) of a little-endian ``WIDTH``-bit stream in int32 words.
+
+    8-bit codes are whole bytes of the stream: code ``i`` is its byte ``i``, one byte load and no shifts
+    (a third fewer instructions per CSR nonzero). Other widths: word and shift arithmetic in int64
+    (``idx * WIDTH`` may pass 2^31)."""
+    if WIDTH == 8:
+        code = tl.load(words_ptr.to(tl.pointer_type(tl.uint8)) + idx, mask=mask, other=0).to(tl.int32)
     else:
-        hi = tl.load(words_ptr + wi + 1, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-        code = ((lo >> sh) | ((hi & ((1 << WIDTH) - 1)) << (32 - sh))) & ((1 << WIDTH) - 1)
+        bit = idx.to(tl.int64) * WIDTH
+        wi = bit >> 5
+        sh = bit & 31
+        lo = tl.load(words_ptr + wi, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+        if 32 % WIDTH == 0:  # a code never straddles two words
+            code64 = (lo >> sh) & ((1 << WIDTH) - 1)
+        else:
+            hi = tl.load(words_ptr + wi + 1, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+            code64 = ((lo >> sh) | ((hi & ((1 << WIDTH) - 1)) << (32 - sh))) & ((1 << WIDTH) - 1)
+        code = code64.to(tl.int32)
     return code
 
 
@@ -375,8 +383,9 @@ def _csr_mm_kernel(
     pid_m = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     row_ok = rows < N
-    start = tl.load(indptr_ptr + rows, mask=row_ok, other=0)
-    end = tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0)
+    # a corrupt pointer is clamped to the streams once per row, so one compare per nonzero masks it
+    start = tl.maximum(tl.load(indptr_ptr + rows, mask=row_ok, other=0), 0)
+    end = tl.minimum(tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0), nnz)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_ok = rm < M
     rm64 = rm.to(tl.int64)
@@ -384,15 +393,14 @@ def _csr_mm_kernel(
     rj = tl.arange(0, BLOCK_J)  # [BJ]
     longest = tl.max(end - start, axis=0)
     jn = start[:, None] + rj[None, :]  # [BR, BJ]: the first chunk's column indices, loaded ahead
-    col_next = tl.load(indices_ptr + jn, mask=(jn < end[:, None]) & (jn >= 0) & (jn < nnz), other=0)
+    col_next = tl.load(indices_ptr + jn, mask=jn < end[:, None], other=0)
     for j0 in range(0, longest, BLOCK_J):
         jj = start[:, None] + j0 + rj[None, :]  # [BR, BJ]
-        ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
         col = col_next.to(tl.int32)
         jn = jj + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
-        col_next = tl.load(indices_ptr + jn, mask=(jn < end[:, None]) & (jn >= 0) & (jn < nnz), other=0)
-        ok = ok & (col >= 0) & (col < K)
-        val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)  # [BR, BJ]
+        col_next = tl.load(indices_ptr + jn, mask=jn < end[:, None], other=0)
+        ok = (jj < end[:, None]) & (col.to(tl.uint32, bitcast=True) < K)  # (a negative column is >= K unsigned)
+        val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)  # [BR, BJ]
         a = tl.load(
             a_ptr + rm64[:, None, None] * stride_am + col[None, :, :].to(tl.int64) * stride_ak,
             mask=m_ok[:, None, None] & ok[None, :, :],
@@ -442,15 +450,15 @@ def _decode_kernel(
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     if FMT == 2:
         row_ok = r < rows
-        start = tl.load(indptr_ptr + r, mask=row_ok, other=0)
-        end = tl.load(indptr_ptr + r + 1, mask=row_ok, other=0)
+        start = tl.maximum(tl.load(indptr_ptr + r, mask=row_ok, other=0), 0)  # clamped to the streams
+        end = tl.minimum(tl.load(indptr_ptr + r + 1, mask=row_ok, other=0), nnz)
         rj = tl.arange(0, BLOCK_C)
         for j0 in range(0, tl.max(end - start, axis=0), BLOCK_C):
             jj = start[:, None] + j0 + rj[None, :]  # [BR, BC]
-            ok = (jj < end[:, None]) & (jj >= 0) & (jj < nnz)
+            ok = jj < end[:, None]
             col = tl.load(indices_ptr + jj, mask=ok, other=0).to(tl.int32)
-            ok = ok & (col >= 0) & (col < cols)
-            val = _dequant(words_ptr, book_ptr, book_len, jj.to(tl.int64), ok, WIDTH, 1)
+            ok = ok & (col.to(tl.uint32, bitcast=True) < cols)  # (a negative column is >= cols unsigned)
+            val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)
             ptrs = out_ptr + r[:, None].to(tl.int64) * stride_o + col
             prev = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
             tl.store(ptrs, (prev + val).to(out_ptr.dtype.element_ty), mask=ok)

@@ -579,6 +579,52 @@ def test_corrupt_data_is_clamped_and_masked_in_the_kernels(device, M):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
 
 
+def _clamped_csr(rows, cols, codes, book, indptr, indices, width):
+    """Dense float64 CSR factor from corrupt row pointers: row ``i`` holds the stored entries
+    ``[max(p[i], 0), min(p[i + 1], nnz))`` (empty when that range is), nothing past the streams."""
+    nnz = indices.numel()
+    slot = unpack_bits(codes.cpu(), nnz, width) + 1
+    p, col, book = indptr.cpu().long().tolist(), indices.cpu().long().tolist(), book.cpu().double()
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for i in range(rows):
+        for j in range(max(p[i], 0), min(p[i + 1], nnz)):
+            out[i, col[j]] += book[slot[j]]
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 8])  # 2: codes shifted out of words; 8: one byte load per code
+def test_corrupt_row_pointers_are_clamped_to_the_streams(device, bits):
+    """Row pointers before 0, past the stored nonzeros, decreasing or overlapping never read outside the index
+    and code streams, pinned by value in the CSR product (M = 1 and 40) and the decode kernel. Both streams are
+    prefixes of buffers that continue with valid columns and nonzero codes, so a read past them shows. Every
+    stored column is distinct, so overlapping rows still have distinct columns (the decode kernel's contract)."""
+    K, n, nnz = 16, 8, 12
+    g = torch.Generator().manual_seed(bits)
+    book = torch.cat([torch.zeros(1), torch.randn(2**bits, generator=g)])  # 2^bits levels: CSR width = bits
+    width = code_width(FMT_CSR, 2**bits, False)
+    assert width == bits
+    words = pack_bits(torch.randint(0, 2**bits, (nnz,), generator=g), width)
+    codes = torch.cat([words, torch.full((64,), -1, dtype=words.dtype)])[: words.numel()]  # then all-ones codes
+    cols = torch.randperm(K, generator=g)[:nnz].to(torch.int16)
+    indices = torch.cat([cols, torch.zeros(64, dtype=cols.dtype)])[:nnz]  # then column 0
+    # row 0 starts before the stream, rows 2 and 6 are decreasing (empty), row 3 overlaps row 1's entries,
+    # row 7 runs past the stream
+    p = torch.tensor([-5, 2, 5, 3, 7, 9, 11, 10, nnz + 7], dtype=torch.int32)
+    C = _clamped_csr(n, K, codes, book, p, indices, width)
+    assert (C[0] != 0).any() and (C[[2, 6]] == 0).all() and (C[3] != 0).sum() == 4 and (C[7] != 0).sum() == 2
+    f = lt._Factor(FMT_CSR, n, K, codes.to(device), book.to(device), p.to(device), indices.to(device))
+    torch.testing.assert_close(lt.decode_launch(f).cpu().double(), C, rtol=1e-6, atol=1e-6)
+    _, b, _, r, facs = layer_case(1, n, K, 4, IDENTITY_NONE, (FMT_EMPTY, FMT_EMPTY, FMT_EMPTY), seed=11)
+    facs = [*facs[:2], (FMT_CSR, codes, book, p, indices)]
+    facs = [tuple(t.to(device) if torch.is_tensor(t) else t for t in fa) for fa in facs]
+    for M in (1, 40):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+        want = x.double() @ C.T + b.double()
+        got = run_kernel(x.to(device), b.to(device), n, r, IDENTITY_NONE, facs).cpu().double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_split_k_reduction_is_deterministic(device):
     """No float atomics: the split-K partials are summed in a fixed order, so two runs give the same bits."""
