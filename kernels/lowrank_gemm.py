@@ -92,17 +92,17 @@ H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0
 # decoded weight element and BLOCK_M-row tile of the tile kernel ("dense" codes, "bitmap"), per stored
 # nonzero and BLOCK_M rows of the CSR kernel. At "issue" warp instructions/s (132 SMs x 4 schedulers x
 # 1.755 GHz) they bound a kernel's time from below. Triton 3.8 is the model's default; 3.6 (torch 2.11's,
-# the lent H200's) issues 1.4x more for dense tiles and 1.1-1.4x more for CSR.
+# the lent H200's) issues 1.4x more for dense tiles and 1.1-1.3x more for CSR.
 ISSUE_COUNTS = {
     "3.8": {
         "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
         "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
-        "csr": {1: 0.87, 2: 1.67, 4: 2.59, 16: 2.75, 32: 4.62},
+        "csr": {1: 0.87, 2: 1.59, 4: 2.22, 16: 2.59, 32: 4.16},
     },
     "3.6": {
         "dense": {16: 0.88, 32: 0.90, 64: 1.02, 128: 1.14},
         "bitmap": {16: 1.33, 32: 1.35, 64: 1.41, 128: 1.61},
-        "csr": {1: 1.23, 2: 2.27, 4: 3.26, 16: 3.11, 32: 5.12},
+        "csr": {1: 1.16, 2: 1.89, 4: 2.38, 16: 2.88, 32: 4.48},
     },
 }
 ISSUE = ISSUE_COUNTS["3.8"]
@@ -117,8 +117,8 @@ def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int
     ``pow2(M)`` up to 4, then 16, then 32-row chunks).
 
     Example:
-        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 2.75 + 2000 bitmap elements at 1.34
-        5430.0
+        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 2.59 + 2000 bitmap elements at 1.34
+        5270.0
     """
     if triton not in ISSUE_COUNTS:
         raise ValueError(f"issue_instructions: triton must be one of {sorted(ISSUE_COUNTS)}, got {triton!r}")

@@ -390,23 +390,27 @@ def _csr_mm_kernel(
     m_ok = rm < M
     rm64 = rm.to(tl.int64)
     acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_J), dtype=tl.float32)  # reduced over j once, after the loop
-    rj = tl.arange(0, BLOCK_J)  # [BJ]
+    # every per-nonzero tensor is [1, BR, BJ] in the accumulator's layout: broadcasting it over the BM rows
+    # costs nothing, where a [BR, BJ] tensor would be re-laid out through shared memory every iteration
+    rj = tl.arange(0, BLOCK_J)[None, None, :]  # [1, 1, BJ]
+    st = start[None, :, None]  # [1, BR, 1]
+    en = end[None, :, None]
     longest = tl.max(end - start, axis=0)
-    jn = start[:, None] + rj[None, :]  # [BR, BJ]: the first chunk's column indices, loaded ahead
-    col_next = tl.load(indices_ptr + jn, mask=jn < end[:, None], other=0)
+    jn = st + rj  # [1, BR, BJ]: the first chunk's column indices, loaded ahead
+    col_next = tl.load(indices_ptr + jn, mask=jn < en, other=0)
     for j0 in range(0, longest, BLOCK_J):
-        jj = start[:, None] + j0 + rj[None, :]  # [BR, BJ]
+        jj = st + j0 + rj  # [1, BR, BJ]
         col = col_next.to(tl.int32)
         jn = jj + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
-        col_next = tl.load(indices_ptr + jn, mask=jn < end[:, None], other=0)
-        ok = (jj < end[:, None]) & (col.to(tl.uint32, bitcast=True) < K)  # (a negative column is >= K unsigned)
-        val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)  # [BR, BJ]
+        col_next = tl.load(indices_ptr + jn, mask=jn < en, other=0)
+        ok = (jj < en) & (col.to(tl.uint32, bitcast=True) < K)  # (a negative column is >= K unsigned)
+        val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)  # [1, BR, BJ]
         a = tl.load(
-            a_ptr + rm64[:, None, None] * stride_am + col[None, :, :].to(tl.int64) * stride_ak,
-            mask=m_ok[:, None, None] & ok[None, :, :],
+            a_ptr + rm64[:, None, None] * stride_am + col.to(tl.int64) * stride_ak,
+            mask=m_ok[:, None, None] & ok,
             other=0.0,
         )  # [BM, BR, BJ]
-        acc3 += a.to(tl.float32) * val[None, :, :]
+        acc3 += a.to(tl.float32) * val
     acc = tl.sum(acc3, axis=2)  # [BM, BR]
     ptrs = out_ptr + rm64[:, None] * stride_om + rows[None, :]
     mask = m_ok[:, None] & row_ok[None, :]
