@@ -43,6 +43,7 @@ import json
 import math
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -532,8 +533,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, protocol: Protocol,
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("model size ratio (compressed bits / dense 32-bit bits)")
-        ax.set_ylabel(name)
-        ax.set_title(name, fontsize=8)
+        ax.set_ylabel(name.split(" (")[0])  # the short name; the full suite label goes in the title
+        ax.set_title(textwrap.fill(name, 70), fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right", ncol=2)
     fig.suptitle(title, fontsize=9)
