@@ -390,8 +390,8 @@ def _csr_mm_kernel(
     m_ok = rm < M
     rm64 = rm.to(tl.int64)
     acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_J), dtype=tl.float32)  # reduced over j once, after the loop
-    # every per-nonzero tensor is [1, BR, BJ] in the accumulator's layout: broadcasting it over the BM rows
-    # costs nothing, where a [BR, BJ] tensor would be re-laid out through shared memory every iteration
+    # every per-nonzero tensor is built as [1, BR, BJ], the accumulator's rank (fewer instructions per nonzero
+    # in the compiled loop than [BR, BJ] tensors expanded before the multiply: bench/gemm_issue.py)
     rj = tl.arange(0, BLOCK_J)[None, None, :]  # [1, 1, BJ]
     st = start[None, :, None]  # [1, BR, 1]
     en = end[None, :, None]
