@@ -44,7 +44,6 @@ from torch.nn.modules.utils import _pair
 from atmc_triton.budget import atmc_layers, unwrap
 from atmc_triton.kernels import IDENTITY_U, IDENTITY_V
 from atmc_triton.kernels.lowrank_gemm import (
-    SMALL_M_PATH,
     atmc_decode,
     atmc_linear,
     check_factor,
@@ -405,7 +404,7 @@ class PackedLinear(PackedLayer):
         self.check_valid()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > SMALL_M_PATH and self.path(x2.shape[0], x.dtype) == "dense":
+        if x2.shape[0] and self.path(x2.shape[0], x.dtype) == "dense":
             y = F.linear(x2, self._dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         else:
             x2 = x2.contiguous()

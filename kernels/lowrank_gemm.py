@@ -20,14 +20,15 @@ Which path a packed layer takes for ``M`` rows of activations is :func:`linear_p
 function of ``M`` and the layer's sizes, from the cost model :func:`predicted_us` (H100
 figures; a prediction, not a measurement):
 
-* ``"split_k"`` (``M <= SMALL_M_PATH``): dense-coded and bitmap factors run split-K tensor-core
-  tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel. The model bounds them by
-  bytes and by the instructions their compiled loops issue (:data:`ISSUE`); the latter dominates
-  for large layers.
+* ``"dense"`` (``M >=`` crossover, any ``M >= 1``): ``F.linear`` (cuBLAS) on the decoded dense
+  weight that a packed layer caches once, on the first such call (``PackedLayer.cache_nbytes``
+  reports it). The crossover is where the model's packed time reaches cuBLAS's on the dense
+  weight; for dense layers stored as CSR it can be as low as ``M = 2`` (:func:`dense_crossover`).
+* ``"split_k"`` (``M <= SMALL_M_PATH``, below the crossover): dense-coded and bitmap factors run
+  split-K tensor-core tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel. The
+  model bounds them by bytes and by the instructions their compiled loops issue (:data:`ISSUE`);
+  the latter dominates for large layers.
 * ``"tile"`` (``SMALL_M_PATH < M <`` crossover): the packed kernels with large tiles.
-* ``"dense"`` (``M >=`` crossover): ``F.linear`` (cuBLAS) on the decoded dense weight that a
-  packed layer caches once, on the first such call (``PackedLayer.cache_nbytes`` reports it).
-  The crossover is where the model's packed time reaches cuBLAS's on the dense weight.
 """
 
 from __future__ import annotations
@@ -178,8 +179,16 @@ def predicted_us(
 def dense_crossover(
     N: int, K: int, packed_bytes: int, csr_nnz: int, coded_elems: int, act_bytes: int = 2, bitmap_elems: int = 0
 ) -> int:
-    """Smallest ``M`` above ``SMALL_M_PATH`` from which the model predicts cuBLAS on the cached dense
-    weight at least as fast as the packed kernels (both predictions grow with ``M``; bisection)."""
+    """Smallest ``M >= 1`` from which the model predicts cuBLAS on the cached dense weight at least as
+    fast as the packed kernels. Both predictions grow with ``M``: above ``SMALL_M_PATH`` by bisection;
+    when cuBLAS already wins at ``SMALL_M_PATH + 1``, the smallest ``M`` from which it wins at every
+    ``M`` up to there (a step down at a time).
+
+    Example:
+        >>> N = K = 4096; nnz = 6_710_886  # 40 % dense: ratio 0.05 of fp32 at 4 bits, one CSR factor
+        >>> dense_crossover(N, K, nnz * 5 // 2, nnz, 0)  # the CSR kernel issue-bound from M = 2 on
+        2
+    """
 
     def dense_wins(m: int) -> bool:
         args = (m, N, K, packed_bytes, csr_nnz, coded_elems, act_bytes, None, bitmap_elems)
@@ -187,6 +196,8 @@ def dense_crossover(
 
     lo, hi = SMALL_M_PATH + 1, 1 << 20
     if dense_wins(lo):
+        while lo > 1 and dense_wins(lo - 1):
+            lo -= 1
         return lo
     if not dense_wins(hi):
         return hi
@@ -197,15 +208,19 @@ def dense_crossover(
 
 
 def linear_path(M: int, crossover: int) -> str:
-    """``"split_k"`` for ``M <= SMALL_M_PATH``, ``"dense"`` from ``crossover`` on, ``"tile"`` between.
+    """``"dense"`` from ``crossover`` on; below it ``"split_k"`` up to ``SMALL_M_PATH`` and ``"tile"`` above.
 
     Example:
         >>> [linear_path(m, 100) for m in (1, 32, 33, 99, 100)]
         ['split_k', 'split_k', 'tile', 'tile', 'dense']
+        >>> [linear_path(m, 17) for m in (1, 16, 17)]
+        ['split_k', 'split_k', 'dense']
     """
     if M < 0:
         raise ValueError(f"linear_path: M must be >= 0, got {M}")
-    return "split_k" if M <= SMALL_M_PATH else "dense" if M >= crossover else "tile"
+    if crossover < 1:
+        raise ValueError(f"linear_path: crossover must be >= 1, got {crossover}")
+    return "dense" if M >= crossover else "split_k" if M <= SMALL_M_PATH else "tile"
 
 
 def dequantize(codes: Tensor, book: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

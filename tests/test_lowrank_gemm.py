@@ -658,28 +658,37 @@ def test_launcher_validates_inputs(device):
 
 def test_every_m_takes_exactly_one_path():
     """The path is a pure function of M and the layer's crossover: checked for every M in 1..4096."""
-    for crossover in (SMALL_M_PATH + 1, 100, 1024, 4097, 1 << 20):
+    for crossover in (1, 2, 17, SMALL_M_PATH, SMALL_M_PATH + 1, 100, 1024, 4097, 1 << 20):
         paths = [linear_path(m, crossover) for m in range(1, 4097)]
         assert set(paths) <= set(PATHS)
         assert paths == sorted(paths, key=PATHS.index)  # split_k, then tile, then dense: one crossing each
-        assert all(p == "split_k" for p in paths[:SMALL_M_PATH]) and paths[SMALL_M_PATH] != "split_k"
-        assert all((p == "dense") == (m >= crossover) for m, p in enumerate(paths[SMALL_M_PATH:], SMALL_M_PATH + 1))
+        for m, p in enumerate(paths, 1):
+            assert (p == "dense") == (m >= crossover)
+            assert p == "dense" or (p == "split_k") == (m <= SMALL_M_PATH)
     with pytest.raises(ValueError, match="M must be"):
         linear_path(-1, 100)
+    with pytest.raises(ValueError, match="crossover must be"):
+        linear_path(1, 0)
 
 
 def test_crossover_is_where_the_model_prefers_cublas():
     N = K = 4096
+    crossovers = {}
     for ratio, bits in ((0.05, 8), (0.01, 8), (0.002, 8), (0.05, 4)):
         nnz = int(ratio * 32 * N * K / bits)
         args = (N, K, nnz * (2 + bits / 8), nnz, 0)
         m = dense_crossover(*args)
-        assert m > SMALL_M_PATH
+        assert 1 <= m <= 1 << 20
         at = [predicted_us(p, m, *args) for p in ("dense", "tile")]
         assert at[0] <= at[1] or m == 1 << 20
-        if m - 1 > SMALL_M_PATH:
+        if m > 1:
             below = [predicted_us(p, m - 1, *args) for p in ("dense", "tile")]
             assert below[0] > below[1]
+        if m <= SMALL_M_PATH:  # cuBLAS wins at every M from the crossover up to the split-K limit
+            assert all(predicted_us("dense", k, *args) <= predicted_us("tile", k, *args) for k in range(m, 34))
+        crossovers[ratio, bits] = m
+    assert crossovers[0.05, 4] <= SMALL_M_PATH  # 40 % density stored as CSR: cuBLAS below the split-K limit
+    assert crossovers[0.002, 8] == 1 << 20  # 0.25 % density: the packed kernels at every M
     with pytest.raises(ValueError, match="path must be"):
         predicted_us("gemv", 1, N, K, 0, 0, 0)
 

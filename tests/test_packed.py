@@ -503,20 +503,27 @@ def _one_linear(seed=0, n_in=40, n_out=24):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_path_is_correct_at_its_boundaries(device, kernels_on, monkeypatch):
-    """Sampled M on both sides of each path boundary (split_k | tile at 32/33, tile | dense at the
-    crossover, here set to 50); ``test_every_m_takes_exactly_one_path`` covers every M of 1..4096."""
+    """Sampled M on both sides of each path boundary (split_k | tile at 32/33, tile | dense at a
+    crossover of 50; split_k | dense at a crossover of 5, below the split-K limit);
+    ``test_every_m_takes_exactly_one_path`` covers every M of 1..4096."""
     model, packed = _one_linear()
     layer = packed[0].to(device)
-    monkeypatch.setattr(layer, "crossover", lambda act_bytes=2: 50)
-    seen = {}
-    for M in (1, 16, 32, 33, 49, 50, 51, 300):
-        x = torch.randn(M, 40)
-        seen[layer.path(M, torch.float32)] = M
-        got = layer(x.to(device)).cpu()
-        want = model(x).detach()
-        tol = fp32_rtol(device)
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
-    assert set(seen) == {"split_k", "tile", "dense"}
+    for crossover, ms, paths in (
+        (50, (1, 16, 32, 33, 49, 50, 51, 300), {"split_k", "tile", "dense"}),
+        (5, (1, 4, 5, 6, 33), {"split_k", "dense"}),
+    ):
+        monkeypatch.setattr(layer, "crossover", lambda act_bytes=2, c=crossover: c)
+        layer.weight_cache = None
+        seen = {}
+        for M in ms:
+            x = torch.randn(M, 40)
+            seen[layer.path(M, torch.float32)] = M
+            got = layer(x.to(device)).cpu()
+            assert (layer.cache_nbytes > 0) == (M >= crossover)  # the dense path ran (and cached) from M on
+            want = model(x).detach()
+            tol = fp32_rtol(device)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+        assert set(seen) == paths
 
 
 @pytest.mark.parametrize("device", DEVICES)
