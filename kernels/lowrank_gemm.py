@@ -20,10 +20,10 @@ Which path a packed layer takes for ``M`` rows of activations is :func:`linear_p
 function of ``M`` and the layer's sizes, from the cost model :func:`predicted_us` (H100
 figures; a prediction, not a measurement):
 
-* ``"dense"`` (``M >=`` crossover, any ``M >= 1``): ``F.linear`` (cuBLAS) on the decoded dense
+* ``"dense"`` (``M >=`` crossover ``> PACKED_M``): ``F.linear`` (cuBLAS) on the decoded dense
   weight that a packed layer caches once, on the first such call (``PackedLayer.cache_nbytes``
   reports it). The crossover is where the model's packed time reaches cuBLAS's on the dense
-  weight; for dense layers stored as CSR it can be as low as ``M = 2`` (:func:`dense_crossover`).
+  weight; it can fall below ``SMALL_M_PATH`` but never to ``PACKED_M`` (:func:`dense_crossover`).
 * ``"split_k"`` (``M <= SMALL_M_PATH``, below the crossover): dense-coded and bitmap factors run
   split-K tensor-core tiles (deterministic fixed-order sum), CSR factors a SpMV-like kernel. The
   model bounds them by bytes and by the instructions their compiled loops issue (:data:`ISSUE`);
@@ -60,6 +60,7 @@ __all__ = [
     "H100",
     "IDENTITY_NONE",
     "PATHS",
+    "PACKED_M",
     "SMALL_M_PATH",
     "IDENTITY_U",
     "IDENTITY_V",
@@ -84,6 +85,7 @@ IDENTITY_NONE, IDENTITY_U, IDENTITY_V = 0, 1, 2
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PATHS = ("split_k", "tile", "dense")
 SMALL_M_PATH = 32  # = lowrank_gemm_triton.SMALL_M: the split-K tile regime
+PACKED_M = 16  # up to this many rows the packed kernels always run (no dense copy of the weight in memory)
 # H100 SXM ceilings the model uses: HBM bytes/s, bf16/fp16 dense tensor-core FLOP/s, fp32 CUDA-core FLOP/s,
 # aggregate L1 bytes/s for the CSR kernel's activation gathers (x^T stays in L1/L2; sorted columns let
 # neighbouring nonzeros share sectors), and a fixed ramp + tail latency per call.
@@ -179,15 +181,16 @@ def predicted_us(
 def dense_crossover(
     N: int, K: int, packed_bytes: int, csr_nnz: int, coded_elems: int, act_bytes: int = 2, bitmap_elems: int = 0
 ) -> int:
-    """Smallest ``M >= 1`` from which the model predicts cuBLAS on the cached dense weight at least as
-    fast as the packed kernels. Both predictions grow with ``M``: above ``SMALL_M_PATH`` by bisection;
+    """Smallest ``M > PACKED_M`` from which the model predicts cuBLAS on the cached dense weight at least
+    as fast as the packed kernels. Both predictions grow with ``M``: above ``SMALL_M_PATH`` by bisection;
     when cuBLAS already wins at ``SMALL_M_PATH + 1``, the smallest ``M`` from which it wins at every
-    ``M`` up to there (a step down at a time).
+    ``M`` up to there (a step down at a time). Up to ``PACKED_M`` rows the packed kernels always run:
+    small batches are where compression pays in memory, and a cached dense weight would undo it.
 
     Example:
         >>> N = K = 4096; nnz = 6_710_886  # 40 % dense: ratio 0.05 of fp32 at 4 bits, one CSR factor
-        >>> dense_crossover(N, K, nnz * 5 // 2, nnz, 0)  # the CSR kernel issue-bound from M = 2 on
-        2
+        >>> dense_crossover(N, K, nnz * 5 // 2, nnz, 0)  # the CSR kernel issue-bound: cuBLAS from M = 17
+        17
     """
 
     def dense_wins(m: int) -> bool:
@@ -196,7 +199,7 @@ def dense_crossover(
 
     lo, hi = SMALL_M_PATH + 1, 1 << 20
     if dense_wins(lo):
-        while lo > 1 and dense_wins(lo - 1):
+        while lo > PACKED_M + 1 and dense_wins(lo - 1):
             lo -= 1
         return lo
     if not dense_wins(hi):

@@ -13,6 +13,7 @@ from atmc_triton.kernels.lowrank_gemm import (
     IDENTITY_NONE,
     IDENTITY_U,
     IDENTITY_V,
+    PACKED_M,
     PATHS,
     SMALL_M_PATH,
     atmc_decode,
@@ -678,16 +679,16 @@ def test_crossover_is_where_the_model_prefers_cublas():
         nnz = int(ratio * 32 * N * K / bits)
         args = (N, K, nnz * (2 + bits / 8), nnz, 0)
         m = dense_crossover(*args)
-        assert 1 <= m <= 1 << 20
+        assert PACKED_M < m <= 1 << 20
         at = [predicted_us(p, m, *args) for p in ("dense", "tile")]
         assert at[0] <= at[1] or m == 1 << 20
-        if m > 1:
+        if m > PACKED_M + 1:
             below = [predicted_us(p, m - 1, *args) for p in ("dense", "tile")]
             assert below[0] > below[1]
         if m <= SMALL_M_PATH:  # cuBLAS wins at every M from the crossover up to the split-K limit
             assert all(predicted_us("dense", k, *args) <= predicted_us("tile", k, *args) for k in range(m, 34))
         crossovers[ratio, bits] = m
-    assert crossovers[0.05, 4] <= SMALL_M_PATH  # 40 % density stored as CSR: cuBLAS below the split-K limit
+    assert crossovers[0.05, 4] == PACKED_M + 1  # 40 % density stored as CSR: cuBLAS from the first M it may
     assert crossovers[0.002, 8] == 1 << 20  # 0.25 % density: the packed kernels at every M
     with pytest.raises(ValueError, match="path must be"):
         predicted_us("gemv", 1, N, K, 0, 0, 0)

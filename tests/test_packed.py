@@ -504,13 +504,13 @@ def _one_linear(seed=0, n_in=40, n_out=24):
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_path_is_correct_at_its_boundaries(device, kernels_on, monkeypatch):
     """Sampled M on both sides of each path boundary (split_k | tile at 32/33, tile | dense at a
-    crossover of 50; split_k | dense at a crossover of 5, below the split-K limit);
+    crossover of 50; split_k | dense at a crossover of 17, the lowest ``dense_crossover`` returns);
     ``test_every_m_takes_exactly_one_path`` covers every M of 1..4096."""
     model, packed = _one_linear()
     layer = packed[0].to(device)
     for crossover, ms, paths in (
         (50, (1, 16, 32, 33, 49, 50, 51, 300), {"split_k", "tile", "dense"}),
-        (5, (1, 4, 5, 6, 33), {"split_k", "dense"}),
+        (17, (1, 16, 17, 18, 33), {"split_k", "dense"}),
     ):
         monkeypatch.setattr(layer, "crossover", lambda act_bytes=2, c=crossover: c)
         layer.weight_cache = None
