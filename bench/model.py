@@ -57,6 +57,7 @@ class GPU:
     l2_latency: float = 0.25e-6  # s, dependent L2 hit
     launch: float = 2.5e-6  # s per launch (gap between back-to-back kernels, no CUDA graph)
     issue_rate: float = 132 * 4 * 1.755e9  # warp instructions/s: 4 schedulers per SM, one issue per cycle each
+    clock: float = 1.755e9  # Hz (boost)
 
 
 H100 = GPU("H100 SXM (3.0 TB/s)", bandwidth=3.0e12)
@@ -96,6 +97,7 @@ class Launch:
     chain_l2: bool = True  # the chain hits L2 (else DRAM)
     programs: int = 1  # programs in the grid (waves of the chain)
     issue: float = 0.0  # warp instructions the launch issues (its hot loop's SASS x iterations; 0: not counted)
+    serial: float = 0.0  # cycles one program issues back to back on its critical path (one warp per scheduler)
 
     def time_s(self, gpu: GPU, blocks_sm: int | None = None) -> float:
         bw = gpu.bandwidth
@@ -104,7 +106,7 @@ class Launch:
         mem = (self.read + self.written) / bw
         comp = self.flops / (gpu.tc_flops if self.tensor_cores else gpu.fma_flops)
         waves = math.ceil(self.programs / (gpu.sms * (blocks_sm or 1)))
-        lat = self.chain * (gpu.l2_latency if self.chain_l2 else gpu.latency) * waves
+        lat = (self.chain * (gpu.l2_latency if self.chain_l2 else gpu.latency) + self.serial / gpu.clock) * waves
         return max(mem, comp, lat, self.issue / gpu.issue_rate) + gpu.launch
 
 
@@ -266,26 +268,51 @@ def _fast_prepare(n: int) -> list[Launch]:
     ]
 
 
-def _fast_init_chain(largest: int, bits: int, passes: int) -> int:
-    """Dependent steps of one init program: setup searches, then per pass a Viterbi step per boundary
-    (a candidate row, its atom gathers, and the cross-warp reductions: counted as 3 L2 latencies) and a
-    backtrack step per boundary (one dependent backpointer load)."""
+def _fast_init_chain(largest: int) -> int:
+    """Dependent loads of one ``fast_init_kernel`` program: the zero, rank, grid and midpoint searches, the
+    atom sums, the compand search and the means."""
     steps = math.ceil(math.log2(largest + 1)) + 2
+    return 5 * steps + 50
+
+
+# Warp instructions per warp of fast_refine_kernel's loops (4 warps, one per scheduler), sm_90 SASS
+# (`python -m bench.refine_issue`, bench/results/fast_refine_sass_2026-11-30.json): a Viterbi step without
+# its two branches ("step"), the V0 branch (taken while a candidate is at or before the sign change: about
+# half the steps), the zero-cluster branch (one to three steps: not counted), a backtrack step, a 32-row
+# candidate tile.
+REFINE_SASS = {
+    "3.8": {"step": 938, "v0": 466, "back": 34.5, "cand": 777},
+    "3.6": {"step": 913, "v0": 470, "back": 34.5, "cand": 923},
+}
+SHUFFLE_CYCLES = 30  # latency of one dependent shuffle or barrier round of a reduction
+
+
+def _fast_refine(bits: int, passes: int, triton: str = "3.8") -> tuple[int, float]:
+    """``(dependent L2 loads, serial cycles)`` of one ``fast_refine_kernel`` program: per pass, the candidate
+    tiles (a load, then the gathers of their atoms and sums: 2 latencies each), then per boundary a Viterbi
+    step and a backtrack step. Their loads are issued a step ahead (off the chain), so each step costs the
+    instructions its warp issues (one warp per scheduler: a lower bound, stalls not counted) plus its
+    dependent reductions: a min, a first-argmin and the exchange of V (11 shuffle or barrier rounds), and
+    the backtrack's pick (5)."""
     T = 2**bits + 2
-    setup = 5 * steps + 50  # zero, rank, grid, midpoint searches; atom sums; compand search; means
-    return setup + passes * (4 * (T - 1) + math.ceil(T / 32))
+    c = REFINE_SASS[triton]
+    tiles = math.ceil(T / 32)
+    step = c["step"] + c["v0"] / 2 + 11 * SHUFFLE_CYCLES
+    back = c["back"] + 5 * SHUFFLE_CYCLES
+    return passes * 2 * tiles, passes * ((T - 1) * (step + back) + tiles * c["cand"])
 
 
-def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "lloyd") -> Op:
+def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "lloyd", triton: str = "3.8") -> Op:
     """``lloyd_quantize`` of segments ``sizes`` (every value nonzero: the worst case) at ``bits``, ``iters`` rounds.
 
     Lloyd itself is one program per segment: its time is the dependent chain of the largest one
     (binary searches over its sorted values, L2 latency per step). Floor: read the values once and
     write codes (int16) and q (float32): 10 B/value. Targets (ResNet34): <= 3 ms at b = 8, <= 1.5 ms
     at b = 4. ``method="lloyd"``: the chain does not depend on K (256 lanes at every b).
-    ``method="fast"`` adds the scans of :func:`_fast_prepare`, the init kernel (one program per
-    segment; its chain is the windowed-DP passes, :data:`FAST_PASSES`, proportional to K) and a
-    second Lloyd run in the Lloyd kernel.
+    ``method="fast"`` adds the scans of :func:`_fast_prepare`, the init and refinement kernels (one
+    program per segment each; the refinement's critical path is the windowed-DP passes,
+    :data:`FAST_PASSES`, proportional to K, costed from its compiled instructions, :data:`REFINE_SASS`
+    of ``triton``) and a second Lloyd run in the Lloyd kernel.
     """
     n, S = sum(sizes), len(sizes)
     K = 2**bits
@@ -294,9 +321,12 @@ def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "
     launches = _lloyd_prepare(n, S)
     if fast:
         p = FAST_PASSES[bits]
-        scratch = S * 3 * 4104 * 8 + S * 4 * 264 * 32 * p  # atoms and their sums; candidates, backpointers
+        atoms = S * 3 * 4104 * 8  # atom boundaries and their sums (written, then read per pass)
+        rows = S * 264 * 32 * 24 * p  # per pass: candidates, their counts and sums, backpointers
+        loads, serial = _fast_refine(bits, p, triton)
         launches += _fast_prepare(n) + [
-            Launch("fast_init_kernel", scratch, scratch, chain=_fast_init_chain(max(sizes), bits, p))
+            Launch("fast_init_kernel", 0, atoms, chain=_fast_init_chain(max(sizes))),
+            Launch("fast_refine_kernel", atoms * p, rows, chain=loads, serial=serial),
         ]
     launches += [
         Launch("_lloyd_kernel", S * K * 4 * 2 * (iters + 1), S * (K + 1) * 4 * 2, chain=chain),

@@ -263,6 +263,7 @@ FAMILIES: dict[str, Family] = {
         rules=(
             Rule("_lloyd_kernel", why="one program per segment: no spills"),
             Rule("fast_init_kernel", why="one program per segment: no spills"),
+            Rule("fast_refine_kernel", why="one program per segment: no spills"),
             Rule("_sumsq_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
             Rule("_codes_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
         ),

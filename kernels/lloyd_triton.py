@@ -44,6 +44,7 @@ SUMSQ_BLOCK = 1024
 CODES_BLOCK = 1024
 LLOYD_WARPS = 4
 FAST_WARPS = 8  # the fast init kernel: 4096-wide atom tiles
+REFINE_WARPS = 4  # its refinement kernel: [32, 32] candidate-pair tiles
 
 
 @triton.jit
@@ -455,17 +456,26 @@ def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None
     P = S if bits is not None else S * NBITS
     i32, f64 = torch.int32, torch.float64
     init, ninit, exact, passes = _new((P, LANES), torch.float32, dev), *(_new((P,), i32, dev) for _ in range(3))
-    rows = (P, wt.TSTRIDE * wt.NCP)
-    wrap_triton(wt.fast_init_kernel)[(S,) if bits is not None else (S, NBITS)](
+    grid = (S,) if bits is not None else (S, NBITS)
+    bits32 = bits.to(i32) if bits is not None else rank
+    atoms, a1, a2 = _new((P, wt.ASTRIDE), i32, dev), _new((P, wt.ASTRIDE), f64, dev), _new((P, wt.ASTRIDE), f64, dev)
+    bnd, state = _new((P, wt.TSTRIDE), i32, dev), _new((P, 4), i32, dev)
+    wrap_triton(wt.fast_init_kernel)[grid](
         sorted_ptr=srt, prefix_ptr=prefix, prefix2_ptr=prefix2, rank_ptr=rank, offsets_ptr=offsets,
-        bits_ptr=bits.to(i32) if bits is not None else rank, atoms_ptr=_new((P, wt.ASTRIDE), i32, dev),
-        a1_ptr=_new((P, wt.ASTRIDE), f64, dev), a2_ptr=_new((P, wt.ASTRIDE), f64, dev),
-        cum_ptr=_new((P, wt.GT), f64, dev), mass_ptr=_new((P, wt.GT), f64, dev),
-        bnd_ptr=_new((P, wt.TSTRIDE), i32, dev), win_ptr=_new(rows, i32, dev), arg0_ptr=_new(rows, i32, dev),
-        arg1_ptr=_new(rows, i32, dev), zflag_ptr=torch.empty(rows, dtype=torch.int8, device=dev), init_ptr=init,
-        ninit_ptr=ninit, exact_ptr=exact, passes_ptr=passes, rtol=PASS_RTOL, max_passes=MAX_PASSES,
-        ALL_BITS=bits is None, NBITS=NBITS, W=WINDOW, MIN_ATOMS=MIN_ATOMS, GRID_PER_CENTRE=GRID_PER_CENTRE,
-        GT=wt.GT, ASTRIDE=wt.ASTRIDE, TSTRIDE=wt.TSTRIDE, NCP=wt.NCP, TB=wt.TB, KLANES=LANES, num_warps=FAST_WARPS,
+        bits_ptr=bits32, atoms_ptr=atoms, a1_ptr=a1, a2_ptr=a2, cum_ptr=_new((P, wt.GT), f64, dev),
+        mass_ptr=_new((P, wt.GT), f64, dev), bnd_ptr=bnd, state_ptr=state, init_ptr=init, ninit_ptr=ninit,
+        exact_ptr=exact, passes_ptr=passes, ALL_BITS=bits is None, NBITS=NBITS, MIN_ATOMS=MIN_ATOMS,
+        GRID_PER_CENTRE=GRID_PER_CENTRE, GT=wt.GT, ASTRIDE=wt.ASTRIDE, TSTRIDE=wt.TSTRIDE, KLANES=LANES,
+        num_warps=FAST_WARPS,
+    )  # fmt: skip
+    rows = (P, wt.TSTRIDE * wt.NCP)
+    wrap_triton(wt.fast_refine_kernel)[grid](
+        bits_ptr=bits32, state_ptr=state, atoms_ptr=atoms, a1_ptr=a1, a2_ptr=a2, bnd_ptr=bnd,
+        win_ptr=_new(rows, i32, dev), wn_ptr=_new(rows, i32, dev), w1_ptr=_new(rows, f64, dev),
+        w2_ptr=_new(rows, f64, dev), bp_ptr=_new(rows, i32, dev), rng_ptr=_new((P, wt.TSTRIDE), i32, dev),
+        init_ptr=init, ninit_ptr=ninit,
+        passes_ptr=passes, rtol=PASS_RTOL, max_passes=MAX_PASSES, ALL_BITS=bits is None, NBITS=NBITS, W=WINDOW,
+        ASTRIDE=wt.ASTRIDE, TSTRIDE=wt.TSTRIDE, NCP=wt.NCP, TB=wt.TB, KLANES=LANES, num_warps=REFINE_WARPS,
     )  # fmt: skip
     return init, ninit, exact, passes
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .lloyd_triton import _count_le, _search_steps, _segment_head  # shared with the Lloyd kernel
 
-__all__ = ["GT", "NCP", "TSTRIDE", "ASTRIDE", "fast_init_kernel"]
+__all__ = ["GT", "NCP", "TSTRIDE", "ASTRIDE", "fast_init_kernel", "fast_refine_kernel"]
 
 GT = 4096  # max(512, 16 * 256): the most atoms a segment gets (a power of two: one tile)
 ASTRIDE = GT + 8  # scratch row of atom boundaries (G + 1 <= GT + 1 of them)
@@ -92,7 +92,7 @@ def _fmax(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit(do_not_specialize=["max_passes"])
+@triton.jit
 def fast_init_kernel(
     sorted_ptr,  # [n] f32: each segment ascending within its range
     prefix_ptr,  # [n] f64: inclusive prefix sums of sorted
@@ -105,27 +105,19 @@ def fast_init_kernel(
     a2_ptr,  # [P, ASTRIDE] f64 scratch: sums of squares before each atom boundary
     cum_ptr,  # [P, GT] f64 scratch: compand masses, inclusive scan
     mass_ptr,  # [P, GT] f64 scratch: compand masses
-    bnd_ptr,  # [P, TSTRIDE] i32 scratch: current cluster boundaries (atom indices)
-    win_ptr,  # [P, TSTRIDE, NCP] i32 scratch: candidates
-    arg0_ptr,  # [P, TSTRIDE, NCP] i32 scratch: backpointers, zero cluster not yet placed
-    arg1_ptr,  # [P, TSTRIDE, NCP] i32 scratch: backpointers, zero cluster placed
-    zflag_ptr,  # [P, TSTRIDE, NCP] i8 scratch: the zero cluster ends at this boundary
-    init_ptr,  # [P, KLANES] f32 out: free centres ascending, +inf padded
-    ninit_ptr,  # [P] i32 out: their number
+    bnd_ptr,  # [P, TSTRIDE] i32 scratch out: initial cluster boundaries (atom indices)
+    state_ptr,  # [P, 4] i32 scratch out: G, za (atom boundary at the sign change), zero cluster, refine?
+    init_ptr,  # [P, KLANES] f32 out: free centres ascending, +inf padded (exact segments)
+    ninit_ptr,  # [P] i32 out: their number (exact segments)
     exact_ptr,  # [P] i32 out: 1 when they are the distinct nonzeros (error 0)
-    passes_ptr,  # [P] i32 out: refinement passes run
-    rtol,  # f64: a pass must gain more than rtol * cost to continue
-    max_passes,  # i32
+    passes_ptr,  # [P] i32 out: refinement passes run (0 here)
     ALL_BITS: tl.constexpr,  # grid (S, NBITS): bits = program_id(1) + 1
     NBITS: tl.constexpr,
-    W: tl.constexpr,  # half window
     MIN_ATOMS: tl.constexpr,
     GRID_PER_CENTRE: tl.constexpr,
     GT: tl.constexpr,
     ASTRIDE: tl.constexpr,
     TSTRIDE: tl.constexpr,
-    NCP: tl.constexpr,
-    TB: tl.constexpr,
     KLANES: tl.constexpr,
 ):
     b, prob, K, start, end, steps, zlo, zhi = _segment_head(bits_ptr, offsets_ptr, sorted_ptr, ALL_BITS, NBITS)
@@ -150,6 +142,7 @@ def fast_init_kernel(
         tl.store(init_ptr + ko + klane, v)
         tl.store(ninit_ptr + prob, tl.where(finite, dcount, 0).to(tl.int32))
         tl.store(exact_ptr + prob, finite.to(tl.int32))
+        tl.store(state_ptr + prob * 4 + 3, 0)  # nothing to refine
     else:
         Gg = tl.maximum(GRID_PER_CENTRE * K, MIN_ATOMS).to(tl.int64)
         ao = prob * ASTRIDE
@@ -245,20 +238,89 @@ def fast_init_kernel(
         tl.store(bnd_ptr + bo + 1 + klane, bk, mask=kin)
         tl.store(bnd_ptr + bo, 0)
         tl.store(bnd_ptr + bo + K + 1, G.to(tl.int32))
-        # ---- 4. windowed-DP passes
+        tl.store(
+            state_ptr + prob * 4 + tl.arange(0, 4),
+            tl.where(
+                tl.arange(0, 4) == 0,
+                G.to(tl.int32),
+                tl.where(tl.arange(0, 4) == 1, za.to(tl.int32), tl.where(tl.arange(0, 4) == 2, zc, 1)),
+            ),
+        )
+        tl.store(exact_ptr + prob, 0)
+
+
+@triton.jit
+def _pick(row, col, x):
+    """``row[x]`` of a ``[NCP]`` int32 row held in registers (a warp reduction, no dependent load)."""
+    return tl.sum(tl.where(col == x, row, 0), 0)
+
+
+@triton.jit(do_not_specialize=["max_passes"])
+def fast_refine_kernel(
+    bits_ptr,  # [S] i32 (unused when ALL_BITS)
+    state_ptr,  # [P, 4] i32: G, za, zero cluster, refine? (from fast_init_kernel)
+    atoms_ptr,  # [P, ASTRIDE] i32: atom boundaries (nonzero positions)
+    a1_ptr,  # [P, ASTRIDE] f64: sums before each atom boundary
+    a2_ptr,  # [P, ASTRIDE] f64: sums of squares before each atom boundary
+    bnd_ptr,  # [P, TSTRIDE] i32 scratch: current cluster boundaries (atom indices)
+    win_ptr,  # [P, TSTRIDE, NCP] i32 scratch: candidates
+    wn_ptr,  # [P, TSTRIDE, NCP] i32 scratch: atoms[candidate]
+    w1_ptr,  # [P, TSTRIDE, NCP] f64 scratch: a1[candidate]
+    w2_ptr,  # [P, TSTRIDE, NCP] f64 scratch: a2[candidate]
+    bp_ptr,  # [P, TSTRIDE, NCP] i32 scratch: backpointers arg0 | arg1 << 5 | zero flag << 10
+    rng_ptr,  # [P, TSTRIDE] i32 scratch: each boundary's smallest | largest candidate << 16
+    init_ptr,  # [P, KLANES] f32 out: free centres ascending, +inf padded
+    ninit_ptr,  # [P] i32 out: their number
+    passes_ptr,  # [P] i32 out: refinement passes run
+    rtol,  # f64: a pass must gain more than rtol * cost to continue
+    max_passes,  # i32
+    ALL_BITS: tl.constexpr,  # grid (S, NBITS): bits = program_id(1) + 1
+    NBITS: tl.constexpr,
+    W: tl.constexpr,  # half window
+    ASTRIDE: tl.constexpr,
+    TSTRIDE: tl.constexpr,
+    NCP: tl.constexpr,
+    TB: tl.constexpr,
+    KLANES: tl.constexpr,
+):
+    """Steps 4 and 5 of the module docstring for the programs :func:`fast_init_kernel` left to refine.
+
+    A launch of its own, so that none of the init's 4096-wide tensors is live here (few registers,
+    no spill moves). Every load of a Viterbi step is issued one step ahead (the candidates' atom
+    counts and sums are gathered once per pass, with the candidates), and the backtrack picks each
+    backpointer from a prefetched row in registers, so neither chain waits on memory.
+    """
+    tl.static_assert(NCP <= 32)
+    seg = tl.program_id(0)
+    if ALL_BITS:
+        prob = seg * NBITS + tl.program_id(1)
+        K = 2 << tl.program_id(1)
+    else:
+        prob = seg
+        b = tl.load(bits_ptr + seg)
+        K = (b * 0 + 1) << b
+    so = prob * 4
+    if tl.load(state_ptr + so + 3) != 0:
+        G32 = tl.load(state_ptr + so)
+        za = tl.load(state_ptr + so + 1)
+        zcur = tl.load(state_ptr + so + 2)
+        ao = prob * ASTRIDE
+        bo = prob * TSTRIDE
+        wo = prob * TSTRIDE * NCP
+        ko = prob * KLANES
+        klane = tl.arange(0, KLANES)
         T = K + 2
         ocol = tl.arange(0, NCP)
         NC: tl.constexpr = 2 * (2 * W + 1)
-        wo = prob * TSTRIDE * NCP
-        G32 = G.to(tl.int32)
+        ip = ocol[None, :]  # previous candidate (columns)
+        inx = ocol[:, None]  # next candidate (rows)
         prev_cost = tl.zeros((), tl.float64) + float("inf")
-        zcur = zc
         passes = tl.zeros((), tl.int32)
         active = tl.zeros((), tl.int32) + 1
         while (active != 0) & (passes < max_passes):
             passes += 1
             tl.debug_barrier()
-            for t0 in range(0, T, TB):  # candidates [T, NCP]
+            for t0 in range(0, T, TB):  # candidates [T, NCP] and their atom counts and sums
                 tt = t0 + tl.arange(0, TB)[:, None]
                 o = ocol[None, :]
                 inr_c = tt < T
@@ -272,38 +334,74 @@ def fast_init_kernel(
                 spread = _rint(lo + j / (2 * W) * (hi - lo)).to(tl.int32)
                 cand = tl.where(o < 2 * W + 1, local, tl.where(o < NC, spread, Bt))
                 cand = tl.where(tt == 0, 0, tl.where(tt == T - 1, G32, cand))
-                tl.store(win_ptr + wo + tt * NCP + o, cand, mask=inr_c & (o < NCP))
+                at = wo + tt * NCP + o
+                tl.store(win_ptr + at, cand, mask=inr_c)
+                tl.store(wn_ptr + at, tl.load(atoms_ptr + ao + cand, mask=inr_c, other=0), mask=inr_c)
+                tl.store(w1_ptr + at, tl.load(a1_ptr + ao + cand, mask=inr_c, other=0.0), mask=inr_c)
+                tl.store(w2_ptr + at, tl.load(a2_ptr + ao + cand, mask=inr_c, other=0.0), mask=inr_c)
+                rng = tl.min(cand, 1) | (tl.max(cand, 1) << 16)  # [TB] (the pad columns repeat B[t])
+                tl.store(rng_ptr + bo + t0 + tl.arange(0, TB), rng, mask=t0 + tl.arange(0, TB) < T)
             tl.debug_barrier()
-            ip = ocol[None, :]  # previous candidate (columns)
-            inx = ocol[:, None]  # next candidate (rows)
             V0 = tl.where(ocol < NC, 0.0, float("inf")).to(tl.float64)
             V1 = tl.zeros([NCP], tl.float64) + float("inf")
+            pa = wo + ip  # row 0 as the previous boundary, row 1 as the next one
+            a, an, a1, a2 = tl.load(win_ptr + pa), tl.load(wn_ptr + pa), tl.load(w1_ptr + pa), tl.load(w2_ptr + pa)
+            pb = wo + NCP + inx
+            bb, bn, b1, b2 = tl.load(win_ptr + pb), tl.load(wn_ptr + pb), tl.load(w1_ptr + pb), tl.load(w2_ptr + pb)
+            ra = tl.load(rng_ptr + bo)
+            rb = tl.load(rng_ptr + bo + 1)
             for t in range(0, T - 1):
-                a = tl.load(win_ptr + wo + t * NCP + ip)  # [1, NCP]
-                bb = tl.load(win_ptr + wo + (t + 1) * NCP + inx)  # [NCP, 1]
-                n = (tl.load(atoms_ptr + ao + bb) - tl.load(atoms_ptr + ao + a)).to(tl.float64)
-                s1 = tl.load(a1_ptr + ao + bb) - tl.load(a1_ptr + ao + a)
-                s2 = tl.load(a2_ptr + ao + bb) - tl.load(a2_ptr + ao + a)
-                bad = tl.where(a <= bb, 0.0, float("inf"))
-                bad = tl.where((ip < NC) & (inx < NC), bad, float("inf"))
-                free = tl.maximum(s2 - s1 * s1 / tl.maximum(n, 1.0), 0.0) + bad  # [NCP, NCP]
-                zero = s2 + tl.where((a <= za) & (za <= bb), bad, float("inf"))
-                c0 = V0[None, :] + free
+                nrb = tl.load(rng_ptr + bo + tl.minimum(t + 2, T - 1))
+                pa = wo + (t + 1) * NCP + ip  # the next step's rows, loaded while this one computes
+                na, nan, na1, na2 = (
+                    tl.load(win_ptr + pa),
+                    tl.load(wn_ptr + pa),
+                    tl.load(w1_ptr + pa),
+                    tl.load(w2_ptr + pa),
+                )
+                pb = wo + tl.minimum(t + 2, T - 1) * NCP + inx
+                nb, nbn, nb1, nb2 = (
+                    tl.load(win_ptr + pb),
+                    tl.load(wn_ptr + pb),
+                    tl.load(w1_ptr + pb),
+                    tl.load(w2_ptr + pb),
+                )
+                # [NCP, NCP]: the reference's costs (+ 0 or + inf), with one select per element instead
+                ok = (a <= bb) & (ip < NC) & (inx < NC)  # a boundary not before its predecessor, no pad
+                s1 = b1 - a1
+                s2 = b2 - a2
+                nf = tl.maximum(bn - an, 1).to(tl.float64)  # (= max(n, 1.0): counts are integers)
+                free = tl.where(ok, tl.maximum(s2 - s1 * s1 / nf, 0.0), float("inf"))
                 c1 = V1[None, :] + free
-                cz = V0[None, :] + zero
-                m0 = tl.min(c0, 1)
                 m1 = tl.min(c1, 1)
-                mz = tl.min(cz, 1)
-                i0 = _first_min(c0, m0, ip, NCP)
                 i1 = _first_min(c1, m1, ip, NCP)
-                iz = _first_min(cz, mz, ip, NCP)
-                use_z = mz < m1
-                ro = wo + (t + 1) * NCP + ocol
-                tl.store(arg0_ptr + ro, i0)
-                tl.store(arg1_ptr + ro, tl.where(use_z, iz, i1))
-                tl.store(zflag_ptr + ro, use_z.to(tl.int8))
+                # as the reference: V0 only while a candidate of boundary t + 1 is at or before za (else
+                # it is inf), the zero cluster only where row t's candidates start at or before za and
+                # row t + 1's end at or after it (elsewhere every such cost is inf: skipped, same result)
+                if (rb & 65535) <= za:
+                    c0 = V0[None, :] + free
+                    m0 = tl.min(c0, 1)
+                    i0 = _first_min(c0, m0, ip, NCP)
+                else:
+                    m0 = tl.zeros_like(m1) + float("inf")
+                    i0 = tl.zeros_like(i1)
+                if ((ra & 65535) <= za) & (za <= (rb >> 16)):
+                    zero = tl.where(ok & (a <= za) & (za <= bb), s2, float("inf"))
+                    cz = V0[None, :] + zero
+                    mz = tl.min(cz, 1)
+                    iz = _first_min(cz, mz, ip, NCP)
+                    use_z = mz < m1
+                    V1 = tl.where(use_z, mz, m1)
+                    i1 = tl.where(use_z, iz, i1)
+                    zf = use_z.to(tl.int32)
+                else:
+                    V1 = m1
+                    zf = tl.zeros_like(i1)
+                tl.store(bp_ptr + wo + (t + 1) * NCP + ocol, i0 | (i1 << 5) | (zf << 10))
                 V0 = m0
-                V1 = tl.where(use_z, mz, m1)
+                a, an, a1, a2 = na, nan, na1, na2
+                bb, bn, b1, b2 = nb, nbn, nb1, nb2
+                ra, rb = rb, nrb
             tl.debug_barrier()
             cost = tl.min(V1, 0)
             x = tl.min(tl.where(V1 == cost, ocol, NCP), 0)
@@ -311,16 +409,24 @@ def fast_init_kernel(
             flag = x * 0 + 1
             zero_at = x * 0
             moved = x * 0
+            ro = wo + (T - 1) * NCP + ocol
+            row = tl.load(win_ptr + ro) | (tl.load(bp_ptr + ro) << 13)  # candidate | backpointers << 13
+            old = tl.load(bnd_ptr + bo + T - 1)
             for ib in range(0, T - 1):  # backtrack from the last boundary
                 tb = T - 1 - ib
-                rb = wo + tb * NCP + x
-                bt = tl.load(win_ptr + rb)
-                moved = moved | (bt != tl.load(bnd_ptr + bo + tb)).to(tl.int32)
+                ro = wo + tl.maximum(tb - 1, 1) * NCP + ocol  # the next step's row, loaded ahead
+                nrow = tl.load(win_ptr + ro) | (tl.load(bp_ptr + ro) << 13)
+                nold = tl.load(bnd_ptr + bo + tl.maximum(tb - 1, 1))
+                pk = _pick(row, ocol, x)
+                bt = pk & 8191
+                moved = moved | (bt != old).to(tl.int32)
                 tl.store(bnd_ptr + bo + tb, bt)
-                zh = flag & tl.load(zflag_ptr + rb).to(tl.int32)
+                zh = flag & ((pk >> 23) & 1)
                 zero_at = tl.where(zh != 0, tb - 1, zero_at)
-                x = tl.where(flag != 0, tl.load(arg1_ptr + rb), tl.load(arg0_ptr + rb))
+                x = tl.where(flag != 0, (pk >> 18) & 31, (pk >> 13) & 31)
                 flag = flag & (1 - zh)
+                row = nrow
+                old = nold
             moved = moved | (zero_at != zcur).to(tl.int32)
             zcur = zero_at
             active = (moved != 0) & ((prev_cost - cost) > rtol * cost)
@@ -350,4 +456,3 @@ def fast_init_kernel(
             run_max = tl.maximum(run_max, tl.max(kv, 0))
         tl.store(init_ptr + ko + klane, tl.zeros([KLANES], tl.float32) + float("inf"), mask=klane >= count)
         tl.store(ninit_ptr + prob, count)
-        tl.store(exact_ptr + prob, 0)
