@@ -258,13 +258,18 @@ FAST_PASSES = {1: 3, 2: 3, 3: 3, 4: 3, 5: 5, 6: 5, 7: 8, 8: 17}  # most windowed
 # (bench/results/quant_quality_triton.json: synthetic families and the issue's cases; the kernel caps them at 32)
 
 
-def _fast_prepare(n: int) -> list[Launch]:
-    """The fast path's extra scans (``lloyd_triton._fast_init``): prefix sums of squares and distinct-run ranks."""
+def _fast_prepare(n: int, block: int = 1024) -> list[Launch]:
+    """The fast path's two fused scans (``lloyd_triton._fast_scans``): a byte per value marking the segment
+    starts (zero fill, scatter), block totals (read the sorted values and the marks), torch scans of the
+    totals (five small launches), then each block's scans of squares (float64) and distinct-run ranks
+    (int32) plus what precedes it (read both again, write 12 B per value). The predecessor each value
+    compares with comes from L1."""
+    blocks = math.ceil(n / block)
     return [
-        Launch("isfinite/where (finite values)", 4 * n, 4 * n),
-        Launch("double/square/cumsum (prefix of squares)", 4 * n + 8 * n + 8 * n, 8 * n + 8 * n + 8 * n),
-        Launch("run starts (ne, &, != 0)", 8 * n + 2 * n, 3 * n),
-        Launch("cumsum int32 (ranks)", n, 4 * n),
+        Launch("zeros + scatter (segment starts)", 0, n),
+        Launch("scan_totals_kernel", 5 * n, 12 * blocks, inflight=5 * block, programs=blocks),
+        *(Launch("cumsum / sub / cast of the block totals", 12 * blocks, 12 * blocks) for _ in range(5)),
+        Launch("scan_kernel", 5 * n + 12 * blocks, 12 * n, inflight=5 * block, programs=blocks),
     ]
 
 

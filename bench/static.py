@@ -264,6 +264,8 @@ FAMILIES: dict[str, Family] = {
             Rule("_lloyd_kernel", why="one program per segment: no spills"),
             Rule("fast_init_kernel", why="one program per segment: no spills"),
             Rule("fast_refine_kernel", why="one program per segment: no spills"),
+            Rule("scan_totals_kernel", _blocks(1024 * 5), vector_loads=True, why=STREAM),
+            Rule("scan_kernel", _blocks(1024 * 5), vector_loads=True, why=STREAM),
             Rule("_sumsq_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
             Rule("_codes_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
         ),

@@ -45,6 +45,7 @@ CODES_BLOCK = 1024
 LLOYD_WARPS = 4
 FAST_WARPS = 8  # the fast init kernel: 4096-wide atom tiles
 REFINE_WARPS = 4  # its refinement kernel: [32, 32] candidate-pair tiles
+SCAN_BLOCK = 1024  # values per program of the fast path's two scans
 
 
 @triton.jit
@@ -439,6 +440,29 @@ def _prepare(values: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return srt, prefix, sumsq
 
 
+def _fast_scans(srt: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(prefix2 [n] f64, rank [n] i32)`` of the segment-sorted ``srt``: inclusive prefix sums of the
+    squares (non-finite values as 0) and inclusive counts of distinct-run starts among the nonzeros (a
+    run starts at each segment's first value and wherever a value differs from its predecessor). Two
+    launches of :mod:`.lloyd_window_triton` (block totals, then block scans plus what precedes them)."""
+    from . import lloyd_window_triton as wt
+
+    n, dev = srt.numel(), srt.device
+    blocks = triton.cdiv(n, SCAN_BLOCK)
+    sq, runs = _new((blocks,), torch.float64, dev), _new((blocks,), torch.int32, dev)
+    prefix2, rank = _new((n,), torch.float64, dev), _new((n,), torch.int32, dev)
+    if n:
+        starts = torch.zeros(n + 1, dtype=torch.int8, device=dev)  # (empty segments at the end mark n)
+        starts[offsets[:-1]] = 1
+        args = {"sorted_ptr": srt, "starts_ptr": starts, "n": n, "BLOCK": SCAN_BLOCK}
+        wrap_triton(wt.scan_totals_kernel)[(blocks,)](sq_ptr=sq, runs_ptr=runs, **args)
+        sq_base, runs_base = torch.cumsum(sq, 0) - sq, (torch.cumsum(runs, 0) - runs).to(torch.int32)
+        wrap_triton(wt.scan_kernel)[(blocks,)](
+            sq_base_ptr=sq_base, runs_base_ptr=runs_base, prefix2_ptr=prefix2, rank_ptr=rank, **args
+        )
+    return prefix2, rank
+
+
 def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None) -> tuple[Tensor, ...]:
     """The fast path's init on the device (:mod:`.lloyd_window_triton`): ``init [P, LANES]`` f32 free
     centres (+inf padded), ``ninit [P]``, ``exact [P]`` and ``passes [P]`` int32, with ``P = S``, or
@@ -446,13 +470,8 @@ def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None
     from . import lloyd_window_triton as wt
     from .lloyd import GRID_PER_CENTRE, MAX_PASSES, MIN_ATOMS, PASS_RTOL, WINDOW
 
-    n, S, dev = srt.numel(), offsets.numel() - 1, srt.device
-    prefix2 = torch.cumsum(_finite(srt).double().square(), 0)  # [n] f64
-    new = torch.ones(n, dtype=torch.bool, device=dev)  # a distinct nonzero starts here
-    new[1:] = srt[1:] != srt[:-1]
-    if n:  # (a shape, not a value) every segment starts a run
-        new[offsets[:-1].clamp(max=n - 1)] = True
-    rank = torch.cumsum(new & (srt != 0), 0, dtype=torch.int32)  # [n]
+    S, dev = offsets.numel() - 1, srt.device
+    prefix2, rank = _fast_scans(srt, offsets)
     P = S if bits is not None else S * NBITS
     i32, f64 = torch.int32, torch.float64
     init, ninit, exact, passes = _new((P, LANES), torch.float32, dev), *(_new((P,), i32, dev) for _ in range(3))

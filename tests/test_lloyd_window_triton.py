@@ -131,6 +131,26 @@ def test_fast_non_finite_value_poisons_only_its_segment(device):
     torch.testing.assert_close(err[1:], want, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_scans_match_torch(device):
+    """The fused scans: ranks exactly, prefix sums of squares to float64 rounding, across blocks (1,024
+    values each), empty segments (inside and at the end), a run continuing into the next segment, NaN."""
+    rng = np.random.default_rng(15)
+    segs = [rng.integers(-3, 4, 2100) * 0.5, [], np.full(7, 0.5), [0.5], rng.standard_normal(63), [0.0, 2.0], [], []]
+    segs[4][5] = np.nan
+    values, offsets, _ = _make(segs, [1] * len(segs), device)
+    srt = lt._segment_sort(values, offsets)
+    prefix2, rank = (t.cpu() for t in lt._fast_scans(srt, offsets))
+    s, o = srt.cpu(), offsets.cpu()
+    new = torch.ones(s.numel(), dtype=torch.bool)
+    new[1:] = s[1:] != s[:-1]
+    new[o[:-1][o[:-1] < s.numel()]] = True  # every non-empty segment starts a run
+    assert torch.equal(rank, torch.cumsum(new & (s != 0), 0, dtype=torch.int32))
+    want = torch.cumsum(torch.where(torch.isfinite(s), s, 0.0).double().square(), 0)
+    torch.testing.assert_close(prefix2, want, rtol=1e-12, atol=1e-12)
+    assert int(rank[2099]) < int(rank[2100 + 6])  # the 0.5 run of segment 2 is new (segment 0 ends with 1.5)
+
+
 FORBIDDEN = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "__array__")
 
 
