@@ -1,10 +1,13 @@
-"""The fast quantizer's init on the device: compand init, atom grid and windowed-DP refinement.
+"""The fast quantizer's init on the device: scans, compand init, atom grid and windowed-DP refinement.
 
 Triton twin of the numpy path :func:`atmc_triton.kernels.lloyd._fast_inits` (with
-:func:`.lloyd_window.compand_init` and :func:`.lloyd_window.refine_partition`): ONE launch, one
-program per segment (per segment and bit width for ``errors_for_bits``), every step inside the
-kernel, no host synchronisation. Per program, on the segment's sorted nonzeros ``s [m]``
-(read from the segment-sorted buffer, zeros skipped) with ``K = 2**b`` free centres:
+:func:`.lloyd_window.compand_init` and :func:`.lloyd_window.refine_partition`): four launches, no
+host synchronisation. ``scan_totals_kernel`` and ``scan_kernel`` give the prefix sums of squares and
+the distinct-run ranks of the segment-sorted values; then one program per segment (per segment and
+bit width for ``errors_for_bits``), on the segment's sorted nonzeros ``s [m]`` (zeros skipped) with
+``K = 2**b`` free centres:
+
+``fast_init_kernel`` (8 warps: 4096-wide tiles)
 
 1. ``dcount <= K`` distinct nonzeros: they are the centres (``exact = 1``), done;
 2. atoms (``G_goal = max(512, 16 K)``): every distinct run when ``dcount <= G_goal``, else the
@@ -13,10 +16,15 @@ kernel, no host synchronisation. Per program, on the segment's sorted nonzeros `
    the atom boundaries come from the global prefix sums;
 3. compand init (density^(1/3) over ``min(m, G_goal)`` equal-count atoms), its midpoints
    snapped to atoms, the zero cluster around the sign change;
-4. passes of the windowed DP: ``NC = 2 (2 W + 1)`` candidates per boundary, the Viterbi chain
-   over the ``K + 1`` clusters (``[NCP, NCP]`` float64 tiles, a flag for "zero cluster placed"),
-   backpointers in scratch, a scalar backtrack; until nothing moves, the gain is ``<= rtol``
-   or ``max_passes``;
+
+``fast_refine_kernel`` (4 warps, a launch of its own so that none of those tiles is live)
+
+4. passes of the windowed DP: ``NC = 2 (2 W + 1)`` candidates per boundary (their atom counts and
+   sums gathered once per pass), the Viterbi chain over the ``K + 1`` clusters (``[NCP, NCP]``
+   float64 tiles, a flag for "zero cluster placed"; each step's loads issued a step ahead, the
+   costs the reference skips skipped), packed backpointers in scratch, a backtrack that picks each
+   backpointer from a row in registers; until nothing moves, the gain is ``<= rtol`` or
+   ``max_passes``;
 5. the cluster means (float32, ascending, duplicates dropped) are the init of the Lloyd kernel,
    which also runs the legacy init and keeps the lower error.
 
@@ -28,10 +36,11 @@ therefore quality, not bits: the same SSE up to such ties (tested: ratio to the 
 ``<= 1.02``, never above the legacy quantizer, codes decoding to ``q``); segments kept exactly
 (``<= K`` distinct nonzeros) match the reference bit for bit.
 
-Bytes per value (device path): the prefix sums of squares (read 4 B, write 8 B) and the
-distinct-run ranks (read 4 B, write 1 + 4 B, read 1 B) are added to the ``"lloyd"`` path's
-sort and prefix sums; the refinement itself reads only ``O(G + K NC passes)`` per segment
-(scratch: ``[S, 4104]`` int32 + 2 float64, ``[S, 264, 32]`` int32 x 3 + int8).
+Bytes per value (device path), added to the ``"lloyd"`` path's sort and prefix sums: a byte
+marking segment starts (written, then read by both scans), the sorted values read by both scans,
+and 12 B written (the float64 prefix of squares, the int32 ranks). The init and the refinement
+read only ``O(G + K NC passes)`` per segment (scratch: ``[P, 4104]`` int32 + 2 float64 atoms,
+``[P, 264, 32]`` int32 x 3 + float64 x 2 candidates and backpointers, ``[P, 264]`` int32 x 2).
 """
 
 from __future__ import annotations
