@@ -343,14 +343,67 @@ def _tile_kernel(
 
 
 @triton.jit
+def _csr_chunk(
+    acc, a_ptrs, off, ok, val, ZERO_ROW: tl.constexpr, c: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr
+):
+    """``acc [Q, VEC] += A^T[col, c VEC : (c + 1) VEC] * val`` for chunk ``c < NCH`` of the activation rows
+    (``a_ptrs [1, VEC]``, ``off``, ``ok``, ``val [Q, 1]``; ``ok`` masks the gather unless ``ZERO_ROW``)."""
+    if c < NCH:
+        if ZERO_ROW:
+            a = tl.load(a_ptrs + c * VEC + off)  # [Q, VEC]
+        else:
+            a = tl.load(a_ptrs + c * VEC + off, mask=ok, other=0.0)
+        acc += a.to(tl.float32) * val
+    return acc
+
+
+@triton.jit
+def _csr_store(
+    acc,
+    c: tl.constexpr,
+    out_ptr,
+    stride_om,
+    e_ptr,
+    stride_em,
+    bias_ptr,
+    M,
+    N,
+    m0,
+    pid_r,
+    INIT: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NCH: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """``out[m, rows] (+)= sum_j acc`` for chunk ``c`` (``acc [BR * BJ, VEC]``, rows ``m = m0 + c VEC + v``)."""
+    if c < NCH:
+        acc2 = tl.sum(tl.reshape(acc, (BLOCK_R, BLOCK_J, VEC)), axis=1)  # [BR, VEC]
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BR, 1]
+        rm = m0 + c * VEC + tl.arange(0, VEC)[None, :]  # [1, VEC]
+        rm64 = rm.to(tl.int64)
+        ptrs = out_ptr + rm64 * stride_om + rows  # [BR, VEC]
+        mask = (rm < M) & (rows < N)
+        if INIT:
+            if HAS_BIAS:
+                acc2 += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            if HAS_ADDEND:
+                acc2 += tl.load(e_ptr + rm64 * stride_em + rows, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc2 += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _csr_mm_kernel(
     out_ptr,
     stride_om,
     M,
     N,
     a_ptr,
-    stride_am,
-    stride_ak,
+    stride_akv,
     K,
     indptr_ptr,
     indices_ptr,
@@ -366,7 +419,9 @@ def _csr_mm_kernel(
     INIT: tl.constexpr,
     HAS_ADDEND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ZERO_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -374,11 +429,22 @@ def _csr_mm_kernel(
 
     One program: ``BLOCK_M`` rows of ``A``/``out`` times ``BLOCK_R`` rows of ``S``; it owns those
     output elements (plain read-modify-write, no atomics). ``INIT``: write ``E + bias + ...``
-    instead of adding to ``out`` (the first launch of a stage, no zero fill). Out-of-range
-    indices are masked. The column indices of chunk ``j + 1`` are loaded while chunk ``j``
-    gathers its activations (a register prefetch: 2-byte indices cannot use ``cp.async``), so each
+    instead of adding to ``out`` (the first launch of a stage, no zero fill).
+
+    ``a_ptr`` is ``A^T [K (+ 1), Mp]`` row-major, row stride ``stride_akv * VEC`` elements (``Mp``, a
+    multiple of ``VEC``); ``ZERO_ROW``: ``Mp`` is a multiple of ``BLOCK_M`` (columns ``M .. Mp`` are
+    padding, read but never stored) and row ``K`` is zeros, where every slot past its row's end or
+    with a column outside ``[0, K)`` points, so the activation gather needs no mask. Else the gather is
+    masked (``BLOCK_M`` must then be ``VEC``). The ``BLOCK_R x BLOCK_J`` nonzero slots of an iteration
+    form one dimension ``Q`` and a thread owns whole slots: one column, code and codebook load per
+    nonzero, and ``BLOCK_M / VEC`` (at most 8) aligned vectors of ``VEC`` activations (16 bytes: 8 fp16),
+    each chunk with its own ``[Q, VEC]`` accumulator. The column indices of chunk ``j + 1`` are loaded
+    while chunk ``j`` gathers (a register prefetch: 2-byte indices cannot use ``cp.async``), so an
     iteration waits on one load latency, not two in a chain.
     """
+    NCH: tl.constexpr = BLOCK_M // VEC
+    tl.static_assert(BLOCK_M % VEC == 0 and NCH <= 8 and (ZERO_ROW or NCH == 1))
+    Q: tl.constexpr = BLOCK_R * BLOCK_J
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
@@ -386,42 +452,57 @@ def _csr_mm_kernel(
     # a corrupt pointer is clamped to the streams once per row, so one compare per nonzero masks it
     start = tl.maximum(tl.load(indptr_ptr + rows, mask=row_ok, other=0), 0)
     end = tl.minimum(tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0), nnz)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    m_ok = rm < M
-    rm64 = rm.to(tl.int64)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_J), dtype=tl.float32)  # reduced over j once, after the loop
-    # every per-nonzero tensor is built as [1, BR, BJ], the accumulator's rank (fewer instructions per nonzero
-    # in the compiled loop than [BR, BJ] tensors expanded before the multiply: bench/gemm_issue.py)
-    rj = tl.arange(0, BLOCK_J)[None, None, :]  # [1, 1, BJ]
-    st = start[None, :, None]  # [1, BR, 1]
-    en = end[None, :, None]
     longest = tl.max(end - start, axis=0)
-    jn = st + rj  # [1, BR, BJ]: the first chunk's column indices, loaded ahead
+    st = tl.reshape(tl.broadcast_to(start[:, None], (BLOCK_R, BLOCK_J)), (Q,))  # [Q]: slot q = r BJ + j
+    en = tl.reshape(tl.broadcast_to(end[:, None], (BLOCK_R, BLOCK_J)), (Q,))
+    rj = tl.arange(0, Q) % BLOCK_J  # [Q]
+    m0 = pid_m * BLOCK_M
+    a_ptrs = a_ptr + m0 + tl.arange(0, VEC)[None, :]  # [1, VEC]
+    # elements per row of A^T (a multiple of VEC); with ZERO_ROW, offsets are products of two zero-extended
+    # 32-bit values (one wide multiply, not a 64 x 64 one)
+    row_elems = tl.full((), stride_akv * VEC, tl.uint32).to(tl.int64)
+    acc0 = tl.zeros((Q, VEC), dtype=tl.float32)  # one accumulator per chunk, reduced over j after the loop
+    acc1 = tl.zeros((Q, VEC), dtype=tl.float32)
+    acc2 = tl.zeros((Q, VEC), dtype=tl.float32)
+    acc3 = tl.zeros((Q, VEC), dtype=tl.float32)
+    acc4 = tl.zeros((Q, VEC), dtype=tl.float32)
+    acc5 = tl.zeros((Q, VEC), dtype=tl.float32)
+    acc6 = tl.zeros((Q, VEC), dtype=tl.float32)
+    acc7 = tl.zeros((Q, VEC), dtype=tl.float32)
+    jn = st + rj  # [Q]: the first chunk's column indices, loaded ahead
     col_next = tl.load(indices_ptr + jn, mask=jn < en, other=0)
     for j0 in range(0, longest, BLOCK_J):
-        jj = st + j0 + rj  # [1, BR, BJ]
-        col = col_next.to(tl.int32)
+        jj = st + j0 + rj  # [Q]
+        if indices_ptr.dtype.element_ty == tl.int16:  # zero-extended: a negative index is >= 2^15 >= K
+            col = col_next.to(tl.uint16, bitcast=True).to(tl.int32)
+        else:
+            col = col_next
         jn = jj + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
         col_next = tl.load(indices_ptr + jn, mask=jn < en, other=0)
         ok = (jj < en) & (col.to(tl.uint32, bitcast=True) < K)  # (a negative column is >= K unsigned)
-        val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)  # [1, BR, BJ]
-        a = tl.load(
-            a_ptr + rm64[:, None, None] * stride_am + col.to(tl.int64) * stride_ak,
-            mask=m_ok[:, None, None] & ok,
-            other=0.0,
-        )  # [BM, BR, BJ]
-        acc3 += a.to(tl.float32) * val
-    acc = tl.sum(acc3, axis=2)  # [BM, BR]
-    ptrs = out_ptr + rm64[:, None] * stride_om + rows[None, :]
-    mask = m_ok[:, None] & row_ok[None, :]
-    if INIT:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_ADDEND:
-            acc += tl.load(e_ptr + rm64[:, None] * stride_em + rows[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)[:, None]  # [Q, 1]
+        if ZERO_ROW:
+            off = (tl.where(ok, col, K).to(tl.uint32, bitcast=True).to(tl.int64) * row_elems)[:, None]  # [Q, 1]
+        else:
+            off = (col.to(tl.int64) * (stride_akv * VEC))[:, None]
+        ok2 = ok[:, None]
+        acc0 = _csr_chunk(acc0, a_ptrs, off, ok2, val, ZERO_ROW, 0, NCH, VEC)
+        acc1 = _csr_chunk(acc1, a_ptrs, off, ok2, val, ZERO_ROW, 1, NCH, VEC)
+        acc2 = _csr_chunk(acc2, a_ptrs, off, ok2, val, ZERO_ROW, 2, NCH, VEC)
+        acc3 = _csr_chunk(acc3, a_ptrs, off, ok2, val, ZERO_ROW, 3, NCH, VEC)
+        acc4 = _csr_chunk(acc4, a_ptrs, off, ok2, val, ZERO_ROW, 4, NCH, VEC)
+        acc5 = _csr_chunk(acc5, a_ptrs, off, ok2, val, ZERO_ROW, 5, NCH, VEC)
+        acc6 = _csr_chunk(acc6, a_ptrs, off, ok2, val, ZERO_ROW, 6, NCH, VEC)
+        acc7 = _csr_chunk(acc7, a_ptrs, off, ok2, val, ZERO_ROW, 7, NCH, VEC)
+    st_args = (out_ptr, stride_om, e_ptr, stride_em, bias_ptr, M, N, m0, pid_r)
+    _csr_store(acc0, 0, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
+    _csr_store(acc1, 1, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
+    _csr_store(acc2, 2, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
+    _csr_store(acc3, 3, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
+    _csr_store(acc4, 4, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
+    _csr_store(acc5, 5, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
+    _csr_store(acc6, 6, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
+    _csr_store(acc7, 7, *st_args, INIT, HAS_ADDEND, HAS_BIAS, NCH, VEC, BLOCK_R, BLOCK_J)
 
 
 @triton.jit

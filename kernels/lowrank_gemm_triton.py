@@ -68,6 +68,7 @@ __all__ = [
     "TARGET_PROGRAMS",
     "atmc_decode_triton",
     "csr_block_m",
+    "csr_operand",
     "atmc_linear_triton",
     "decode_launch",
     "linear_launch",
@@ -337,6 +338,24 @@ def _tile_launch(
     wrap_triton(_tile_kernel)[grid](**args, **consts)
 
 
+def csr_operand(a: Tensor) -> Tensor:
+    """The activations of :func:`_csr_mm_kernel`: ``a [M, K]`` itself when ``M == 1`` (a ``[K]`` view), else
+    ``A^T`` padded to ``[K + 1, Mp]`` (``Mp``: ``M`` rounded up to :func:`csr_block_m`), the padding zeros.
+
+    Row ``K`` (zeros) is where the kernel points every masked slot, and ``Mp`` columns let it gather
+    ``BLOCK_M`` activations per nonzero without a mask (one copy of ``a``, as the plain transpose was).
+    """
+    M = a.shape[0]
+    if M == 1:
+        return a.reshape(-1)
+    return torch.nn.functional.pad(a.t(), (0, _csr_cols(M) - M, 0, 1))  # one copy: [K + 1, Mp], contiguous
+
+
+def _csr_cols(M: int) -> int:
+    """``Mp``: columns of :func:`csr_operand`'s ``A^T`` (``M`` rounded up to a multiple of ``csr_block_m(M)``)."""
+    return -(-M // csr_block_m(M)) * csr_block_m(M)
+
+
 def _csr_launch(
     out: Tensor,
     a_t: Tensor,
@@ -347,20 +366,24 @@ def _csr_launch(
     addend: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> None:
-    """``out += a deq(f)^T`` for a CSR factor ``f [N, K]`` and ``a_t = a^T [K, M]`` contiguous (``init``:
+    """``out += a deq(f)^T`` for a CSR factor ``f [N, K]`` and ``a_t = csr_operand(a)`` (``init``:
     ``out = addend + bias + a deq(f)^T``). With ``M`` contiguous, the ``BLOCK_M`` activations one
-    nonzero multiplies are one coalesced read."""
+    nonzero multiplies are one or a few 16-byte vector reads."""
     M, N = out.shape
-    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, csr_block_m(M)
+    block_m = csr_block_m(M)
+    zero_row = M > 1
+    vec = min(block_m, 16 // a_t.element_size())  # activations per vector load (16 bytes at most)
+    mp = _csr_cols(M) if zero_row else 1
+    if a_t.shape != ((f.cols + 1, mp) if zero_row else (f.cols,)) or not a_t.is_contiguous():
+        raise ValueError(f"_csr_launch: a_t {tuple(a_t.shape)} is not csr_operand(a) for M = {M}, K = {f.cols}")
     book, book_len, _ = _book_args(f)
     args = {
         "out_ptr": out,
         "stride_om": out.stride(0),
         "M": M,
         "N": N,
-        "a_ptr": a_arg,
-        "stride_am": stride_am,
-        "stride_ak": stride_ak,
+        "a_ptr": a_t,
+        "stride_akv": mp // vec,
         "K": f.cols,
         "indptr_ptr": f.indptr,
         "indices_ptr": f.indices,
@@ -376,7 +399,9 @@ def _csr_launch(
         "INIT": init,
         "HAS_ADDEND": init and addend is not None,
         "HAS_BIAS": init and bias is not None,
+        "ZERO_ROW": zero_row,
         "BLOCK_M": block_m,
+        "VEC": vec,
     }
     meta = (config or {}).get("csr")
     if meta is None and out.device.type != "cpu":
@@ -420,9 +445,9 @@ def _packed_matmul(
     gather = bool(cfg.get("book_gather", False))
     a_t: dict[int, Tensor] = {}
 
-    def transposed(a: Tensor) -> Tensor:  # one [K, M] copy per activation (x, t), shared by its CSR factors
+    def transposed(a: Tensor) -> Tensor:  # one [K + 1, Mp] copy per activation (x, t), shared by its CSR factors
         if id(a) not in a_t:
-            a_t[id(a)] = a.reshape(-1) if M == 1 else a.t().contiguous()
+            a_t[id(a)] = csr_operand(a)
         return a_t[id(a)]
 
     if small and tile:  # split-K: float32 partials per split, summed in a fixed order (deterministic)
