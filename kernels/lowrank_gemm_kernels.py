@@ -10,7 +10,8 @@ guards are the second line, and tests pin their values).
 Bytes per element (what the roofline model counts): a dense-coded factor reads ``WIDTH / 8``
 bytes per weight element plus its codebook once per program (L1); a CSR factor reads, per
 nonzero, its column index (2 bytes, int16, or 4) and ``WIDTH / 8`` bytes of code, plus 4 bytes per
-row of ``indptr``, and gathers ``BLOCK_M`` activations (2 or 4 bytes each) per nonzero from L1/L2.
+row of ``indptr``, and gathers ``BLOCK_M`` activations (2 or 4 bytes each) per nonzero from L1/L2 (``x^T``,
+which the launcher copies once per call, padded to a multiple of ``BLOCK_M`` columns plus a zero row).
 A bitmap factor reads 1/8 byte per element (its bitmap), ``WIDTH / 8`` bytes per nonzero and a 4-byte
 group pointer per ``GROUP`` (256) elements; it is decoded in the tile loop and fed to the tensor cores like
 dense codes, at the cost of integer work per element (a bit test, a popcount, a code fetch from L1).

@@ -102,10 +102,11 @@ TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes p
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
 ]
-# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 4, "wide" for BLOCK_M 16 and 32
+# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 8, "wide" for BLOCK_M 16 and 32
 # (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
 CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj, num_stages=4) for br, bj in ((16, 64), (8, 128), (4, 128))]
-# (wide: 3.5-3.9 warp instructions per nonzero slot at M = 16 in the compiled loop, sm_90; (8, 16) took 15)
+# (wide: 1.89-2.03 warp instructions per nonzero slot at BLOCK_M = 16 in the compiled loop, sm_90; larger
+# BLOCK_R x BLOCK_J tiles (more nonzeros per thread) save at most 5 % more and double the registers)
 CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((2, 64), (4, 64), (8, 32))]
 # Fixed tiles: Triton's interpreter (CPU tensors: nothing to tune), epilogue-only launches, tests.
 FIXED_CONFIG = {
@@ -193,12 +194,12 @@ def _pow2(n: int) -> int:
 
 
 def csr_block_m(M: int) -> int:
-    """Rows of activations one CSR program takes: ``pow2(M)`` up to 4, then 16, then 32-row chunks.
+    """Rows of activations one CSR program takes: ``pow2(M)`` up to 16, then 32-row chunks.
 
-    (Compiled for sm_90, the 8-row kernel issues 5.4 warp instructions per nonzero, more than the
-    16-row one's 3.5: ``python -m bench.gemm_issue``.)
+    (Compiled for sm_90, a thread owns whole nonzeros, so the cost per nonzero grows with the rows it
+    multiplies: 1.26 warp instructions at 8 rows, 1.89 at 16: ``python -m bench.gemm_issue``.)
     """
-    return _pow2(M) if M <= 4 else 16 if M <= 16 else 32
+    return _pow2(M) if M <= 16 else 32
 
 
 def split_k(M: int, N: int, K_total: int, block_n: int = 64, block_k: int = 64) -> int:

@@ -550,7 +550,7 @@ def _sanitized(fmt, rows, cols, codes, book, indptr, indices, levels):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("M", [1, 3, 9, 40])  # CSR BLOCK_M 1 (masked gather), 4, 16, 32 (zero-row gather)
+@pytest.mark.parametrize("M", [1, 3, 6, 9, 40])  # CSR BLOCK_M 1 (masked gather), 4, 8, 16, 32 (zero-row gather)
 def test_corrupt_data_is_clamped_and_masked_in_the_kernels(device, M):
     """The kernels' second line of defence, pinned by value. Codebooks and ``x`` are prefixes of larger
     buffers holding large values, so an unclamped code or an unmasked column reads them and shows."""
@@ -618,7 +618,7 @@ def test_corrupt_row_pointers_are_clamped_to_the_streams(device, bits):
     _, b, _, r, facs = layer_case(1, n, K, 4, IDENTITY_NONE, (FMT_EMPTY, FMT_EMPTY, FMT_EMPTY), seed=11)
     facs = [*facs[:2], (FMT_CSR, codes, book, p, indices)]
     facs = [tuple(t.to(device) if torch.is_tensor(t) else t for t in fa) for fa in facs]
-    for M in (1, 3, 9, 40):
+    for M in (1, 3, 6, 9, 40):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
         want = x.double() @ C.T + b.double()
         got = run_kernel(x.to(device), b.to(device), n, r, IDENTITY_NONE, facs).cpu().double()
@@ -629,7 +629,7 @@ def test_corrupt_row_pointers_are_clamped_to_the_streams(device, bits):
 def test_csr_operand_layout_and_launch_check(dtype):
     """The CSR kernel's activations: ``x^T`` padded with zero columns to a multiple of ``csr_block_m(M)`` and a
     zero row ``K`` (where masked slots point); ``M = 1`` is ``x`` itself. A plain transpose is refused."""
-    for M, mp in ((1, None), (2, 2), (3, 4), (5, 16), (16, 16), (17, 32), (40, 64)):
+    for M, mp in ((1, None), (2, 2), (3, 4), (5, 8), (9, 16), (16, 16), (17, 32), (40, 64)):
         x = torch.randn(M, 7).to(dtype)
         a_t = lt.csr_operand(x)
         if mp is None:
