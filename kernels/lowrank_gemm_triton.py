@@ -105,9 +105,10 @@ TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes p
 # CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 8, "wide" for BLOCK_M 16 and 32
 # (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
 CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj, num_stages=4) for br, bj in ((16, 64), (8, 128), (4, 128))]
-# (wide: 1.89-2.03 warp instructions per nonzero slot at BLOCK_M = 16 in the compiled loop, sm_90; larger
-# BLOCK_R x BLOCK_J tiles (more nonzeros per thread) save at most 5 % more and double the registers)
-CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((2, 64), (4, 64), (8, 32))]
+# (a thread owns 4 consecutive slots: BLOCK_R x BLOCK_J >= 4 x 32 x num_warps keeps every thread busy; wide:
+# 1.72-1.77 warp instructions per nonzero slot at BLOCK_M = 16 in the compiled loop, sm_90, against 6.2 for
+# (4, 64) and 8.5 for (2, 128), where threads would repeat other threads' work)
+CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((4, 128), (8, 64), (2, 256))]
 # Fixed tiles: Triton's interpreter (CPU tensors: nothing to tune), epilogue-only launches, tests.
 FIXED_CONFIG = {
     "tile_small": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1},
@@ -197,7 +198,7 @@ def csr_block_m(M: int) -> int:
     """Rows of activations one CSR program takes: ``pow2(M)`` up to 16, then 32-row chunks.
 
     (Compiled for sm_90, a thread owns whole nonzeros, so the cost per nonzero grows with the rows it
-    multiplies: 1.26 warp instructions at 8 rows, 1.89 at 16: ``python -m bench.gemm_issue``.)
+    multiplies: 1.12 warp instructions at 8 rows, 1.73 at 16: ``python -m bench.gemm_issue``.)
     """
     return _pow2(M) if M <= 16 else 32
 
@@ -414,6 +415,8 @@ def _csr_launch(
         wrap_triton(kernel)[grid](**args)
         return
     meta = {**FIXED_CONFIG["csr"], **(meta or {})}
+    if meta["BLOCK_J"] % 4:
+        raise ValueError(f"_csr_launch: BLOCK_J must be a multiple of 4 (a thread's slot group), got {meta['BLOCK_J']}")
     grid = (triton.cdiv(N, meta["BLOCK_R"]), triton.cdiv(M, block_m))
     wrap_triton(_csr_mm_kernel)[grid](**args, **meta)
 

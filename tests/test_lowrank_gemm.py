@@ -468,7 +468,8 @@ def test_odd_shapes_and_configs(device, M, N, K, r, identity, fmts, bits, raw, d
     tile |= (
         {"SPLIT_K": data.draw(st.sampled_from([1, 2, 3, 8]))} if small else {"BLOCK_M": data.draw(block), "SPLIT_K": 1}
     )
-    csr = {"BLOCK_R": data.draw(st.sampled_from([1, 4, 16])), "BLOCK_J": data.draw(st.sampled_from([1, 8, 32]))}
+    # (BLOCK_J 4: one 4-slot group per row and iteration, the kernel's smallest)
+    csr = {"BLOCK_R": data.draw(st.sampled_from([1, 4, 16])), "BLOCK_J": data.draw(st.sampled_from([4, 8, 32]))}
     config = {
         "tile": tile,
         "csr": csr,
@@ -641,6 +642,8 @@ def test_csr_operand_layout_and_launch_check(dtype):
     f = lt._Factor(*facs[2][:1], n, 7, *facs[2][1:])
     with pytest.raises(ValueError, match="csr_operand"):
         lt._csr_launch(torch.zeros(3, n), x.t().contiguous(), f, True, {"csr": lt.FIXED_CONFIG["csr"]})
+    with pytest.raises(ValueError, match="multiple of 4"):
+        lt._csr_launch(torch.zeros(3, n), lt.csr_operand(x), f, True, {"csr": {"BLOCK_R": 4, "BLOCK_J": 6}})
 
 
 @pytest.mark.parametrize("device", DEVICES)
