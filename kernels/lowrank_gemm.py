@@ -94,18 +94,18 @@ H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0
 # 1.755 GHz) they bound a kernel's time from below. Triton 3.8 is the model's default; 3.6 (torch 2.11's,
 # the lent H200's) issues 1.4x more for dense tiles and 0.97-0.99x as much for CSR (whose loop has no layout
 # exchange on either since a thread owns whole nonzeros, 4 consecutive ones; before that, the counts at BLOCK_M
-# 2 / 4 / 16 were 2.1 / 2.5 / 1.5x these on 3.8 and 2.6 / 2.8 / 1.7x on 3.6:
+# 2 / 4 / 16 were 2.2 / 2.6 / 1.5x these on 3.8 and 2.7 / 2.9 / 1.7x on 3.6:
 # bench/results/gemm_issue_2026-11-30_csr.json).
 ISSUE_COUNTS = {
     "3.8": {
         "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
         "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
-        "csr": {1: 0.68, 2: 0.74, 4: 0.88, 8: 1.12, 16: 1.73, 32: 2.80},
+        "csr": {1: 0.66, 2: 0.72, 4: 0.84, 8: 1.09, 16: 1.72, 32: 2.78},
     },
     "3.6": {
         "dense": {16: 0.88, 32: 0.90, 64: 1.02, 128: 1.14},
         "bitmap": {16: 1.33, 32: 1.35, 64: 1.41, 128: 1.61},
-        "csr": {1: 0.66, 2: 0.73, 4: 0.86, 8: 1.10, 16: 1.72, 32: 2.78},
+        "csr": {1: 0.64, 2: 0.70, 4: 0.83, 8: 1.08, 16: 1.69, 32: 2.76},
     },
 }
 ISSUE = ISSUE_COUNTS["3.8"]
@@ -120,8 +120,8 @@ def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int
     ``pow2(M)`` up to 16, then 32-row chunks).
 
     Example:
-        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 1.73 + 2000 bitmap elements at 1.34
-        4410.0
+        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 1.72 + 2000 bitmap elements at 1.34
+        4400.0
     """
     if triton not in ISSUE_COUNTS:
         raise ValueError(f"issue_instructions: triton must be one of {sorted(ISSUE_COUNTS)}, got {triton!r}")

@@ -541,6 +541,10 @@ def _csr_mm_kernel(
     stq = tl.reshape(tl.broadcast_to(start[:, None], (BLOCK_R, BLOCK_J // G)), (QG,))  # [QG]: thread q's row
     enq = tl.reshape(tl.broadcast_to(tl.minimum(end, nnz_v)[:, None], (BLOCK_R, BLOCK_J // G)), (QG,))
     base = (stq // G) * G + (tl.arange(0, QG) % (BLOCK_J // G)) * G  # [QG]: its first group, a multiple of G
+    # a slot is in its row when its position relative to the row start, as unsigned, is below the row's length
+    # (one compare: a slot before the start is negative, so huge)
+    rel0 = base - stq  # [QG]
+    lenq = tl.maximum(enq - stq, 0).to(tl.uint32, bitcast=True)[:, None]  # [QG, 1]
     rg = tl.arange(0, G)[None, :]  # [1, G]
     m0 = pid_m * BLOCK_M
     a_ptrs = a_ptr + m0 + tl.arange(0, VEC)[None, :]  # [1, VEC]
@@ -563,8 +567,9 @@ def _csr_mm_kernel(
         col = _column(cols_next)
         gn = gb + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
         cols_next = tl.load(indices_ptr + (gn[:, None] + rg), mask=(gn < enq)[:, None], other=0)
+        rel = (rel0 + j0)[:, None] + rg  # [QG, G]
         # (a negative column is >= K unsigned)
-        ok = (jj >= stq[:, None]) & (jj < enq[:, None]) & (col.to(tl.uint32, bitcast=True) < K)
+        ok = (rel.to(tl.uint32, bitcast=True) < lenq) & (col.to(tl.uint32, bitcast=True) < K)
         if WIDTH == 8:  # the group's 4 codes in one load; past the codebook reads its last level
             code = tl.load(codes_ptr + jj, mask=(gb < enq)[:, None], other=0).to(tl.int32)
             slot = tl.minimum(code + 1, book_len - 1)

@@ -106,7 +106,7 @@ TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes p
 # (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
 CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj, num_stages=4) for br, bj in ((16, 64), (8, 128), (4, 128))]
 # (a thread owns 4 consecutive slots: BLOCK_R x BLOCK_J >= 4 x 32 x num_warps keeps every thread busy; wide:
-# 1.72-1.77 warp instructions per nonzero slot at BLOCK_M = 16 in the compiled loop, sm_90, against 6.2 for
+# 1.69-1.73 warp instructions per nonzero slot at BLOCK_M = 16 in the compiled loop, sm_90, against 6.2 for
 # (4, 64) and 8.5 for (2, 128), where threads would repeat other threads' work)
 CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((4, 128), (8, 64), (2, 256))]
 # Fixed tiles: Triton's interpreter (CPU tensors: nothing to tune), epilogue-only launches, tests.
@@ -198,7 +198,7 @@ def csr_block_m(M: int) -> int:
     """Rows of activations one CSR program takes: ``pow2(M)`` up to 16, then 32-row chunks.
 
     (Compiled for sm_90, a thread owns whole nonzeros, so the cost per nonzero grows with the rows it
-    multiplies: 1.12 warp instructions at 8 rows, 1.73 at 16: ``python -m bench.gemm_issue``.)
+    multiplies: 1.09 warp instructions at 8 rows, 1.72 at 16: ``python -m bench.gemm_issue``.)
     """
     return _pow2(M) if M <= 16 else 32
 
