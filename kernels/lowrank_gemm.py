@@ -91,21 +91,24 @@ PACKED_M = 16  # up to this many rows the packed kernels always run (no dense co
 # neighbouring nonzeros share sectors), and a fixed ramp + tail latency per call.
 H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0, "issue": 132 * 4 * 1.755e9}
 # Warp instructions the compiled hot loops issue (sm_90 SASS, fp16 x, the best autotune config;
-# `python -m bench.gemm_issue` recounts them, bench/results/gemm_issue_2026-11-30_csr.json), per Triton: per
+# `python -m bench.gemm_issue` recounts them, bench/results/gemm_issue_2026-11-30_csr2.json), per Triton: per
 # decoded weight element and BLOCK_M-row tile of the tile kernel ("dense" codes, "bitmap"), per stored
 # nonzero and BLOCK_M rows of the CSR kernel. At "issue" warp instructions/s (132 SMs x 4 schedulers x
 # 1.755 GHz) they bound a kernel's time from below. Triton 3.8 is the model's default; 3.6 (torch 2.11's,
-# the lent H200's) issues 1.4x more for dense tiles and 1.1-1.3x more for CSR.
+# the lent H200's) issues 1.4x more for dense tiles and 0.97-0.99x as much for CSR (whose loop has no layout
+# exchange on either since a thread owns whole nonzeros, 4 consecutive ones; before that, the counts at BLOCK_M
+# 2 / 4 / 16 were 2.2 / 2.6 / 1.5x these on 3.8 and 2.7 / 2.9 / 1.7x on 3.6:
+# bench/results/gemm_issue_2026-11-30_csr.json).
 ISSUE_COUNTS = {
     "3.8": {
         "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
         "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
-        "csr": {1: 0.87, 2: 1.59, 4: 2.22, 16: 2.59, 32: 4.16},
+        "csr": {1: 0.66, 2: 0.72, 4: 0.84, 8: 1.09, 16: 1.72, 32: 2.78},
     },
     "3.6": {
         "dense": {16: 0.88, 32: 0.90, 64: 1.02, 128: 1.14},
         "bitmap": {16: 1.33, 32: 1.35, 64: 1.41, 128: 1.61},
-        "csr": {1: 1.16, 2: 1.89, 4: 2.38, 16: 2.88, 32: 4.48},
+        "csr": {1: 0.64, 2: 0.70, 4: 0.83, 8: 1.08, 16: 1.69, 32: 2.76},
     },
 }
 ISSUE = ISSUE_COUNTS["3.8"]
@@ -117,11 +120,11 @@ def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int
 
     Tiles: every decoded element once per ``BLOCK_M``-row tile (16 or 32 rows on the split-K path, the
     cheapest of 32/64/128 above); CSR: every nonzero once per ``BLOCK_M`` rows (the launcher's
-    ``pow2(M)`` up to 4, then 16, then 32-row chunks).
+    ``pow2(M)`` up to 16, then 32-row chunks).
 
     Example:
-        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 2.59 + 2000 bitmap elements at 1.34
-        5270.0
+        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 1.72 + 2000 bitmap elements at 1.34
+        4400.0
     """
     if triton not in ISSUE_COUNTS:
         raise ValueError(f"issue_instructions: triton must be one of {sorted(ISSUE_COUNTS)}, got {triton!r}")
@@ -134,7 +137,7 @@ def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int
             -(-M // bm) * (coded_elems * counts["dense"][bm] + bitmap_elems * counts["bitmap"][bm])
             for bm in (32, 64, 128)
         )
-    cb = 1 << max(0, M - 1).bit_length() if M <= 4 else 16 if M <= 16 else 32  # lowrank_gemm_triton.csr_block_m
+    cb = 1 << max(0, M - 1).bit_length() if M <= 16 else 32  # lowrank_gemm_triton.csr_block_m
     return round(tile + csr_nnz * counts["csr"][cb] * -(-M // cb), 6)
 
 

@@ -10,7 +10,8 @@ guards are the second line, and tests pin their values).
 Bytes per element (what the roofline model counts): a dense-coded factor reads ``WIDTH / 8``
 bytes per weight element plus its codebook once per program (L1); a CSR factor reads, per
 nonzero, its column index (2 bytes, int16, or 4) and ``WIDTH / 8`` bytes of code, plus 4 bytes per
-row of ``indptr``, and gathers ``BLOCK_M`` activations (2 or 4 bytes each) per nonzero from L1/L2.
+row of ``indptr``, and gathers ``BLOCK_M`` activations (2 or 4 bytes each) per nonzero from L1/L2 (``x^T``,
+which the launcher copies once per call, padded to a multiple of ``BLOCK_M`` columns plus a zero row).
 A bitmap factor reads 1/8 byte per element (its bitmap), ``WIDTH / 8`` bytes per nonzero and a 4-byte
 group pointer per ``GROUP`` (256) elements; it is decoded in the tile loop and fed to the tensor cores like
 dense codes, at the cost of integer work per element (a bit test, a popcount, a code fetch from L1).
@@ -343,14 +344,145 @@ def _tile_kernel(
 
 
 @triton.jit
+def _csr_chunk(
+    acc, a_ptrs, off, ok, val, ZERO_ROW: tl.constexpr, c: tl.constexpr, NCH: tl.constexpr, VEC: tl.constexpr
+):
+    """``acc [QG, VEC] += A^T[col, c VEC : (c + 1) VEC] * val`` for chunk ``c < NCH`` of the activation rows
+    (``a_ptrs [1, VEC]``, ``off``, ``ok``, ``val [QG, 1]``; ``ok`` masks the gather unless ``ZERO_ROW``)."""
+    if c < NCH:
+        if ZERO_ROW:
+            a = tl.load(a_ptrs + c * VEC + off)  # [QG, VEC]
+        else:
+            a = tl.load(a_ptrs + c * VEC + off, mask=ok, other=0.0)
+        acc += a.to(tl.float32) * val
+    return acc
+
+
+@triton.jit
+def _csr_nonzero(
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    acc4,
+    acc5,
+    acc6,
+    acc7,
+    a_ptrs,
+    col,
+    ok,
+    jj,
+    slot,
+    words_ptr,
+    book_ptr,
+    book_len,
+    K,
+    row_elems,
+    WIDTH: tl.constexpr,
+    ZERO_ROW: tl.constexpr,
+    NCH: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """One nonzero slot per thread (``col``, ``ok``, ``jj``, ``slot``: ``[QG]``, ``slot`` the codebook entry
+    when ``WIDTH`` is 8) into the chunk accumulators ``acc0 .. acc7`` ``[QG, VEC]`` (those ``< NCH``)."""
+    if WIDTH == 8:
+        val = tl.load(book_ptr + slot, mask=ok, other=0.0)
+    else:
+        val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)
+    val = val[:, None]  # [QG, 1]
+    if ZERO_ROW:  # masked slots read the zero row K
+        off = (tl.where(ok, col, K).to(tl.uint32, bitcast=True).to(tl.int64) * row_elems)[:, None]
+    else:
+        off = (col.to(tl.int64) * row_elems)[:, None]
+    ok = ok[:, None]
+    acc0 = _csr_chunk(acc0, a_ptrs, off, ok, val, ZERO_ROW, 0, NCH, VEC)
+    acc1 = _csr_chunk(acc1, a_ptrs, off, ok, val, ZERO_ROW, 1, NCH, VEC)
+    acc2 = _csr_chunk(acc2, a_ptrs, off, ok, val, ZERO_ROW, 2, NCH, VEC)
+    acc3 = _csr_chunk(acc3, a_ptrs, off, ok, val, ZERO_ROW, 3, NCH, VEC)
+    acc4 = _csr_chunk(acc4, a_ptrs, off, ok, val, ZERO_ROW, 4, NCH, VEC)
+    acc5 = _csr_chunk(acc5, a_ptrs, off, ok, val, ZERO_ROW, 5, NCH, VEC)
+    acc6 = _csr_chunk(acc6, a_ptrs, off, ok, val, ZERO_ROW, 6, NCH, VEC)
+    acc7 = _csr_chunk(acc7, a_ptrs, off, ok, val, ZERO_ROW, 7, NCH, VEC)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _split4(t):
+    """The four columns ``[QG]`` of ``t [QG, 4]`` (each thread holds a whole row: no data movement)."""
+    a, b = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))  # columns (0, 2) and (1, 3)
+    t0, t2 = tl.split(a)
+    t1, t3 = tl.split(b)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _column(c):
+    """int32 column indices of loaded ``c`` (int16 ones zero-extended: a negative index is ``>= 2^15 >= K``)."""
+    if c.dtype == tl.int16:
+        c = c.to(tl.uint16, bitcast=True).to(tl.int32)
+    return c
+
+
+@triton.jit
+def _csr_store(
+    acc,
+    c: tl.constexpr,
+    t_off,
+    t_ok,
+    t_val,
+    a_ptr,
+    out_ptr,
+    stride_om,
+    e_ptr,
+    stride_em,
+    bias_ptr,
+    M,
+    N,
+    m0,
+    pid_r,
+    INIT: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ZERO_ROW: tl.constexpr,
+    NCH: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    G: tl.constexpr,
+):
+    """``out[m, rows] (+)= sum_j acc + tail`` for chunk ``c`` (``acc [BR * BJ / G, VEC]``, rows ``m = m0 + c VEC
+    + v``); the tail: the ``[BR, G]`` slots past the last whole ``G``-group of the streams (``t_off``, ...)."""
+    if c < NCH:
+        acc2 = tl.sum(tl.reshape(acc, (BLOCK_R, BLOCK_J // G, VEC)), axis=1)  # [BR, VEC]
+        v = tl.arange(0, VEC)[None, None, :]  # [1, 1, VEC]
+        if ZERO_ROW:
+            a = tl.load(a_ptr + m0 + c * VEC + v + t_off[:, :, None])  # [BR, G, VEC]
+        else:
+            a = tl.load(a_ptr + m0 + c * VEC + v + t_off[:, :, None], mask=t_ok[:, :, None], other=0.0)
+        acc2 += tl.sum(a.to(tl.float32) * t_val[:, :, None], axis=1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BR, 1]
+        rm = m0 + c * VEC + tl.arange(0, VEC)[None, :]  # [1, VEC]
+        rm64 = rm.to(tl.int64)
+        ptrs = out_ptr + rm64 * stride_om + rows  # [BR, VEC]
+        mask = (rm < M) & (rows < N)
+        if INIT:
+            if HAS_BIAS:
+                acc2 += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            if HAS_ADDEND:
+                acc2 += tl.load(e_ptr + rm64 * stride_em + rows, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc2 += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _csr_mm_kernel(
     out_ptr,
     stride_om,
     M,
     N,
     a_ptr,
-    stride_am,
-    stride_ak,
+    stride_akv,
     K,
     indptr_ptr,
     indices_ptr,
@@ -366,7 +498,9 @@ def _csr_mm_kernel(
     INIT: tl.constexpr,
     HAS_ADDEND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ZERO_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -374,11 +508,27 @@ def _csr_mm_kernel(
 
     One program: ``BLOCK_M`` rows of ``A``/``out`` times ``BLOCK_R`` rows of ``S``; it owns those
     output elements (plain read-modify-write, no atomics). ``INIT``: write ``E + bias + ...``
-    instead of adding to ``out`` (the first launch of a stage, no zero fill). Out-of-range
-    indices are masked. The column indices of chunk ``j + 1`` are loaded while chunk ``j``
-    gathers its activations (a register prefetch: 2-byte indices cannot use ``cp.async``), so each
-    iteration waits on one load latency, not two in a chain.
+    instead of adding to ``out`` (the first launch of a stage, no zero fill).
+
+    ``a_ptr`` is ``A^T [K (+ 1), Mp]`` row-major, row stride ``stride_akv * VEC`` elements (``Mp``, a
+    multiple of ``VEC``); ``ZERO_ROW``: ``Mp`` is a multiple of ``BLOCK_M`` (columns ``M .. Mp`` are
+    padding, read but never stored) and row ``K`` is zeros, where every slot past its row's end or
+    with a column outside ``[0, K)`` points, so the activation gather needs no mask. Else the gather is
+    masked (``BLOCK_M`` must then be ``VEC``).
+
+    A thread owns ``G = 4`` consecutive nonzero slots of one row, aligned to a multiple of 4 in the
+    streams (slots before the row's start or past its end are masked): their column indices and 8-bit
+    codes are one vector load each (8 / 4 bytes), their codebook entries one load per nonzero, and each
+    nonzero's ``BLOCK_M`` activations ``BLOCK_M / VEC`` (at most 8) aligned vectors of ``VEC`` (16 bytes:
+    8 fp16), each chunk with its own ``[BLOCK_R * BLOCK_J / G, VEC]`` accumulator. Nonzeros past the last
+    whole group of the streams (fewer than 4) are a tail, added after the loop. The column indices of
+    chunk ``j + 1`` are loaded while chunk ``j`` gathers (a register prefetch), so an iteration waits on
+    one load latency, not two in a chain.
     """
+    NCH: tl.constexpr = BLOCK_M // VEC
+    G: tl.constexpr = 4
+    tl.static_assert(BLOCK_M % VEC == 0 and NCH <= 8 and (ZERO_ROW or NCH == 1) and BLOCK_J % G == 0)
+    QG: tl.constexpr = BLOCK_R * BLOCK_J // G
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
@@ -386,42 +536,85 @@ def _csr_mm_kernel(
     # a corrupt pointer is clamped to the streams once per row, so one compare per nonzero masks it
     start = tl.maximum(tl.load(indptr_ptr + rows, mask=row_ok, other=0), 0)
     end = tl.minimum(tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0), nnz)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    m_ok = rm < M
-    rm64 = rm.to(tl.int64)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_J), dtype=tl.float32)  # reduced over j once, after the loop
-    # every per-nonzero tensor is built as [1, BR, BJ], the accumulator's rank (fewer instructions per nonzero
-    # in the compiled loop than [BR, BJ] tensors expanded before the multiply: bench/gemm_issue.py)
-    rj = tl.arange(0, BLOCK_J)[None, None, :]  # [1, 1, BJ]
-    st = start[None, :, None]  # [1, BR, 1]
-    en = end[None, :, None]
-    longest = tl.max(end - start, axis=0)
-    jn = st + rj  # [1, BR, BJ]: the first chunk's column indices, loaded ahead
-    col_next = tl.load(indices_ptr + jn, mask=jn < en, other=0)
+    nnz_v = nnz - nnz % G  # whole groups: the vector loads never pass it
+    longest = tl.max(end - (start // G) * G, axis=0)
+    stq = tl.reshape(tl.broadcast_to(start[:, None], (BLOCK_R, BLOCK_J // G)), (QG,))  # [QG]: thread q's row
+    enq = tl.reshape(tl.broadcast_to(tl.minimum(end, nnz_v)[:, None], (BLOCK_R, BLOCK_J // G)), (QG,))
+    base = (stq // G) * G + (tl.arange(0, QG) % (BLOCK_J // G)) * G  # [QG]: its first group, a multiple of G
+    # a slot is in its row when its position relative to the row start, as unsigned, is below the row's length
+    # (one compare: a slot before the start is negative, so huge)
+    rel0 = base - stq  # [QG]
+    lenq = tl.maximum(enq - stq, 0).to(tl.uint32, bitcast=True)[:, None]  # [QG, 1]
+    rg = tl.arange(0, G)[None, :]  # [1, G]
+    m0 = pid_m * BLOCK_M
+    a_ptrs = a_ptr + m0 + tl.arange(0, VEC)[None, :]  # [1, VEC]
+    # elements per row of A^T (a multiple of VEC); with ZERO_ROW, offsets are products of two zero-extended
+    # 32-bit values (one wide multiply, not a 64 x 64 one)
+    row_elems = tl.full((), stride_akv * VEC, tl.uint32).to(tl.int64)
+    acc0 = tl.zeros((QG, VEC), dtype=tl.float32)  # one accumulator per chunk, reduced over j after the loop
+    acc1 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc2 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc3 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc4 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc5 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc6 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc7 = tl.zeros((QG, VEC), dtype=tl.float32)
+    codes_ptr = words_ptr.to(tl.pointer_type(tl.uint8))  # 8-bit codes: byte j of the stream
+    cols_next = tl.load(indices_ptr + (base[:, None] + rg), mask=(base < enq)[:, None], other=0)  # [QG, G]
     for j0 in range(0, longest, BLOCK_J):
-        jj = st + j0 + rj  # [1, BR, BJ]
-        col = col_next.to(tl.int32)
-        jn = jj + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
-        col_next = tl.load(indices_ptr + jn, mask=jn < en, other=0)
-        ok = (jj < en) & (col.to(tl.uint32, bitcast=True) < K)  # (a negative column is >= K unsigned)
-        val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)  # [1, BR, BJ]
-        a = tl.load(
-            a_ptr + rm64[:, None, None] * stride_am + col.to(tl.int64) * stride_ak,
-            mask=m_ok[:, None, None] & ok,
-            other=0.0,
-        )  # [BM, BR, BJ]
-        acc3 += a.to(tl.float32) * val
-    acc = tl.sum(acc3, axis=2)  # [BM, BR]
-    ptrs = out_ptr + rm64[:, None] * stride_om + rows[None, :]
-    mask = m_ok[:, None] & row_ok[None, :]
-    if INIT:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_ADDEND:
-            acc += tl.load(e_ptr + rm64[:, None] * stride_em + rows[None, :], mask=mask, other=0.0).to(tl.float32)
+        gb = base + j0  # [QG]
+        jj = gb[:, None] + rg  # [QG, G]
+        col = _column(cols_next)
+        gn = gb + BLOCK_J  # software pipelining: the next chunk's indices load while this one gathers
+        cols_next = tl.load(indices_ptr + (gn[:, None] + rg), mask=(gn < enq)[:, None], other=0)
+        rel = (rel0 + j0)[:, None] + rg  # [QG, G]
+        # (a negative column is >= K unsigned)
+        ok = (rel.to(tl.uint32, bitcast=True) < lenq) & (col.to(tl.uint32, bitcast=True) < K)
+        if WIDTH == 8:  # the group's 4 codes in one load; past the codebook reads its last level
+            code = tl.load(codes_ptr + jj, mask=(gb < enq)[:, None], other=0).to(tl.int32)
+            slot = tl.minimum(code + 1, book_len - 1)
+        else:  # unpacked per nonzero (_dequant)
+            slot = jj
+        c0, c1, c2, c3 = _split4(col)
+        o0, o1, o2, o3 = _split4(ok)
+        j0_, j1_, j2_, j3_ = _split4(jj)
+        s0, s1, s2, s3 = _split4(slot)
+        args = (words_ptr, book_ptr, book_len, K, row_elems)
+        accs = (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _csr_nonzero(
+            *accs, a_ptrs, c0, o0, j0_, s0, *args, WIDTH, ZERO_ROW, NCH, VEC
+        )
+        accs = (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _csr_nonzero(
+            *accs, a_ptrs, c1, o1, j1_, s1, *args, WIDTH, ZERO_ROW, NCH, VEC
+        )
+        accs = (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _csr_nonzero(
+            *accs, a_ptrs, c2, o2, j2_, s2, *args, WIDTH, ZERO_ROW, NCH, VEC
+        )
+        accs = (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _csr_nonzero(
+            *accs, a_ptrs, c3, o3, j3_, s3, *args, WIDTH, ZERO_ROW, NCH, VEC
+        )
+    # the tail: each row's nonzeros in [nnz_v, nnz) (fewer than G), scalar loads
+    tj = tl.maximum(start, nnz_v)[:, None] + rg  # [BR, G]
+    t_ok = tj < end[:, None]
+    t_col = _column(tl.load(indices_ptr + tj, mask=t_ok, other=0))
+    t_ok = t_ok & (t_col.to(tl.uint32, bitcast=True) < K)
+    t_val = _dequant(words_ptr, book_ptr, book_len, tj, t_ok, WIDTH, 1)  # [BR, G]
+    if ZERO_ROW:
+        t_off = tl.where(t_ok, t_col, K).to(tl.int64) * row_elems
     else:
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        t_off = t_col.to(tl.int64) * row_elems
+    st = (t_off, t_ok, t_val, a_ptr, out_ptr, stride_om, e_ptr, stride_em, bias_ptr, M, N, m0, pid_r)
+    _csr_store(acc0, 0, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc1, 1, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc2, 2, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc3, 3, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc4, 4, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc5, 5, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc6, 6, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc7, 7, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
 
 
 @triton.jit

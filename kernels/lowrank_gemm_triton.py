@@ -68,6 +68,7 @@ __all__ = [
     "TARGET_PROGRAMS",
     "atmc_decode_triton",
     "csr_block_m",
+    "csr_operand",
     "atmc_linear_triton",
     "decode_launch",
     "linear_launch",
@@ -101,11 +102,13 @@ TILE_LARGE_CONFIGS = [  # no spills on Triton 3.6 and 3.8 (<= 16 decoded codes p
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, GROUP_M=8, num_stages=4),
 ]
-# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 4, "wide" for BLOCK_M 16 and 32
+# CSR kernel tiles [BLOCK_M, BLOCK_R, BLOCK_J]: "narrow" for BLOCK_M <= 8, "wide" for BLOCK_M 16 and 32
 # (narrow: BLOCK_R <= 16, so a 4096-row factor gives >= 256 programs, two per SM)
 CSR_NARROW_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj, num_stages=4) for br, bj in ((16, 64), (8, 128), (4, 128))]
-# (wide: 3.5-3.9 warp instructions per nonzero slot at M = 16 in the compiled loop, sm_90; (8, 16) took 15)
-CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((2, 64), (4, 64), (8, 32))]
+# (a thread owns 4 consecutive slots: BLOCK_R x BLOCK_J >= 4 x 32 x num_warps keeps every thread busy; wide:
+# 1.69-1.73 warp instructions per nonzero slot at BLOCK_M = 16 in the compiled loop, sm_90, against 6.2 for
+# (4, 64) and 8.5 for (2, 128), where threads would repeat other threads' work)
+CSR_WIDE_CONFIGS = [_cfg(BLOCK_R=br, BLOCK_J=bj) for br, bj in ((4, 128), (8, 64), (2, 256))]
 # Fixed tiles: Triton's interpreter (CPU tensors: nothing to tune), epilogue-only launches, tests.
 FIXED_CONFIG = {
     "tile_small": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1},
@@ -192,12 +195,12 @@ def _pow2(n: int) -> int:
 
 
 def csr_block_m(M: int) -> int:
-    """Rows of activations one CSR program takes: ``pow2(M)`` up to 4, then 16, then 32-row chunks.
+    """Rows of activations one CSR program takes: ``pow2(M)`` up to 16, then 32-row chunks.
 
-    (Compiled for sm_90, the 8-row kernel issues 5.4 warp instructions per nonzero, more than the
-    16-row one's 3.5: ``python -m bench.gemm_issue``.)
+    (Compiled for sm_90, a thread owns whole nonzeros, so the cost per nonzero grows with the rows it
+    multiplies: 1.09 warp instructions at 8 rows, 1.72 at 16: ``python -m bench.gemm_issue``.)
     """
-    return _pow2(M) if M <= 4 else 16 if M <= 16 else 32
+    return _pow2(M) if M <= 16 else 32
 
 
 def split_k(M: int, N: int, K_total: int, block_n: int = 64, block_k: int = 64) -> int:
@@ -337,6 +340,24 @@ def _tile_launch(
     wrap_triton(_tile_kernel)[grid](**args, **consts)
 
 
+def csr_operand(a: Tensor) -> Tensor:
+    """The activations of :func:`_csr_mm_kernel`: ``a [M, K]`` itself when ``M == 1`` (a ``[K]`` view), else
+    ``A^T`` padded to ``[K + 1, Mp]`` (``Mp``: ``M`` rounded up to :func:`csr_block_m`), the padding zeros.
+
+    Row ``K`` (zeros) is where the kernel points every masked slot, and ``Mp`` columns let it gather
+    ``BLOCK_M`` activations per nonzero without a mask (one copy of ``a``, as the plain transpose was).
+    """
+    M = a.shape[0]
+    if M == 1:
+        return a.reshape(-1)
+    return torch.nn.functional.pad(a.t(), (0, _csr_cols(M) - M, 0, 1))  # one copy: [K + 1, Mp], contiguous
+
+
+def _csr_cols(M: int) -> int:
+    """``Mp``: columns of :func:`csr_operand`'s ``A^T`` (``M`` rounded up to a multiple of ``csr_block_m(M)``)."""
+    return -(-M // csr_block_m(M)) * csr_block_m(M)
+
+
 def _csr_launch(
     out: Tensor,
     a_t: Tensor,
@@ -347,20 +368,24 @@ def _csr_launch(
     addend: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> None:
-    """``out += a deq(f)^T`` for a CSR factor ``f [N, K]`` and ``a_t = a^T [K, M]`` contiguous (``init``:
+    """``out += a deq(f)^T`` for a CSR factor ``f [N, K]`` and ``a_t = csr_operand(a)`` (``init``:
     ``out = addend + bias + a deq(f)^T``). With ``M`` contiguous, the ``BLOCK_M`` activations one
-    nonzero multiplies are one coalesced read."""
+    nonzero multiplies are one or a few 16-byte vector reads."""
     M, N = out.shape
-    a_arg, stride_am, stride_ak, block_m = a_t, 1, M, csr_block_m(M)
+    block_m = csr_block_m(M)
+    zero_row = M > 1
+    vec = min(block_m, 16 // a_t.element_size())  # activations per vector load (16 bytes at most)
+    mp = _csr_cols(M) if zero_row else 1
+    if a_t.shape != ((f.cols + 1, mp) if zero_row else (f.cols,)) or not a_t.is_contiguous():
+        raise ValueError(f"_csr_launch: a_t {tuple(a_t.shape)} is not csr_operand(a) for M = {M}, K = {f.cols}")
     book, book_len, _ = _book_args(f)
     args = {
         "out_ptr": out,
         "stride_om": out.stride(0),
         "M": M,
         "N": N,
-        "a_ptr": a_arg,
-        "stride_am": stride_am,
-        "stride_ak": stride_ak,
+        "a_ptr": a_t,
+        "stride_akv": mp // vec,
         "K": f.cols,
         "indptr_ptr": f.indptr,
         "indices_ptr": f.indices,
@@ -376,7 +401,9 @@ def _csr_launch(
         "INIT": init,
         "HAS_ADDEND": init and addend is not None,
         "HAS_BIAS": init and bias is not None,
+        "ZERO_ROW": zero_row,
         "BLOCK_M": block_m,
+        "VEC": vec,
     }
     meta = (config or {}).get("csr")
     if meta is None and out.device.type != "cpu":
@@ -388,6 +415,8 @@ def _csr_launch(
         wrap_triton(kernel)[grid](**args)
         return
     meta = {**FIXED_CONFIG["csr"], **(meta or {})}
+    if meta["BLOCK_J"] % 4:
+        raise ValueError(f"_csr_launch: BLOCK_J must be a multiple of 4 (a thread's slot group), got {meta['BLOCK_J']}")
     grid = (triton.cdiv(N, meta["BLOCK_R"]), triton.cdiv(M, block_m))
     wrap_triton(_csr_mm_kernel)[grid](**args, **meta)
 
@@ -420,9 +449,9 @@ def _packed_matmul(
     gather = bool(cfg.get("book_gather", False))
     a_t: dict[int, Tensor] = {}
 
-    def transposed(a: Tensor) -> Tensor:  # one [K, M] copy per activation (x, t), shared by its CSR factors
+    def transposed(a: Tensor) -> Tensor:  # one [K + 1, Mp] copy per activation (x, t), shared by its CSR factors
         if id(a) not in a_t:
-            a_t[id(a)] = a.reshape(-1) if M == 1 else a.t().contiguous()
+            a_t[id(a)] = csr_operand(a)
         return a_t[id(a)]
 
     if small and tile:  # split-K: float32 partials per split, summed in a fixed order (deterministic)

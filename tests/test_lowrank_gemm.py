@@ -469,7 +469,8 @@ def test_odd_shapes_and_configs(device, M, N, K, r, identity, fmts, bits, raw, d
     tile |= (
         {"SPLIT_K": data.draw(st.sampled_from([1, 2, 3, 8]))} if small else {"BLOCK_M": data.draw(block), "SPLIT_K": 1}
     )
-    csr = {"BLOCK_R": data.draw(st.sampled_from([1, 4, 16])), "BLOCK_J": data.draw(st.sampled_from([1, 8, 32]))}
+    # (BLOCK_J 4: one 4-slot group per row and iteration, the kernel's smallest)
+    csr = {"BLOCK_R": data.draw(st.sampled_from([1, 4, 16])), "BLOCK_J": data.draw(st.sampled_from([4, 8, 32]))}
     config = {
         "tile": tile,
         "csr": csr,
@@ -551,7 +552,7 @@ def _sanitized(fmt, rows, cols, codes, book, indptr, indices, levels):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("M", [1, 40])
+@pytest.mark.parametrize("M", [1, 3, 6, 9, 40])  # CSR BLOCK_M 1 (masked gather), 4, 8, 16, 32 (zero-row gather)
 def test_corrupt_data_is_clamped_and_masked_in_the_kernels(device, M):
     """The kernels' second line of defence, pinned by value. Codebooks and ``x`` are prefixes of larger
     buffers holding large values, so an unclamped code or an unmasked column reads them and shows."""
@@ -619,11 +620,31 @@ def test_corrupt_row_pointers_are_clamped_to_the_streams(device, bits):
     _, b, _, r, facs = layer_case(1, n, K, 4, IDENTITY_NONE, (FMT_EMPTY, FMT_EMPTY, FMT_EMPTY), seed=11)
     facs = [*facs[:2], (FMT_CSR, codes, book, p, indices)]
     facs = [tuple(t.to(device) if torch.is_tensor(t) else t for t in fa) for fa in facs]
-    for M in (1, 40):
+    for M in (1, 3, 6, 9, 40):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
         want = x.double() @ C.T + b.double()
         got = run_kernel(x.to(device), b.to(device), n, r, IDENTITY_NONE, facs).cpu().double()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_csr_operand_layout_and_launch_check(dtype):
+    """The CSR kernel's activations: ``x^T`` padded with zero columns to a multiple of ``csr_block_m(M)`` and a
+    zero row ``K`` (where masked slots point); ``M = 1`` is ``x`` itself. A plain transpose is refused."""
+    for M, mp in ((1, None), (2, 2), (3, 4), (5, 8), (9, 16), (16, 16), (17, 32), (40, 64)):
+        x = torch.randn(M, 7).to(dtype)
+        a_t = lt.csr_operand(x)
+        if mp is None:
+            assert a_t.shape == (7,) and torch.equal(a_t, x[0])
+            continue
+        assert a_t.shape == (8, mp) and a_t.is_contiguous() and torch.equal(a_t[:7, :M], x.t())
+        assert not a_t[:, M:].any() and not a_t[7].any()
+    x, b, n, r, facs = layer_case(3, 5, 7, 2, IDENTITY_NONE, (FMT_EMPTY, FMT_EMPTY, FMT_CSR))
+    f = lt._Factor(*facs[2][:1], n, 7, *facs[2][1:])
+    with pytest.raises(ValueError, match="csr_operand"):
+        lt._csr_launch(torch.zeros(3, n), x.t().contiguous(), f, True, {"csr": lt.FIXED_CONFIG["csr"]})
+    with pytest.raises(ValueError, match="multiple of 4"):
+        lt._csr_launch(torch.zeros(3, n), lt.csr_operand(x), f, True, {"csr": {"BLOCK_R": 4, "BLOCK_J": 6}})
 
 
 @pytest.mark.parametrize("device", DEVICES)
