@@ -84,7 +84,7 @@ def _scan_terms(sorted_ptr, starts_ptr, n, BLOCK: tl.constexpr):
     else:
         x = tl.load(sorted_ptr + p, mask=inb, other=0.0)
         first = tl.load(starts_ptr + p, mask=inb, other=0) != 0
-    prev = tl.load(sorted_ptr + p - 1, mask=p > 0, other=0.0)  # (the same lines: L1)
+    prev = tl.load(sorted_ptr + p - 1, mask=inb & (p > 0), other=0.0)  # (the same lines: L1)
     xf = tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0).to(tl.float64)
     new = inb & (x != 0) & (first | (x != prev))
     return xf * xf, new.to(tl.int32)
