@@ -35,7 +35,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["OPTION_KEYS", "cache_root", "compile_specs", "describe", "record_launches", "spec_id", "unique_specs"]
+__all__ = [
+    "OPTION_KEYS",
+    "cache_root",
+    "compile_kernel",
+    "compile_specs",
+    "describe",
+    "record_launches",
+    "spec_id",
+    "unique_specs",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -277,6 +286,25 @@ def _cpu_s(resource) -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def compile_kernel(spec: dict, arch: int):
+    """The ``CompiledKernel`` of one recorded spec for ``sm_<arch>`` with the Triton on ``sys.path``
+    (no GPU needed; ``kernel.asm["cubin"]`` holds the SASS)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _jit_function(spec)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {k: _arg_value(v) for k, v in spec["args"].items()}
+    opts = {**spec["options"], "debug": False}
+    bound, specialization, options = binder(**kwargs, **opts)
+    options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
 def _compile_one(job: tuple[dict, int, str, bool, str]) -> dict:
     spec, arch, cache, analyze, tools = job
     arch = spec.get("arch", arch)
@@ -284,9 +312,6 @@ def _compile_one(job: tuple[dict, int, str, bool, str]) -> dict:
     import time
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     try:
         fn = _jit_function(spec)
@@ -298,14 +323,7 @@ def _compile_one(job: tuple[dict, int, str, bool, str]) -> dict:
             if "compile_cpu_s" in cached and (not analyze or "loop" in cached.get("sass", {})):
                 return {**cached, "cached": True}
         t0, c0 = time.perf_counter(), _cpu_s(resource)
-        target = GPUTarget("cuda", arch, 32)
-        backend = make_backend(target)
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
-        kwargs = {k: _arg_value(v) for k, v in spec["args"].items()}
-        opts = {**spec["options"], "debug": False}
-        bound, specialization, options = binder(**kwargs, **opts)
-        options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, specialization, options)
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        kernel = compile_kernel(spec, arch)
         res = {"ok": True, "triton": triton.__version__, "arch": arch}
         res |= {"compile_s": time.perf_counter() - t0, "compile_cpu_s": _cpu_s(resource) - c0}
         if analyze:

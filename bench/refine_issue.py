@@ -75,21 +75,11 @@ def classify(found: list[dict]) -> dict:
 def compile_one(spec_path: str) -> dict:
     """Compile the recorded spec with the Triton on ``sys.path`` (run in a subprocess)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     from bench import aot
 
     spec = json.loads(Path(spec_path).read_text())
-    fn = aot._jit_function(spec)
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    opts = {**spec["options"], "debug": False}
-    bound, special, options = binder(**{k: aot._arg_value(v) for k, v in spec["args"].items()}, **opts)
-    options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, special, options)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    kernel = aot.compile_kernel(spec, 90)
     fig = aot._sass_figures(kernel.asm["cubin"], str(Path(triton.__file__).parent / "backends/nvidia/bin"))
     tools = Path(aot._tools() or Path(triton.__file__).parent / "backends/nvidia/bin")
     cubin = Path(spec_path).with_suffix(".cubin")

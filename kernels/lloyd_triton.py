@@ -155,10 +155,9 @@ def _iterate(F, Keff, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, 
 
 
 @triton.jit
-def _segment_head(bits_ptr, offsets_ptr, sorted_ptr, ALL_BITS: tl.constexpr, NBITS: tl.constexpr):
-    """This program's problem: ``(b, prob, K, start, end, steps, zlo, zhi)``: bits, problem index (segment,
-    or segment x bits when ``ALL_BITS``), free centres, the segment's range, the halving-search steps
-    that settle it, and the range ``[zlo, zhi)`` of its zeros in the sorted buffer."""
+def _problem(bits_ptr, ALL_BITS: tl.constexpr, NBITS: tl.constexpr):
+    """This program's ``(seg, b, prob, K)``: segment, bits, problem index (segment, or segment x bits when
+    ``ALL_BITS``: grid ``(S, NBITS)``, bits ``program_id(1) + 1``) and free centres ``2**b``."""
     seg = tl.program_id(0)
     if ALL_BITS:
         b = tl.program_id(1) + 1
@@ -167,6 +166,15 @@ def _segment_head(bits_ptr, offsets_ptr, sorted_ptr, ALL_BITS: tl.constexpr, NBI
         b = tl.load(bits_ptr + seg)
         prob = seg
     K = (b * 0 + 1) << b  # i32 scalar
+    return seg, b, prob, K
+
+
+@triton.jit
+def _segment_head(bits_ptr, offsets_ptr, sorted_ptr, ALL_BITS: tl.constexpr, NBITS: tl.constexpr):
+    """This program's problem: ``(b, prob, K, start, end, steps, zlo, zhi)``: bits, problem index (segment,
+    or segment x bits when ``ALL_BITS``), free centres, the segment's range, the halving-search steps
+    that settle it, and the range ``[zlo, zhi)`` of its zeros in the sorted buffer."""
+    seg, b, prob, K = _problem(bits_ptr, ALL_BITS, NBITS)
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
     steps = _search_steps(end - start)

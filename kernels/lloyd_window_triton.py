@@ -48,7 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lloyd_triton import _count_le, _search_steps, _segment_head  # shared with the Lloyd kernel
+from .lloyd_triton import _count_le, _problem, _search_steps, _segment_head  # shared with the Lloyd kernel
 
 __all__ = [
     "GT",
@@ -317,14 +317,10 @@ def fast_init_kernel(
         tl.store(bnd_ptr + bo + 1 + klane, bk, mask=kin)
         tl.store(bnd_ptr + bo, 0)
         tl.store(bnd_ptr + bo + K + 1, G.to(tl.int32))
-        tl.store(
-            state_ptr + prob * 4 + tl.arange(0, 4),
-            tl.where(
-                tl.arange(0, 4) == 0,
-                G.to(tl.int32),
-                tl.where(tl.arange(0, 4) == 1, za.to(tl.int32), tl.where(tl.arange(0, 4) == 2, zc, 1)),
-            ),
-        )
+        tl.store(state_ptr + prob * 4, G.to(tl.int32))
+        tl.store(state_ptr + prob * 4 + 1, za.to(tl.int32))
+        tl.store(state_ptr + prob * 4 + 2, zc)
+        tl.store(state_ptr + prob * 4 + 3, 1)  # refine
         tl.store(exact_ptr + prob, 0)
 
 
@@ -370,14 +366,7 @@ def fast_refine_kernel(
     backpointer from a prefetched row in registers, so neither chain waits on memory.
     """
     tl.static_assert(NCP <= 32)
-    seg = tl.program_id(0)
-    if ALL_BITS:
-        prob = seg * NBITS + tl.program_id(1)
-        K = 2 << tl.program_id(1)
-    else:
-        prob = seg
-        b = tl.load(bits_ptr + seg)
-        K = (b * 0 + 1) << b
+    _, _, prob, K = _problem(bits_ptr, ALL_BITS, NBITS)
     so = prob * 4
     if tl.load(state_ptr + so + 3) != 0:
         G32 = tl.load(state_ptr + so)

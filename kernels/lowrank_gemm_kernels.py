@@ -136,6 +136,16 @@ def _bitmap_index(gp_ptr, bm_ptr, nnz, K, N, k0, kk, rn, GROUP: tl.constexpr, BL
 
 
 @triton.jit
+def _row_range(indptr_ptr, r, n_rows, nnz):
+    """``[start, end)`` of CSR rows ``r`` (rows past ``n_rows``: empty), clamped to the streams
+    ``[0, nnz)`` once per row, so one compare per nonzero masks a corrupt pointer."""
+    ok = r < n_rows
+    start = tl.maximum(tl.load(indptr_ptr + r, mask=ok, other=0), 0)
+    end = tl.minimum(tl.load(indptr_ptr + r + 1, mask=ok, other=0), nnz)
+    return start, end
+
+
+@triton.jit
 def _dequant(words_ptr, book_ptr, book_len, idx, mask, WIDTH: tl.constexpr, SLOT0: tl.constexpr):
     """float32 values of stored entries ``idx``: raw bit patterns (WIDTH 32) or ``book[code + SLOT0]``."""
     if WIDTH == 32:
@@ -532,10 +542,7 @@ def _csr_mm_kernel(
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    row_ok = rows < N
-    # a corrupt pointer is clamped to the streams once per row, so one compare per nonzero masks it
-    start = tl.maximum(tl.load(indptr_ptr + rows, mask=row_ok, other=0), 0)
-    end = tl.minimum(tl.load(indptr_ptr + rows + 1, mask=row_ok, other=0), nnz)
+    start, end = _row_range(indptr_ptr, rows, N, nnz)
     nnz_v = nnz - nnz % G  # whole groups: the vector loads never pass it
     longest = tl.max(end - (start // G) * G, axis=0)
     stq = tl.reshape(tl.broadcast_to(start[:, None], (BLOCK_R, BLOCK_J // G)), (QG,))  # [QG]: thread q's row
@@ -646,9 +653,7 @@ def _decode_kernel(
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     if FMT == 2:
-        row_ok = r < rows
-        start = tl.maximum(tl.load(indptr_ptr + r, mask=row_ok, other=0), 0)  # clamped to the streams
-        end = tl.minimum(tl.load(indptr_ptr + r + 1, mask=row_ok, other=0), nnz)
+        start, end = _row_range(indptr_ptr, r, rows, nnz)
         rj = tl.arange(0, BLOCK_C)
         for j0 in range(0, tl.max(end - start, axis=0), BLOCK_C):
             jj = start[:, None] + j0 + rj[None, :]  # [BR, BC]
