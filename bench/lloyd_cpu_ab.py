@@ -15,6 +15,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ def old_reference(rev: str):
     src = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     text = src[: src.index("def _lloyd_fake(")]
     text = text.replace("from ._registry import HAS_TRITON, register_op\n", "")
-    text = text.replace("from .lloyd_optimal import", "from atmc_triton.kernels.lloyd_optimal import")
+    text = re.sub(r"^from \.(\w+) import", r"from atmc_triton.kernels.\1 import", text, flags=re.M)
     path = Path(tempfile.mkdtemp()) / f"lloyd_{rev}.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(path.stem, path)

@@ -27,7 +27,9 @@ Centres are kept as float32 values (means are taken in float64 and rounded), so 
 assignment step is exact and the error never increases from one iteration to the next.
 Data is one dimensional, so each segment is sorted once; an iteration is then a boundary
 search over the sorted values plus prefix-sum differences: O(K log n), never an n x K
-distance matrix, and no host synchronisation (converged segments are frozen with masks).
+distance matrix, and no host synchronisation (converged segments are frozen with masks). On CPU
+the fits of a batch's segments run side by side (:mod:`.lloyd_batch`, numpy), since per segment
+an iteration of torch calls costs more than its arithmetic.
 
 Output layout, shared with the Triton kernel: ``codebook [S, 257]`` float32 with the zero
 centre in slot 0 and the free centres ascending in slots ``1..K`` (unused slots are 0);
@@ -45,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ._registry import HAS_TRITON, register_op
+from .lloyd_batch import fit_many, unique_ints
 from .lloyd_optimal import dp_partition
 from .lloyd_window import compand_init, refine_partition
 
@@ -72,6 +75,7 @@ PASS_RTOL = 1e-3  # ... and the relative gain below which a segment stops
 CHUNK_VALUES = 1 << 24  # the fast path batches segments up to this many values at a time
 LUT_PER_MID = 16  # CPU bucketing: lookup-table bins per midpoint ...
 LUT_MAX_STEPS = 8  # ... and the most midpoints a bin window may hold (else a binary search)
+Stats = tuple[Tensor, Tensor, Tensor]  # sorted nonzeros [m], float64 prefix sums [m + 1], sum of squares []
 
 
 def round_down_midpoints(c: Tensor) -> Tensor:
@@ -255,7 +259,7 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
     lin = np.linspace(lo, hi, G // 4 + 1)[1:-1]
     cub = np.linspace(np.cbrt(lo), np.cbrt(hi), G // 4 + 1)[1:-1] ** 3
     grid = np.searchsorted(s, np.concatenate([lin, cub]).astype(np.float32), side="right")
-    return np.unique(np.concatenate([[0, m], q, grid]))
+    return unique_ints(np.concatenate([[0, m], q, grid]))
 
 
 def _dp_init(s: Tensor, p1: Tensor, K: int) -> Tensor:
@@ -270,22 +274,54 @@ def _dp_init(s: Tensor, p1: Tensor, K: int) -> Tensor:
     return torch.from_numpy(means.astype(np.float32)).to(s.device)
 
 
-def _quantize_sorted(
-    s: Tensor, p1: Tensor, total_sq: Tensor, K: int, max_iter: int, tol: float, method: str, init: Tensor | None = None
-):
-    """Centres ``c [F+1]``, zero index and error of sorted nonzeros ``s`` (``m > K``) by ``method``
-    (``"fast"`` needs its refined init, from :func:`_fast_inits`)."""
+def _fits(items: list[Stats], frees: list[Tensor], max_iter: int, tol: float) -> list[tuple[Tensor, int, Tensor]]:
+    """:func:`_fit` of every ``(stats, free)`` pair; on CPU the finite segments run side by side
+    (:func:`~.lloyd_batch.fit_many`: one numpy call per step for all of them)."""
+    out: list = [None] * len(items)
+    batch = [j for j, (s, _, _) in enumerate(items) if s.device.type == "cpu" and bool(s[[0, -1]].isfinite().all())]
+    for j in sorted(set(range(len(items))) - set(batch)):  # non-finite (NaN errors) or not on CPU
+        out[j] = _fit(*items[j], frees[j], max_iter, tol)
+    if batch:
+        c, nneg, F, err = fit_many(
+            [items[j][0].numpy() for j in batch],
+            [items[j][1].numpy() for j in batch],
+            np.array([float(items[j][2]) for j in batch]),
+            [frees[j].numpy() for j in batch],
+            max_iter,
+            tol,
+        )
+        for r, j in enumerate(batch):
+            s, _, total_sq = items[j]
+            cr = torch.from_numpy(c[r, : F[r] + 1].copy())
+            e = torch.tensor(err[r], dtype=torch.float64)
+            if float(e) <= 1e-9 * float(total_sq):  # total - gain cancels: sum the squares directly
+                e = (s.double() - cr[torch.bucketize(s, round_down_midpoints(cr))].double()).square().sum()
+            out[j] = (cr, int(nneg[r]), e)
+    return out
+
+
+def _quantize_many(
+    items: list[Stats], K: int, max_iter: int, tol: float, method: str, inits: list[Tensor] | None = None
+) -> list[tuple[Tensor, int, Tensor]]:
+    """:func:`_quantize_sorted` of every segment's stats in ``items`` (each with ``m > K``), the Lloyd
+    fits side by side (:func:`_fits`); ``inits``: the fast path's, from :func:`_fast_inits`."""
     if method == "lloyd":
-        return _fit(s, p1, total_sq, _quantile_init(s, K), max_iter, tol)
+        return _fits(items, [_quantile_init(s, K) for s, _, _ in items], max_iter, tol)
     if method == "optimal":
-        return _fit(s, p1, total_sq, _dp_init(s, p1, K), 0, tol)
-    if init is None:
-        raise ValueError("_quantize_sorted: the fast method needs its init")
-    if init.numel() == 0:  # at most K distinct nonzeros: every one is a centre, exact
-        return _fit(s, p1, total_sq, torch.unique(s), 0, tol)
-    new = _fit(s, p1, total_sq, init, max_iter, tol)
-    old = _fit(s, p1, total_sq, _quantile_init(s, K), max_iter, tol)
-    return new if float(new[2]) <= float(old[2]) else old  # never worse than the legacy quantizer
+        return _fits(items, [_dp_init(s, p1, K) for s, p1, _ in items], 0, tol)
+    if inits is None:
+        raise ValueError("_quantize_many: the fast method needs its inits")
+    out: list = [None] * len(items)
+    exact = [j for j, init in enumerate(inits) if init.numel() == 0]  # <= K distinct nonzeros: all centres
+    for j, res in zip(exact, _fits([items[j] for j in exact], [torch.unique(items[j][0]) for j in exact], 0, tol)):
+        out[j] = res
+    rest = [j for j, init in enumerate(inits) if init.numel() > 0]
+    sub = [items[j] for j in rest]
+    new = _fits(sub, [inits[j] for j in rest], max_iter, tol)
+    old = _fits(sub, [_quantile_init(s, K) for s, _, _ in sub], max_iter, tol)
+    for j, a, b in zip(rest, new, old):
+        out[j] = a if float(a[2]) <= float(b[2]) else b  # never worse than the legacy quantizer
+    return out
 
 
 def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
@@ -299,7 +335,7 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
         if np.count_nonzero(sn[1:] != sn[:-1]) + 1 <= K:
             continue
         z = int(np.searchsorted(sn, 0.0))
-        bnd = np.union1d(atom_bounds(sn, K), [z])  # [G + 1]
+        bnd = unique_ints(np.append(atom_bounds(sn, K), z))  # [G + 1]
         s64 = sn.astype(np.float64)
         sq = np.add.reduceat(np.multiply(s64, s64, out=s64), bnd[:-1])  # [G] sums of squares per atom
         p2 = np.concatenate([[0.0], np.cumsum(sq)])  # [G + 1] at the atom boundaries
@@ -337,9 +373,6 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
     return out
 
 
-Stats = tuple[Tensor, Tensor, Tensor]  # sorted nonzeros [m], float64 prefix sums [m + 1], sum of squares []
-
-
 def _stat_batches(values: Tensor, bounds: list[int], chunk: int = CHUNK_VALUES):
     """Yield lists of ``(segment, stats)`` of the nonempty segments, up to ``chunk`` values a list."""
     batch: list[tuple[int, Stats]] = []
@@ -356,23 +389,22 @@ def _stat_batches(values: Tensor, bounds: list[int], chunk: int = CHUNK_VALUES):
         yield batch
 
 
-def _batch_inits(batch: list[tuple[int, Stats]], bits: dict[int, int], method: str) -> dict[int, Tensor]:
-    """The fast path's inits of a batch's segments with more than ``2**bits[i]`` nonzeros (side by side per K)."""
-    if method != "fast":
-        return {}
+def _batch_fits(
+    batch: list[tuple[int, Stats]], bits: dict[int, int], max_iter: int, tol: float, method: str
+) -> dict[int, tuple[Tensor, int, Tensor]]:
+    """:func:`_quantize_many` of a batch's segments with more than ``2**bits[i]`` nonzeros (side by side per b)."""
     out = {}
     for b in sorted({bits[i] for i, _ in batch}):
         todo = [(i, st) for i, st in batch if bits[i] == b and st[0].numel() > 2**b]
-        for (i, _), init in zip(todo, _fast_inits([(st[0], st[1]) for _, st in todo], 2**b)):
-            out[i] = init
+        inits = _fast_inits([(st[0], st[1]) for _, st in todo], 2**b) if method == "fast" else None
+        for (i, _), res in zip(todo, _quantize_many([st for _, st in todo], 2**b, max_iter, tol, method, inits)):
+            out[i] = res
     return out
 
 
-def _lloyd_segment(
-    x: Tensor, st: Stats, b: int, max_iter: int, tol: float, method: str, init, book: Tensor, codes: Tensor, q: Tensor
-) -> Tensor:
-    """Quantize one segment ``x [n]`` (its stats ``st``) into ``book [NUM_SLOTS]``, ``codes [n]``, ``q [n]``;
-    return its error."""
+def _lloyd_segment(x: Tensor, st: Stats, b: int, fit, book: Tensor, codes: Tensor, q: Tensor) -> Tensor:
+    """Quantize one segment ``x [n]`` (its stats ``st``; ``fit``: its :func:`_quantize_many` result when it
+    has more than ``2**b`` nonzeros) into ``book [NUM_SLOTS]``, ``codes [n]``, ``q [n]``; return its error."""
     s, p1, total_sq = st  # [m], [m + 1], []
     K = 2**b
     if s.numel() <= K:  # kept exactly
@@ -382,7 +414,7 @@ def _lloyd_segment(
         codes.copy_(torch.where(nzm, torch.searchsorted(uniq, x) + 1, 0))
         q.copy_(x)
         return x.new_zeros((), dtype=torch.float64)
-    c, nneg, err = _quantize_sorted(s, p1, total_sq, K, max_iter, tol, method, init)
+    c, nneg, err = fit
     F = c.numel() - 1
     book[1 : 1 + nneg] = c[:nneg]
     book[1 + nneg : 1 + F] = c[nneg + 1 :]
@@ -424,12 +456,11 @@ def lloyd_quantize_ref(
     q = torch.zeros_like(values)
     err = torch.zeros(S, dtype=torch.float32, device=values.device)
     bl = dict(enumerate(bits.tolist()))
-    for batch in _stat_batches(values, bounds, CHUNK_VALUES if method == "fast" else 1):
-        inits = _batch_inits(batch, bl, method)
+    for batch in _stat_batches(values, bounds, CHUNK_VALUES if method != "optimal" else 1):
+        fits = _batch_fits(batch, bl, max_iter, tol, method)
         for i, st in batch:
             a, b = bounds[i], bounds[i + 1]
-            x = values[a:b]
-            err[i] = _lloyd_segment(x, st, bl[i], max_iter, tol, method, inits.get(i), book[i], codes[a:b], q[a:b])
+            err[i] = _lloyd_segment(values[a:b], st, bl[i], fits.get(i), book[i], codes[a:b], q[a:b])
     return book, codes, q, err
 
 
@@ -452,12 +483,10 @@ def errors_for_bits_ref(values: Tensor, offsets: Tensor, max_iter: int, tol: flo
     bounds = _check_inputs(values, offsets, None, max_iter, tol, method)
     S = len(bounds) - 1
     err = torch.zeros(S, MAX_BITS, dtype=torch.float32, device=values.device)
-    for batch in _stat_batches(values, bounds, CHUNK_VALUES if method == "fast" else 1):
+    for batch in _stat_batches(values, bounds, CHUNK_VALUES if method != "optimal" else 1):
         for b in range(1, MAX_BITS + 1):
-            inits = _batch_inits(batch, dict.fromkeys(range(S), b), method)
-            for i, (s, p1, total_sq) in batch:
-                if s.numel() > 2**b:
-                    err[i, b - 1] = _quantize_sorted(s, p1, total_sq, 2**b, max_iter, tol, method, inits.get(i))[2]
+            for i, (_, _, e) in _batch_fits(batch, dict.fromkeys(range(S), b), max_iter, tol, method).items():
+                err[i, b - 1] = e
     return err
 
 

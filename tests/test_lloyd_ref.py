@@ -183,3 +183,46 @@ def test_cpu_bucketing_equals_torch_bucketize(case):
     x[500:600] = torch.nextafter(x[:100], torch.full((100,), float("inf")))
     x[600:700], x[700:800], x[800:900] = 0.0, 1e4, -1e4
     assert torch.equal(_bucket(x, mids), torch.bucketize(x, mids, out_int32=True))
+
+
+def _fit_item(x: torch.Tensor):
+    s = torch.sort(x[x != 0])[0]
+    return s, torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s.double(), 0)]), s.double().square().sum()
+
+
+@pytest.mark.parametrize("max_iter,tol", [(0, 0.0), (3, 0.0), (20, 1e-5), (20, 1e-2), (60, 0.0)])
+def test_batched_fits_equal_one_segment_fits(max_iter, tol):
+    """``_fits`` runs ragged segments side by side in numpy (padded to the most centres); each must equal
+    ``_fit`` alone: centres and zero slot exactly, the error to 1e-12 (only the sum's association differs).
+    The batch mixes sizes 7..5000, 1..256 free centres, one-sided and tied segments, an exact fit (error
+    0, the directly summed fallback), a NaN segment (not batched) and rows that stop at different steps."""
+    import atmc_triton.kernels.lloyd as L
+
+    g = torch.Generator().manual_seed(3)
+    xs = [
+        torch.randn(7, generator=g),
+        torch.randn(63, generator=g).abs() + 0.1,  # one-sided: the zero is slot 0
+        torch.randn(1000, generator=g) ** 3,
+        torch.distributions.Laplace(0.0, 1.0).sample((5000,)),
+        -torch.rand(300, generator=g) - 0.5,  # all negative: the zero is the last slot
+        torch.tensor([-1.13, 0.37, 2.71]).repeat(200),  # ties, fitted exactly (total - gain: -2e-13)
+        torch.randn(2000, generator=g),
+        torch.cat([torch.randn(50, generator=g), torch.tensor([float("nan")])]),
+    ]
+    items = [_fit_item(x) for x in xs]
+    frees = []
+    for (s, _, _), F in zip(items, (3, 1, 16, 256, 5, 3, 40, 4)):
+        pick = torch.randperm(s.numel(), generator=g)[:F] if F != 3 or s.numel() != 600 else None
+        frees.append(torch.unique(s) if pick is None else torch.unique(s[pick]))
+    got = L._fits(items, frees, max_iter, tol)
+    for item, free, (c, nneg, err) in zip(items, frees, got):
+        ref_c, ref_nneg, ref_err = L._fit(*item, free, max_iter, tol)
+        torch.testing.assert_close(c, ref_c, rtol=0, atol=0, equal_nan=True)  # bit for bit
+        assert nneg == ref_nneg
+        torch.testing.assert_close(err, ref_err, rtol=1e-12, atol=0, equal_nan=True)
+    assert float(got[5][2]) == 0.0 and bool(got[7][2].isnan())
+    if max_iter == 60:  # the finite rows froze at different steps (rows still moving while others are done)
+        stops = set()
+        for it, f, (c, *_) in list(zip(items, frees, got))[:7]:
+            stops.add(next(k for k in range(61) if torch.equal(L._fit(*it, f, k, tol)[0], c)))
+        assert len(stops) >= 4, stops

@@ -1,0 +1,106 @@
+"""Lloyd fits of many segments side by side on CPU (numpy): the reference's ``_fit`` batched.
+
+:func:`fit_many` runs the iteration of :func:`atmc_triton.kernels.lloyd._fit` (assign by the
+rounded-down midpoints, move the free centres to their cluster means in float64 rounded to float32,
+stop at a fixed point or once the relative drop of the squared error is ``<= tol``) for ``S``
+segments at once: one numpy operation on ``[S, F + 1]`` per step instead of one torch call per
+segment, which is what a fit of a mid-size segment costs (~50 us per iteration, nearly all call
+overhead). Rows with fewer free centres are padded with ``+inf`` centres that are never free and
+stay empty. Only the sum of the squared-error terms is associated differently (numpy's row sums
+instead of torch's), so an error can differ in its last bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["fit_many", "round_down_midpoints_np", "unique_ints"]
+
+
+def unique_ints(a: np.ndarray) -> np.ndarray:
+    """``np.unique`` of an integer array by one sort (numpy 2's hash-based ``unique`` costs ~20x more on the
+    few thousand atom bounds of a segment).
+
+    Example:
+        >>> unique_ints(np.array([3, 1, 3, 0])).tolist()
+        [0, 1, 3]
+    """
+    a = np.sort(a)
+    return a[np.concatenate([[True], a[1:] != a[:-1]])]
+
+
+def round_down_midpoints_np(c: np.ndarray) -> np.ndarray:
+    """Largest float32 ``<= (c[..., i] + c[..., i + 1]) / 2`` for float32 centres ``c [..., F + 1]``
+    ascending along the last axis (numpy twin of ``lloyd.round_down_midpoints``)."""
+    mid64 = (c[..., :-1].astype(np.float64) + c[..., 1:].astype(np.float64)) * 0.5  # exact for float32
+    mid32 = mid64.astype(np.float32)
+    return np.where(mid32.astype(np.float64) > mid64, np.nextafter(mid32, np.float32(-np.inf)), mid32)
+
+
+def fit_many(
+    s: list[np.ndarray], p1: list[np.ndarray], total_sq: np.ndarray, free: list[np.ndarray], max_iter: int, tol: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lloyd from ``free[r]`` (ascending float32 free centres) on every sorted finite segment ``s[r]``.
+
+    Args:
+        s: ``S`` arrays ``[m_r]`` float32, ascending, finite, nonzero; p1: their float64 prefix sums
+            ``[m_r + 1]``; total_sq: ``[S]`` float64 sums of squares; free: ``S`` arrays ``[F_r]``.
+    Returns:
+        ``c [S, Fmax + 1]`` float32 (row ``r``: its ``F_r + 1`` centres ascending with the pinned zero
+        at ``nneg[r]``, then ``+inf`` padding), ``nneg [S]``, ``F [S]`` and ``err [S]`` float64.
+
+    Example:
+        >>> s = [np.array([-2.0, 1.0, 1.2, 3.0], np.float32)]
+        >>> p1 = [np.concatenate([[0.0], np.cumsum(s[0], dtype=np.float64)])]
+        >>> c, nneg, F, err = fit_many(s, p1, np.array([15.44]), [np.array([1.0], np.float32)], 20, 0.0)
+        >>> c[0].tolist(), int(nneg[0])
+        ([0.0, 1.7333333492279053], 0)
+    """
+    S = len(s)
+    F = np.array([f.size for f in free], np.int64)
+    nneg = np.array([int(np.count_nonzero(f < 0)) for f in free], np.int64)
+    W = int(F.max()) + 1
+    col = np.arange(W)
+    is_free = (col != nneg[:, None]) & (col <= F[:, None])  # [S, W]
+    c = np.full((S, W), np.inf, np.float32)
+    for r, f in enumerate(free):
+        c[r, is_free[r]] = f
+    c[np.arange(S), nneg] = 0.0
+    m = np.array([x.size for x in s], np.int64)
+    P1 = np.concatenate(p1)  # all prefix sums back to back (no padding to the longest segment)
+    base = (np.cumsum(m + 1) - (m + 1))[:, None]  # [S, 1] where row r's start
+
+    def assign(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mids = round_down_midpoints_np(c)  # [S, W - 1]
+        hi = np.empty((S, W), np.int64)
+        for r in range(S):
+            hi[r, :-1] = np.searchsorted(s[r], mids[r], side="right")
+        hi[:, -1] = m  # cluster i is s[lo_i:hi_i]
+        lo = np.concatenate([np.zeros((S, 1), np.int64), hi[:, :-1]], 1)
+        return hi, hi - lo, P1[base + hi] - P1[base + lo]
+
+    def sse(c: np.ndarray, cnt: np.ndarray, s1: np.ndarray) -> np.ndarray:  # [S]
+        cd = c.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # inf padding: masked out
+            gain = np.where(is_free & (cnt > 0), 2 * cd * s1 - cnt * cd * cd, 0.0)
+        return total_sq - gain.sum(1)
+
+    prev_err = np.full(S, np.inf)
+    prev_hi = np.full((S, W), -1, np.int64)
+    done = np.zeros(S, bool)
+    for _ in range(max_iter):
+        if done.all():  # frozen rows change nothing: the remaining iterations are no-ops
+            break
+        hi, cnt, s1 = assign(c)
+        mean = np.where(cnt > 0, s1 / np.maximum(cnt, 1), c.astype(np.float64)).astype(np.float32)
+        new_c = np.where(is_free, mean, c)
+        err = sse(new_c, cnt, s1)
+        fixed = (hi == prev_hi).all(1)
+        with np.errstate(invalid="ignore"):  # tol * inf before the first error
+            small = np.isfinite(prev_err) & ((prev_err - err) <= tol * prev_err)
+        c = np.where(done[:, None], c, new_c)
+        done = done | fixed | small
+        prev_err = np.where(done, prev_err, err)
+        prev_hi = hi
+    hi, cnt, s1 = assign(c)
+    return c, nneg, F, sse(c, cnt, s1)
