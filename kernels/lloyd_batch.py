@@ -67,17 +67,18 @@ def fit_many(
         c[r, is_free[r]] = f
     c[np.arange(S), nneg] = 0.0
     m = np.array([x.size for x in s], np.int64)
-    P1 = np.concatenate(p1)  # all prefix sums back to back (no padding to the longest segment)
-    base = (np.cumsum(m + 1) - (m + 1))[:, None]  # [S, 1] where row r's start
 
     def assign(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mids = round_down_midpoints_np(c)  # [S, W - 1]
         hi = np.empty((S, W), np.int64)
-        for r in range(S):
+        s1 = np.empty((S, W))
+        for r in range(S):  # (ragged rows: no copy of the prefix sums into one array)
             hi[r, :-1] = np.searchsorted(s[r], mids[r], side="right")
-        hi[:, -1] = m  # cluster i is s[lo_i:hi_i]
+            hi[r, -1] = m[r]  # cluster i is s[lo_i:hi_i]
+            p = p1[r][hi[r]]
+            s1[r, 0], s1[r, 1:] = p[0], p[1:] - p[:-1]
         lo = np.concatenate([np.zeros((S, 1), np.int64), hi[:, :-1]], 1)
-        return hi, hi - lo, P1[base + hi] - P1[base + lo]
+        return hi, hi - lo, s1
 
     def sse(c: np.ndarray, cnt: np.ndarray, s1: np.ndarray) -> np.ndarray:  # [S]
         cd = c.astype(np.float64)
