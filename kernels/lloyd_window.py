@@ -181,6 +181,8 @@ def refine_partition(
             lowers its cost by at most ``rtol`` times the cost (0: once nothing moves).
     Returns:
         Refined ``B`` and ``zc`` and the number of passes run.
+    Raises:
+        ValueError: ``C``, ``P1``, ``P2`` not of one 2-D shape with ``B``'s rows; TypeError: not float64.
 
     Example:
         >>> s = np.array([-2.0, -1.9, 0.5, 3.0, 3.1, 3.2])
@@ -190,6 +192,12 @@ def refine_partition(
         >>> B.tolist(), zc.tolist()
         ([[0, 2, 3, 6]], [1])
     """
+    if not (C.ndim == 2 and C.shape == P1.shape == P2.shape and C.shape[0] == B.shape[0]):
+        raise ValueError(
+            f"C, P1, P2 must be [S, Gmax + 1] each, B [S, K + 2]: got {C.shape}, {P1.shape}, {P2.shape}, {B.shape}"
+        )
+    if not C.dtype == P1.dtype == P2.dtype == np.float64:
+        raise TypeError(f"C, P1, P2 must be float64, got {C.dtype}, {P1.dtype}, {P2.dtype}")
     B, zc = B.copy(), zc.copy()
     active = np.arange(B.shape[0])
     prev = np.full(B.shape[0], np.inf)

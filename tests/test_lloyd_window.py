@@ -165,3 +165,15 @@ def test_plain_formulation_cases_reach_every_edge():
     if not reached["cases"]:
         pytest.skip("run with the test above")
     assert EDGES <= set(reached), f"edges not reached: {EDGES - set(reached)}"
+
+
+def test_refine_partition_rejects_bad_prefix_arrays():
+    """Prefix arrays of another dtype or of unequal shapes are refused with a message, not misread."""
+    C, P1, P2, za, B, zc = problem(np.array([-2.0, -1.0, 1.0, 3.0], np.float32), 2, 0)
+    args = (np.array([4]), np.array([za]), B[None], np.array([zc]))
+    with pytest.raises(TypeError, match="C, P1, P2 must be float64"):
+        refine_partition(C[None].astype(np.float32), P1[None], P2[None], *args)
+    with pytest.raises(ValueError, match=r"\[S, Gmax \+ 1\]"):
+        refine_partition(C[None], P1[None, :-1], P2[None], *args)
+    with pytest.raises(ValueError, match=r"\[S, Gmax \+ 1\]"):
+        refine_partition(C, P1, P2, *args)  # 1-D
