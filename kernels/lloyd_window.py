@@ -73,52 +73,86 @@ def _pass(
     and cost ``[S]``.
 
     Cost matrices are laid out ``[S, next candidate, previous candidate]`` (reductions on the last axis).
+    A step computes ``free = max(s2 - s1 * s1 / max(n, 1), 0) + (inf where a > b)`` in float64 and
+    ``c = V + free``, then the ``argmin`` (ties and NaN: the first) and the minimum; the Triton kernel
+    reproduces these operations bit for bit, so their order and the tie-breaking are fixed. The arrays
+    are small (``[S, NC, NC]``), so numpy's per-call and per-inner-loop costs dominate: buffers are
+    allocated once per pass, operands are arrays (not scalars), the minimum is read back at the argmin.
     """
     S, T, NC = win.shape
-    rows = np.arange(S)[:, None]
-    Cw, S1w, S2w = (X[rows[:, :, None], win] for X in (C, P1, P2))  # [S, T, NC] each
+    rows = np.arange(S)
+    X = np.empty((3, T, S, NC))  # counts, sums and squares at every candidate (one step's: X[:, t])
+    at = np.ascontiguousarray((win + (rows * C.shape[1])[:, None, None]).transpose(1, 0, 2))  # [T, S, NC]
+    for q, P in enumerate((C, P1, P2)):
+        np.take(P, at, out=X[q])  # flat indices: 3x faster than a fancy gather
+    D = np.empty((3, S, NC, NC))  # n, s1, s2 of every (next, previous) pair
+    n, s1, s2 = D
+    free = s1  # s1 * s1 / n, then free, overwrite s1 (s2 stays for the zero cluster)
+    bad = np.empty((S, NC, NC))  # 0, or inf where a > b (a boundary before its predecessor)
+    ones = np.ones((S, NC, NC))  # np.maximum vectorises with an array operand, not with a scalar
+    infeasible = np.empty((S, NC, NC), bool)
+    c0, c1 = np.empty((S, NC, NC)), np.empty((S, NC, NC))  # V0 + free, V1 + free
+    cz = np.empty((S, NC, 2 * NC))  # [V1 + free | V0 + zero] where cluster t may be the zero cluster
+    a1 = np.empty((S, NC), np.intp)
+    base = np.arange(S * NC)  # rows of the flattened cost matrices
+    # a > b <=> n = C[b] - C[a] < 0 where the counts rise strictly up to the last candidate (counts of
+    # nonempty atoms always do): a compare on n instead of a broadcast one on the positions (7x dearer)
+    last = win.max((1, 2))[:, None]  # [S, 1]
+    rising = bool(np.all((np.diff(C, axis=1) > 0) | (np.arange(C.shape[1] - 1) >= last)))
     V0 = np.zeros((S, NC))  # best cost with the zero cluster not yet placed
     V1 = np.full((S, NC), np.inf)  # ... and already placed
-    A0 = np.zeros((S, T, NC), np.int32)
-    A1 = np.zeros((S, T, NC), np.int32)
-    Z = np.zeros((S, T, NC), bool)
+    A0 = np.zeros((T, S, NC), np.intp)  # argmins, [T, S, NC]: a step writes one contiguous block
+    A1 = np.zeros((T, S, NC), np.intp)
+    Z = np.zeros((T, S, NC), bool)
     zc = za[:, None, None]
     lo_t, hi_t = win.min(2), win.max(2)  # [S, T]
+    # V0 matters while the zero cluster may still start (a candidate at or before za); V1 once it may exist
+    need0 = (lo_t[:, 1:] <= za[:, None]).any(0).tolist()  # [T - 1], step t: boundary t + 1
+    may_zero = ((lo_t[:, :-1] <= za[:, None]) & (za[:, None] <= hi_t[:, 1:])).any(0).tolist()
+
+    def argmin(c: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[:] = c.argmin(2)``; returns ``c.min(2)`` ``[S, NC]``, read at the argmins (a gather of
+        ``S NC`` values instead of a second reduction; a NaN row gives NaN either way)."""
+        c.argmin(2, out=out)
+        return np.take(c, base * c.shape[2] + out.reshape(-1)).reshape(S, NC)
+
     for t in range(T - 1):
         a, b = win[:, t][:, None, :], win[:, t + 1][:, :, None]  # [S, 1, NC] previous, [S, NC, 1] next
-        n = Cw[:, t + 1][:, :, None] - Cw[:, t][:, None, :]  # [S, NC, NC]
-        s1 = S1w[:, t + 1][:, :, None] - S1w[:, t][:, None, :]
-        s2 = S2w[:, t + 1][:, :, None] - S2w[:, t][:, None, :]
-        bad = np.where(a <= b, 0.0, np.inf)  # a boundary before its predecessor
-        free = np.maximum(s2 - s1 * s1 / np.maximum(n, 1.0), 0.0) + bad  # (n = 0 has s1 = 0)
-        # V0 matters while the zero cluster may still start (a candidate at or before za); V1 once it may exist
-        need0 = bool(np.any(lo_t[:, t + 1] <= za))
-        if need0:
-            c0 = V0[:, None, :] + free
-            A0[:, t + 1] = c0.argmin(2)  # [S, NC]
-        if np.any((lo_t[:, t] <= za) & (za <= hi_t[:, t + 1])):  # cluster t may be the zero cluster
+        np.subtract(X[:, t + 1, :, :, None], X[:, t, :, None, :], out=D)
+        np.less(n, 0.0, out=infeasible) if rising else np.greater(a, b, out=infeasible)
+        bad.fill(0.0)
+        np.putmask(bad, infeasible, np.inf)
+        np.maximum(n, ones, out=n)  # (n = 0 has s1 = 0)
+        np.multiply(s1, s1, out=s1)
+        np.divide(s1, n, out=s1)
+        np.subtract(s2, s1, out=free)
+        # max(x, bad) = max(x, 0) + bad for bad in {0, inf}, NaN included (np.maximum propagates it); where
+        # x = -0 it may keep -0, which V + free turns into the same value (V >= +0 or inf or NaN)
+        np.maximum(free, bad, out=free)
+        if need0[t]:
+            np.add(V0[:, None, :], free, out=c0)
+        if may_zero[t]:  # cluster t may be the zero cluster
             zero = s2 + np.where((a <= zc) & (zc <= b), bad, np.inf)  # it holds the sign change
-            c1 = np.concatenate([V1[:, None, :] + free, V0[:, None, :] + zero], 2)  # [S, NC, 2 NC]
-            a1 = c1.argmin(2)
+            np.add(V1[:, None, :], free, out=cz[:, :, :NC])
+            np.add(V0[:, None, :], zero, out=cz[:, :, NC:])
+            V1 = argmin(cz, a1)
             use_z = a1 >= NC
-            A1[:, t + 1], Z[:, t + 1] = a1 - NC * use_z, use_z
-            V1 = c1.min(2)
+            A1[t + 1], Z[t + 1] = a1 - NC * use_z, use_z
         elif np.isfinite(V1).any():
-            c1 = V1[:, None, :] + free
-            A1[:, t + 1] = c1.argmin(2)
-            V1 = c1.min(2)
-        V0 = c0.min(2) if need0 else np.full((S, NC), np.inf)
+            np.add(V1[:, None, :], free, out=c1)
+            V1 = argmin(c1, A1[t + 1])
+        V0 = argmin(c0, A0[t + 1]) if need0[t] else np.full((S, NC), np.inf)
     x = V1.argmin(1)  # every last candidate is G
-    cost = V1[rows[:, 0], x]
+    cost = V1[rows, x]
     flag = np.ones(S, bool)
     B = np.empty((S, T), np.int64)
     zero_at = np.zeros(S, np.int64)
     for t in range(T - 1, 0, -1):
-        B[:, t] = win[rows[:, 0], t, x]
-        z_here = flag & Z[rows[:, 0], t, x]
-        zero_at = np.where(z_here, t - 1, zero_at)
-        x = np.where(flag, A1[rows[:, 0], t, x], A0[rows[:, 0], t, x])
-        flag = flag & ~z_here
+        B[:, t] = win[rows, t, x]
+        z_here = flag & Z[t, rows, x]
+        zero_at[z_here] = t - 1
+        x = np.where(flag, A1[t, rows, x], A0[t, rows, x])
+        flag &= ~z_here
     B[:, 0] = 0
     return B, zero_at, cost
 
@@ -147,6 +181,8 @@ def refine_partition(
             lowers its cost by at most ``rtol`` times the cost (0: once nothing moves).
     Returns:
         Refined ``B`` and ``zc`` and the number of passes run.
+    Raises:
+        ValueError: ``C``, ``P1``, ``P2`` not of one 2-D shape with ``B``'s rows; TypeError: not float64.
 
     Example:
         >>> s = np.array([-2.0, -1.9, 0.5, 3.0, 3.1, 3.2])
@@ -156,6 +192,12 @@ def refine_partition(
         >>> B.tolist(), zc.tolist()
         ([[0, 2, 3, 6]], [1])
     """
+    if not (C.ndim == 2 and C.shape == P1.shape == P2.shape and C.shape[0] == B.shape[0]):
+        raise ValueError(
+            f"C, P1, P2 must be [S, Gmax + 1] each, B [S, K + 2]: got {C.shape}, {P1.shape}, {P2.shape}, {B.shape}"
+        )
+    if not C.dtype == P1.dtype == P2.dtype == np.float64:
+        raise TypeError(f"C, P1, P2 must be float64, got {C.dtype}, {P1.dtype}, {P2.dtype}")
     B, zc = B.copy(), zc.copy()
     active = np.arange(B.shape[0])
     prev = np.full(B.shape[0], np.inf)

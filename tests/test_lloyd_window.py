@@ -1,9 +1,11 @@
 """The fast quantizer's windowed-DP refinement (``kernels/lloyd_window.py``)."""
 
+import collections
+
 import numpy as np
 import pytest
 from atmc_triton.kernels.lloyd_optimal import dp_partition
-from atmc_triton.kernels.lloyd_window import compand_init, refine_partition
+from atmc_triton.kernels.lloyd_window import _candidates, _pass, compand_init, refine_partition
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -76,3 +78,102 @@ def test_compand_init_is_ascending_and_within_the_range():
     assert c.shape == (64,) and np.all(np.diff(c) >= 0) and s[0] <= c[0] and c[-1] <= s[-1]
     tail = np.mean(np.abs(c) > 2.0) - np.mean(np.abs(s) > 2.0)
     assert tail > 0.05  # density^(1/3): more centres in the tails than the data's share
+
+
+def plain_pass(C, P1, P2, za, win, seen):
+    """``_pass`` as first written (a temporary per operation, a second reduction for the minimum): the oracle
+    of its exact arithmetic, which the Triton kernel reproduces. Records the edges it meets in ``seen``."""
+    S, T, NC = win.shape
+    rows = np.arange(S)[:, None]
+    Cw, S1w, S2w = (X[rows[:, :, None], win] for X in (C, P1, P2))
+    V0, V1 = np.zeros((S, NC)), np.full((S, NC), np.inf)
+    A0, A1, Z = np.zeros((S, T, NC), int), np.zeros((S, T, NC), int), np.zeros((S, T, NC), bool)
+    zc, lo, hi = za[:, None, None], win.min(2), win.max(2)
+
+    def reduce(c):
+        m = c.min(2)
+        seen.update({"tie at a minimum"} if ((c == m[:, :, None]).sum(2)[np.isfinite(m)] > 1).any() else set())
+        return c.argmin(2), m
+
+    for t in range(T - 1):
+        a, b = win[:, t][:, None, :], win[:, t + 1][:, :, None]
+        n = Cw[:, t + 1][:, :, None] - Cw[:, t][:, None, :]
+        s1 = S1w[:, t + 1][:, :, None] - S1w[:, t][:, None, :]
+        s2 = S2w[:, t + 1][:, :, None] - S2w[:, t][:, None, :]
+        bad = np.where(a <= b, 0.0, np.inf)
+        free = np.maximum(s2 - s1 * s1 / np.maximum(n, 1.0), 0.0) + bad
+        seen.update({"NaN where a > b"} if (np.isnan(free) & (a > b)).any() else set())
+        need0 = bool(np.any(lo[:, t + 1] <= za))
+        if need0:
+            A0[:, t + 1], v0 = reduce(V0[:, None, :] + free)
+        if np.any((lo[:, t] <= za) & (za <= hi[:, t + 1])):
+            zero = s2 + np.where((a <= zc) & (zc <= b), bad, np.inf)
+            a1, V1 = reduce(np.concatenate([V1[:, None, :] + free, V0[:, None, :] + zero], 2))
+            A1[:, t + 1], Z[:, t + 1] = a1 % NC, a1 >= NC
+        elif np.isfinite(V1).any():
+            A1[:, t + 1], V1 = reduce(V1[:, None, :] + free)
+        V0 = v0 if need0 else np.full((S, NC), np.inf)
+    x, flag = V1.argmin(1), np.ones(S, bool)
+    cost, B, zero_at = V1[rows[:, 0], x], np.zeros((S, T), int), np.zeros(S, int)
+    for t in range(T - 1, 0, -1):
+        B[:, t] = win[rows[:, 0], t, x]
+        z_here = flag & Z[rows[:, 0], t, x]
+        zero_at = np.where(z_here, t - 1, zero_at)
+        x = np.where(flag, A1[rows[:, 0], t, x], A0[rows[:, 0], t, x])
+        flag &= ~z_here
+    return B, zero_at, cost
+
+
+reached = collections.Counter()  # edges met by the test below (read by the test after it)
+EDGES = {"counts rise", "counts flat (empty atoms)", "tie at a minimum", "NaN where a > b"}
+tied = st.lists(st.integers(-6, 6).filter(bool), min_size=1, max_size=60).map(lambda v: np.sort(np.array(v) / 4))
+
+
+@settings(max_examples=80, deadline=None)
+@given(s=st.one_of(values, tied), K=st.integers(1, 9), seed=st.integers(0, 2**16), W=st.integers(1, 4),
+       empty=st.booleans(), nan_in=st.sampled_from([None, 1, 2]))  # fmt: skip
+@example(s=np.array([-1.7, -1.5, -1.4, -1.1, -0.8, -0.7, -0.4, 0.05, 0.2, 0.3, 1.2]), K=5, seed=36, W=4, empty=False,
+         nan_in=1)  # fmt: skip  # a NaN inside P1 that an a > b pair's argmin must see
+@example(s=np.array([-1.0, -0.5, -0.5, 0.25, 0.25, 0.25, 1.0] * 3), K=4, seed=1, W=2, empty=True, nan_in=None)
+@example(s=np.array([-3.0, -2.0, -1.0]), K=3, seed=2, W=1, empty=False, nan_in=None)  # negatives only
+def test_pass_is_the_plain_formulation_bit_for_bit(s, K, seed, W, empty, nan_in):
+    """``_pass`` (buffers, masks, the minimum read at the argmin) gives the plain formulation's boundaries, zero
+    cluster and cost bit for bit: ties to the first minimum, NaN wherever it propagated, on rising and flat counts."""
+    C, P1, P2, za, B, zc = problem(s, K, seed)
+    rng = np.random.default_rng(seed)
+    if empty:  # repeat some atom boundaries: empty atoms, counts that do not rise strictly
+        idx = np.sort(np.concatenate([np.arange(C.size), rng.integers(0, C.size, 3)]))
+        C, P1, P2, B, za = C[idx], P1[idx], P2[idx], np.searchsorted(idx, B), int(np.searchsorted(idx, za))
+    if nan_in:  # a NaN inside a prefix array (a NaN value would sit at the end of the sorted values)
+        (P1, P2)[nan_in - 1][rng.integers(1, C.size)] = np.nan
+    G = np.array([C.size - 1])
+    win = _candidates(B[None], G, W)
+    seen = {"counts rise" if np.all(np.diff(C) > 0) else "counts flat (empty atoms)"}
+    with np.errstate(all="ignore"):
+        got, want = (
+            _pass(C[None], P1[None], P2[None], np.array([za]), win),
+            plain_pass(C[None], P1[None], P2[None], np.array([za]), win, seen),
+        )
+    reached.update(seen | {"cases"})
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), "boundaries or zero cluster differ"
+    assert np.array_equal(got[2], want[2], equal_nan=True) and got[2].dtype == want[2].dtype
+    assert got[2].view(np.int64)[0] == want[2].view(np.int64)[0] or np.isnan(want[2][0]), "cost bits differ"
+
+
+def test_plain_formulation_cases_reach_every_edge():
+    """The test above met each edge (rising and flat counts, a tie at a step's minimum, a NaN at an a > b pair)."""
+    if not reached["cases"]:
+        pytest.skip("run with the test above")
+    assert EDGES <= set(reached), f"edges not reached: {EDGES - set(reached)}"
+
+
+def test_refine_partition_rejects_bad_prefix_arrays():
+    """Prefix arrays of another dtype or of unequal shapes are refused with a message, not misread."""
+    C, P1, P2, za, B, zc = problem(np.array([-2.0, -1.0, 1.0, 3.0], np.float32), 2, 0)
+    args = (np.array([4]), np.array([za]), B[None], np.array([zc]))
+    with pytest.raises(TypeError, match="C, P1, P2 must be float64"):
+        refine_partition(C[None].astype(np.float32), P1[None], P2[None], *args)
+    with pytest.raises(ValueError, match=r"\[S, Gmax \+ 1\]"):
+        refine_partition(C[None], P1[None, :-1], P2[None], *args)
+    with pytest.raises(ValueError, match=r"\[S, Gmax \+ 1\]"):
+        refine_partition(C, P1, P2, *args)  # 1-D
