@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .lloyd_batch import unique_ints
+
 __all__ = ["compand_init", "refine_partition"]
 
 
@@ -36,7 +38,7 @@ def compand_init(s: np.ndarray, K: int, grid: int) -> np.ndarray:
     atoms; 10 % of the mass follows the counts (so ties and point masses get centres).
     """
     m = s.size
-    b = np.unique((np.arange(min(m, grid) + 1) * m) // min(m, grid))
+    b = unique_ints((np.arange(min(m, grid) + 1) * m) // min(m, grid))
     lo, hi = b[:-1], b[1:]
     cnt = (hi - lo).astype(np.float64)
     x0 = s[lo].astype(np.float64)
