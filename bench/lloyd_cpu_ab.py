@@ -2,11 +2,12 @@
 
 Times, in one process and interleaved (three rounds, median), the reference
 :func:`lloyd_quantize_ref` of ``--old`` (default ``e6302ca``, the commit before the windowed-DP
-``"fast"``; its ``lloyd`` is the old default) against this tree's ``fast`` and ``lloyd``, on:
+``"fast"``; its ``lloyd`` is the old default; ``--old-methods`` picks which of its methods) against
+this tree's ``fast`` and ``lloyd``, on:
 ``2M/30`` (2M Gaussian values in 30 equal segments), ``resnet34`` (the 111 U, V, C factors of
 ResNet34, 46M values, as in :mod:`bench.lloyd`) and ``21M/1``, at b = 4 and 8, one torch thread.
 Reports CPU seconds of the process (``time.process_time``), which a machine shared with other
-jobs disturbs much less than wall time. Writes ``bench/results/lloyd_cpu_ab.json``.
+jobs disturbs much less than wall time. Writes ``bench/results/lloyd_cpu_ab.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", default="e6302ca")
     ap.add_argument("--workloads", default="2M/30,resnet34,21M/1")
+    ap.add_argument("--old-methods", default="lloyd", help="methods of --old to time, comma-separated")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the JSON to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    runs = (("old lloyd", old_reference(a.old), "lloyd"), ("fast", lloyd_quantize_ref, "fast"))
-    runs += (("lloyd", lloyd_quantize_ref, "lloyd"),)
+    old = old_reference(a.old)
+    runs = tuple((f"old {m}", old, m) for m in a.old_methods.split(","))
+    runs += (("fast", lloyd_quantize_ref, "fast"), ("lloyd", lloyd_quantize_ref, "lloyd"))
     out: dict[str, list[float]] = {}
     for wl in a.workloads.split(","):
         v, off = workload(wl)
@@ -78,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
             for name, _, _ in runs:
                 key = f"{wl} b={b} {name}"
                 print(f"{key}: median {sorted(out[key])[1]:.2f} CPU s ({', '.join(f'{t:.2f}' for t in out[key])})")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"env": environment(torch.device("cpu")), "old": a.old, "cpu_s": out}, indent=1))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"env": environment(torch.device("cpu")), "old": a.old, "cpu_s": out}, indent=1))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
