@@ -13,8 +13,9 @@ jobs disturbs much less than wall time. Writes ``bench/results/lloyd_cpu_ab.json
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
-import importlib.util
+import importlib
 import json
 import re
 import subprocess
@@ -33,20 +34,41 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "lloyd_cpu_ab.json"
 
 
+@functools.cache
+def _old_package(rev: str) -> str:
+    """A package ``old_kernels_<rev>`` on ``sys.path`` holding ``kernels/lloyd.py`` at ``rev`` (its op
+    registration cut off) and every sibling module it imports (transitively) at ``rev``, so no current
+    module stands in for an old one."""
+    pkg = f"old_kernels_{rev}"
+    root = Path(tempfile.mkdtemp()) / pkg
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+
+    def show(name: str) -> str:
+        cmd = ["git", "show", f"{rev}:kernels/{name}.py"]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    text = show("lloyd")
+    text = text[: text.index("def _lloyd_fake(")].replace("from ._registry import HAS_TRITON, register_op\n", "")
+    (root / "lloyd.py").write_text(text)
+    todo = set(re.findall(r"^from \.(\w+) import", text, flags=re.M))
+    while todo:  # (plain numpy modules)
+        name = todo.pop()
+        body = show(name)
+        (root / f"{name}.py").write_text(body)
+        todo |= set(re.findall(r"^from \.(\w+) import", body, flags=re.M)) - {p.stem for p in root.glob("*.py")}
+    sys.path.insert(0, str(root.parent))
+    return pkg
+
+
+def old_module(rev: str, name: str = "lloyd"):
+    """Module ``kernels/<name>.py`` at ``rev`` (``name``: ``lloyd`` or one it imports), see :func:`_old_package`."""
+    return importlib.import_module(f"{_old_package(rev)}.{name}")
+
+
 def old_reference(rev: str):
-    """``lloyd_quantize_ref`` of ``kernels/lloyd.py`` at ``rev`` (its op registration cut off)."""
-    show = ["git", "show", f"{rev}:kernels/lloyd.py"]
-    src = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    text = src[: src.index("def _lloyd_fake(")]
-    text = text.replace("from ._registry import HAS_TRITON, register_op\n", "")
-    text = re.sub(r"^from \.(\w+) import", r"from atmc_triton.kernels.\1 import", text, flags=re.M)
-    path = Path(tempfile.mkdtemp()) / f"lloyd_{rev}.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = mod
-    spec.loader.exec_module(mod)
-    return mod.lloyd_quantize_ref
+    """``lloyd_quantize_ref`` of ``kernels/lloyd.py`` at ``rev``."""
+    return old_module(rev).lloyd_quantize_ref
 
 
 def workload(name: str) -> tuple[torch.Tensor, torch.Tensor]:

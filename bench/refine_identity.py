@@ -1,8 +1,8 @@
 """The fast quantizer's refinement against an older commit's, bit for bit and in CPU time:
-``python -m bench.refine_identity [--rev REV] [--n N] [--time R] [--new PATH]``.
+``python -m bench.refine_identity [--rev REV] [--n N] [--time R] [--new REV]``.
 
 Runs :func:`refine_partition` and one ``_pass`` of ``kernels/lloyd_window.py`` at ``--rev`` (default
-``2499496``, before the CPU rework of ``_pass``) and of this tree (or ``--new PATH``) on the same problems and
+``2499496``, before the CPU rework of ``_pass``) and of this tree (or of ``--new REV``) on the same problems and
 asserts ``np.array_equal`` on ``B``, ``zc``, the pass count, and ``B``, ``zero_at``, ``cost`` of the pass
 (NaN equal, and the cost's bits where it is not NaN). Problems: ``N`` random batches (``S`` = 1..6,
 ``K = 2^b - 1`` for b = 1..8 and odd ``K``, ``W`` = 1..8; Gaussian, one-signed, tied, tiny, huge values;
@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import importlib.util
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,20 +28,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def at_rev(rev: str):
-    src = subprocess.run(
-        ["git", "show", f"{rev}:kernels/lloyd_window.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / f"lloyd_window_{rev}.py"
-    path.write_text(src)
-    return load(path, path.stem)
+    """``kernels/lloyd_window.py`` at ``rev`` (``"tree"``: this tree's), with the modules it imports at ``rev``."""
+    if rev == "tree":
+        import atmc_triton.kernels.lloyd_window as mod
+
+        return mod
+    from bench.lloyd_cpu_ab import old_module
+
+    return old_module(rev, "lloyd_window")
 
 
 def values(rng: np.random.Generator, m: int, stats: collections.Counter) -> np.ndarray:
@@ -195,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rev", default="2499496")
     ap.add_argument("--n", type=int, default=3000, help="random batches")
     ap.add_argument("--time", type=int, default=0, metavar="R", help="also time the 2M/30 problems, R repeats")
-    ap.add_argument("--new", type=Path, default=ROOT / "kernels" / "lloyd_window.py")
+    ap.add_argument("--new", default="tree", help="a git revision, or 'tree' (this tree)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    old, new = at_rev(a.rev), load(a.new, "lloyd_window_new")
+    old, new = at_rev(a.rev), at_rev(a.new)
     rng, stats = np.random.default_rng(a.seed), collections.Counter()
     for it in range(a.n):
         b = int(rng.integers(1, 9))

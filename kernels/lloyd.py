@@ -303,8 +303,9 @@ def _fits(items: list[Stats], frees: list[Tensor], max_iter: int, tol: float) ->
 def _quantize_many(
     items: list[Stats], K: int, max_iter: int, tol: float, method: str, inits: list[Tensor] | None = None
 ) -> list[tuple[Tensor, int, Tensor]]:
-    """:func:`_quantize_sorted` of every segment's stats in ``items`` (each with ``m > K``), the Lloyd
-    fits side by side (:func:`_fits`); ``inits``: the fast path's, from :func:`_fast_inits`."""
+    """Centres ``c [F+1]``, zero index and error of every segment's stats in ``items`` (each with
+    ``m > K``) by ``method``, the Lloyd fits side by side (:func:`_fits`); ``inits``: the fast path's,
+    from :func:`_fast_inits`."""
     if method == "lloyd":
         return _fits(items, [_quantile_init(s, K) for s, _, _ in items], max_iter, tol)
     if method == "optimal":

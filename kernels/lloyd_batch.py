@@ -6,13 +6,14 @@ stop at a fixed point or once the relative drop of the squared error is ``<= tol
 segments at once: one numpy operation on ``[S, F + 1]`` per step instead of one torch call per
 segment, which is what a fit of a mid-size segment costs (~50 us per iteration, nearly all call
 overhead). Rows with fewer free centres are padded with ``+inf`` centres that are never free and
-stay empty. Only the sum of the squared-error terms is associated differently (numpy's row sums
-instead of torch's), so an error can differ in its last bits.
+stay empty. Every float operation is the one ``_fit`` does, and each row's squared-error terms are
+summed by torch alone (the same association), so results and errors are the same bits.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 __all__ = ["fit_many", "round_down_midpoints_np", "unique_ints"]
 
@@ -26,6 +27,8 @@ def unique_ints(a: np.ndarray) -> np.ndarray:
         [0, 1, 3]
     """
     a = np.sort(a)
+    if a.size == 0:
+        return a
     return a[np.concatenate([[True], a[1:] != a[:-1]])]
 
 
@@ -83,8 +86,10 @@ def fit_many(
     def sse(c: np.ndarray, cnt: np.ndarray, s1: np.ndarray) -> np.ndarray:  # [S]
         cd = c.astype(np.float64)
         with np.errstate(invalid="ignore"):  # inf padding: masked out
-            gain = np.where(is_free & (cnt > 0), 2 * cd * s1 - cnt * cd * cd, 0.0)
-        return total_sq - gain.sum(1)
+            gain = torch.from_numpy(np.where(is_free & (cnt > 0), 2 * cd * s1 - cnt * cd * cd, 0.0))
+        # each row's F + 1 terms summed alone by torch, as `_fit` sums one segment's: the same association,
+        # so the same bits (the error decides the tol stop, and can be all rounding noise: huge values)
+        return total_sq - np.array([float(gain[r, : F[r] + 1].sum()) for r in range(S)])
 
     prev_err = np.full(S, np.inf)
     prev_hi = np.full((S, W), -1, np.int64)

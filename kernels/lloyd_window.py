@@ -95,7 +95,7 @@ def _pass(
     infeasible = np.empty((S, NC, NC), bool)
     c0, c1 = np.empty((S, NC, NC)), np.empty((S, NC, NC))  # V0 + free, V1 + free
     cz = np.empty((S, NC, 2 * NC))  # [V1 + free | V0 + zero] where cluster t may be the zero cluster
-    a1 = np.empty((S, NC), np.intp)
+    a1, idx = np.empty((S, NC), np.intp), np.empty((S, NC), np.intp)  # argmins (numpy writes intp)
     base = np.arange(S * NC)  # rows of the flattened cost matrices
     # a > b <=> n = C[b] - C[a] < 0 where the counts rise strictly up to the last candidate (counts of
     # nonempty atoms always do): a compare on n instead of a broadcast one on the positions (7x dearer)
@@ -103,8 +103,8 @@ def _pass(
     rising = bool(np.all((np.diff(C, axis=1) > 0) | (np.arange(C.shape[1] - 1) >= last)))
     V0 = np.zeros((S, NC))  # best cost with the zero cluster not yet placed
     V1 = np.full((S, NC), np.inf)  # ... and already placed
-    A0 = np.zeros((T, S, NC), np.intp)  # argmins, [T, S, NC]: a step writes one contiguous block
-    A1 = np.zeros((T, S, NC), np.intp)
+    A0 = np.zeros((T, S, NC), np.int32)  # argmins, [T, S, NC]: a step writes one contiguous block
+    A1 = np.zeros((T, S, NC), np.int32)
     Z = np.zeros((T, S, NC), bool)
     zc = za[:, None, None]
     lo_t, hi_t = win.min(2), win.max(2)  # [S, T]
@@ -142,8 +142,13 @@ def _pass(
             A1[t + 1], Z[t + 1] = a1 - NC * use_z, use_z
         elif np.isfinite(V1).any():
             np.add(V1[:, None, :], free, out=c1)
-            V1 = argmin(c1, A1[t + 1])
-        V0 = argmin(c0, A0[t + 1]) if need0[t] else np.full((S, NC), np.inf)
+            V1 = argmin(c1, idx)
+            A1[t + 1] = idx
+        if need0[t]:
+            V0 = argmin(c0, idx)
+            A0[t + 1] = idx
+        else:
+            V0 = np.full((S, NC), np.inf)
     x = V1.argmin(1)  # every last candidate is G
     cost = V1[rows, x]
     flag = np.ones(S, bool)

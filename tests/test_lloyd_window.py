@@ -162,9 +162,31 @@ def test_pass_is_the_plain_formulation_bit_for_bit(s, K, seed, W, empty, nan_in)
 
 def test_plain_formulation_cases_reach_every_edge():
     """The test above met each edge (rising and flat counts, a tie at a step's minimum, a NaN at an a > b pair)."""
-    if not reached["cases"]:
-        pytest.skip("run with the test above")
+    if not reached["cases"]:  # run alone (-k): draw the test's cases here
+        test_pass_is_the_plain_formulation_bit_for_bit()
     assert EDGES <= set(reached), f"edges not reached: {EDGES - set(reached)}"
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_pass_is_the_plain_formulation_on_a_batch(empty):
+    """Problems of different sizes side by side, padded as ``_fast_inits`` pads them (the flat gather's row
+    offsets, one ``rising`` flag for all rows; ``empty``: one row with empty atoms turns it off)."""
+    rng = np.random.default_rng(7)
+    probs = []
+    for n, seed in ((40, 1), (200, 2), (13, 3), (90, 4)):
+        s = np.sort(rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(np.float32)
+        probs.append(problem(s[s != 0], 5, seed))
+    if empty:  # row 2: two atom boundaries repeated
+        C, P1, P2, za, B, zc = probs[2]
+        idx = np.sort(np.concatenate([np.arange(C.size), [3, 7]]))
+        probs[2] = (C[idx], P1[idx], P2[idx], int(np.searchsorted(idx, za)), np.searchsorted(idx, B), zc)
+    Gmax = max(p[0].size for p in probs)
+    C, P1, P2 = (np.stack([np.append(p[i], np.full(Gmax - p[i].size, p[i][-1])) for p in probs]) for i in range(3))
+    za, G = np.array([p[3] for p in probs]), np.array([p[0].size - 1 for p in probs])
+    win = _candidates(np.stack([p[4] for p in probs]), G, 3)
+    got, want = _pass(C, P1, P2, za, win), plain_pass(C, P1, P2, za, win, set())
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert np.array_equal(got[2].view(np.int64), want[2].view(np.int64))
 
 
 def test_refine_partition_rejects_bad_prefix_arrays():
