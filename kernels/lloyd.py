@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ._registry import HAS_TRITON, register_op
-from .lloyd_batch import fit_many, unique_ints
+from .lloyd_batch import fit_many, round_down_midpoints, unique_ints
 from .lloyd_optimal import dp_partition
 from .lloyd_window import compand_init, refine_partition
 
@@ -76,18 +76,6 @@ CHUNK_VALUES = 1 << 24  # the fast path batches segments up to this many values 
 LUT_PER_MID = 16  # CPU bucketing: lookup-table bins per midpoint ...
 LUT_MAX_STEPS = 8  # ... and the most midpoints a bin window may hold (else a binary search)
 Stats = tuple[Tensor, Tensor, Tensor]  # sorted nonzeros [m], float64 prefix sums [m + 1], sum of squares []
-
-
-def round_down_midpoints(c: Tensor) -> Tensor:
-    """Largest float32 ``<= (c[i] + c[i+1]) / 2`` for sorted float32 centres ``c [K+1]``.
-
-    For float32 ``x``: ``x <= mid`` exactly when ``x <= round_down_midpoints(c)[i]``, so the
-    boundary search can run on float32 values without rounding surprises.
-    """
-    mid64 = (c[:-1].double() + c[1:].double()) * 0.5  # exact for float32 inputs
-    mid32 = mid64.float()
-    too_big = mid32.double() > mid64
-    return torch.where(too_big, torch.nextafter(mid32, torch.full_like(mid32, -float("inf"))), mid32)
 
 
 def check_method(method: str, name: str = "lloyd_quantize") -> None:
@@ -227,11 +215,15 @@ def _fit(
         prev_err = torch.where(done, prev_err, err)
         prev_hi = hi
     _, cnt, s1 = assign(c)
-    err = sse(c, cnt, s1)
-    if float(err) <= 1e-9 * float(total_sq):  # total - gain cancels: sum the squares directly
-        pos = torch.bucketize(s, round_down_midpoints(c))
-        err = (s.double() - c[pos].double()).square().sum()
-    return c, nneg, err
+    return c, nneg, _uncancelled(s, c, sse(c, cnt, s1), total_sq)
+
+
+def _uncancelled(s: Tensor, c: Tensor, err: Tensor, total_sq: Tensor) -> Tensor:
+    """``err`` (``total - gain``), or where that cancels (``<= 1e-9`` of the total) the squares of ``s`` about
+    its nearest centres in ``c`` summed directly."""
+    if float(err) <= 1e-9 * float(total_sq):
+        return (s.double() - c[torch.bucketize(s, round_down_midpoints(c))].double()).square().sum()
+    return err
 
 
 def _quantile_init(s: Tensor, K: int) -> Tensor:
@@ -278,9 +270,12 @@ def _fits(items: list[Stats], frees: list[Tensor], max_iter: int, tol: float) ->
     """:func:`_fit` of every ``(stats, free)`` pair; on CPU the finite segments run side by side
     (:func:`~.lloyd_batch.fit_many`: one numpy call per step for all of them)."""
     out: list = [None] * len(items)
-    batch = [j for j, (s, _, _) in enumerate(items) if s.device.type == "cpu" and bool(s[[0, -1]].isfinite().all())]
-    for j in sorted(set(range(len(items))) - set(batch)):  # non-finite (NaN errors) or not on CPU
-        out[j] = _fit(*items[j], frees[j], max_iter, tol)
+    batch = []
+    for j, (s, _, _) in enumerate(items):
+        if s.device.type == "cpu" and bool(s[[0, -1]].isfinite().all()):
+            batch.append(j)
+        else:  # non-finite (NaN errors) or not on CPU
+            out[j] = _fit(*items[j], frees[j], max_iter, tol)
     if batch:
         c, nneg, F, err = fit_many(
             [items[j][0].numpy() for j in batch],
@@ -293,10 +288,7 @@ def _fits(items: list[Stats], frees: list[Tensor], max_iter: int, tol: float) ->
         for r, j in enumerate(batch):
             s, _, total_sq = items[j]
             cr = torch.from_numpy(c[r, : F[r] + 1].copy())
-            e = torch.tensor(err[r], dtype=torch.float64)
-            if float(e) <= 1e-9 * float(total_sq):  # total - gain cancels: sum the squares directly
-                e = (s.double() - cr[torch.bucketize(s, round_down_midpoints(cr))].double()).square().sum()
-            out[j] = (cr, int(nneg[r]), e)
+            out[j] = (cr, int(nneg[r]), _uncancelled(s, cr, torch.tensor(err[r], dtype=torch.float64), total_sq))
     return out
 
 

@@ -7,15 +7,17 @@ segments at once: one numpy operation on ``[S, F + 1]`` per step instead of one 
 segment, which is what a fit of a mid-size segment costs (~50 us per iteration, nearly all call
 overhead). Rows with fewer free centres are padded with ``+inf`` centres that are never free and
 stay empty. Every float operation is the one ``_fit`` does, and each row's squared-error terms are
-summed by torch alone (the same association), so results and errors are the same bits.
+summed by torch alone (the same association), so results and errors are the same bits. The
+assignment rule both use, :func:`round_down_midpoints`, lives here.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
 
-__all__ = ["fit_many", "round_down_midpoints_np", "unique_ints"]
+__all__ = ["fit_many", "round_down_midpoints", "unique_ints"]
 
 
 def unique_ints(a: np.ndarray) -> np.ndarray:
@@ -32,12 +34,22 @@ def unique_ints(a: np.ndarray) -> np.ndarray:
     return a[np.concatenate([[True], a[1:] != a[:-1]])]
 
 
-def round_down_midpoints_np(c: np.ndarray) -> np.ndarray:
-    """Largest float32 ``<= (c[..., i] + c[..., i + 1]) / 2`` for float32 centres ``c [..., F + 1]``
-    ascending along the last axis (numpy twin of ``lloyd.round_down_midpoints``)."""
-    mid64 = (c[..., :-1].astype(np.float64) + c[..., 1:].astype(np.float64)) * 0.5  # exact for float32
-    mid32 = mid64.astype(np.float32)
-    return np.where(mid32.astype(np.float64) > mid64, np.nextafter(mid32, np.float32(-np.inf)), mid32)
+def round_down_midpoints(c: Tensor) -> Tensor:
+    """Largest float32 ``<= (c[..., i] + c[..., i + 1]) / 2`` for float32 centres ``c [..., K + 1]`` ascending
+    along the last axis.
+
+    For float32 ``x``: ``x <= mid`` exactly when ``x <= round_down_midpoints(c)[..., i]``, so the
+    boundary search can run on float32 values without rounding surprises (the reference's assignment rule,
+    here so that both :func:`fit_many` and ``lloyd`` use it).
+
+    Example:
+        >>> round_down_midpoints(torch.tensor([0.0, 1.0, 2.0])).tolist()
+        [0.5, 1.5]
+    """
+    mid64 = (c[..., :-1].double() + c[..., 1:].double()) * 0.5  # exact for float32 inputs
+    mid32 = mid64.float()
+    too_big = mid32.double() > mid64
+    return torch.where(too_big, torch.nextafter(mid32, torch.full_like(mid32, -float("inf"))), mid32)
 
 
 def fit_many(
@@ -72,7 +84,7 @@ def fit_many(
     m = np.array([x.size for x in s], np.int64)
 
     def assign(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mids = round_down_midpoints_np(c)  # [S, W - 1]
+        mids = round_down_midpoints(torch.from_numpy(c)).numpy()  # [S, W - 1]
         hi = np.empty((S, W), np.int64)
         s1 = np.empty((S, W))
         for r in range(S):  # (ragged rows: no copy of the prefix sums into one array)

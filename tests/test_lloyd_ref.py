@@ -230,3 +230,18 @@ def test_batched_fits_equal_one_segment_fits(max_iter, tol):
         for it, f, (c, *_) in list(zip(items, frees, got))[:7]:
             stops.add(next(k for k in range(61) if torch.equal(L._fit(*it, f, k, tol)[0], c)))
         assert len(stops) >= 4, stops
+
+
+def test_round_down_midpoints_is_the_largest_float32_at_or_below_the_midpoint():
+    """For float32 ``x``, ``x <= (a + b) / 2`` exactly when ``x <= mid``: ``mid`` is at or below the exact
+    midpoint and the next float32 up is above it; rows of a 2-D input are midpoints of their own."""
+    from atmc_triton.kernels.lloyd import round_down_midpoints
+
+    g = torch.Generator().manual_seed(11)
+    c = torch.sort(torch.randn(64, 33, generator=g) * 10.0 ** torch.randint(-3, 4, (64, 1), generator=g), 1)[0]
+    mid = round_down_midpoints(c)  # [64, 32]
+    exact = (c[:, :-1].double() + c[:, 1:].double()) / 2
+    up = torch.nextafter(mid, torch.full_like(mid, float("inf")))
+    assert mid.dtype == torch.float32 and bool((mid.double() <= exact).all()) and bool((up.double() > exact).all())
+    assert bool((mid.double() < exact).any())  # the rounding-down case is reached
+    assert torch.equal(mid[5], round_down_midpoints(c[5]))
