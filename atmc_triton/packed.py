@@ -232,7 +232,8 @@ class PackedLayer(nn.Module):
 
     @torch.no_grad()
     def validate(self, name: str = "") -> None:
-        """Check every factor: sizes and dtypes, codes within the codebook, CSR structure and column ranges.
+        """Check every factor: sizes and dtypes, finite codebook levels, codes within the codebook, CSR structure
+        and column ranges.
 
         Raises ``ValueError`` on the first problem; a validated layer never makes a kernel read out of bounds.
         """

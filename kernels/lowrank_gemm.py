@@ -91,7 +91,7 @@ PACKED_M = 16  # up to this many rows the packed kernels always run (no dense co
 # neighbouring nonzeros share sectors), and a fixed ramp + tail latency per call.
 H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0, "issue": 132 * 4 * 1.755e9}
 # Warp instructions the compiled hot loops issue (sm_90 SASS, fp16 x, the best autotune config;
-# `python -m bench.gemm_issue` recounts them, bench/results/gemm_issue_2026-11-30_csr2.json), per Triton: per
+# `python -m bench.gemm_issue` recounts them, bench/results/gemm_issue_2026-11-30_book.json), per Triton: per
 # decoded weight element and BLOCK_M-row tile of the tile kernel ("dense" codes, "bitmap"), per stored
 # nonzero and BLOCK_M rows of the CSR kernel. At "issue" warp instructions/s (132 SMs x 4 schedulers x
 # 1.755 GHz) they bound a kernel's time from below. Triton 3.8 is the model's default; 3.6 (torch 2.11's,
@@ -103,12 +103,12 @@ ISSUE_COUNTS = {
     "3.8": {
         "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
         "bitmap": {16: 1.34, 32: 1.34, 64: 1.38, 128: 1.55},
-        "csr": {1: 0.66, 2: 0.72, 4: 0.84, 8: 1.09, 16: 1.72, 32: 2.78},
+        "csr": {1: 0.62, 2: 0.71, 4: 0.82, 8: 1.07, 16: 1.68, 32: 2.75},
     },
     "3.6": {
         "dense": {16: 0.88, 32: 0.90, 64: 1.02, 128: 1.14},
         "bitmap": {16: 1.33, 32: 1.35, 64: 1.41, 128: 1.61},
-        "csr": {1: 0.64, 2: 0.70, 4: 0.83, 8: 1.08, 16: 1.69, 32: 2.76},
+        "csr": {1: 0.61, 2: 0.68, 4: 0.81, 8: 1.06, 16: 1.67, 32: 2.73},
     },
 }
 ISSUE = ISSUE_COUNTS["3.8"]
@@ -123,8 +123,8 @@ def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int
     ``pow2(M)`` up to 16, then 32-row chunks).
 
     Example:
-        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 1.72 + 2000 bitmap elements at 1.34
-        4400.0
+        >>> issue_instructions(16, 1000, 0, 2000)  # 1000 nonzeros at 1.68 + 2000 bitmap elements at 1.34
+        4360.0
     """
     if triton not in ISSUE_COUNTS:
         raise ValueError(f"issue_instructions: triton must be one of {sorted(ISSUE_COUNTS)}, got {triton!r}")
@@ -307,10 +307,12 @@ def check_factor_values(
 ) -> int:
     """Validate the index values of a packed factor (after :func:`check_factor`); returns its nonzero count.
 
-    Codes within the codebook, ``indptr`` rising from 0 to nnz, column indices in ``[0, cols)`` and
-    ascending within each row. Reads the data (a host sync on a GPU): packed layers run it when built,
-    loaded or changed, the CPU reference on every eager call, the CUDA launcher and compiled graphs never
-    (the kernels clamp codes and mask columns as a second line of defence).
+    Finite codebook levels, codes within the codebook, ``indptr`` rising from 0 to nnz, column indices in
+    ``[0, cols)`` and ascending within each row (the CSR kernel multiplies a masked slot's codebook level
+    by a zero activation, so a non-finite level would reach rows that do not use it). Reads the data (a
+    host sync on a GPU): packed layers run it when built, loaded or changed, the CPU reference on every
+    eager call, the CUDA launcher and compiled graphs never (the kernels clamp codes and mask columns as a
+    second line of defence).
     """
     where = f"{op}: factor {name}"
     if fmt == FMT_EMPTY:
@@ -318,6 +320,8 @@ def check_factor_values(
     raw = book.numel() == 0
     levels = book.numel() - 1
     width = code_width(fmt, levels, raw)
+    if not raw and not bool(torch.isfinite(book).all()):
+        raise ValueError(f"{where}: codebook levels must be finite, got {book[~torch.isfinite(book)][:4].tolist()}")
     if fmt == FMT_DENSE:
         if raw:
             return int((codes[:-1].view(torch.float32) != 0).sum())

@@ -396,7 +396,7 @@ def _csr_nonzero(
     """One nonzero slot per thread (``col``, ``ok``, ``jj``, ``slot``: ``[QG]``, ``slot`` the codebook entry
     when ``WIDTH`` is 8) into the chunk accumulators ``acc0 .. acc7`` ``[QG, VEC]`` (those ``< NCH``)."""
     if WIDTH == 8:
-        val = tl.load(book_ptr + slot, mask=ok, other=0.0)
+        val = tl.load(book_ptr + slot)  # in range (clamped); a masked slot's activation is 0
     else:
         val = _dequant(words_ptr, book_ptr, book_len, jj, ok, WIDTH, 1)
     val = val[:, None]  # [QG, 1]

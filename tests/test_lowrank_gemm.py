@@ -376,6 +376,8 @@ def test_bad_arguments_raise(breakage, message):
         (lambda f: f[1][4].zero_(), "ascend within each row"),
         (lambda f: f[1][3].__setitem__(-1, 10**6), "indptr must rise"),
         (lambda f: (f[1].__setitem__(2, f[1][2][:4]), f[1][1].fill_(-1)), "codes past its 3 levels"),
+        (lambda f: f[1][2].__setitem__(2, float("nan")), r"codebook levels must be finite, got \[nan\]"),
+        (lambda f: f[1][2].__setitem__(1, -float("inf")), r"codebook levels must be finite, got \[-inf\]"),
     ],
 )
 def test_reference_refuses_corrupt_values(corrupt, message):

@@ -595,5 +595,14 @@ def test_corrupt_packed_tensors_are_refused_before_any_kernel(monkeypatch):
             with pytest.raises(ValueError, match=message):
                 layer(torch.randn(M, 200))
         t.copy_(saved)
+    books = [getattr(layer, f"{f}_book") for f in "UVC"]
+    assert sum(b.numel() > 2 for b in books) >= 2
+    for book in books:  # a non-finite level (the CSR kernel multiplies masked slots' levels by zero)
+        if book.numel() > 2:
+            saved = book.clone()
+            book[-1] = float("inf")
+            with pytest.raises(ValueError, match=r"codebook levels must be finite, got \[inf\]"):
+                layer(x)
+            book.copy_(saved)
     monkeypatch.undo()
     assert torch.isfinite(layer(x)).all()
