@@ -6,8 +6,11 @@ Times, in one process and interleaved (three rounds, median), the reference
 this tree's ``fast`` and ``lloyd``, on:
 ``2M/30`` (2M Gaussian values in 30 equal segments), ``resnet34`` (the 111 U, V, C factors of
 ResNet34, 46M values, as in :mod:`bench.lloyd`) and ``21M/1``, at b = 4 and 8, one torch thread.
-Reports CPU seconds of the process (``time.process_time``), which a machine shared with other
-jobs disturbs much less than wall time. Writes ``bench/results/lloyd_cpu_ab.json`` (or ``--out``).
+Reports CPU seconds of the process (user + system, ``resource.getrusage``), which a machine shared
+with other jobs disturbs much less than wall time, and the user seconds alone: the system part is
+mostly page faults of fresh allocations, whose cost varies several-fold on a loaded machine (0.11 to
+0.71 s for the same 39k faults of a ``fast`` call on ``21M/1``). Writes
+``bench/results/lloyd_cpu_ab.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import gc
 import importlib
 import json
 import re
+import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = tuple((f"old {m}", old, m) for m in a.old_methods.split(","))
     runs += (("fast", lloyd_quantize_ref, "fast"), ("lloyd", lloyd_quantize_ref, "lloyd"))
     out: dict[str, list[float]] = {}
+    user: dict[str, list[float]] = {}
     for wl in a.workloads.split(","):
         v, off = workload(wl)
         for b in (4, 8):
@@ -98,14 +102,22 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(3):
                 for name, fn, method in runs:
                     gc.collect()
-                    t0 = time.process_time()
+                    r0 = resource.getrusage(resource.RUSAGE_SELF)
                     fn(v, off, bits, 20, 1e-5, method)
-                    out.setdefault(f"{wl} b={b} {name}", []).append(time.process_time() - t0)
+                    r1 = resource.getrusage(resource.RUSAGE_SELF)
+                    u, sy = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+                    out.setdefault(f"{wl} b={b} {name}", []).append(u + sy)
+                    user.setdefault(f"{wl} b={b} {name}", []).append(u)
             for name, _, _ in runs:
                 key = f"{wl} b={b} {name}"
-                print(f"{key}: median {sorted(out[key])[1]:.2f} CPU s ({', '.join(f'{t:.2f}' for t in out[key])})")
+                print(
+                    f"{key}: median {sorted(out[key])[1]:.2f} CPU s ({', '.join(f'{t:.2f}' for t in out[key])}), "
+                    f"user {sorted(user[key])[1]:.2f} s"
+                )
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"env": environment(torch.device("cpu")), "old": a.old, "cpu_s": out}, indent=1))
+    a.out.write_text(
+        json.dumps({"env": environment(torch.device("cpu")), "old": a.old, "cpu_s": out, "user_s": user}, indent=1)
+    )
     print(f"wrote {a.out}")
 
 

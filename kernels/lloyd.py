@@ -166,8 +166,12 @@ def _bucket(x: Tensor, mids: Tensor) -> Tensor:
     start = np.append(start, np.int32(M))  # [nb + 5]: past the last edge every midpoint is below
     if int((start[4:] - start[:-4]).max()) > LUT_MAX_STEPS:  # midpoints a bin's x may still have to pass
         return torch.bucketize(x, mids, out_int32=True)
-    j = np.clip((xn.astype(np.float64) - lo) * scale, 0, nb).astype(np.int64)
-    k = start[j]
+    t = xn.astype(np.float64)  # the bin of each value, in place (n-sized temporaries are the cost here)
+    np.subtract(t, lo, out=t)
+    np.multiply(t, scale, out=t)
+    np.clip(t, 0, nb, out=t)
+    k = start[t.astype(np.int32)]  # (nb < 2^31)
+    del t
     mp = np.append(m, np.float32(np.inf))  # a sentinel past the last midpoint
     for _ in range(LUT_MAX_STEPS + 2):
         step = mp[k] < xn

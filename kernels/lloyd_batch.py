@@ -83,42 +83,46 @@ def fit_many(
     c[np.arange(S), nneg] = 0.0
     m = np.array([x.size for x in s], np.int64)
 
-    def assign(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mids = round_down_midpoints(torch.from_numpy(c)).numpy()  # [S, W - 1]
-        hi = np.empty((S, W), np.int64)
-        s1 = np.empty((S, W))
-        for r in range(S):  # (ragged rows: no copy of the prefix sums into one array)
-            hi[r, :-1] = np.searchsorted(s[r], mids[r], side="right")
+    def assign(c: np.ndarray, rows: np.ndarray, hi: np.ndarray, s1: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Rows ``rows`` of ``hi``, ``s1`` (in place; the others keep their values) for centres ``c``."""
+        mids = round_down_midpoints(torch.from_numpy(c[rows])).numpy()  # [len(rows), W - 1]
+        for i, r in enumerate(rows.tolist()):  # (ragged rows: no copy of the prefix sums into one array)
+            hi[r, :-1] = np.searchsorted(s[r], mids[i], side="right")
             hi[r, -1] = m[r]  # cluster i is s[lo_i:hi_i]
             p = p1[r][hi[r]]
             s1[r, 0], s1[r, 1:] = p[0], p[1:] - p[:-1]
         lo = np.concatenate([np.zeros((S, 1), np.int64), hi[:, :-1]], 1)
         return hi, hi - lo, s1
 
-    def sse(c: np.ndarray, cnt: np.ndarray, s1: np.ndarray) -> np.ndarray:  # [S]
+    def sse(c: np.ndarray, cnt: np.ndarray, s1: np.ndarray, rows: np.ndarray) -> np.ndarray:  # [S], NaN off rows
         cd = c.astype(np.float64)
         with np.errstate(invalid="ignore"):  # inf padding: masked out
             gain = torch.from_numpy(np.where(is_free & (cnt > 0), 2 * cd * s1 - cnt * cd * cd, 0.0))
         # each row's F + 1 terms summed alone by torch, as `_fit` sums one segment's: the same association,
         # so the same bits (the error decides the tol stop, and can be all rounding noise: huge values)
-        return total_sq - np.array([float(gain[r, : F[r] + 1].sum()) for r in range(S)])
+        err = np.full(S, np.nan)
+        for r in rows.tolist():
+            err[r] = total_sq[r] - float(gain[r, : F[r] + 1].sum())
+        return err
 
     prev_err = np.full(S, np.inf)
-    prev_hi = np.full((S, W), -1, np.int64)
+    hi, s1 = np.full((S, W), -1, np.int64), np.zeros((S, W))
     done = np.zeros(S, bool)
     for _ in range(max_iter):
-        if done.all():  # frozen rows change nothing: the remaining iterations are no-ops
+        live = np.flatnonzero(~done)  # frozen rows change nothing: their assignment is not redone
+        if live.size == 0:
             break
-        hi, cnt, s1 = assign(c)
+        prev_hi = hi.copy()
+        hi, cnt, s1 = assign(c, live, hi, s1)
         mean = np.where(cnt > 0, s1 / np.maximum(cnt, 1), c.astype(np.float64)).astype(np.float32)
         new_c = np.where(is_free, mean, c)
-        err = sse(new_c, cnt, s1)
+        err = sse(new_c, cnt, s1, live)
         fixed = (hi == prev_hi).all(1)
-        with np.errstate(invalid="ignore"):  # tol * inf before the first error
+        with np.errstate(invalid="ignore"):  # tol * inf before the first error; NaN on frozen rows
             small = np.isfinite(prev_err) & ((prev_err - err) <= tol * prev_err)
         c = np.where(done[:, None], c, new_c)
         done = done | fixed | small
         prev_err = np.where(done, prev_err, err)
-        prev_hi = hi
-    hi, cnt, s1 = assign(c)
-    return c, nneg, F, sse(c, cnt, s1)
+    everyone = np.arange(S)
+    hi, cnt, s1 = assign(c, everyone, hi, s1)
+    return c, nneg, F, sse(c, cnt, s1, everyone)

@@ -25,6 +25,7 @@ high ``b``). Many independent problems (segments) with the same ``K`` run side b
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .lloyd_batch import unique_ints
 
@@ -78,8 +79,11 @@ def _pass(
     A step computes ``free = max(s2 - s1 * s1 / max(n, 1), 0) + (inf where a > b)`` in float64 and
     ``c = V + free``, then the ``argmin`` (ties and NaN: the first) and the minimum; the Triton kernel
     reproduces these operations bit for bit, so their order and the tie-breaking are fixed. The arrays
-    are small (``[S, NC, NC]``), so numpy's per-call and per-inner-loop costs dominate: buffers are
-    allocated once per pass, operands are arrays (not scalars), the minimum is read back at the argmin.
+    are small (``[S, NC, NC]``), so per-call and per-inner-loop costs dominate: buffers are allocated
+    once per pass, operands are arrays (not scalars), and the three ops with a broadcast or a reduction
+    on the short last axis run in torch on the same buffers (numpy takes 2x as long for the outer
+    differences and returns no minimum with its argmin; both give the same bits: exact subtractions
+    and additions, the first minimum on ties and the first NaN).
     """
     S, T, NC = win.shape
     rows = np.arange(S)
@@ -87,7 +91,9 @@ def _pass(
     at = np.ascontiguousarray((win + (rows * C.shape[1])[:, None, None]).transpose(1, 0, 2))  # [T, S, NC]
     for q, P in enumerate((C, P1, P2)):
         np.take(P, at, out=X[q])  # flat indices: 3x faster than a fancy gather
+    Xt = torch.from_numpy(X)
     D = np.empty((3, S, NC, NC))  # n, s1, s2 of every (next, previous) pair
+    Dt = torch.from_numpy(D)
     n, s1, s2 = D
     free = s1  # s1 * s1 / n, then free, overwrite s1 (s2 stays for the zero cluster)
     bad = np.empty((S, NC, NC))  # 0, or inf where a > b (a boundary before its predecessor)
@@ -95,8 +101,9 @@ def _pass(
     infeasible = np.empty((S, NC, NC), bool)
     c0, c1 = np.empty((S, NC, NC)), np.empty((S, NC, NC))  # V0 + free, V1 + free
     cz = np.empty((S, NC, 2 * NC))  # [V1 + free | V0 + zero] where cluster t may be the zero cluster
-    a1, idx = np.empty((S, NC), np.intp), np.empty((S, NC), np.intp)  # argmins (numpy writes intp)
-    base = np.arange(S * NC)  # rows of the flattened cost matrices
+    c0t, c1t, czt, freet = (torch.from_numpy(c) for c in (c0, c1, cz, s1))
+    a1t, idxt = torch.empty((S, NC), dtype=torch.int64), torch.empty((S, NC), dtype=torch.int64)  # argmins
+    a1, idx = a1t.numpy(), idxt.numpy()
     # a > b <=> n = C[b] - C[a] < 0 where the counts rise strictly up to the last candidate (counts of
     # nonempty atoms always do): a compare on n instead of a broadcast one on the positions (7x dearer)
     last = win.max((1, 2))[:, None]  # [S, 1]
@@ -112,15 +119,13 @@ def _pass(
     need0 = (lo_t[:, 1:] <= za[:, None]).any(0).tolist()  # [T - 1], step t: boundary t + 1
     may_zero = ((lo_t[:, :-1] <= za[:, None]) & (za[:, None] <= hi_t[:, 1:])).any(0).tolist()
 
-    def argmin(c: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out[:] = c.argmin(2)``; returns ``c.min(2)`` ``[S, NC]``, read at the argmins (a gather of
-        ``S NC`` values instead of a second reduction; a NaN row gives NaN either way)."""
-        c.argmin(2, out=out)
-        return np.take(c, base * c.shape[2] + out.reshape(-1)).reshape(S, NC)
+    def argmin(c: torch.Tensor, out: torch.Tensor) -> np.ndarray:
+        """``out[:] = c.argmin(2)`` (the first minimum, or the first NaN); returns ``c.min(2)`` ``[S, NC]``."""
+        return torch.min(c, 2, out=(torch.empty(S, NC, dtype=torch.float64), out))[0].numpy()
 
     for t in range(T - 1):
         a, b = win[:, t][:, None, :], win[:, t + 1][:, :, None]  # [S, 1, NC] previous, [S, NC, 1] next
-        np.subtract(X[:, t + 1, :, :, None], X[:, t, :, None, :], out=D)
+        torch.sub(Xt[:, t + 1, :, :, None], Xt[:, t, :, None, :], out=Dt)
         np.less(n, 0.0, out=infeasible) if rising else np.greater(a, b, out=infeasible)
         bad.fill(0.0)
         np.putmask(bad, infeasible, np.inf)
@@ -132,20 +137,20 @@ def _pass(
         # x = -0 it may keep -0, which V + free turns into the same value (V >= +0 or inf or NaN)
         np.maximum(free, bad, out=free)
         if need0[t]:
-            np.add(V0[:, None, :], free, out=c0)
+            torch.add(torch.from_numpy(V0)[:, None, :], freet, out=c0t)
         if may_zero[t]:  # cluster t may be the zero cluster
             zero = s2 + np.where((a <= zc) & (zc <= b), bad, np.inf)  # it holds the sign change
             np.add(V1[:, None, :], free, out=cz[:, :, :NC])
             np.add(V0[:, None, :], zero, out=cz[:, :, NC:])
-            V1 = argmin(cz, a1)
+            V1 = argmin(czt, a1t)
             use_z = a1 >= NC
             A1[t + 1], Z[t + 1] = a1 - NC * use_z, use_z
         elif np.isfinite(V1).any():
-            np.add(V1[:, None, :], free, out=c1)
-            V1 = argmin(c1, idx)
+            torch.add(torch.from_numpy(V1)[:, None, :], freet, out=c1t)
+            V1 = argmin(c1t, idxt)
             A1[t + 1] = idx
         if need0[t]:
-            V0 = argmin(c0, idx)
+            V0 = argmin(c0t, idxt)
             A0[t + 1] = idx
         else:
             V0 = np.full((S, NC), np.inf)
