@@ -11,7 +11,9 @@ of each innermost loop of its SASS. One warp issues a loop body once per iterati
 * ``cand``: a 32-row candidate tile.
 
 These are the per-warp counts :data:`bench.model.REFINE_SASS` holds (the kernel runs 4 warps, one
-per scheduler). Counts, not timings.
+per scheduler). Counts, not timings. Not counted: the slow paths of float64 divisions (a predicated
+branch over a ``CALL`` to the fix-up routine, taken only when the quotient needs it: denormal,
+huge or special operands), which are in the loop body but not issued on a normal step.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def loops(sass: str) -> list[dict]:
         if any(lo <= x and y <= hi and (x, y) != (lo, hi) for x, y in spans):
             continue  # holds another loop
         body = [(a, op) for a, op in ins if lo <= a <= hi]
+        slow = set()  # division slow paths: a predicated forward branch over a CALL
+        for a, op in body:
+            m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
+            if m and op.startswith("@") and int(m.group(1), 16) > a:
+                span = [(x, o) for x, o in body if a < x < int(m.group(1), 16)]
+                if len(span) < 60 and any("CALL" in o for _, o in span):
+                    slow |= {x for x, _ in span}
+        body = [(a, op) for a, op in body if a not in slow]
         skips = []
         for a, op in body:
             m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
@@ -58,7 +68,7 @@ def loops(sass: str) -> list[dict]:
                 skips += [n] if n > 300 else []
         ops = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0] for _, op in body]
         count = {k: ops.count(k) for k in ("DFMA", "SHFL", "F2I", "REDUX", "STG", "LDG")}
-        out.append({"size": len(body), "branches": skips, "ops": count})
+        out.append({"size": len(body), "slow_path": len(slow), "branches": skips, "ops": count})
     return out
 
 
