@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from atmc_triton.budget import atmc_layers, fit_budget_, floor_indices, nnz_budget, unwrap
-from atmc_triton.config import ATMCConfig
+from atmc_triton.config import FLOORS, ATMCConfig
 from atmc_triton.kernels import project_topk_
 from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear, ATMCMultiheadAttention
 
@@ -154,7 +154,7 @@ def compress_(
         >>> import atmc_triton as at
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
         >>> at.compress_(model, at.ATMCConfig(ratio=0.05, bits=4))[2]
-        ATMCLinear(in_features=144, out_features=10, rank=10, bits=4, bias=True)
+        ATMCLinear(in_features=144, out_features=10, rank=0, bits=4, bias=True)
     """
     if not isinstance(cfg, ATMCConfig):
         raise ValueError(f"compress_: cfg must be an ATMCConfig, got {type(cfg).__name__}")
@@ -351,7 +351,8 @@ def finalize_(
     factor's distinct nonzero values, masks its nonzeros, Z := W and u := 0. Returns ``model``.
 
     Args:
-        floor: the layer floor (default: ``model.atmc_config.floor``, set by ``compress_``).
+        floor: the layer floor, one of ``"last"``, ``"rows"``, ``"none"`` (default ``None`` or ``"auto"``: the
+            floor ``compress_`` resolved for this model).
         progress: a tqdm bar over the factors (``None``: on for models of 5M+ weights).
         check_input: run :func:`check_input_dependence` afterwards (a :class:`CollapseWarning`
             if some output no longer depends on the input).
@@ -368,7 +369,9 @@ def finalize_(
     layers = [layer for _, layer in atmc_layers(model)]
     if not layers:
         raise ValueError("finalize_: the model has no ATMC layers")
-    floor = floor or model_floor(model)
+    if floor is not None and floor not in FLOORS:
+        raise ValueError(f"finalize_: floor must be None or one of {FLOORS}, got {floor!r}")
+    floor = model_floor(model) if floor in (None, "auto") else floor
     k = int(model.atmc_nnz_budget)
     budget = int(model.atmc_bits_budget)
     segs = [(layer, f) for layer in layers for f in FACTORS]

@@ -90,8 +90,8 @@ def _check(x: Tensor, y: Tensor, eps: float | None = None) -> None:
         raise ValueError(f"attack inputs must be floating point in [0, 1], got {x.dtype}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"labels must be [N] for inputs [N, ...], got {tuple(y.shape)} for {tuple(x.shape)}")
-    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-        raise ValueError("attack inputs must lie in [0, 1] (normalize inside the model)")
+    if x.numel() and not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0):  # NaN fails both
+        raise ValueError("attack inputs must lie in [0, 1] and be finite, no NaN (normalize inside the model)")
     if eps is not None and not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 

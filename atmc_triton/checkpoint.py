@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import numbers
 import os
 import pickle
 import random
@@ -47,6 +48,7 @@ from atmc_triton.config import ATMCConfig
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "check_loadable",
     "check_meta",
     "config_from_dict",
     "config_to_dict",
@@ -207,6 +209,42 @@ def payload_digest(payload: dict[str, Any]) -> str:
 
 
 # -- save / load --------------------------------------------------------------------------------
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+def check_loadable(obj: Any, where: str = "payload") -> None:
+    """Raise ``ValueError`` naming the first value of ``obj`` that ``torch.load(weights_only=True)``
+    would refuse: anything but tensors, plain scalars, strings, dtypes, devices and
+    dict/list/tuple/set containers of them. :func:`save_checkpoint` checks before writing, so it
+    never writes a checkpoint :func:`load_checkpoint` then refuses.
+
+    Example:
+        >>> check_loadable({"lr": 0.1, "w": torch.zeros(2), "names": ["a", "b"]})
+        >>> check_loadable({"out": Path("runs")}, "meta")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: meta['out'] is a PosixPath: a checkpoint holds only tensors, plain scalars, ...
+    """
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and not isinstance(obj, nn.Parameter):
+            raise ValueError(f"{where} is a {type(obj).__name__} (a tensor subclass), not a plain tensor")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_loadable(k, f"{where} key {k!r}")
+            check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)) and type(obj) in (list, tuple, set, frozenset, torch.Size):
+        for i, v in enumerate(obj):
+            check_loadable(v, f"{where}[{i}]")
+        return
+    if type(obj) not in _PLAIN:
+        raise ValueError(
+            f"{where} is a {type(obj).__name__}: a checkpoint holds only tensors, plain scalars, strings and "
+            "dict/list/tuple/set of them (torch.load(weights_only=True) would refuse it)"
+        )
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -219,6 +257,12 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (see the module docstring). Returns the path.
 
+    Raises:
+        ValueError: ``model`` is not an ``nn.Module``, ``epoch`` / ``step`` are not ints >= 0, or
+            ``meta`` / ``extra`` / the optimizer state hold a value :func:`load_checkpoint` would refuse
+            (e.g. a ``Path`` or a config object: store ``str(path)`` / ``config_to_dict(cfg)``); nothing is
+            written then.
+
     Example:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.pt"
@@ -226,6 +270,13 @@ def save_checkpoint(
         >>> load_checkpoint(p)["epoch"]
         3
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"save_checkpoint: model must be an nn.Module, got {type(model).__name__}")
+    for name, v in (("epoch", epoch), ("step", step)):
+        if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"save_checkpoint: {name} must be an int >= 0, got {v!r}")
+    if not isinstance(meta, dict) or not (extra is None or isinstance(extra, dict)):
+        raise ValueError("save_checkpoint: meta and extra must be dicts")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -237,6 +288,8 @@ def save_checkpoint(
         "rng": get_rng_state(),
         "extra": dict(extra or {}),
     }
+    for key in ("meta", "model", "optimizer", "extra"):
+        check_loadable(payload[key], f"save_checkpoint: {key}")
     payload["digest"] = payload_digest(payload)
     return atomic_write(path, lambda f: torch.save(payload, f))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +39,30 @@ def all_finite(tensors: Iterable[Tensor | None]) -> Tensor | None:
         return None
     norms = torch._foreach_norm(ts, float("inf"))  # one launch per device and dtype group
     return torch.isfinite(torch.stack([x.float().to(ts[0].device) for x in norms])).all()
+
+
+#: ``ATMCConfig`` fields that :func:`atmc_triton.compress_` fixes in the model (budget, codebooks, factor shapes,
+#: floor); the others (rho and its schedule, ``quant_interval``, the quantizer's settings) are the optimizer's own.
+COMPRESS_FIELDS = ("ratio", "nnz", "bits", "layer_bits", "init", "rank", "exclude", "floor")
+
+
+def _check_same_compression(model: nn.Module, cfg: ATMCConfig) -> None:
+    """Refuse a ``cfg`` whose compression fields differ from those ``compress_`` applied to ``model``:
+    the budget ``k`` and the layers' bits come from the model, so they would be silently ignored."""
+    used = model.__dict__.get("atmc_config")
+    if not isinstance(used, ATMCConfig):
+        return
+    diff = [
+        f"{f}={getattr(cfg, f)!r} (compress_ used {getattr(used, f)!r})"
+        for f in COMPRESS_FIELDS
+        if getattr(cfg, f) != getattr(used, f)
+    ]
+    if diff:
+        raise ValueError(
+            "ADMM: cfg differs from the config compress_ applied to this model in " + ", ".join(diff) + "; pass "
+            "the same config (only rho, rho_factor, rho_every, quant_interval, max_iter, tol and quant_method may "
+            "differ)"
+        )
 
 
 class ADMM(torch.optim.Optimizer):
@@ -93,8 +118,11 @@ class ADMM(torch.optim.Optimizer):
         if not isinstance(cfg, ATMCConfig):
             raise ValueError(f"ADMM: cfg must be an ATMCConfig, got {type(cfg).__name__}")
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"ADMM: {name} must be a number >= 0, got {v!r}")
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"ADMM: {name} must be a finite number >= 0, got {v!r}")
+        for name, v in (("nesterov", nesterov), ("check_finite", check_finite)):
+            if not isinstance(v, bool):
+                raise ValueError(f"ADMM: {name} must be True or False, got {v!r}")
         if nesterov and momentum <= 0:
             raise ValueError("ADMM: nesterov needs momentum > 0")
         model = unwrap(model)
@@ -102,6 +130,7 @@ class ADMM(torch.optim.Optimizer):
         if not layers:
             raise ValueError("ADMM: the model has no ATMC layers; call atmc_triton.compress_(model, cfg) first")
         check_plain_factors(layers)
+        _check_same_compression(model, cfg)
         k = getattr(model, "atmc_nnz_budget", None)
         if k is None:
             raise ValueError("ADMM: the model has no budget buffer; compress it with atmc_triton.compress_")

@@ -192,6 +192,10 @@ class Protocol:
             raise ValueError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
         if self.apgd_steps < 1:
             raise ValueError(f"apgd_steps must be >= 1, got {self.apgd_steps}")
+        if not (math.isfinite(self.wrm_gamma) and self.wrm_gamma > 0):  # checked here, not after training
+            raise ValueError(f"wrm_gamma must be a finite number > 0, got {self.wrm_gamma}")
+        if self.wrm_steps < 0 or not (math.isfinite(self.wrm_lr) and self.wrm_lr >= 0):
+            raise ValueError(f"wrm_steps must be >= 0 and wrm_lr finite and >= 0, got {self.wrm_steps}, {self.wrm_lr}")
         if self.train_attack_mode not in ("train", "eval"):
             raise ValueError(f"train_attack_mode must be 'train' or 'eval', got {self.train_attack_mode!r}")
         if self.train_attack not in TRAIN_ATTACKS:
