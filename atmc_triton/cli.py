@@ -479,6 +479,20 @@ def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
             )
 
 
+def _check_fresh(s: _Setup, stages: list[str]) -> None:
+    """Without ``--resume``, refuse to start over on top of an earlier run's checkpoints (before any work):
+    a rerun that forgot ``--resume`` would overwrite them with its first epoch."""
+    if s.exp.resume or s.exp.out is None:
+        return
+    names = [f"{st}.pt" for st in stages] + [f"{st}_final.pt" for st in stages if st.startswith("atmc")]
+    found = [n for n in names if (s.exp.out / n).exists()]
+    if found:
+        raise ValueError(
+            f"{s.exp.out} already holds checkpoints of an earlier run ({', '.join(found)}): --resume continues it "
+            "(a finished run is only evaluated again); to start over, pick another --out or delete them"
+        )
+
+
 def _say(msg: str) -> None:
     if distributed.is_main():
         print(msg, file=sys.stderr, flush=True)
@@ -623,6 +637,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = _config(a, recipe_for(a.dataset, a.protocol))  # bad budgets fail before any data is read
     s = _setup(a)
     _check_budget(s, cfg)
+    _check_fresh(s, ["natural"] * s.natural + ["dense"] * (a.dense_checkpoint is None) + ["atmc"])
     given = s.exp.load(a.dense_checkpoint, stages=DENSE_STAGES) if a.dense_checkpoint else None  # checked first
     rows = []
     if s.natural:
@@ -648,6 +663,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     s = _setup(a)
     for cfg in cfgs:
         _check_budget(s, cfg)
+    _check_fresh(s, ["dense"] * (a.dense_checkpoint is None) + [f"atmc_r{r:g}" for r in ratios])
     given = s.exp.load(a.dense_checkpoint, stages=DENSE_STAGES) if a.dense_checkpoint else None
     dense, t = (given, 0.0) if given is not None else _dense_model(s)
     rows = [_row("dense-adversarial", s.exp.evaluate(dense), t)]

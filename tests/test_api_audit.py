@@ -269,3 +269,43 @@ def test_public_docstring_examples_run(name):
             runner.run(t, out=lambda s: None)
     res = runner.summarize(verbose=False)
     assert res.attempted > 0 and res.failed == 0, f"{res.failed} of {res.attempted} examples in {name} failed"
+
+
+# --- a rerun that forgot --resume ---------------------------------------------------------------------
+
+TINY = ["--subset", "128", "--test-subset", "16", "--epochs", "1", "--atmc-epochs", "1", "--pgd-steps", "2"]
+TINY += ["--eval-pgd-steps", "2", "--eval-size", "16", "--no-progress", "--attacks", "pgd", "--no-natural-baseline"]
+
+
+def test_a_rerun_without_resume_refuses_to_overwrite_the_checkpoints(tmp_path, capsys):
+    from pipeline_helpers import one_thread
+
+    out = tmp_path / "run"
+    with one_thread():
+        assert main(["train", *TINY, "--out", str(out)]) == 0
+        saved = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+        assert sorted(saved) == ["atmc.pt", "atmc_final.pt", "dense.pt"]
+        capsys.readouterr()
+        assert main(["train", *TINY, "--out", str(out)]) == 2  # before the check: dense.pt rewritten at epoch 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (
+            f"atmc: error: {out} already holds checkpoints of an earlier run (dense.pt, atmc.pt, atmc_final.pt): "
+            "--resume continues it (a finished run is only evaluated again); to start over, pick another --out "
+            "or delete them"
+        )
+        assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == saved
+        assert main(["train", *TINY, "--out", str(out), "--resume"]) == 0
+        # the README's sweep from the run's dense checkpoint into the same directory writes other stages: allowed
+        sweep = [
+            "sweep",
+            *TINY[:-1],
+            "--ratios",
+            "0.05",
+            "--dense-checkpoint",
+            str(out / "dense.pt"),
+            "--out",
+            str(out),
+        ]
+        assert main(sweep) == 0
+        assert main(sweep) == 2
+        assert "(atmc_r0.05.pt, atmc_r0.05_final.pt)" in capsys.readouterr().err
