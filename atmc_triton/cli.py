@@ -480,9 +480,16 @@ def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
 
 
 def _check_fresh(s: _Setup, stages: list[str]) -> None:
-    """Without ``--resume``, refuse to start over on top of an earlier run's checkpoints (before any work):
-    a rerun that forgot ``--resume`` would overwrite them with its first epoch."""
-    if s.exp.resume or s.exp.out is None:
+    """Before any work: make ``--out``, and without ``--resume`` refuse to start over on top of an earlier
+    run's checkpoints (a rerun that forgot ``--resume`` would overwrite them with its first epoch)."""
+    if s.exp.out is None:
+        return
+    try:  # a file in the way would otherwise surface as a traceback at the first checkpoint, after an epoch
+        if distributed.is_main():
+            s.exp.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {s.exp.out}: cannot create the output directory ({e.strerror})") from None
+    if s.exp.resume:
         return
     names = [f"{st}.pt" for st in stages] + [f"{st}_final.pt" for st in stages if st.startswith("atmc")]
     found = [n for n in names if (s.exp.out / n).exists()]

@@ -188,6 +188,9 @@ class ADMM(torch.optim.Optimizer):
                     p.grad.detach_().zero_()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, after checking that ``state_dict`` is an ADMM state of
+        a model shaped like this one (a ``ValueError`` before anything is loaded, not a half-loaded state)."""
+        self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
         self._sync()
         with torch.no_grad():
@@ -200,6 +203,28 @@ class ADMM(torch.optim.Optimizer):
                     view.copy_(buf)
         self._point_state()
         self.state.setdefault("admm", {"step": 0, "quant_steps": 0})
+
+    def _check_state_dict(self, sd: Any) -> None:
+        groups = sd.get("param_groups") if isinstance(sd, dict) else None
+        if not (isinstance(groups, list) and isinstance(sd.get("state"), dict)):
+            raise ValueError("ADMM.load_state_dict: expected an optimizer state_dict with 'state' and 'param_groups'")
+        sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+        mine = [len(g["params"]) for g in self.param_groups]
+        if sizes != mine or not groups[0].get("atmc"):
+            raise ValueError(
+                f"ADMM.load_state_dict: the state holds parameter groups of {sizes} parameters, this optimizer "
+                f"{mine} (the ATMC factors first): it is not the ADMM state of this model"
+            )
+        ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for n, (i, p) in enumerate(zip(ids, params)):
+            buf = sd["state"].get(i, {}).get("momentum_buffer") if isinstance(sd["state"].get(i), dict) else None
+            if buf is not None and (not isinstance(buf, Tensor) or buf.shape != p.shape):
+                got = tuple(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__
+                raise ValueError(
+                    f"ADMM.load_state_dict: the momentum of parameter {n} is {got}, the parameter "
+                    f"{tuple(p.shape)}: the state of a model with other layer shapes"
+                )
 
     # -- the step --------------------------------------------------------------------------
     @property

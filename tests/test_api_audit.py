@@ -76,6 +76,33 @@ def test_admm_hyperparameters_are_checked(kw, name):
         at.ADMM(model, cfg, **kw)
 
 
+def test_admm_load_state_dict_of_another_model_fails_before_loading_anything():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    x = torch.rand(2, 1, 7, 7)
+    model = at.compress_(small(), cfg)
+    opt = at.ADMM(model, cfg, lr=0.05)
+    model(x).sum().backward()
+    opt.step()
+    wider = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 12))
+    other = at.compress_(wider, cfg)
+    other_opt = at.ADMM(other, cfg, lr=0.5)
+    other(x).sum().backward()
+    other_opt.step()
+    mom = opt.store.mom.clone()
+    with pytest.raises(
+        ValueError,
+        match=r"ADMM.load_state_dict: the momentum of parameter \d+ is \(12, \d+\), the parameter \(10, \d+\)",
+    ):
+        opt.load_state_dict(other_opt.state_dict())
+    assert torch.equal(opt.store.mom, mom) and opt.param_groups[0]["lr"] == 0.05  # nothing loaded
+    with pytest.raises(ValueError, match="ADMM.load_state_dict: expected an optimizer state_dict"):
+        opt.load_state_dict({"a": 1})
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="ADMM.load_state_dict: the state holds parameter groups of"):
+        opt.load_state_dict(sgd.state_dict())
+    opt.load_state_dict(opt.state_dict())  # its own state still loads
+
+
 # --- finalize_ ------------------------------------------------------------------------------------
 
 
@@ -309,3 +336,13 @@ def test_a_rerun_without_resume_refuses_to_overwrite_the_checkpoints(tmp_path, c
         assert main(sweep) == 0
         assert main(sweep) == 2
         assert "(atmc_r0.05.pt, atmc_r0.05_final.pt)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_an_out_path_blocked_by_a_file_is_a_one_line_error_before_training(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / where
+    assert main(["train", *TINY, "--out", str(out)]) == 2  # was a FileExistsError traceback after an epoch
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"atmc: error: --out {out}: cannot create the output directory (")
+    assert not any(line.startswith("stage=") for line in err)  # nothing trained
