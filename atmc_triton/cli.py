@@ -860,7 +860,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--attack", nargs="+", choices=list(ATTACKS), default=["pgd", "apgd"], help="attacks to run (default: pgd apgd)"
     )
-    e.add_argument("--model", choices=list(MODELS), help="refuse the checkpoint unless it holds this model")
+    e.add_argument(
+        "--model",
+        type=_model_name,
+        help="refuse the checkpoint unless it holds this model (a name, tv:NAME, timm:NAME)",
+    )
     e.add_argument("--finalize", action="store_true", help="finalize_ an unfinalized ATMC checkpoint first")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _add_data(e, dataset=False)

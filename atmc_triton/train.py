@@ -1032,6 +1032,8 @@ class Experiment:
     def __post_init__(self):
         self.device = resolve_device(self.device)
         self.out = Path(self.out) if self.out is not None else None
+        if "apgd" in self.attacks:  # the suite is checked now, not at the first evaluation after hours of training
+            resolve_suite(self.suite, self.use_autoattack, torch.empty(1, *self.data.spec.in_shape))
 
     @property
     def identity(self) -> dict[str, Any]:

@@ -346,3 +346,32 @@ def test_an_out_path_blocked_by_a_file_is_a_one_line_error_before_training(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"atmc: error: --out {out}: cannot create the output directory (")
     assert not any(line.startswith("stage=") for line in err)  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--suite", "apgd", "--autoattack", "no"], "give suite= or use_autoattack=, not both"),
+        (["--suite", "autoattack"], "AutoAttack is not installed"),
+    ],
+)
+def test_a_suite_that_cannot_run_is_refused_before_training(tmp_path, capsys, args, match):
+    from atmc_triton.attacks import autoattack_available
+
+    if "autoattack" in args and autoattack_available():
+        pytest.skip("fra31's autoattack is installed here")
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a not in ("--attacks", "pgd")]  # the suite runs with the apgd attack
+    assert main(["train", *tiny, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert match in err[-1] and not any(line.startswith("stage=") for line in err)  # was: after training
+    assert not (out / "natural.pt").exists() and not (out / "dense.pt").exists()
+
+
+def test_eval_model_check_accepts_the_model_names_train_accepts(tmp_path, capsys):
+    ck = tmp_path / "dense.pt"
+    meta = {"model": "tv:resnet18", "dataset": "digits", "stage": "dense", "atmc": None}
+    save_checkpoint(ck, model=small(), meta=meta)
+    assert main(["eval", str(ck), "--model", "timm:convnext_atto"]) == 2  # was: argparse "invalid choice"
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"atmc: error: checkpoint {str(ck)!r} holds model 'tv:resnet18', not 'timm:convnext_atto'"
