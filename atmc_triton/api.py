@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import warnings
@@ -112,6 +113,17 @@ class CompressReport:
         return "\n".join(lines)
 
 
+def unmatched_layer_bits(cfg: ATMCConfig, names: list[str]) -> list[str]:
+    """The ``cfg.layer_bits`` keys that name none of the layers ``names`` (exactly or as an fnmatch pattern):
+    a typo there would silently leave the layer at ``cfg.bits``.
+
+    Example:
+        >>> unmatched_layer_bits(ATMCConfig(ratio=0.1, layer_bits={"fc": 4, "conv*": 2}), ["conv1", "head"])
+        ['fc']
+    """
+    return [p for p, _ in cfg.layer_bits or () if not any(p == n or fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def _record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: remember the shape and dtype of the model's first tensor input."""
     if torch.compiler.is_compiling():
@@ -148,7 +160,8 @@ def compress_(
 
     Raises:
         ValueError: nothing to compress, a selected layer with non-float weights, an ``exclude``
-            pattern that matches no layer, or a layer floor larger than half the budget.
+            pattern that matches no layer, a ``layer_bits`` key that matches no compressed layer, or a
+            layer floor larger than half the budget.
 
     Example:
         >>> import atmc_triton as at
@@ -190,6 +203,12 @@ def compress_(
         raise ValueError(
             "compress_: the model has nothing to compress (no nn.Linear / nn.Conv2d / nn.MultiheadAttention "
             "matched filter_fn and exclude)"
+        )
+    unmatched = unmatched_layer_bits(cfg, [n for n, _ in targets])
+    if unmatched:
+        names = ", ".join(n for n, _ in targets[:8]) + (", ..." if len(targets) > 8 else "")
+        raise ValueError(
+            f"compress_: ATMCConfig.layer_bits {unmatched} matches no layer being compressed (layers: {names})"
         )
     handled = {id(m) for _, m in candidates}
     for name, m in named:

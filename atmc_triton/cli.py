@@ -466,12 +466,23 @@ def _dense_model(s: _Setup) -> tuple[Any, float]:
 
 
 def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
-    """Fail before training when the ratio cannot hold even one nonzero."""
+    """Fail before training when a --layer-bits name matches no layer or the ratio cannot hold one nonzero."""
+    from torch import nn
+
+    from atmc_triton.api import unmatched_layer_bits
     from atmc_triton.budget import dense_bits
 
+    model = s.exp.new_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))]
+    unmatched = unmatched_layer_bits(cfg, names)
+    if unmatched:
+        raise ValueError(
+            f"--layer-bits {', '.join(unmatched)} matches no layer of {s.exp.model_name} "
+            f"(layers: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+        )
     if cfg.ratio is not None:
         need = (cfg.bits or 32) + (32 if cfg.bits else 0)
-        have = cfg.ratio * dense_bits(s.exp.new_model())
+        have = cfg.ratio * dense_bits(model)
         if have < need:
             raise ValueError(
                 f"--ratio {cfg.ratio} leaves {have:.0f} bits for {s.exp.model_name}: not even one "

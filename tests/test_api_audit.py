@@ -375,3 +375,25 @@ def test_eval_model_check_accepts_the_model_names_train_accepts(tmp_path, capsys
     assert main(["eval", str(ck), "--model", "timm:convnext_atto"]) == 2  # was: argparse "invalid choice"
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"atmc: error: checkpoint {str(ck)!r} holds model 'tv:resnet18', not 'timm:convnext_atto'"
+
+
+def test_a_layer_bits_key_that_matches_no_layer_is_refused():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4, layer_bits={"3": 2, "fc": 2})  # the Linear is "3": "fc" is a typo
+    model = small()
+    with pytest.raises(
+        ValueError, match=r"compress_: ATMCConfig.layer_bits \['fc'\] matches no layer being compressed"
+    ):
+        at.compress_(model, cfg)
+    assert not at.atmc_layers(model)  # refused before any swap
+    at.compress_(model, at.ATMCConfig(ratio=0.2, bits=4, layer_bits={"3": 2, "[0-9]": 3}))
+    assert [layer.nbits for _, layer in at.atmc_layers(model)] == [3, 2]  # exact names before patterns
+    with pytest.raises(ValueError, match=r"matches no layer being compressed"):  # "0" is excluded
+        at.compress_(small(), at.ATMCConfig(ratio=0.2, bits=4, layer_bits={"0": 2}, exclude=["0"]))
+
+
+def test_cli_layer_bits_typo_fails_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--layer-bits", "fc=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("atmc: error: --layer-bits fc matches no layer of digits_cnn (layers: ")
+    assert not (out / "dense.pt").exists()
