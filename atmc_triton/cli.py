@@ -676,6 +676,9 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     ratios = a.ratios
     if not ratios:
         raise ValueError("--ratios needs at least one ratio")
+    stages = [f"{r:g}" for r in ratios]  # each ratio's stage and checkpoint name
+    if len(set(stages)) < len(stages):
+        raise ValueError(f"--ratios repeats a ratio ({', '.join(stages)}): each one names its stage's checkpoints")
     recipe = recipe_for(a.dataset, a.protocol)
     cfgs = [_config(a, recipe, ratio=r) for r in ratios]  # every ratio is checked before any work
     s = _setup(a)

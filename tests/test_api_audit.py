@@ -397,3 +397,11 @@ def test_cli_layer_bits_typo_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("atmc: error: --layer-bits fc matches no layer of digits_cnn (layers: ")
     assert not (out / "dense.pt").exists()
+
+
+def test_sweep_refuses_a_repeated_ratio(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["sweep", *TINY[:-1], "--ratios", "0.05,0.02,0.050", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "atmc: error: --ratios repeats a ratio (0.05, 0.02, 0.05): each one names its stage's checkpoints"
+    assert not out.exists()  # was: the second 0.05 overwrote the first one's checkpoints and log records
