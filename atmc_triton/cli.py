@@ -161,6 +161,13 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonnegative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
 def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     g = p.add_argument_group("data")
     if dataset:
@@ -286,7 +293,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lr-schedule", choices=list(LR_SCHEDULES), help="per-step LR schedule (paper: cosine, fast: onecycle)"
     )
-    g.add_argument("--eval-size", type=int, default=1000, help="test examples for the per-epoch check (0: none)")
+    g.add_argument(
+        "--eval-size", type=_nonnegative_int, default=1000, help="test examples for the per-epoch check (0: none)"
+    )
     b = p.add_argument_group("ATMC budget and ADMM (atmc_triton.ATMCConfig)")
     b.add_argument("--ratio", type=float, help="size budget: compressed bits / dense 32-bit bits, in (0, 1)")
     b.add_argument("--nnz", type=int, help="explicit global nonzero budget k (instead of --ratio)")

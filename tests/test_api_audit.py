@@ -405,3 +405,12 @@ def test_sweep_refuses_a_repeated_ratio(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "atmc: error: --ratios repeats a ratio (0.05, 0.02, 0.05): each one names its stage's checkpoints"
     assert not out.exists()  # was: the second 0.05 overwrote the first one's checkpoints and log records
+
+
+def test_negative_eval_size_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--eval-size", "-1"])
+    assert e.value.code == 2  # was: "atmc: error: subset size must be >= 1, got -1", after loading the data
+    assert (
+        capsys.readouterr().err.strip() == "atmc train: error: argument --eval-size: must be >= 0, got -1 (see --help)"
+    )
