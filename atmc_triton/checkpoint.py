@@ -47,6 +47,7 @@ from atmc_triton.config import ATMCConfig
 
 __all__ = [
     "CheckpointError",
+    "atomic_save",
     "atomic_write",
     "check_loadable",
     "check_meta",
@@ -96,22 +97,23 @@ def remove_partial_writes(path: str | os.PathLike) -> list[Path]:
     return gone
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it over ``path``.
+def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
+    """Call ``save(tmp)`` with the name of a new temporary file next to ``path``, fsync it, then rename
+    it over ``path``: an interrupted save leaves whatever was at ``path`` whole. Returns ``path``.
 
     Example:
         >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
-        >>> _ = atomic_write(p, lambda f: f.write(b"ok")); p.read_bytes()
-        b'ok'
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> _ = atomic_save(p, lambda tmp: pathlib.Path(tmp).write_text("ok")); p.read_text()
+        'ok'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        save(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -128,6 +130,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         if dir_fd is not None:
             os.close(dir_fd)
     return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it over ``path``
+    (:func:`atomic_save` with an open binary file).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+        >>> _ = atomic_write(p, lambda f: f.write(b"ok")); p.read_bytes()
+        b'ok'
+    """
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return atomic_save(path, save)
 
 
 # -- RNG state ------------------------------------------------------------------------------

@@ -32,10 +32,8 @@ that a factor entry stored as ``-0.0`` comes back as ``+0.0`` (zeros are not sto
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from typing import Any
 
 import torch
@@ -707,17 +705,10 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         raise ValueError(f"save_packed: the directory {parent} does not exist (create it first)")
     if os.path.isdir(path):
         raise ValueError(f"save_packed: {os.fspath(path)} is a directory; give a file name such as model.safetensors")
+    from atmc_triton.checkpoint import atomic_save
+
     # a temporary file renamed over ``path``: a crash mid-write leaves the previous file whole
-    tmp = os.path.join(parent, f".{os.path.basename(os.fspath(path))}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(header)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header)}))
     return os.path.getsize(path)
 
 

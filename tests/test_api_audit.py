@@ -414,3 +414,34 @@ def test_negative_eval_size_names_the_flag(capsys):
     assert (
         capsys.readouterr().err.strip() == "atmc train: error: argument --eval-size: must be >= 0, got -1 (see --help)"
     )
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return at.load_dataset("digits", subset=32, test_subset=16)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"model_name": "vgg"}, "Experiment: unknown model 'vgg'"),  # was: at the first new_model()
+        ({"protocol": {"eps": 0.1}}, "Experiment: protocol must be a Protocol, got dict"),
+        ({"attacks": ("pgd", "cw")}, r"Experiment: unknown attack\(s\) \['cw'\]"),  # was: after training
+        ({"eval_size": -1}, "Experiment.eval_size must be an int >= 0, got -1"),
+        ({"eval_batch_size": 0}, "Experiment.eval_batch_size must be an int >= 1, got 0"),
+        ({"square_queries": 0}, "Experiment.square_queries must be an int >= 1, got 0"),
+        ({"n_target_classes": 0}, "Experiment.n_target_classes must be an int >= 1, got 0"),
+        ({"max_nonfinite": 0}, "Experiment.max_nonfinite must be an int >= 1, got 0"),
+    ],
+)
+def test_experiment_checks_its_arguments_when_built(digits16, kw, match):
+    args = {"model_name": "digits_cnn", "data": digits16, "protocol": PROTOCOLS["digits"], **kw}
+    with pytest.raises(ValueError, match=match):
+        at.Experiment(**args)
+
+
+def test_evaluate_batch_size_and_schedule_hyperparameters_are_checked(digits16):
+    with pytest.raises(ValueError, match="evaluate: batch_size must be an int >= 1, got 0"):  # was ZeroDivisionError
+        at.evaluate(small(), digits16.test, PROTOCOLS["digits"], attacks=("pgd",), batch_size=0)
+    with pytest.raises(ValueError, match="Schedule: momentum and weight_decay must be >= 0, got -1"):
+        at.Schedule(epochs=1, lr=0.1, momentum=-1)
