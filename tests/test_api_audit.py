@@ -140,6 +140,27 @@ def test_attacks_refuse_non_finite_inputs(attack, bad):
         attack(model, x, y, **kw)
 
 
+@pytest.mark.parametrize(
+    "attack, kw, match",
+    [
+        (at.pgd, {"steps": 2.5}, "pgd needs steps >= 0 and alpha >= 0"),  # was: TypeError from range()
+        (at.pgd, {"steps": True}, "pgd needs steps >= 0"),
+        (at.pgd, {"alpha": math.inf}, "pgd needs steps >= 0 and alpha >= 0"),
+        (at.pgd, {"eps": "0.1"}, "eps must be a finite number >= 0, got '0.1'"),  # was: TypeError from math
+        (at.fgsm, {"eps": None}, "eps must be a finite number >= 0, got None"),
+        (at.wrm, {"steps": "3"}, "wrm needs gamma > 0, steps >= 0"),  # was: TypeError comparing str and int
+        (at.n_fgsm, {"k": math.nan}, "n_fgsm needs alpha >= 0 and k >= 0"),
+        (at.apgd_ce, {"steps": 3.0}, "apgd_ce needs steps >= 1 and n_restarts >= 1"),
+        (at.robust_suite, {"eps": 0.1, "square_queries": 1.5}, "robust_suite needs steps, n_target_classes"),
+    ],
+)
+def test_attack_arguments_of_the_wrong_type_are_value_errors(attack, kw, match):
+    torch.manual_seed(0)
+    x, y = torch.rand(3, 1, 7, 7), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=match):
+        attack(small().eval(), x, y, **kw)
+
+
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
