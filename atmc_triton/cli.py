@@ -475,13 +475,24 @@ def _dense_model(s: _Setup) -> tuple[Any, float]:
 
 
 def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
-    """Fail before training when a --layer-bits name matches no layer or the ratio cannot hold one nonzero."""
+    """Fail before training when the model cannot take the dataset's inputs, a --layer-bits name matches no
+    layer, or the ratio cannot hold one nonzero."""
+    import torch
     from torch import nn
 
     from atmc_triton.api import unmatched_layer_bits
     from atmc_triton.budget import dense_bits
 
     model = s.exp.new_model()
+    shape = (1, *s.exp.data.spec.in_shape)
+    try:  # a model that cannot take the dataset's images fails here, not in the first training step
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape, device=s.exp.device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(
+            f"--model {s.exp.model_name} cannot run on {s.exp.data.name} inputs {list(shape)}: {msg}"
+        ) from None
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))]
     unmatched = unmatched_layer_bits(cfg, names)
     if unmatched:

@@ -1129,7 +1129,7 @@ class Experiment:
             )
         model = self.new_model()
         if ck["meta"].get("atmc") is not None:
-            compress_(model, ATMCConfig(**ck["meta"]["atmc"]))
+            compress_(model, ATMCConfig(**ck["meta"]["atmc"]), progress=self.progress)
         try:
             model.load_state_dict(ck["model"])
         except (RuntimeError, ValueError) as e:
@@ -1146,7 +1146,7 @@ class Experiment:
         """
         t0 = time.perf_counter()
         model = copy.deepcopy(dense).to(self.device)
-        compress_(model, cfg)
+        compress_(model, cfg, progress=self.progress)
         opt = ADMM(
             model,
             cfg,
@@ -1157,7 +1157,7 @@ class Experiment:
         )
         meta = {**self.identity, "atmc": config_to_dict(cfg)}
         self._fit(model, opt, schedule, stage, True, meta)
-        finalize_(model)
+        finalize_(model, progress=self.progress)
         if self.out is not None and is_main():
             save_checkpoint(
                 self.out / f"{stage}_final.pt",

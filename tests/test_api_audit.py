@@ -466,3 +466,30 @@ def test_evaluate_batch_size_and_schedule_hyperparameters_are_checked(digits16):
         at.evaluate(small(), digits16.test, PROTOCOLS["digits"], attacks=("pgd",), batch_size=0)
     with pytest.raises(ValueError, match="Schedule: momentum and weight_decay must be >= 0, got -1"):
         at.Schedule(epochs=1, lr=0.1, momentum=-1)
+
+
+def test_no_progress_also_silences_the_compress_and_finalize_bars(digits16, monkeypatch, capsys):
+    import atmc_triton.api as api
+
+    monkeypatch.setattr(api, "PROGRESS_MIN_WEIGHTS", 0)  # every model counts as large (bars on by default)
+    exp = at.Experiment("digits_cnn", digits16, PROTOCOLS["digits"], eval_size=0, progress=False, attacks=("pgd",))
+    capsys.readouterr()
+    exp.compress(exp.new_model(), at.ATMCConfig(ratio=0.05, bits=4), at.Schedule(epochs=0, lr=0.1))
+    err = capsys.readouterr().err
+    assert "compress_" not in err and "finalize_" not in err  # was: both bars drawn under --no-progress
+    exp = at.Experiment("digits_cnn", digits16, PROTOCOLS["digits"], eval_size=0, progress=True, attacks=("pgd",))
+    exp.compress(exp.new_model(), at.ATMCConfig(ratio=0.05, bits=4), at.Schedule(epochs=0, lr=0.1))
+    assert "compress_" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tv:vit_b_16", "timm:convnext_atto"])
+def test_a_model_that_cannot_take_the_inputs_is_a_one_line_error_before_training(tmp_path, capsys, model):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--model", model, "--out", str(out)]) == 2  # was a traceback at the first step
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        f"atmc: error: model '{model}' cannot be built for inputs (1, 8, 8): "  # torchvision's ViT asserts
+        if model == "tv:vit_b_16"
+        else f"atmc: error: --model {model} cannot run on digits inputs [1, 1, 8, 8]: "
+    )
+    assert not (out / "dense.pt").exists()
