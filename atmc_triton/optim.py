@@ -203,6 +203,15 @@ class ADMM(torch.optim.Optimizer):
                     view.copy_(buf)
         self._point_state()
         self.state.setdefault("admm", {"step": 0, "quant_steps": 0})
+        voided = self.state["admm"].pop("nonfinite_steps", 0)  # kept out of self.state: a device counter
+        self._nonfinite = torch.full((), int(voided), dtype=torch.int64, device=self.store.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` plus :attr:`nonfinite_steps` (one host sync), so a resumed
+        optimizer keeps counting the voided steps from where it stopped."""
+        sd = super().state_dict()
+        sd["state"]["admm"] = {**sd["state"]["admm"], "nonfinite_steps": int(self._nonfinite)}
+        return sd
 
     def _check_state_dict(self, sd: Any) -> None:
         groups = sd.get("param_groups") if isinstance(sd, dict) else None

@@ -493,3 +493,23 @@ def test_a_model_that_cannot_take_the_inputs_is_a_one_line_error_before_training
         else f"atmc: error: --model {model} cannot run on digits inputs [1, 1, 8, 8]: "
     )
     assert not (out / "dense.pt").exists()
+
+
+def test_admm_state_dict_carries_the_voided_step_count():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    model = at.compress_(small(), cfg)
+    opt = at.ADMM(model, cfg, check_finite=False)
+    for bad in (True, False, True):
+        opt.zero_grad()
+        model(torch.rand(2, 1, 7, 7)).sum().backward()
+        if bad:
+            opt.store.grad[0] = math.nan
+        opt.step()
+    assert int(opt.nonfinite_steps) == 2
+    sd = opt.state_dict()
+    assert opt.state["admm"] == {"step": 3, "quant_steps": 0}  # the live state is untouched
+    twin = at.compress_(small(), cfg)
+    twin.load_state_dict(model.state_dict())
+    resumed = at.ADMM(twin, cfg, check_finite=False)
+    resumed.load_state_dict(sd)
+    assert int(resumed.nonfinite_steps) == 2 and resumed.state["admm"] == {"step": 3, "quant_steps": 0}  # was 0
