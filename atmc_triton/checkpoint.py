@@ -318,10 +318,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint with ``torch.load(weights_only=True)``; refuse unsafe or foreign files.
 
     Raises:
+        ValueError: ``map_location`` is not a device, or asks for CUDA where there is none.
         CheckpointError: missing file, pickled objects beyond tensors and plain containers (their
             code never runs), truncated or corrupted data (checksum), or not a file written by
             :func:`save_checkpoint`.
     """
+    if isinstance(map_location, (str, torch.device)):  # a bad device is the caller's mistake, not a bad file
+        try:
+            dev = torch.device(map_location)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"load_checkpoint: map_location must be a torch device, got {map_location!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"load_checkpoint: map_location {map_location!r} asks for CUDA, which is not available")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a file")

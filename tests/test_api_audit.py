@@ -213,6 +213,18 @@ def test_check_loadable_accepts_everything_a_training_checkpoint_holds(tmp_path)
     check_loadable(torch.load(tmp_path / "m.pt", weights_only=True))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "where, match", [("cuda", "asks for CUDA, which is not available"), ("gpu0", "must be a torch device")]
+)
+def test_load_checkpoint_blames_the_device_not_the_file(tmp_path, where, match):
+    save_checkpoint(tmp_path / "m.pt", model=small(), meta={})
+    with pytest.raises(ValueError, match=f"load_checkpoint: map_location .*{match}") as e:  # was: "corrupted"
+        load_checkpoint(tmp_path / "m.pt", map_location=where)
+    assert "corrupted" not in str(e.value)
+    assert load_checkpoint(tmp_path / "m.pt", map_location=torch.device("cpu"))["epoch"] == 0
+
+
 # --- packed files ---------------------------------------------------------------------------------
 
 
