@@ -73,13 +73,14 @@ class ADMM(torch.optim.Optimizer):
 
     Param group 0 holds the factors (keys ``rho`` and ``k`` besides the SGD ones); group 1,
     if present, the other parameters. LR schedulers act on both. ``state_dict`` carries
-    momenta, the step count and the current ``rho``. A step that updates the factors clears the
-    layers' ``finalized`` flags: after training a finalized model, call ``finalize_`` again
-    before ``pack_``.
+    momenta, the step count, the current ``rho`` and :attr:`nonfinite_steps`. A step that updates
+    the factors clears the layers' ``finalized`` flags: after training a finalized model, call
+    ``finalize_`` again before ``pack_``.
 
     Args:
         model: a model after :func:`atmc_triton.compress_` (DDP / compiled wrappers are fine).
-        cfg: the config given to ``compress_``.
+        cfg: the config given to ``compress_`` (a ``ValueError`` if its :data:`COMPRESS_FIELDS` differ;
+            ``rho``, its schedule, ``quant_interval`` and the quantizer's settings may).
         check_finite: raise ``FloatingPointError``, with nothing written, if a grad (or the
             factor update) is NaN/Inf: one host sync per step. With ``False`` there is no sync:
             such a step is voided on the device (factors, dense parameters and momenta keep
