@@ -525,3 +525,23 @@ def test_admm_state_dict_carries_the_voided_step_count():
     resumed = at.ADMM(twin, cfg, check_finite=False)
     resumed.load_state_dict(sd)
     assert int(resumed.nonfinite_steps) == 2 and resumed.state["admm"] == {"step": 3, "quant_steps": 0}  # was 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"subset": 0}, "load_dataset: subset must be None or an int >= 1, got 0"),  # was: "subset size ..."
+        ({"subset": 1.5}, "load_dataset: subset must be None or an int >= 1, got 1.5"),  # was: a slicing TypeError
+        ({"test_subset": -2}, "load_dataset: test_subset must be None or an int >= 1, got -2"),
+        ({"seed": "a"}, "load_dataset: seed must be an int, got 'a'"),  # was: a RuntimeError from manual_seed
+    ],
+)
+def test_load_dataset_names_its_bad_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        at.load_dataset("digits", **kw)
+
+
+def test_a_data_root_that_is_a_file_is_called_so(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"data root '.*f' is not a directory; pass --data-root DIR holding mnist"):
+        at.load_dataset("mnist", tmp_path / "f")  # was: "does not exist"
