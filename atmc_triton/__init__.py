@@ -8,11 +8,11 @@ Example:
     >>> import torch, atmc_triton as at
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     >>> cfg = at.ATMCConfig(ratio=0.1, bits=4)
-    >>> at.compress_(model, cfg)                # in place
+    >>> _ = at.compress_(model, cfg)            # in place (returns model)
     >>> opt = at.ADMM(model, cfg, lr=0.05)
     >>> for _ in range(3):
     ...     opt.zero_grad(); model(torch.randn(8, 32)).square().mean().backward(); opt.step()
-    >>> at.finalize_(model)                     # factors := quantized sparse Z, budget exact
+    >>> _ = at.finalize_(model)                 # factors := quantized sparse Z, budget exact
     >>> at.model_size_bits(model) <= 0.1 * at.dense_bits(model)
     True
 """

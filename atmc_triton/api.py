@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import warnings
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from atmc_triton.budget import atmc_layers, fit_budget_, floor_indices, nnz_budget, unwrap
-from atmc_triton.config import ATMCConfig
+from atmc_triton.config import FLOORS, ATMCConfig
 from atmc_triton.kernels import project_topk_
 from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear, ATMCMultiheadAttention
 
@@ -112,6 +113,17 @@ class CompressReport:
         return "\n".join(lines)
 
 
+def unmatched_layer_bits(cfg: ATMCConfig, names: list[str]) -> list[str]:
+    """The ``cfg.layer_bits`` keys that name none of the layers ``names`` (exactly or as an fnmatch pattern):
+    a typo there would silently leave the layer at ``cfg.bits``.
+
+    Example:
+        >>> unmatched_layer_bits(ATMCConfig(ratio=0.1, layer_bits={"fc": 4, "conv*": 2}), ["conv1", "head"])
+        ['fc']
+    """
+    return [p for p, _ in cfg.layer_bits or () if not any(p == n or fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def _record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: remember the shape and dtype of the model's first tensor input."""
     if torch.compiler.is_compiling():
@@ -148,13 +160,14 @@ def compress_(
 
     Raises:
         ValueError: nothing to compress, a selected layer with non-float weights, an ``exclude``
-            pattern that matches no layer, or a layer floor larger than half the budget.
+            pattern that matches no layer, a ``layer_bits`` key that matches no compressed layer, or a
+            layer floor larger than half the budget.
 
     Example:
         >>> import atmc_triton as at
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
         >>> at.compress_(model, at.ATMCConfig(ratio=0.05, bits=4))[2]
-        ATMCLinear(in_features=144, out_features=10, rank=10, bits=4, bias=True)
+        ATMCLinear(in_features=144, out_features=10, rank=0, bits=4, bias=True)
     """
     if not isinstance(cfg, ATMCConfig):
         raise ValueError(f"compress_: cfg must be an ATMCConfig, got {type(cfg).__name__}")
@@ -190,6 +203,12 @@ def compress_(
         raise ValueError(
             "compress_: the model has nothing to compress (no nn.Linear / nn.Conv2d / nn.MultiheadAttention "
             "matched filter_fn and exclude)"
+        )
+    unmatched = unmatched_layer_bits(cfg, [n for n, _ in targets])
+    if unmatched:
+        names = ", ".join(n for n, _ in targets[:8]) + (", ..." if len(targets) > 8 else "")
+        raise ValueError(
+            f"compress_: ATMCConfig.layer_bits {unmatched} matches no layer being compressed (layers: {names})"
         )
     handled = {id(m) for _, m in candidates}
     for name, m in named:
@@ -351,7 +370,8 @@ def finalize_(
     factor's distinct nonzero values, masks its nonzeros, Z := W and u := 0. Returns ``model``.
 
     Args:
-        floor: the layer floor (default: ``model.atmc_config.floor``, set by ``compress_``).
+        floor: the layer floor, one of ``"last"``, ``"rows"``, ``"none"`` (default ``None`` or ``"auto"``: the
+            floor ``compress_`` resolved for this model).
         progress: a tqdm bar over the factors (``None``: on for models of 5M+ weights).
         check_input: run :func:`check_input_dependence` afterwards (a :class:`CollapseWarning`
             if some output no longer depends on the input).
@@ -368,7 +388,9 @@ def finalize_(
     layers = [layer for _, layer in atmc_layers(model)]
     if not layers:
         raise ValueError("finalize_: the model has no ATMC layers")
-    floor = floor or model_floor(model)
+    if floor is not None and floor not in FLOORS:
+        raise ValueError(f"finalize_: floor must be None or one of {FLOORS}, got {floor!r}")
+    floor = model_floor(model) if floor in (None, "auto") else floor
     k = int(model.atmc_nnz_budget)
     budget = int(model.atmc_bits_budget)
     segs = [(layer, f) for layer in layers for f in FACTORS]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -85,14 +86,27 @@ def attack_context(model: nn.Module, eval_mode: bool = True):
                 b.copy_(v)
 
 
-def _check(x: Tensor, y: Tensor, eps: float | None = None) -> None:
+def _count(v: object, low: int) -> bool:
+    """``v`` is an int (not a bool) ``>= low``."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+
+def _real(v: object, low: float, strict: bool = False) -> bool:
+    """``v`` is a finite real number (not a bool) ``>= low`` (``> low`` if ``strict``)."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        return False
+    return v > low if strict else v >= low
+
+
+def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
+    """Inputs in [0, 1] (no NaN), labels ``[N]``, and ``eps`` (unless omitted, as WRM does) a finite number >= 0."""
     if not x.dtype.is_floating_point:
         raise ValueError(f"attack inputs must be floating point in [0, 1], got {x.dtype}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"labels must be [N] for inputs [N, ...], got {tuple(y.shape)} for {tuple(x.shape)}")
-    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-        raise ValueError("attack inputs must lie in [0, 1] (normalize inside the model)")
-    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+    if x.numel() and not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0):  # NaN fails both
+        raise ValueError("attack inputs must lie in [0, 1] and be finite, no NaN (normalize inside the model)")
+    if eps is not ... and not _real(eps, 0.0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -157,7 +171,7 @@ def pgd(
         True
     """
     _check(x, y, eps)
-    if steps < 0 or not alpha >= 0:
+    if not (_count(steps, 0) and _real(alpha, 0.0)):
         raise ValueError(f"pgd needs steps >= 0 and alpha >= 0, got steps={steps}, alpha={alpha}")
     if noise is not None and (not random_start or noise.shape != x.shape):
         raise ValueError(
@@ -218,7 +232,7 @@ def fgsm_rs(
         True
     """
     _check(x, y, eps)
-    if not alpha >= 0:
+    if not _real(alpha, 0.0):
         raise ValueError(f"fgsm_rs needs alpha >= 0, got {alpha}")
     x = x.detach()
     with attack_context(model, eval_mode):
@@ -260,7 +274,7 @@ def n_fgsm(
     """
     _check(x, y, eps)
     alpha = eps if alpha is None else alpha
-    if not (alpha >= 0 and k >= 0):
+    if not (_real(alpha, 0.0) and _real(k, 0.0)):
         raise ValueError(f"n_fgsm needs alpha >= 0 and k >= 0, got alpha={alpha}, k={k}")
     x = x.detach()
     with attack_context(model, eval_mode):
@@ -293,7 +307,7 @@ def wrm(
         True
     """
     _check(x, y)
-    if not (gamma > 0 and steps >= 0 and lr >= 0):
+    if not (_real(gamma, 0.0, strict=True) and _count(steps, 0) and _real(lr, 0.0)):
         raise ValueError(f"wrm needs gamma > 0, steps >= 0, lr >= 0, got {gamma}, {steps}, {lr}")
     x = x.detach()
     with attack_context(model, eval_mode):
@@ -408,7 +422,7 @@ def _apgd(
     """APGD restarts over the points still classified correctly; ``losses(x_sub, y_sub)`` gives the losses of one
     round (one per target class for APGD-T), each run ``n_restarts`` times."""
     _check(x, y, eps)
-    if steps < 1 or n_restarts < 1:
+    if not (_count(steps, 1) and _count(n_restarts, 1)):
         raise ValueError(f"{name} needs steps >= 1 and n_restarts >= 1, got {steps}, {n_restarts}")
     x = x.detach()
     with attack_context(model, eval_mode):
@@ -761,7 +775,7 @@ def robust_suite(
         ('apgd-ce-3+apgd-t-3', torch.bool)
     """
     _check(x, y, eps)
-    if steps < 1 or n_target_classes < 1 or square_queries < 1:
+    if not (_count(steps, 1) and _count(n_target_classes, 1) and _count(square_queries, 1)):
         raise ValueError(
             f"robust_suite needs steps, n_target_classes, square_queries >= 1, got {steps}, {n_target_classes}, "
             f"{square_queries}"

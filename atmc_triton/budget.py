@@ -317,7 +317,7 @@ def size_report(model: nn.Module, check_input: bool = True, example_input: Tenso
         >>> import atmc_triton as at
         >>> m = at.finalize_(at.compress_(nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8)), at.ATMCConfig(ratio=0.1)))
         >>> r = at.size_report(m)
-        >>> r.ratio <= 0.1 < r.model_ratio  # the LayerNorm and the bias stay dense
+        >>> r.ratio <= 0.1 and r.model_ratio > r.ratio  # the LayerNorm and the bias stay dense, at 32 bits
         True
     """
     rows = []

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import numbers
 import os
 import pickle
 import random
@@ -46,7 +47,9 @@ from atmc_triton.config import ATMCConfig
 
 __all__ = [
     "CheckpointError",
+    "atomic_save",
     "atomic_write",
+    "check_loadable",
     "check_meta",
     "config_from_dict",
     "config_to_dict",
@@ -94,22 +97,23 @@ def remove_partial_writes(path: str | os.PathLike) -> list[Path]:
     return gone
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it over ``path``.
+def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
+    """Call ``save(tmp)`` with the name of a new temporary file next to ``path``, fsync it, then rename
+    it over ``path``: an interrupted save leaves whatever was at ``path`` whole. Returns ``path``.
 
     Example:
         >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
-        >>> _ = atomic_write(p, lambda f: f.write(b"ok")); p.read_bytes()
-        b'ok'
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> _ = atomic_save(p, lambda tmp: pathlib.Path(tmp).write_text("ok")); p.read_text()
+        'ok'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        save(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -126,6 +130,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         if dir_fd is not None:
             os.close(dir_fd)
     return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it over ``path``
+    (:func:`atomic_save` with an open binary file).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+        >>> _ = atomic_write(p, lambda f: f.write(b"ok")); p.read_bytes()
+        b'ok'
+    """
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return atomic_save(path, save)
 
 
 # -- RNG state ------------------------------------------------------------------------------
@@ -207,6 +229,42 @@ def payload_digest(payload: dict[str, Any]) -> str:
 
 
 # -- save / load --------------------------------------------------------------------------------
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+def check_loadable(obj: Any, where: str = "payload") -> None:
+    """Raise ``ValueError`` naming the first value of ``obj`` that ``torch.load(weights_only=True)``
+    would refuse: anything but tensors, plain scalars, strings, dtypes, devices and
+    dict/list/tuple/set containers of them. :func:`save_checkpoint` checks before writing, so it
+    never writes a checkpoint :func:`load_checkpoint` then refuses.
+
+    Example:
+        >>> check_loadable({"lr": 0.1, "w": torch.zeros(2), "names": ["a", "b"]})
+        >>> check_loadable({"out": Path("runs")}, "meta")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: meta['out'] is a PosixPath: a checkpoint holds only tensors, plain scalars, ...
+    """
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and not isinstance(obj, nn.Parameter):
+            raise ValueError(f"{where} is a {type(obj).__name__} (a tensor subclass), not a plain tensor")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_loadable(k, f"{where} key {k!r}")
+            check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)) and type(obj) in (list, tuple, set, frozenset, torch.Size):
+        for i, v in enumerate(obj):
+            check_loadable(v, f"{where}[{i}]")
+        return
+    if type(obj) not in _PLAIN:
+        raise ValueError(
+            f"{where} is a {type(obj).__name__}: a checkpoint holds only tensors, plain scalars, strings and "
+            "dict/list/tuple/set of them (torch.load(weights_only=True) would refuse it)"
+        )
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -219,6 +277,12 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (see the module docstring). Returns the path.
 
+    Raises:
+        ValueError: ``model`` is not an ``nn.Module``, ``epoch`` / ``step`` are not ints >= 0, or
+            ``meta`` / ``extra`` / the optimizer state hold a value :func:`load_checkpoint` would refuse
+            (e.g. a ``Path`` or a config object: store ``str(path)`` / ``config_to_dict(cfg)``); nothing is
+            written then.
+
     Example:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.pt"
@@ -226,6 +290,13 @@ def save_checkpoint(
         >>> load_checkpoint(p)["epoch"]
         3
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"save_checkpoint: model must be an nn.Module, got {type(model).__name__}")
+    for name, v in (("epoch", epoch), ("step", step)):
+        if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"save_checkpoint: {name} must be an int >= 0, got {v!r}")
+    if not isinstance(meta, dict) or not (extra is None or isinstance(extra, dict)):
+        raise ValueError("save_checkpoint: meta and extra must be dicts")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -237,6 +308,8 @@ def save_checkpoint(
         "rng": get_rng_state(),
         "extra": dict(extra or {}),
     }
+    for key in ("meta", "model", "optimizer", "extra"):
+        check_loadable(payload[key], f"save_checkpoint: {key}")
     payload["digest"] = payload_digest(payload)
     return atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -245,10 +318,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint with ``torch.load(weights_only=True)``; refuse unsafe or foreign files.
 
     Raises:
+        ValueError: ``map_location`` is not a device, or asks for CUDA where there is none.
         CheckpointError: missing file, pickled objects beyond tensors and plain containers (their
             code never runs), truncated or corrupted data (checksum), or not a file written by
             :func:`save_checkpoint`.
     """
+    if isinstance(map_location, (str, torch.device)):  # a bad device is the caller's mistake, not a bad file
+        try:
+            dev = torch.device(map_location)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"load_checkpoint: map_location must be a torch device, got {map_location!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"load_checkpoint: map_location {map_location!r} asks for CUDA, which is not available")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a file")

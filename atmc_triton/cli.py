@@ -161,6 +161,13 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonnegative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
 def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     g = p.add_argument_group("data")
     if dataset:
@@ -286,7 +293,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lr-schedule", choices=list(LR_SCHEDULES), help="per-step LR schedule (paper: cosine, fast: onecycle)"
     )
-    g.add_argument("--eval-size", type=int, default=1000, help="test examples for the per-epoch check (0: none)")
+    g.add_argument(
+        "--eval-size", type=_nonnegative_int, default=1000, help="test examples for the per-epoch check (0: none)"
+    )
     b = p.add_argument_group("ATMC budget and ADMM (atmc_triton.ATMCConfig)")
     b.add_argument("--ratio", type=float, help="size budget: compressed bits / dense 32-bit bits, in (0, 1)")
     b.add_argument("--nnz", type=int, help="explicit global nonzero budget k (instead of --ratio)")
@@ -466,17 +475,60 @@ def _dense_model(s: _Setup) -> tuple[Any, float]:
 
 
 def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
-    """Fail before training when the ratio cannot hold even one nonzero."""
+    """Fail before training when the model cannot take the dataset's inputs, a --layer-bits name matches no
+    layer, or the ratio cannot hold one nonzero."""
+    import torch
+    from torch import nn
+
+    from atmc_triton.api import unmatched_layer_bits
     from atmc_triton.budget import dense_bits
 
+    model = s.exp.new_model()
+    shape = (1, *s.exp.data.spec.in_shape)
+    try:  # a model that cannot take the dataset's images fails here, not in the first training step
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape, device=s.exp.device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(
+            f"--model {s.exp.model_name} cannot run on {s.exp.data.name} inputs {list(shape)}: {msg}"
+        ) from None
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))]
+    unmatched = unmatched_layer_bits(cfg, names)
+    if unmatched:
+        raise ValueError(
+            f"--layer-bits {', '.join(unmatched)} matches no layer of {s.exp.model_name} "
+            f"(layers: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+        )
     if cfg.ratio is not None:
         need = (cfg.bits or 32) + (32 if cfg.bits else 0)
-        have = cfg.ratio * dense_bits(s.exp.new_model())
+        have = cfg.ratio * dense_bits(model)
         if have < need:
             raise ValueError(
                 f"--ratio {cfg.ratio} leaves {have:.0f} bits for {s.exp.model_name}: not even one "
                 f"{cfg.bits or 32}-bit nonzero with its codebook entry ({need} bits) fits"
             )
+
+
+def _check_fresh(s: _Setup, stages: list[str]) -> None:
+    """Before any work: make ``--out``, and without ``--resume`` refuse to start over on top of an earlier
+    run's checkpoints (a rerun that forgot ``--resume`` would overwrite them with its first epoch)."""
+    if s.exp.out is None:
+        return
+    try:  # a file in the way would otherwise surface as a traceback at the first checkpoint, after an epoch
+        if distributed.is_main():
+            s.exp.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {s.exp.out}: cannot create the output directory ({e.strerror})") from None
+    if s.exp.resume:
+        return
+    names = [f"{st}.pt" for st in stages] + [f"{st}_final.pt" for st in stages if st.startswith("atmc")]
+    found = [n for n in names if (s.exp.out / n).exists()]
+    if found:
+        raise ValueError(
+            f"{s.exp.out} already holds checkpoints of an earlier run ({', '.join(found)}): --resume continues it "
+            "(a finished run is only evaluated again); to start over, pick another --out or delete them"
+        )
 
 
 def _say(msg: str) -> None:
@@ -623,6 +675,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = _config(a, recipe_for(a.dataset, a.protocol))  # bad budgets fail before any data is read
     s = _setup(a)
     _check_budget(s, cfg)
+    _check_fresh(s, ["natural"] * s.natural + ["dense"] * (a.dense_checkpoint is None) + ["atmc"])
     given = s.exp.load(a.dense_checkpoint, stages=DENSE_STAGES) if a.dense_checkpoint else None  # checked first
     rows = []
     if s.natural:
@@ -643,11 +696,15 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     ratios = a.ratios
     if not ratios:
         raise ValueError("--ratios needs at least one ratio")
+    stages = [f"{r:g}" for r in ratios]  # each ratio's stage and checkpoint name
+    if len(set(stages)) < len(stages):
+        raise ValueError(f"--ratios repeats a ratio ({', '.join(stages)}): each one names its stage's checkpoints")
     recipe = recipe_for(a.dataset, a.protocol)
     cfgs = [_config(a, recipe, ratio=r) for r in ratios]  # every ratio is checked before any work
     s = _setup(a)
     for cfg in cfgs:
         _check_budget(s, cfg)
+    _check_fresh(s, ["dense"] * (a.dense_checkpoint is None) + [f"atmc_r{r:g}" for r in ratios])
     given = s.exp.load(a.dense_checkpoint, stages=DENSE_STAGES) if a.dense_checkpoint else None
     dense, t = (given, 0.0) if given is not None else _dense_model(s)
     rows = [_row("dense-adversarial", s.exp.evaluate(dense), t)]
@@ -837,7 +894,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--attack", nargs="+", choices=list(ATTACKS), default=["pgd", "apgd"], help="attacks to run (default: pgd apgd)"
     )
-    e.add_argument("--model", choices=list(MODELS), help="refuse the checkpoint unless it holds this model")
+    e.add_argument(
+        "--model",
+        type=_model_name,
+        help="refuse the checkpoint unless it holds this model (a name, tv:NAME, timm:NAME)",
+    )
     e.add_argument("--finalize", action="store_true", help="finalize_ an unfinalized ATMC checkpoint first")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _add_data(e, dataset=False)

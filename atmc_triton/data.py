@@ -162,15 +162,20 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    for arg, v in (("subset", subset), ("test_subset", test_subset)):  # checked before any file is read
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise DataError(f"load_dataset: {arg} must be None or an int >= 1, got {v!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool)):
+        raise DataError(f"load_dataset: seed must be an int, got {seed!r}")
     spec = DATASETS[name]
     if name == "digits":
         train, test = _digits()
     else:
         path = Path(root if root is not None else "data").expanduser()
         if not download and not path.is_dir():
+            what = "is not a directory" if path.exists() else "does not exist"
             raise DataError(
-                f"data root {str(path)!r} does not exist; pass --data-root DIR holding {name}, "
-                "or --download (needs internet)"
+                f"data root {str(path)!r} {what}; pass --data-root DIR holding {name}, or --download (needs internet)"
             )
         if download:
             path.mkdir(parents=True, exist_ok=True)

@@ -96,12 +96,18 @@ def init_from_env(device: str | torch.device | None = "auto") -> torch.device:
     already initialized group is kept. Without torchrun this only resolves ``device``.
 
     Raises:
-        ValueError: CUDA requested but absent, or fewer GPUs on this node than processes.
+        ValueError: a device other than auto/cpu/cuda[:i], CUDA requested but absent, or fewer GPUs on
+            this node than processes.
     """
     want = "auto" if device is None else str(device)
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(want)
+    try:
+        dev = torch.device(want)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:INDEX', got {want!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA GPU is available")
     if env_world_size() <= 1:

@@ -301,6 +301,9 @@ def external_model(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.M
             raise ValueError(f"unknown model source {kind!r}")
     except ImportError as e:
         raise ValueError(f"model {name!r} needs the {kind} package ({e})") from None
+    except (AssertionError, RuntimeError) as e:  # e.g. a ViT whose patch size does not divide the image
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"model {name!r} cannot be built for inputs {tuple(in_shape)}: {msg}") from None
     return model
 
 

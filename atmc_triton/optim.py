@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +41,30 @@ def all_finite(tensors: Iterable[Tensor | None]) -> Tensor | None:
     return torch.isfinite(torch.stack([x.float().to(ts[0].device) for x in norms])).all()
 
 
+#: ``ATMCConfig`` fields that :func:`atmc_triton.compress_` fixes in the model (budget, codebooks, factor shapes,
+#: floor); the others (rho and its schedule, ``quant_interval``, the quantizer's settings) are the optimizer's own.
+COMPRESS_FIELDS = ("ratio", "nnz", "bits", "layer_bits", "init", "rank", "exclude", "floor")
+
+
+def _check_same_compression(model: nn.Module, cfg: ATMCConfig) -> None:
+    """Refuse a ``cfg`` whose compression fields differ from those ``compress_`` applied to ``model``:
+    the budget ``k`` and the layers' bits come from the model, so they would be silently ignored."""
+    used = model.__dict__.get("atmc_config")
+    if not isinstance(used, ATMCConfig):
+        return
+    diff = [
+        f"{f}={getattr(cfg, f)!r} (compress_ used {getattr(used, f)!r})"
+        for f in COMPRESS_FIELDS
+        if getattr(cfg, f) != getattr(used, f)
+    ]
+    if diff:
+        raise ValueError(
+            "ADMM: cfg differs from the config compress_ applied to this model in " + ", ".join(diff) + "; pass "
+            "the same config (only rho, rho_factor, rho_every, quant_interval, max_iter, tol and quant_method may "
+            "differ)"
+        )
+
+
 class ADMM(torch.optim.Optimizer):
     """ADMM for ATMC: projected momentum SGD on ``loss + rho/2 ||W - Z + u||^2`` with a global
     top-k projection every step, and ``Z = Lloyd_b(W + u); u += W - Z`` every
@@ -48,13 +73,14 @@ class ADMM(torch.optim.Optimizer):
 
     Param group 0 holds the factors (keys ``rho`` and ``k`` besides the SGD ones); group 1,
     if present, the other parameters. LR schedulers act on both. ``state_dict`` carries
-    momenta, the step count and the current ``rho``. A step that updates the factors clears the
-    layers' ``finalized`` flags: after training a finalized model, call ``finalize_`` again
-    before ``pack_``.
+    momenta, the step count, the current ``rho`` and :attr:`nonfinite_steps`. A step that updates
+    the factors clears the layers' ``finalized`` flags: after training a finalized model, call
+    ``finalize_`` again before ``pack_``.
 
     Args:
         model: a model after :func:`atmc_triton.compress_` (DDP / compiled wrappers are fine).
-        cfg: the config given to ``compress_``.
+        cfg: the config given to ``compress_`` (a ``ValueError`` if its :data:`COMPRESS_FIELDS` differ;
+            ``rho``, its schedule, ``quant_interval`` and the quantizer's settings may).
         check_finite: raise ``FloatingPointError``, with nothing written, if a grad (or the
             factor update) is NaN/Inf: one host sync per step. With ``False`` there is no sync:
             such a step is voided on the device (factors, dense parameters and momenta keep
@@ -93,8 +119,11 @@ class ADMM(torch.optim.Optimizer):
         if not isinstance(cfg, ATMCConfig):
             raise ValueError(f"ADMM: cfg must be an ATMCConfig, got {type(cfg).__name__}")
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"ADMM: {name} must be a number >= 0, got {v!r}")
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"ADMM: {name} must be a finite number >= 0, got {v!r}")
+        for name, v in (("nesterov", nesterov), ("check_finite", check_finite)):
+            if not isinstance(v, bool):
+                raise ValueError(f"ADMM: {name} must be True or False, got {v!r}")
         if nesterov and momentum <= 0:
             raise ValueError("ADMM: nesterov needs momentum > 0")
         model = unwrap(model)
@@ -102,6 +131,7 @@ class ADMM(torch.optim.Optimizer):
         if not layers:
             raise ValueError("ADMM: the model has no ATMC layers; call atmc_triton.compress_(model, cfg) first")
         check_plain_factors(layers)
+        _check_same_compression(model, cfg)
         k = getattr(model, "atmc_nnz_budget", None)
         if k is None:
             raise ValueError("ADMM: the model has no budget buffer; compress it with atmc_triton.compress_")
@@ -159,6 +189,9 @@ class ADMM(torch.optim.Optimizer):
                     p.grad.detach_().zero_()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, after checking that ``state_dict`` is an ADMM state of
+        a model shaped like this one (a ``ValueError`` before anything is loaded, not a half-loaded state)."""
+        self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
         self._sync()
         with torch.no_grad():
@@ -171,6 +204,37 @@ class ADMM(torch.optim.Optimizer):
                     view.copy_(buf)
         self._point_state()
         self.state.setdefault("admm", {"step": 0, "quant_steps": 0})
+        voided = self.state["admm"].pop("nonfinite_steps", 0)  # kept out of self.state: a device counter
+        self._nonfinite = torch.full((), int(voided), dtype=torch.int64, device=self.store.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` plus :attr:`nonfinite_steps` (one host sync), so a resumed
+        optimizer keeps counting the voided steps from where it stopped."""
+        sd = super().state_dict()
+        sd["state"]["admm"] = {**sd["state"]["admm"], "nonfinite_steps": int(self._nonfinite)}
+        return sd
+
+    def _check_state_dict(self, sd: Any) -> None:
+        groups = sd.get("param_groups") if isinstance(sd, dict) else None
+        if not (isinstance(groups, list) and isinstance(sd.get("state"), dict)):
+            raise ValueError("ADMM.load_state_dict: expected an optimizer state_dict with 'state' and 'param_groups'")
+        sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+        mine = [len(g["params"]) for g in self.param_groups]
+        if sizes != mine or not groups[0].get("atmc"):
+            raise ValueError(
+                f"ADMM.load_state_dict: the state holds parameter groups of {sizes} parameters, this optimizer "
+                f"{mine} (the ATMC factors first): it is not the ADMM state of this model"
+            )
+        ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for n, (i, p) in enumerate(zip(ids, params)):
+            buf = sd["state"].get(i, {}).get("momentum_buffer") if isinstance(sd["state"].get(i), dict) else None
+            if buf is not None and (not isinstance(buf, Tensor) or buf.shape != p.shape):
+                got = tuple(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__
+                raise ValueError(
+                    f"ADMM.load_state_dict: the momentum of parameter {n} is {got}, the parameter "
+                    f"{tuple(p.shape)}: the state of a model with other layer shapes"
+                )
 
     # -- the step --------------------------------------------------------------------------
     @property

@@ -639,7 +639,7 @@ def pack_(model: nn.Module, *, progress: bool | None = None, formats: str = "spe
         >>> import atmc_triton as at
         >>> m = at.finalize_(at.compress_(nn.Sequential(nn.Linear(8, 4)), at.ATMCConfig(nnz=12, bits=2)))
         >>> pack_(m)[0]  # doctest: +ELLIPSIS
-        PackedLinear(in_features=8, out_features=4, rank=4, bits=2, U=..., V=..., C=..., bias=True)
+        PackedLinear(in_features=8, out_features=4, rank=0, bits=2, U=empty, V=empty, C=..., bias=True)
     """
     if formats not in _FORMAT_SETS:
         raise ValueError(f"pack_: formats must be one of {sorted(_FORMAT_SETS)}, got {formats!r}")
@@ -680,7 +680,9 @@ to_dense = unpack
 def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     """Write a packed model's ``state_dict`` as safetensors, with each packed layer's spec in the header.
 
-    Returns the file size in bytes: the header plus exactly the bytes of the tensors.
+    Returns the file size in bytes: the header plus exactly the bytes of the tensors. The file is
+    written to a temporary file in the same directory and renamed over ``path``, so an interrupted
+    save leaves an existing file at ``path`` intact.
     """
     from safetensors.torch import save_file
 
@@ -702,7 +704,12 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(parent):
         raise ValueError(f"save_packed: the directory {parent} does not exist (create it first)")
-    save_file(tensors, os.fspath(path), metadata={META_KEY: json.dumps(header)})
+    if os.path.isdir(path):
+        raise ValueError(f"save_packed: {os.fspath(path)} is a directory; give a file name such as model.safetensors")
+    from atmc_triton.checkpoint import atomic_save
+
+    # a temporary file renamed over ``path``: a crash mid-write leaves the previous file whole
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header)}))
     return os.path.getsize(path)
 
 
@@ -730,6 +737,12 @@ def load_packed(
 
     if not os.path.isfile(path):
         raise ValueError(f"load_packed: {path} does not exist or is not a file")
+    try:  # a bad device is the caller's mistake, not a corrupted file
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load_packed: device must be a torch device ('cpu', 'cuda:0'), got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_packed: device {device!r} requested but no CUDA GPU is available")
     try:
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
             meta = (fh.metadata() or {}).get(META_KEY)

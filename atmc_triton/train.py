@@ -91,7 +91,7 @@ from atmc_triton.distributed import (
     wrap_ddp,
 )
 from atmc_triton.layers import ATMCLayer
-from atmc_triton.models import build_model
+from atmc_triton.models import MODELS, build_model, is_model_name
 from atmc_triton.optim import ADMM, all_finite
 
 __all__ = [
@@ -192,6 +192,10 @@ class Protocol:
             raise ValueError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
         if self.apgd_steps < 1:
             raise ValueError(f"apgd_steps must be >= 1, got {self.apgd_steps}")
+        if not (math.isfinite(self.wrm_gamma) and self.wrm_gamma > 0):  # checked here, not after training
+            raise ValueError(f"wrm_gamma must be a finite number > 0, got {self.wrm_gamma}")
+        if self.wrm_steps < 0 or not (math.isfinite(self.wrm_lr) and self.wrm_lr >= 0):
+            raise ValueError(f"wrm_steps must be >= 0 and wrm_lr finite and >= 0, got {self.wrm_steps}, {self.wrm_lr}")
         if self.train_attack_mode not in ("train", "eval"):
             raise ValueError(f"train_attack_mode must be 'train' or 'eval', got {self.train_attack_mode!r}")
         if self.train_attack not in TRAIN_ATTACKS:
@@ -294,6 +298,10 @@ class Schedule:
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {self}")
+        if not (self.momentum >= 0 and self.weight_decay >= 0):
+            raise ValueError(
+                f"Schedule: momentum and weight_decay must be >= 0, got {self.momentum}, {self.weight_decay}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
@@ -312,6 +320,11 @@ class Schedule:
             t = (step + 1) / total
             return self.lr * (t / 0.4 if t < 0.4 else max(0.0, (1.0 - t) / 0.6))
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def _check_int(name: str, v: Any, low: int) -> None:
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -496,6 +509,7 @@ def evaluate(
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+    _check_int("evaluate: batch_size", batch_size, 1)
     device = resolve_device(device)
     if "apgd" in attacks:  # a suite that cannot run fails before any attack does
         resolve_suite(suite, use_autoattack, split.x[:1].float())
@@ -1026,8 +1040,24 @@ class Experiment:
     max_nonfinite: int = 5
 
     def __post_init__(self):
+        if not is_model_name(self.model_name):
+            raise ValueError(
+                f"Experiment: unknown model {self.model_name!r}; choose from {', '.join(MODELS)}, tv:NAME or timm:NAME"
+            )
+        if not isinstance(self.protocol, Protocol):
+            raise ValueError(f"Experiment: protocol must be a Protocol, got {type(self.protocol).__name__}")
+        self.attacks = tuple(self.attacks)
+        unknown = sorted(set(self.attacks) - set(ATTACKS))
+        if unknown:
+            raise ValueError(f"Experiment: unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
+        for name, low in (("eval_size", 0), ("eval_batch_size", 1), ("square_queries", 1)):
+            _check_int(f"Experiment.{name}", getattr(self, name), low)
+        _check_int("Experiment.n_target_classes", self.n_target_classes, 1)
+        _check_int("Experiment.max_nonfinite", self.max_nonfinite, 1)
         self.device = resolve_device(self.device)
         self.out = Path(self.out) if self.out is not None else None
+        if "apgd" in self.attacks:  # the suite is checked now, not at the first evaluation after hours of training
+            resolve_suite(self.suite, self.use_autoattack, torch.empty(1, *self.data.spec.in_shape))
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -1099,7 +1129,7 @@ class Experiment:
             )
         model = self.new_model()
         if ck["meta"].get("atmc") is not None:
-            compress_(model, ATMCConfig(**ck["meta"]["atmc"]))
+            compress_(model, ATMCConfig(**ck["meta"]["atmc"]), progress=self.progress)
         try:
             model.load_state_dict(ck["model"])
         except (RuntimeError, ValueError) as e:
@@ -1116,7 +1146,7 @@ class Experiment:
         """
         t0 = time.perf_counter()
         model = copy.deepcopy(dense).to(self.device)
-        compress_(model, cfg)
+        compress_(model, cfg, progress=self.progress)
         opt = ADMM(
             model,
             cfg,
@@ -1127,7 +1157,7 @@ class Experiment:
         )
         meta = {**self.identity, "atmc": config_to_dict(cfg)}
         self._fit(model, opt, schedule, stage, True, meta)
-        finalize_(model)
+        finalize_(model, progress=self.progress)
         if self.out is not None and is_main():
             save_checkpoint(
                 self.out / f"{stage}_final.pt",

@@ -76,7 +76,7 @@ def hooks(dump: str | None = None, exit_at: str | None = None, pause: str | None
         real_init(self, *a, **kw)
         optimizers.append(self)
 
-    def finalize_(model):
+    def finalize_(model, **kw):
         if dump is not None:
             opt = optimizers[-1]
             torch.save(
@@ -88,7 +88,7 @@ def hooks(dump: str | None = None, exit_at: str | None = None, pause: str | None
                 },
                 Path(dump) / f"rank{distributed.rank()}.pt",
             )
-        return real_finalize(model)
+        return real_finalize(model, **kw)
 
     def fit(*a, on_epoch_end=None, **kw):
         def hook(epoch):

@@ -1,0 +1,547 @@
+"""Bad input on the public API fails early with an error that names the argument (the README audit).
+
+Each test here failed before its fix: the call was accepted and did the wrong thing silently, or failed
+late, or blamed the wrong thing.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import atmc_triton as at
+from atmc_triton.checkpoint import load_checkpoint, save_checkpoint
+from atmc_triton.cli import main
+from atmc_triton.distributed import init_from_env
+from atmc_triton.train import PROTOCOLS, Protocol
+
+
+def small(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 10))
+
+
+# --- ADMM -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ratio": 0.5},  # k comes from the model: the new ratio would be ignored
+        {"bits": None},  # no quantizer and rho = 0 on layers that carry 4-bit codebooks
+        {"bits": 8},
+        {"layer_bits": {"0": 2}},
+        {"floor": "none"},
+        {"nnz": 40, "ratio": None},
+    ],
+)
+def test_admm_refuses_a_config_other_than_the_one_compress_applied(change):
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    model = at.compress_(small(), cfg)
+    other = at.ATMCConfig(**{**{"ratio": 0.2, "bits": 4}, **change})
+    field = next(iter(change))
+    with pytest.raises(ValueError, match=rf"ADMM: cfg differs from the config compress_ applied .* {field}="):
+        at.ADMM(model, other)
+
+
+def test_admm_accepts_other_optimizer_settings_and_runs_them():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    model = at.compress_(small(), cfg)
+    tuned = at.ATMCConfig(ratio=0.2, bits=4, rho=0.5, rho_factor=1.1, quant_interval=1, max_iter=5, tol=0.0)
+    opt = at.ADMM(model, tuned, lr=0.05)
+    torch.manual_seed(1)
+    model(torch.rand(3, 1, 7, 7)).square().mean().backward()
+    opt.step()
+    assert opt.state["admm"]["quant_steps"] == 1  # quant_interval=1 of the tuned config ran
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"lr": math.inf}, "lr"),
+        ({"lr": True}, "lr"),
+        ({"weight_decay": math.nan}, "weight_decay"),
+        ({"momentum": math.inf}, "momentum"),
+        ({"check_finite": "no"}, "check_finite"),  # a truthy string would have meant True
+        ({"nesterov": 1}, "nesterov"),
+    ],
+)
+def test_admm_hyperparameters_are_checked(kw, name):
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    model = at.compress_(small(), cfg)
+    with pytest.raises(ValueError, match=rf"ADMM: {name} must be"):
+        at.ADMM(model, cfg, **kw)
+
+
+def test_admm_load_state_dict_of_another_model_fails_before_loading_anything():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    x = torch.rand(2, 1, 7, 7)
+    model = at.compress_(small(), cfg)
+    opt = at.ADMM(model, cfg, lr=0.05)
+    model(x).sum().backward()
+    opt.step()
+    wider = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 12))
+    other = at.compress_(wider, cfg)
+    other_opt = at.ADMM(other, cfg, lr=0.5)
+    other(x).sum().backward()
+    other_opt.step()
+    mom = opt.store.mom.clone()
+    with pytest.raises(
+        ValueError,
+        match=r"ADMM.load_state_dict: the momentum of parameter \d+ is \(12, \d+\), the parameter \(10, \d+\)",
+    ):
+        opt.load_state_dict(other_opt.state_dict())
+    assert torch.equal(opt.store.mom, mom) and opt.param_groups[0]["lr"] == 0.05  # nothing loaded
+    with pytest.raises(ValueError, match="ADMM.load_state_dict: expected an optimizer state_dict"):
+        opt.load_state_dict({"a": 1})
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="ADMM.load_state_dict: the state holds parameter groups of"):
+        opt.load_state_dict(sgd.state_dict())
+    opt.load_state_dict(opt.state_dict())  # its own state still loads
+
+
+# --- finalize_ ------------------------------------------------------------------------------------
+
+
+def test_finalize_refuses_an_unknown_floor_and_leaves_the_model_alone():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    model = at.compress_(small(), cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"finalize_: floor must be None or one of .*, got 'row'"):
+        at.finalize_(model, floor="row")
+    assert not at.is_finalized(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_finalize_auto_floor_is_the_floor_compress_resolved():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    a, b = at.compress_(small(), cfg), at.compress_(small(), cfg)
+    assert a.atmc_floor == "rows"  # "auto" resolved by compress_ (it would be "last" if read literally)
+    at.finalize_(a, floor="auto", check_input=False)
+    at.finalize_(b, check_input=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# --- attacks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attack", [at.pgd, at.fgsm, at.fgsm_rs, at.n_fgsm, at.wrm, at.apgd_ce, at.robust_attack])
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_attacks_refuse_non_finite_inputs(attack, bad):
+    torch.manual_seed(0)
+    model = small().eval()
+    x, y = torch.rand(3, 1, 7, 7), torch.tensor([0, 1, 2])
+    x[1, 0, 3, 2] = bad
+    kw = {"eps": 0.1} if attack is at.robust_attack else {}
+    with pytest.raises(ValueError, match="attack inputs must lie in \\[0, 1\\] and be finite"):
+        attack(model, x, y, **kw)
+
+
+@pytest.mark.parametrize(
+    "attack, kw, match",
+    [
+        (at.pgd, {"steps": 2.5}, "pgd needs steps >= 0 and alpha >= 0"),  # was: TypeError from range()
+        (at.pgd, {"steps": True}, "pgd needs steps >= 0"),
+        (at.pgd, {"alpha": math.inf}, "pgd needs steps >= 0 and alpha >= 0"),
+        (at.pgd, {"eps": "0.1"}, "eps must be a finite number >= 0, got '0.1'"),  # was: TypeError from math
+        (at.fgsm, {"eps": None}, "eps must be a finite number >= 0, got None"),
+        (at.wrm, {"steps": "3"}, "wrm needs gamma > 0, steps >= 0"),  # was: TypeError comparing str and int
+        (at.n_fgsm, {"k": math.nan}, "n_fgsm needs alpha >= 0 and k >= 0"),
+        (at.apgd_ce, {"steps": 3.0}, "apgd_ce needs steps >= 1 and n_restarts >= 1"),
+        (at.robust_suite, {"eps": 0.1, "square_queries": 1.5}, "robust_suite needs steps, n_target_classes"),
+    ],
+)
+def test_attack_arguments_of_the_wrong_type_are_value_errors(attack, kw, match):
+    torch.manual_seed(0)
+    x, y = torch.rand(3, 1, 7, 7), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=match):
+        attack(small().eval(), x, y, **kw)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "where, value",
+    [
+        ("meta", {"out": Path("runs")}),
+        ("meta", {"cfg": at.ATMCConfig(ratio=0.1)}),  # config_to_dict(cfg) is the loadable form
+        ("extra", {"ids": range(3)}),
+    ],
+)
+def test_save_checkpoint_refuses_what_load_checkpoint_would_refuse(tmp_path, where, value):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model=small(), meta={"model": "old"}, epoch=1)
+    kw = {"meta": {"model": "new"}, "extra": None, where: value}
+    with pytest.raises(ValueError, match=rf"save_checkpoint: {where}\['\w+'\] is a \w+"):
+        save_checkpoint(path, model=small(), epoch=2, **kw)
+    assert load_checkpoint(path)["epoch"] == 1  # the previous checkpoint is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"model": None}, "model must be an nn.Module"),
+        ({"epoch": "3"}, "epoch must be an int >= 0"),
+        ({"epoch": 1.5}, "epoch must be an int >= 0"),
+        ({"step": -1}, "step must be an int >= 0"),
+        ({"meta": [("model", "x")]}, "meta and extra must be dicts"),
+    ],
+)
+def test_save_checkpoint_argument_errors(tmp_path, kw, match):
+    args = {"model": small(), "meta": {}, **kw}
+    with pytest.raises(ValueError, match=f"save_checkpoint: {match}"):
+        save_checkpoint(tmp_path / "m.pt", **args)
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_loadable_accepts_everything_a_training_checkpoint_holds(tmp_path):
+    cfg = at.ATMCConfig(ratio=0.2, bits=4, layer_bits={"3": 2})
+    model = at.compress_(small(), cfg)
+    opt = at.ADMM(model, cfg)
+    model(torch.rand(2, 1, 7, 7)).sum().backward()
+    opt.step()
+    from atmc_triton.checkpoint import check_loadable, config_to_dict
+
+    meta = {"atmc": config_to_dict(cfg), "shape": torch.Size([1, 7, 7]), "dtype": torch.float32, "ids": {1, 2}}
+    save_checkpoint(tmp_path / "m.pt", model=model, meta=meta, optimizer=opt, epoch=1, step=1)
+    assert load_checkpoint(tmp_path / "m.pt")["meta"]["ids"] == {1, 2}
+    check_loadable(torch.load(tmp_path / "m.pt", weights_only=True))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "where, match", [("cuda", "asks for CUDA, which is not available"), ("gpu0", "must be a torch device")]
+)
+def test_load_checkpoint_blames_the_device_not_the_file(tmp_path, where, match):
+    save_checkpoint(tmp_path / "m.pt", model=small(), meta={})
+    with pytest.raises(ValueError, match=f"load_checkpoint: map_location .*{match}") as e:  # was: "corrupted"
+        load_checkpoint(tmp_path / "m.pt", map_location=where)
+    assert "corrupted" not in str(e.value)
+    assert load_checkpoint(tmp_path / "m.pt", map_location=torch.device("cpu"))["epoch"] == 0
+
+
+# --- packed files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def packed():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    model = at.compress_(small(), cfg)
+    at.finalize_(model, check_input=False)
+    return at.pack_(model)
+
+
+def test_save_packed_to_a_directory_is_a_value_error(packed, tmp_path):
+    with pytest.raises(ValueError, match="save_packed: .* is a directory; give a file name"):
+        at.save_packed(packed, tmp_path)
+
+
+def test_an_interrupted_save_packed_leaves_the_previous_file_intact(packed, tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    n = at.save_packed(packed, path)
+    old = path.read_bytes()
+    import safetensors.torch
+
+    def half_then_crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(old[: n // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        at.save_packed(packed, path)
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
+    monkeypatch.undo()
+    x = torch.rand(2, 1, 7, 7)
+    assert torch.equal(at.load_packed(small(1), path)(x), packed(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "device, match",
+    [("cuda", "device 'cuda' requested but no CUDA GPU is available"), ("gpu0", "device must be a torch device")],
+)
+def test_load_packed_blames_the_device_not_the_file(packed, tmp_path, device, match):
+    path = tmp_path / "m.safetensors"
+    at.save_packed(packed, path)
+    with pytest.raises(ValueError, match=f"load_packed: {match}"):
+        at.load_packed(small(), path, device=device)
+
+
+# --- the CLI and the protocol ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta", "cuda:x"])
+def test_bad_device_is_a_one_line_error(device, capsys):
+    with pytest.raises(ValueError, match=f"device must be 'auto', 'cpu', 'cuda' or 'cuda:INDEX', got '{device}'"):
+        init_from_env(device)
+    assert main(["train", "--device", device, "--epochs", "0", "--atmc-epochs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"atmc: error: device must be 'auto', 'cpu', 'cuda' or 'cuda:INDEX', got '{device}'"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"wrm_gamma": 0.0}, "wrm_gamma must be a finite number > 0"),
+        ({"wrm_gamma": math.nan}, "wrm_gamma must be a finite number > 0"),
+        ({"wrm_steps": -1}, "wrm_steps must be >= 0"),
+        ({"wrm_lr": -1.0}, "wrm_lr finite and >= 0"),
+    ],
+)
+def test_protocol_checks_wrm_settings_before_any_training(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Protocol(**{**PROTOCOLS["digits"].__dict__, **kw})
+
+
+def test_cli_refuses_a_bad_wrm_gamma_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--attacks", "pgd,wrm", "--wrm-gamma", "0", "--out", str(out), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "atmc: error: wrm_gamma must be a finite number > 0, got 0.0"
+    assert not out.exists()  # nothing was trained
+
+
+# --- docstring examples -------------------------------------------------------------------------
+
+PUBLIC_MODULES = ("__init__", "api", "budget", "checkpoint", "config", "export", "layers", "optim", "packed")
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_public_docstring_examples_run(name):
+    """The examples in the public API's docstrings print what they say (four had gone stale)."""
+    import doctest
+    import importlib
+    import warnings
+
+    mod = importlib.import_module("atmc_triton" if name == "__init__" else f"atmc_triton.{name}")
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = doctest.DocTestFinder().find(mod, globs={"torch": torch, "nn": nn, **vars(mod)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CollapseWarnings of the tiny example models
+        for t in tests:
+            runner.run(t, out=lambda s: None)
+    res = runner.summarize(verbose=False)
+    assert res.attempted > 0 and res.failed == 0, f"{res.failed} of {res.attempted} examples in {name} failed"
+
+
+# --- a rerun that forgot --resume ---------------------------------------------------------------------
+
+TINY = ["--subset", "128", "--test-subset", "16", "--epochs", "1", "--atmc-epochs", "1", "--pgd-steps", "2"]
+TINY += ["--eval-pgd-steps", "2", "--eval-size", "16", "--no-progress", "--attacks", "pgd", "--no-natural-baseline"]
+
+
+def test_a_rerun_without_resume_refuses_to_overwrite_the_checkpoints(tmp_path, capsys):
+    from pipeline_helpers import one_thread
+
+    out = tmp_path / "run"
+    with one_thread():
+        assert main(["train", *TINY, "--out", str(out)]) == 0
+        saved = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+        assert sorted(saved) == ["atmc.pt", "atmc_final.pt", "dense.pt"]
+        capsys.readouterr()
+        assert main(["train", *TINY, "--out", str(out)]) == 2  # before the check: dense.pt rewritten at epoch 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (
+            f"atmc: error: {out} already holds checkpoints of an earlier run (dense.pt, atmc.pt, atmc_final.pt): "
+            "--resume continues it (a finished run is only evaluated again); to start over, pick another --out "
+            "or delete them"
+        )
+        assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == saved
+        assert main(["train", *TINY, "--out", str(out), "--resume"]) == 0
+        # the README's sweep from the run's dense checkpoint into the same directory writes other stages: allowed
+        sweep = [
+            "sweep",
+            *TINY[:-1],
+            "--ratios",
+            "0.05",
+            "--dense-checkpoint",
+            str(out / "dense.pt"),
+            "--out",
+            str(out),
+        ]
+        assert main(sweep) == 0
+        assert main(sweep) == 2
+        assert "(atmc_r0.05.pt, atmc_r0.05_final.pt)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_an_out_path_blocked_by_a_file_is_a_one_line_error_before_training(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / where
+    assert main(["train", *TINY, "--out", str(out)]) == 2  # was a FileExistsError traceback after an epoch
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"atmc: error: --out {out}: cannot create the output directory (")
+    assert not any(line.startswith("stage=") for line in err)  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--suite", "apgd", "--autoattack", "no"], "give suite= or use_autoattack=, not both"),
+        (["--suite", "autoattack"], "AutoAttack is not installed"),
+    ],
+)
+def test_a_suite_that_cannot_run_is_refused_before_training(tmp_path, capsys, args, match):
+    from atmc_triton.attacks import autoattack_available
+
+    if "autoattack" in args and autoattack_available():
+        pytest.skip("fra31's autoattack is installed here")
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a not in ("--attacks", "pgd")]  # the suite runs with the apgd attack
+    assert main(["train", *tiny, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert match in err[-1] and not any(line.startswith("stage=") for line in err)  # was: after training
+    assert not (out / "natural.pt").exists() and not (out / "dense.pt").exists()
+
+
+def test_eval_model_check_accepts_the_model_names_train_accepts(tmp_path, capsys):
+    ck = tmp_path / "dense.pt"
+    meta = {"model": "tv:resnet18", "dataset": "digits", "stage": "dense", "atmc": None}
+    save_checkpoint(ck, model=small(), meta=meta)
+    assert main(["eval", str(ck), "--model", "timm:convnext_atto"]) == 2  # was: argparse "invalid choice"
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"atmc: error: checkpoint {str(ck)!r} holds model 'tv:resnet18', not 'timm:convnext_atto'"
+
+
+def test_a_layer_bits_key_that_matches_no_layer_is_refused():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4, layer_bits={"3": 2, "fc": 2})  # the Linear is "3": "fc" is a typo
+    model = small()
+    with pytest.raises(
+        ValueError, match=r"compress_: ATMCConfig.layer_bits \['fc'\] matches no layer being compressed"
+    ):
+        at.compress_(model, cfg)
+    assert not at.atmc_layers(model)  # refused before any swap
+    at.compress_(model, at.ATMCConfig(ratio=0.2, bits=4, layer_bits={"3": 2, "[0-9]": 3}))
+    assert [layer.nbits for _, layer in at.atmc_layers(model)] == [3, 2]  # exact names before patterns
+    with pytest.raises(ValueError, match=r"matches no layer being compressed"):  # "0" is excluded
+        at.compress_(small(), at.ATMCConfig(ratio=0.2, bits=4, layer_bits={"0": 2}, exclude=["0"]))
+
+
+def test_cli_layer_bits_typo_fails_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--layer-bits", "fc=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("atmc: error: --layer-bits fc matches no layer of digits_cnn (layers: ")
+    assert not (out / "dense.pt").exists()
+
+
+def test_sweep_refuses_a_repeated_ratio(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["sweep", *TINY[:-1], "--ratios", "0.05,0.02,0.050", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "atmc: error: --ratios repeats a ratio (0.05, 0.02, 0.05): each one names its stage's checkpoints"
+    assert not out.exists()  # was: the second 0.05 overwrote the first one's checkpoints and log records
+
+
+def test_negative_eval_size_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--eval-size", "-1"])
+    assert e.value.code == 2  # was: "atmc: error: subset size must be >= 1, got -1", after loading the data
+    assert (
+        capsys.readouterr().err.strip() == "atmc train: error: argument --eval-size: must be >= 0, got -1 (see --help)"
+    )
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return at.load_dataset("digits", subset=32, test_subset=16)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"model_name": "vgg"}, "Experiment: unknown model 'vgg'"),  # was: at the first new_model()
+        ({"protocol": {"eps": 0.1}}, "Experiment: protocol must be a Protocol, got dict"),
+        ({"attacks": ("pgd", "cw")}, r"Experiment: unknown attack\(s\) \['cw'\]"),  # was: after training
+        ({"eval_size": -1}, "Experiment.eval_size must be an int >= 0, got -1"),
+        ({"eval_batch_size": 0}, "Experiment.eval_batch_size must be an int >= 1, got 0"),
+        ({"square_queries": 0}, "Experiment.square_queries must be an int >= 1, got 0"),
+        ({"n_target_classes": 0}, "Experiment.n_target_classes must be an int >= 1, got 0"),
+        ({"max_nonfinite": 0}, "Experiment.max_nonfinite must be an int >= 1, got 0"),
+    ],
+)
+def test_experiment_checks_its_arguments_when_built(digits16, kw, match):
+    args = {"model_name": "digits_cnn", "data": digits16, "protocol": PROTOCOLS["digits"], **kw}
+    with pytest.raises(ValueError, match=match):
+        at.Experiment(**args)
+
+
+def test_evaluate_batch_size_and_schedule_hyperparameters_are_checked(digits16):
+    with pytest.raises(ValueError, match="evaluate: batch_size must be an int >= 1, got 0"):  # was ZeroDivisionError
+        at.evaluate(small(), digits16.test, PROTOCOLS["digits"], attacks=("pgd",), batch_size=0)
+    with pytest.raises(ValueError, match="Schedule: momentum and weight_decay must be >= 0, got -1"):
+        at.Schedule(epochs=1, lr=0.1, momentum=-1)
+
+
+def test_no_progress_also_silences_the_compress_and_finalize_bars(digits16, monkeypatch, capsys):
+    import atmc_triton.api as api
+
+    monkeypatch.setattr(api, "PROGRESS_MIN_WEIGHTS", 0)  # every model counts as large (bars on by default)
+    exp = at.Experiment("digits_cnn", digits16, PROTOCOLS["digits"], eval_size=0, progress=False, attacks=("pgd",))
+    capsys.readouterr()
+    exp.compress(exp.new_model(), at.ATMCConfig(ratio=0.05, bits=4), at.Schedule(epochs=0, lr=0.1))
+    err = capsys.readouterr().err
+    assert "compress_" not in err and "finalize_" not in err  # was: both bars drawn under --no-progress
+    exp = at.Experiment("digits_cnn", digits16, PROTOCOLS["digits"], eval_size=0, progress=True, attacks=("pgd",))
+    exp.compress(exp.new_model(), at.ATMCConfig(ratio=0.05, bits=4), at.Schedule(epochs=0, lr=0.1))
+    assert "compress_" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tv:vit_b_16", "timm:convnext_atto"])
+def test_a_model_that_cannot_take_the_inputs_is_a_one_line_error_before_training(tmp_path, capsys, model):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--model", model, "--out", str(out)]) == 2  # was a traceback at the first step
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        f"atmc: error: model '{model}' cannot be built for inputs (1, 8, 8): "  # torchvision's ViT asserts
+        if model == "tv:vit_b_16"
+        else f"atmc: error: --model {model} cannot run on digits inputs [1, 1, 8, 8]: "
+    )
+    assert not (out / "dense.pt").exists()
+
+
+def test_admm_state_dict_carries_the_voided_step_count():
+    cfg = at.ATMCConfig(ratio=0.2, bits=4)
+    model = at.compress_(small(), cfg)
+    opt = at.ADMM(model, cfg, check_finite=False)
+    for bad in (True, False, True):
+        opt.zero_grad()
+        model(torch.rand(2, 1, 7, 7)).sum().backward()
+        if bad:
+            opt.store.grad[0] = math.nan
+        opt.step()
+    assert int(opt.nonfinite_steps) == 2
+    sd = opt.state_dict()
+    assert opt.state["admm"] == {"step": 3, "quant_steps": 0}  # the live state is untouched
+    twin = at.compress_(small(), cfg)
+    twin.load_state_dict(model.state_dict())
+    resumed = at.ADMM(twin, cfg, check_finite=False)
+    resumed.load_state_dict(sd)
+    assert int(resumed.nonfinite_steps) == 2 and resumed.state["admm"] == {"step": 3, "quant_steps": 0}  # was 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"subset": 0}, "load_dataset: subset must be None or an int >= 1, got 0"),  # was: "subset size ..."
+        ({"subset": 1.5}, "load_dataset: subset must be None or an int >= 1, got 1.5"),  # was: a slicing TypeError
+        ({"test_subset": -2}, "load_dataset: test_subset must be None or an int >= 1, got -2"),
+        ({"seed": "a"}, "load_dataset: seed must be an int, got 'a'"),  # was: a RuntimeError from manual_seed
+    ],
+)
+def test_load_dataset_names_its_bad_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        at.load_dataset("digits", **kw)
+
+
+def test_a_data_root_that_is_a_file_is_called_so(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"data root '.*f' is not a directory; pass --data-root DIR holding mnist"):
+        at.load_dataset("mnist", tmp_path / "f")  # was: "does not exist"
