@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -511,13 +512,13 @@ def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
 
 
 def _check_fresh(s: _Setup, stages: list[str]) -> None:
-    """Before any work: make ``--out``, and without ``--resume`` refuse to start over on top of an earlier
-    run's checkpoints (a rerun that forgot ``--resume`` would overwrite them with its first epoch)."""
-    if s.exp.out is None:
+    """Before any work: make ``--out``, and without ``--resume`` move an earlier run's checkpoints of these
+    stages into ``<out>/earlier_<UTC time>/`` (the new run starts over, as asked, and overwrites nothing;
+    ``metrics.jsonl`` is appended to)."""
+    if s.exp.out is None or not distributed.is_main():
         return
     try:  # a file in the way would otherwise surface as a traceback at the first checkpoint, after an epoch
-        if distributed.is_main():
-            s.exp.out.mkdir(parents=True, exist_ok=True)
+        s.exp.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {s.exp.out}: cannot create the output directory ({e.strerror})") from None
     if s.exp.resume:
@@ -525,9 +526,15 @@ def _check_fresh(s: _Setup, stages: list[str]) -> None:
     names = [f"{st}.pt" for st in stages] + [f"{st}_final.pt" for st in stages if st.startswith("atmc")]
     found = [n for n in names if (s.exp.out / n).exists()]
     if found:
-        raise ValueError(
-            f"{s.exp.out} already holds checkpoints of an earlier run ({', '.join(found)}): --resume continues it "
-            "(a finished run is only evaluated again); to start over, pick another --out or delete them"
+        aside = s.exp.out / time.strftime("earlier_%Y%m%d-%H%M%S", time.gmtime())
+        while aside.exists():
+            aside = aside.with_name(aside.name + "_")
+        aside.mkdir()
+        for n in found:
+            os.replace(s.exp.out / n, aside / n)
+        _say(
+            f"{s.exp.out} held checkpoints of an earlier run ({', '.join(found)}): moved to {aside} "
+            "(--resume would have continued that run)"
         )
 
 

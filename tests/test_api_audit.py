@@ -337,7 +337,7 @@ TINY = ["--subset", "128", "--test-subset", "16", "--epochs", "1", "--atmc-epoch
 TINY += ["--eval-pgd-steps", "2", "--eval-size", "16", "--no-progress", "--attacks", "pgd", "--no-natural-baseline"]
 
 
-def test_a_rerun_without_resume_refuses_to_overwrite_the_checkpoints(tmp_path, capsys):
+def test_a_rerun_without_resume_moves_the_earlier_checkpoints_aside(tmp_path, capsys):
     from pipeline_helpers import one_thread
 
     out = tmp_path / "run"
@@ -346,16 +346,15 @@ def test_a_rerun_without_resume_refuses_to_overwrite_the_checkpoints(tmp_path, c
         saved = {p.name: p.read_bytes() for p in out.glob("*.pt")}
         assert sorted(saved) == ["atmc.pt", "atmc_final.pt", "dense.pt"]
         capsys.readouterr()
-        assert main(["train", *TINY, "--out", str(out)]) == 2  # before the check: dense.pt rewritten at epoch 1
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err == (
-            f"atmc: error: {out} already holds checkpoints of an earlier run (dense.pt, atmc.pt, atmc_final.pt): "
-            "--resume continues it (a finished run is only evaluated again); to start over, pick another --out "
-            "or delete them"
-        )
-        assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == saved
+        assert main(["train", *TINY, "--out", str(out)]) == 0  # the README's main job, run twice: it starts over
+        err = capsys.readouterr().err
+        (aside,) = out.glob("earlier_*")
+        assert f"held checkpoints of an earlier run (dense.pt, atmc.pt, atmc_final.pt): moved to {aside}" in err
+        assert {p.name: p.read_bytes() for p in aside.glob("*.pt")} == saved  # before: dense.pt rewritten at epoch 1
+        assert sorted(p.name for p in out.glob("*.pt")) == sorted(saved)  # the new run's own
         assert main(["train", *TINY, "--out", str(out), "--resume"]) == 0
-        # the README's sweep from the run's dense checkpoint into the same directory writes other stages: allowed
+        assert len(list(out.glob("earlier_*"))) == 1  # --resume moves nothing
+        # the README's sweep from the run's dense checkpoint into the same directory writes other stages: kept
         sweep = [
             "sweep",
             *TINY[:-1],
@@ -367,8 +366,10 @@ def test_a_rerun_without_resume_refuses_to_overwrite_the_checkpoints(tmp_path, c
             str(out),
         ]
         assert main(sweep) == 0
-        assert main(sweep) == 2
-        assert "(atmc_r0.05.pt, atmc_r0.05_final.pt)" in capsys.readouterr().err
+        assert (out / "dense.pt").exists() and len(list(out.glob("earlier_*"))) == 1
+        assert main(sweep) == 0
+        moved = [sorted(p.name for p in d.glob("*.pt")) for d in sorted(out.glob("earlier_*"))]
+        assert ["atmc_r0.05.pt", "atmc_r0.05_final.pt"] in moved and len(moved) == 2
 
 
 @pytest.mark.parametrize("where", ["file", "file/sub"])
