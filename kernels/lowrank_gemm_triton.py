@@ -198,7 +198,7 @@ def csr_block_m(M: int) -> int:
     """Rows of activations one CSR program takes: ``pow2(M)`` up to 16, then 32-row chunks.
 
     (Compiled for sm_90, a thread owns whole nonzeros, so the cost per nonzero grows with the rows it
-    multiplies: 1.09 warp instructions at 8 rows, 1.72 at 16: ``python -m bench.gemm_issue``.)
+    multiplies: 1.07 warp instructions at 8 rows, 1.68 at 16: ``python -m bench.gemm_issue``.)
     """
     return _pow2(M) if M <= 16 else 32
 
