@@ -39,33 +39,35 @@ def record() -> dict:
     return next(s for s in got if s["name"] == "fast_refine_kernel")
 
 
+def _target(op: str) -> int | None:
+    """The address a branch instruction ``op`` jumps to (None: not a branch)."""
+    m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
+    return int(m.group(1), 16) if m else None
+
+
+def _forward(body: list[tuple[int, str]]):
+    """``(op, skipped)`` of each forward branch in ``body``: the instructions between it and its target."""
+    for a, op in body:
+        t = _target(op)
+        if t is not None and t > a:
+            yield op, [(x, o) for x, o in body if a < x < t]
+
+
 def loops(sass: str) -> list[dict]:
     """Innermost loops: size, forward-branch spans over 300 instructions, and a few opcode counts."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    spans = []
-    for a, op in ins:
-        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
-        if m and int(m.group(1), 16) < a:
-            spans.append((int(m.group(1), 16), a))
+    spans = [(t, a) for a, op in ins if (t := _target(op)) is not None and t < a]
     out = []
     for lo, hi in spans:
         if any(lo <= x and y <= hi and (x, y) != (lo, hi) for x, y in spans):
             continue  # holds another loop
         body = [(a, op) for a, op in ins if lo <= a <= hi]
         slow = set()  # division slow paths: a predicated forward branch over a CALL
-        for a, op in body:
-            m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
-            if m and op.startswith("@") and int(m.group(1), 16) > a:
-                span = [(x, o) for x, o in body if a < x < int(m.group(1), 16)]
-                if len(span) < 60 and any("CALL" in o for _, o in span):
-                    slow |= {x for x, _ in span}
+        for op, span in _forward(body):
+            if op.startswith("@") and len(span) < 60 and any("CALL" in o for _, o in span):
+                slow |= {x for x, _ in span}
         body = [(a, op) for a, op in body if a not in slow]
-        skips = []
-        for a, op in body:
-            m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
-            if m and int(m.group(1), 16) > a:
-                n = sum(1 for x, _ in body if a < x < int(m.group(1), 16))
-                skips += [n] if n > 300 else []
+        skips = [len(span) for _, span in _forward(body) if len(span) > 300]
         ops = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0] for _, op in body]
         count = {k: ops.count(k) for k in ("DFMA", "SHFL", "F2I", "REDUX", "STG", "LDG")}
         out.append({"size": len(body), "slow_path": len(slow), "branches": skips, "ops": count})

@@ -314,9 +314,8 @@ def _quantize_many(
         out[j] = res
     rest = [j for j, init in enumerate(inits) if init.numel() > 0]
     sub = [items[j] for j in rest]
-    new = _fits(sub, [inits[j] for j in rest], max_iter, tol)
-    old = _fits(sub, [_quantile_init(s, K) for s, _, _ in sub], max_iter, tol)
-    for j, a, b in zip(rest, new, old):
+    both = _fits(sub + sub, [inits[j] for j in rest] + [_quantile_init(s, K) for s, _, _ in sub], max_iter, tol)
+    for j, a, b in zip(rest, both[: len(rest)], both[len(rest) :]):  # the refined init's fit, the legacy one's
         out[j] = a if float(a[2]) <= float(b[2]) else b  # never worse than the legacy quantizer
     return out
 

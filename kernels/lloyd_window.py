@@ -99,9 +99,9 @@ def _pass(
     bad = np.empty((S, NC, NC))  # 0, or inf where a > b (a boundary before its predecessor)
     ones = np.ones((S, NC, NC))  # np.maximum vectorises with an array operand, not with a scalar
     infeasible = np.empty((S, NC, NC), bool)
-    c0, c1 = np.empty((S, NC, NC)), np.empty((S, NC, NC))  # V0 + free, V1 + free
+    c0t, c1t = torch.empty((S, NC, NC), dtype=torch.float64), torch.empty((S, NC, NC), dtype=torch.float64)  # V + free
     cz = np.empty((S, NC, 2 * NC))  # [V1 + free | V0 + zero] where cluster t may be the zero cluster
-    c0t, c1t, czt, freet = (torch.from_numpy(c) for c in (c0, c1, cz, s1))
+    czt, freet = torch.from_numpy(cz), torch.from_numpy(s1)
     a1t, idxt = torch.empty((S, NC), dtype=torch.int64), torch.empty((S, NC), dtype=torch.int64)  # argmins
     a1, idx = a1t.numpy(), idxt.numpy()
     # a > b <=> n = C[b] - C[a] < 0 where the counts rise strictly up to the last candidate (counts of
