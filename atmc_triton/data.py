@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from atmc_triton.config import _is_int
+
 __all__ = [
     "DATASETS",
     "DataBundle",
@@ -163,9 +165,9 @@ def load_dataset(
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     for arg, v in (("subset", subset), ("test_subset", test_subset)):  # checked before any file is read
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        if v is not None and not (_is_int(v) and v >= 1):
             raise DataError(f"load_dataset: {arg} must be None or an int >= 1, got {v!r}")
-    if not (isinstance(seed, int) and not isinstance(seed, bool)):
+    if not _is_int(seed):
         raise DataError(f"load_dataset: seed must be an int, got {seed!r}")
     spec = DATASETS[name]
     if name == "digits":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 
 from atmc_triton import distributed
 from atmc_triton.budget import atmc_layers, floor_indices, unwrap
-from atmc_triton.config import ATMCConfig
+from atmc_triton.config import ATMCConfig, _is_real
 from atmc_triton.kernels import (
     admm_dual_update,
     admm_dual_update_ref,
@@ -119,7 +118,7 @@ class ADMM(torch.optim.Optimizer):
         if not isinstance(cfg, ATMCConfig):
             raise ValueError(f"ADMM: cfg must be an ATMCConfig, got {type(cfg).__name__}")
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            if not (_is_real(v) and v >= 0):
                 raise ValueError(f"ADMM: {name} must be a finite number >= 0, got {v!r}")
         for name, v in (("nesterov", nesterov), ("check_finite", check_finite)):
             if not isinstance(v, bool):

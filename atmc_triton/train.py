@@ -77,7 +77,7 @@ from atmc_triton.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from atmc_triton.config import ATMCConfig
+from atmc_triton.config import ATMCConfig, _is_int
 from atmc_triton.data import DataBundle, Split, iterate_batches
 from atmc_triton.distributed import (
     agree,
@@ -323,7 +323,7 @@ class Schedule:
 
 
 def _check_int(name: str, v: Any, low: int) -> None:
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+    if not (_is_int(v) and v >= low):
         raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
 
 
