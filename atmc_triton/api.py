@@ -159,7 +159,8 @@ def compress_(
         return_report: return the :class:`CompressReport` instead of ``model``.
 
     Raises:
-        ValueError: nothing to compress, a selected layer with non-float weights, an ``exclude``
+        TypeError: a ``filter_fn`` that is not callable.
+        ValueError: nothing to compress, a selected layer with non-float or meta-device weights, an ``exclude``
             pattern that matches no layer, a ``layer_bits`` key that matches no compressed layer, or a
             layer floor larger than half the budget.
 
@@ -176,6 +177,8 @@ def compress_(
         raise ValueError("compress_ swaps submodules in place; wrap a bare layer first, e.g. nn.Sequential(layer)")
     if atmc_layers(model):
         raise ValueError("compress_: the model already has ATMC layers")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"compress_: filter_fn must be callable(module, name) -> bool, got {type(filter_fn).__name__}")
     keep = filter_fn or _default_filter
     named = [(n, m) for n, m in model.named_modules() if n]
     attn = {id(m) for _, m in named if isinstance(m, nn.MultiheadAttention)}
@@ -221,6 +224,11 @@ def compress_(
         w = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
         if not w.dtype.is_floating_point:
             raise ValueError(f"compress_: {name} has non-float weights ({w.dtype})")
+        if w.is_meta:
+            raise ValueError(
+                f"compress_: {name} has meta-device weights; compression factorizes the trained weights, "
+                "so materialize and load them first (model.to_empty(device=...), then load_state_dict)"
+            )
     weights = sum(p.numel() for p in model.parameters())
     swaps: dict[int, nn.Module] = {}
     for name, m in _bar(targets, progress_enabled(progress, weights), "compress_"):

@@ -2,8 +2,8 @@
 
 ``atmc train`` with no arguments adversarially trains, compresses and evaluates a small CNN on
 scikit-learn's embedded 8x8 digits (no download) and prints a table. Bad arguments end with a
-one-line ``atmc: error: ...`` on stderr and exit code 2; a run stopped by NaN/Inf steps
-(``--max-nonfinite``) exits with code 3.
+one-line ``atmc: error: ...`` on stderr (``atmc [rank r/N]: error: ...`` under torchrun) and exit
+code 2; a run stopped by NaN/Inf steps (``--max-nonfinite``) exits with code 3.
 
 Multi-GPU / multi-node: run the same command under ``torchrun`` (DistributedDataParallel, one
 process per GPU; gloo on CPU). ``--batch-size`` stays the global batch, only rank 0 writes to
@@ -930,6 +930,14 @@ def _log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _say(msg: str) -> None:
+    """``atmc: msg`` on stderr; under torchrun with several ranks, ``atmc [rank r/N]: msg`` (every rank
+    that fails says so, and which one it is)."""
+    world = distributed.world_size()
+    who = f" [rank {distributed.rank()}/{world}]" if world > 1 else ""
+    print(f"atmc{who}: {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atmc`` console script; returns the exit code."""
     ap = _parser()
@@ -939,13 +947,13 @@ def main(argv: list[str] | None = None) -> int:
         return a.func(a)
     except (ValueError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"atmc: error: {msg}", file=sys.stderr)
+        _say(f"error: {msg}")
         return 2
     except NonFiniteError as e:
-        print(f"atmc: error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 3
     except KeyboardInterrupt:
-        print("atmc: interrupted (continue with --resume)", file=sys.stderr)
+        _say("interrupted (continue with --resume)")
         return 130
     finally:
         distributed.destroy()

@@ -65,7 +65,12 @@ DATASETS: dict[str, DataSpec] = {
 
 @dataclass(frozen=True)
 class Split:
-    """``x [N, C, H, W]`` (uint8 read as ``x / 255``, or float in ``[0, 1]``) and labels ``y [N]`` int64."""
+    """``x [N, C, H, W]`` (uint8 read as ``x / 255``, or float in ``[0, 1]``) and labels ``y [N]``
+    (any integer dtype, stored as int64).
+
+    Raises:
+        ValueError: other shapes, ``x`` neither uint8 nor float, or labels not integers.
+    """
 
     x: Tensor
     y: Tensor
@@ -73,6 +78,12 @@ class Split:
     def __post_init__(self):
         if self.x.dim() != 4 or self.y.dim() != 1 or self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"Split needs x [N, C, H, W] and y [N], got {tuple(self.x.shape)}, {tuple(self.y.shape)}")
+        if not (self.x.dtype == torch.uint8 or self.x.dtype.is_floating_point):
+            raise ValueError(f"Split needs uint8 or floating-point x, got {self.x.dtype}")
+        if self.y.dtype.is_floating_point or self.y.dtype.is_complex or self.y.dtype == torch.bool:
+            raise ValueError(f"Split needs integer class labels y, got {self.y.dtype}")
+        if self.y.dtype != torch.long:
+            object.__setattr__(self, "y", self.y.long())
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

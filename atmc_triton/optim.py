@@ -94,6 +94,10 @@ class ADMM(torch.optim.Optimizer):
             on whenever a ``torch.distributed`` process group of more than one rank is running;
             set ``False`` when ranks train different models. Every rank must step together.
 
+    Raises:
+        ValueError: no ATMC layers or budget, bad hyperparameters, a ``cfg`` that differs from
+            ``compress_``'s, sharded (FSDP) factors, or a factor with ``requires_grad=False``.
+
     Example:
         >>> import atmc_triton as at
         >>> model = at.compress_(nn.Sequential(nn.Linear(8, 4)), at.ATMCConfig(nnz=10))
@@ -130,6 +134,13 @@ class ADMM(torch.optim.Optimizer):
         if not layers:
             raise ValueError("ADMM: the model has no ATMC layers; call atmc_triton.compress_(model, cfg) first")
         check_plain_factors(layers)
+        frozen = [f"{n}.{f}" for n, layer in atmc_layers(model) for f, p in layer.factors() if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"ADMM: factors {frozen[:4]}{' ...' if len(frozen) > 4 else ''} have requires_grad=False, but ADMM "
+                "projects every factor onto the one global budget each step; to keep a layer fixed, leave it out "
+                "of compress_ (cfg.exclude or filter_fn)"
+            )
         _check_same_compression(model, cfg)
         k = getattr(model, "atmc_nnz_budget", None)
         if k is None:

@@ -546,3 +546,54 @@ def test_a_data_root_that_is_a_file_is_called_so(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match=r"data root '.*f' is not a directory; pass --data-root DIR holding mnist"):
         at.load_dataset("mnist", tmp_path / "f")  # was: "does not exist"
+
+
+# --- labels, frozen factors, unusable models (this sitting's audit leftovers) ----------------------
+
+
+@pytest.mark.parametrize("attack", [at.pgd, at.fgsm, at.fgsm_rs, at.n_fgsm, at.wrm, at.apgd_ce])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_attacks_name_labels_that_are_not_int64(attack, dtype):
+    x, y = torch.rand(3, 1, 7, 7), torch.tensor([0, 1, 2], dtype=dtype)
+    with pytest.raises(ValueError, match=f"labels must be int64 \\(torch.long\\) class indices, got {dtype}"):
+        attack(small().eval(), x, y)  # was: cross_entropy's "expected target dtype to be Long or Byte"
+
+
+def test_split_stores_integer_labels_as_int64_and_refuses_others():
+    from atmc_triton.data import Split
+
+    x = torch.rand(4, 1, 7, 7)
+    s = Split(x, torch.tensor([0, 1, 2, 1], dtype=torch.int32))
+    assert s.y.dtype == torch.long and s.take(torch.arange(4))[1].tolist() == [0, 1, 2, 1]
+    for bad in (torch.zeros(4), torch.zeros(4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="Split needs integer class labels y"):
+            Split(x, bad)
+    with pytest.raises(ValueError, match="Split needs uint8 or floating-point x, got torch.int64"):
+        Split(x.long(), s.y)
+
+
+def test_admm_refuses_frozen_factors():
+    cfg = at.ATMCConfig(ratio=0.5, bits=4)
+    model = at.compress_(small(), cfg)
+    model[0].C.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"ADMM: factors \['0.C'\] have requires_grad=False"):
+        at.ADMM(model, cfg)  # was: accepted, and the frozen factor moved anyway
+
+
+def test_compress_refuses_meta_weights_and_a_filter_fn_that_is_not_callable():
+    with torch.device("meta"):
+        model = small()
+    with pytest.raises(ValueError, match="compress_: 0 has meta-device weights"):
+        at.compress_(model, at.ATMCConfig(ratio=0.5, bits=4))  # was: "Tensor.item() cannot be called on meta"
+    with pytest.raises(TypeError, match="compress_: filter_fn must be callable"):
+        at.compress_(small(), at.ATMCConfig(ratio=0.5, bits=4), filter_fn=True)  # was: "'bool' object is not callable"
+
+
+def test_under_several_ranks_each_error_line_names_its_rank(monkeypatch, capsys):
+    from atmc_triton import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(distributed, "rank", lambda: 3)
+    assert main(["train", "--device", "bogus", "--epochs", "0", "--atmc-epochs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # was: N identical "atmc: error: ..." lines
+    assert err[-1] == "atmc [rank 3/4]: error: device must be 'auto', 'cpu', 'cuda' or 'cuda:INDEX', got 'bogus'"
