@@ -31,6 +31,8 @@ from .lloyd_batch import unique_ints
 
 __all__ = ["compand_init", "refine_partition"]
 
+STEP_BATCH = 8  # Viterbi steps whose cost tiles one round of numpy calls builds (fewer, larger calls)
+
 
 def compand_init(s: np.ndarray, K: int, grid: int) -> np.ndarray:
     """``K`` ascending free centres (float64) spread like the high-rate optimum (density^(1/3)).
@@ -80,7 +82,8 @@ def _pass(
     ``c = V + free``, then the ``argmin`` (ties and NaN: the first) and the minimum; the Triton kernel
     reproduces these operations bit for bit, so their order and the tie-breaking are fixed. The arrays
     are small (``[S, NC, NC]``), so per-call and per-inner-loop costs dominate: buffers are allocated
-    once per pass, operands are arrays (not scalars), and the three ops with a broadcast or a reduction
+    once per pass, the ``free`` tiles of :data:`STEP_BATCH` steps are built by one round of calls (they
+    do not depend on ``V``), operands are arrays (not scalars), and the three ops with a broadcast or a reduction
     on the short last axis run in torch on the same buffers (numpy takes 2x as long for the outer
     differences and returns no minimum with its argmin; both give the same bits: exact subtractions
     and additions, the first minimum on ties and the first NaN).
@@ -92,16 +95,15 @@ def _pass(
     for q, P in enumerate((C, P1, P2)):
         np.take(P, at, out=X[q])  # flat indices: 3x faster than a fancy gather
     Xt = torch.from_numpy(X)
-    D = np.empty((3, S, NC, NC))  # n, s1, s2 of every (next, previous) pair
+    H = min(STEP_BATCH, T - 1)  # the cost tiles of H steps are built together (they do not depend on V)
+    D = np.empty((3, H, S, NC, NC))  # n, s1, s2 of every (next, previous) pair, per step of a batch
     Dt = torch.from_numpy(D)
-    n, s1, s2 = D
-    free = s1  # s1 * s1 / n, then free, overwrite s1 (s2 stays for the zero cluster)
-    bad = np.empty((S, NC, NC))  # 0, or inf where a > b (a boundary before its predecessor)
-    ones = np.ones((S, NC, NC))  # np.maximum vectorises with an array operand, not with a scalar
-    infeasible = np.empty((S, NC, NC), bool)
+    bad = np.empty((H, S, NC, NC))  # 0, or inf where a > b (a boundary before its predecessor)
+    ones = np.ones((H, S, NC, NC))  # np.maximum vectorises with an array operand, not with a scalar
+    infeasible = np.empty((H, S, NC, NC), bool)
     c0t, c1t = torch.empty((S, NC, NC), dtype=torch.float64), torch.empty((S, NC, NC), dtype=torch.float64)  # V + free
     cz = np.empty((S, NC, 2 * NC))  # [V1 + free | V0 + zero] where cluster t may be the zero cluster
-    czt, freet = torch.from_numpy(cz), torch.from_numpy(s1)
+    czt = torch.from_numpy(cz)
     a1t, idxt = torch.empty((S, NC), dtype=torch.int64), torch.empty((S, NC), dtype=torch.int64)  # argmins
     a1, idx = a1t.numpy(), idxt.numpy()
     # a > b <=> n = C[b] - C[a] < 0 where the counts rise strictly up to the last candidate (counts of
@@ -124,23 +126,33 @@ def _pass(
         return torch.min(c, 2, out=(torch.empty(S, NC, dtype=torch.float64), out))[0].numpy()
 
     for t in range(T - 1):
+        j = t % H
+        if j == 0:  # the tiles of steps t .. t + h - 1, elementwise as one step's (the same bits)
+            h = min(H, T - 1 - t)
+            n, s1, s2 = D[:, :h]
+            free, inf_h, bad_h = s1, infeasible[:h], bad[:h]  # free overwrites s1 (s2 stays for the zero cluster)
+            torch.sub(Xt[:, t + 1 : t + 1 + h, :, :, None], Xt[:, t : t + h, :, None, :], out=Dt[:, :h])
+            if rising:
+                np.less(n, 0.0, out=inf_h)
+            else:
+                wh = win[:, t : t + 1 + h].transpose(1, 0, 2)  # [h + 1, S, NC]
+                np.greater(wh[:-1, :, None, :], wh[1:, :, :, None], out=inf_h)
+            bad_h.fill(0.0)
+            np.putmask(bad_h, inf_h, np.inf)
+            np.maximum(n, ones[:h], out=n)  # (n = 0 has s1 = 0)
+            np.multiply(s1, s1, out=s1)
+            np.divide(s1, n, out=s1)
+            np.subtract(s2, s1, out=free)
+            # max(x, bad) = max(x, 0) + bad for bad in {0, inf}, NaN included (np.maximum propagates it);
+            # where x = -0 it may keep -0, which V + free turns into the same value (V >= +0 or inf or NaN)
+            np.maximum(free, bad_h, out=free)
         a, b = win[:, t][:, None, :], win[:, t + 1][:, :, None]  # [S, 1, NC] previous, [S, NC, 1] next
-        torch.sub(Xt[:, t + 1, :, :, None], Xt[:, t, :, None, :], out=Dt)
-        np.less(n, 0.0, out=infeasible) if rising else np.greater(a, b, out=infeasible)
-        bad.fill(0.0)
-        np.putmask(bad, infeasible, np.inf)
-        np.maximum(n, ones, out=n)  # (n = 0 has s1 = 0)
-        np.multiply(s1, s1, out=s1)
-        np.divide(s1, n, out=s1)
-        np.subtract(s2, s1, out=free)
-        # max(x, bad) = max(x, 0) + bad for bad in {0, inf}, NaN included (np.maximum propagates it); where
-        # x = -0 it may keep -0, which V + free turns into the same value (V >= +0 or inf or NaN)
-        np.maximum(free, bad, out=free)
+        freet = Dt[1, j]  # [S, NC, NC] this step's free costs
         if need0[t]:
             torch.add(torch.from_numpy(V0)[:, None, :], freet, out=c0t)
         if may_zero[t]:  # cluster t may be the zero cluster
-            zero = s2 + np.where((a <= zc) & (zc <= b), bad, np.inf)  # it holds the sign change
-            np.add(V1[:, None, :], free, out=cz[:, :, :NC])
+            zero = D[2, j] + np.where((a <= zc) & (zc <= b), bad[j], np.inf)  # it holds the sign change
+            np.add(V1[:, None, :], D[1, j], out=cz[:, :, :NC])
             np.add(V0[:, None, :], zero, out=cz[:, :, NC:])
             V1 = argmin(czt, a1t)
             use_z = a1 >= NC
