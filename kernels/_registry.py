@@ -4,16 +4,23 @@ Every family registers one ``torch.library`` op per entry point. With Triton pre
 is a :func:`torch.library.triton_op` (its launcher calls kernels through ``wrap_triton``, so
 ``torch.compile(fullgraph=True)`` traces into it) and the pure-PyTorch reference is its CPU
 kernel. Without Triton the reference is the only kernel. Nothing here probes hardware.
+
+A graph of CPU tensors cannot hold Triton kernels (no GPU backend runs them), and some references
+read their data on the host (numpy, ``.tolist()``), so they cannot be traced either. Such ops
+(``cpu_opaque=True``) also register ``atmc::<name>_cpu``, a plain custom op of the reference with
+the fake kernel: a trace of CPU tensors (``torch.compile`` with any backend, ``torch.export``,
+``opcheck``) records that op as one opaque node, which runs the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["HAS_TRITON", "register_op"]
+__all__ = ["HAS_TRITON", "register_op", "tracing"]
 
 
 def _has_triton() -> bool:
@@ -26,6 +33,14 @@ def _has_triton() -> bool:
 HAS_TRITON: bool = _has_triton()
 
 
+def tracing(t: torch.Tensor) -> bool:
+    """``t`` carries no data here: a ``torch.compile`` / export trace, or a fake tensor (``FakeTensorMode``,
+    ``torch.library.opcheck``). Checks that read values (a host sync) must be skipped then."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
 def register_op(
     name: str,
     *,
@@ -33,18 +48,42 @@ def register_op(
     fake: Callable,
     launcher: Callable | None = None,
     mutates_args: Iterable[str] = (),
+    cpu_opaque: bool = False,
 ):
     """Register ``atmc::<name>``; ``launcher`` (Triton) serves non-CPU devices when available.
 
     ``reference`` and ``launcher`` must share one annotated signature. ``fake`` computes output
-    metadata only (it is used by the no-Triton op; ``triton_op`` traces the launcher instead).
+    metadata only (it is used by the no-Triton op and by the CPU twin; ``triton_op`` traces the
+    launcher instead). ``cpu_opaque``: traces of CPU tensors call the twin ``atmc::<name>_cpu``
+    (see the module docstring) instead of the launcher.
     """
     qualname = f"atmc::{name}"
     mutates_args = tuple(mutates_args)
     if launcher is not None and HAS_TRITON:
-        op = torch.library.triton_op(qualname, launcher, mutates_args=mutates_args)
+        if cpu_opaque:
+            twin = torch.library.custom_op(f"{qualname}_cpu", reference, mutates_args=mutates_args)
+            twin.register_fake(fake)
+            schema = torch.library.infer_schema(launcher, mutates_args=mutates_args)  # (its module's names)
+            op = torch.library.triton_op(
+                qualname, _cpu_traces_to(twin, launcher), mutates_args=mutates_args, schema=schema
+            )
+        else:
+            op = torch.library.triton_op(qualname, launcher, mutates_args=mutates_args)
         op.register_kernel("cpu")(reference)
     else:
         op = torch.library.custom_op(qualname, reference, mutates_args=mutates_args)
         op.register_fake(fake)
     return op
+
+
+def _cpu_traces_to(twin: Callable, launcher: Callable) -> Callable:
+    """``launcher``, except that a trace of CPU tensors calls ``twin`` (same signature)."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        t = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        if t.device.type == "cpu" and tracing(t):
+            return twin(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return launch

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._registry import HAS_TRITON, register_op
+from ._registry import HAS_TRITON, register_op, tracing
 
 if HAS_TRITON:
     from .admm_triton import interpreted, launch_admm_step, launch_dual_update
@@ -207,29 +207,24 @@ def admm_dual_update_ref(u: Tensor, w: Tensor, z: Tensor) -> None:
     u.add_(w - z)
 
 
-def _tracing(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return torch.compiler.is_compiling() or is_fake(t)
-
-
 def _metadata_only(t: Tensor, name: str) -> bool:
-    """Whether the launcher only propagates metadata: a fake-tensor trace under Triton's CPU
-    interpreter, whose kernels cannot be traced (the op itself then runs its CPU reference)."""
-    if not (interpreted() and _tracing(t)):
+    """Whether the launcher only propagates metadata: a fake-tensor trace of CPU tensors or under Triton's
+    CPU interpreter, whose kernels cannot be traced into a graph (a direct launcher call: the registered
+    op sends CPU traces to its opaque twin, see ``_registry``); an AOT trace there is refused."""
+    if not ((interpreted() or t.device.type == "cpu") and tracing(t)):
         return False
     from torch._subclasses.functional_tensor import FunctionalTensor
 
     if isinstance(t, FunctionalTensor):
         raise RuntimeError(
-            f"{name}: the Triton kernels cannot be traced into a graph under TRITON_INTERPRET=1; "
+            f"{name}: the Triton kernels cannot be traced into a graph on CPU (or under TRITON_INTERPRET=1); "
             "compile on a GPU, or use torch.compile(backend='eager') on CPU"
         )
     return True
 
 
 def _check_triton_device(t: Tensor, name: str) -> None:
-    if _tracing(t) or t.device.type == "cuda" or (t.device.type == "cpu" and interpreted()):
+    if tracing(t) or t.device.type == "cuda" or (t.device.type == "cpu" and interpreted()):
         return
     raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {t.device}")
 
@@ -299,6 +294,7 @@ admm_step = register_op(
     fake=_admm_step_fake,
     launcher=admm_step_triton,
     mutates_args=("w", "mom", "mask"),
+    cpu_opaque=True,
 )
 admm_dual_update = register_op(
     "admm_dual_update",
@@ -306,4 +302,5 @@ admm_dual_update = register_op(
     fake=_dual_update_fake,
     launcher=admm_dual_update_triton,
     mutates_args=("u",),
+    cpu_opaque=True,
 )

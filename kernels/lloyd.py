@@ -526,8 +526,12 @@ else:  # the package works without Triton: the references serve every device
     errors_for_bits_triton = lloyd_quantize_triton = None
 
 lloyd_quantize = register_op(
-    "lloyd_quantize", reference=lloyd_quantize_ref, fake=_lloyd_fake, launcher=lloyd_quantize_triton
+    "lloyd_quantize", reference=lloyd_quantize_ref, fake=_lloyd_fake, launcher=lloyd_quantize_triton, cpu_opaque=True
 )
 errors_for_bits = register_op(
-    "lloyd_errors_for_bits", reference=errors_for_bits_ref, fake=_errors_fake, launcher=errors_for_bits_triton
+    "lloyd_errors_for_bits",
+    reference=errors_for_bits_ref,
+    fake=_errors_fake,
+    launcher=errors_for_bits_triton,
+    cpu_opaque=True,
 )

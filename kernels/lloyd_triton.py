@@ -34,6 +34,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ._registry import tracing
+
 __all__ = ["errors_for_bits_triton", "lloyd_quantize_triton"]
 
 LANES = 256  # 2**8: free centres (and midpoints) per segment, one lane each
@@ -380,7 +382,7 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
 
 def _skip_value_checks(values: Tensor) -> bool:
     """Under tracing or CUDA-graph capture the value checks (which read tensors back) are skipped."""
-    return _tracing(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return tracing(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _interpreted() -> bool:
@@ -388,14 +390,9 @@ def _interpreted() -> bool:
     return not isinstance(_lloyd_kernel, triton.runtime.JITFunction)
 
 
-def _tracing(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return torch.compiler.is_compiling() or is_fake(t)
-
-
 def _metadata_only(values: Tensor) -> bool:
-    """True for fake-tensor propagation under Triton's CPU interpreter, where kernels cannot be traced.
+    """True for fake-tensor propagation of CPU tensors or under Triton's CPU interpreter, where kernels
+    cannot be traced.
 
     With compiled Triton, ``wrap_triton`` records the kernels into the graph; under
     ``TRITON_INTERPRET=1`` it returns the raw interpreted kernel, which cannot run on fake
@@ -403,13 +400,13 @@ def _metadata_only(values: Tensor) -> bool:
     reference), so the launcher returns its allocated outputs; a functionalizing trace (AOT
     autograd decomposing the op into its kernels) cannot work there and is refused loudly.
     """
-    if not (_interpreted() and _tracing(values)):
+    if not ((_interpreted() or values.device.type == "cpu") and tracing(values)):
         return False
     from torch._subclasses.functional_tensor import FunctionalTensor
 
     if isinstance(values, FunctionalTensor):
         raise RuntimeError(
-            "atmc lloyd kernels cannot be traced into a graph under TRITON_INTERPRET=1; "
+            "atmc lloyd kernels cannot be traced into a graph on CPU (or under TRITON_INTERPRET=1); "
             "compile on a GPU, or use torch.compile(backend='eager') on CPU"
         )
     return True
