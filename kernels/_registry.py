@@ -5,7 +5,7 @@ is a :func:`torch.library.triton_op` (its launcher calls kernels through ``wrap_
 ``torch.compile(fullgraph=True)`` traces into it) and the pure-PyTorch reference is its CPU
 kernel. Without Triton the reference is the only kernel. Nothing here probes hardware.
 
-A graph of CPU tensors cannot hold Triton kernels (no GPU backend runs them), and some references
+A graph of CPU tensors cannot hold Triton kernels (no CPU backend runs them), and some references
 read their data on the host (numpy, ``.tolist()``), so they cannot be traced either. Such ops
 (``cpu_opaque=True``) also register ``atmc::<name>_cpu``, a plain custom op of the reference with
 the fake kernel: a trace of CPU tensors (``torch.compile`` with any backend, ``torch.export``,
