@@ -405,6 +405,12 @@ class PackedLinear(PackedLayer):
         self.check_valid()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if torch.compiler.is_exporting():
+            # the path is a Python choice on M that one exported graph cannot make for every M (with a dynamic batch:
+            # a guard on M, ConstraintViolationError), so the graph decodes W from the packed tensors (no M-dependent
+            # kernel choice on any device) and runs F.linear; the program holds only the packed tensors
+            w = self.weight_2d().to(x.dtype)
+            return F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype)).view(*lead, self.out_features)
         if x2.shape[0] and self.path(x2.shape[0], x.dtype) == "dense":
             y = F.linear(x2, self._dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         else:
