@@ -13,7 +13,9 @@ dense intermediate) and validating every index and code before use.
 runs the packed kernels (op ``atmc::atmc_linear``: Triton on CUDA, the reference on CPU); from it
 on, ``F.linear`` (cuBLAS) on the dense weight decoded once on first use and cached (reported by
 :func:`cached_nbytes`, dropped by ``load_state_dict`` / ``.to()`` / in-place changes of the packed
-tensors, freed by :func:`unpack`; ``layer.dense_cache = False`` never caches). Every forward first
+tensors, freed by :func:`unpack`; ``layer.dense_cache = False`` never caches). Under ``torch.export`` it
+decodes ``W`` in the graph and runs ``F.linear`` for every ``M`` (one exported graph serves every batch size and
+holds only the packed tensors). Every forward first
 re-validates packed tensors that changed since they were last checked, so corrupt data raises
 ``ValueError`` before any kernel runs. ``PackedConv2d`` dequantizes its factors once into a cached dense weight and
 calls cuDNN (``conv_mode="dense"``, the default), or runs the decomposed form: a conv with
