@@ -405,6 +405,9 @@ class PackedLinear(PackedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_valid()
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+            x = x.to(torch.get_autocast_dtype(dev))  # as autocast casts F.linear's input: one dtype on every path
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if torch.compiler.is_exporting():

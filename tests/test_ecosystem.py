@@ -148,6 +148,17 @@ def test_export_of_packed_model_with_dynamic_batch_equals_eager(strict):
     assert not any("weight_cache" in n for n in names), names  # the program holds the packed tensors only
 
 
+def test_packed_linear_under_autocast_gives_the_autocast_dtype_on_every_path():
+    m = _packed()
+    for n in (1, 7, 63, 1000):  # the packed op, then the cached dense weight
+        x = torch.randn(n, 40, generator=torch.Generator().manual_seed(n))
+        want = torch.nn.functional.linear(x.bfloat16(), m[0].weight.bfloat16(), m[0].bias.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m[0](x)  # was float32 below the crossover (the packed op), bfloat16 from it on
+        assert got.dtype == torch.bfloat16, (n, m[0].path(n, x.dtype))
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_compiled_training_step_equals_eager():
     torch._dynamo.reset()
     m1 = _model()
