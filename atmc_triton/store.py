@@ -82,7 +82,8 @@ class FactorStore:
         for (layer, f), p in zip(self.segments, params):
             if p.dtype != torch.float32 or p.device != dev:
                 raise ValueError(
-                    f"ADMM keeps float32 master weights on one device; factor {f} of {layer.extra_repr()} "
+                    f"ADMM keeps float32 master weights on one device; factor {f} of "
+                    f"{type(layer).__name__}({layer.extra_repr()}) "
                     f"is {p.dtype} on {p.device} (first factor: {dtype} on {dev}). Keep the model in "
                     "float32 and use autocast for lower precision."
                 )

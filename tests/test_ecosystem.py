@@ -159,6 +159,29 @@ def test_packed_linear_under_autocast_gives_the_autocast_dtype_on_every_path():
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_admm_refuses_a_model_moved_to_half_precision_and_resumes_in_float32(dtype):
+    m = _model()
+    opt = at.ADMM(m, CFG, lr=0.05)
+    _step(m, opt, _x())
+    m.to(dtype)
+    layer = m[3]
+    assert {t.dtype for t in (layer.C, layer.C_z, layer.C_u, layer.codebook)} == {dtype}
+    assert m(_x().to(dtype)).dtype == dtype  # inference in half precision works
+    match = rf"float32 master weights.*factor U of ATMCConv2d\(3, 4, .* is {dtype} on cpu.*use autocast"
+    with pytest.raises(ValueError, match=match):
+        at.ADMM(m, CFG, lr=0.05)
+    m.zero_grad()
+    m(_x().to(dtype)).float().square().mean().backward()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # nothing written
+    m.float()
+    _step(m, opt, _x())  # back in float32 the attached optimizer trains on
+    assert opt.steps == 2
+
+
 def test_compiled_training_step_equals_eager():
     torch._dynamo.reset()
     m1 = _model()
