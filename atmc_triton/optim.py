@@ -209,8 +209,7 @@ class ADMM(torch.optim.Optimizer):
         for s, p in enumerate(self.param_groups[0]["params"]):
             self.state[p]["momentum_buffer"] = self.store.view(self.store.mom, s)
 
-    @torch.compiler.disable  # pointer bookkeeping: under torch.compile it would break the graph and recompile per
-    def _sync(self) -> None:  # segment; it runs eagerly
+    def _sync(self) -> None:
         if self.store.sync():
             self._point_state()
         self._adopt_params()
@@ -229,7 +228,7 @@ class ADMM(torch.optim.Optimizer):
                         self.state[new] = self.state.pop(old)
                     params[i] = new
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # eager inside torch.compile, as torch.optim.Optimizer.zero_grad: pointer bookkeeping
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero grads; factor grads are always zeroed in place in the flat buffer."""
         self._sync()
@@ -311,6 +310,10 @@ class ADMM(torch.optim.Optimizer):
         g0 = self.store.grad[:1]
         g0.copy_(torch.where(ok.to(g0.device), g0, float("nan")))
 
+    # Eager inside torch.compile: the factor update is one opaque op either way, and the step's Python scalars (lr
+    # under a scheduler, rho under its schedule) would recompile the graph at every change, until dynamo's
+    # recompile limit made the step fall back to eager anyway (with a warning)
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None) -> Tensor | None:
         loss = None
