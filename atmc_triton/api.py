@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from atmc_triton.budget import atmc_layers, fit_budget_, floor_indices, nnz_budget, unwrap
@@ -135,6 +136,12 @@ def _record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
             return
 
 
+def _hooks_of(m: nn.Module) -> bool:
+    """``m`` (or a child it takes along, e.g. attention's ``out_proj``) has module hooks or a parametrization."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(parametrize.is_parametrized(c) or any(getattr(c, k, None) for k in kinds) for c in m.modules())
+
+
 def compress_(
     model: nn.Module,
     cfg: ATMCConfig,
@@ -229,6 +236,15 @@ def compress_(
                 f"compress_: {name} has meta-device weights; compression factorizes the trained weights, "
                 "so materialize and load them first (model.to_empty(device=...), then load_state_dict)"
             )
+    hooked = [name for name, m in targets if _hooks_of(m)]
+    if hooked:
+        warnings.warn(
+            f"compress_: layers {', '.join(hooked[:8])}{', ...' if len(hooked) > 8 else ''} carry "
+            "hooks or torch.nn.utils.parametrize parametrizations, which the ATMC layers replacing them do not "
+            "inherit: the effective weights are compressed (weight_norm and spectral_norm are frozen into them); "
+            "register hooks again on the new layers after compress_",
+            stacklevel=2,
+        )
     weights = sum(p.numel() for p in model.parameters())
     swaps: dict[int, nn.Module] = {}
     for name, m in _bar(targets, progress_enabled(progress, weights), "compress_"):

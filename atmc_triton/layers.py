@@ -67,6 +67,9 @@ class ATMCLayer(nn.Module):
             raise ValueError(f"bits must be in 1..8 or None, got {bits}")
         self.rank = rank
         self._identity = identity
+        # the bits buffer's value, kept here too: load_state_dict checks a checkpoint against it and _identity, as
+        # after model.to("meta") and to_empty(...) the buffers hold garbage until the state dict is loaded
+        self._nbits = bits or 0
         shapes = {"U": (out, rank), "V": (rank, inn), "C": (out, inn)}
         for f, shape in shapes.items():
             self.register_parameter(f, nn.Parameter(torch.zeros(shape, **dd)))
@@ -146,12 +149,13 @@ class ATMCLayer(nn.Module):
                 f"has {_init_name(self.rank, self._identity)} (U {tuple(self.U.shape)}); build the model with "
                 "the checkpoint's ATMCConfig.init / rank"
             )
-        for name in ("bits", "identity"):
+        nbits = self.__dict__.get("_nbits")  # absent in layers pickled before it existed
+        for name, mine in (("bits", int(self.bits) if nbits is None else nbits), ("identity", self._identity)):
             key = prefix + name
-            if key in state_dict and int(state_dict[key]) != int(getattr(self, name)):
+            if key in state_dict and int(state_dict[key]) != mine:
                 raise ValueError(
                     f"{prefix or 'layer '}{name}: checkpoint has {int(state_dict[key])}, this layer has "
-                    f"{int(getattr(self, name))}; it was saved from another ATMC config"
+                    f"{mine}; it was saved from another ATMC config"
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

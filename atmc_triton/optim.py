@@ -148,6 +148,14 @@ class ADMM(torch.optim.Optimizer):
         factor_ids = {id(p) for layer in layers for _, p in layer.factors()}
         factors = [p for layer in layers for _, p in layer.factors()]
         others = [p for p in model.parameters() if id(p) not in factor_ids and p.requires_grad]
+        # where each dense parameter lives: model.to("meta"), to_empty and load_state_dict(assign=True) put new
+        # Parameter objects there, which _sync adopts (as the store does for the factors)
+        owner = {}
+        for mod in model.modules():
+            for name, q in mod._parameters.items():
+                if q is not None:
+                    owner.setdefault(id(q), (mod, name))
+        self._owners = [owner[id(q)] for q in others]
         groups: list[dict[str, Any]] = [{"params": factors, "atmc": True, "rho": float(cfg.rho), "k": int(k)}]
         if others:
             groups.append({"params": others, "atmc": False})
@@ -161,10 +169,7 @@ class ADMM(torch.optim.Optimizer):
         if sync_quantizer not in (None, True, False):
             raise ValueError(f"ADMM: sync_quantizer must be None, True or False, got {sync_quantizer!r}")
         self.sync_quantizer = sync_quantizer
-        ref = backend == "reference"
-        self._step_op = admm_step_ref if ref else admm_step
-        self._lloyd_op = lloyd_quantize_ref if ref else lloyd_quantize
-        self._dual_op = admm_dual_update_ref if ref else admm_dual_update
+        self._bind_ops()
         self.store = FactorStore(layers)
         self._layers = layers
         # the layer floor (cfg.floor): entries kept whatever the top-k says, inside the budget k
@@ -176,6 +181,29 @@ class ADMM(torch.optim.Optimizer):
         self._tau: Tensor | None = None  # the last step's threshold: a speed hint for the next (not state)
         self._point_state()
 
+    def _bind_ops(self) -> None:
+        ref = self.backend == "reference"
+        self._step_op = admm_step_ref if ref else admm_step
+        self._lloyd_op = lloyd_quantize_ref if ref else lloyd_quantize
+        self._dual_op = admm_dual_update_ref if ref else admm_dual_update
+
+    #: attributes beyond torch.optim.Optimizer's own that a copy or pickle of the optimizer must carry
+    _PICKLED = (
+        *("cfg", "check_finite", "backend", "sync_quantizer"),
+        *("store", "_layers", "_owners", "_floor", "_nonfinite", "_tau"),
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer``'s state plus the flat store, the layers and the settings, so
+        ``copy.deepcopy((model, opt))`` (or of ``opt`` alone, which copies the model with it) and pickling give a
+        working optimizer; the copy re-adopts its model's tensors on its first ``step`` / ``zero_grad``."""
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by load_state_dict, with state and param_groups only
+        if "backend" in state:
+            self._bind_ops()
+
     # -- flat-state plumbing -------------------------------------------------------------
     def _point_state(self) -> None:
         for s, p in enumerate(self.param_groups[0]["params"]):
@@ -184,7 +212,23 @@ class ADMM(torch.optim.Optimizer):
     def _sync(self) -> None:
         if self.store.sync():
             self._point_state()
+        self._adopt_params()
 
+    def _adopt_params(self) -> None:
+        """Put the model's current Parameter objects in the param groups, with their state, where something
+        replaced them (``model.to("meta")`` + ``to_empty``, ``load_state_dict(assign=True)``)."""
+        current = [[p for layer in self._layers for _, p in layer.factors()]]
+        if len(self.param_groups) > 1:
+            current.append([mod._parameters[name] for mod, name in self._owners])
+        for group, now in zip(self.param_groups, current):
+            params = group["params"]
+            for i, (old, new) in enumerate(zip(params, now)):
+                if old is not new and new is not None:
+                    if old in self.state:
+                        self.state[new] = self.state.pop(old)
+                    params[i] = new
+
+    @torch.compiler.disable  # eager inside torch.compile, as torch.optim.Optimizer.zero_grad: pointer bookkeeping
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero grads; factor grads are always zeroed in place in the flat buffer."""
         self._sync()
@@ -266,6 +310,10 @@ class ADMM(torch.optim.Optimizer):
         g0 = self.store.grad[:1]
         g0.copy_(torch.where(ok.to(g0.device), g0, float("nan")))
 
+    # Eager inside torch.compile: the factor update is one opaque op either way, and the step's Python scalars (lr
+    # under a scheduler, rho under its schedule) would recompile the graph at every change, until dynamo's
+    # recompile limit made the step fall back to eager anyway (with a warning)
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None) -> Tensor | None:
         loss = None

@@ -13,7 +13,9 @@ dense intermediate) and validating every index and code before use.
 runs the packed kernels (op ``atmc::atmc_linear``: Triton on CUDA, the reference on CPU); from it
 on, ``F.linear`` (cuBLAS) on the dense weight decoded once on first use and cached (reported by
 :func:`cached_nbytes`, dropped by ``load_state_dict`` / ``.to()`` / in-place changes of the packed
-tensors, freed by :func:`unpack`; ``layer.dense_cache = False`` never caches). Every forward first
+tensors, freed by :func:`unpack`; ``layer.dense_cache = False`` never caches). Under ``torch.export`` it
+decodes ``W`` in the graph and runs ``F.linear`` for every ``M`` (one exported graph serves every batch size and
+holds only the packed tensors). Every forward first
 re-validates packed tensors that changed since they were last checked, so corrupt data raises
 ``ValueError`` before any kernel runs. ``PackedConv2d`` dequantizes its factors once into a cached dense weight and
 calls cuDNN (``conv_mode="dense"``, the default), or runs the decomposed form: a conv with
@@ -403,8 +405,17 @@ class PackedLinear(PackedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_valid()
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+            x = x.to(torch.get_autocast_dtype(dev))  # as autocast casts F.linear's input: one dtype on every path
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if torch.compiler.is_exporting():
+            # the path is a Python choice on M that one exported graph cannot make for every M (with a dynamic batch:
+            # a guard on M, ConstraintViolationError), so the graph decodes W from the packed tensors (no M-dependent
+            # kernel choice on any device) and runs F.linear; the program holds only the packed tensors
+            w = self.weight_2d().to(x.dtype)
+            return F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype)).view(*lead, self.out_features)
         if x2.shape[0] and self.path(x2.shape[0], x.dtype) == "dense":
             y = F.linear(x2, self._dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         else:

@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from atmc_triton.kernels import NUM_SLOTS
 from atmc_triton.layers import FACTORS, ATMCLayer
@@ -33,6 +34,13 @@ def check_plain_factors(layers: list[ATMCLayer]) -> None:
     for layer in layers:
         for f in FACTORS:
             p = layer._parameters.get(f)
+            if p is None and parametrize.is_parametrized(layer, f):
+                raise ValueError(
+                    f"ADMM: factor {f} of {type(layer).__name__} carries a torch.nn.utils.parametrize "
+                    "parametrization; ADMM projects and quantizes the raw factors, so it cannot train a function "
+                    "of them: remove it (parametrize.remove_parametrizations(layer, "
+                    f"{f!r})) before building ADMM"
+                )
             if p is None:
                 raise ValueError(
                     f"ADMM: factor {f} of {type(layer).__name__} is not a registered parameter; FSDP (which "
@@ -74,7 +82,8 @@ class FactorStore:
         for (layer, f), p in zip(self.segments, params):
             if p.dtype != torch.float32 or p.device != dev:
                 raise ValueError(
-                    f"ADMM keeps float32 master weights on one device; factor {f} of {layer.extra_repr()} "
+                    f"ADMM keeps float32 master weights on one device; factor {f} of "
+                    f"{type(layer).__name__}({layer.extra_repr()}) "
                     f"is {p.dtype} on {p.device} (first factor: {dtype} on {dev}). Keep the model in "
                     "float32 and use autocast for lower precision."
                 )

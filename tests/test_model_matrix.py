@@ -1,6 +1,7 @@
 """The whole chain on torchvision and timm architectures (reduced widths, small inputs, CPU):
 compress_ -> 2 ADMM steps -> finalize_ -> pack_ -> forward -> save_packed / load_packed ->
-forward -> export_dense -> forward, plus torch.export / ONNX of the exported copy."""
+forward -> export_dense -> forward, plus torch.export / ONNX of the exported copy and torch.export of the packed
+model with a dynamic batch."""
 
 import functools
 import warnings
@@ -173,3 +174,15 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
     with torch.no_grad():
         want = plain(x).numpy()
     assert abs(got - want).max() <= 1e-4 * (1 + abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["tv:vit_b_16", "tv:mobilenet_v3_small"])
+def test_torch_export_of_packed_model_with_dynamic_batch(name):
+    model, x = _build(name)
+    at.finalize_(at.compress_(model, at.ATMCConfig(ratio=0.1, bits=4)), check_input=False)
+    at.pack_(model).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+    with torch.no_grad():
+        for xn in (x[:1], torch.cat([x, x, x[:1]])):  # batch sizes other than the traced one
+            torch.testing.assert_close(ep.module()(xn), model(xn), rtol=1e-5, atol=1e-5)
