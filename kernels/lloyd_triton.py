@@ -351,12 +351,10 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
     """Metadata checks (always) and value checks (eager only: they read offsets and bits back)."""
     if values.dim() != 1 or values.dtype != torch.float32:
         raise ValueError(f"{name}: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
-    if not values.is_contiguous():
-        raise ValueError(f"{name}: values must be contiguous")
     if values.numel() >= 2**31:
         raise ValueError(f"{name}: at most 2**31 - 1 values per call, got {values.numel()}")
-    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64 or not offsets.is_contiguous():
-        raise ValueError(f"{name}: offsets must be a contiguous 1-D int64 tensor [S + 1]")
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
+        raise ValueError(f"{name}: offsets must be a 1-D int64 tensor [S + 1]")
     if bits is not None and (
         bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64)
     ):
@@ -378,6 +376,11 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
             raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
     if bits is not None and bits.numel() and not bool(((bits >= 1) & (bits <= NBITS)).all()):
         raise ValueError(f"{name}: bits must lie in 1..{NBITS}, got {bits.tolist()}")
+
+
+def _dense(t: Tensor | None) -> Tensor | None:
+    """``t`` contiguous (a copy of a strided view; the kernels index flat memory). Non-tensors pass through."""
+    return t.contiguous() if isinstance(t, Tensor) else t
 
 
 def _skip_value_checks(values: Tensor) -> bool:
@@ -522,6 +525,7 @@ def lloyd_quantize_triton(
     from .lloyd import check_method, lloyd_quantize_host
 
     check_method(method)
+    values, offsets, bits = _dense(values), _dense(offsets), _dense(bits)  # views are read as the reference reads them
     _check(values, offsets, bits, max_iter, tol, "lloyd_quantize")  # every method: bad input fails alike
     if method == "optimal":
         return lloyd_quantize_host(values, offsets, bits, max_iter, tol, method)
@@ -558,6 +562,7 @@ def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: 
     from .lloyd import check_method, errors_for_bits_host
 
     check_method(method, "errors_for_bits")
+    values, offsets = _dense(values), _dense(offsets)
     _check(values, offsets, None, max_iter, tol, "errors_for_bits")
     if method == "optimal":
         return errors_for_bits_host(values, offsets, max_iter, tol, method)

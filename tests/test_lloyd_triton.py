@@ -177,7 +177,6 @@ def _args(device):
     [
         (lambda v, o, b: (v.double(), o, b), "float32"),
         (lambda v, o, b: (v.view(1, -1), o, b), "1-D"),
-        (lambda v, o, b: (torch.stack([v, v], 1)[:, 0], o, b), "contiguous"),
         (lambda v, o, b: (v, o.int(), b), "offsets"),
         (lambda v, o, b: (v, o.to("meta"), b), "meta"),
         (lambda v, o, b: (v, o, b[:1]), "bits"),
@@ -191,6 +190,21 @@ def _args(device):
 def test_launcher_rejects_bad_inputs(device, mutate, needle):
     with pytest.raises(ValueError, match=needle):
         lt.lloyd_quantize_triton(*mutate(*_args(device)), 20, 0.0, "lloyd")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_launcher_reads_strided_views_like_the_reference(device):
+    """Views (every other element, a flipped copy's flip) give the contiguous inputs' results, as the reference
+    does (the launcher used to refuse them: the same op raised on CUDA and worked on CPU)."""
+    values, offsets, bits = _args(device)
+    views = (torch.stack([values, -values], 1)[:, 0], offsets.flip(0).flip(0), torch.stack([bits, bits], 1)[:, 1])
+    assert not views[0].is_contiguous() and not views[2].is_contiguous()
+    want = lt.lloyd_quantize_triton(values, offsets, bits, 20, 0.0)
+    for a, b in zip(lt.lloyd_quantize_triton(*views, 20, 0.0), want):
+        assert torch.equal(a, b)
+    assert torch.equal(
+        lt.errors_for_bits_triton(views[0], views[1], 20, 0.0), lt.errors_for_bits_triton(values, offsets, 20, 0.0)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
