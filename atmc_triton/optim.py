@@ -310,9 +310,9 @@ class ADMM(torch.optim.Optimizer):
         g0 = self.store.grad[:1]
         g0.copy_(torch.where(ok.to(g0.device), g0, float("nan")))
 
-    # Eager inside torch.compile: the factor update is one opaque op either way, and the step's Python scalars (lr
-    # under a scheduler, rho under its schedule) would recompile the graph at every change, until dynamo's
-    # recompile limit made the step fall back to eager anyway (with a warning)
+    # Eager inside torch.compile: the factor update is the same few op calls either way, and the step's Python
+    # scalars (lr under a scheduler, rho under its schedule) would recompile the graph at every change, until
+    # dynamo's recompile limit made the step fall back to eager anyway (with a warning)
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None) -> Tensor | None:
