@@ -517,8 +517,8 @@ def linear_launch(
 @linear_op
 def atmc_linear_triton(x: Tensor, bias: Tensor | None, n: int, r: int, identity: int, factors) -> Tensor:
     """Launcher of op ``atmc_linear`` (same signature and result as :func:`atmc_linear_ref`)."""
-    if x.device.type == "cpu":  # only reached when tracing a CPU graph: CPU tensors take the reference
-        return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))
+    if x.device.type == "cpu" or x.dtype == torch.float64:  # a CPU graph, or float64 x (no tensor-core dtype):
+        return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))  # the reference (torch)
     return linear_launch(x, bias, n, r, identity, factors)
 
 

@@ -731,6 +731,19 @@ def test_op_dispatches_to_triton_on_cuda_and_matches_cpu():
 
 
 @pytest.mark.gpu
+def test_float64_on_gpu_takes_the_reference_as_on_cpu():
+    """The op serves float64 activations on CUDA through the reference (the kernels take 16- and 32-bit floats):
+    the same result as on CPU, where it used to raise 'the Triton kernel takes float16, bfloat16 or float32 x'."""
+    x, b, n, r, facs = layer_case(3, 64, 96, 8, IDENTITY_V, (FMT_CSR, FMT_CSR, FMT_DENSE), device="cuda")
+    flat = [t for f in facs for t in f]
+    got = atmc_linear(x.double(), b, n, r, IDENTITY_V, *flat)
+    want = atmc_linear(
+        x.double().cpu(), b.cpu(), n, r, IDENTITY_V, *(t.cpu() if torch.is_tensor(t) else t for t in flat)
+    )
+    assert got.dtype == torch.float64 and torch.allclose(got.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
 def test_bfloat16_on_gpu():
     for M in (4, 64):
         x, b, n, r, facs = layer_case(
