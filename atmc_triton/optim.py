@@ -130,11 +130,12 @@ class ADMM(torch.optim.Optimizer):
         if nesterov and momentum <= 0:
             raise ValueError("ADMM: nesterov needs momentum > 0")
         model = unwrap(model)
-        layers = [layer for _, layer in atmc_layers(model)]
+        named = atmc_layers(model)
+        layers = [layer for _, layer in named]
         if not layers:
             raise ValueError("ADMM: the model has no ATMC layers; call atmc_triton.compress_(model, cfg) first")
         check_plain_factors(layers)
-        frozen = [f"{n}.{f}" for n, layer in atmc_layers(model) for f, p in layer.factors() if not p.requires_grad]
+        frozen = [f"{n}.{f}" for n, layer in named for f, p in layer.factors() if not p.requires_grad]
         if frozen:
             raise ValueError(
                 f"ADMM: factors {frozen[:4]}{' ...' if len(frozen) > 4 else ''} have requires_grad=False, but ADMM "

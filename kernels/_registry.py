@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["HAS_TRITON", "register_op", "tracing"]
+__all__ = ["HAS_TRITON", "metadata_only", "register_op", "tracing"]
 
 
 def _has_triton() -> bool:
@@ -39,6 +39,24 @@ def tracing(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return torch.compiler.is_compiling() or is_fake(t)
+
+
+def metadata_only(t: torch.Tensor, interpreted: bool, who: str) -> bool:
+    """Whether a Triton launcher only propagates metadata: a fake-tensor trace of CPU tensors or under Triton's
+    CPU interpreter (``interpreted``), whose kernels cannot be traced into a graph. Dynamo's fake propagation
+    only needs the outputs' metadata, so the launcher returns its allocated outputs; a functionalizing (AOT)
+    trace cannot work there and is refused, naming ``who``. (A registered op never gets here with CPU tensors:
+    it sends CPU traces to its opaque twin; this serves direct launcher calls.)"""
+    if not ((interpreted or t.device.type == "cpu") and tracing(t)):
+        return False
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(t, FunctionalTensor):
+        raise RuntimeError(
+            f"{who} cannot be traced into a graph on CPU (or under TRITON_INTERPRET=1); "
+            "compile on a GPU, or use torch.compile(backend='eager') on CPU"
+        )
+    return True
 
 
 def register_op(

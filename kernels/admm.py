@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._registry import HAS_TRITON, register_op, tracing
+from ._registry import HAS_TRITON, metadata_only, register_op, tracing
 
 if HAS_TRITON:
     from .admm_triton import interpreted, launch_admm_step, launch_dual_update
@@ -207,22 +207,6 @@ def admm_dual_update_ref(u: Tensor, w: Tensor, z: Tensor) -> None:
     u.add_(w - z)
 
 
-def _metadata_only(t: Tensor, name: str) -> bool:
-    """Whether the launcher only propagates metadata: a fake-tensor trace of CPU tensors or under Triton's
-    CPU interpreter, whose kernels cannot be traced into a graph (a direct launcher call: the registered
-    op sends CPU traces to its opaque twin, see ``_registry``); an AOT trace there is refused."""
-    if not ((interpreted() or t.device.type == "cpu") and tracing(t)):
-        return False
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if isinstance(t, FunctionalTensor):
-        raise RuntimeError(
-            f"{name}: the Triton kernels cannot be traced into a graph on CPU (or under TRITON_INTERPRET=1); "
-            "compile on a GPU, or use torch.compile(backend='eager') on CPU"
-        )
-    return True
-
-
 def _check_triton_device(t: Tensor, name: str) -> None:
     if tracing(t) or t.device.type == "cuda" or (t.device.type == "cpu" and interpreted()):
         return
@@ -260,7 +244,7 @@ def admm_step_triton(
     if n >= 2**31:
         raise ValueError(f"admm_step: at most 2**31 - 1 elements per call, got {n}")
     _check_triton_device(w, "admm_step")
-    if n == 0 or _metadata_only(w, "admm_step"):
+    if n == 0 or metadata_only(w, interpreted(), "admm_step: the Triton kernels"):
         return w.new_zeros(())
     s, tau = torch.empty_like(w), w.new_empty(())
     launch_admm_step(w, grad, mom, z, u, mask, s, tau, lr, momentum, weight_decay, rho, k, nesterov, tau_hint)
@@ -273,7 +257,7 @@ def admm_dual_update_triton(u: Tensor, w: Tensor, z: Tensor) -> None:
     if u.numel() >= 2**31:
         raise ValueError(f"admm_dual_update: at most 2**31 - 1 elements per call, got {u.numel()}")
     _check_triton_device(u, "admm_dual_update")
-    if not _metadata_only(u, "admm_dual_update"):
+    if not metadata_only(u, interpreted(), "admm_dual_update: the Triton kernels"):
         launch_dual_update(u, w, z)
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ._registry import tracing
+from ._registry import metadata_only, tracing
 
 __all__ = ["errors_for_bits_triton", "lloyd_quantize_triton"]
 
@@ -393,28 +393,6 @@ def _interpreted() -> bool:
     return not isinstance(_lloyd_kernel, triton.runtime.JITFunction)
 
 
-def _metadata_only(values: Tensor) -> bool:
-    """True for fake-tensor propagation of CPU tensors or under Triton's CPU interpreter, where kernels
-    cannot be traced.
-
-    With compiled Triton, ``wrap_triton`` records the kernels into the graph; under
-    ``TRITON_INTERPRET=1`` it returns the raw interpreted kernel, which cannot run on fake
-    tensors. Dynamo's fake propagation only needs output metadata (the op itself runs its CPU
-    reference), so the launcher returns its allocated outputs; a functionalizing trace (AOT
-    autograd decomposing the op into its kernels) cannot work there and is refused loudly.
-    """
-    if not ((_interpreted() or values.device.type == "cpu") and tracing(values)):
-        return False
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if isinstance(values, FunctionalTensor):
-        raise RuntimeError(
-            "atmc lloyd kernels cannot be traced into a graph on CPU (or under TRITON_INTERPRET=1); "
-            "compile on a GPU, or use torch.compile(backend='eager') on CPU"
-        )
-    return True
-
-
 def _segment_sort(values: Tensor, offsets: Tensor) -> Tensor:
     """``values`` with each segment sorted ascending in place of its range: ``[n]`` float32."""
     S = offsets.numel() - 1
@@ -534,7 +512,7 @@ def lloyd_quantize_triton(
     codes = _new((n,), torch.int16, dev)
     q = _new((n,), torch.float32, dev)
     err = _new((S,), torch.float32, dev)
-    if S == 0 or _metadata_only(values):
+    if S == 0 or metadata_only(values, _interpreted(), "atmc lloyd kernels"):
         return book, codes, q, err
     srt, prefix, sumsq = _prepare(values, offsets)
     mids = _new((S, LANES), torch.float32, dev)
@@ -568,7 +546,7 @@ def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: 
         return errors_for_bits_host(values, offsets, max_iter, tol, method)
     S, dev = offsets.numel() - 1, values.device
     err = _new((S, NBITS), torch.float32, dev)
-    if S == 0 or _metadata_only(values):
+    if S == 0 or metadata_only(values, _interpreted(), "atmc lloyd kernels"):
         return err
     srt, prefix, sumsq = _prepare(values, offsets)
     tol_t = torch.full((1,), tol, dtype=torch.float64, device=dev)
