@@ -930,9 +930,9 @@ def _log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _say(msg: str) -> None:
+def _fail_line(msg: str) -> None:
     """``atmc: msg`` on stderr; under torchrun with several ranks, ``atmc [rank r/N]: msg`` (every rank
-    that fails says so, and which one it is)."""
+    that fails says so, and which one it is). Progress lines go through :func:`_say` (rank 0 only)."""
     world = distributed.world_size()
     who = f" [rank {distributed.rank()}/{world}]" if world > 1 else ""
     print(f"atmc{who}: {msg}", file=sys.stderr, flush=True)
@@ -947,13 +947,13 @@ def main(argv: list[str] | None = None) -> int:
         return a.func(a)
     except (ValueError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _say(f"error: {msg}")
+        _fail_line(f"error: {msg}")
         return 2
     except NonFiniteError as e:
-        _say(f"error: {e}")
+        _fail_line(f"error: {e}")
         return 3
     except KeyboardInterrupt:
-        _say("interrupted (continue with --resume)")
+        _fail_line("interrupted (continue with --resume)")
         return 130
     finally:
         distributed.destroy()

@@ -597,3 +597,14 @@ def test_under_several_ranks_each_error_line_names_its_rank(monkeypatch, capsys)
     assert main(["train", "--device", "bogus", "--epochs", "0", "--atmc-epochs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # was: N identical "atmc: error: ..." lines
     assert err[-1] == "atmc [rank 3/4]: error: device must be 'auto', 'cpu', 'cuda' or 'cuda:INDEX', got 'bogus'"
+
+
+def test_progress_lines_stay_on_rank_0_without_the_error_prefix(monkeypatch, capsys):
+    from atmc_triton import cli, distributed
+
+    cli._say("[atmc] a progress line")
+    assert capsys.readouterr().err == "[atmc] a progress line\n"
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(distributed, "rank", lambda: 3)
+    cli._say("[atmc] a progress line")  # was printed by every rank as "atmc [rank 3/4]: [atmc] ..." (a shadowed _say)
+    assert capsys.readouterr().err == ""
