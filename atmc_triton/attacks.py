@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atmc_triton.config import _is_int, _is_real
 from atmc_triton.layers import ATMCLayer, cached_weights
 
 __all__ = [
@@ -88,14 +88,12 @@ def attack_context(model: nn.Module, eval_mode: bool = True):
 
 def _count(v: object, low: int) -> bool:
     """``v`` is an int (not a bool) ``>= low``."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+    return _is_int(v) and v >= low
 
 
 def _real(v: object, low: float, strict: bool = False) -> bool:
     """``v`` is a finite real number (not a bool) ``>= low`` (``> low`` if ``strict``)."""
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-        return False
-    return v > low if strict else v >= low
+    return _is_real(v) and (v > low if strict else v >= low)
 
 
 def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import numbers
 import os
 import pickle
 import random
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from atmc_triton.config import ATMCConfig
+from atmc_triton.config import ATMCConfig, _is_int
 
 __all__ = [
     "CheckpointError",
@@ -293,7 +292,7 @@ def save_checkpoint(
     if not isinstance(model, nn.Module):
         raise ValueError(f"save_checkpoint: model must be an nn.Module, got {type(model).__name__}")
     for name, v in (("epoch", epoch), ("step", step)):
-        if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0):
+        if not (_is_int(v) and v >= 0):
             raise ValueError(f"save_checkpoint: {name} must be an int >= 0, got {v!r}")
     if not isinstance(meta, dict) or not (extra is None or isinstance(extra, dict)):
         raise ValueError("save_checkpoint: meta and extra must be dicts")

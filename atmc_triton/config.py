@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -14,16 +16,44 @@ FLOORS = ("auto", "last", "rows", "none")
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_real(x: object) -> bool:
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
+    """A finite real number (Python's or numpy's), not a bool."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
         return False
     try:
         return math.isfinite(x)
     except OverflowError:  # an int past float range
         return False
+
+
+def _plain(x: object) -> object:
+    """``x`` as a builtin ``int`` / ``float`` when it is another integer / real scalar (numpy's), else ``x``.
+
+    Configs store builtins, so that they print, compare, hash and serialize (JSON, ``weights_only``
+    checkpoints) the same whichever number type the caller passed.
+
+    Example:
+        >>> import numpy as np
+        >>> type(_plain(np.int64(3))).__name__, type(_plain(np.float32(0.5))).__name__, _plain("x")
+        ('int', 'float', 'x')
+    """
+    if isinstance(x, bool) or type(x) in (int, float):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return float(x)
+    return x
+
+
+def _plain_fields(obj: object) -> None:
+    """Replace every numpy (or other non-builtin) number field of dataclass ``obj`` by its builtin value."""
+    for f in dataclasses.fields(obj):
+        object.__setattr__(obj, f.name, _plain(getattr(obj, f.name)))
 
 
 def _check_bits(name: str, b: object) -> None:
@@ -97,6 +127,7 @@ class ATMCConfig:
     floor: str = "auto"
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         if (self.ratio is None) == (self.nnz is None):
             raise ValueError("ATMCConfig needs exactly one budget: ratio=... or nnz=...")
         if self.ratio is not None and not (_is_real(self.ratio) and 0.0 < self.ratio < 1.0):
@@ -109,7 +140,7 @@ class ATMCConfig:
         pairs = isinstance(lb, tuple) and all(isinstance(e, tuple) and len(e) == 2 for e in lb)  # a frozen copy
         if lb is not None and not isinstance(lb, Mapping) and not pairs:
             raise ValueError(f"ATMCConfig.layer_bits must be a mapping {{module name or pattern: bits}}, got {lb!r}")
-        lb = dict(lb or {})
+        lb = {k: _plain(v) for k, v in dict(lb or {}).items()}
         if lb and self.bits is None:
             raise ValueError("ATMCConfig.layer_bits needs a quantizer: set bits to 1..8, not None")
         for name, b in lb.items():

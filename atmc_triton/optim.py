@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from atmc_triton import distributed
 from atmc_triton.budget import atmc_layers, floor_indices, unwrap
-from atmc_triton.config import ATMCConfig, _is_real
+from atmc_triton.config import ATMCConfig, _is_real, _plain
 from atmc_triton.kernels import (
     admm_dual_update,
     admm_dual_update_ref,
@@ -124,6 +124,7 @@ class ADMM(torch.optim.Optimizer):
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not (_is_real(v) and v >= 0):
                 raise ValueError(f"ADMM: {name} must be a finite number >= 0, got {v!r}")
+        lr, momentum, weight_decay = _plain(lr), _plain(momentum), _plain(weight_decay)  # numpy -> builtins
         for name, v in (("nesterov", nesterov), ("check_finite", check_finite)):
             if not isinstance(v, bool):
                 raise ValueError(f"ADMM: {name} must be True or False, got {v!r}")

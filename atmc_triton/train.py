@@ -77,7 +77,7 @@ from atmc_triton.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from atmc_triton.config import ATMCConfig, _is_int
+from atmc_triton.config import ATMCConfig, _is_int, _is_real, _plain_fields
 from atmc_triton.data import DataBundle, Split, iterate_batches
 from atmc_triton.distributed import (
     agree,
@@ -182,7 +182,18 @@ class Protocol:
     fallback_steps: int | None = None
 
     def __post_init__(self):
-        if not (math.isfinite(self.eps) and 0 <= self.eps <= 1):
+        _plain_fields(self)
+        ints = ("pgd_steps", "eval_pgd_steps", "apgd_steps", "wrm_steps", "guard_size", "guard_steps", "fallback_steps")
+        for name in ints:
+            v = getattr(self, name)
+            if not (v is None and name in ("eval_pgd_steps", "fallback_steps")) and not _is_int(v):
+                raise ValueError(f"Protocol.{name} must be an int, got {v!r}")
+        reals = ("eps", "pgd_alpha", "clean_weight", "wrm_gamma", "wrm_lr", "fgsm_step", "fgsm_noise")
+        for name in (*reals, "eps_warmup_epochs", "trades_beta", "guard_drop"):
+            v = getattr(self, name)
+            if not (v is None and name in ("pgd_alpha", "fgsm_step", "fgsm_noise", "guard_drop")) and not _is_real(v):
+                raise ValueError(f"Protocol.{name} must be a finite number, got {v!r}")
+        if not 0 <= self.eps <= 1:
             raise ValueError(f"eps must be in [0, 1] (pixel units), got {self.eps}")
         if self.pgd_steps < 0 or (self.eval_pgd_steps is not None and self.eval_pgd_steps < 0):
             raise ValueError("PGD steps must be >= 0")
@@ -192,9 +203,9 @@ class Protocol:
             raise ValueError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
         if self.apgd_steps < 1:
             raise ValueError(f"apgd_steps must be >= 1, got {self.apgd_steps}")
-        if not (math.isfinite(self.wrm_gamma) and self.wrm_gamma > 0):  # checked here, not after training
+        if not self.wrm_gamma > 0:  # checked here, not after training
             raise ValueError(f"wrm_gamma must be a finite number > 0, got {self.wrm_gamma}")
-        if self.wrm_steps < 0 or not (math.isfinite(self.wrm_lr) and self.wrm_lr >= 0):
+        if self.wrm_steps < 0 or not self.wrm_lr >= 0:
             raise ValueError(f"wrm_steps must be >= 0 and wrm_lr finite and >= 0, got {self.wrm_steps}, {self.wrm_lr}")
         if self.train_attack_mode not in ("train", "eval"):
             raise ValueError(f"train_attack_mode must be 'train' or 'eval', got {self.train_attack_mode!r}")
@@ -202,13 +213,13 @@ class Protocol:
             raise ValueError(f"train_attack must be one of {', '.join(TRAIN_ATTACKS)}, got {self.train_attack!r}")
         for name in ("fgsm_step", "fgsm_noise"):
             v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
+            if v is not None and not v >= 0:
                 raise ValueError(f"{name} must be a finite number >= 0 (in units of eps), got {v}")
-        if not (math.isfinite(self.eps_warmup_epochs) and self.eps_warmup_epochs >= 0):
+        if not self.eps_warmup_epochs >= 0:
             raise ValueError(f"eps_warmup_epochs must be >= 0, got {self.eps_warmup_epochs}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not (math.isfinite(self.trades_beta) and self.trades_beta >= 0):
+        if not self.trades_beta >= 0:
             raise ValueError(f"trades_beta must be >= 0, got {self.trades_beta}")
         if self.guard_drop is not None and not 0 < self.guard_drop < 1:
             raise ValueError(f"guard_drop must be in (0, 1) (an accuracy drop) or None, got {self.guard_drop}")
@@ -296,6 +307,15 @@ class Schedule:
     gamma: float = 0.1
 
     def __post_init__(self):
+        _plain_fields(self)
+        for name in ("epochs", "batch_size"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"Schedule.{name} must be an int, got {getattr(self, name)!r}")
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            if not _is_real(getattr(self, name)):
+                raise ValueError(f"Schedule.{name} must be a finite number, got {getattr(self, name)!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"Schedule.nesterov must be True or False, got {self.nesterov!r}")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {self}")
         if not (self.momentum >= 0 and self.weight_decay >= 0):
@@ -304,6 +324,9 @@ class Schedule:
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        ms = self.milestones
+        if not isinstance(ms, Sequence) or isinstance(ms, (str, bytes)) or not all(_is_int(m) for m in ms):
+            raise ValueError(f"Schedule.milestones must be a sequence of int epochs, got {ms!r}")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be ascending epochs >= 1, got {self.milestones}")
@@ -1050,6 +1073,12 @@ class Experiment:
         unknown = sorted(set(self.attacks) - set(ATTACKS))
         if unknown:
             raise ValueError(f"Experiment: unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
+        _plain_fields(self)
+        if not _is_int(self.seed):
+            raise ValueError(f"Experiment.seed must be an int, got {self.seed!r}")
+        for name in ("progress", "resume", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Experiment.{name} must be True or False, got {getattr(self, name)!r}")
         for name, low in (("eval_size", 0), ("eval_batch_size", 1), ("square_queries", 1)):
             _check_int(f"Experiment.{name}", getattr(self, name), low)
         _check_int("Experiment.n_target_classes", self.n_target_classes, 1)

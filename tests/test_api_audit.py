@@ -4,7 +4,9 @@ Each test here failed before its fix: the call was accepted and did the wrong th
 late, or blamed the wrong thing.
 """
 
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -289,7 +291,7 @@ def test_bad_device_is_a_one_line_error(device, capsys):
     "kw, match",
     [
         ({"wrm_gamma": 0.0}, "wrm_gamma must be a finite number > 0"),
-        ({"wrm_gamma": math.nan}, "wrm_gamma must be a finite number > 0"),
+        ({"wrm_gamma": math.nan}, "Protocol.wrm_gamma must be a finite number, got nan"),
         ({"wrm_steps": -1}, "wrm_steps must be >= 0"),
         ({"wrm_lr": -1.0}, "wrm_lr finite and >= 0"),
     ],
@@ -608,3 +610,69 @@ def test_progress_lines_stay_on_rank_0_without_the_error_prefix(monkeypatch, cap
     monkeypatch.setattr(distributed, "rank", lambda: 3)
     cli._say("[atmc] a progress line")  # was printed by every rank as "atmc [rank 3/4]: [atmc] ..." (a shadowed _say)
     assert capsys.readouterr().err == ""
+
+
+# --- numbers: numpy scalars are accepted and stored as builtins; non-integers where ints go are refused ----------
+
+
+def test_numpy_numbers_are_stored_as_builtins_that_serialize(tmp_path):
+    np = pytest.importorskip("numpy")
+    cfg = at.ATMCConfig(ratio=np.float64(0.05), bits=np.int64(4), layer_bits={"0": np.int32(2)}, rho=np.float32(0.5))
+    assert cfg == at.ATMCConfig(ratio=0.05, bits=4, layer_bits={"0": 2}, rho=0.5) and hash(cfg) == hash(
+        at.ATMCConfig(ratio=0.05, bits=4, layer_bits={"0": 2}, rho=0.5)
+    )
+    assert (type(cfg.bits), type(cfg.rho), type(cfg.layer_bits[0][1])) == (int, float, int)
+    # was: the first checkpoint after pretraining refused meta['protocol']['eps'] (a float32), json.dumps too
+    p = Protocol(eps=np.float32(0.25), pgd_steps=np.int64(3), guard_drop=np.float64(0.2))
+    s = at.Schedule(epochs=np.int64(2), lr=np.float32(0.1), lr_schedule="step", milestones=[np.int64(1)])
+    assert (type(p.eps), type(p.pgd_steps), type(s.epochs), type(s.lr), type(s.milestones[0])) == (
+        float,
+        int,
+        int,
+        float,
+        int,
+    )
+    assert json.loads(json.dumps(asdict(p)))["eps"] == float(np.float32(0.25))
+    model = small()
+    at.compress_(model, cfg, progress=False)
+    opt = at.ADMM(model, cfg, lr=np.float32(0.01), momentum=np.float64(0.9))
+    assert type(opt.param_groups[0]["lr"]) is float
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, meta={"protocol": asdict(p), "schedule": asdict(s)})
+    assert load_checkpoint(tmp_path / "c.pt")["meta"]["protocol"]["pgd_steps"] == 3
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Protocol(eps=0.1, pgd_steps=2.5), "Protocol.pgd_steps must be an int, got 2.5"),  # was: accepted
+        (lambda: Protocol(eps=0.1, pgd_steps=True), "Protocol.pgd_steps must be an int, got True"),
+        (lambda: Protocol(eps=0.1, pgd_steps=3, apgd_steps=1.5), "Protocol.apgd_steps must be an int"),
+        (lambda: Protocol(eps=0.1, pgd_steps=3, guard_size=2.5), "Protocol.guard_size must be an int"),
+        (lambda: Protocol(eps=0.1, pgd_steps=3, fallback_steps=1.5), "Protocol.fallback_steps must be an int"),
+        (lambda: Protocol(eps="0.1", pgd_steps=3), "Protocol.eps must be a finite number, got '0.1'"),  # TypeError
+        (lambda: Protocol(eps=0.1, pgd_steps=3, pgd_alpha=math.inf), "Protocol.pgd_alpha must be a finite number"),
+        (lambda: at.Schedule(epochs=2.5, lr=0.1), "Schedule.epochs must be an int, got 2.5"),
+        (lambda: at.Schedule(epochs=2, lr=0.1, batch_size=1.5), "Schedule.batch_size must be an int"),
+        (lambda: at.Schedule(epochs=2, lr=math.inf), "Schedule.lr must be a finite number, got inf"),
+        (lambda: at.Schedule(epochs=2, lr=0.1, nesterov=1), "Schedule.nesterov must be True or False"),
+        (lambda: at.Schedule(epochs=3, lr=0.1, milestones=(2.5,)), "milestones must be a sequence of int"),  # was 2
+        (lambda: at.Schedule(epochs=3, lr=0.1, milestones=2), "milestones must be a sequence of int epochs, got 2"),
+        (lambda: at.ATMCConfig(ratio=0.1, bits=4.0), "ATMCConfig.bits must be an int in 1..8, got 4.0"),
+    ],
+)
+def test_numbers_of_the_wrong_kind_are_refused_when_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"seed": 1.5}, "Experiment.seed must be an int, got 1.5"),  # was: at the first new_model()
+        ({"seed": "0"}, "Experiment.seed must be an int, got '0'"),
+        ({"resume": "no"}, "Experiment.resume must be True or False, got 'no'"),  # a non-empty string resumed
+    ],
+)
+def test_experiment_checks_seed_and_flags(digits16, kw, match):
+    with pytest.raises(ValueError, match=match):
+        at.Experiment("digits_cnn", digits16, PROTOCOLS["digits"], **kw)
