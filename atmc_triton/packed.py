@@ -13,9 +13,9 @@ dense intermediate) and validating every index and code before use.
 runs the packed kernels (op ``atmc::atmc_linear``: Triton on CUDA, the reference on CPU); from it
 on, ``F.linear`` (cuBLAS) on the dense weight decoded once on first use and cached (reported by
 :func:`cached_nbytes`, dropped by ``load_state_dict`` / ``.to()`` / in-place changes of the packed
-tensors, freed by :func:`unpack`; ``layer.dense_cache = False`` never caches). Under ``torch.export`` it
-decodes ``W`` in the graph and runs ``F.linear`` for every ``M`` (one exported graph serves every batch size and
-holds only the packed tensors). Every forward first
+tensors, freed by :func:`unpack`; ``layer.dense_cache = False`` never caches). Under ``torch.export`` the
+same choice is a ``torch.cond`` on ``M >= crossover`` (fixed when the batch is static); its dense branch decodes
+``W`` per call, as the exported program holds only the packed tensors. Every forward first
 re-validates packed tensors that changed since they were last checked, so corrupt data raises
 ``ValueError`` before any kernel runs. ``PackedConv2d`` dequantizes its factors once into a cached dense weight and
 calls cuDNN (``conv_mode="dense"``, the default), or runs the decomposed form: a conv with
@@ -349,15 +349,16 @@ class PackedLayer(nn.Module):
     def crossover(self, act_bytes: int = 2) -> int:
         """Smallest ``M`` from which the cost model prefers cuBLAS on the cached dense weight
         (:func:`~atmc_triton.kernels.lowrank_gemm.dense_crossover` of this layer's packed sizes)."""
-        if act_bytes not in self._crossover:
-            csr = sum(self.nnz[f] for f in FACTORS if self.fmts[f] == FMT_CSR)
-            elems = {fmt: sum(self.shapes[f][0] * self.shapes[f][1] for f in FACTORS if self.fmts[f] == fmt)
-                     for fmt in (FMT_DENSE, FMT_BITMAP)}  # fmt: skip
-            nbytes = sum(self.factor_nbytes(f) for f in FACTORS)
-            self._crossover[act_bytes] = dense_crossover(
-                self.out_dim, self.in_dim, nbytes, csr, elems[FMT_DENSE], act_bytes, elems[FMT_BITMAP]
-            )
-        return self._crossover[act_bytes]
+        if act_bytes in self._crossover:
+            return self._crossover[act_bytes]
+        csr = sum(self.nnz[f] for f in FACTORS if self.fmts[f] == FMT_CSR)
+        elems = {fmt: sum(self.shapes[f][0] * self.shapes[f][1] for f in FACTORS if self.fmts[f] == fmt)
+                 for fmt in (FMT_DENSE, FMT_BITMAP)}  # fmt: skip
+        nbytes = sum(self.factor_nbytes(f) for f in FACTORS)
+        m = dense_crossover(self.out_dim, self.in_dim, nbytes, csr, elems[FMT_DENSE], act_bytes, elems[FMT_BITMAP])
+        if not torch.compiler.is_compiling():  # a traced graph must not mutate the module (export warns)
+            self._crossover[act_bytes] = m
+        return m
 
     def _format_repr(self) -> str:
         return ", ".join(f"{f}={FORMAT_NAMES[self.fmts[f]]}" for f in FACTORS)
@@ -410,17 +411,34 @@ class PackedLinear(PackedLayer):
             x = x.to(torch.get_autocast_dtype(dev))  # as autocast casts F.linear's input: one dtype on every path
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+
+        def packed(x2: Tensor) -> Tensor:  # the packed op: every M, no dense weight
+            return atmc_linear(
+                x2.contiguous(), self.bias, self.out_features, self.rank, self._identity, *self.factor_args()
+            )
+
+        def dense(x2: Tensor, w: Tensor | None = None) -> Tensor:  # cuBLAS on W (decoded now unless given)
+            w = self.weight_2d().to(x2.dtype) if w is None else w
+            return F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
+
         if torch.compiler.is_exporting():
-            # the path is a Python choice on M that one exported graph cannot make for every M (with a dynamic batch:
-            # a guard on M, ConstraintViolationError), so the graph decodes W from the packed tensors (no M-dependent
-            # kernel choice on any device) and runs F.linear; the program holds only the packed tensors
-            w = self.weight_2d().to(x.dtype)
-            return F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype)).view(*lead, self.out_features)
+            # one exported graph serves every M of a dynamic batch, so the eager choice on M (a Python branch: a guard
+            # on M, ConstraintViolationError) becomes a torch.cond on M >= crossover; its dense branch decodes W from
+            # the packed tensors per call (an exported program holds no cache: only the packed tensors)
+            if not self.dense_cache:
+                return packed(x2).view(*lead, self.out_features)
+            M, cross = x2.shape[0], self.crossover(x.dtype.itemsize)
+            # a static batch (non-strict export) knows its branch now; dynamo sees a dynamic M as an int too, so a
+            # strict export always goes through torch.cond, which specializes a static M to one branch
+            if isinstance(M, int) and not torch.compiler.is_dynamo_compiling():
+                y = dense(x2) if M >= cross else packed(x2)
+            else:
+                y = torch.cond(M >= cross, dense, packed, (x2,))
+            return y.view(*lead, self.out_features)
         if x2.shape[0] and self.path(x2.shape[0], x.dtype) == "dense":
-            y = F.linear(x2, self._dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = dense(x2, self._dense_weight(x.dtype))
         else:
-            x2 = x2.contiguous()
-            y = atmc_linear(x2, self.bias, self.out_features, self.rank, self._identity, *self.factor_args())
+            y = packed(x2)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -148,6 +148,29 @@ def test_export_of_packed_model_with_dynamic_batch_equals_eager(strict):
     assert not any("weight_cache" in n for n in names), names  # the program holds the packed tensors only
 
 
+def _ops(ep) -> dict[str, int]:
+    code = ep.graph_module.print_readable(print_output=False)  # the branches' submodules included
+    return {k: code.count(k) for k in ("higher_order.cond", "atmc_linear", "atmc_decode")}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_packed_linear_chooses_its_path_as_eager_does(strict):
+    m = _packed()
+    assert m[0].crossover(4) == m[2].crossover(4) == 17  # 7 rows take the packed op, 1000 the dense weight
+    dyn = torch.export.export(
+        m, (torch.randn(7, 40),), dynamic_shapes={"input": {0: Dim("batch", min=1, max=4096)}}, strict=strict
+    )
+    got = _ops(dyn)  # one cond per layer, each holding both paths
+    assert got["higher_order.cond"] > 0 and got["atmc_linear"] > 0 and got["atmc_decode"] > 0, got
+    for n, kernel in ((7, True), (1000, False)):  # a static batch: one path, the one eager takes
+        x = torch.randn(n, 40, generator=torch.Generator().manual_seed(n))
+        ep = torch.export.export(m, (x,), strict=strict)
+        got = _ops(ep)
+        # was: every export decoded W and ran F.linear, so a small-batch program never ran the packed kernels
+        assert (got["atmc_linear"] > 0, got["atmc_decode"] > 0, got["higher_order.cond"]) == (kernel, not kernel, 0)
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-5)
+
+
 def test_packed_linear_under_autocast_gives_the_autocast_dtype_on_every_path():
     m = _packed()
     for n in (1, 7, 63, 1000):  # the packed op, then the cached dense weight
