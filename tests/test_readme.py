@@ -1,7 +1,10 @@
-"""The README's Python snippets run as written (docs that match the code): each block is executed with only
-its free names supplied (``model``, ``loader``) and a small stand-in for the ViT it downloads no weights for."""
+"""The README's Python snippets run as written and its command lines parse (docs that match the code).
+
+Each Python block runs with only its free names supplied (``model``, ``loader``) and a small stand-in for the
+ViT it downloads no weights for."""
 
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -65,3 +68,36 @@ def test_drop_in_block_runs_on_a_small_vit(tmp_path, monkeypatch):
 def test_floor_block_builds_its_config():
     cfg = _run(2, {"at": at})["cfg"]
     assert (cfg.floor, cfg.exclude, cfg.bits) == ("rows", ("fc",), 4)
+
+
+def _commands() -> list[str]:
+    """The command lines of the README's bash blocks (continuations joined, comments dropped)."""
+    text = README.read_text(encoding="utf-8")
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += [shlex.split(c, comments=True) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    return lines
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    tests = [c for c in _commands() if "pytest" in c]
+    assert len(tests) == 1 and shlex.split(ci) == tests[0], (ci, tests)
+
+
+def test_every_readme_command_line_parses():
+    from atmc_triton.cli import _parser
+    from bench.mnist_study import PRESETS, config_from_args, parser, points
+
+    seen = {"atmc": 0, "study": 0}
+    for argv in _commands():
+        for i, word in enumerate(argv):
+            if word.endswith("atmc") or (word == "atmc_triton" and argv[i - 1] == "-m"):  # atmc ... / -m atmc_triton
+                _parser().parse_args(argv[i + 1 :])  # an unknown flag or a bad value exits (SystemExit)
+                seen["atmc"] += 1
+                break
+            if word == "bench.mnist_study":
+                points(config_from_args(parser("study", "", PRESETS, "reduced").parse_args(argv[i + 1 :]), PRESETS))
+                seen["study"] += 1
+                break
+    assert seen == {"atmc": 9, "study": 2}, seen  # every line was found (README's main job and torchrun included)
