@@ -171,6 +171,16 @@ def test_exported_packed_linear_chooses_its_path_as_eager_does(strict):
         torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_exported_packed_model_runs_the_kernels_on_cuda():
+    m = _packed().cuda().half()
+    ds = {"input": {0: Dim("batch", min=1, max=4096)}}
+    ep = torch.export.export(m, (torch.randn(7, 40, device="cuda", dtype=torch.float16),), dynamic_shapes=ds)
+    for n in (1, 7, 63, 1000):  # both branches of each layer's cond
+        x = torch.randn(n, 40, device="cuda", dtype=torch.float16)
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-2, atol=1e-2)
+
+
 def test_packed_linear_under_autocast_gives_the_autocast_dtype_on_every_path():
     m = _packed()
     for n in (1, 7, 63, 1000):  # the packed op, then the cached dense weight
