@@ -24,6 +24,23 @@ reference. The prefix sums are taken over the whole sorted buffer (not restarted
 segment) and in a different order than the reference's, so a centre can differ from the
 reference by one float32 ulp where a float64 mean lies within rounding noise of a float32
 rounding boundary; that is rare and only moves codes of values within an ulp of a midpoint.
+
+Bytes per value (float32 values, at most 256 segments; ``bench/model.py``'s ``lloyd_quantize``
+counts the same launches), read + written:
+
+    floor (read the values, write int16 codes and float32 q)                       10
+    arange of the sort indices                                                     8
+    torch.sort, float32 keys + int64 indices (4 radix passes of 8 bits)          100
+    searchsorted to segment ids, narrow keys, their stable sort (1 pass)          36
+    index_select into segment order                                               16
+    float64 prefix sums, sums of squares                                          16
+    Lloyd launch: O(S K log n) binary-search loads per iteration                 ~0
+    codes pass (read values, write codes and q)                                   10
+    total, method "lloyd"                                                        186   (18.6x the floor)
+    method "fast": + segment starts 1, both scans 22, init and refinement ~5      214   (21.4x)
+
+The segmented sort (arange to index_select) is 160 of them: a design with one full sort cannot come
+near this floor (README, "Static GPU gate, roofline predictions and the one-shot GPU check").
 """
 
 from __future__ import annotations
