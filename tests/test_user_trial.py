@@ -1,0 +1,117 @@
+"""Defects a new user's trial of the library found (README flows on torchvision / timm models, the attacks,
+the CLI), each pinned by a test that failed before its fix."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import small_cnn
+from torch import nn
+
+import atmc_triton as at
+
+LR = 0.5  # large enough that 3 steps move some rows' largest entry (the floor "model_first" would re-choose)
+CFG = at.ATMCConfig(ratio=0.05, bits=3, quant_interval=2)  # k about half the weights; floor "rows"
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)
+
+
+def _steps(model, opt, n, x, y):
+    for _ in range(n):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _twin(seed: int):
+    """A freshly built and compressed model, as a user resuming a torchvision / timm run makes it: the
+    architecture's own random init (another seed than the run's), then ``compress_`` and ``ADMM``."""
+    torch.manual_seed(seed)
+    model = at.compress_(small_cnn(), CFG)
+    return model, at.ADMM(model, CFG, lr=LR)
+
+
+@pytest.mark.parametrize("order", ["optimizer_first", "model_first"])
+def test_resume_into_a_fresh_random_twin_is_exact(order):
+    """README: ``state_dict()``/``load_state_dict()`` resume exactly. The layer floor (one entry per output row,
+    kept whatever the top-k says) was chosen from the factor values when ``ADMM`` was built and not saved, so a
+    resumed optimizer took the floor of the twin's random init (or of the loaded weights) and kept other
+    entries: masks differed after the first resumed step. The floor now travels in the optimizer state."""
+    x, y = _batch()
+    model, opt = _twin(0)
+    _steps(model, opt, 3, x, y)
+    ckpt_model, ckpt_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _steps(model, opt, 3, x, y)
+    if order == "optimizer_first":  # the usual PyTorch order: build model and optimizer, then load both
+        model2, opt2 = _twin(123)
+        model2.load_state_dict(ckpt_model)
+    else:  # load the weights first, then build the optimizer
+        torch.manual_seed(123)
+        model2 = at.compress_(small_cnn(), CFG)
+        model2.load_state_dict(ckpt_model)
+        opt2 = at.ADMM(model2, CFG, lr=LR)
+    opt2.load_state_dict(ckpt_opt)
+    assert torch.equal(opt2._floor, opt._floor)
+    _steps(model2, opt2, 3, x, y)
+    for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_admm_state_dict_carries_a_checked_floor():
+    model, opt = _twin(0)
+    floor = opt.state_dict()["floor"]
+    assert floor.dtype == torch.int64 and floor.numel() == 5 + 6 + 7 + 9  # "rows": one per output unit
+    assert torch.equal(floor, opt._floor.cpu())
+    _, opt2 = _twin(1)
+    for bad, match in (
+        (torch.tensor([10**9]), "floor index out of range"),
+        (torch.tensor([0.5]), "1-D int64"),
+        (torch.zeros(2, 2, dtype=torch.int64), "1-D int64"),
+        ([1, 2], "1-D int64"),
+    ):
+        sd = copy.deepcopy(opt.state_dict())
+        sd["floor"] = bad
+        before = opt2._floor.clone()
+        with pytest.raises(ValueError, match=match):
+            opt2.load_state_dict(sd)
+        assert torch.equal(opt2._floor, before)  # nothing loaded
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["floor"]  # a state saved before the floor was saved: the twin's own floor stays
+    before = opt2._floor.clone()
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2._floor, before)
+
+
+def test_load_state_dict_does_not_alias_the_callers_dict():
+    """``load_state_dict`` kept the caller's ``state['admm']`` dict as its own: stepping one optimizer advanced
+    the step count of every optimizer loaded from the same dict (and of the dict), and loading popped
+    ``nonfinite_steps`` out of it."""
+    x, y = _batch()
+    model, opt = _twin(0)
+    _steps(model, opt, 1, x, y)
+    sd = opt.state_dict()
+    saved = copy.deepcopy(sd["state"]["admm"])
+    (ma, oa), (_, ob) = _twin(1), _twin(2)
+    oa.load_state_dict(sd)
+    ob.load_state_dict(sd)
+    _steps(ma, oa, 1, x, y)
+    assert (oa.steps, ob.steps) == (2, 1)
+    assert sd["state"]["admm"].keys() == saved.keys()
+    assert all(torch.equal(torch.as_tensor(sd["state"]["admm"][k]), torch.as_tensor(v)) for k, v in saved.items())
+
+
+def test_attacks_take_inputs_that_require_grad_without_a_warning():
+    """An input with ``requires_grad=True`` (e.g. from a differentiable augmentation) made the range check
+    call ``float()`` on it: a torch UserWarning pointing into attacks.py at every call."""
+    model = small_cnn().eval()
+    x, y = _batch()
+    x = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adv = at.pgd(model, x, y, steps=1)
+        at.fgsm(model, x, y)
+    assert not adv.requires_grad and x.grad is None
