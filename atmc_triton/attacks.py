@@ -104,7 +104,7 @@ def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
         raise ValueError(f"labels must be [N] for inputs [N, ...], got {tuple(y.shape)} for {tuple(x.shape)}")
     if y.dtype != torch.long:
         raise ValueError(f"labels must be int64 (torch.long) class indices, got {y.dtype}; pass y.long()")
-    if x.numel() and not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0):  # NaN fails both
+    if x.numel() and not (float(x.detach().min()) >= 0.0 and float(x.detach().max()) <= 1.0):  # NaN fails both
         raise ValueError("attack inputs must lie in [0, 1] and be finite, no NaN (normalize inside the model)")
     if eps is not ... and not _real(eps, 0.0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
