@@ -521,10 +521,12 @@ def _check_fresh(s: _Setup, stages: list[str]) -> None:
         s.exp.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {s.exp.out}: cannot create the output directory ({e.strerror})") from None
-    if s.exp.resume:
-        return
     names = [f"{st}.pt" for st in stages] + [f"{st}_final.pt" for st in stages if st.startswith("atmc")]
     found = [n for n in names if (s.exp.out / n).exists()]
+    if s.exp.resume:
+        if not found:  # e.g. a mistyped --out: say so before hours of training start over
+            _say(f"--resume: no checkpoint in {s.exp.out} ({', '.join(names)}): starting from scratch")
+        return
     if found:
         aside = s.exp.out / time.strftime("earlier_%Y%m%d-%H%M%S", time.gmtime())
         while aside.exists():

@@ -115,3 +115,42 @@ def test_attacks_take_inputs_that_require_grad_without_a_warning():
         adv = at.pgd(model, x, y, steps=1)
         at.fgsm(model, x, y)
     assert not adv.requires_grad and x.grad is None
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    """``atmc train --resume --out DIR`` with no checkpoint in DIR (a mistyped ``--out``) started the whole run over
+    without a word; it still starts (a torchrun restart before the first checkpoint must), but says so first."""
+    from types import SimpleNamespace
+
+    from atmc_triton.cli import _check_fresh
+
+    s = SimpleNamespace(exp=SimpleNamespace(out=tmp_path / "run", resume=True))
+    _check_fresh(s, ["dense", "atmc"])
+    err = capsys.readouterr().err
+    assert f"--resume: no checkpoint in {tmp_path / 'run'} (dense.pt, atmc.pt, atmc_final.pt): starting from" in err
+    (tmp_path / "run" / "dense.pt").write_bytes(b"")
+    _check_fresh(s, ["dense", "atmc"])
+    assert capsys.readouterr().err == ""  # something to resume: nothing said, nothing moved
+    assert (tmp_path / "run" / "dense.pt").exists()
+
+
+def test_size_report_prints_whole_layer_names():
+    """The table cut names to their last 24 characters: timm's ``stages.2.blocks.1.conv_dw`` printed as
+    ``tages.2.blocks.1.conv_dw``."""
+    inner = nn.Sequential(nn.Linear(4, 4))
+    model = nn.Sequential(nn.ModuleDict({"a_rather_long_stage_name": nn.ModuleDict({"blocks": inner})}))
+    at.finalize_(at.compress_(model, at.ATMCConfig(nnz=12, bits=2, floor="none")), check_input=False)
+    text = str(at.size_report(model, check_input=False))
+    name = "0.a_rather_long_stage_name.blocks.0"
+    rows = [r for r in text.splitlines() if r.startswith(name + " ")]
+    assert len(rows) == 3  # U, V, C
+    assert len({len(r) for r in text.splitlines()[:5]}) == 1  # header, rule and rows stay aligned
+
+
+def test_load_packed_onto_meta_is_a_clear_error_not_a_corrupted_file(tmp_path):
+    model = at.finalize_(at.compress_(small_cnn(), CFG), check_input=False)
+    path = tmp_path / "m.safetensors"
+    at.save_packed(at.pack_(model), path)
+    with pytest.raises(ValueError, match="device 'meta' holds no data to validate; load on 'cpu' or 'cuda'"):
+        at.load_packed(small_cnn(), path, device="meta")
+    at.load_packed(small_cnn(), path)  # the file itself is fine
