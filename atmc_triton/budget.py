@@ -309,7 +309,9 @@ def _levels(t: Tensor) -> int:
 @torch.no_grad()
 def size_report(model: nn.Module, check_input: bool = True, example_input: Tensor | None = None) -> SizeReport:
     """Size of every factor of every ATMC or packed layer, in the paper's convention and as packed
-    bits, and the paper, whole-model and packed-file ratios (see :class:`SizeReport`).
+    bits, and the paper, whole-model and packed-file ratios (see :class:`SizeReport`). Of an unfinalized model
+    it reports the factors as they are (right after ``compress_`` every weight is still a nonzero, ratio > 1);
+    the budget holds once :func:`atmc_triton.finalize_` has run.
 
     With ``check_input`` it also checks, like :func:`atmc_triton.finalize_`, that the model's
     output still depends on its input (:func:`atmc_triton.check_input_dependence`).

@@ -117,6 +117,18 @@ def test_attacks_take_inputs_that_require_grad_without_a_warning():
     assert not adv.requires_grad and x.grad is None
 
 
+@pytest.mark.parametrize("attack", [at.pgd, at.fgsm, at.fgsm_rs, at.apgd_ce])
+def test_attacks_refuse_negative_labels(attack):
+    """``y = -100`` (cross-entropy's ``ignore_index``, a common "no label" marker) made the loss skip those rows:
+    their examples came back unattacked, with no error, and counted as robust."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(2, 3, 2, 2)
+    for y in (torch.tensor([0, -100]), torch.tensor([-1, 2])):
+        with pytest.raises(ValueError, match="labels must be class indices >= 0, got"):
+            attack(model, x, y)
+    assert attack(model, x, torch.tensor([0, 2])).shape == x.shape
+
+
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     """``atmc train --resume --out DIR`` with no checkpoint in DIR (a mistyped ``--out``) started the whole run over
     without a word; it still starts (a torchrun restart before the first checkpoint must), but says so first."""
