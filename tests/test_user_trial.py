@@ -166,3 +166,21 @@ def test_load_packed_onto_meta_is_a_clear_error_not_a_corrupted_file(tmp_path):
     with pytest.raises(ValueError, match="device 'meta' holds no data to validate; load on 'cpu' or 'cuda'"):
         at.load_packed(small_cnn(), path, device="meta")
     at.load_packed(small_cnn(), path)  # the file itself is fine
+
+
+def test_a_checkpoint_of_other_settings_names_only_the_settings_that_differ():
+    """Resuming with one evaluation flag changed printed both whole protocols (20 settings each, 1,200
+    characters on one line) for the user to diff by eye."""
+    from atmc_triton.checkpoint import CheckpointError, check_meta
+
+    proto = {"eps": 0.2, "pgd_steps": 10, "eval_pgd_steps": 20, "apgd_steps": 100, "wrm_gamma": 0.4, "loss": "ce"}
+    ck = {"meta": {"model": "digits_cnn", "dataset": "digits", "protocol": {**proto, "eval_pgd_steps": 2}}}
+    with pytest.raises(CheckpointError) as e:
+        check_meta(ck, "dense.pt", model="digits_cnn", protocol=proto)
+    msg = str(e.value)
+    assert msg.endswith("protocol={'eval_pgd_steps': 2} (expected {'eval_pgd_steps': 20})"), msg
+    ck["meta"]["protocol"] = {k: v for k, v in proto.items() if k != "loss"}  # a key only one side has
+    with pytest.raises(CheckpointError, match=r"protocol=\{\} \(expected \{'loss': 'ce'\}\)"):
+        check_meta(ck, "dense.pt", protocol=proto)
+    with pytest.raises(CheckpointError, match=r"model='digits_cnn' \(expected 'lenet'\)"):
+        check_meta(ck, "dense.pt", model="lenet")
