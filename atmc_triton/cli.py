@@ -306,7 +306,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         type=_layer_bits,
         action="append",
         metavar="NAME=BITS",
-        help="per-layer bits (module name or fnmatch pattern), repeatable",
+        help="per-layer bits (module name or fnmatch pattern), repeatable; tv:/timm: models sit behind the input "
+        "normalization, so their names start with 1. (e.g. '1.layer4.*=8')",
     )
     b.add_argument("--rho", type=float, default=0.1, help="ADMM penalty rho (default 0.1)")
     b.add_argument("--rho-factor", type=float, default=1.0, help="multiply rho by this every --rho-every quantizations")
