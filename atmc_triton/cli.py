@@ -917,6 +917,7 @@ def _parser() -> argparse.ArgumentParser:
         "--channels-last", action="store_true", help="evaluate in channels_last memory format (faster on CPU)"
     )
     e.set_defaults(apgd_steps=None, wrm_gamma=None, wrm_steps=None, wrm_lr=None, func=cmd_eval)
+    ap.subcommands = sub.choices  # main() names the subcommand in an unknown-flag error
     return ap
 
 
@@ -944,7 +945,9 @@ def _fail_line(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atmc`` console script; returns the exit code."""
     ap = _parser()
-    a = ap.parse_args(argv)
+    a, extra = ap.parse_known_args(argv)
+    if extra:  # as parse_args, but the error names the subcommand ("atmc train: error: ...") as every other does
+        ap.subcommands[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     _log_to_stderr()
     try:
         return a.func(a)

@@ -184,3 +184,15 @@ def test_a_checkpoint_of_other_settings_names_only_the_settings_that_differ():
         check_meta(ck, "dense.pt", protocol=proto)
     with pytest.raises(CheckpointError, match=r"model='digits_cnn' \(expected 'lenet'\)"):
         check_meta(ck, "dense.pt", model="lenet")
+
+
+def test_an_unknown_flag_is_a_one_line_error_naming_the_subcommand(capsys):
+    """README: bad arguments end with one line ``atmc train: error: ...``; a mistyped flag (``--ratoi``) printed
+    ``atmc: error: ...``, argparse's top-level parser being the one that reports unrecognized arguments."""
+    from atmc_triton.cli import main
+
+    for cmd, flag in (("train", "--ratoi"), ("eval", "--bogus"), ("sweep", "--ratio-list")):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, *(["x.pt"] if cmd == "eval" else []), flag, "0.1"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"atmc {cmd}: error: unrecognized arguments: {flag} 0.1 (see --help)\n"
