@@ -196,3 +196,23 @@ def test_an_unknown_flag_is_a_one_line_error_naming_the_subcommand(capsys):
             main([cmd, *(["x.pt"] if cmd == "eval" else []), flag, "0.1"])
         assert e.value.code == 2
         assert capsys.readouterr().err == f"atmc {cmd}: error: unrecognized arguments: {flag} 0.1 (see --help)\n"
+
+
+def test_compress_keeps_frozen_layers_frozen():
+    """A fine-tuning user freezes a backbone (``requires_grad=False``) and compresses the model: ``compress_``
+    made every factor and bias trainable again, so ``ADMM`` silently trained the frozen layers. The flags now
+    carry over, and ``ADMM`` refuses with its documented error (leave the layer out of ``compress_``)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.MultiheadAttention(5, 1))
+    model[0].weight.requires_grad_(False)  # a frozen conv whose bias still trains
+    model[2].bias.requires_grad_(False)
+    for p in model[3].parameters():
+        p.requires_grad_(False)
+    cfg = at.ATMCConfig(ratio=0.3, bits=3)
+    at.compress_(model, cfg)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["0.bias", "2.C", "2.U", "2.V"]
+    with pytest.raises(ValueError, match=r"ADMM: factors \['0.U', '0.V', '0.C', '3.in_proj.U'\] ... have requires"):
+        at.ADMM(model, cfg)
+    at.finalize_(model, check_input=False)  # post-training compression (no ADMM) needs no gradient
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trainable
+    at.pack_(model)
