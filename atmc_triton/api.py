@@ -142,6 +142,18 @@ def _hooks_of(m: nn.Module) -> bool:
     return any(parametrize.is_parametrized(c) or any(getattr(c, k, None) for k in kinds) for c in m.modules())
 
 
+def _keep_frozen(old: nn.Module, new: nn.Module) -> None:
+    """``requires_grad=False`` of a replaced layer's weight (bias) carries over to its factors (bias), so a frozen
+    layer stays frozen (and :class:`atmc_triton.ADMM` names it) instead of training again."""
+    flags = dict(old.named_parameters())  # weight, bias; in_proj_weight, out_proj.weight, ... for attention
+    for name, p in new.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        key = ".".join(filter(None, [prefix, "weight" if leaf in FACTORS else leaf]))
+        src = flags.get(key, flags.get(key.replace("in_proj.", "in_proj_")))
+        if src is not None and not src.requires_grad:
+            p.requires_grad_(False)
+
+
 def compress_(
     model: nn.Module,
     cfg: ATMCConfig,
@@ -257,6 +269,7 @@ def compress_(
         except ValueError as e:
             raise ValueError(f"compress_: {name}: {e}") from None
         swaps[id(m)].train(m.training)
+        _keep_frozen(m, swaps[id(m)])
     for parent in model.modules():  # every reference, so shared modules stay shared
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in swaps:

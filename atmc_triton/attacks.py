@@ -104,7 +104,9 @@ def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
         raise ValueError(f"labels must be [N] for inputs [N, ...], got {tuple(y.shape)} for {tuple(x.shape)}")
     if y.dtype != torch.long:
         raise ValueError(f"labels must be int64 (torch.long) class indices, got {y.dtype}; pass y.long()")
-    if x.numel() and not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0):  # NaN fails both
+    if y.numel() and int(y.min()) < 0:  # cross-entropy would skip -100 (its ignore_index): x back, unattacked
+        raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+    if x.numel() and not (float(x.detach().min()) >= 0.0 and float(x.detach().max()) <= 1.0):  # NaN fails both
         raise ValueError("attack inputs must lie in [0, 1] and be finite, no NaN (normalize inside the model)")
     if eps is not ... and not _real(eps, 0.0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -213,7 +215,8 @@ def fgsm_rs(
     noise: Tensor | None = None,
 ) -> Tensor:
     """FGSM with a random start (Wong et al. 2020, "Fast is better than free"; torchattacks' ``FFGSM``, whose
-    defaults ``eps=8/255, alpha=10/255`` it keeps): start uniform in the eps-ball, one step
+    defaults ``eps=8/255, alpha=10/255`` it keeps, but not its random draws: from one seed the examples differ,
+    unlike :func:`pgd` and :func:`fgsm`): start uniform in the eps-ball, one step
     ``alpha * sign(grad loss)``, then back into the eps-ball and ``[0, 1]``. A training attack
     (Wong et al. use ``alpha = 1.25 eps``); too large an ``alpha`` invites catastrophic overfitting.
 

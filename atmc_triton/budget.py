@@ -252,14 +252,15 @@ class SizeReport:
         return self.file_bytes / self.dense_file_bytes if self.dense_file_bytes else 0.0
 
     def __str__(self) -> str:
+        w = max([24, *(len(f.layer) for f in self.factors)])  # whole names (timm's run past 24 characters)
         head = (
-            f"{'layer':<24}{'f':>2}{'shape':>14}{'bits':>5}{'nnz':>10}{'levels':>7}{'paper bits':>12}{'packed B':>10}"
+            f"{'layer':<{w}}{'f':>2}{'shape':>14}{'bits':>5}{'nnz':>10}{'levels':>7}{'paper bits':>12}{'packed B':>10}"
         )
         rows = [head, "-" * len(head)]
         for f in self.factors:
             shape = f"{f.shape[0]}x{f.shape[1]}"
             rows.append(
-                f"{f.layer[-24:]:<24}{f.factor:>2}{shape:>14}{f.bits or 32:>5}{f.nnz:>10}{f.levels:>7}"
+                f"{f.layer:<{w}}{f.factor:>2}{shape:>14}{f.bits or 32:>5}{f.nnz:>10}{f.levels:>7}"
                 f"{f.paper_bits:>12}{math.ceil(f.packed_bits / 8):>10}"
             )
         rows.append(
@@ -308,7 +309,9 @@ def _levels(t: Tensor) -> int:
 @torch.no_grad()
 def size_report(model: nn.Module, check_input: bool = True, example_input: Tensor | None = None) -> SizeReport:
     """Size of every factor of every ATMC or packed layer, in the paper's convention and as packed
-    bits, and the paper, whole-model and packed-file ratios (see :class:`SizeReport`).
+    bits, and the paper, whole-model and packed-file ratios (see :class:`SizeReport`). Of an unfinalized model
+    it reports the factors as they are (right after ``compress_`` every weight is still a nonzero, ratio > 1);
+    the budget holds once :func:`atmc_triton.finalize_` has run.
 
     With ``check_input`` it also checks, like :func:`atmc_triton.finalize_`, that the model's
     output still depends on its input (:func:`atmc_triton.check_input_dependence`).

@@ -371,10 +371,18 @@ def check_meta(ck: dict[str, Any], path: str | os.PathLike, **expected: Any) -> 
         >>> check_meta({"meta": {"model": "lenet"}}, "x.pt", model="lenet")
     """
     meta = ck.get("meta", {})
-    bad = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in expected.items() if meta.get(k) != v]
+    bad = [_mismatch(k, meta.get(k), v) for k, v in expected.items() if meta.get(k) != v]
     if bad:
         what = f"model {meta.get('model')!r} on {meta.get('dataset')!r}"
         raise CheckpointError(f"checkpoint {str(path)!r} is from {what}: " + ", ".join(bad))
+
+
+def _mismatch(key: str, got: Any, want: Any) -> str:
+    """``key=got (expected want)``; of two dicts (a protocol, a config) only the entries that differ."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        keys = [k for k in {**want, **got} if k not in got or k not in want or got[k] != want[k]]
+        got, want = {k: got[k] for k in keys if k in got}, {k: want[k] for k in keys if k in want}
+    return f"{key}={got!r} (expected {want!r})"
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:

@@ -306,7 +306,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         type=_layer_bits,
         action="append",
         metavar="NAME=BITS",
-        help="per-layer bits (module name or fnmatch pattern), repeatable",
+        help="per-layer bits (module name or fnmatch pattern), repeatable; tv:/timm: models sit behind the input "
+        "normalization, so their names start with 1. (e.g. '1.layer4.*=8')",
     )
     b.add_argument("--rho", type=float, default=0.1, help="ADMM penalty rho (default 0.1)")
     b.add_argument("--rho-factor", type=float, default=1.0, help="multiply rho by this every --rho-every quantizations")
@@ -521,10 +522,12 @@ def _check_fresh(s: _Setup, stages: list[str]) -> None:
         s.exp.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {s.exp.out}: cannot create the output directory ({e.strerror})") from None
-    if s.exp.resume:
-        return
     names = [f"{st}.pt" for st in stages] + [f"{st}_final.pt" for st in stages if st.startswith("atmc")]
     found = [n for n in names if (s.exp.out / n).exists()]
+    if s.exp.resume:
+        if not found:  # e.g. a mistyped --out: say so before hours of training start over
+            _say(f"--resume: no checkpoint in {s.exp.out} ({', '.join(names)}): starting from scratch")
+        return
     if found:
         aside = s.exp.out / time.strftime("earlier_%Y%m%d-%H%M%S", time.gmtime())
         while aside.exists():
@@ -914,6 +917,7 @@ def _parser() -> argparse.ArgumentParser:
         "--channels-last", action="store_true", help="evaluate in channels_last memory format (faster on CPU)"
     )
     e.set_defaults(apgd_steps=None, wrm_gamma=None, wrm_steps=None, wrm_lr=None, func=cmd_eval)
+    ap.subcommands = sub.choices  # main() names the subcommand in an unknown-flag error
     return ap
 
 
@@ -941,7 +945,9 @@ def _fail_line(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atmc`` console script; returns the exit code."""
     ap = _parser()
-    a = ap.parse_args(argv)
+    a, extra = ap.parse_known_args(argv)
+    if extra:  # as parse_args, but the error names the subcommand ("atmc train: error: ...") as every other does
+        ap.subcommands[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     _log_to_stderr()
     try:
         return a.func(a)

@@ -248,7 +248,13 @@ class ADMM(torch.optim.Optimizer):
         """``torch.optim.Optimizer.load_state_dict``, after checking that ``state_dict`` is an ADMM state of
         a model shaped like this one (a ``ValueError`` before anything is loaded, not a half-loaded state)."""
         self._check_state_dict(state_dict)
-        super().load_state_dict(state_dict)
+        state = dict(state_dict["state"])
+        if isinstance(state.get("admm"), dict):  # a copy: torch would keep the caller's dict (step counts) as ours
+            state["admm"] = dict(state["admm"])
+        super().load_state_dict({**state_dict, "state": state})
+        floor = state_dict.get("floor")
+        if floor is not None:  # the floor the saved run chose (None: a state saved before it was saved)
+            self._floor = floor.to(self.store.device, copy=True)
         self._sync()
         with torch.no_grad():
             for s, p in enumerate(self.param_groups[0]["params"]):
@@ -265,9 +271,12 @@ class ADMM(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` plus :attr:`nonfinite_steps` (one host sync), so a resumed
-        optimizer keeps counting the voided steps from where it stopped."""
+        optimizer keeps counting the voided steps from where it stopped, and ``"floor"``: the layer floor's flat
+        indices (chosen from the factors when the optimizer was built), so a resumed run keeps the same entries
+        (a fresh twin's random init, or the loaded weights, would choose others)."""
         sd = super().state_dict()
         sd["state"]["admm"] = {**sd["state"]["admm"], "nonfinite_steps": int(self._nonfinite)}
+        sd["floor"] = self._floor.detach().cpu().clone()
         return sd
 
     def _check_state_dict(self, sd: Any) -> None:
@@ -290,6 +299,14 @@ class ADMM(torch.optim.Optimizer):
                 raise ValueError(
                     f"ADMM.load_state_dict: the momentum of parameter {n} is {got}, the parameter "
                     f"{tuple(p.shape)}: the state of a model with other layer shapes"
+                )
+        floor = sd.get("floor")
+        if floor is not None:
+            if not (isinstance(floor, Tensor) and floor.dtype == torch.int64 and floor.dim() == 1):
+                raise ValueError("ADMM.load_state_dict: state_dict['floor'] must be a 1-D int64 tensor of indices")
+            if floor.numel() and not (0 <= int(floor.min()) and int(floor.max()) < self.store.n):
+                raise ValueError(
+                    f"ADMM.load_state_dict: floor index out of range for this model's {self.store.n} factor entries"
                 )
 
     # -- the step --------------------------------------------------------------------------

@@ -772,6 +772,8 @@ def load_packed(
         raise ValueError(f"load_packed: device must be a torch device ('cpu', 'cuda:0'), got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"load_packed: device {device!r} requested but no CUDA GPU is available")
+    if dev.type == "meta":  # safetensors refuses it, which read as a corrupted file; the checks need the data
+        raise ValueError("load_packed: device 'meta' holds no data to validate; load on 'cpu' or 'cuda'")
     try:
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
             meta = (fh.metadata() or {}).get(META_KEY)

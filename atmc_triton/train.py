@@ -839,7 +839,10 @@ def fit(
         remove_partial_writes(checkpoint)  # what a run killed while writing left behind
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         ck = load_checkpoint(checkpoint)
-        check_meta(ck, checkpoint, **meta)
+        try:
+            check_meta(ck, checkpoint, **meta)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; resume with that run's settings, or start over without resuming") from None
         try:
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])

@@ -204,7 +204,10 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_shape(tmp_path):
     dense = exp.load(out / "dense.pt")
     with pytest.raises(CheckpointError, match=r"atmc=\{.*'bits': 4.*\(expected \{.*'bits': 3") as e:
         exp.compress(dense, at.ATMCConfig(ratio=0.02, bits=3, quant_interval=3), sched)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).endswith(
+        "resume with that run's settings, or start over without resuming"
+    )
+    assert "'rho'" not in str(e.value)  # the configs' entries that differ, not both whole configs
     # right metadata, wrong tensors (a forged or mixed-up file): a clear error, not a traceback
     meta = load_checkpoint(out / "atmc.pt")["meta"]
     save_checkpoint(out / "atmc.pt", model=build_model("digits_cnn", 10, (1, 8, 8)), meta=meta, epoch=1, step=4)
