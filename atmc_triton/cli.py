@@ -24,7 +24,9 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -942,6 +944,14 @@ def _fail_line(msg: str) -> None:
     print(f"atmc{who}: {msg}", file=sys.stderr, flush=True)
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (``timeout``, a batch scheduler, torchrun stopping its workers)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``atmc`` console script; returns the exit code."""
     ap = _parser()
@@ -949,8 +959,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # as parse_args, but the error names the subcommand ("atmc train: error: ...") as every other does
         ap.subcommands[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     _log_to_stderr()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return a.func(a)
+    except _Terminated:  # checkpoints are written atomically: the last complete one is where --resume continues
+        _fail_line("terminated by SIGTERM (continue with --resume)")
+        return 128 + signal.SIGTERM
     except (ValueError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _fail_line(f"error: {msg}")
@@ -962,6 +977,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail_line("interrupted (continue with --resume)")
         return 130
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         distributed.destroy()
 
 

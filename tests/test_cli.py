@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -320,3 +321,23 @@ def test_module_entry_point_exits_nonzero_without_traceback():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "atmc: error: ATMCConfig.ratio must be a number in (0, 1), got 2.0"
+
+
+@pytest.mark.parametrize("how, code, line", [("sigterm", 143, "terminated by SIGTERM"), ("ctrl-c", 130, "interrupted")])
+def test_sigterm_and_ctrl_c_end_a_run_with_one_line_and_restore_the_handler(monkeypatch, capsys, how, code, line):
+    import os
+    import signal
+
+    import atmc_triton.cli as cli
+
+    def stopped(a):  # what arrives in the middle of a training run
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # was: the process died with no message
+            time.sleep(5)  # the handler raises before this ends
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "cmd_train", stopped)
+    assert cli.main(["train"]) == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"atmc: {line} (continue with --resume)"
+    assert signal.getsignal(signal.SIGTERM) is before  # pytest's own handler is back
