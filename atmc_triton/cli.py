@@ -959,8 +959,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # as parse_args, but the error names the subcommand ("atmc train: error: ...") as every other does
         ap.subcommands[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     _log_to_stderr()
-    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    # one process (not under torchrun, whose agent stops a group with SIGTERM: a rank blocked in a collective would
+    # run a Python handler only when the collective returns), in the main thread (where signal handlers live)
+    catch = threading.current_thread() is threading.main_thread() and distributed.env_world_size() == 1
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if catch else None
     try:
         return a.func(a)
     except _Terminated:  # checkpoints are written atomically: the last complete one is where --resume continues
@@ -977,7 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail_line("interrupted (continue with --resume)")
         return 130
     finally:
-        if main_thread:
+        if catch:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         distributed.destroy()
 

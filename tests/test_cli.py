@@ -341,3 +341,14 @@ def test_sigterm_and_ctrl_c_end_a_run_with_one_line_and_restore_the_handler(monk
     assert cli.main(["train"]) == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"atmc: {line} (continue with --resume)"
     assert signal.getsignal(signal.SIGTERM) is before  # pytest's own handler is back
+
+
+def test_under_torchrun_sigterm_keeps_its_default_action(monkeypatch):
+    import signal
+
+    import atmc_triton.cli as cli
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank blocked in a collective must die at once, as the agent expects
+    monkeypatch.setattr(cli, "cmd_train", lambda a: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    assert cli.main(["train"]) == 0 and seen and seen[0] is not cli._on_sigterm
