@@ -191,6 +191,7 @@ class PackedLayer(nn.Module):
                 getattr(packed, f"{f}_{part}").copy_(t)
         if layer.bias is not None:
             packed.bias.copy_(layer.bias.detach())
+            packed.bias.requires_grad_(layer.bias.requires_grad)  # a frozen bias stays frozen
         packed.check_valid()
         return packed
 
@@ -227,6 +228,7 @@ class PackedLayer(nn.Module):
                 layer.codebook[i, 1 : book.numel()] = book[1:]
         if self.bias is not None:
             layer.bias.copy_(self.bias.detach())
+            layer.bias.requires_grad_(self.bias.requires_grad)
         layer.finalized.fill_(True)
         return layer
 

@@ -216,3 +216,6 @@ def test_compress_keeps_frozen_layers_frozen():
     at.finalize_(model, check_input=False)  # post-training compression (no ADMM) needs no gradient
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trainable
     at.pack_(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.bias"]  # was: 2.bias trainable again
+    at.unpack(model)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")) == ["0.bias"]
