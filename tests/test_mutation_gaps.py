@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from atmc_triton.kernels import IDENTITY_NONE, IDENTITY_U
+from atmc_triton.kernels import IDENTITY_NONE, IDENTITY_U, admm_step_ref, project_topk_
 from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -140,3 +140,74 @@ def test_size_report_per_layer_adds_up_its_factors():
             packed += factor_nbytes(fmt, *p.shape, nz.numel(), levels, False)
         assert per[name] == (paper, packed) and paper > 0
     assert sum(p for p, _ in per.values()) == rep.total_bits
+
+
+# --- atmc_triton.kernels.admm (the reference) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 63])
+def test_topk_threshold_is_zero_when_nothing_is_cut_and_inf_at_k0(n):
+    """The documented tau at the edges: 0 for k >= n (nothing cut), +inf for k = 0, for the projection and the step."""
+    g = torch.Generator().manual_seed(n)
+    w0 = torch.randn(n, generator=g) + 3.0  # |w| >= 0.5 or so: a nonzero k-th magnitude
+    for k, want in ((n, 0.0), (n + 5, 0.0), (0, math.inf)):
+        w = w0.clone()
+        keep, tau = project_topk_(w, k)
+        assert float(tau) == want and int(keep.sum()) == min(k, n)
+        assert torch.equal(w, w0 if k else torch.zeros(n))
+        z = torch.zeros(n)
+        t = dict(
+            w=w0.clone(), grad=z.clone(), mom=z.clone(), z=z.clone(), u=z.clone(), mask=torch.zeros(n, dtype=torch.bool)
+        )
+        tau = admm_step_ref(**t, lr=0.1, momentum=0.9, weight_decay=0.0, rho=0.0, k=k, nesterov=False)
+        assert float(tau) == want and int(t["mask"].sum()) == min(k, n)
+
+
+def test_projection_refuses_a_negative_k():
+    with pytest.raises(ValueError, match="k must be >= 0, got -1"):
+        project_topk_(torch.ones(4), -1)
+
+
+@pytest.mark.parametrize(
+    "hint, message",
+    [
+        (torch.tensor(0.5, dtype=torch.float64), "tau_hint must be a 0-dim float32 tensor"),
+        (torch.tensor([0.5]), "tau_hint must be a 0-dim float32 tensor"),
+        (torch.tensor(0.5, device="meta"), "tau_hint is on meta"),
+    ],
+)
+def test_step_refuses_a_bad_tau_hint(hint, message):
+    t = {name: torch.zeros(5) for name in ("w", "grad", "mom", "z", "u")}
+    with pytest.raises(ValueError, match=message):
+        admm_step_ref(
+            **t,
+            mask=torch.zeros(5, dtype=torch.bool),
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=0.0,
+            rho=0.0,
+            k=2,
+            nesterov=False,
+            tau_hint=hint,
+        )
+
+
+def test_an_update_that_overflows_writes_nothing():
+    """w - lr * m overflows to inf although m is finite: the step still writes nothing and returns NaN."""
+    w0 = torch.tensor([3.0e38, 1.0, -2.0])
+    t = dict(
+        w=w0.clone(), grad=torch.tensor([-3.0e38, 0.5, 0.5]), mom=torch.zeros(3), z=torch.zeros(3), u=torch.zeros(3)
+    )
+    t["mask"] = torch.ones(3, dtype=torch.bool)
+    tau = admm_step_ref(**t, lr=1.0, momentum=0.0, weight_decay=0.0, rho=0.0, k=2, nesterov=False)
+    assert math.isnan(float(tau))
+    assert torch.equal(t["w"], w0) and torch.equal(t["mom"], torch.zeros(3)) and bool(t["mask"].all())
+
+
+@pytest.mark.gpu
+def test_kth_largest_on_cuda_is_the_kth_of_a_sort():
+    from atmc_triton.kernels.admm import kth_largest
+
+    a = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for k in (1, 7, 500, 1001):
+        assert float(kth_largest(a.cuda(), k)) == float(torch.sort(a, descending=True).values[k - 1])
