@@ -229,3 +229,22 @@ def test_triton_launcher_on_interpreted_cpu_tensors_equals_the_reference(n):
     assert float(tau) == float(tau_ref)
     for name in ("w", "mom", "mask"):
         assert torch.equal(tri[name], ref[name]), name
+
+
+# --- atmc_triton.bitalloc --------------------------------------------------------------------------------------------
+
+
+def test_bit_allocation_charges_a_choice_that_keeps_nothing_the_whole_layer():
+    """Linear(10, 10) (3200 dense bits) at ratio 0.0104: a 33-bit budget. One 1-bit nonzero and its codebook entry
+    cost 1 + 32 = 33 bits and fit; at 2..8 bits not even one nonzero fits (k = 0), which loses every weight: a
+    relative distortion of exactly 1. The allocation must pick 1 bit. (The model is compressed first, at 1 bit: a
+    dense one would be compressed at cfg's 8 bits, which nnz_budget refuses here.)"""
+    from atmc_triton.bitalloc import allocation_report
+
+    torch.manual_seed(0)
+    model = at.compress_(nn.Sequential(nn.Linear(10, 10, bias=False)), at.ATMCConfig(ratio=0.0104, bits=1))
+    rep = allocation_report(model, at.ATMCConfig(ratio=0.0104, bits=8))
+    assert all(rep.uniform[b][0] == 0 and rep.uniform[b][1] == pytest.approx(1.0, rel=1e-12) for b in range(2, 9))
+    k1, d1 = rep.uniform[1]
+    assert k1 == 1 and 0.0 < d1 < 1.0
+    assert rep.bits == {"0": 1} and rep.k == 1 and rep.distortion == d1
