@@ -249,3 +249,14 @@ def test_bit_allocation_charges_a_choice_that_keeps_nothing_the_whole_layer():
     k1, d1 = rep.uniform[1]
     assert k1 == 1 and 0.0 < d1 < 1.0
     assert rep.bits == {"0": 1} and rep.k == 1 and rep.distortion == d1
+
+
+def test_allocate_bits_tries_every_width_up_to_8_by_default():
+    """At ratio 0.95 every entry of a 576-weight layer fits at every width (8 bits: 8 * 576 + 32 * 256 = 12800 of
+    17510 bits), so the finest codebook has the least Lloyd error and wins; ``allocate_bits``'s default candidates
+    must include it."""
+    from atmc_triton.bitalloc import allocate_bits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24, bias=False))
+    assert allocate_bits(model, at.ATMCConfig(ratio=0.95, bits=8)) == {"0": 8}
