@@ -260,3 +260,20 @@ def test_allocate_bits_tries_every_width_up_to_8_by_default():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 24, bias=False))
     assert allocate_bits(model, at.ATMCConfig(ratio=0.95, bits=8)) == {"0": 8}
+
+
+# --- atmc_triton.packed ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups, ok", [(1, True), (2, False), (4, False)])
+def test_packed_conv_decomposed_mode_needs_groups_1(groups, ok):
+    from atmc_triton.packed import PackedConv2d
+
+    empty = {f: {"fmt": 0, "nnz": 0, "levels": 0} for f in "UVC"}  # all-zero factors: nothing to store
+    kw = dict(rank=0, identity=IDENTITY_NONE, bits=4, factors=empty, conv_mode="decomposed", groups=groups)
+    if ok:
+        conv = PackedConv2d(4, 8, 3, padding=1, **kw)
+        assert conv.conv_mode == "decomposed" and conv.weight_shape == (8, 4, 3, 3)
+    else:
+        with pytest.raises(ValueError, match="conv_mode='decomposed' needs groups=1"):
+            PackedConv2d(4, 8, 3, padding=1, **kw)
