@@ -277,3 +277,19 @@ def test_packed_conv_decomposed_mode_needs_groups_1(groups, ok):
     else:
         with pytest.raises(ValueError, match="conv_mode='decomposed' needs groups=1"):
             PackedConv2d(4, 8, 3, padding=1, **kw)
+
+
+def test_packed_metadata_counts_levels_and_nonzeros_per_factor():
+    """spec() (the file's metadata) against the finalized factors: an all-zero factor is empty with 0 levels."""
+    torch.manual_seed(0)
+    model = at.finalize_(at.compress_(nn.Sequential(nn.Linear(12, 6)), at.ATMCConfig(ratio=0.3, bits=2)))
+    layer = model[0]
+    want = {}
+    for f, p in layer.factors():
+        nz = p.detach()[p != 0]
+        want[f] = (nz.numel(), int(torch.unique(nz).numel()))
+    at.pack_(model)
+    spec = model[0].spec()["factors"]
+    assert {f: (s["nnz"], s["levels"]) for f, s in spec.items()} == want
+    assert want["U"] == want["V"] == (0, 0) and spec["U"]["fmt"] == 0  # the sparse init: U [6, 0], V [0, 12]
+    assert 1 <= want["C"][1] <= 4
