@@ -11,7 +11,7 @@ import pytest
 import torch
 from atmc_triton.kernels import IDENTITY_NONE, IDENTITY_U, admm_step_ref, project_topk_
 from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
-from hypothesis import example, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -65,8 +65,10 @@ def test_fit_budget_keeps_the_longest_prefix_that_fits(sizes, bits, budget, n_fo
     if want < 0:
         with pytest.raises(ValueError, match="the layer floor alone"):
             fit_budget_(got_flat, offsets, bits, n, budget, forced=forced)
+        event("the floor alone exceeds the budget")
         return
     kept = fit_budget_(got_flat, offsets, bits, n, budget, forced=forced if n_forced else None)
+    event("every nonzero kept" if kept == int((flat != 0).sum()) else "a cut")
     assert kept == want == int((got_flat != 0).sum())
     assert torch.equal(got_flat[got_flat != 0], flat[got_flat != 0])  # kept entries are untouched
     order = sorted({i for i in forced.tolist() if flat[i] != 0})
