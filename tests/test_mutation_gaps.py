@@ -295,3 +295,34 @@ def test_packed_metadata_counts_levels_and_nonzeros_per_factor():
     assert {f: (s["nnz"], s["levels"]) for f, s in spec.items()} == want
     assert want["U"] == want["V"] == (0, 0) and spec["U"]["fmt"] == 0  # the sparse init: U [6, 0], V [0, 12]
     assert 1 <= want["C"][1] <= 4
+
+
+# --- atmc_triton.layers ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [0, 9, -1])
+def test_layer_refuses_bits_outside_1_to_8(bits):
+    with pytest.raises(ValueError, match=f"bits must be in 1..8 or None, got {bits}"):
+        at.ATMCLinear(4, 3, rank=0, bits=bits)
+    assert at.ATMCLinear(4, 3, rank=0, bits=None).nbits is None and at.ATMCLinear(4, 3, rank=0, bits=8).nbits == 8
+
+
+@pytest.mark.parametrize(
+    "saved, theirs",
+    [(dict(init="svd", rank=2), "init='svd' (rank 2)"), (dict(init="identity"), "init='identity' (rank 4)")],
+)
+def test_loading_another_init_names_both_inits(saved, theirs):
+    """A checkpoint of another factor init is refused with both inits in words (the message says what to build)."""
+    torch.manual_seed(0)
+    a = at.compress_(nn.Sequential(nn.Linear(4, 6)), at.ATMCConfig(nnz=60, bits=4, **saved))
+    b = at.compress_(nn.Sequential(nn.Linear(4, 6)), at.ATMCConfig(nnz=60, bits=4))  # init="sparse"
+    with pytest.raises(ValueError) as e:
+        b.load_state_dict(a.state_dict())
+    assert f"saved with {theirs}" in str(e.value) and "this layer has init='sparse'" in str(e.value)
+
+
+def test_conv_constructor_defaults_are_nn_conv2ds():
+    conv, ref = at.ATMCConv2d(3, 4, 3, rank=0, bits=None), nn.Conv2d(3, 4, 3)
+    for attr in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        assert getattr(conv, attr) == getattr(ref, attr), attr
+    assert conv(torch.zeros(1, 3, 9, 9)).shape == ref(torch.zeros(1, 3, 9, 9)).shape == (1, 4, 7, 7)
