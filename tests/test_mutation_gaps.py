@@ -326,3 +326,10 @@ def test_conv_constructor_defaults_are_nn_conv2ds():
     for attr in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
         assert getattr(conv, attr) == getattr(ref, attr), attr
     assert conv(torch.zeros(1, 3, 9, 9)).shape == ref(torch.zeros(1, 3, 9, 9)).shape == (1, 4, 7, 7)
+
+
+@pytest.mark.parametrize("rank", [4, -1, 1.5])
+def test_layer_refuses_a_rank_outside_0_to_min_dim(rank):
+    with pytest.raises(ValueError, match=r"rank must be an int in 0\.\.3 for a \[3, 4\] weight"):
+        at.ATMCLinear(4, 3, rank=rank)
+    assert at.ATMCLinear(4, 3, rank=3).U.shape == (3, 3)
