@@ -254,13 +254,13 @@ def test_bit_allocation_charges_a_choice_that_keeps_nothing_the_whole_layer():
 
 
 def test_allocate_bits_tries_every_width_up_to_8_by_default():
-    """At ratio 0.95 every entry of a 576-weight layer fits at every width (8 bits: 8 * 576 + 32 * 256 = 12800 of
-    17510 bits), so the finest codebook has the least Lloyd error and wins; ``allocate_bits``'s default candidates
+    """At ratio 0.95 every entry of a 400-weight layer fits at every width (8 bits: 8 * 400 + 32 * 256 = 11392 of
+    12160 bits), so the finest codebook has the least Lloyd error and wins; ``allocate_bits``'s default candidates
     must include it."""
     from atmc_triton.bitalloc import allocate_bits
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(24, 24, bias=False))
+    model = nn.Sequential(nn.Linear(20, 20, bias=False))
     assert allocate_bits(model, at.ATMCConfig(ratio=0.95, bits=8)) == {"0": 8}
 
 
