@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -110,6 +113,18 @@ def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
         raise ValueError("attack inputs must lie in [0, 1] and be finite, no NaN (normalize inside the model)")
     if eps is not ... and not _real(eps, 0.0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if eps is not ... and eps > 1:  # torchattacks' habit is eps=8/255; eps=8 attacks the whole [0, 1] box
+        msg = f"eps={eps} is above 1: inputs lie in [0, 1], so the ball is the whole box (meant {eps}/255?)"
+        warnings.warn(msg, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """``stacklevel`` (for a ``warnings.warn`` in the function calling this) of the first frame outside this package,
+    however many of the package's functions lie between (``fgsm`` calls ``pgd``, the suite calls each attack)."""
+    frame, level, pkg = sys._getframe(1), 1, os.path.dirname(os.path.abspath(__file__))
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _project(adv: Tensor, x: Tensor, eps: float) -> Tensor:

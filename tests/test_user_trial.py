@@ -129,6 +129,19 @@ def test_attacks_refuse_negative_labels(attack):
     assert attack(model, x, torch.tensor([0, 2])).shape == x.shape
 
 
+@pytest.mark.parametrize("attack", [at.pgd, at.fgsm, at.fgsm_rs, at.apgd_ce])
+def test_an_eps_above_1_warns_that_it_covers_the_whole_box(attack):
+    """``eps=8`` (torchattacks' 8/255 typed as pixel levels) attacked the whole [0, 1] box without a word."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 2])
+    with pytest.warns(UserWarning, match=r"eps=8 is above 1: .* \(meant 8/255\?\)") as got:
+        attack(model, x, y, 8)
+    assert got[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attack(model, x, y, 1.0)  # the largest eps that means something: no warning
+
+
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     """``atmc train --resume --out DIR`` with no checkpoint in DIR (a mistyped ``--out``) started the whole run over
     without a word; it still starts (a torchrun restart before the first checkpoint must), but says so first."""
