@@ -58,8 +58,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @contextlib.contextmanager
-def attack_context(model: nn.Module, eval_mode: bool = True):
-    """Run ``model`` for an attack and leave it exactly as found (modes, buffers, grads).
+def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | None = None):
+    """Run ``model`` for an attack and leave it exactly as found (modes, buffers, grads). With ``labels``, every
+    ``[N, C]`` output is checked to have a class for each label: a ``ValueError`` instead of cross-entropy's
+    ``IndexError`` on CPU or, on CUDA, a device-side assert that ends the process's CUDA context.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).train()
@@ -76,17 +78,26 @@ def attack_context(model: nn.Module, eval_mode: bool = True):
             if isinstance(m, ATMCLayer) or not m.training:
                 continue
             saved += [(b, b.detach().clone()) for b in m.buffers(recurse=False)]
+    top = int(labels.max()) if labels is not None and labels.numel() else -1
+    hook = model.register_forward_hook(lambda m, a, out: _check_classes(out, top)) if top >= 0 else None
     try:
         if eval_mode:
             model.eval()
         with torch.enable_grad(), cached_weights(model):
             yield model
     finally:
+        if hook is not None:
+            hook.remove()
         for m, t in modes:
             m.training = t
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+
+
+def _check_classes(out: object, top: int) -> None:
+    if isinstance(out, Tensor) and out.dim() == 2 and top >= out.shape[1]:
+        raise ValueError(f"labels must be class indices < the model's {out.shape[1]} outputs, got {top}")
 
 
 def _count(v: object, low: int) -> bool:
@@ -197,7 +208,7 @@ def pgd(
         )
     loss_fn = loss_fn or F.cross_entropy
     x = x.detach()
-    with attack_context(model, eval_mode):
+    with attack_context(model, eval_mode, labels=y):
         adv = _start(x, eps, noise, generator) if random_start else x.clone()
         for _ in range(steps):
             g = _input_grad(model, adv, y, loss_fn)
@@ -253,7 +264,7 @@ def fgsm_rs(
     if not _real(alpha, 0.0):
         raise ValueError(f"fgsm_rs needs alpha >= 0, got {alpha}")
     x = x.detach()
-    with attack_context(model, eval_mode):
+    with attack_context(model, eval_mode, labels=y):
         adv = _start(x, eps, noise, generator)
         g = _input_grad(model, adv, y, loss_fn or F.cross_entropy)
         return _project(adv + alpha * g.sign(), x, eps).detach()
@@ -295,7 +306,7 @@ def n_fgsm(
     if not (_real(alpha, 0.0) and _real(k, 0.0)):
         raise ValueError(f"n_fgsm needs alpha >= 0 and k >= 0, got alpha={alpha}, k={k}")
     x = x.detach()
-    with attack_context(model, eval_mode):
+    with attack_context(model, eval_mode, labels=y):
         adv = _start(x, k * eps, noise, generator)
         g = _input_grad(model, adv, y, loss_fn or F.cross_entropy)
         return (adv + alpha * g.sign()).clamp(0.0, 1.0).detach()
@@ -328,7 +339,7 @@ def wrm(
     if not (_real(gamma, 0.0, strict=True) and _count(steps, 0) and _real(lr, 0.0)):
         raise ValueError(f"wrm needs gamma > 0, steps >= 0, lr >= 0, got {gamma}, {steps}, {lr}")
     x = x.detach()
-    with attack_context(model, eval_mode):
+    with attack_context(model, eval_mode, labels=y):
         adv = x.clone()
         for t in range(steps):
             a = adv.detach().requires_grad_(True)
@@ -443,7 +454,7 @@ def _apgd(
     if not (_count(steps, 1) and _count(n_restarts, 1)):
         raise ValueError(f"{name} needs steps >= 1 and n_restarts >= 1, got {steps}, {n_restarts}")
     x = x.detach()
-    with attack_context(model, eval_mode):
+    with attack_context(model, eval_mode, labels=y):
         with torch.no_grad():
             robust = model(x).argmax(1) == y
         adv = x.clone()
@@ -529,7 +540,7 @@ def apgd_dlr(
         raise ValueError(f"apgd_dlr: n_target_classes must be >= 1 or None (untargeted), got {n_target_classes}")
     need = 3 if n_target_classes is None else 4
     _check(x, y, eps)
-    with torch.no_grad(), attack_context(model, eval_mode):
+    with torch.no_grad(), attack_context(model, eval_mode, labels=y):
         c = model(x[:1].detach()).shape[1] if x.shape[0] else need
     if c < need:
         kind = "untargeted" if n_target_classes is None else "targeted"
@@ -638,7 +649,7 @@ def cascade(
     """
     _check(x, y, eps)
     x = x.detach()
-    with attack_context(model, eval_mode=True):
+    with attack_context(model, eval_mode=True, labels=y):
         pred = _predict(model, x)
         ok = pred == y if robust is None else (pred == y) & robust.to(pred.device)
         x_adv = x.clone()

@@ -129,6 +129,19 @@ def test_attacks_refuse_negative_labels(attack):
     assert attack(model, x, torch.tensor([0, 2])).shape == x.shape
 
 
+@pytest.mark.parametrize("attack", [at.pgd, at.fgsm, at.fgsm_rs, at.n_fgsm, at.apgd_ce, at.apgd_dlr, at.wrm])
+def test_attacks_refuse_a_label_past_the_models_classes(attack):
+    """A label >= the class count reached cross-entropy: an IndexError on CPU, and on CUDA a device-side assert
+    that ends the process's CUDA context. It is a ValueError at the first forward now, and the model is left
+    without the check's hook."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))  # APGD-T needs >= 4 classes
+    x = torch.rand(2, 3, 2, 2)
+    with pytest.raises(ValueError, match="labels must be class indices < the model's 5 outputs, got 5"):
+        attack(model, x, torch.tensor([0, 5]))
+    assert not model._forward_hooks
+    assert attack(model, x, torch.tensor([0, 4])).shape == x.shape
+
+
 @pytest.mark.parametrize("attack", [at.pgd, at.fgsm, at.fgsm_rs, at.apgd_ce])
 def test_an_eps_above_1_warns_that_it_covers_the_whole_box(attack):
     """``eps=8`` (torchattacks' 8/255 typed as pixel levels) attacked the whole [0, 1] box without a word."""
