@@ -944,8 +944,9 @@ def _fail_line(msg: str) -> None:
     print(f"atmc{who}: {msg}", file=sys.stderr, flush=True)
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived (``timeout``, a batch scheduler, torchrun stopping its workers)."""
+class _Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, a batch scheduler). A ``BaseException``, like ``KeyboardInterrupt``, so that no
+    ``except Exception`` on the way (a checkpoint load reading it as a corrupted file) swallows it."""
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

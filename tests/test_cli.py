@@ -352,3 +352,22 @@ def test_under_torchrun_sigterm_keeps_its_default_action(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # a rank blocked in a collective must die at once, as the agent expects
     monkeypatch.setattr(cli, "cmd_train", lambda a: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
     assert cli.main(["train"]) == 0 and seen and seen[0] is not cli._on_sigterm
+
+
+def test_sigterm_during_a_checkpoint_load_is_not_read_as_a_corrupted_file(monkeypatch, capsys):
+    import os
+    import signal
+
+    import torch as t
+
+    import atmc_triton.cli as cli
+    from atmc_triton.checkpoint import load_checkpoint
+
+    def load(*a, **k):  # SIGTERM while torch.load runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(t, "load", load)
+    monkeypatch.setattr(cli, "cmd_train", lambda a: load_checkpoint(__file__))
+    assert cli.main(["train"]) == 143  # was: 'error: ... corrupted' and exit code 2 (load_checkpoint's except)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "atmc: terminated by SIGTERM (continue with --resume)"
