@@ -56,6 +56,22 @@ def _plain_fields(obj: object) -> None:
         object.__setattr__(obj, f.name, _plain(getattr(obj, f.name)))
 
 
+def _check_fields(obj: object, ints: tuple = (), reals: tuple = (), flags: tuple = ()) -> None:
+    """Refuse a field of dataclass ``obj`` that is not an int (``ints``), a finite number (``reals``) or a bool
+    (``flags``): a ``ValueError`` naming ``Class.field``. ``None`` passes where it is the field's default."""
+    optional = {f.name for f in dataclasses.fields(obj) if f.default is None}
+    kinds = ((ints, _is_int, "an int"), (reals, _is_real, "a finite number"), (flags, _is_bool, "True or False"))
+    for names, ok, what in kinds:
+        for name in names:
+            v = getattr(obj, name)
+            if not ok(v) and not (v is None and name in optional):
+                raise ValueError(f"{type(obj).__name__}.{name} must be {what}, got {v!r}")
+
+
+def _is_bool(x: object) -> bool:
+    return isinstance(x, bool)
+
+
 def _check_bits(name: str, b: object) -> None:
     if not (_is_int(b) and 1 <= b <= 8):
         raise ValueError(f"{name} must be an int in 1..8, got {b!r}")

@@ -77,7 +77,7 @@ from atmc_triton.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from atmc_triton.config import ATMCConfig, _is_int, _is_real, _plain_fields
+from atmc_triton.config import ATMCConfig, _check_fields, _is_int, _plain_fields
 from atmc_triton.data import DataBundle, Split, iterate_batches
 from atmc_triton.distributed import (
     agree,
@@ -183,16 +183,22 @@ class Protocol:
 
     def __post_init__(self):
         _plain_fields(self)
-        ints = ("pgd_steps", "eval_pgd_steps", "apgd_steps", "wrm_steps", "guard_size", "guard_steps", "fallback_steps")
-        for name in ints:
-            v = getattr(self, name)
-            if not (v is None and name in ("eval_pgd_steps", "fallback_steps")) and not _is_int(v):
-                raise ValueError(f"Protocol.{name} must be an int, got {v!r}")
-        reals = ("eps", "pgd_alpha", "clean_weight", "wrm_gamma", "wrm_lr", "fgsm_step", "fgsm_noise")
-        for name in (*reals, "eps_warmup_epochs", "trades_beta", "guard_drop"):
-            v = getattr(self, name)
-            if not (v is None and name in ("pgd_alpha", "fgsm_step", "fgsm_noise", "guard_drop")) and not _is_real(v):
-                raise ValueError(f"Protocol.{name} must be a finite number, got {v!r}")
+        _check_fields(
+            self,
+            ints=(
+                "pgd_steps",
+                "eval_pgd_steps",
+                "apgd_steps",
+                "wrm_steps",
+                "guard_size",
+                "guard_steps",
+                "fallback_steps",
+            ),
+            reals=(
+                *("eps", "pgd_alpha", "clean_weight", "wrm_gamma", "wrm_lr", "fgsm_step", "fgsm_noise"),
+                *("eps_warmup_epochs", "trades_beta", "guard_drop"),
+            ),
+        )
         if not 0 <= self.eps <= 1:
             raise ValueError(f"eps must be in [0, 1] (pixel units), got {self.eps}")
         if self.pgd_steps < 0 or (self.eval_pgd_steps is not None and self.eval_pgd_steps < 0):
@@ -308,14 +314,9 @@ class Schedule:
 
     def __post_init__(self):
         _plain_fields(self)
-        for name in ("epochs", "batch_size"):
-            if not _is_int(getattr(self, name)):
-                raise ValueError(f"Schedule.{name} must be an int, got {getattr(self, name)!r}")
-        for name in ("lr", "momentum", "weight_decay", "gamma"):
-            if not _is_real(getattr(self, name)):
-                raise ValueError(f"Schedule.{name} must be a finite number, got {getattr(self, name)!r}")
-        if not isinstance(self.nesterov, bool):
-            raise ValueError(f"Schedule.nesterov must be True or False, got {self.nesterov!r}")
+        _check_fields(
+            self, ints=("epochs", "batch_size"), reals=("lr", "momentum", "weight_decay", "gamma"), flags=("nesterov",)
+        )
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {self}")
         if not (self.momentum >= 0 and self.weight_decay >= 0):
@@ -1077,11 +1078,7 @@ class Experiment:
         if unknown:
             raise ValueError(f"Experiment: unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
         _plain_fields(self)
-        if not _is_int(self.seed):
-            raise ValueError(f"Experiment.seed must be an int, got {self.seed!r}")
-        for name in ("progress", "resume", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Experiment.{name} must be True or False, got {getattr(self, name)!r}")
+        _check_fields(self, ints=("seed",), flags=("progress", "resume", "channels_last"))
         for name, low in (("eval_size", 0), ("eval_batch_size", 1), ("square_queries", 1)):
             _check_int(f"Experiment.{name}", getattr(self, name), low)
         _check_int("Experiment.n_target_classes", self.n_target_classes, 1)

@@ -646,6 +646,8 @@ def test_numpy_numbers_are_stored_as_builtins_that_serialize(tmp_path):
     [
         (lambda: Protocol(eps=0.1, pgd_steps=2.5), "Protocol.pgd_steps must be an int, got 2.5"),  # was: accepted
         (lambda: Protocol(eps=0.1, pgd_steps=True), "Protocol.pgd_steps must be an int, got True"),
+        (lambda: Protocol(eps=0.1, pgd_steps=None), "Protocol.pgd_steps must be an int, got None"),  # not optional
+        (lambda: Protocol(eps=None, pgd_steps=3), "Protocol.eps must be a finite number, got None"),
         (lambda: Protocol(eps=0.1, pgd_steps=3, apgd_steps=1.5), "Protocol.apgd_steps must be an int"),
         (lambda: Protocol(eps=0.1, pgd_steps=3, guard_size=2.5), "Protocol.guard_size must be an int"),
         (lambda: Protocol(eps=0.1, pgd_steps=3, fallback_steps=1.5), "Protocol.fallback_steps must be an int"),
