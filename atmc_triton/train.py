@@ -765,6 +765,26 @@ def _guard_accuracy(model: nn.Module, x: Tensor, y: Tensor, p: Protocol, seed: i
         return (_predict(model, x) == y).float().mean().item(), (_predict(model, adv) == y).float().mean().item()
 
 
+EVAL_ONLY = ("eval_pgd_steps", "apgd_steps", "wrm_gamma", "wrm_steps", "wrm_lr")
+"""The :class:`Protocol` fields that no training step reads: a resumed stage may change them."""
+
+
+def _training_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` without the protocol's :data:`EVAL_ONLY` fields: what a resumed stage must agree with."""
+    p = meta.get("protocol")
+    if not isinstance(p, dict):
+        return meta
+    return {**meta, "protocol": {k: v for k, v in p.items() if k not in EVAL_ONLY}}
+
+
+def _changed_eval_settings(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"apgd_steps 3 -> 5, ..."`` for the :data:`EVAL_ONLY` fields that differ between two metas ('' if none)."""
+    a, b = old.get("protocol"), new.get("protocol")
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ""
+    return ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in EVAL_ONLY if a.get(k) != b.get(k))
+
+
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, run: int) -> dict[str, Any]:
     return {
         "model": copy.deepcopy(model.state_dict()),
@@ -798,7 +818,8 @@ def fit(
     """Train ``model`` in place for ``schedule.epochs`` epochs; returns the last epoch's metrics.
 
     With ``checkpoint``, saves it after every epoch; with ``resume`` and an existing checkpoint
-    whose ``meta`` equals ``meta``, continues after its last epoch (a finished stage is a no-op).
+    whose ``meta`` equals ``meta``, continues after its last epoch (a finished stage is a no-op). The
+    protocol's evaluation-only settings (:data:`EVAL_ONLY`) may differ: they change what is logged, not a weight.
     ``on_epoch_end(epoch)`` runs after each saved epoch (epochs count from 1).
 
     Under a process group of N ranks (torchrun), every rank calls ``fit`` with the same
@@ -841,7 +862,7 @@ def fit(
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         ck = load_checkpoint(checkpoint)
         try:
-            check_meta(ck, checkpoint, **meta)
+            check_meta({**ck, "meta": _training_settings(ck["meta"])}, checkpoint, **_training_settings(meta))
         except CheckpointError as e:
             raise CheckpointError(f"{e}; resume with that run's settings, or start over without resuming") from None
         try:
@@ -857,6 +878,11 @@ def fit(
         set_rng_state(ck["rng"])
         if main and start:
             _logger.info("resuming %s from %s after epoch %d", stage, checkpoint, start)
+        changed = _changed_eval_settings(ck["meta"], meta)
+        if main and changed:
+            _logger.info(
+                "resuming %s with evaluation settings changed (logged epochs before differ): %s", stage, changed
+            )
     agree(start, f"completed epochs of stage {stage!r} to resume from")
     if main:
         _drop_log(log, stage, start)

@@ -84,6 +84,31 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, small_digits):
     assert "\n" not in str(e.value)
 
 
+def test_resume_accepts_changed_evaluation_settings_only(tmp_path, small_digits, caplog):
+    """A resumed stage may change what only evaluation reads (``EVAL_ONLY``: more APGD or PGD evaluation
+    steps): it continues bit-identically and says what changed. A training setting still refuses."""
+    from atmc_triton.train import EVAL_ONLY
+
+    proto = Protocol(eps=0.2, pgd_steps=2, apgd_steps=3)
+    later = Protocol(eps=0.2, pgd_steps=2, apgd_steps=7, eval_pgd_steps=3, wrm_steps=4, wrm_gamma=0.5, wrm_lr=0.5)
+    assert {k for k in EVAL_ONLY if getattr(proto, k) != getattr(later, k)} == set(EVAL_ONLY)  # all five change
+    s = Schedule(epochs=2, lr=0.05, batch_size=32)
+
+    def exp(out, p, **kw):
+        return Experiment("digits_cnn", small_digits, p, out=tmp_path / out, device="cpu", eval_size=16, **kw)
+
+    whole, _ = exp("a", proto).pretrain(s)
+    with pytest.raises(Killed):
+        exp("b", proto, on_epoch_end=_kill_after_first).pretrain(s)
+    with caplog.at_level("INFO", logger="atmc_triton"):
+        resumed, _ = exp("b", later, resume=True).pretrain(s)
+    _states_equal(whole, resumed)
+    assert "apgd_steps 3 -> 7" in caplog.text and "eval_pgd_steps None -> 3" in caplog.text
+    with pytest.raises(CheckpointError, match=r"pgd_steps.: 3") as e:
+        exp("b", Protocol(eps=0.2, pgd_steps=3, apgd_steps=7), resume=True).pretrain(s)
+    assert "apgd_steps" not in str(e.value)  # only the setting that blocks the resume is named
+
+
 def test_clean_weight_one_is_natural_training(small_digits):
     s = Schedule(epochs=1, lr=0.05, batch_size=32)
 
