@@ -142,6 +142,25 @@ def _hooks_of(m: nn.Module) -> bool:
     return any(parametrize.is_parametrized(c) or any(getattr(c, k, None) for k in kinds) for c in m.modules())
 
 
+def _tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> list[str]:
+    """``"a.weight (also b.weight)"`` for each parameter of a layer in ``targets`` that another module of
+    ``model`` holds too (tied weights, e.g. an output projection sharing an embedding's matrix). A layer
+    registered under two names (one module, shared) is not tied: it is swapped once, everywhere."""
+    owners: dict[int, list[tuple[int, str]]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((id(mod), f"{mod_name}.{p_name}" if mod_name else p_name))
+    out = []
+    for name, m in targets:
+        inside = {id(c) for c in m.modules()}
+        for p_name, p in m.named_parameters():
+            others = sorted({n for owner, n in owners.get(id(p), ()) if owner not in inside})
+            if others:
+                out.append(f"{name}.{p_name} (also {', '.join(others)})")
+    return out
+
+
 def _keep_frozen(old: nn.Module, new: nn.Module) -> None:
     """``requires_grad=False`` of a replaced layer's weight (bias) carries over to its factors (bias), so a frozen
     layer stays frozen (and :class:`atmc_triton.ADMM` names it) instead of training again."""
@@ -179,9 +198,10 @@ def compress_(
 
     Raises:
         TypeError: a ``filter_fn`` that is not callable.
-        ValueError: nothing to compress, a selected layer with non-float or meta-device weights, an ``exclude``
-            pattern that matches no layer, a ``layer_bits`` key that matches no compressed layer, or a
-            layer floor larger than half the budget.
+        ValueError: nothing to compress, a selected layer with non-float or meta-device weights, or with a
+            parameter tied to another module's (shared weights), an ``exclude`` pattern that matches no
+            layer, a ``layer_bits`` key that matches no compressed layer, or a layer floor larger than half
+            the budget.
 
     Example:
         >>> import atmc_triton as at
@@ -248,6 +268,13 @@ def compress_(
                 f"compress_: {name} has meta-device weights; compression factorizes the trained weights, "
                 "so materialize and load them first (model.to_empty(device=...), then load_state_dict)"
             )
+    tied = _tied(model, targets)
+    if tied:
+        raise ValueError(
+            f"compress_: tied parameters: {'; '.join(tied[:4])}{'; ...' if len(tied) > 4 else ''}. ATMC gives each "
+            "layer its own factors, which would silently untie them; leave the layer dense (ATMCConfig.exclude or "
+            "filter_fn) or untie it first"
+        )
     hooked = [name for name, m in targets if _hooks_of(m)]
     if hooked:
         warnings.warn(

@@ -591,6 +591,46 @@ def test_compress_refuses_meta_weights_and_a_filter_fn_that_is_not_callable():
         at.compress_(small(), at.ATMCConfig(ratio=0.5, bits=4), filter_fn=True)  # was: "'bool' object is not callable"
 
 
+class _TiedLM(nn.Module):
+    """A language-model head tied to its embedding (GPT-2's ``lm_head.weight = wte.weight``), and a layer
+    registered under two names (one module: not a tie), and an attention block (its own children)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(11, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mix = nn.Linear(8, 8)
+        self.mix_again = self.mix
+        self.lm_head = nn.Linear(8, 11, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        h = self.wte(ids)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.lm_head(self.mix_again(torch.relu(self.mix(h))))
+
+
+def test_compress_refuses_tied_parameters_and_leaves_the_model_alone():
+    """``compress_`` gave a head tied to an embedding factors of its own: the tie was silently gone (the
+    embedding trained alone, the budget counted the matrix twice). It now names the tie and the way out."""
+    model = _TiedLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"tied parameters: lm_head\.weight \(also wte\.weight\)\. .*exclude"):
+        at.compress_(model, at.ATMCConfig(ratio=0.3, bits=4))
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.wte.weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match=r"stay dense .*: wte \(Embedding"):
+        at.compress_(model, at.ATMCConfig(ratio=0.3, bits=4, exclude=("lm_head",)))  # the way out it names
+    assert model.lm_head.weight is model.wte.weight and model.mix is model.mix_again  # shared: swapped once
+    assert isinstance(model.mix, at.ATMCLinear) and isinstance(model.attn, at.ATMCMultiheadAttention)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 11)
+    two = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    two[1].bias = two[0].bias  # a tie between two compressible layers: both named
+    with pytest.raises(ValueError, match=r"0\.bias \(also 1\.bias\); 1\.bias \(also 0\.bias\)"):
+        at.compress_(two, at.ATMCConfig(ratio=0.3, bits=4))
+
+
 def test_under_several_ranks_each_error_line_names_its_rank(monkeypatch, capsys):
     from atmc_triton import distributed
 
