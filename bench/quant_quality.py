@@ -13,8 +13,9 @@ pinned at 0), summed over the segments of one source before dividing:
   dependency) with ``2^b + 1`` clusters, the centre nearest 0 pinned to 0 likewise;
 * ``uniform``: ``2^b`` levels uniform over [min, max] of the nonzeros, plus the zero.
 
-Sources: synthetic Gaussian, Laplacian, Student-t(3) and sparse top-5 % Laplacian segments of
-``--sizes`` values, and every weight (dense checkpoints) or ATMC factor ``W + u`` of the
+Sources: synthetic Gaussian, Laplacian, Student-t(3), sparse top-5 % Laplacian and "outliers" (a
+Gaussian bulk with 0.01 % of its values 100x out, at least one, and one 1000x out) segments of ``--sizes``
+values (``--families``), and every weight (dense checkpoints) or ATMC factor ``W + u`` of the
 checkpoints given with ``--ckpt`` (``atmc train`` writes them under ``atmc_runs/``). Writes
 ``quant_quality.json`` and ``quant_quality.md`` to ``--out`` (default ``bench/results``).
 """
@@ -35,6 +36,7 @@ from bench.common import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+FAMILIES = ("gauss", "laplace", "t3", "sparse5", "outliers")
 
 
 def synthetic(family: str, n: int, seed: int) -> np.ndarray:
@@ -48,6 +50,10 @@ def synthetic(family: str, n: int, seed: int) -> np.ndarray:
     elif family == "sparse5":
         x = rng.laplace(size=n)
         x = x * (np.abs(x) >= np.quantile(np.abs(x), 0.95))
+    elif family == "outliers":  # a Gaussian bulk with a few far weights: 0.01 % at 100x (at least one), one at 1000x
+        x = rng.standard_normal(n)
+        x[rng.choice(n, max(1, n // 10_000), replace=False)] *= 100
+        x[rng.integers(n)] *= 1000
     else:
         raise ValueError(family)
     return (x * 0.05).astype(np.float32)
@@ -145,17 +151,38 @@ def markdown(rows: list[dict]) -> str:
     return head + body
 
 
+def before() -> None:
+    """Put back the reference fast path of before 2026-11-30's outlier fixes (bit for bit): no cap on the
+    compand init's atom masses (``COMPAND_CAP``), and the spread candidates of the first and last free
+    boundaries end at atoms 0 and ``G`` (not 1 and ``G - 1``)."""
+    from atmc_triton.kernels import lloyd_window
+
+    lloyd_window.compand_init.__defaults__ = (float("inf"),)
+    candidates = lloyd_window._candidates
+
+    def old_candidates(B, G, W):
+        win = candidates(B, G, W)
+        win[:, 1, 2 * W + 1], win[:, -2, -1] = 0, G  # the spread's end points before the end atoms
+        return win
+
+    lloyd_window._candidates = old_candidates
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1000,10000,100000", help="synthetic segment sizes (comma separated)")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--ckpt", nargs="*", default=[], help="checkpoints (.pt) whose segments to measure")
     ap.add_argument("--sklearn-max-n", type=int, default=20_000)
+    ap.add_argument("--families", default=",".join(FAMILIES), help="synthetic families (comma separated)")
+    ap.add_argument("--before", action="store_true", help="the fast path before its outlier fixes (see before())")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
+    if a.before:
+        before()
     bits = [int(b) for b in a.bits.split(",")]
     sources: dict[str, list[np.ndarray]] = {}
-    for fam in ("gauss", "laplace", "t3", "sparse5"):
+    for fam in a.families.split(","):
         for n in (int(s) for s in a.sizes.split(",")):
             sources[f"{fam} n={n:,}"] = [synthetic(fam, n, seed=n)]
     for p in a.ckpt:
@@ -163,9 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = measure(sources, bits, a.sklearn_max_n)
     a.out.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu"))
-    (a.out / "quant_quality.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    meta = {"env": env, "before": a.before, "rows": rows}
+    (a.out / "quant_quality.json").write_text(json.dumps(meta, indent=1))
+    cap = ", the fast path before its outlier fixes (--before)" if a.before else ""
     (a.out / "quant_quality.md").write_text(
-        f"Ratio of SSE to the exact pinned-zero optimum ({env['commit']}, {env['date']}):\n\n" + markdown(rows)
+        f"Ratio of SSE to the exact pinned-zero optimum ({env['commit']}, {env['date']}{cap}):\n\n" + markdown(rows)
     )
     worst = max(r["ratio_fast"] for r in rows)
     print(f"worst fast / optimal: {worst:.4f} (target <= 1.02)")

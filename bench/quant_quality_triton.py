@@ -1,7 +1,8 @@
 """The device fast path against the reference and the exact optimum: ``python -m bench.quant_quality_triton``.
 
 Runs the cases of the quality tests (``tests/test_lloyd_optimal.py``: the four synthetic
-families at n = 6000 and the issue's heavy-ties / skewed segments at n = 3000, b = 1..8)
+families at n = 6000, the issue's heavy-ties / skewed segments at n = 3000 and one of the far-outlier
+segments at n = 6000, b = 1..8)
 through ``lloyd_quantize_triton(..., method="fast")``: compiled kernels on CUDA, Triton's CPU
 interpreter otherwise (``TRITON_INTERPRET=1`` is set when no GPU is present; slow: about
 20 CPU-minutes). Per case and b: SSE ratio to the exact optimum for the kernel and for the
@@ -39,6 +40,10 @@ def cases() -> dict[str, np.ndarray]:
         "t3": rng.standard_t(3, n),
         "sparse": (lambda v: v * (np.abs(v) >= np.quantile(np.abs(v), 0.95)))(rng.laplace(size=4 * n)),
     }
+    r = np.random.default_rng(3)  # test_far_outliers_at_8_bits: 3 weights 100x out of a Gaussian bulk
+    x = r.standard_normal(n)
+    x[r.choice(n, 3, replace=False)] *= 100
+    out["outliers"] = x * 0.05
     for b in (1, 2, 3, 4, 6, 8):  # test_issue_cases draws its arrays per b
         r = np.random.default_rng(b)
         ties = np.where(r.random(3000) < 0.6, 0.4, (r.integers(0, 11, 3000) - 5) * 0.37)
@@ -103,7 +108,7 @@ def run(names: list[str], bits: list[int]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="gauss,laplace,t3,sparse,ties,skew")
+    ap.add_argument("--cases", default="gauss,laplace,t3,sparse,ties,skew,outliers")
     ap.add_argument("--bits", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)

@@ -472,6 +472,7 @@ def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None
     ``S * NBITS`` (row ``s * NBITS + b - 1``) when ``bits`` is None."""
     from . import lloyd_window_triton as wt
     from .lloyd import GRID_PER_CENTRE, MAX_PASSES, MIN_ATOMS, PASS_RTOL, WINDOW
+    from .lloyd_window import COMPAND_CAP
 
     S, dev = offsets.numel() - 1, srt.device
     prefix2, rank = _fast_scans(srt, offsets)
@@ -487,7 +488,8 @@ def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None
         bits_ptr=bits32, atoms_ptr=atoms, a1_ptr=a1, a2_ptr=a2, cum_ptr=_new((P, wt.GT), f64, dev),
         mass_ptr=_new((P, wt.GT), f64, dev), bnd_ptr=bnd, state_ptr=state, init_ptr=init, ninit_ptr=ninit,
         exact_ptr=exact, passes_ptr=passes, ALL_BITS=bits is None, NBITS=NBITS, MIN_ATOMS=MIN_ATOMS,
-        GRID_PER_CENTRE=GRID_PER_CENTRE, GT=wt.GT, ASTRIDE=wt.ASTRIDE, TSTRIDE=wt.TSTRIDE, KLANES=LANES,
+        GRID_PER_CENTRE=GRID_PER_CENTRE, COMPAND_CAP=COMPAND_CAP, GT=wt.GT, ASTRIDE=wt.ASTRIDE,
+        TSTRIDE=wt.TSTRIDE, KLANES=LANES,
         num_warps=FAST_WARPS,
     )  # fmt: skip
     rows = (P, wt.TSTRIDE * wt.NCP)

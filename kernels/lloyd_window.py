@@ -10,7 +10,11 @@ chooses among ``NC = 2 (2 W + 1)`` *candidates* per pass:
 
 * ``2 W + 1`` atoms around its current position (fine moves), and
 * ``2 W + 1`` points spread evenly over ``[min(B[t-1], B[t]-W), max(B[t+1], B[t]+W)]``
-  (moves of up to a whole neighbouring cluster).
+  (moves of up to a whole neighbouring cluster), except that the first free boundary's lowest
+  point is atom 1 (not 0) and the last one's highest is atom ``G - 1`` (not ``G``): the end atoms
+  alone, a far outlier's own cluster, instead of an empty end cluster (which a segment with more
+  than ``K`` distinct nonzeros never needs). Without them, at b = 1 a segment with one far outlier
+  each side stayed at centres in the bulk, 12x the optimum: it takes both end boundaries at once.
 
 The best choice of all boundaries at once is a chain (Viterbi) DP over the ``K + 1`` clusters
 with ``NC`` states per boundary plus one flag (zero cluster passed or not, so the zero cluster
@@ -31,14 +35,17 @@ from .lloyd_batch import unique_ints
 
 __all__ = ["compand_init", "refine_partition"]
 
+COMPAND_CAP = 64.0  # an atom's compand mass is at most this many times its share of the values
 STEP_BATCH = 8  # Viterbi steps whose cost tiles one round of numpy calls builds (fewer, larger calls)
 
 
-def compand_init(s: np.ndarray, K: int, grid: int) -> np.ndarray:
+def compand_init(s: np.ndarray, K: int, grid: int, cap: float = COMPAND_CAP) -> np.ndarray:
     """``K`` ascending free centres (float64) spread like the high-rate optimum (density^(1/3)).
 
     ``s [m]``: ascending nonzeros. The density is estimated on ``min(m, grid)`` equal-count
-    atoms; 10 % of the mass follows the counts (so ties and point masses get centres).
+    atoms, and no atom's mass exceeds ``cap`` times its share of the values (an atom stretched over
+    an empty gap by a far outlier would otherwise draw centres into the gap); 10 % of the mass
+    follows the counts (so ties and point masses get centres).
     """
     m = s.size
     b = unique_ints((np.arange(min(m, grid) + 1) * m) // min(m, grid))
@@ -47,6 +54,9 @@ def compand_init(s: np.ndarray, K: int, grid: int) -> np.ndarray:
     x0 = s[lo].astype(np.float64)
     w = np.maximum(np.append(s[lo[1:]].astype(np.float64), float(s[-1])) - x0, 0.0)
     mass = np.cbrt(cnt) * w ** (2.0 / 3.0)
+    total = mass.sum()
+    if total > 0:
+        mass = np.minimum(mass, cap * total * cnt / m)
     mass = 0.9 * mass / mass.sum() + 0.1 * cnt / m if mass.sum() > 0 else cnt / m
     cum = np.concatenate([[0.0], np.cumsum(mass)])
     t = (np.arange(K) + 0.5) / K * cum[-1]
@@ -65,6 +75,8 @@ def _candidates(B: np.ndarray, G: np.ndarray, W: int) -> np.ndarray:
     lo = np.clip(np.minimum(prev, B - W), 0, None)[:, :, None]
     hi = np.minimum(np.maximum(nxt, B + W)[:, :, None], Gc)
     spread = np.rint(lo + (off + W) / (2 * W) * (hi - lo)).astype(np.int64)
+    spread[:, 1, 0] = np.minimum(1, G)  # the end atoms (they were 0 and G: empty end clusters)
+    spread[:, -2, -1] = np.maximum(G - 1, 0)
     win = np.concatenate([local, spread], 2)
     win[:, 0] = 0
     win[:, -1] = G[:, None]

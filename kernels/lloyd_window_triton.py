@@ -14,7 +14,8 @@ bit width for ``errors_for_bits``), on the segment's sorted nonzeros ``s [m]`` (
    union of equal-count quantiles, a value grid and a cube-root grid and the sign change
    (``tl.sort`` of ``G_goal`` positions, duplicates dropped); counts, sums and sums of squares at
    the atom boundaries come from the global prefix sums;
-3. compand init (density^(1/3) over ``min(m, G_goal)`` equal-count atoms), its midpoints
+3. compand init (density^(1/3) over ``min(m, G_goal)`` equal-count atoms, each atom's mass capped at
+   ``COMPAND_CAP`` times its share of the values), its midpoints
    snapped to atoms, the zero cluster around the sign change;
 
 ``fast_refine_kernel`` (4 warps, a launch of its own so that none of those tiles is live)
@@ -194,6 +195,7 @@ def fast_init_kernel(
     NBITS: tl.constexpr,
     MIN_ATOMS: tl.constexpr,
     GRID_PER_CENTRE: tl.constexpr,
+    COMPAND_CAP: tl.constexpr,  # an atom's compand mass is at most this many times its share of the values
     GT: tl.constexpr,
     ASTRIDE: tl.constexpr,
     TSTRIDE: tl.constexpr,
@@ -281,6 +283,8 @@ def fast_init_kernel(
         raw = tl.where(valid & (w > 0), raw, 0.0)
         tot = tl.sum(raw, 0)
         by_cnt = cnt / m.to(tl.float64)
+        raw = tl.minimum(raw, COMPAND_CAP * tot * cnt / m.to(tl.float64))  # no atom past CAP x its share
+        tot = tl.sum(raw, 0)
         mass = tl.where(tot > 0, 0.9 * raw / tl.where(tot > 0, tot, 1.0) + 0.1 * by_cnt, by_cnt)
         mass = tl.where(valid, mass, 0.0)
         incl = tl.cumsum(mass, 0)
@@ -400,6 +404,8 @@ def fast_refine_kernel(
                 hi = tl.minimum(tl.maximum(Bn, Bt + W), G32).to(tl.float64)
                 j = (o - (2 * W + 1)).to(tl.float64)
                 spread = _rint(lo + j / (2 * W) * (hi - lo)).to(tl.int32)
+                spread = tl.where((o == 2 * W + 1) & (tt == 1), tl.minimum(G32, 1), spread)  # the end atoms
+                spread = tl.where((o == NC - 1) & (tt == T - 2), tl.maximum(G32 - 1, 0), spread)
                 cand = tl.where(o < 2 * W + 1, local, tl.where(o < NC, spread, Bt))
                 cand = tl.where(tt == 0, 0, tl.where(tt == T - 1, G32, cand))
                 at = wo + tt * NCP + o
