@@ -763,6 +763,21 @@ def load_packed(
     Every layer named in the file's header is replaced by a packed layer built straight from its
     spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
     tensors on ``device``, validating every packed layer as it fills it. Returns ``model``.
+
+    Example (a fresh twin on ``meta`` loads the saved file and gives the same outputs):
+        >>> import os, tempfile, warnings, atmc_triton as at
+        >>> def net():
+        ...     torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> m = at.pack_(at.finalize_(at.compress_(net(), at.ATMCConfig(ratio=0.5, bits=4))))
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> _ = at.save_packed(m, path)
+        >>> twin = at.load_packed(net().to("meta"), path)
+        >>> twin[0]  # doctest: +ELLIPSIS
+        PackedLinear(in_features=8, out_features=16, rank=0, bits=4, U=empty, V=empty, C=..., bias=True)
+        >>> x = torch.rand(3, 8)
+        >>> torch.equal(twin(x), m(x))
+        True
     """
     from safetensors import safe_open
 
