@@ -28,7 +28,7 @@ def _public() -> list[tuple[str, object]]:
 
 def _collect() -> tuple[dict[str, doctest.DocTest], set[str]]:
     """The doctests to run, by name, and the public names whose own docstring has an example."""
-    finder, tests, places, with_example = doctest.DocTestFinder(), {}, set(), set()
+    finder, tests, seen, with_example = doctest.DocTestFinder(), {}, set(), set()
     for name, obj in _public():
         if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
             continue  # constants (PROTOCOLS, HAS_TRITON, ...) carry no docstring of their own
@@ -36,8 +36,8 @@ def _collect() -> tuple[dict[str, doctest.DocTest], set[str]]:
         for t in finder.find(obj, name, module=mod, globs=vars(mod)):
             if t.examples and t.name == name:
                 with_example.add(name)
-            if t.examples and (t.filename, t.lineno) not in places:  # at.pgd is attacks.pgd: run it once
-                places.add((t.filename, t.lineno))
+            if t.examples and t.docstring not in seen:  # at.pgd is attacks.pgd: run it once
+                seen.add(t.docstring)  # (not by line: a decorated function's line is its wrapper's)
                 tests[t.name] = t
     return tests, with_example
 
