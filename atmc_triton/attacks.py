@@ -124,6 +124,12 @@ def _real(v: object, low: float, strict: bool = False) -> bool:
 
 def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
     """Inputs in [0, 1] (no NaN), labels ``[N]``, and ``eps`` (unless omitted, as WRM does) a finite number >= 0."""
+    for what, v in (("inputs x", x), ("labels y", y)):  # a numpy array, a list, or (model, x, y) out of order
+        if not isinstance(v, Tensor):
+            raise ValueError(
+                f"attack {what} must be a torch.Tensor, got {type(v).__name__} "
+                "(torch.as_tensor(...); the arguments are model, x, y in that order)"
+            )
     if not x.dtype.is_floating_point:
         raise ValueError(f"attack inputs must be floating point in [0, 1], got {x.dtype}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
