@@ -411,6 +411,11 @@ class PackedLinear(PackedLayer):
         dev = x.device.type
         if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
             x = x.to(torch.get_autocast_dtype(dev))  # as autocast casts F.linear's input: one dtype on every path
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # else reshape or the final view fails, naming no layer
+            raise ValueError(
+                f"PackedLinear: the input's last dimension must be in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
 

@@ -47,3 +47,17 @@ ATTACKS = [at.pgd, at.fgsm, at.fgsm_rs, at.n_fgsm, at.wrm, at.apgd_ce, at.apgd_d
 def test_attacks_name_inputs_that_are_not_tensors(attack, args, what, got):
     with pytest.raises(ValueError, match=f"attack {what} must be a torch.Tensor, got {got} \\(torch.as_tensor"):
         attack(*args)
+
+
+# --- packed layers: an input of the wrong width -----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 25), (4, 32), (2, 4, 4, 4)])
+def test_packed_linear_names_an_input_of_the_wrong_width(packed_file, shape):
+    model, _ = packed_file
+    layer = model[1]
+    assert isinstance(layer, at.PackedLinear) and layer.in_features == 16
+    # was: reshape's "shape '[-1, 16]' is invalid for input of size 100" or "shape '[4, 8]' is invalid ..."
+    with pytest.raises(ValueError, match=rf"in_features=16, got shape \({', '.join(map(str, shape))}\)"):
+        layer(torch.rand(*shape))
+    assert layer(torch.rand(2, 3, 16)).shape == (2, 3, 8)  # leading dimensions still pass through
