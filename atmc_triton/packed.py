@@ -786,6 +786,11 @@ def load_packed(
     """
     from safetensors import safe_open
 
+    if not isinstance(model, nn.Module) or not isinstance(path, (str, os.PathLike)):
+        raise ValueError(
+            f"load_packed(model, path): model must be an nn.Module and path a file path, got "
+            f"{type(model).__name__} and {type(path).__name__}"
+        )
     if not os.path.isfile(path):
         raise ValueError(f"load_packed: {path} does not exist or is not a file")
     try:  # a bad device is the caller's mistake, not a corrupted file
@@ -823,6 +828,8 @@ def load_packed(
         raise ValueError(f"load_packed: {path}: bad 'aliases' in the header")
     tensors |= {k: tensors[v] for k, v in aliases.items()}  # the names of shared modules' tensors
     root = unwrap(model)
+    for name, spec in layers.items():  # before anything changes
+        _check_fits(root, name, spec, path)
     attention_shells_(root, list(layers))  # nn.MultiheadAttention -> ATMCMultiheadAttention where compressed
     for name, spec in layers.items():
         _set_module(root, name, _from_spec(spec, "meta"))
@@ -837,6 +844,31 @@ def load_packed(
         if any(t.is_meta for t in layer.state_dict().values()):  # strict=False and the file lacks its tensors
             raise ValueError(f"load_packed: {path} holds no tensors for packed layer {name!r}")
     return model
+
+
+def _check_fits(root: nn.Module, name: str, spec: object, path) -> None:
+    """The model's module at ``name``, when it is a Linear / Conv2d (plain, ATMC or packed), has the sizes of the
+    file's layer: ``load_packed`` replaces it, and a model built with other sizes (another ``num_classes``) would
+    silently take the file's."""
+    try:
+        old = root.get_submodule(name)
+    except AttributeError:
+        return  # _set_module names the missing submodule
+    if not isinstance(spec, dict) or spec.get("type") not in ("linear", "conv2d"):
+        return  # _from_spec names the bad spec
+    if isinstance(old, (nn.Linear, ATMCLinear, PackedLinear)):
+        mine, keys = "linear", ("in_features", "out_features")
+    elif isinstance(old, (nn.Conv2d, ATMCConv2d, PackedConv2d)):
+        mine, keys = "conv2d", ("in_channels", "out_channels", "kernel_size")
+    else:
+        return  # e.g. an attention shell's placeholder
+    have = {k: list(getattr(old, k)) if isinstance(getattr(old, k), tuple) else getattr(old, k) for k in keys}
+    want = {k: spec.get(k) for k in keys}
+    if spec.get("type") != mine or have != want:
+        raise ValueError(
+            f"load_packed: {path} does not fit the model: layer {name!r} is {type(old).__name__} {have} in the model "
+            f"but a {spec.get('type')} {want} in the file (build the model with the file's sizes)"
+        )
 
 
 def cached_nbytes(model: nn.Module) -> int:

@@ -61,3 +61,40 @@ def test_packed_linear_names_an_input_of_the_wrong_width(packed_file, shape):
     with pytest.raises(ValueError, match=rf"in_features=16, got shape \({', '.join(map(str, shape))}\)"):
         layer(torch.rand(*shape))
     assert layer(torch.rand(2, 3, 16)).shape == (2, 3, 8)  # leading dimensions still pass through
+
+
+# --- load_packed: arguments swapped, a model of other sizes ------------------------------------------
+
+
+def test_load_packed_with_its_arguments_swapped(packed_file):
+    _, path = packed_file
+    # was: TypeError "stat: path should be string, bytes, os.PathLike or integer, not Sequential"
+    with pytest.raises(ValueError, match="load_packed\\(model, path\\): model must be an nn.Module and path a file"):
+        at.load_packed(str(path), _net())
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_load_packed_refuses_a_model_of_other_sizes_and_leaves_it_alone(packed_file, on_meta):
+    model, path = packed_file
+    other = _net(hidden=5)  # fc1 16 -> 5, fc2 5 -> 3: the file holds 16 -> 8 -> 3
+    if on_meta:
+        other = other.to("meta")
+    # was: no error; both layers silently became the file's, a 16 -> 8 -> 3 model
+    with pytest.raises(ValueError, match=r"layer '1' is Linear \{'in_features': 16, 'out_features': 5\} in the model"):
+        at.load_packed(other, path)
+    assert type(other[1]) is nn.Linear and other[1].out_features == 5 and type(other[3]) is nn.Linear  # untouched
+    twin = at.load_packed(_net().to("meta"), path)  # the right sizes still load, with the same outputs
+    x = torch.rand(2, 1, 4, 4)
+    assert torch.equal(twin(x), model(x))
+
+
+def test_load_packed_refuses_a_conv_of_other_sizes(tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = at.pack_(at.finalize_(at.compress_(nn.Sequential(nn.Conv2d(3, 4, 3)), at.ATMCConfig(ratio=0.5))))
+    at.save_packed(conv, tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"layer '0' is Conv2d .*'kernel_size': \[5, 5\]\} in the model"):
+        at.load_packed(nn.Sequential(nn.Conv2d(3, 4, 5)), tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"layer '0' is Linear .* but a conv2d"):
+        at.load_packed(nn.Sequential(nn.Linear(27, 4)), tmp_path / "c.safetensors")
