@@ -98,3 +98,67 @@ def test_load_packed_refuses_a_conv_of_other_sizes(tmp_path):
         at.load_packed(nn.Sequential(nn.Conv2d(3, 4, 5)), tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match=r"layer '0' is Linear .* but a conv2d"):
         at.load_packed(nn.Sequential(nn.Linear(27, 4)), tmp_path / "c.safetensors")
+
+
+# --- evaluate / fit / Experiment: a DataBundle for a Split, a name for a Protocol, a string of attacks ----------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return at.load_dataset("digits", subset=32, test_subset=16)
+
+
+def _digits_model() -> nn.Module:
+    torch.manual_seed(0)
+    return at.build_model("digits_cnn", 10, (1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        # was: TypeError "object of type 'DataBundle' has no len()"
+        (lambda d, p: at.evaluate(_digits_model(), d, p), r"evaluate: split must be a Split \(a DataBundle's .test"),
+        # was: AttributeError "'str' object has no attribute 'eval_steps'"
+        (lambda d, p: at.evaluate(_digits_model(), d.test, "digits"), "evaluate: protocol must be a Protocol"),
+        # was: "unknown attack(s) ['d', 'g', 'p']"
+        (lambda d, p: at.evaluate(_digits_model(), d.test, p, attacks="pgd"), r"e.g. \('pgd',\), got the string"),
+        (lambda d, p: at.Experiment("digits_cnn", d, p, attacks="pgd"), r"Experiment: attacks must be a sequence"),
+        # was: AttributeError "'str' object has no attribute 'spec'" (at the first use)
+        (lambda d, p: at.Experiment("digits_cnn", "digits", p), "Experiment: data must be a DataBundle"),
+        # was: AttributeError "'NoneType' object has no attribute 'batch_size'"
+        (
+            lambda d, p: at.fit(
+                _digits_model(), torch.optim.SGD(_digits_model().parameters(), 0.1), d, p, None, stage="s"
+            ),
+            "fit: schedule must be a Schedule",
+        ),
+        (
+            lambda d, p: at.fit(_digits_model(), _digits_model().parameters(), d, p, at.Schedule(1, 0.1), stage="s"),
+            r"fit: optimizer must be an Optimizer \(e.g. atmc_triton.ADMM",
+        ),
+        (
+            lambda d, p: at.fit(
+                _digits_model(),
+                torch.optim.SGD(_digits_model().parameters(), 0.1),
+                d.train,
+                p,
+                at.Schedule(1, 0.1),
+                stage="s",
+            ),
+            "fit: data must be a DataBundle",
+        ),
+    ],
+    ids=[
+        "evaluate-bundle",
+        "evaluate-protocol-name",
+        "evaluate-attacks-str",
+        "experiment-attacks-str",
+        "experiment-data-name",
+        "fit-no-schedule",
+        "fit-parameters-as-optimizer",
+        "fit-split-as-data",
+    ],
+)
+def test_training_entry_points_name_arguments_of_the_wrong_kind(digits, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(digits, at.PROTOCOLS["digits"])
