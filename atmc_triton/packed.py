@@ -767,7 +767,8 @@ def load_packed(
 
     Every layer named in the file's header is replaced by a packed layer built straight from its
     spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
-    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``.
+    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``. A ``Linear`` /
+    ``Conv2d`` of other sizes at a layer the file names is a ``ValueError``, before anything changes.
 
     Example (a fresh twin on ``meta`` loads the saved file and gives the same outputs):
         >>> import os, tempfile, warnings, atmc_triton as at
