@@ -113,3 +113,19 @@ def test_static_gate_table_rows_are_in_the_files_the_readme_names():
         for row in rows:
             if row.startswith(f"| {family} |"):
                 assert row in lines, (name, row)
+
+
+def test_warp_instruction_table_is_the_best_config_of_its_result_file():
+    runs = {r["triton"]: r["per_unit"] for r in json.loads((RESULTS / "gemm_issue_2026-11-30_book.json").read_text())}
+    kinds = {"tile, dense codes": "tile dense", "tile, bitmap": "tile bitmap", "CSR": "csr"}
+    checked = 0
+    for kernel, *cells in _table("| kernel | Triton 3.8.0 | Triton 3.6.0 |"):
+        m = re.fullmatch(r"(tile, dense codes|tile, bitmap|CSR), BLOCK_M ([\d /]+)", kernel)
+        if not m:
+            continue  # the "CSR before ..." rows are from earlier files
+        sizes = m[2].split(" / ")
+        for version, cell in zip(("3.8.0", "3.6.0"), cells):
+            want = [f"{runs[version][f'{kinds[m[1]]} BLOCK_M={s}']['min']:.2f}" for s in sizes]
+            assert cell.split(" / ") == want, (kernel, version)
+            checked += 1
+    assert checked == 6
