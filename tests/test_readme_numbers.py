@@ -129,3 +129,26 @@ def test_warp_instruction_table_is_the_best_config_of_its_result_file():
             assert cell.split(" / ") == want, (kernel, version)
             checked += 1
     assert checked == 6
+
+
+def test_codebook_quality_table_spans_its_result_file():
+    cols = ("lloyd", "fast", "optimal", "sklearn", "kmeans1d", "uniform")
+    ratios: dict[tuple[int, str, str], list[float]] = {}
+    for line in (RESULTS / "quant_quality.md").read_text(encoding="utf-8").splitlines():
+        c = [x.strip() for x in line.strip().strip("|").split("|")]
+        if len(c) == 9 and c[2].isdigit():  # | source | values | b | lloyd | ... | uniform |
+            group = "digits ckpts" if c[0].startswith("ckpt") else "synthetic"
+            for name, v in zip(cols, c[3:]):
+                if v != "n/a":
+                    ratios.setdefault((int(c[2]), group, name), []).append(float(v))
+
+    def fmt(v: float) -> str:
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+    table = _table("| b | source | `lloyd` |")
+    assert len(table) == 16
+    for b, group, *cells in table:
+        for name, cell in zip(cols, cells):
+            vs = ratios[(int(b), group, name)]
+            lo, hi = fmt(min(vs)), fmt(max(vs))
+            assert cell == (lo if lo == hi else f"{lo}–{hi}"), (b, group, name)
