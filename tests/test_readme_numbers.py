@@ -105,7 +105,7 @@ def test_static_gate_table_rows_are_in_the_files_the_readme_names():
     head = "| family | kernel | triton | specs | max regs"
     rows = ["| " + " | ".join(r) + " |" for r in _table(head)]
     assert len(rows) == 28
-    gemm = re.search(r"The GEMM rows are from the gate of\s+\S+ after [^(]*\(`bench/results/([\w.-]+\.md)`\)", README)
+    gemm = re.search(r"The GEMM rows are from the gate of\s+\S+ after [^(]*\(`bench/results/([\w.-]+\.md)`", README)
     lloyd = re.search(r"The Lloyd rows are from [^(]*\(`bench/results/([\w.-]+\.md)`", README)
     assert gemm and lloyd, "the sentences naming the gate's result files moved; update this test"
     for family, name in (("gemm", gemm[1]), ("lloyd", lloyd[1]), ("admm", "static_2026-11-29.md")):
