@@ -16,6 +16,18 @@ Conventions (those of torchattacks and AutoAttack):
 * defaults follow torchattacks: ``eps=8/255`` everywhere; PGD ``alpha=2/255, steps=10,
   random_start=True``; APGD-CE / APGD-DLR ``steps=100`` (AutoAttack's standard setting;
   torchattacks' APGD defaults to 10), ``n_restarts=1``, ``rho=0.75``.
+
+Example (labels are int64 class indices; the result stays in the eps-ball and in ``[0, 1]``):
+    >>> import torch, atmc_triton as at
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    >>> x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    >>> adv = at.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5)
+    >>> adv.shape, bool((adv - x).abs().max() <= 8 / 255 + 1e-6), bool(adv.min() >= 0 and adv.max() <= 1)
+    (torch.Size([4, 1, 4, 4]), True, True)
+    >>> res = at.robust_suite(model, x, y, suite="apgd", steps=5)  # worst case over the suite's stages
+    >>> res.robust.shape, res.robust.dtype
+    (torch.Size([4]), torch.bool)
 """
 
 from __future__ import annotations
@@ -112,6 +124,12 @@ def _real(v: object, low: float, strict: bool = False) -> bool:
 
 def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
     """Inputs in [0, 1] (no NaN), labels ``[N]``, and ``eps`` (unless omitted, as WRM does) a finite number >= 0."""
+    for what, v in (("inputs x", x), ("labels y", y)):  # a numpy array, a list, or (model, x, y) out of order
+        if not isinstance(v, Tensor):
+            raise ValueError(
+                f"attack {what} must be a torch.Tensor, got {type(v).__name__} "
+                "(torch.as_tensor(...); the arguments are model, x, y in that order)"
+            )
     if not x.dtype.is_floating_point:
         raise ValueError(f"attack inputs must be floating point in [0, 1], got {x.dtype}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:

@@ -411,6 +411,11 @@ class PackedLinear(PackedLayer):
         dev = x.device.type
         if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
             x = x.to(torch.get_autocast_dtype(dev))  # as autocast casts F.linear's input: one dtype on every path
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # else reshape or the final view fails, naming no layer
+            raise ValueError(
+                f"PackedLinear: the input's last dimension must be in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
 
@@ -762,10 +767,31 @@ def load_packed(
 
     Every layer named in the file's header is replaced by a packed layer built straight from its
     spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
-    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``.
+    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``. A ``Linear`` /
+    ``Conv2d`` of other sizes at a layer the file names is a ``ValueError``, before anything changes.
+
+    Example (a fresh twin on ``meta`` loads the saved file and gives the same outputs):
+        >>> import os, tempfile, warnings, atmc_triton as at
+        >>> def net():
+        ...     torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> m = at.pack_(at.finalize_(at.compress_(net(), at.ATMCConfig(ratio=0.5, bits=4))))
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> _ = at.save_packed(m, path)
+        >>> twin = at.load_packed(net().to("meta"), path)
+        >>> twin[0]  # doctest: +ELLIPSIS
+        PackedLinear(in_features=8, out_features=16, rank=0, bits=4, U=empty, V=empty, C=..., bias=True)
+        >>> x = torch.rand(3, 8)
+        >>> torch.equal(twin(x), m(x))
+        True
     """
     from safetensors import safe_open
 
+    if not isinstance(model, nn.Module) or not isinstance(path, (str, os.PathLike)):
+        raise ValueError(
+            f"load_packed(model, path): model must be an nn.Module and path a file path, got "
+            f"{type(model).__name__} and {type(path).__name__}"
+        )
     if not os.path.isfile(path):
         raise ValueError(f"load_packed: {path} does not exist or is not a file")
     try:  # a bad device is the caller's mistake, not a corrupted file
@@ -803,6 +829,8 @@ def load_packed(
         raise ValueError(f"load_packed: {path}: bad 'aliases' in the header")
     tensors |= {k: tensors[v] for k, v in aliases.items()}  # the names of shared modules' tensors
     root = unwrap(model)
+    for name, spec in layers.items():  # before anything changes
+        _check_fits(root, name, spec, path)
     attention_shells_(root, list(layers))  # nn.MultiheadAttention -> ATMCMultiheadAttention where compressed
     for name, spec in layers.items():
         _set_module(root, name, _from_spec(spec, "meta"))
@@ -817,6 +845,31 @@ def load_packed(
         if any(t.is_meta for t in layer.state_dict().values()):  # strict=False and the file lacks its tensors
             raise ValueError(f"load_packed: {path} holds no tensors for packed layer {name!r}")
     return model
+
+
+def _check_fits(root: nn.Module, name: str, spec: object, path) -> None:
+    """The model's module at ``name``, when it is a Linear / Conv2d (plain, ATMC or packed), has the sizes of the
+    file's layer: ``load_packed`` replaces it, and a model built with other sizes (another ``num_classes``) would
+    silently take the file's."""
+    try:
+        old = root.get_submodule(name)
+    except AttributeError:
+        return  # _set_module names the missing submodule
+    if not isinstance(spec, dict) or spec.get("type") not in ("linear", "conv2d"):
+        return  # _from_spec names the bad spec
+    if isinstance(old, (nn.Linear, ATMCLinear, PackedLinear)):
+        mine, keys = "linear", ("in_features", "out_features")
+    elif isinstance(old, (nn.Conv2d, ATMCConv2d, PackedConv2d)):
+        mine, keys = "conv2d", ("in_channels", "out_channels", "kernel_size")
+    else:
+        return  # e.g. an attention shell's placeholder
+    have = {k: list(getattr(old, k)) if isinstance(getattr(old, k), tuple) else getattr(old, k) for k in keys}
+    want = {k: spec.get(k) for k in keys}
+    if spec.get("type") != mine or have != want:
+        raise ValueError(
+            f"load_packed: {path} does not fit the model: layer {name!r} is {type(old).__name__} {have} in the model "
+            f"but a {spec.get('type')} {want} in the file (build the model with the file's sizes)"
+        )
 
 
 def cached_nbytes(model: nn.Module) -> int:

@@ -503,6 +503,21 @@ def _bincount(v: Tensor, c: int) -> Tensor:
     return torch.bincount(v.reshape(-1).to(torch.int64), minlength=c)[:c]
 
 
+def _check_kinds(where: str, **named: tuple[object, type, str]) -> None:
+    """Each ``name=(value, kind, hint)``: ``value`` is a ``kind``, else a ``ValueError`` naming it and the hint."""
+    for name, (value, kind, hint) in named.items():
+        if not isinstance(value, kind):
+            a = "an" if kind.__name__[0] in "AEIOU" else "a"
+            raise ValueError(f"{where}: {name} must be {a} {kind.__name__} ({hint}), got {type(value).__name__}")
+
+
+def _check_attack_names(where: str, attacks: object) -> None:
+    if isinstance(attacks, str):  # tuple("pgd") is ('p', 'g', 'd'): "unknown attack(s) ['d', 'g', 'p']"
+        raise ValueError(
+            f"{where}: attacks must be a sequence of names, e.g. ({attacks!r},), got the string {attacks!r}"
+        )
+
+
 def evaluate(
     model: nn.Module,
     split: Split,
@@ -530,6 +545,12 @@ def evaluate(
     evaluates its strided share of ``split`` (attack starts seeded per rank) and the counts are
     summed, so all ranks return the result for the whole split.
     """
+    _check_kinds(
+        "evaluate",
+        split=(split, Split, "a DataBundle's .test or .train"),
+        protocol=(protocol, Protocol, "e.g. atmc_triton.PROTOCOLS['digits']"),
+    )
+    _check_attack_names("evaluate", attacks)
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
@@ -839,6 +860,13 @@ def fit(
     re-runs that epoch and finishes with PGD-``fallback_steps`` training. Checkpoints hold accepted
     epochs only, so a resumed run continues exactly as an uninterrupted one.
     """
+    _check_kinds(
+        "fit",
+        optimizer=(optimizer, torch.optim.Optimizer, "e.g. atmc_triton.ADMM(model, cfg) or torch.optim.SGD"),
+        data=(data, DataBundle, "atmc_triton.load_dataset(...)"),
+        protocol=(protocol, Protocol, "e.g. atmc_triton.PROTOCOLS['digits']"),
+        schedule=(schedule, Schedule, "e.g. Schedule(epochs=10, lr=0.05)"),
+    )
     device = resolve_device(device)
     if not (isinstance(max_nonfinite, int) and max_nonfinite >= 1):
         raise ValueError(f"max_nonfinite must be an int >= 1, got {max_nonfinite!r}")
@@ -1099,6 +1127,8 @@ class Experiment:
             )
         if not isinstance(self.protocol, Protocol):
             raise ValueError(f"Experiment: protocol must be a Protocol, got {type(self.protocol).__name__}")
+        _check_kinds("Experiment", data=(self.data, DataBundle, "atmc_triton.load_dataset(...)"))
+        _check_attack_names("Experiment", self.attacks)
         self.attacks = tuple(self.attacks)
         unknown = sorted(set(self.attacks) - set(ATTACKS))
         if unknown:
