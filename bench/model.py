@@ -254,9 +254,11 @@ def _lloyd_chain(largest: int, iters: int) -> int:
     return 2 * steps + (iters + 1) * (steps + 1) + 4
 
 
-FAST_PASSES = {1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 4, 7: 7, 8: 16}  # most windowed-DP passes seen per b
-# (bench/results/quant_quality_triton.json: synthetic families and the cases, at PASS_RTOL = 3e-3;
-# {5: 5, 6: 5, 7: 8, 8: 17} at 1e-3; the kernel caps them at 32)
+FAST_PASSES = {1: 3, 2: 4, 3: 3, 4: 3, 5: 3, 6: 4, 7: 5, 8: 11}  # most windowed-DP passes seen per b
+# (the cases of bench/quant_quality_triton.py: synthetic families, the cases and one far-outlier
+# segment, PASS_RTOL = 3e-3, COMPAND_CAP = 64, counted on the reference, whose partitions the kernel reproduces in
+# the interpreter; {..., 7: 7, 8: 16} without the compand cap, {5: 5, 6: 5, 7: 8, 8: 17} at PASS_RTOL = 1e-3;
+# the kernel caps them at 32)
 
 
 def _fast_prepare(n: int, block: int = 1024) -> list[Launch]:
