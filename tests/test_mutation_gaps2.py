@@ -69,3 +69,83 @@ def test_robust_suite_refuses_zero_steps_before_any_stage_runs():
         "apgd-ce-1",
         "apgd-t-1",
     ]
+
+
+# --- atmc_triton.optim -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{"nesterov": 1}, {"check_finite": "no"}, {"nesterov": None}])
+def test_admm_refuses_a_flag_that_is_not_a_bool(kw):
+    """A truthy string or 1 is not a switch: ``check_finite="no"`` would have checked."""
+    cfg = at.ATMCConfig(nnz=10)
+    model = at.compress_(nn.Sequential(nn.Linear(8, 4)), cfg)
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"ADMM: {name} must be True or False"):
+        at.ADMM(model, cfg, **kw)
+    at.ADMM(model, cfg, **{name: False})  # a bool is fine
+
+
+def test_admm_load_state_dict_leaves_the_callers_dict_alone():
+    """Torch's ``load_state_dict`` keeps a non-parameter state entry (``"admm"``: step counts) as the caller's own
+    object: resuming twice from one state, or stepping after loading, must not write into it."""
+    torch.manual_seed(0)
+    cfg = at.ATMCConfig(nnz=10, quant_interval=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = at.compress_(nn.Sequential(nn.Linear(8, 4)), cfg)
+        return model, at.ADMM(model, cfg, lr=0.1)
+
+    model, opt = fresh()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 8)).sum().backward()
+        opt.step()
+    sd = opt.state_dict()
+    want = {"step": 3, "quant_steps": 1, "nonfinite_steps": 0}
+    assert sd["state"]["admm"] == want
+    twins = [fresh() for _ in range(2)]
+    for _, o in twins:
+        o.load_state_dict(sd)
+    m, o = twins[0]
+    o.zero_grad()
+    m(torch.randn(5, 8)).sum().backward()
+    o.step()
+    assert sd["state"]["admm"] == want  # the caller's dict: untouched
+    assert o.state["admm"] == {"step": 4, "quant_steps": 2} and twins[1][1].state["admm"] == {
+        "step": 3,
+        "quant_steps": 1,
+    }
+
+
+def test_a_voided_step_keeps_the_finalized_flag_and_a_real_step_clears_it():
+    """``check_finite=False``: a NaN step changes nothing, so a finalized model stays finalized (``pack_`` needs
+    the flag); a step that updates the factors clears it (they are no longer the finalized ones)."""
+    torch.manual_seed(0)
+    cfg = at.ATMCConfig(nnz=12, bits=2)
+    model = at.compress_(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)), cfg)
+    opt = at.ADMM(model, cfg, lr=0.1, check_finite=False)
+    at.finalize_(model)
+    layers = [layer for _, layer in at.atmc_layers(model)]
+    before = [p.detach().clone() for layer in layers for _, p in layer.factors()]
+    assert all(bool(layer.finalized) for layer in layers)
+    opt.zero_grad()
+    model(torch.randn(5, 8)).sum().backward()
+    layers[0].C.grad[0, 0] = float("nan")
+    opt.step()
+    assert int(opt.nonfinite_steps) == 1
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, [f for layer in layers for f in layer.factors()]))
+    assert all(bool(layer.finalized) for layer in layers)
+    opt.zero_grad()
+    model(torch.randn(5, 8)).sum().backward()
+    opt.step()
+    assert int(opt.nonfinite_steps) == 1 and not any(bool(layer.finalized) for layer in layers)
+
+
+@pytest.mark.parametrize("state, groups", [(None, [{}]), ([], [{}]), ({}, None), ({}, ({},))])
+def test_admm_load_state_dict_needs_a_state_dict_and_a_list_of_groups(state, groups):
+    cfg = at.ATMCConfig(nnz=10)
+    model = at.compress_(nn.Sequential(nn.Linear(8, 4)), cfg)
+    opt = at.ADMM(model, cfg)
+    with pytest.raises(ValueError, match="expected an optimizer state_dict with 'state' and 'param_groups'"):
+        opt.load_state_dict({"state": state, "param_groups": groups})
