@@ -5,6 +5,8 @@ Every test here failed under at least one mutant of the module it names (the REA
 lists them) and passes on the real code.
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,40 @@ def test_admm_load_state_dict_needs_a_state_dict_and_a_list_of_groups(state, gro
     opt = at.ADMM(model, cfg)
     with pytest.raises(ValueError, match="expected an optimizer state_dict with 'state' and 'param_groups'"):
         opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --- atmc_triton.checkpoint ------------------------------------------------------------------------------------------
+
+
+def test_set_rng_state_restores_cuda_only_from_a_state_that_has_it(monkeypatch):
+    """On a CUDA machine (faked: this one may have none): a CPU run's state (no ``"cuda"``) leaves the CUDA
+    generators alone; a state from more GPUs than present restores the ones present."""
+    from atmc_triton import checkpoint as ckpt
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(list(states)))
+    state = ckpt.get_rng_state()
+    state.pop("cuda", None)
+    ckpt.set_rng_state(state)
+    assert calls == []
+    gpu = [torch.full((4,), 7, dtype=torch.uint8), torch.full((4,), 9, dtype=torch.uint8)]
+    ckpt.set_rng_state({**state, "cuda": gpu})
+    assert len(calls) == 1 and len(calls[0]) == 1 and torch.equal(calls[0][0], gpu[0])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc/self/fd")
+def test_atomic_write_leaves_no_file_descriptor_open(tmp_path):
+    """The directory fsync opens the folder; every write must close it again (a long run saves every epoch)."""
+    from atmc_triton.checkpoint import atomic_write
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    atomic_write(tmp_path / "warm.bin", lambda f: f.write(b"x"))  # any lazy first-use descriptors
+    before = open_fds()
+    for i in range(5):
+        atomic_write(tmp_path / "x.bin", lambda f, i=i: f.write(bytes([i])))
+    assert open_fds() == before
+    assert (tmp_path / "x.bin").read_bytes() == bytes([4])
