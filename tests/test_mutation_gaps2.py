@@ -7,6 +7,7 @@ lists them) and passes on the real code.
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +189,32 @@ def test_atomic_write_leaves_no_file_descriptor_open(tmp_path):
         atomic_write(tmp_path / "x.bin", lambda f, i=i: f.write(bytes([i])))
     assert open_fds() == before
     assert (tmp_path / "x.bin").read_bytes() == bytes([4])
+
+
+# --- kernels.lloyd_optimal -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed, K", [(0, 1), (1, 3), (2, 6)])
+def test_dp_partition_from_given_prefix_sums_is_the_same_partition(seed, K):
+    """``prefix=(p1, p2)`` (raw prefix sums instead of the centred pass) documents the same optimum; no caller in
+    the package passes it, so only this test reads that path. The SSE is checked against the cuts by hand."""
+    from atmc_triton.kernels.lloyd_optimal import dp_partition
+
+    rng = np.random.default_rng(seed)
+    s = np.sort(np.concatenate([rng.normal(-2, 0.3, 9), rng.normal(0.1, 0.05, 5), rng.normal(3, 0.5, 11)]))
+    s = s[s != 0].astype(np.float32)
+    s64 = s.astype(np.float64)
+    p1, p2 = np.concatenate([[0.0], np.cumsum(s64)]), np.concatenate([[0.0], np.cumsum(s64 * s64)])
+    want_cuts, want_zero, _ = dp_partition(s, K)
+    for bounds in (None, np.arange(0, s.size + 1, 2).tolist() + ([s.size] if s.size % 2 else [])):
+        cuts, zero, sse = dp_partition(s, K, bounds, prefix=(p1, p2))
+        if bounds is None:
+            assert cuts.tolist() == want_cuts.tolist() and zero == want_zero
+        assert set(cuts.tolist()) <= set(range(s.size + 1)) and cuts[0] == 0 and cuts[-1] == s.size
+        assert len(cuts) - 2 <= K
+        hand = sum(
+            float((s64[a:b] ** 2).sum()) if t == zero else float(((s64[a:b] - s64[a:b].mean()) ** 2).sum())
+            for t, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
+            if b > a
+        )
+        assert sse == pytest.approx(hand, rel=1e-9, abs=1e-12)
