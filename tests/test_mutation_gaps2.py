@@ -218,3 +218,35 @@ def test_dp_partition_from_given_prefix_sums_is_the_same_partition(seed, K):
             if b > a
         )
         assert sse == pytest.approx(hand, rel=1e-9, abs=1e-12)
+
+
+# --- atmc_triton.config ----------------------------------------------------------------------------------------------
+
+
+def test_config_max_iter_zero_is_allowed_as_the_quantizer_allows_it():
+    """``max_iter = 0`` (the codebook init, no Lloyd step) is a valid quantizer setting, so a valid config field."""
+    from atmc_triton.kernels import lloyd_quantize_ref
+
+    values, offsets, bits = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([0, 4]), torch.tensor([1])
+    lloyd_quantize_ref(values, offsets, bits, 0, 1e-5)  # the quantizer's own bound: max_iter >= 0
+    assert at.ATMCConfig(nnz=5, max_iter=0).max_iter == 0
+    with pytest.raises(ValueError, match="ATMCConfig.max_iter must be an int >= 0, got -1"):
+        at.ATMCConfig(nnz=5, max_iter=-1)
+    with pytest.raises(ValueError, match="need max_iter >= 0"):
+        lloyd_quantize_ref(values, offsets, bits, -1, 1e-5)
+
+
+def test_cli_atmc_defaults_are_the_configs():
+    """``atmc train`` with no ADMM flags must train what ``ATMCConfig(ratio=...)`` trains: the CLI writes its own
+    defaults for these fields, so the two lists must agree."""
+    import argparse
+    import dataclasses
+
+    from atmc_triton.cli import _add_train
+
+    p = argparse.ArgumentParser()
+    _add_train(p)
+    cli = {"rho": "rho", "rho_factor": "rho_factor", "rho_every": "rho_every", "quant_interval": "quant_interval"}
+    cli.update(max_iter="lloyd_max_iter", tol="lloyd_tol", quant_method="quant_method", init="init")
+    fields = {f.name: f.default for f in dataclasses.fields(at.ATMCConfig)}
+    assert {k: p.get_default(v) for k, v in cli.items()} == {k: fields[k] for k in cli}
