@@ -284,14 +284,15 @@ def _fast_init_chain(largest: int) -> int:
 
 
 # Warp instructions per warp of fast_refine_kernel's loops (4 warps, one per scheduler), sm_90 SASS
-# (`python -m bench.refine_issue`, bench/results/fast_refine_sass_2026-11-30_slowpath.json): a Viterbi step
-# without its two branches ("step"), the V0 branch (taken while a candidate is at or before the sign change:
-# about half the steps), the zero-cluster branch (one to three steps: not counted), a backtrack step, a
+# (`python -m bench.refine_issue`, bench/results/fast_refine_sass_2026-11-30_outliers.json, after the end-atom
+# candidates; 886 / 466 / 777 on 3.8 and 923 for 3.6's tile in fast_refine_sass_2026-11-30_slowpath.json): a
+# Viterbi step without its two branches ("step"), the V0 branch (taken while a candidate is at or before the
+# sign change: about half the steps), the zero-cluster branch (one to three steps: not counted), a backtrack step, a
 # 32-row candidate tile. The float64 divisions' slow paths (52 instructions of the step's loop body, not
 # issued unless a quotient needs the fix-up) are left out; counted, the step was 938 / 913.
 REFINE_SASS = {
-    "3.8": {"step": 886, "v0": 466, "back": 34.5, "cand": 777},
-    "3.6": {"step": 861, "v0": 470, "back": 34.5, "cand": 923},
+    "3.8": {"step": 895, "v0": 468, "back": 34.5, "cand": 579},
+    "3.6": {"step": 861, "v0": 470, "back": 34.5, "cand": 999},
 }
 SHUFFLE_CYCLES = 30  # latency of one dependent shuffle or barrier round of a reduction
 

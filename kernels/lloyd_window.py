@@ -35,7 +35,7 @@ from .lloyd_batch import unique_ints
 
 __all__ = ["compand_init", "refine_partition"]
 
-COMPAND_CAP = 64.0  # an atom's compand mass is at most this many times its share of the values
+COMPAND_CAP = 64.0  # an atom's compand mass is at most this many times its share of the values (or 2 / K)
 STEP_BATCH = 8  # Viterbi steps whose cost tiles one round of numpy calls builds (fewer, larger calls)
 
 
@@ -43,9 +43,10 @@ def compand_init(s: np.ndarray, K: int, grid: int, cap: float = COMPAND_CAP) -> 
     """``K`` ascending free centres (float64) spread like the high-rate optimum (density^(1/3)).
 
     ``s [m]``: ascending nonzeros. The density is estimated on ``min(m, grid)`` equal-count
-    atoms, and no atom's mass exceeds ``cap`` times its share of the values (an atom stretched over
-    an empty gap by a far outlier would otherwise draw centres into the gap); 10 % of the mass
-    follows the counts (so ties and point masses get centres).
+    atoms, and no atom's mass exceeds ``cap`` times its share of the values or two centres' worth
+    (``2 / K`` of the total), whichever is larger: an atom stretched over the empty gap before a far
+    outlier would otherwise draw many centres into the gap (with few centres, one or two there are
+    right); 10 % of the mass follows the counts (so ties and point masses get centres).
     """
     m = s.size
     b = unique_ints((np.arange(min(m, grid) + 1) * m) // min(m, grid))
@@ -56,7 +57,7 @@ def compand_init(s: np.ndarray, K: int, grid: int, cap: float = COMPAND_CAP) -> 
     mass = np.cbrt(cnt) * w ** (2.0 / 3.0)
     total = mass.sum()
     if total > 0:
-        mass = np.minimum(mass, cap * total * cnt / m)
+        mass = np.minimum(mass, np.maximum(cap * cnt / m, 2.0 / K) * total)
     mass = 0.9 * mass / mass.sum() + 0.1 * cnt / m if mass.sum() > 0 else cnt / m
     cum = np.concatenate([[0.0], np.cumsum(mass)])
     t = (np.arange(K) + 0.5) / K * cum[-1]

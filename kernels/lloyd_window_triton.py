@@ -15,7 +15,7 @@ bit width for ``errors_for_bits``), on the segment's sorted nonzeros ``s [m]`` (
    (``tl.sort`` of ``G_goal`` positions, duplicates dropped); counts, sums and sums of squares at
    the atom boundaries come from the global prefix sums;
 3. compand init (density^(1/3) over ``min(m, G_goal)`` equal-count atoms, each atom's mass capped at
-   ``COMPAND_CAP`` times its share of the values), its midpoints
+   ``COMPAND_CAP`` times its share of the values or two centres' worth, the larger), its midpoints
    snapped to atoms, the zero cluster around the sign change;
 
 ``fast_refine_kernel`` (4 warps, a launch of its own so that none of those tiles is live)
@@ -283,7 +283,8 @@ def fast_init_kernel(
         raw = tl.where(valid & (w > 0), raw, 0.0)
         tot = tl.sum(raw, 0)
         by_cnt = cnt / m.to(tl.float64)
-        raw = tl.minimum(raw, COMPAND_CAP * tot * cnt / m.to(tl.float64))  # no atom past CAP x its share
+        share = tl.maximum(COMPAND_CAP * cnt / m.to(tl.float64), 2.0 / K.to(tl.float64))
+        raw = tl.minimum(raw, share * tot)  # no atom past CAP x its share of the values or 2 centres
         tot = tl.sum(raw, 0)
         mass = tl.where(tot > 0, 0.9 * raw / tl.where(tot > 0, tot, 1.0) + 0.1 * by_cnt, by_cnt)
         mass = tl.where(valid, mass, 0.0)
