@@ -97,15 +97,16 @@ def test_fast_many_centres_and_passes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_far_outliers(device):
-    """One weight 100x out of a Gaussian bulk at b = 8: the compand cap (the kernel's as the reference's) keeps
-    the init's centres out of the empty gap (1.84x the optimum without it, 1.005x with it). One far outlier each
-    side at b = 1: the end atoms as candidates of the first and last free boundaries (1.62x without them)."""
+    """One weight 100x out of a Gaussian bulk at b = 6 (b = 6, not 8: a quarter of the interpreter's time): the
+    compand cap changes the partition, which the kernel must reproduce (at b = 8 the same segment is 1.84x the
+    optimum without the cap, 1.005x with it). One far outlier each side at b = 1: the end atoms as candidates of
+    the first and last free boundaries (1.62x without them)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(1000) * 0.05
     x[rng.integers(1000)] *= 100
     y = np.random.default_rng(5).standard_normal(4000) * 0.05
     y[7], y[11] = -17.0, 3.3
-    check_fast(*_make([x, y], [8, 1], device))
+    check_fast(*_make([x, y], [6, 1], device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
