@@ -157,7 +157,7 @@ def before() -> None:
     boundaries end at atoms 0 and ``G`` (not 1 and ``G - 1``)."""
     from atmc_triton.kernels import lloyd_window
 
-    lloyd_window.compand_init.__defaults__ = (float("inf"),)
+    lloyd_window.COMPAND_CAP = float("inf")
     candidates = lloyd_window._candidates
 
     def old_candidates(B, G, W):
@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(torch.device("cpu"))
     meta = {"env": env, "before": a.before, "rows": rows}
     (a.out / "quant_quality.json").write_text(json.dumps(meta, indent=1))
-    cap = ", the fast path before its outlier fixes (--before)" if a.before else ""
+    which = ", the fast path before its outlier fixes (--before)" if a.before else ""
     (a.out / "quant_quality.md").write_text(
-        f"Ratio of SSE to the exact pinned-zero optimum ({env['commit']}, {env['date']}{cap}):\n\n" + markdown(rows)
+        f"Ratio of SSE to the exact pinned-zero optimum ({env['commit']}, {env['date']}{which}):\n\n" + markdown(rows)
     )
     worst = max(r["ratio_fast"] for r in rows)
     print(f"worst fast / optimal: {worst:.4f} (target <= 1.02)")

@@ -16,8 +16,7 @@ Methods (:data:`METHODS`):
   ``max(MIN_ATOMS, GRID_PER_CENTRE * K)`` *atoms* (runs that never split equal values), started
   from a density^(1/3) spread of the centres (no atom drawing more than ``COMPAND_CAP`` times its
   share of the values or two centres, so a far outlier does not pull centres into the empty gap
-  before it) and
-  refined by the windowed DP of
+  before it) and refined by the windowed DP of
   :mod:`.lloyd_window` (every boundary moves among ``2 (2 WINDOW + 1)`` candidates per pass, all
   at once, until a pass gains less than ``PASS_RTOL``), then Lloyd from its centres. Segments
   with the same ``b`` are refined side by side. A segment with ``<= K`` distinct nonzeros keeps

@@ -39,16 +39,18 @@ COMPAND_CAP = 64.0  # an atom's compand mass is at most this many times its shar
 STEP_BATCH = 8  # Viterbi steps whose cost tiles one round of numpy calls builds (fewer, larger calls)
 
 
-def compand_init(s: np.ndarray, K: int, grid: int, cap: float = COMPAND_CAP) -> np.ndarray:
+def compand_init(s: np.ndarray, K: int, grid: int, cap: float | None = None) -> np.ndarray:
     """``K`` ascending free centres (float64) spread like the high-rate optimum (density^(1/3)).
 
     ``s [m]``: ascending nonzeros. The density is estimated on ``min(m, grid)`` equal-count
-    atoms, and no atom's mass exceeds ``cap`` times its share of the values or two centres' worth
+    atoms, and no atom's mass exceeds ``cap`` (default :data:`COMPAND_CAP`, read at the call, as the
+    Triton launcher reads it) times its share of the values or two centres' worth
     (``2 / K`` of the total), whichever is larger: an atom stretched over the empty gap before a far
     outlier would otherwise draw many centres into the gap (with few centres, one or two there are
     right); 10 % of the mass follows the counts (so ties and point masses get centres).
     """
     m = s.size
+    cap = COMPAND_CAP if cap is None else cap
     b = unique_ints((np.arange(min(m, grid) + 1) * m) // min(m, grid))
     lo, hi = b[:-1], b[1:]
     cnt = (hi - lo).astype(np.float64)
