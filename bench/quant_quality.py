@@ -151,18 +151,43 @@ def markdown(rows: list[dict]) -> str:
     return head + body
 
 
+def _old_atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
+    """``lloyd.atom_bounds`` before 2026-11-30's compand grid: ``G/4`` points uniform in value."""
+    from atmc_triton.kernels.lloyd import GRID_PER_CENTRE, MIN_ATOMS
+    from atmc_triton.kernels.lloyd_batch import unique_ints
+
+    m = s.size
+    G = max(MIN_ATOMS, GRID_PER_CENTRE * K)
+    change = s[1:] != s[:-1]
+    if np.count_nonzero(change) + 1 <= G:
+        return np.concatenate([[0], np.flatnonzero(change) + 1, [m]])
+    q = np.searchsorted(s, s[(np.arange(1, G // 2) * m) // (G // 2)], side="left")
+    lo, hi = float(s[0]), float(s[-1])
+    lin = np.linspace(lo, hi, G // 4 + 1)[1:-1]
+    cub = np.linspace(np.cbrt(lo), np.cbrt(hi), G // 4 + 1)[1:-1] ** 3
+    grid = np.searchsorted(s, np.concatenate([lin, cub]).astype(np.float32), side="right")
+    return unique_ints(np.concatenate([[0, m], q, grid]))
+
+
 def before() -> None:
     """Put back the reference fast path of before 2026-11-30's outlier fixes (bit for bit): no cap on the
-    compand init's atom masses (``COMPAND_CAP``), and the spread candidates of the first and last free
-    boundaries end at atoms 0 and ``G`` (not 1 and ``G - 1``)."""
-    from atmc_triton.kernels import lloyd_window
+    compand init's atom masses (``COMPAND_CAP``); the spread candidates of the first and last free
+    boundaries end at atoms 0 and ``G`` (not 1 and ``G - 1``); the window's outermost fine moves are
+    ``B -+ W`` (not one atom inside the spread's ends); the atom grid's second quarter is uniform in value
+    (not at equal steps of the compand measure)."""
+    from atmc_triton.kernels import lloyd, lloyd_window
 
     lloyd_window.COMPAND_CAP = float("inf")
+    lloyd.atom_bounds = _old_atom_bounds
     candidates = lloyd_window._candidates
 
     def old_candidates(B, G, W):
         win = candidates(B, G, W)
+        if W > 0:
+            win[:, :, 0] = np.clip(B - W, 0, G[:, None])
+            win[:, :, 2 * W] = np.minimum(B + W, G[:, None])
         win[:, 1, 2 * W + 1], win[:, -2, -1] = 0, G  # the spread's end points before the end atoms
+        win[:, 0], win[:, -1] = 0, G[:, None]
         return win
 
     lloyd_window._candidates = old_candidates

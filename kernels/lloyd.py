@@ -245,8 +245,12 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
     With at most ``GRID_PER_CENTRE * K`` (and at least ``MIN_ATOMS``) distinct values every distinct
     value is its own atom, so the DP over atoms is exact. Otherwise the union of three grids,
     none of which splits a run of equal values: ``G/2`` equal-count quantiles (snapped to the
-    start of their run), ``G/4`` points uniform in value and ``G/4`` uniform in the cube root of
-    the value (for heavy tails), ``G = max(MIN_ATOMS, GRID_PER_CENTRE * K)``.
+    start of their run), ``G/4`` points at equal steps of the compand measure that places the
+    centres (:func:`.lloyd_window.compand_init`: density^(1/3), each atom capped, so about 4 atoms
+    per centre wherever centres go, a far outlier's empty gap included but not filled) and ``G/4``
+    uniform in the cube root of the value (for heavy tails), ``G = max(MIN_ATOMS, GRID_PER_CENTRE * K)``.
+    The compand points replaced ``G/4`` points uniform in value on 2026-11-30, which a far outlier
+    stretches over its gap (1.0215x the optimum on a 1e4-value outlier segment at b = 7, 1.0036 now).
     """
     m = s.size
     G = max(MIN_ATOMS, GRID_PER_CENTRE * K)
@@ -255,9 +259,10 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
         return np.concatenate([[0], np.flatnonzero(change) + 1, [m]])
     q = np.searchsorted(s, s[(np.arange(1, G // 2) * m) // (G // 2)], side="left")
     lo, hi = float(s[0]), float(s[-1])
-    lin = np.linspace(lo, hi, G // 4 + 1)[1:-1]
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite values: no refinement to speak of
+        comp = compand_init(s, K, G, at=np.arange(1, G // 4) / (G // 4))
     cub = np.linspace(np.cbrt(lo), np.cbrt(hi), G // 4 + 1)[1:-1] ** 3
-    grid = np.searchsorted(s, np.concatenate([lin, cub]).astype(np.float32), side="right")
+    grid = np.searchsorted(s, np.concatenate([comp, cub]).astype(np.float32), side="right")
     return unique_ints(np.concatenate([[0, m], q, grid]))
 
 

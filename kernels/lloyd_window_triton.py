@@ -10,23 +10,25 @@ bit width for ``errors_for_bits``), on the segment's sorted nonzeros ``s [m]`` (
 ``fast_init_kernel`` (8 warps: 4096-wide tiles)
 
 1. ``dcount <= K`` distinct nonzeros: they are the centres (``exact = 1``), done;
-2. atoms (``G_goal = max(512, 16 K)``): every distinct run when ``dcount <= G_goal``, else the
-   union of equal-count quantiles, a value grid and a cube-root grid and the sign change
+2. the compand measure: density^(1/3) over ``min(m, G_goal)`` equal-count atoms
+   (``G_goal = max(512, 16 K)``), each atom's mass capped at ``COMPAND_CAP`` times its share of the
+   values or two centres' worth, the larger, and at one centre per value it holds;
+3. atoms: every distinct run when ``dcount <= G_goal``, else the union of equal-count quantiles,
+   points at equal steps of the compand measure, a cube-root grid and the sign change
    (``tl.sort`` of ``G_goal`` positions, duplicates dropped); counts, sums and sums of squares at
    the atom boundaries come from the global prefix sums;
-3. compand init (density^(1/3) over ``min(m, G_goal)`` equal-count atoms, each atom's mass capped at
-   ``COMPAND_CAP`` times its share of the values or two centres' worth, the larger), its midpoints
-   snapped to atoms, the zero cluster around the sign change;
+4. compand init: ``K`` centres at equal steps of the same measure, their midpoints snapped to atoms,
+   the zero cluster around the sign change;
 
 ``fast_refine_kernel`` (4 warps, a launch of its own so that none of those tiles is live)
 
-4. passes of the windowed DP: ``NC = 2 (2 W + 1)`` candidates per boundary (their atom counts and
+5. passes of the windowed DP: ``NC = 2 (2 W + 1)`` candidates per boundary (their atom counts and
    sums gathered once per pass), the Viterbi chain over the ``K + 1`` clusters (``[NCP, NCP]``
    float64 tiles, a flag for "zero cluster placed"; each step's loads issued a step ahead, the
    costs the reference skips skipped), packed backpointers in scratch, a backtrack that picks each
    backpointer from a row in registers; until nothing moves, the gain is ``<= rtol`` or
    ``max_passes``;
-5. the cluster means (float32, ascending, duplicates dropped) are the init of the Lloyd kernel,
+6. the cluster means (float32, ascending, duplicates dropped) are the init of the Lloyd kernel,
    which also runs the legacy init and keeps the lower error.
 
 Equality with the reference: the arithmetic is the reference's formula for formula, but
@@ -152,6 +154,22 @@ def _cbrt(x):
 
 
 @triton.jit
+def _compand_at(cum_ptr, mass_ptr, idx, tq, g, m, sorted_ptr, start, zneg, nz):
+    """Points (float64) at compand masses ``tq`` (lanes ``idx``, int64) of the measure in ``cum_ptr`` /
+    ``mass_ptr`` (inclusive scan and masses of the ``g`` equal-count atoms): ``compand_init``'s inverse."""
+    ii = _count_le(cum_ptr, idx * 0, g + idx * 0, tq, _search_steps(g), STRICT=False)
+    ii = tl.minimum(ii, g - 1)
+    cprev = tl.load(cum_ptr + ii - 1, mask=ii > 0, other=0.0)
+    mi = tl.load(mass_ptr + ii)
+    frac = tl.minimum(tl.maximum((tq - cprev) / tl.maximum(mi, 1e-300), 0.0), 1.0)
+    lo_k = (ii * m) // g
+    hi_k = tl.minimum(((ii + 1) * m) // g, m - 1)
+    x0k = tl.load(sorted_ptr + _gpos(lo_k, start, zneg, nz)).to(tl.float64)
+    xnk = tl.load(sorted_ptr + _gpos(hi_k, start, zneg, nz)).to(tl.float64)
+    return x0k + frac * tl.maximum(xnk - x0k, 0.0)
+
+
+@triton.jit
 def _rint(x):
     """Round half to even (numpy's ``rint``) of float64 ``x >= 0``."""
     r = tl.floor(x + 0.5)
@@ -228,13 +246,38 @@ def fast_init_kernel(
         Gg = tl.maximum(GRID_PER_CENTRE * K, MIN_ATOMS).to(tl.int64)
         ao = prob * ASTRIDE
         lane = tl.arange(0, GT).to(tl.int64)
-        # ---- 2. atom boundaries [G + 1], ascending nonzero positions from 0 to m
+        # ---- 2. the compand measure (density^(1/3), 10 % by count) of the atom grid and the centres
+        g = tl.minimum(m, Gg)
+        valid = lane < g
+        lo_i = (lane * m) // g
+        hi_i = ((lane + 1) * m) // g
+        cnt = (hi_i - lo_i).to(tl.float64)
+        x0 = tl.load(sorted_ptr + _gpos(lo_i, start, zneg, nz), mask=valid, other=0.0).to(tl.float64)
+        xn = tl.load(sorted_ptr + _gpos(tl.minimum(hi_i, m - 1), start, zneg, nz), mask=valid, other=0.0)
+        w = tl.where(valid, tl.maximum(xn.to(tl.float64) - x0, 0.0), 0.0)
+        raw = tl.exp2(tl.log2(cnt * w * w) * (1.0 / 3.0))
+        raw = tl.where(valid & (w > 0), raw, 0.0)
+        tot = tl.sum(raw, 0)
+        by_cnt = cnt / m.to(tl.float64)
+        share = tl.maximum(COMPAND_CAP * cnt / m.to(tl.float64), 2.0 / K.to(tl.float64))
+        share = tl.minimum(share, cnt / K.to(tl.float64))  # and never more centres than values
+        raw = tl.minimum(raw, share * tot)  # no atom past CAP x its share of the values or 2 centres
+        tot = tl.sum(raw, 0)
+        mass = tl.where(tot > 0, 0.9 * raw / tl.where(tot > 0, tot, 1.0) + 0.1 * by_cnt, by_cnt)
+        mass = tl.where(valid, mass, 0.0)
+        incl = tl.cumsum(mass, 0)
+        total = tl.max(tl.where(valid, incl, 0.0), 0)
+        go = prob * GT
+        tl.store(cum_ptr + go + lane, incl)
+        tl.store(mass_ptr + go + lane, mass)
+        tl.debug_barrier()
+        # ---- 3. atom boundaries [G + 1], ascending nonzero positions from 0 to m
         if dcount <= Gg:  # every distinct run is an atom (the sign change is a run start)
             pr = _count_le(rank_ptr, start + lane * 0, end + lane * 0, base + lane, steps, STRICT=False)
             tl.store(atoms_ptr + ao + lane, (pr - start - tl.where(pr >= zhi, nz, 0)).to(tl.int32), mask=lane < dcount)
             tl.store(atoms_ptr + ao + dcount, m.to(tl.int32))
             G = dcount
-        else:  # quantiles, a value grid and a cube-root grid, sorted, duplicates dropped
+        else:  # quantiles, a compand grid and a cube-root grid, sorted, duplicates dropped
             H = Gg // 2
             Q = Gg // 4
             lo_v = tl.load(sorted_ptr + start).to(tl.float64)
@@ -243,11 +286,12 @@ def fast_init_kernel(
             jq = (iq * m) // H
             vq = tl.load(sorted_ptr + _gpos(jq, start, zneg, nz), mask=lane < H - 1, other=0.0)
             pq = _count_le(sorted_ptr, start + lane * 0, end + lane * 0, vq, steps, STRICT=True)
-            il = lane - (H - 1) + 1  # value grid 1 .. Q - 1
+            il = lane - (H - 1) + 1  # compand grid 1 .. Q - 1
             ic = lane - (H - 1) - (Q - 1) + 1  # cube-root grid 1 .. Q - 1
             cl = _cbrt(lo_v)
             ch = _cbrt(hi_v)
-            vl = il.to(tl.float64) * ((hi_v - lo_v) / Q.to(tl.float64)) + lo_v
+            tg = tl.minimum(tl.maximum(il, 0), Q).to(tl.float64) / Q.to(tl.float64) * total
+            vl = _compand_at(cum_ptr + go, mass_ptr + go, lane, tg, g, m, sorted_ptr, start, zneg, nz)
             vc = ic.to(tl.float64) * ((ch - cl) / Q.to(tl.float64)) + cl
             vg = tl.where(lane < H - 1 + Q - 1, vl, vc * vc * vc).to(tl.float32)
             pg = _count_le(sorted_ptr, start + lane * 0, end + lane * 0, vg, steps, STRICT=False)
@@ -270,43 +314,12 @@ def fast_init_kernel(
             tl.store(a1_ptr + ao + ia, _excl(prefix_ptr, gp) - _excl(prefix_ptr, start), mask=inr_a)
             tl.store(a2_ptr + ao + ia, _excl(prefix2_ptr, gp) - _excl(prefix2_ptr, start), mask=inr_a)
         za = _count_le(atoms_ptr + ao, G * 0, G + 1, zneg.to(tl.int32), _search_steps(G + 1), STRICT=True)
-        # ---- 3. compand init: K centres spread like density^(1/3), 10 % by count
-        g = tl.minimum(m, Gg)
-        valid = lane < g
-        lo_i = (lane * m) // g
-        hi_i = ((lane + 1) * m) // g
-        cnt = (hi_i - lo_i).to(tl.float64)
-        x0 = tl.load(sorted_ptr + _gpos(lo_i, start, zneg, nz), mask=valid, other=0.0).to(tl.float64)
-        xn = tl.load(sorted_ptr + _gpos(tl.minimum(hi_i, m - 1), start, zneg, nz), mask=valid, other=0.0)
-        w = tl.where(valid, tl.maximum(xn.to(tl.float64) - x0, 0.0), 0.0)
-        raw = tl.exp2(tl.log2(cnt * w * w) * (1.0 / 3.0))
-        raw = tl.where(valid & (w > 0), raw, 0.0)
-        tot = tl.sum(raw, 0)
-        by_cnt = cnt / m.to(tl.float64)
-        share = tl.maximum(COMPAND_CAP * cnt / m.to(tl.float64), 2.0 / K.to(tl.float64))
-        raw = tl.minimum(raw, share * tot)  # no atom past CAP x its share of the values or 2 centres
-        tot = tl.sum(raw, 0)
-        mass = tl.where(tot > 0, 0.9 * raw / tl.where(tot > 0, tot, 1.0) + 0.1 * by_cnt, by_cnt)
-        mass = tl.where(valid, mass, 0.0)
-        incl = tl.cumsum(mass, 0)
-        total = tl.max(tl.where(valid, incl, 0.0), 0)
-        go = prob * GT
-        tl.store(cum_ptr + go + lane, incl)
-        tl.store(mass_ptr + go + lane, mass)
-        tl.debug_barrier()
         k = klane.to(tl.int64)
         kin = k < K
+        # ---- 4. compand init: K centres at the masses (k + 1/2) / K
         tq = (k.to(tl.float64) + 0.5) / K.to(tl.float64) * total
-        ii = _count_le(cum_ptr + go, k * 0, g + k * 0, tq, _search_steps(g), STRICT=False)
-        ii = tl.minimum(ii, g - 1)
-        cprev = tl.load(cum_ptr + go + ii - 1, mask=ii > 0, other=0.0)
-        mi = tl.load(mass_ptr + go + ii)
-        frac = tl.minimum(tl.maximum((tq - cprev) / tl.maximum(mi, 1e-300), 0.0), 1.0)
-        lo_k = (ii * m) // g
-        hi_k = tl.minimum(((ii + 1) * m) // g, m - 1)
-        x0k = tl.load(sorted_ptr + _gpos(lo_k, start, zneg, nz)).to(tl.float64)
-        xnk = tl.load(sorted_ptr + _gpos(hi_k, start, zneg, nz)).to(tl.float64)
-        c0v = tl.where(kin, x0k + frac * tl.maximum(xnk - x0k, 0.0), float("inf"))
+        c0v = _compand_at(cum_ptr + go, mass_ptr + go, k, tq, g, m, sorted_ptr, start, zneg, nz)
+        c0v = tl.where(kin, c0v, float("inf"))
         # ---- initial boundaries: midpoints of the centres (zero inserted), snapped to atoms
         zc = tl.sum((kin & (c0v < 0)).to(tl.int32), 0)
         c_nx = tl.gather(c0v, tl.minimum(klane + 1, KLANES - 1), 0)
@@ -407,6 +420,11 @@ def fast_refine_kernel(
                 spread = _rint(lo + j / (2 * W) * (hi - lo)).to(tl.int32)
                 spread = tl.where((o == 2 * W + 1) & (tt == 1), tl.minimum(G32, 1), spread)  # the end atoms
                 spread = tl.where((o == NC - 1) & (tt == T - 2), tl.maximum(G32 - 1, 0), spread)
+                s_lo = tl.where(tt == 1, tl.minimum(G32, 1), lo.to(tl.int32))  # the spread's ends
+                s_hi = tl.where(tt == T - 2, tl.maximum(G32 - 1, 0), hi.to(tl.int32))
+                if W > 0:  # one atom inside each end (W = 0: the current position is the only fine move)
+                    local = tl.where(o == 0, tl.minimum(s_lo + 1, s_hi), local)
+                    local = tl.where(o == 2 * W, tl.maximum(s_hi - 1, s_lo), local)
                 cand = tl.where(o < 2 * W + 1, local, tl.where(o < NC, spread, Bt))
                 cand = tl.where(tt == 0, 0, tl.where(tt == T - 1, G32, cand))
                 at = wo + tt * NCP + o

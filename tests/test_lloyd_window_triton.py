@@ -100,13 +100,17 @@ def test_fast_far_outliers(device):
     """One weight 100x out of a Gaussian bulk at b = 6 (b = 6, not 8: a quarter of the interpreter's time): the
     compand cap changes the partition, which the kernel must reproduce (at b = 8 the same segment is 1.84x the
     optimum without the cap, 1.005x with it). One far outlier each side at b = 1: the end atoms as candidates of
-    the first and last free boundaries (1.62x without them)."""
+    the first and last free boundaries (1.62x without them). Three at b = 2: the one-atom clusters at the
+    spread's ends (1.18x without them)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(1000) * 0.05
     x[rng.integers(1000)] *= 100
     y = np.random.default_rng(5).standard_normal(4000) * 0.05
     y[7], y[11] = -17.0, 3.3
-    check_fast(*_make([x, y], [6, 1], device))
+    r = np.random.default_rng(3)  # three 100x out at b = 2: a one-atom cluster at a spread's end (1.18x without)
+    z = r.standard_normal(6000)
+    z[r.choice(6000, 3, replace=False)] *= 100
+    check_fast(*_make([x, y, z * 0.05], [6, 1, 2], device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -261,3 +265,42 @@ def test_fast_path_is_cuda_graph_capturable():
     graph.replay()
     for a, b in zip(out, lt.lloyd_quantize_triton(values, offsets, bits, 20, 1e-5, "fast")):
         assert torch.equal(a, b)
+
+
+class _AnyGrid(dict):
+    def __getitem__(self, grid):
+        return super().__getitem__(None)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="bit equality of the atoms holds in the interpreter only")
+def test_fast_atoms_match_the_reference_on_the_grid():
+    """The kernel's atom boundaries equal the reference's (``atom_bounds`` plus the sign change) on segments
+    with more than ``max(512, 16 K)`` distinct values: quantiles, compand points and the cube-root grid. The
+    results alone cannot show it (a grid one compand step off still gave the same codes and inits)."""
+    from atmc_triton.kernels import lloyd_window_triton as wt
+    from atmc_triton.kernels.lloyd import atom_bounds
+    from atmc_triton.kernels.lloyd_batch import unique_ints
+
+    rng = np.random.default_rng(3)
+    t3 = rng.standard_t(3, 700) * 0.05
+    out = rng.standard_normal(800) * 0.05
+    out[[17, 400]] = 5.0, -7.0  # far outliers: the compand points must not follow the value range
+    segs, bits = [t3, out], [2, 5]
+    assert all(np.unique(x).size > 512 for x in segs)  # the grid, not one atom per run
+    values, offsets, bits_t = _make(segs, bits, "cpu")
+    srt, prefix, _ = lt._prepare(values, offsets)
+    made, new, wrap = [], lt._new, lt.wrap_triton
+    no_launch = {None: lambda **kw: None}  # the refinement is not needed here: launch it on no grid
+    with pytest.MonkeyPatch.context() as mp:  # keep the launcher's scratch tensors
+        mp.setattr(lt, "_new", lambda *a: made.append(new(*a)) or made[-1])
+        mp.setattr(lt, "wrap_triton", lambda k: wrap(k) if k is not wt.fast_refine_kernel else _AnyGrid(no_launch))
+        lt._fast_init(srt, prefix, offsets, bits_t)
+    (atoms,) = [t for t in made if t.shape == (2, wt.ASTRIDE) and t.dtype == torch.int32]
+    (state,) = [t for t in made if t.shape == (2, 4)]
+    o = offsets.tolist()
+    for s, b in enumerate(bits):
+        x = srt[o[s] : o[s + 1]].numpy()
+        nz = x[x != 0]
+        want = unique_ints(np.append(atom_bounds(nz, 2**b), np.searchsorted(nz, 0.0)))
+        G = int(state[s, 0])
+        assert G == want.size - 1 and np.array_equal(atoms[s, : G + 1].numpy(), want), s
