@@ -250,7 +250,7 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
     per centre wherever centres go, a far outlier's empty gap included but not filled) and ``G/4``
     uniform in the cube root of the value (for heavy tails), ``G = max(MIN_ATOMS, GRID_PER_CENTRE * K)``.
     The compand points replaced ``G/4`` points uniform in value on 2026-11-30, which a far outlier
-    stretches over its gap (1.0215x the optimum on a 1e4-value outlier segment at b = 7, 1.0036 now).
+    stretches over its gap (1.0215x the optimum on a 1e4-value outlier segment at b = 7, 1.002 now).
     """
     m = s.size
     G = max(MIN_ATOMS, GRID_PER_CENTRE * K)

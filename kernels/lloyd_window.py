@@ -37,7 +37,7 @@ from .lloyd_batch import unique_ints
 
 __all__ = ["compand_init", "refine_partition"]
 
-COMPAND_CAP = 64.0  # an atom's compand mass is at most this many times its share of the values (or 2 / K)
+COMPAND_CAP = 64.0  # an atom's compand mass: at most this many times its share of the values (or 2 / K), and cnt / K
 STEP_BATCH = 8  # Viterbi steps whose cost tiles one round of numpy calls builds (fewer, larger calls)
 
 
