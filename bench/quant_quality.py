@@ -37,6 +37,7 @@ from bench.common import environment
 RESULTS = Path(__file__).resolve().parent / "results"
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 FAMILIES = ("gauss", "laplace", "t3", "sparse5", "outliers")
+BEFORE = "6b31cda"  # --before: this commit's reference, the last before 2026-11-30's outlier fixes
 
 
 def synthetic(family: str, n: int, seed: int) -> np.ndarray:
@@ -89,11 +90,12 @@ def _sse_with_codebook(x: np.ndarray, free: np.ndarray) -> float:
     return float(((nz - q) ** 2).sum())
 
 
-def sse_all(x: np.ndarray, b: int, sklearn_max_n: int) -> dict[str, float]:
-    """SSE of every method on one segment at ``b`` bits (``nan`` where a method was skipped)."""
+def sse_all(x: np.ndarray, b: int, sklearn_max_n: int, quantize=lloyd_quantize_ref) -> dict[str, float]:
+    """SSE of every method on one segment at ``b`` bits (``nan`` where a method was skipped); ``quantize``:
+    ``lloyd_quantize_ref`` or an older commit's (``--before``)."""
     v = torch.from_numpy(np.ascontiguousarray(x))
     off, bt = torch.tensor([0, x.size]), torch.tensor([b], dtype=torch.int32)
-    out = {m: float(lloyd_quantize_ref(v, off, bt, 20, 1e-5, m)[3][0]) for m in ("lloyd", "fast", "optimal")}
+    out = {m: float(quantize(v, off, bt, 20, 1e-5, m)[3][0]) for m in ("lloyd", "fast", "optimal")}
     nz = x[x != 0]
     K = 2**b
     out["uniform"] = _sse_with_codebook(x, np.linspace(nz.min(), nz.max(), K)) if nz.size > K else 0.0
@@ -115,7 +117,7 @@ def sse_all(x: np.ndarray, b: int, sklearn_max_n: int) -> dict[str, float]:
     return out
 
 
-def measure(sources: dict[str, list[np.ndarray]], bits, sklearn_max_n: int) -> list[dict]:
+def measure(sources: dict[str, list[np.ndarray]], bits, sklearn_max_n: int, quantize=lloyd_quantize_ref) -> list[dict]:
     rows = []
     for name, segs in sources.items():
         for b in bits:
@@ -124,7 +126,7 @@ def measure(sources: dict[str, list[np.ndarray]], bits, sklearn_max_n: int) -> l
             opt = 0.0
             for x in segs:
                 opt += optimal_sse(x, b)
-                for m, e in sse_all(x, b, sklearn_max_n).items():
+                for m, e in sse_all(x, b, sklearn_max_n, quantize).items():
                     tot[m] = tot.get(m, 0.0) + e
             ratios = {m: (e / opt if opt > 0 else (1.0 if e == 0 else e * float("inf"))) for m, e in tot.items()}
             rows.append({"source": name, "b": b, "segments": len(segs), "values": int(sum(s.size for s in segs))})
@@ -151,48 +153,6 @@ def markdown(rows: list[dict]) -> str:
     return head + body
 
 
-def _old_atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
-    """``lloyd.atom_bounds`` before 2026-11-30's compand grid: ``G/4`` points uniform in value."""
-    from atmc_triton.kernels.lloyd import GRID_PER_CENTRE, MIN_ATOMS
-    from atmc_triton.kernels.lloyd_batch import unique_ints
-
-    m = s.size
-    G = max(MIN_ATOMS, GRID_PER_CENTRE * K)
-    change = s[1:] != s[:-1]
-    if np.count_nonzero(change) + 1 <= G:
-        return np.concatenate([[0], np.flatnonzero(change) + 1, [m]])
-    q = np.searchsorted(s, s[(np.arange(1, G // 2) * m) // (G // 2)], side="left")
-    lo, hi = float(s[0]), float(s[-1])
-    lin = np.linspace(lo, hi, G // 4 + 1)[1:-1]
-    cub = np.linspace(np.cbrt(lo), np.cbrt(hi), G // 4 + 1)[1:-1] ** 3
-    grid = np.searchsorted(s, np.concatenate([lin, cub]).astype(np.float32), side="right")
-    return unique_ints(np.concatenate([[0, m], q, grid]))
-
-
-def before() -> None:
-    """Put back the reference fast path of before 2026-11-30's outlier fixes (bit for bit): no cap on the
-    compand init's atom masses (``COMPAND_CAP``); the spread candidates of the first and last free
-    boundaries end at atoms 0 and ``G`` (not 1 and ``G - 1``); the window's outermost fine moves are
-    ``B -+ W`` (not one atom inside the spread's ends); the atom grid's second quarter is uniform in value
-    (not at equal steps of the compand measure)."""
-    from atmc_triton.kernels import lloyd, lloyd_window
-
-    lloyd_window.COMPAND_CAP = float("inf")
-    lloyd.atom_bounds = _old_atom_bounds
-    candidates = lloyd_window._candidates
-
-    def old_candidates(B, G, W):
-        win = candidates(B, G, W)
-        if W > 0:
-            win[:, :, 0] = np.clip(B - W, 0, G[:, None])
-            win[:, :, 2 * W] = np.minimum(B + W, G[:, None])
-        win[:, 1, 2 * W + 1], win[:, -2, -1] = 0, G  # the spread's end points before the end atoms
-        win[:, 0], win[:, -1] = 0, G[:, None]
-        return win
-
-    lloyd_window._candidates = old_candidates
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1000,10000,100000", help="synthetic segment sizes (comma separated)")
@@ -200,11 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt", nargs="*", default=[], help="checkpoints (.pt) whose segments to measure")
     ap.add_argument("--sklearn-max-n", type=int, default=20_000)
     ap.add_argument("--families", default=",".join(FAMILIES), help="synthetic families (comma separated)")
-    ap.add_argument("--before", action="store_true", help="the fast path before its outlier fixes (see before())")
+    ap.add_argument("--before", action="store_true", help=f"the reference of {BEFORE}, before the outlier fixes")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
+    quantize = lloyd_quantize_ref
     if a.before:
-        before()
+        from bench.lloyd_cpu_ab import old_reference
+
+        quantize = old_reference(BEFORE)
     bits = [int(b) for b in a.bits.split(",")]
     sources: dict[str, list[np.ndarray]] = {}
     for fam in a.families.split(","):
@@ -212,12 +175,12 @@ def main(argv: list[str] | None = None) -> None:
             sources[f"{fam} n={n:,}"] = [synthetic(fam, n, seed=n)]
     for p in a.ckpt:
         sources[f"ckpt {Path(p).parent.name}/{Path(p).stem}"] = checkpoint_segments(Path(p))
-    rows = measure(sources, bits, a.sklearn_max_n)
+    rows = measure(sources, bits, a.sklearn_max_n, quantize)
     a.out.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu"))
     meta = {"env": env, "before": a.before, "rows": rows}
     (a.out / "quant_quality.json").write_text(json.dumps(meta, indent=1))
-    which = ", the fast path before its outlier fixes (--before)" if a.before else ""
+    which = f", the reference of {BEFORE}, before the outlier fixes (--before)" if a.before else ""
     (a.out / "quant_quality.md").write_text(
         f"Ratio of SSE to the exact pinned-zero optimum ({env['commit']}, {env['date']}{which}):\n\n" + markdown(rows)
     )
