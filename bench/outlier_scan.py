@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--old", default=None, help="also run the reference of this commit")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
+    if a.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {a.seeds}")
     runs = {"this tree": lloyd_quantize_ref}
     if a.old:
         from bench.lloyd_cpu_ab import old_reference
