@@ -74,7 +74,7 @@ GRID_PER_CENTRE = 16  # ... and at least this many per free centre
 WINDOW = 6  # the fast path's refinement: half window (2 (2 W + 1) candidates per boundary) ...
 MAX_PASSES = 32  # ... its cap on passes ...
 PASS_RTOL = 3e-3  # ... and the relative gain below which a segment stops (1e-3 until 2026-11-30: 1.2x the
-# CPU time at 2M/30, b = 8, for a worst synthetic / checkpoint ratio to the optimum of 1.0040 instead of 1.0059)
+# CPU time at 2M/30, b = 8, for a slightly better worst ratio to the optimum: README, "Codebook quality")
 CHUNK_VALUES = 1 << 24  # the fast path batches segments up to this many values at a time
 LUT_PER_MID = 16  # CPU bucketing: lookup-table bins per midpoint ...
 LUT_MAX_STEPS = 8  # ... and the most midpoints a bin window may hold (else a binary search)
@@ -239,7 +239,19 @@ def _quantile_init(s: Tensor, K: int) -> Tensor:
     return s[((2 * j + 1) * s.numel()) // (2 * K)]
 
 
-def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
+def compand_points(s: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """The compand points of the atom grid ``[G/4 - 1]`` (masses ``j / (G/4)``) and the ``K`` compand
+    centres (masses ``(k + 1/2) / K``) over sorted nonzeros ``s [m]``: one measure, one
+    :func:`.lloyd_window.compand_init` call, ``G = max(MIN_ATOMS, GRID_PER_CENTRE * K)``."""
+    G = max(MIN_ATOMS, GRID_PER_CENTRE * K)
+    Q = G // 4
+    at = np.concatenate([np.arange(1, Q) / Q, (np.arange(K) + 0.5) / K])
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite values: no refinement to speak of
+        pts = compand_init(s, K, G, at=at)
+    return pts[: Q - 1], pts[Q - 1 :]
+
+
+def atom_bounds(s: np.ndarray, K: int, comp: np.ndarray | None = None) -> np.ndarray:
     """Atom boundaries ``[N + 1]`` (ascending, 0 to m) over sorted nonzeros ``s [m]`` for ``K`` free centres.
 
     With at most ``GRID_PER_CENTRE * K`` (and at least ``MIN_ATOMS``) distinct values every distinct
@@ -251,6 +263,7 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
     uniform in the cube root of the value (for heavy tails), ``G = max(MIN_ATOMS, GRID_PER_CENTRE * K)``.
     The compand points replaced ``G/4`` points uniform in value on 2026-11-30, which a far outlier
     stretches over its gap (1.0215x the optimum on a 1e4-value outlier segment at b = 7, 1.002 now).
+    ``comp``: those ``G/4 - 1`` compand points (:func:`compand_points`), when the caller has them.
     """
     m = s.size
     G = max(MIN_ATOMS, GRID_PER_CENTRE * K)
@@ -259,8 +272,8 @@ def atom_bounds(s: np.ndarray, K: int) -> np.ndarray:
         return np.concatenate([[0], np.flatnonzero(change) + 1, [m]])
     q = np.searchsorted(s, s[(np.arange(1, G // 2) * m) // (G // 2)], side="left")
     lo, hi = float(s[0]), float(s[-1])
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite values: no refinement to speak of
-        comp = compand_init(s, K, G, at=np.arange(1, G // 4) / (G // 4))
+    if comp is None:
+        comp = compand_points(s, K)[0]
     cub = np.linspace(np.cbrt(lo), np.cbrt(hi), G // 4 + 1)[1:-1] ** 3
     grid = np.searchsorted(s, np.concatenate([comp, cub]).astype(np.float32), side="right")
     return unique_ints(np.concatenate([[0, m], q, grid]))
@@ -339,12 +352,11 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
         if np.count_nonzero(sn[1:] != sn[:-1]) + 1 <= K:
             continue
         z = int(np.searchsorted(sn, 0.0))
-        bnd = unique_ints(np.append(atom_bounds(sn, K), z))  # [G + 1]
+        comp, c0 = compand_points(sn, K)  # the grid's compand points, the K centres [K] ascending
+        bnd = unique_ints(np.append(atom_bounds(sn, K, comp), z))  # [G + 1]
         s64 = sn.astype(np.float64)
         sq = np.add.reduceat(np.multiply(s64, s64, out=s64), bnd[:-1])  # [G] sums of squares per atom
         p2 = np.concatenate([[0.0], np.cumsum(sq)])  # [G + 1] at the atom boundaries
-        with np.errstate(invalid="ignore", over="ignore"):
-            c0 = compand_init(sn, K, max(MIN_ATOMS, GRID_PER_CENTRE * K))  # [K] ascending
         zc = int(np.searchsorted(c0, 0.0))
         c = np.insert(c0, zc, 0.0)  # [K + 1] with the pinned zero
         za = int(np.searchsorted(bnd, z))

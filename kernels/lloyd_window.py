@@ -54,8 +54,9 @@ def compand_init(
     centres into the gap (with few centres, one or two there are right; with a few values per atom,
     several far outliers each drew ``COMPAND_CAP / m`` of the centres: 1.8x the optimum at b = 8);
     10 % of the mass follows the counts (so ties and point masses get centres).
-    ``at`` (fractions of the total mass, ascending in ``[0, 1]``; default ``(k + 1/2) / K``) places
-    the points elsewhere on the same measure: the atom grid of the fast path takes ``j / Q``.
+    ``at`` (fractions of the total mass in ``[0, 1]``, in any order; default ``(k + 1/2) / K``) places
+    the points elsewhere on the same measure: the fast path asks for its atom grid's ``j / Q`` and its
+    centres in one call (``lloyd.compand_points``).
 
     Example:
         >>> s = np.linspace(-1.0, 1.0, 1001)
