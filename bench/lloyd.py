@@ -4,8 +4,8 @@ Side by side in one run, on the same values:
 
 * ``triton``: ``atmc::lloyd_quantize`` with ``method="lloyd"`` (segmented sort, prefix sums, one
   Lloyd launch, codes pass); the reference rows use it too. The default ``"fast"`` also has a
-  device path (one more init launch): ``bench.gpu_check`` times it, ``bench.quant_quality_triton``
-  checks its quality;
+  device path (four more launches: two scans, the init and the refinement kernels):
+  ``bench.gpu_check`` times it, ``bench.quant_quality_triton`` checks its quality;
 * ``torch.sort alone``: one sort of all values, the floor the issue compares against;
 * ``bucketize + index_add per segment``: the obvious batched-per-segment torch loop (20 iterations,
   no early stop, no host sync);

@@ -9,7 +9,7 @@ ResNet34, 46M values, as in :mod:`bench.lloyd`) and ``21M/1``, at b = 4 and 8, o
 Reports CPU seconds of the process (user + system, ``resource.getrusage``), which a machine shared
 with other jobs disturbs much less than wall time, and the user seconds alone: the system part is
 mostly page faults of fresh allocations, whose cost varies several-fold on a loaded machine (0.11 to
-0.71 s for the same 39k faults of a ``fast`` call on ``21M/1``). Writes
+0.79 s for the same 39k faults of a ``fast`` call on ``21M/1``). Writes
 ``bench/results/lloyd_cpu_ab.json`` (or ``--out``).
 """
 

@@ -5,7 +5,8 @@ For every segment, the SSE over the nonzeros of each quantizer divided by the ex
 pinned at 0), summed over the segments of one source before dividing:
 
 * ``lloyd``: the legacy project default (midpoint-quantile init, 20 iterations, tol 1e-5);
-* ``fast``: the new default (DP over atoms + Lloyd, same iteration settings);
+* ``fast``: the default (compand init, windowed DP over atoms, then Lloyd from it and from the legacy
+  init, the lower error kept; same iteration settings);
 * ``optimal``: the exact DP (``method="optimal"``, float32 centres: 1.000 up to rounding);
 * ``sklearn``: ``sklearn.cluster.KMeans`` (k-means++, 10 inits) with ``2^b + 1`` clusters on the
   nonzeros, the centre nearest 0 then pinned to 0 (only up to ``--sklearn-max-n`` values);

@@ -5,7 +5,7 @@ families at n = 6000, the issue's heavy-ties / skewed segments at n = 3000 and o
 segments at n = 6000, b = 1..8)
 through ``lloyd_quantize_triton(..., method="fast")``: compiled kernels on CUDA, Triton's CPU
 interpreter otherwise (``TRITON_INTERPRET=1`` is set when no GPU is present; slow: about
-20 CPU-minutes). Per case and b: SSE ratio to the exact optimum for the kernel and for the
+7 CPU-minutes). Per case and b: SSE ratio to the exact optimum for the kernel and for the
 reference, whether codes and codebooks equal the reference's, and the refinement passes.
 Writes ``quant_quality_triton.json`` to ``--out`` (default ``bench/results``).
 

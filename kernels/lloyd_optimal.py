@@ -97,7 +97,7 @@ def _sides(stats: list[tuple[np.ndarray, ...]], K: int):
                 if np.array_equal(new[sl], L[sl]):  # one more cluster no longer helps: nor will any later one
                     out[p][0][k:], out[p][1][k:] = out[p][0][k - 1], out[p][1][k - 1]
                 else:
-                    out[p][2].append(a[sl] - base[p])
+                    out[p][2].append(np.subtract(a[sl], base[p], dtype=np.int32))  # (int32: K per value)
                     still.append(p)
             L, active = new, still
         for p in active:

@@ -5,8 +5,9 @@ The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
 ``torch.compile(fullgraph=True)``:
 
 1. segmented sort: one float32 sort of all values, then a stable sort of their segment ids
-   (a 1-2 pass radix sort on uint8/int16 keys) leaves every segment ascending in its own
-   range ``[offsets[s], offsets[s+1])`` (zeros included, in the middle of the segment);
+   (a 1-2 pass radix sort on uint8/int16 keys; int32 keys past 2**15 segments) leaves every
+   segment ascending in its own range ``[offsets[s], offsets[s+1])`` (zeros included, in the
+   middle of the segment);
 2. float64 inclusive prefix sums of the sorted buffer, and per-segment sums of squares;
 3. ONE Lloyd launch, one program per segment (``[S, 8]`` programs for :func:`errors_for_bits`),
    every iteration in registers: 256 lanes hold the free centres, each iteration is a binary
@@ -15,9 +16,9 @@ The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
 4. an elementwise pass that writes codes and q in the original order by searching each value
    against its segment's midpoints.
 
-``method="fast"`` adds, between 2 and 3, the prefix sums of squares, the distinct-run ranks and
-the init launch of :mod:`.lloyd_window_triton`; the Lloyd launch then also runs from that init
-and keeps the lower error. ``method="optimal"`` runs the reference on host copies.
+``method="fast"`` adds, between 2 and 3, the prefix sums of squares and the distinct-run ranks (two
+scan launches) and the init and refinement launches of :mod:`.lloyd_window_triton`; the Lloyd launch
+then also runs from that init and keeps the lower error. ``method="optimal"`` runs the reference on host copies.
 
 Floating point: means are float64 prefix-sum differences rounded to float32, like the
 reference. The prefix sums are taken over the whole sorted buffer (not restarted per
@@ -510,7 +511,7 @@ def lloyd_quantize_triton(
     """Triton launcher of ``atmc::lloyd_quantize`` (same contract as the reference).
 
     ``"lloyd"`` and ``"fast"`` run on the device with no host synchronisation after the eager-only
-    value checks (``"fast"``: the init kernel of :mod:`.lloyd_window_triton`, then Lloyd from it and
+    value checks (``"fast"``: the init and refinement kernels of :mod:`.lloyd_window_triton`, then Lloyd from it and
     from the legacy init, the lower SSE kept); ``"optimal"`` (the exact DP, no kernel) runs the
     reference on host copies through ``atmc::lloyd_quantize_host``.
 

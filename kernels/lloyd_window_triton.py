@@ -376,7 +376,7 @@ def fast_refine_kernel(
     TB: tl.constexpr,
     KLANES: tl.constexpr,
 ):
-    """Steps 4 and 5 of the module docstring for the programs :func:`fast_init_kernel` left to refine.
+    """Steps 5 and 6 of the module docstring for the programs :func:`fast_init_kernel` left to refine.
 
     A launch of its own, so that none of the init's 4096-wide tensors is live here (few registers,
     no spill moves). Every load of a Viterbi step is issued one step ahead (the candidates' atom
@@ -527,7 +527,7 @@ def fast_refine_kernel(
             prev_cost = cost
         tl.store(passes_ptr + prob, passes)
         tl.debug_barrier()
-        # ---- 5. cluster means: float32, ascending, duplicates dropped
+        # ---- 6. cluster means: float32, ascending, duplicates dropped
         count = tl.zeros((), tl.int32)
         run_max = tl.zeros((), tl.float32) - float("inf")
         for t0 in range(0, K + 1, KLANES):

@@ -244,3 +244,24 @@ def test_non_finite_values_give_a_nan_error_without_warnings(bad):
             warnings.simplefilter("error")
             err = lloyd_quantize_ref(v, torch.tensor([0, 3000, 6000]), torch.tensor([8, 8]), 20, 1e-5, m)[3]
         assert torch.isnan(err[0]) and torch.isfinite(err[1]), (m, err)
+
+
+def test_dp_keeps_its_argmins_as_int32():
+    """The README's memory figure: K int32 argmins per value (numpy 2 made ``int32 - int64`` int64)."""
+    from atmc_triton.kernels import lloyd_optimal
+
+    seen = []
+    sides = lloyd_optimal._sides
+
+    def spy(stats, K):
+        out = sides(stats, K)
+        seen.extend(layer.dtype for _, _, layers in out for layer in layers)
+        return out
+
+    s = np.sort(np.random.default_rng(0).standard_normal(500)).astype(np.float32)
+    lloyd_optimal._sides = spy
+    try:
+        dp_partition(s, 8)
+    finally:
+        lloyd_optimal._sides = sides
+    assert seen and all(d == np.int32 for d in seen), seen
