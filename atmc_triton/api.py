@@ -435,7 +435,8 @@ def finalize_(
 
     Args:
         floor: the layer floor, one of ``"last"``, ``"rows"``, ``"none"`` (default ``None`` or ``"auto"``: the
-            floor ``compress_`` resolved for this model).
+            floor ``compress_`` resolved for this model); a floor larger than half the budget is a
+            ``ValueError``, as in :func:`compress_`.
         progress: a tqdm bar over the factors (``None``: on for models of 5M+ weights).
         check_input: run :func:`check_input_dependence` afterwards (a :class:`CollapseWarning`
             if some output no longer depends on the input).
@@ -469,6 +470,11 @@ def finalize_(
         offsets.append(offsets[-1] + getattr(layer, f).numel())
     quantized = all(layer.nbits is not None for layer in layers)
     fl = floor_indices(layers, floor, "_z" if quantized else "").to(flat.device)
+    if fl.numel() > k // 2:  # as compress_ refuses it: the floor would crowd out the budget (or exceed it)
+        raise ValueError(
+            f"finalize_: the layer floor (floor={floor!r}) needs {fl.numel()} of the {k} nonzeros the budget "
+            "allows (at most half may go to it); use floor='last' or 'none', or compress with a larger ratio"
+        )
     kept = flat[fl].clone()
     flat[fl] = 0
     project_topk_(flat, max(k - fl.numel(), 0))

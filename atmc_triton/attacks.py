@@ -806,7 +806,7 @@ def robust_suite(
     """The strongest available robustness check, as a cascade on the points still robust.
 
     ``suite="auto"`` picks, in order: fra31's ``autoattack`` when installed (one stage,
-    ``version``); else torchattacks (PyPI, the ``attacks`` extra) with AutoAttack's standard
+    ``version``); else torchattacks (PyPI, a dependency of this package) with AutoAttack's standard
     settings: APGD-CE-``steps``, APGD-T-``steps`` over ``n_target_classes`` targets,
     FAB-T-``steps``, Square-``square_queries`` (defaults 100 / 9 / 100 / 5000; images
     ``[N, C, H, W]`` only); else the built-in APGD-CE + APGD-T (:func:`apgd_dlr`). ``"autoattack"``,

@@ -2,8 +2,9 @@
 
 ``atmc train`` with no arguments adversarially trains, compresses and evaluates a small CNN on
 scikit-learn's embedded 8x8 digits (no download) and prints a table. Bad arguments end with a
-one-line ``atmc: error: ...`` on stderr (``atmc [rank r/N]: error: ...`` under torchrun) and exit
-code 2; a run stopped by NaN/Inf steps (``--max-nonfinite``) exits with code 3.
+one-line ``atmc <subcommand>: error: ...`` on stderr (``atmc: error: ...`` for errors the run itself
+raises, ``atmc [rank r/N]: error: ...`` under torchrun) and exit code 2; a run stopped by NaN/Inf
+steps (``--max-nonfinite``) exits with code 3.
 
 Multi-GPU / multi-node: run the same command under ``torchrun`` (DistributedDataParallel, one
 process per GPU; gloo on CPU). ``--batch-size`` stays the global batch, only rank 0 writes to
@@ -193,20 +194,52 @@ def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     g.add_argument("--test-subset", type=_positive_int, help="evaluate on a seeded random subset of N test examples")
 
 
-def _add_protocol(p: argparse.ArgumentParser) -> None:
+def _add_protocol(p: argparse.ArgumentParser, evaluating: bool = False) -> None:
+    """The threat-model flags; ``evaluating`` (``atmc eval``): their defaults are the checkpoint's protocol."""
     g = p.add_argument_group("threat model and attacks (defaults per dataset)")
+    ckpt = "default: the checkpoint's protocol"
     g.add_argument(
-        "--eps", type=float, help="L-inf radius in [0, 1] pixel units (mnist 0.3, cifar/svhn 4/255, digits 0.2)"
+        "--eps",
+        type=float,
+        help="L-inf radius in [0, 1] pixel units ("
+        + (ckpt if evaluating else "mnist 0.3, cifar/svhn 4/255, digits 0.2")
+        + ")",
     )
-    g.add_argument("--pgd-steps", type=int, help="PGD steps in training (mnist 16, cifar/svhn 7, digits 10)")
+    if evaluating:
+        g.add_argument("--pgd-steps", type=int, help=f"PGD steps of the evaluation, as --eval-pgd-steps ({ckpt})")
+    else:
+        g.add_argument(
+            "--pgd-steps", type=int, help="PGD steps in training (mnist 16, cifar/svhn 7, digits 10; fast: 3)"
+        )
     g.add_argument("--pgd-alpha", type=float, help="PGD step size (default 2.5 * eps / steps)")
-    g.add_argument("--eval-pgd-steps", type=int, help="PGD steps in evaluation (default: as in training; digits 20)")
     g.add_argument(
-        "--apgd-steps", type=int, default=100, help="APGD-CE / APGD-T / FAB-T iterations of the suite (default 100)"
+        "--eval-pgd-steps",
+        type=int,
+        help="PGD steps in evaluation ("
+        + (ckpt if evaluating else "default: as in training; digits 20, mnist with --protocol fast 50")
+        + ")",
     )
-    g.add_argument("--wrm-gamma", type=float, default=0.4, help="WRM penalty gamma (default 0.4)")
-    g.add_argument("--wrm-steps", type=int, default=15, help="WRM ascent steps (default 15)")
-    g.add_argument("--wrm-lr", type=float, default=1.0, help="WRM step size, decays as lr/sqrt(t+1) (default 1)")
+    g.add_argument(
+        "--apgd-steps",
+        type=int,
+        default=100,
+        help="APGD-CE / APGD-T / FAB-T iterations of the suite (" + (ckpt if evaluating else "default 100") + ")",
+    )
+    g.add_argument(
+        "--wrm-gamma",
+        type=float,
+        default=0.4,
+        help="WRM penalty gamma (" + (ckpt if evaluating else "default 0.4") + ")",
+    )
+    g.add_argument(
+        "--wrm-steps", type=int, default=15, help="WRM ascent steps (" + (ckpt if evaluating else "default 15") + ")"
+    )
+    g.add_argument(
+        "--wrm-lr",
+        type=float,
+        default=1.0,
+        help="WRM step size, decays as lr/sqrt(t+1) (" + (ckpt if evaluating else "default 1") + ")",
+    )
     g.add_argument(
         "--suite",
         choices=list(SUITES),
@@ -814,8 +847,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
         for k in ("eps", "pgd_alpha", "apgd_steps", "wrm_gamma", "wrm_steps", "wrm_lr")
         if getattr(a, k) is not None
     }
-    if a.pgd_steps is not None:
-        over["eval_pgd_steps"] = a.pgd_steps
+    steps = {a.pgd_steps, a.eval_pgd_steps} - {None}  # both flags set the evaluation's PGD steps here
+    if len(steps) > 1:
+        raise ValueError(f"--pgd-steps {a.pgd_steps} and --eval-pgd-steps {a.eval_pgd_steps} disagree")
+    if steps:
+        over["eval_pgd_steps"] = steps.pop()
     protocol = dataclasses.replace(base, **over)
     _threads(a.threads or RECIPES[meta["dataset"]].threads)
     device = distributed.init_from_env(a.device)  # under torchrun the test split is shared out to the ranks
@@ -914,7 +950,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--finalize", action="store_true", help="finalize_ an unfinalized ATMC checkpoint first")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _add_data(e, dataset=False)
-    _add_protocol(e)
+    _add_protocol(e, evaluating=True)
     e.add_argument(
         "--channels-last", action="store_true", help="evaluate in channels_last memory format (faster on CPU)"
     )

@@ -319,14 +319,19 @@ class PackedLayer(nn.Module):
     def _state_key(self) -> tuple:
         return tuple((id(t), t._version) for f in FACTORS for t in self.factor(f)[1:])
 
-    def check_valid(self) -> None:
+    def check_valid(self, force: bool = False) -> None:
         """Validate the packed tensors if they changed since the last check (in place or replaced), and
         drop the caches made from them. Forwards call it first: corrupt data raises ``ValueError``
-        before any kernel runs. Skipped inside ``torch.compile`` (a compiled graph validates nothing)."""
+        before any kernel runs. Skipped inside ``torch.compile`` (a compiled graph validates nothing).
+
+        A change is seen through each tensor's identity and autograd version counter; writes that
+        bypass the counter (through ``t.data``) are not. After such writes call
+        ``check_valid(force=True)``: it validates and drops the caches whatever the counters say.
+        """
         if torch.compiler.is_compiling():
             return
         key = self._state_key()
-        if key != self._valid_key:
+        if force or key != self._valid_key:
             self._drop_caches()
             self.validate()
             self._valid_key = key

@@ -230,14 +230,16 @@ def admm_step_triton(
 ) -> Tensor:
     """Triton launcher of ``atmc::admm_step``: same contract as :func:`admm_step_ref`.
 
-    A fixed sequence of five launches (update, three select levels, write; see ``admm_triton.py``),
-    no host sync, grids set by ``n`` alone. ``grad`` may be float16/bfloat16 (upcast in the kernel).
+    A fixed sequence of five launches (update, three select levels, write; two when ``k = 0`` or
+    ``k >= n``; see ``admm_triton.py``), no host sync, grids set by ``n`` alone. ``grad`` may be
+    float16/bfloat16 (upcast in the kernel).
     ``tau_hint`` (0-dim float32, e.g. the previous step's tau) makes the select read only a band
     of elements around it when the new tau is near; it never changes the result.
 
-    Example:
-        >>> tau = admm_step_triton(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, k, False)  # CUDA [n]
-        >>> tau = admm_step_triton(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, k, False, tau)  # next step
+    Example (CUDA tensors ``w, grad, mom, z, u`` float32 ``[n]``, ``mask`` bool ``[n]``; not run as a doctest)::
+
+        tau = admm_step_triton(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, k, False)
+        tau = admm_step_triton(w, grad, mom, z, u, mask, 0.1, 0.9, 1e-4, 0.1, k, False, tau)  # next step
     """
     _check(w, grad, mom, z, u, mask, k, tau_hint)
     n = w.numel()

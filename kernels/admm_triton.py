@@ -11,8 +11,8 @@ gradient) and the last pass recomputes ``wn`` from ``(w, s)`` with the same inst
 helper), so both see the same bits.
 
 One step is a fixed sequence of launches whose grids depend only on ``n`` (CUDA-graph capturable);
-``P`` persistent programs each own a contiguous chunk of ``tiles * BLOCK`` elements. Five launches,
-no memset (every workspace word is written before it is read)::
+``P`` persistent programs each own a contiguous chunk of ``tiles * BLOCK`` elements. Five launches
+(two when ``k = 0`` or ``k >= n``: no select), no memset (every workspace word is written before it is read)::
 
     _update_kernel   read grad, w, mom, z, u -> write s; count non-finite updates; with a previous
                      tau: count keys above the band around it and append the keys inside the band to
@@ -89,10 +89,11 @@ NB1, NB2, NB3 = 2048, 1024, 1024  # radix digits of the 31 key bits (FULL path),
 KEEP_ALL, KEEP_NONE, SELECT = 0, 1, 2  # projection modes (k >= n, k == 0, 0 < k < n)
 FULL, BAND = 0, 1  # the path a SELECT step took (ws[PATH_WORD])
 
-# One int32 workspace per step, zeroed by one memset. State words, then three histograms, then the
-# tie count of each program's chunk.
-# Level L of the select reads the digits found so far from words 8 + 2 (L - 1), 9 + 2 (L - 1) and writes
-# its own at 8 + 2 L, 9 + 2 L (a program must never read what another program of its launch writes).
+# One int32 workspace per step (torch.empty: every word is written before it is read). State words, then
+# three histograms, then the tie count of each program's chunk.
+# Level L of the select reads the digits found so far from words _ST_DIGITS + 2 (L - 1) and the one after,
+# and writes its own at _ST_DIGITS + 2 L and the one after (a program must never read what another program
+# of its launch writes).
 ST_LO, ST_PATH = tl.constexpr(0), tl.constexpr(1)
 _ST_DIGITS = tl.constexpr(2)
 _H1 = tl.constexpr(16)

@@ -95,9 +95,9 @@ H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0
 # decoded weight element and BLOCK_M-row tile of the tile kernel ("dense" codes, "bitmap"), per stored
 # nonzero and BLOCK_M rows of the CSR kernel. At "issue" warp instructions/s (132 SMs x 4 schedulers x
 # 1.755 GHz) they bound a kernel's time from below. Triton 3.8 is the model's default; 3.6 (torch 2.11's,
-# the lent H200's) issues 1.4x more for dense tiles and 0.97-0.99x as much for CSR (whose loop has no layout
+# the lent H200's) issues 1.4x more for dense tiles and 0.96-0.99x as much for CSR (whose loop has no layout
 # exchange on either since a thread owns whole nonzeros, 4 consecutive ones; before that, the counts at BLOCK_M
-# 2 / 4 / 16 were 2.2 / 2.6 / 1.5x these on 3.8 and 2.7 / 2.9 / 1.7x on 3.6:
+# 2 / 4 / 16 were 2.2 / 2.7 / 1.5x these on 3.8 and 2.8 / 3.0 / 1.7x on 3.6:
 # bench/results/gemm_issue_2026-11-30_csr.json).
 ISSUE_COUNTS = {
     "3.8": {

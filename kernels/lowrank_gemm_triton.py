@@ -204,9 +204,11 @@ def csr_block_m(M: int) -> int:
 
 
 def split_k(M: int, N: int, K_total: int, block_n: int = 64, block_k: int = 64) -> int:
-    """Splits of the K-steps for the small-M tile path: enough for ``TARGET_PROGRAMS`` programs, at most
-    ``MAX_SPLIT_K`` and at most one per ``block_k`` columns of ``K_total`` (a pure function of the shape)."""
-    tiles = -(-M // 16) * -(-N // block_n)
+    """Splits of the K-steps for the small-M tile path: enough for ``TARGET_PROGRAMS`` programs with
+    ``block_n``-wide tiles of the launcher's ``BLOCK_M`` rows (16, or 32 past 16), at most ``MAX_SPLIT_K``
+    and at most one per ``block_k`` columns of ``K_total`` (a pure function of the shape). The split is
+    fixed before the autotuner picks ``BLOCK_N``: a 128-wide config gets half the programs."""
+    tiles = -(-M // (16 if M <= 16 else 32)) * -(-N // block_n)
     want = -(-TARGET_PROGRAMS // tiles)
     return max(1, min(MAX_SPLIT_K, want, -(-K_total // block_k)))
 

@@ -16,7 +16,7 @@ Its packed form is four tensors (unused ones are empty) and a format tag:
   nnz), so a kernel finds the code of any element from one pointer and at most 8 word popcounts;
   ``codes`` as for CSR. Per element: ``1 + 32 / GROUP`` bits of positions (1.125) plus ``width``
   bits per nonzero, against ``16 + width`` bits per nonzero for CSR: the smaller one above about 7 %
-  density (17 % for the main factor of a 4096^2 layer at ratio 0.05: 2.4 against 4.1 bits per element).
+  density (17 % for the main factor of a 4096^2 layer at ratio 0.05: 2.5 against 4.1 bits per element).
   Only ``SIZE_FORMATS`` choose it (``pack_(model, formats="size")``): it saves bytes, not time.
 
 ``book [L + 1]`` float32 holds the zero in slot 0 and the levels ascending in slots ``1..L``.

@@ -118,6 +118,17 @@ def test_finalize_refuses_an_unknown_floor_and_leaves_the_model_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_finalize_refuses_a_floor_over_half_the_budget_and_leaves_the_model_alone():
+    model = at.compress_(nn.Sequential(nn.Linear(16, 8)), at.ATMCConfig(nnz=4, floor="none", bits=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"finalize_: the layer floor \(floor='rows'\) needs 8 of the 4 nonzeros"):
+        at.finalize_(model, floor="rows")  # (it used to keep all 8 row entries: twice the budget)
+    assert not at.is_finalized(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    at.finalize_(model, floor="none", check_input=False)
+    assert 0 < sum(int((p != 0).sum()) for n, p in model.named_parameters() if n.split(".")[-1] in "UVC") <= 4
+
+
 def test_finalize_auto_floor_is_the_floor_compress_resolved():
     cfg = at.ATMCConfig(ratio=0.2, bits=4)
     a, b = at.compress_(small(), cfg), at.compress_(small(), cfg)

@@ -158,6 +158,8 @@ def test_eval_command(digits_run, capsys):
         rc == 0 and "robust (per-example worst of PGD-2, aa-torchattacks(apgd-ce-2,apgd-t-2,fab-t-2,square-10))" in text
     )
     assert "flags:" in text and "--apgd-steps 100 --square-queries 5000" in text
+    rc = main(["eval", str(out / "dense.pt"), "--attack", "pgd", "--eval-pgd-steps", "3", "--test-subset", "8"])
+    assert rc == 0 and "PGD-3" in capsys.readouterr().out  # (it was ignored: PGD-20, the checkpoint's protocol)
     rc = main(["eval", str(out / "dense.pt"), "--attack", "fgsm", "--test-subset", "16"])
     text = capsys.readouterr().out
     assert rc == 0 and "FGSM:" in text and "TA" in text and "PGD" not in text
@@ -280,6 +282,7 @@ def test_bad_arguments_end_with_one_line(tmp_path, capsys, digits_run):
     assert "bits must be" in _error(["train", "--bits", "9"], capsys)
     assert "unknown attack" in _error(["train", "--attacks", "pgd,cw"], capsys)
     assert "not both" in _error(["eval", str(out / "dense.pt"), "--suite", "apgd", "--autoattack", "no"], capsys)
+    assert "disagree" in _error(["eval", str(out / "dense.pt"), "--pgd-steps", "2", "--eval-pgd-steps", "3"], capsys)
     # a checkpoint from another model
     fake = tmp_path / "lenet.pt"
     save_checkpoint(

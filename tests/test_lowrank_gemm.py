@@ -658,6 +658,8 @@ def test_split_k_reduction_is_deterministic(device):
     assert torch.equal(first.view(torch.int32), run_kernel(x, b, n, r, IDENTITY_V, facs, cfg).view(torch.int32))
     assert_close(first, *oracle(x, b, n, r, IDENTITY_V, facs), torch.float32)
     assert lt.split_k(1, 4096, 4096) * 64 >= lt.TARGET_PROGRAMS  # enough programs for the SMs at M = 1
+    for M in (17, 32):  # one 32-row tile (the launcher's BLOCK_M past 16): 64 tiles x 5 splits, not 64 x 3
+        assert lt.split_k(M, 4096, 4096) * 64 >= lt.TARGET_PROGRAMS
     assert lt.split_k(16, 64, 10) == 1 and lt.split_k(16, 64, 10**6) == lt.MAX_SPLIT_K
 
 

@@ -199,6 +199,21 @@ def test_bitmap_layer_packs_saves_loads_and_unpacks_exactly(tmp_path):
         packed(x)
 
 
+def test_writes_through_data_need_a_forced_check():
+    """``t.data[...] = v`` bypasses the version counter the per-forward check keys on (README)."""
+    layer = pk.pack_(finalized(nn.Sequential(nn.Linear(40, 24)), steps=0))[0]
+    layer.check_valid()
+    layer._dense_weight(torch.float32)  # the cached decoded weight
+    assert layer.cache_nbytes > 0
+    book = next(b for b in (layer.U_book, layer.V_book, layer.C_book) if b.numel() > 1)
+    book.data[1] = float("nan")  # corrupt, unseen by the counter
+    layer.check_valid()
+    assert layer.cache_nbytes > 0  # (the limitation the README states)
+    with pytest.raises(ValueError, match="codebook levels must be finite"):
+        layer.check_valid(force=True)
+    assert layer.cache_nbytes == 0  # the stale weight is gone too
+
+
 # --- sizes -----------------------------------------------------------------------------------------------------------
 
 
