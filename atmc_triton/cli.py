@@ -197,49 +197,21 @@ def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
 def _add_protocol(p: argparse.ArgumentParser, evaluating: bool = False) -> None:
     """The threat-model flags; ``evaluating`` (``atmc eval``): their defaults are the checkpoint's protocol."""
     g = p.add_argument_group("threat model and attacks (defaults per dataset)")
-    ckpt = "default: the checkpoint's protocol"
-    g.add_argument(
-        "--eps",
-        type=float,
-        help="L-inf radius in [0, 1] pixel units ("
-        + (ckpt if evaluating else "mnist 0.3, cifar/svhn 4/255, digits 0.2")
-        + ")",
-    )
-    if evaluating:
-        g.add_argument("--pgd-steps", type=int, help=f"PGD steps of the evaluation, as --eval-pgd-steps ({ckpt})")
-    else:
-        g.add_argument(
-            "--pgd-steps", type=int, help="PGD steps in training (mnist 16, cifar/svhn 7, digits 10; fast: 3)"
-        )
-    g.add_argument("--pgd-alpha", type=float, help="PGD step size (default 2.5 * eps / steps)")
-    g.add_argument(
-        "--eval-pgd-steps",
-        type=int,
-        help="PGD steps in evaluation ("
-        + (ckpt if evaluating else "default: as in training; digits 20, mnist with --protocol fast 50")
-        + ")",
-    )
-    g.add_argument(
-        "--apgd-steps",
-        type=int,
-        default=100,
-        help="APGD-CE / APGD-T / FAB-T iterations of the suite (" + (ckpt if evaluating else "default 100") + ")",
-    )
-    g.add_argument(
-        "--wrm-gamma",
-        type=float,
-        default=0.4,
-        help="WRM penalty gamma (" + (ckpt if evaluating else "default 0.4") + ")",
-    )
-    g.add_argument(
-        "--wrm-steps", type=int, default=15, help="WRM ascent steps (" + (ckpt if evaluating else "default 15") + ")"
-    )
-    g.add_argument(
-        "--wrm-lr",
-        type=float,
-        default=1.0,
-        help="WRM step size, decays as lr/sqrt(t+1) (" + (ckpt if evaluating else "default 1") + ")",
-    )
+    flags = {  # flag: (type, default, help, the default as train and sweep see it)
+        "--eps": (float, None, "L-inf radius in [0, 1] pixel units", "mnist 0.3, cifar/svhn 4/255, digits 0.2"),
+        "--pgd-steps": (int, None, "PGD steps in training", "mnist 16, cifar/svhn 7, digits 10; fast: 3"),
+        "--pgd-alpha": (float, None, "PGD step size", "default 2.5 * eps / steps"),
+        "--eval-pgd-steps": (int, None, "PGD steps in evaluation", "as in training; digits 20, mnist fast 50"),
+        "--apgd-steps": (int, 100, "APGD-CE / APGD-T / FAB-T iterations of the suite", "default 100"),
+        "--wrm-gamma": (float, 0.4, "WRM penalty gamma", "default 0.4"),
+        "--wrm-steps": (int, 15, "WRM ascent steps", "default 15"),
+        "--wrm-lr": (float, 1.0, "WRM step size, decays as lr/sqrt(t+1)", "default 1"),
+    }
+    for flag, (kind, default, text, default_text) in flags.items():
+        if evaluating and flag != "--pgd-alpha":  # atmc eval: the checkpoint's protocol unless given
+            text = "PGD steps of the evaluation, as --eval-pgd-steps" if flag == "--pgd-steps" else text
+            default_text = "default: the checkpoint's protocol"
+        g.add_argument(flag, type=kind, default=default, help=f"{text} ({default_text})")
     g.add_argument(
         "--suite",
         choices=list(SUITES),
