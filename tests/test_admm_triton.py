@@ -353,8 +353,10 @@ def test_dual_update_op_compiles_in_one_frame():
     ["ties", "fp16 grads", "k = 0", "k = 1", "k = n - 1", "k = n", "nan grad", "nesterov", "hint nan", "hint inf"],
 )
 def test_admm_step_op_compiles_in_one_frame_and_matches_the_reference(case):
-    """torch.compile(op) in one frame against the reference (not the op against itself), on inputs where
-    the two could part: ties, half grads, the k edges, the non-finite void path, Nesterov, odd hints."""
+    """torch.compile(op) in one frame against the reference, and the Triton launcher against it too (on CPU
+    tensors the compiled op runs its CPU kernel, the reference itself; the launcher runs in the
+    interpreter), on inputs where kernel and reference could part: ties, half grads, the k edges, the
+    non-finite void path, Nesterov, odd hints."""
     from torch._dynamo.testing import CompileCounter
 
     t0 = make_state([(13, 7), (40, 9)], 3, case == "ties", torch.float16 if case == "fp16 grads" else torch.float32)
@@ -381,6 +383,10 @@ def test_admm_step_op_compiles_in_one_frame_and_matches_the_reference(case):
     assert same(tau, tau_ref)
     for key in t0:
         assert same(t[key], ref[key]), key
+    launched = copy.deepcopy(t0)
+    assert same(admm_step_triton(**launched, **hp, k=k, nesterov=nesterov, tau_hint=hint), tau_ref)
+    for key in t0:  # equal values (the kernels write +0.0 where the reference's w * keep gives -0.0)
+        torch.testing.assert_close(launched[key], ref[key], rtol=0, atol=0, equal_nan=True, msg=key)
     if case == "nan grad":
         assert math.isnan(float(tau)) and all(same(t[key], t0[key]) for key in t0)  # nothing written
 

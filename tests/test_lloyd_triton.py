@@ -249,8 +249,10 @@ def _compiled_once(fn, *args):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["fast", "optimal", "lloyd"])
 def test_ops_compile_in_one_frame(device, method):
-    """torch.compile(op) against the reference, on inputs with exact midpoint ties, duplicates,
-    denormals, a one-sided segment and a segment kept exactly (where kernel and reference could differ)."""
+    """torch.compile(op) in one frame against the reference, and the Triton launchers (not the op: on CPU
+    tensors the compiled op runs its CPU kernel, the reference itself) against it too, on inputs with
+    exact midpoint ties, duplicates, denormals, a one-sided segment and a segment kept exactly (where
+    kernel and reference could differ)."""
     rng = np.random.default_rng(3)
     segs = [
         rng.standard_t(3, 500),
@@ -268,11 +270,16 @@ def test_ops_compile_in_one_frame(device, method):
 
     vc, oc, bc = values.cpu(), offsets.cpu(), bits.cpu()
     want = (*lloyd_quantize_ref(vc, oc, bc, 10, 0.0, method), errors_for_bits_ref(vc, oc, 10, 0.0, method))
-    for got, ref in zip(_compiled_once(f, values, offsets, bits), want):
-        if got.dtype == torch.int16:
-            assert torch.equal(got.cpu(), ref)
-        else:
-            torch.testing.assert_close(got.cpu(), ref, rtol=1e-6, atol=1e-12)
+    launched = (
+        *lt.lloyd_quantize_triton(values, offsets, bits, 10, 0.0, method),
+        lt.errors_for_bits_triton(values, offsets, 10, 0.0, method),
+    )
+    for results in (_compiled_once(f, values, offsets, bits), launched):
+        for got, ref in zip(results, want, strict=True):
+            if got.dtype == torch.int16:
+                assert torch.equal(got.cpu(), ref)
+            else:
+                torch.testing.assert_close(got.cpu(), ref, rtol=1e-6, atol=1e-12)
 
 
 def test_a_cpu_graph_holds_the_op_as_one_node_that_runs_the_reference():

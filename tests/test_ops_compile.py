@@ -2,7 +2,13 @@
 pure-PyTorch reference, bitwise, on inputs where an implementation can go wrong: tied values (at the top-k threshold
 and at Lloyd's midpoints), NaN gradients (the step must write nothing), empty, all-zero, one-element, exactly-2^b
 and odd-sized (1031) segments, CSR and empty factors, NaN rows in the GEMM input. The compiled function also reads
-the buffers the op mutated, so dynamo must order the in-place writes before the reads."""
+the buffers the op mutated, so dynamo must order the in-place writes before the reads.
+
+These run on CPU tensors, where the compiled op dispatches to its CPU kernel, which is the reference itself: what
+they test is the one-frame trace, the functionalization of the in-place ops and the order of their writes, not the
+Triton kernels. Those are tested against the reference on the same kinds of inputs by the launchers in Triton's
+interpreter (``test_admm_triton.py``, ``test_lloyd_triton.py``, ``test_lowrank_gemm.py``; the compiled-op tests
+there run the launchers too)."""
 
 import copy
 
