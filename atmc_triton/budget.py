@@ -397,11 +397,12 @@ def model_size_bits(model: nn.Module) -> int:
 def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tensor:
     """Flat indices (the :class:`atmc_triton.FactorStore` order) of the floor entries of ``layers``.
 
-    ``mode`` is :attr:`atmc_triton.ATMCConfig.floor`. The floor of a row is the largest entry of
-    that output unit's row in the factor that carries the weight: ``U`` when the identity init put
-    W there (``W = U (V + I) + C``), ``V`` for ``W = (U + I) V + C``, ``C`` for the sparse init
-    (``W = C``, rank 0), and for the SVD init the largest ``U[i, r]`` plus the largest entry of
-    row ``r`` of ``V``. ``source`` picks the values:
+    ``mode`` is a resolved :attr:`atmc_triton.ATMCConfig.floor`: ``"last"``, ``"rows"`` or ``"none"``
+    (``"auto"`` is resolved by :func:`atmc_triton.compress_`; anything else is a ``ValueError``). The
+    floor of a row is the largest entry of that output unit's row in the factor that carries the
+    weight: ``U`` when the identity init put W there (``W = U (V + I) + C``), ``V`` for
+    ``W = (U + I) V + C``, ``C`` for the sparse init (``W = C``, rank 0), and for the SVD init the
+    largest ``U[i, r]`` plus the largest entry of row ``r`` of ``V``. ``source`` picks the values:
     ``""`` the factors, ``"_z"`` their quantized copies. Zero entries are never part of the floor.
 
     Example:
@@ -410,6 +411,8 @@ def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tenso
         >>> floor_indices([lin], "rows").numel()  # one per output unit
         2
     """
+    if mode not in ("last", "rows", "none"):  # ("auto", "row", ... fell through to "last")
+        raise ValueError(f"floor_indices: mode must be 'last', 'rows' or 'none', got {mode!r}")
     out: list[Tensor] = []
     base = 0
     for j, layer in enumerate(layers):

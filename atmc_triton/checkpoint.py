@@ -210,8 +210,19 @@ def _feed(h: Any, obj: Any) -> None:
         for v in obj:
             _feed(h, v)
         h.update(b"]")
+    elif isinstance(obj, set):  # no order survives pickling: the members' digests, sorted
+        h.update(b"<")
+        for d in sorted(_digest(v) for v in obj):
+            h.update(d)
+        h.update(b">")
     else:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _digest(obj: Any) -> bytes:
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.digest()
 
 
 def payload_digest(payload: dict[str, Any]) -> str:
@@ -234,8 +245,8 @@ _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.
 def check_loadable(obj: Any, where: str = "payload") -> None:
     """Raise ``ValueError`` naming the first value of ``obj`` that ``torch.load(weights_only=True)``
     would refuse: anything but tensors, plain scalars, strings, dtypes, devices and
-    dict/list/tuple/set containers of them. :func:`save_checkpoint` checks before writing, so it
-    never writes a checkpoint :func:`load_checkpoint` then refuses.
+    dict/list/tuple/set containers of them (not frozenset, which it refuses). :func:`save_checkpoint`
+    checks before writing, so it never writes a checkpoint :func:`load_checkpoint` then refuses.
 
     Example:
         >>> check_loadable({"lr": 0.1, "w": torch.zeros(2), "names": ["a", "b"]})
@@ -253,7 +264,7 @@ def check_loadable(obj: Any, where: str = "payload") -> None:
             check_loadable(k, f"{where} key {k!r}")
             check_loadable(v, f"{where}[{k!r}]")
         return
-    if isinstance(obj, (list, tuple, set, frozenset)) and type(obj) in (list, tuple, set, frozenset, torch.Size):
+    if isinstance(obj, (list, tuple, set)) and type(obj) in (list, tuple, set, torch.Size):
         for i, v in enumerate(obj):
             check_loadable(v, f"{where}[{i}]")
         return
@@ -317,18 +328,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint with ``torch.load(weights_only=True)``; refuse unsafe or foreign files.
 
     Raises:
-        ValueError: ``map_location`` is not a device, or asks for CUDA where there is none.
+        ValueError: ``map_location`` is not a device (or its name), is ``"meta"`` (no data to check
+            against the checksum), or asks for CUDA where there is none.
         CheckpointError: missing file, pickled objects beyond tensors and plain containers (their
             code never runs), truncated or corrupted data (checksum), or not a file written by
             :func:`save_checkpoint`.
     """
-    if isinstance(map_location, (str, torch.device)):  # a bad device is the caller's mistake, not a bad file
-        try:
-            dev = torch.device(map_location)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"load_checkpoint: map_location must be a torch device, got {map_location!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"load_checkpoint: map_location {map_location!r} asks for CUDA, which is not available")
+    try:  # a bad device is the caller's mistake, not a bad file
+        if not isinstance(map_location, (str, torch.device)):
+            raise TypeError
+        dev = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load_checkpoint: map_location must be a torch device, got {map_location!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_checkpoint: map_location {map_location!r} asks for CUDA, which is not available")
+    if dev.type == "meta":
+        raise ValueError(
+            "load_checkpoint: map_location 'meta' holds no data to check against the checksum; load to 'cpu'"
+        )
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a file")

@@ -59,12 +59,14 @@ class ATMCLayer(nn.Module):
     """
 
     def _setup(self, out: int, inn: int, rank: int, identity: int, bits: int | None, bias: bool, dd: dict):
+        if type(identity) is not int or identity not in (IDENTITY_NONE, IDENTITY_U, IDENTITY_V):
+            raise ValueError(f"identity must be {IDENTITY_NONE} (none), {IDENTITY_U} or {IDENTITY_V}, got {identity!r}")
+        if bits is not None and (type(bits) is not int or not 1 <= bits <= 8):  # (not a bool, not 2.5)
+            raise ValueError(f"bits must be an int in 1..8 or None, got {bits!r}")
         if identity == IDENTITY_U and rank != out or identity == IDENTITY_V and rank != inn:
             raise ValueError(f"identity={identity} needs full rank, got rank={rank} for [{out}, {inn}]")
         if not (isinstance(rank, int) and 0 <= rank <= min(out, inn)):
             raise ValueError(f"rank must be an int in 0..{min(out, inn)} for a [{out}, {inn}] weight, got {rank!r}")
-        if bits is not None and not 1 <= bits <= 8:
-            raise ValueError(f"bits must be in 1..8 or None, got {bits}")
         self.rank = rank
         self._identity = identity
         # the bits buffer's value, kept here too: load_state_dict checks a checkpoint against it and _identity, as
@@ -200,6 +202,10 @@ def _check_dense(module: nn.Module, kind: type) -> None:
         raise ValueError(f"from_dense expects {kind.__name__}, got {type(module).__name__}")
     if not module.weight.dtype.is_floating_point:
         raise ValueError(f"can only compress floating-point weights, got dtype {module.weight.dtype}")
+    if module.weight.is_meta:
+        raise ValueError(
+            "from_dense: the layer's weight is on the meta device (no values to factor); materialize it first"
+        )
 
 
 class ATMCLinear(ATMCLayer):
@@ -294,6 +300,11 @@ class ATMCConv2d(ATMCLayer):
             raise ValueError(
                 f"ATMCConv2d: groups={groups!r} must be an int >= 1 dividing {in_channels} and {out_channels}"
             )
+        # torch's own checks of the convolution's settings (padding mode, "same" with stride, ...), on no memory;
+        # its padding for padding_mode != "zeros" ("same" included) is ours too
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device="meta"
+        )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
@@ -304,9 +315,7 @@ class ATMCConv2d(ATMCLayer):
         rank = min(out_channels, inn) if rank is None else rank
         self._setup(out_channels, inn, rank, identity, bits, bias, {"device": device, "dtype": dtype})
         if padding_mode != "zeros":
-            if isinstance(padding, str):
-                raise ValueError(f"ATMCConv2d: padding={padding!r} with padding_mode={padding_mode!r} is unsupported")
-            self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
+            self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, cfg: ATMCConfig, bits: int | None = ...) -> ATMCConv2d:

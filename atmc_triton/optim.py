@@ -320,14 +320,17 @@ class ADMM(torch.optim.Optimizer):
         with ``check_finite=False``; a 0-dim int64 tensor, reading it syncs)."""
         return self._nonfinite
 
-    def _void_if_dense_nonfinite(self) -> None:
+    def _void_if_dense_nonfinite(self) -> Tensor | None:
         """A NaN/Inf dense grad voids the whole step: it is passed on to the factor op (which then
-        writes nothing and returns tau = NaN) as a NaN in the first factor grad; no host sync."""
+        writes nothing and returns tau = NaN) as a NaN in the first factor grad; no host sync.
+        Returns that grad's own value (``[1]``), which :meth:`step` puts back after the op."""
         ok = all_finite(p.grad for g in self.param_groups[1:] for p in g["params"])
         if ok is None:
-            return
+            return None
         g0 = self.store.grad[:1]
+        saved = g0.clone()
         g0.copy_(torch.where(ok.to(g0.device), g0, float("nan")))
+        return saved
 
     # Eager inside torch.compile: the factor update is the same few op calls either way, and the step's Python
     # scalars (lr under a scheduler, rho under its schedule) would recompile the graph at every change, until
@@ -340,7 +343,7 @@ class ADMM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync()
-        self._void_if_dense_nonfinite()
+        g0 = self._void_if_dense_nonfinite()
         st = self.state["admm"]
         fg = self.param_groups[0]
         quantized = self.cfg.quantized
@@ -365,6 +368,8 @@ class ADMM(torch.optim.Optimizer):
         bad = torch.isnan(tau)  # the op refused a non-finite update and wrote nothing
         if before is not None:
             self._release_floor(fg, before, bad)
+        if g0 is not None:  # the grads as the caller left them (a voided step must not blame a factor)
+            self.store.grad[:1].copy_(g0)
         ok = None
         if self.check_finite:
             if bool(bad):  # the one host sync of this mode

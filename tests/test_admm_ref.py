@@ -306,6 +306,27 @@ def test_nonfinite_grad_raises_before_writing():
     assert torch.equal(opt.store.mom, mom) and opt.steps == 2
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_nonfinite_dense_grad_leaves_every_grad_as_it_was(check_finite):
+    """The step is voided through a NaN in the first factor grad; that grad is put back afterwards (it was left
+    NaN, so a user debugging the FloatingPointError was pointed at a factor)."""
+    model, opt, _ = setup(at.ATMCConfig(ratio=0.3, bits=3, init="identity"), check_finite=check_finite)
+    x, y = batch()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    dense = [p for g in opt.param_groups[1:] for p in g["params"]]
+    dense[0].grad.view(-1)[0] = float("nan")
+    grads = [p.grad.clone() for p in model.parameters()]
+    if check_finite:
+        with pytest.raises(FloatingPointError, match="NaN or Inf"):
+            opt.step()
+    else:
+        opt.step()
+        assert int(opt.nonfinite_steps) == 1
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+
+
 def test_views_survive_set_to_none_and_reassignment():
     model, opt, _ = setup(at.ATMCConfig(ratio=0.3, bits=3, quant_interval=2, init="identity"))  # U is not empty
     x, y = batch()

@@ -226,6 +226,24 @@ def test_check_loadable_accepts_everything_a_training_checkpoint_holds(tmp_path)
     check_loadable(torch.load(tmp_path / "m.pt", weights_only=True))
 
 
+def test_a_set_of_strings_survives_the_checksum_and_a_frozenset_is_refused_before_writing(tmp_path):
+    """A set's order changes when it is unpickled (string hashes are salted per process; here, in the same
+    process, a 6-string set came back reordered): its digest was that order, so the file read as corrupted."""
+    tags = {"alpha", "beta", "gamma", "delta", "eps", "zeta"}
+    save_checkpoint(tmp_path / "m.pt", model=small(), meta={"model": "toy"}, extra={"tags": tags})
+    assert load_checkpoint(tmp_path / "m.pt")["extra"]["tags"] == tags
+    with pytest.raises(ValueError, match=r"extra\['v'\] is a frozenset"):
+        save_checkpoint(tmp_path / "f.pt", model=small(), meta={}, extra={"v": frozenset({"x", "y"})})
+    assert not (tmp_path / "f.pt").exists()
+
+
+@pytest.mark.parametrize("where, match", [(0, "must be a torch device"), ("meta", "'meta' holds no data")])
+def test_load_checkpoint_refuses_a_map_location_that_is_no_device_or_meta(tmp_path, where, match):
+    save_checkpoint(tmp_path / "m.pt", model=small(), meta={})  # was: "corrupted (TypeError)" / NotImplementedError
+    with pytest.raises(ValueError, match=f"load_checkpoint: map_location .*{match}"):
+        load_checkpoint(tmp_path / "m.pt", map_location=where)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize(
     "where, match", [("cuda", "asks for CUDA, which is not available"), ("gpu0", "must be a torch device")]

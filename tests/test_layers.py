@@ -50,11 +50,40 @@ def test_identity_init_conv_equals_dense(cin, cout, k, stride, padding, dilation
     assert model[0].weight.shape == dense.weight.shape
 
 
-def test_padding_mode_reflect():
-    dense = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+@pytest.mark.parametrize("padding", [1, "same", (0, 2)])
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_padding_modes(padding, mode):
+    """Every padding nn.Conv2d takes with a non-zero mode ("same" was refused: compress_ failed on such a model)."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(3, 4, (3, 4), padding=padding, padding_mode=mode)
     model = at.compress_(nn.Sequential(copy.deepcopy(dense)), at.ATMCConfig(nnz=1))
-    x = torch.randn(2, 3, 8, 8)
-    assert max_rel(model(x), dense(x)) <= 1e-5
+    x = torch.randn(2, 3, 8, 9)
+    assert model(x).shape == dense(x).shape and max_rel(model(x), dense(x)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"padding_mode": "bogus"}, "padding_mode must be one of"),  # (these failed at the first forward)
+        ({"padding": "foo"}, "Invalid padding string 'foo'"),
+        ({"stride": 2, "padding": "same"}, "padding='same' is not supported for strided convolutions"),
+        ({"bits": 2.5}, r"bits must be an int in 1..8 or None, got 2.5"),  # (then its own state_dict did not load)
+        ({"bits": True}, r"bits must be an int in 1..8 or None, got True"),  # (was 1 bit)
+        ({"identity": 7}, r"identity must be 0 \(none\), 1 or 2, got 7"),  # (was treated as none)
+    ],
+)
+def test_layer_constructors_refuse_bad_settings(kw, match):
+    conv_only = {k: v for k, v in kw.items() if k in ("padding_mode", "padding", "stride")}
+    with pytest.raises(ValueError, match=match):
+        at.ATMCConv2d(3, 4, 3, **kw)
+    if not conv_only:
+        with pytest.raises(ValueError, match=match):
+            at.ATMCLinear(5, 3, **kw)
+
+
+def test_from_dense_refuses_a_meta_layer():
+    with pytest.raises(ValueError, match="on the meta device"):  # (was: "Tensor.item() cannot be called on meta")
+        at.ATMCLinear.from_dense(nn.Linear(4, 3, device="meta"), at.ATMCConfig(ratio=0.5))
 
 
 @pytest.mark.parametrize("rank", [None, 3, 0.5])

@@ -118,6 +118,9 @@ def test_floor_indices_are_one_per_row_of_the_carrier(init, shape):
     assert sorted(got) == sorted(want) and len(got) == len(set(got))
     if init == "identity":
         assert len(got) == 2 * out - 1  # one per live output unit: no V entries for the identity init
+    for mode in ("auto", "row", "Rows"):  # (these gave the "last" floor silently)
+        with pytest.raises(ValueError, match=f"floor_indices: mode must be .*, got '{mode}'"):
+            floor_indices(layers, mode)
     last = floor_indices(layers, "last").tolist()  # the last layer keeps its rows, the others one entry
     n0 = sum(p.numel() for _, p in layers[0].factors())
     assert sorted(last) == sorted(
@@ -302,7 +305,7 @@ def test_packed_metadata_counts_levels_and_nonzeros_per_factor():
 
 @pytest.mark.parametrize("bits", [0, 9, -1])
 def test_layer_refuses_bits_outside_1_to_8(bits):
-    with pytest.raises(ValueError, match=f"bits must be in 1..8 or None, got {bits}"):
+    with pytest.raises(ValueError, match=f"bits must be an int in 1..8 or None, got {bits}"):
         at.ATMCLinear(4, 3, rank=0, bits=bits)
     assert at.ATMCLinear(4, 3, rank=0, bits=None).nbits is None and at.ATMCLinear(4, 3, rank=0, bits=8).nbits == 8
 
