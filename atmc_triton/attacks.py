@@ -5,7 +5,8 @@
 Conventions (those of torchattacks and AutoAttack):
 
 * inputs ``x [N, ...]`` are in ``[0, 1]``; normalization lives inside the model;
-* results are clamped to the L-inf ``eps``-ball around ``x`` and to ``[0, 1]`` (WRM: to ``[0, 1]``);
+* results are clamped to the L-inf ``eps``-ball around ``x`` and to ``[0, 1]`` (WRM and N-FGSM: to
+  ``[0, 1]`` only; N-FGSM's perturbation reaches ``(k + 1) eps``, as its docstring says);
 * attacks never change the model: parameters, their ``.grad`` and ``requires_grad`` flags,
   buffers (BatchNorm running statistics included) and every module's train/eval flag are as
   before the call. By default (``eval_mode=True``) the attack runs the model in eval mode
@@ -84,6 +85,8 @@ def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | No
         True
     """
     modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]  # an attack that calls backward (torchattacks' FAB) adds
+    # to .grad: each parameter gets no grad while the attack runs and its own one back afterwards
     saved: list[tuple[Tensor, Tensor]] = []
     if not eval_mode:  # a forward pass in train mode may update buffers (BatchNorm statistics)
         for m in model.modules():
@@ -93,6 +96,8 @@ def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | No
     top = int(labels.max()) if labels is not None and labels.numel() else -1
     hook = model.register_forward_hook(lambda m, a, out: _check_classes(out, top)) if top >= 0 else None
     try:
+        for p, _ in grads:
+            p.grad = None
         if eval_mode:
             model.eval()
         with torch.enable_grad(), cached_weights(model):
@@ -102,6 +107,8 @@ def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | No
             hook.remove()
         for m, t in modes:
             m.training = t
+        for p, g in grads:
+            p.grad = g
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
@@ -124,6 +131,8 @@ def _real(v: object, low: float, strict: bool = False) -> bool:
 
 def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
     """Inputs in [0, 1] (no NaN), labels ``[N]``, and ``eps`` (unless omitted, as WRM does) a finite number >= 0."""
+    if torch.is_inference_mode_enabled():  # torch.enable_grad() cannot lift it: the input gradient would not exist
+        raise RuntimeError("attacks need input gradients: call them outside torch.inference_mode() (no_grad is fine)")
     for what, v in (("inputs x", x), ("labels y", y)):  # a numpy array, a list, or (model, x, y) out of order
         if not isinstance(v, Tensor):
             raise ValueError(
@@ -176,8 +185,13 @@ def _start(x: Tensor, radius: float, noise: Tensor | None, generator: torch.Gene
     """``x + (2 noise - 1) radius`` clamped to ``[0, 1]``, ``noise`` uniform ``[0, 1)`` shaped like ``x``."""
     if noise is None:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    elif noise.shape != x.shape:
-        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    elif noise.shape != x.shape or noise.dtype != x.dtype or noise.device != x.device:
+        raise ValueError(
+            f"noise must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+            f"got {tuple(noise.shape)}, {noise.dtype}, {noise.device}"
+        )
+    elif noise.numel() and not (float(noise.min()) >= 0.0 and float(noise.max()) <= 1.0):  # NaN fails both
+        raise ValueError("noise must be uniform draws in [0, 1] (the start is x + (2 noise - 1) radius)")
     return (x + (2.0 * noise - 1.0) * radius).clamp(0.0, 1.0)
 
 
@@ -471,6 +485,8 @@ def _apgd(
     _check(x, y, eps)
     if not (_count(steps, 1) and _count(n_restarts, 1)):
         raise ValueError(f"{name} needs steps >= 1 and n_restarts >= 1, got {steps}, {n_restarts}")
+    if not (_real(rho, 0.0, strict=True) and rho <= 1):
+        raise ValueError(f"{name}: rho must be a number in (0, 1] (AutoAttack: 0.75), got {rho!r}")
     x = x.detach()
     with attack_context(model, eval_mode, labels=y):
         with torch.no_grad():
@@ -508,7 +524,8 @@ def apgd_ce(
     raised the loss, or when it was not halved last time and the best loss did not improve;
     it then restarts from the best point. Restarts attack only the points still classified
     correctly. Returns, per sample, the last point found misclassified, else the highest-loss one.
-    With the same seed it reproduces ``torchattacks.APGD(loss="ce")`` (a port of the authors' code).
+    With the same seed it reproduces ``torchattacks.APGD(loss="ce")`` (a port of the authors' code) on the
+    points it fools; on the others torchattacks returns ``x`` itself, this the highest-loss point.
     Defaults: ``eps=8/255``, ``steps=100`` (AutoAttack's; torchattacks' APGD defaults to 10).
 
     Example:
@@ -541,7 +558,8 @@ def apgd_dlr(
     clean input in turn (AutoAttack: 9), APGD maximizes :func:`dlr_loss_targeted` towards it on
     the points still classified correctly (needs >= 4 classes; more targets than wrong classes
     are capped). Untargeted: :func:`dlr_loss` (>= 3 classes). With the same seed it reproduces
-    ``torchattacks.APGDT(n_classes=n_target_classes + 1)`` and ``torchattacks.APGD(loss="dlr")``.
+    ``torchattacks.APGDT(n_classes=n_target_classes + 1)`` and ``torchattacks.APGD(loss="dlr")`` on the
+    points it fools (on the others torchattacks returns ``x``, this the highest-loss point).
 
     Args:
         x: ``[N, ...]`` inputs in ``[0, 1]``; y: ``[N]`` labels.
@@ -554,8 +572,10 @@ def apgd_dlr(
         >>> bool(((apgd_dlr(m, x, y, 0.1, steps=5, n_target_classes=2) - x).abs() <= 0.1 + 1e-6).all())
         True
     """
-    if n_target_classes is not None and n_target_classes < 1:
-        raise ValueError(f"apgd_dlr: n_target_classes must be >= 1 or None (untargeted), got {n_target_classes}")
+    if n_target_classes is not None and not _count(n_target_classes, 1):
+        raise ValueError(
+            f"apgd_dlr: n_target_classes must be an int >= 1 or None (untargeted), got {n_target_classes!r}"
+        )
     need = 3 if n_target_classes is None else 4
     _check(x, y, eps)
     with torch.no_grad(), attack_context(model, eval_mode, labels=y):
@@ -666,6 +686,11 @@ def cascade(
         (['fgsm'], torch.Size([4]))
     """
     _check(x, y, eps)
+    if robust is not None and not (
+        isinstance(robust, Tensor) and robust.dtype == torch.bool and robust.shape == y.shape
+    ):
+        what = f"{robust.dtype} {tuple(robust.shape)}" if isinstance(robust, Tensor) else type(robust).__name__
+        raise ValueError(f"robust must be a bool mask [N] like the labels {tuple(y.shape)}, got {what}")
     x = x.detach()
     with attack_context(model, eval_mode=True, labels=y):
         pred = _predict(model, x)

@@ -564,7 +564,7 @@ def evaluate(
     me = rank() if world > 1 else 0
     if world > 1:
         split = Split(shard(split.x, me, world), shard(split.y, me, world))
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own (a frozen BatchNorm stays in eval)
     model.eval()
     gen = torch.Generator(device).manual_seed(_seed(seed, "eval", me, "attack"))
     keys = ("clean", "robust", *(a for a in ATTACKS if a in attacks and a != "apgd"))
@@ -651,7 +651,8 @@ def evaluate(
             hists = torch.cat([hists, _bincount(worst, hists.shape[1])[None]])
     finally:
         bar.close()
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if world > 1:
         flat = [*counts.values(), *broken.values(), gf or 0]
         total = all_reduce_(torch.tensor(flat, dtype=torch.int64, device=device)).tolist()

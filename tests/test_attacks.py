@@ -14,7 +14,7 @@ from pipeline_helpers import digits, one_thread, trained_digits_model
 from torch import nn
 
 import atmc_triton as at
-from atmc_triton.attacks import apgd_ce, apgd_dlr, attack_context, fgsm, pgd, robust_attack, wrm
+from atmc_triton.attacks import apgd_ce, apgd_dlr, attack_context, cascade, fgsm, pgd, robust_attack, wrm
 
 
 @pytest.fixture(autouse=True)
@@ -187,6 +187,10 @@ ALL = {
     "wrm": lambda m, x, y, eps: wrm(m, x, y, 0.4, 3, 0.5),
     "pgd_train_mode": lambda m, x, y, eps: pgd(m, x, y, eps, eps / 4, 3, eval_mode=False),
     "fgsm_train_mode": lambda m, x, y, eps: fgsm(m, x, y, eps, eval_mode=False),
+    # torchattacks' FAB calls backward: it left grads on the parameters (966 summed |g| on a linear model)
+    "suite_torchattacks": lambda m, x, y, eps: at.robust_suite(
+        m, x, y, eps, suite="torchattacks", steps=2, square_queries=5
+    ),
 }
 
 
@@ -206,6 +210,54 @@ def test_attacks_leave_the_model_unchanged(batch, name, mode):
     snap = _snapshot(model)
     ALL[name](model, x, y, 0.1)
     _assert_same(model, snap)
+
+
+def test_evaluate_restores_each_modules_own_mode(batch):
+    """A frozen BatchNorm in a model in train mode stays frozen (evaluate set every module to the model's mode)."""
+    from atmc_triton.data import Split
+    from atmc_triton.train import Protocol, evaluate
+
+    model = _Stateful().train()
+    model.bn.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    evaluate(model, Split(batch[0][:16], batch[1][:16]), Protocol(eps=0.1, pgd_steps=2), attacks=("pgd",))
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, x, y: apgd_ce(m, x, y, 0.1, steps=2, rho=5.0), ValueError, r"rho must be a number in \(0, 1\]"),
+        (lambda m, x, y: apgd_ce(m, x, y, 0.1, steps=2, rho=float("nan")), ValueError, "rho must be"),
+        (lambda m, x, y: apgd_dlr(m, x, y, 0.1, steps=2, n_target_classes=2.5), ValueError, "an int >= 1 or None"),
+        (lambda m, x, y: apgd_dlr(m, x, y, 0.1, steps=2, n_target_classes=True), ValueError, "an int >= 1 or None"),
+        (lambda m, x, y: pgd(m, x, y, 0.1, 0.05, 0, noise=torch.full_like(x, 5.0)), ValueError, "uniform draws in"),
+        (
+            lambda m, x, y: pgd(m, x, y, 0.1, 0.05, 2, noise=torch.rand_like(x).double()),
+            ValueError,
+            "noise must have x's shape, dtype",
+        ),
+        (
+            lambda m, x, y: cascade(m, x, y, 0.1, [], robust=torch.ones_like(y)),
+            ValueError,
+            "robust must be a bool mask",
+        ),
+        (lambda m, x, y: cascade(m, x, y, 0.1, [], robust=torch.tensor([True])), ValueError, "robust must be a bool"),
+    ],
+)
+def test_attack_settings_are_checked(batch, call, error, match):
+    """Each was accepted and silently weakened the attack (rho, noise out of range: 0.9 from x at eps 0.1), or
+    failed late with an unrelated TypeError / dtype error, or broadcast a mask of the wrong shape."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = batch[0][:8], batch[1][:8]
+    with pytest.raises(error, match=match):
+        call(model, x, y)
+
+
+def test_attacks_under_inference_mode_say_why(batch):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        pgd(model, batch[0][:4], batch[1][:4], 0.1, 0.05, 2)
 
 
 def test_attacks_leave_an_atmc_model_unchanged(batch):
