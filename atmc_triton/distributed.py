@@ -150,6 +150,8 @@ def barrier() -> None:
 
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
     """In-place all-reduce of ``t`` over every rank (``op``: "sum", "max" or "min"); no-op for one rank."""
+    if op not in ("sum", "max", "min"):  # (checked in one process too, not only where it would fail)
+        raise ValueError(f"all_reduce_: op must be 'sum', 'max' or 'min', got {op!r}")
     if is_distributed():
         dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
@@ -228,7 +230,8 @@ def wrap_ddp(model: nn.Module, device: torch.device | str | None = None, **ddp_k
         bufs = dict(model.named_buffers())
         with torch.no_grad():
             broadcast_([bufs[n] for n in names if bufs[n].is_contiguous()])
-        model._ddp_params_and_buffers_to_ignore = names
+        own = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))  # the caller's, kept
+        model._ddp_params_and_buffers_to_ignore = own + [n for n in names if n not in own]
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)

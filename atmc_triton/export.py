@@ -113,12 +113,13 @@ def export_dense(model: nn.Module) -> nn.Module:
             memo[id(m)] = _plain_attention(m, memo)
     # tensors of the compressed layers are reached only through them: deepcopy skips them via the memo
     out = copy.deepcopy(root, memo)
-    for key in _ROOT_STATE:
-        out._buffers.pop(key, None)
-    for key in _ROOT_ATTRS:
-        out.__dict__.pop(key, None)
-    for hid, hook in list(out._forward_pre_hooks.items()):
-        if getattr(hook, "__name__", "") == "_record_input":
-            del out._forward_pre_hooks[hid]
-            out._forward_pre_hooks_with_kwargs.pop(hid, None)
+    for m in out.modules():  # compress_'s state sits on the module it was given, which may be nested
+        for key in _ROOT_STATE:
+            m._buffers.pop(key, None)
+        for key in _ROOT_ATTRS:
+            m.__dict__.pop(key, None)
+        for hid, hook in list(m._forward_pre_hooks.items()):
+            if getattr(hook, "__name__", "") == "_record_input":
+                del m._forward_pre_hooks[hid]
+                m._forward_pre_hooks_with_kwargs.pop(hid, None)
     return out

@@ -276,7 +276,7 @@ def external_model(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.M
         torch.Size([2, 10])
     """
     kind, _, arch = name.partition(":")
-    c, h, _w = (int(s) for s in in_shape)
+    c, h, w = (int(s) for s in in_shape)
     try:
         if kind == "tv":
             import torchvision
@@ -287,6 +287,9 @@ def external_model(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.M
                 model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, image_size=h)
             except TypeError:
                 model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+            else:
+                if h != w:  # (its forward would fail on the promised input)
+                    raise ValueError(f"{name} takes square images (one image_size), got in_shape {tuple(in_shape)}")
             _adapt_stem(model, c)
         elif kind == "timm":
             import timm
@@ -294,7 +297,7 @@ def external_model(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.M
             if not timm.is_model(arch):
                 raise ValueError(f"timm has no model {arch!r}")
             try:
-                model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=c, img_size=h)
+                model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=c, img_size=(h, w))
             except TypeError:
                 model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=c)
         else:
@@ -329,6 +332,8 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, tv:NAME or timm:NAME")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if mean is not None and in_shape is not None and len(in_shape) == 3 and len(mean) != int(in_shape[0]):
+        raise ValueError(f"mean and std need one value per input channel ({int(in_shape[0])}), got {len(mean)}")
     if name not in MODELS:
         if in_shape is None or len(in_shape) != 3:
             raise ValueError(f"{name} needs in_shape=(C, H, W)")

@@ -62,6 +62,8 @@ class FactorStore:
     def __init__(self, layers: list[ATMCLayer]):
         if not layers:
             raise ValueError("FactorStore needs at least one ATMC layer")
+        if len({id(layer) for layer in layers}) != len(layers):  # (two views of one parameter: every sync re-adopted)
+            raise ValueError("FactorStore: a layer is listed twice (atmc_layers lists a shared layer once)")
         self.layers = list(layers)
         self.segments = [(layer, f) for layer in self.layers for f in FACTORS]
         self.shapes = [tuple(getattr(layer, f).shape) for layer, f in self.segments]

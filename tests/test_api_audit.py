@@ -747,3 +747,62 @@ def test_numbers_of_the_wrong_kind_are_refused_when_built(make, match):
 def test_experiment_checks_seed_and_flags(digits16, kw, match):
     with pytest.raises(ValueError, match=match):
         at.Experiment("digits_cnn", digits16, PROTOCOLS["digits"], **kw)
+
+
+# --- export, DDP, models, the factor store (the 2026-11-30 audit) -----------------------------------
+
+
+def test_export_cleans_a_compressed_model_nested_in_another():
+    """compress_'s budget buffers, config and input hook sit on the module it was given: a nested one kept them."""
+    torch.manual_seed(0)
+    inner = at.compress_(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)), at.ATMCConfig(nnz=20))
+    model = nn.Sequential(nn.Identity(), inner)
+    model(torch.ones(1, 6))
+    plain = at.export_dense(model)
+    twin = nn.Sequential(nn.Identity(), nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)))
+    twin.load_state_dict(plain.state_dict())  # (was: unexpected keys 1.atmc_nnz_budget, 1.atmc_bits_budget)
+    assert not any("atmc" in k for m in plain.modules() for k in vars(m)) and not plain[1]._forward_pre_hooks
+    assert torch.equal(plain(torch.ones(1, 6)), model(torch.ones(1, 6)))
+
+
+def test_wrap_ddp_keeps_the_callers_ignore_list(monkeypatch):
+    from atmc_triton import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "broadcast_", lambda tensors, src=0: None)
+
+    class FakeDDP(nn.Module):  # (one process: what matters is the model it is handed)
+        def __init__(self, module, **kw):
+            super().__init__()
+            self.module = module
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", FakeDDP)
+    model = at.compress_(small(), at.ATMCConfig(ratio=0.2, bits=4))
+    model._ddp_params_and_buffers_to_ignore = ["mine"]
+    distributed.wrap_ddp(model, device="cpu")
+    ignored = model._ddp_params_and_buffers_to_ignore
+    assert ignored[0] == "mine" and set(distributed.atmc_state_names(model)) <= set(ignored)  # (was: replaced)
+
+
+def test_all_reduce_checks_its_op_in_one_process_too():
+    from atmc_triton.distributed import all_reduce_
+
+    with pytest.raises(ValueError, match="op must be 'sum', 'max' or 'min', got 'mean'"):  # (a KeyError under 2+)
+        all_reduce_(torch.ones(2), "mean")
+
+
+def test_build_model_checks_normalization_and_image_shape():
+    from atmc_triton.models import build_model
+
+    with pytest.raises(ValueError, match=r"one value per input channel \(1\), got 3"):  # (failed in forward)
+        build_model("lenet", 10, (1, 28, 28), mean=[0.4] * 3, std=[0.2] * 3)
+    vit = build_model("timm:vit_tiny_patch16_224", 10, (3, 32, 64))  # (its width was ignored: forward failed)
+    assert vit(torch.rand(1, 3, 32, 64)).shape == (1, 10)
+
+
+def test_factor_store_refuses_a_layer_listed_twice():
+    from atmc_triton.store import FactorStore
+
+    layer = at.ATMCLinear(4, 3)
+    with pytest.raises(ValueError, match="listed twice"):
+        FactorStore([layer, layer])
