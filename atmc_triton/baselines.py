@@ -8,7 +8,9 @@ Pruned weights stay 32-bit floats, so a budget of ``ratio`` times the dense 32-b
 ``nnz = floor(ratio * dense_bits / 32)`` nonzeros (:func:`nnz_for_ratio`); one global
 magnitude threshold spans every ``nn.Linear`` / ``nn.Conv2d`` weight (biases and norms are
 neither pruned nor counted, as in :mod:`atmc_triton.budget`). :func:`pruned_size` reports the
-size in the same conventions as :func:`atmc_triton.size_report`.
+size in the same conventions as :func:`atmc_triton.size_report`. Models with an
+``nn.MultiheadAttention`` are refused (``ValueError``): its ``in_proj_weight`` is no layer's
+``.weight``, so it would be neither pruned nor counted (ATMC compresses it).
 
 Example:
     >>> import torch
@@ -38,7 +40,15 @@ Filter = Callable[[nn.Module, str], bool]
 
 
 def prunable(model: nn.Module, filter_fn: Filter | None = None) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` that ``filter_fn(module, name)`` accepts."""
+    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` that ``filter_fn(module, name)`` accepts.
+
+    Raises ``ValueError`` for a model with an ``nn.MultiheadAttention`` (see the module docstring)."""
+    attn = [n for n, m in unwrap(model).named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if attn:
+        raise ValueError(
+            f"the pruning baselines cover nn.Linear / nn.Conv2d weights only; {attn[0]!r} is an nn.MultiheadAttention "
+            "whose in_proj_weight would be neither pruned nor counted"
+        )
     return [
         (n, m)
         for n, m in unwrap(model).named_modules()
@@ -55,6 +65,7 @@ def nnz_for_ratio(model: nn.Module, ratio: float) -> int:
     """
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    prunable(model)  # (refuses an attention model, whose dense size the baselines would not match)
     return math.floor(ratio * dense_bits(model) / 32)
 
 

@@ -37,6 +37,7 @@ from atmc_triton.api import compress_
 from atmc_triton.budget import atmc_layers, dense_bits, factor_bits_bound
 from atmc_triton.config import ATMCConfig
 from atmc_triton.kernels import lloyd_quantize_ref
+from atmc_triton.layers import ATMCMultiheadAttention
 
 __all__ = ["BitAllocation", "allocate_bits", "allocation_report"]
 
@@ -132,8 +133,18 @@ def allocation_report(model: nn.Module, cfg: ATMCConfig, candidates: Sequence[in
     if not atmc_layers(work):
         compress_(work, dataclasses.replace(cfg, layer_bits=None))
     prob = _Problem(work, math.floor(cfg.ratio * dense_bits(work)), cfg.max_iter, cfg.tol, cfg.quant_method)
-    L = len(prob.layers)
-    uniform = {b: prob.distortion([b] * L) for b in cands}
+    # one bit width per name compress_'s layer_bits can address: an attention module's in_proj and out_proj
+    # share their module's (ATMCConfig.bits_for is asked once per nn.MultiheadAttention)
+    attn = {name for name, m in work.named_modules() if isinstance(m, ATMCMultiheadAttention)}
+    keys = [name.rpartition(".")[0] if name.rpartition(".")[0] in attn else name for name, _ in prob.layers]
+    names = list(dict.fromkeys(keys))
+    of = [names.index(key) for key in keys]
+
+    def distortion(gbits: Sequence[int]) -> tuple[int, float]:
+        return prob.distortion([gbits[g] for g in of])
+
+    L = len(names)
+    uniform = {b: distortion([b] * L) for b in cands}
     best_b = min(uniform, key=lambda b: (uniform[b][1], -b))
     cur, (k, d) = [best_b] * L, uniform[best_b]
     improved = True
@@ -145,14 +156,14 @@ def allocation_report(model: nn.Module, cfg: ATMCConfig, candidates: Sequence[in
                 if b == cur[j]:
                     continue
                 trial = cur[:j] + [b] + cur[j + 1 :]
-                kk, dd = prob.distortion(trial)
+                kk, dd = distortion(trial)
                 if dd < best[0] * (1 - 1e-9):
                     best = (dd, j, b, kk)
         if best[1] is not None:
             d, j, b, k = best
             cur[j] = b
             improved = True
-    return BitAllocation({name: b for (name, _), b in zip(prob.layers, cur)}, k, d, uniform)
+    return BitAllocation(dict(zip(names, cur)), k, d, uniform)
 
 
 def allocate_bits(model: nn.Module, cfg: ATMCConfig, candidates: Sequence[int] = range(1, 9)) -> dict[str, int]:

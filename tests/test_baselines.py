@@ -314,3 +314,40 @@ def test_allocation_bad_inputs():
         allocate_bits(small(), at.ATMCConfig(ratio=0.1, bits=None))
     with pytest.raises(ValueError, match="candidate bits"):
         allocate_bits(small(), at.ATMCConfig(ratio=0.1, bits=8), candidates=[0, 4])
+
+
+class _AttnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_pruning_baselines_refuse_attention_models():
+    """Its in_proj_weight is no layer's .weight: it was neither pruned nor counted (nnz 313 reported, 3,072 held)."""
+    model = _AttnNet()
+    for call in (lambda: nnz_for_ratio(model, 0.05), lambda: magnitude_prune_(model, 10), lambda: pruned_size(model)):
+        with pytest.raises(ValueError, match="'attn' is an nn.MultiheadAttention"):
+            call()
+
+
+def test_allocation_of_an_attention_model_applies_as_is():
+    """One bit width per name layer_bits can address: an attention module's, not its in_proj's and out_proj's
+    (compress_ refused those names: "matches no layer being compressed")."""
+    import dataclasses
+
+    from atmc_triton.bitalloc import allocation_report
+
+    torch.manual_seed(0)
+    dense = _AttnNet()
+    cfg = at.ATMCConfig(ratio=0.05, bits=8)
+    rep = allocation_report(dense, cfg)
+    assert set(rep.bits) == {"conv", "attn", "fc"}
+    model = at.compress_(copy.deepcopy(dense), dataclasses.replace(cfg, layer_bits=rep.bits))
+    assert int(model.atmc_nnz_budget) == rep.k
+    assert model.attn.in_proj.nbits == model.attn.out_proj.nbits == rep.bits["attn"]
