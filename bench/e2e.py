@@ -6,8 +6,8 @@ momentum 0.9, weight decay 5e-4), on one fixed synthetic batch already on the de
 loading in the timing). Side by side, from the same dense weights:
 
 1. ``dense PGD-AT``: the dense model with ``torch.optim.SGD`` (what a user would otherwise run);
-2. ``ATMC, reference ops``: ``compress_`` (ratio 0.01, 8 bits, identity init: factors ~2x the
-   weights) + ``ADMM(backend="reference")``, the pure-PyTorch ADMM step and Lloyd quantizer;
+2. ``ATMC, reference ops``: ``compress_`` (ratio 0.01, 8 bits, the default sparse init: one factor
+   entry per weight) + ``ADMM(backend="reference")``, the pure-PyTorch ADMM step and Lloyd quantizer;
 3. ``ATMC, triton ops``: ``ADMM(backend="auto")``, the fused Triton kernels;
 4. ``ATMC, triton ops + torch.compile``: the same with ``torch.compile(model)`` (inductor; the
    attack's cached-weight forward and the training forward compile to separate graphs; the

@@ -506,7 +506,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, protocol: Protocol,
         "ATMC-alloc": ("C4", "D"),
         "AP": ("C2", "^"),
         "NAP": ("C3", "v"),
+        "ATMC-svd": ("C5", "P"),
+        "ATMC-svd-r": ("C6", "X"),
+        "ATMC-sparse": ("C7", "*"),
     }
+    extra = [r["method"] for r in rows if r["method"] not in style and r["method"] not in ("DA", "NAT")]
+    for i, m in enumerate(dict.fromkeys(extra)):  # any other method still gets a line (none is dropped)
+        style[m] = (f"C{(8 + i) % 10}", "o")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     worst = all(r.get("robust_acc") is not None for r in rows)
     headline = f"robust, worst case ({rows[0]['headline']})" if worst and rows else f"ATA ({_ata_label(protocol)})"
