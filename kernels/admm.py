@@ -24,6 +24,8 @@ Both are ``torch.library`` ops (``admm_step``, ``admm_dual_update``): with Trito
 kernels of ``admm_triton.py`` on CUDA tensors, the references here on CPU.
 """
 
+import numbers
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -110,8 +112,8 @@ def _check(
         raise ValueError(f"admm_step: grad must be float32/float16/bfloat16, got {grad.dtype}")
     if mask.dtype != torch.bool:
         raise ValueError(f"admm_step: mask must be bool, got {mask.dtype}")
-    if k < 0:
-        raise ValueError(f"admm_step: k must be >= 0, got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:  # (the launcher truncated 2.5 to 2)
+        raise ValueError(f"admm_step: k must be an int >= 0, got {k!r}")
     if tau_hint is not None:
         if tau_hint.dim() != 0 or tau_hint.dtype != torch.float32:
             raise ValueError(
@@ -249,7 +251,7 @@ def admm_step_triton(
     if n == 0 or metadata_only(w, interpreted(), "admm_step: the Triton kernels"):
         return w.new_zeros(())
     s, tau = torch.empty_like(w), w.new_empty(())
-    launch_admm_step(w, grad, mom, z, u, mask, s, tau, lr, momentum, weight_decay, rho, k, nesterov, tau_hint)
+    launch_admm_step(w, grad, mom, z, u, mask, s, tau, lr, momentum, weight_decay, rho, int(k), nesterov, tau_hint)
     return tau
 
 

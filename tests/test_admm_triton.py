@@ -8,6 +8,7 @@ import copy
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from helpers import factor_nnz, small_cnn, train_steps
@@ -312,8 +313,12 @@ def test_launchers_validate_inputs(monkeypatch):
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
             admm_step_triton(**{**t, **change}, **kw)
-    with pytest.raises(ValueError, match="k must be >= 0"):
-        admm_step_triton(**t, **{**kw, "k": -1})
+    for k in (-1, 2.5, True):  # (2.5 was truncated to 2 by the launcher; the reference failed in numpy)
+        for step in (admm_step_triton, admm_step_ref):
+            with pytest.raises(ValueError, match="k must be an int >= 0"):
+                step(**copy.deepcopy(t), **{**kw, "k": k})
+    ref, tri = copy.deepcopy(t), copy.deepcopy(t)
+    assert same(admm_step_triton(**tri, **{**kw, "k": np.int64(3)}), admm_step_ref(**ref, **kw))  # numpy ints too
     for change, msg in [
         ((torch.zeros(n), torch.zeros(n - 1)), "z has shape"),
         ((torch.zeros(n).double(), torch.zeros(n)), "w must be float32"),
