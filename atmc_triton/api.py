@@ -303,6 +303,17 @@ def compress_(
                 parent._modules[child_name] = swaps[id(child)]
     swaps.clear()
     layers = atmc_layers(model)
+    with torch.no_grad():
+        dead = [name for name, layer in layers if not layer.C.is_meta and not bool(layer.weight_2d().any())]
+    if dead:  # (torchvision zero-initializes its ViT heads)
+        warnings.warn(
+            f"compress_: the weight of {', '.join(map(repr, dead[:3]))}{' ...' if len(dead) > 3 else ''} is all "
+            "zeros: none of its entries can enter the top-k or the layer floor, so ADMM keeps the layer at zero "
+            "and its outputs never depend on the input. Initialize it before compress_ (e.g. "
+            "nn.init.normal_(weight, std=0.02)) or exclude it",
+            CollapseWarning,
+            stacklevel=2,
+        )
     compressed = sum(layer.C.numel() for _, layer in layers)
     k, budget = nnz_budget(layers, cfg, 32 * compressed)
     plain_layers = [layer for _, layer in layers]

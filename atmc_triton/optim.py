@@ -248,6 +248,8 @@ class ADMM(torch.optim.Optimizer):
         """``torch.optim.Optimizer.load_state_dict``, after checking that ``state_dict`` is an ADMM state of
         a model shaped like this one (a ``ValueError`` before anything is loaded, not a half-loaded state)."""
         self._check_state_dict(state_dict)
+        self._sync()  # the model's current Parameters first (load_state_dict(assign=True) replaced them): the loaded
+        # momenta attach to those and reach the flat buffer (after a sync below they were overwritten with zeros)
         state = dict(state_dict["state"])
         if isinstance(state.get("admm"), dict):  # a copy: torch would keep the caller's dict (step counts) as ours
             state["admm"] = dict(state["admm"])

@@ -295,6 +295,8 @@ class PackedLayer(nn.Module):
         names = [f"{f}_{p}" for f in FACTORS for p in _PARTS]
         old = {n: self._buffers[n] for n in names}
         saved = {n: t.clone() for n, t in old.items() if not t.is_meta}
+        bias = self.bias
+        bias_saved = bias.detach().clone() if bias is not None and not bias.is_meta else None
         errors = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -304,13 +306,23 @@ class PackedLayer(nn.Module):
         try:
             self.validate(prefix.rstrip("."))
             self._valid_key = self._state_key()
-        except ValueError:
+        except ValueError as e:
             for n in names:
                 if self._buffers[n] is old[n] and n in saved:
                     old[n].copy_(saved[n])
                 else:
                     self._buffers[n] = old[n]
-            raise
+            if bias_saved is not None:  # the whole layer as it was, its bias too
+                if self.bias is bias:
+                    with torch.no_grad():
+                        bias.copy_(bias_saved)
+                else:
+                    self.bias = bias
+            raise ValueError(
+                f"{e} (a packed layer's formats and nonzero counts are fixed when it is packed: to take another "
+                "packed model's weights, use at.load_packed(model, path) on a file from at.save_packed, which "
+                "rebuilds the layers)"
+            ) from None
 
     def _drop_caches(self) -> None:
         self._cache = None
@@ -773,7 +785,8 @@ def load_packed(
     Every layer named in the file's header is replaced by a packed layer built straight from its
     spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
     tensors on ``device``, validating every packed layer as it fills it. Returns ``model``. A ``Linear`` /
-    ``Conv2d`` of other sizes at a layer the file names is a ``ValueError``, before anything changes.
+    ``Conv2d`` of other sizes at a layer the file names is a ``ValueError``, before anything changes; on any
+    other failure (missing keys, corrupt data) every module, parameter and buffer is put back before raising.
 
     Example (a fresh twin on ``meta`` loads the saved file and gives the same outputs):
         >>> import os, tempfile, warnings, atmc_triton as at
@@ -836,19 +849,30 @@ def load_packed(
     root = unwrap(model)
     for name, spec in layers.items():  # before anything changes
         _check_fits(root, name, spec, path)
-    attention_shells_(root, list(layers))  # nn.MultiheadAttention -> ATMCMultiheadAttention where compressed
-    for name, spec in layers.items():
-        _set_module(root, name, _from_spec(spec, "meta"))
-    for key in ("atmc_nnz_budget", "atmc_bits_budget"):  # buffers compress_ put on the root
-        if key in tensors and key not in root._buffers:
-            root.register_buffer(key, torch.empty((), dtype=tensors[key].dtype, device="meta"))
+    # every module's children, parameters and buffers as they are: a failure below puts them all back (the
+    # swaps and assign=True replace entries of these dicts, never tensors in place)
+    snapshot = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in root.modules()]
     try:
-        root.load_state_dict(tensors, strict=strict, assign=True)
-    except RuntimeError as e:  # missing / unexpected keys, size or dtype mismatches
-        raise ValueError(f"load_packed: {path} does not fit the model: {e}") from None
-    for name, layer in packed_layers(root):  # load_state_dict validated every layer it filled (_load_from_state_dict)
-        if any(t.is_meta for t in layer.state_dict().values()):  # strict=False and the file lacks its tensors
-            raise ValueError(f"load_packed: {path} holds no tensors for packed layer {name!r}")
+        attention_shells_(root, list(layers))  # nn.MultiheadAttention -> ATMCMultiheadAttention where compressed
+        for name, spec in layers.items():
+            _set_module(root, name, _from_spec(spec, "meta"))
+        for key in ("atmc_nnz_budget", "atmc_bits_budget"):  # buffers compress_ put on the root
+            if key in tensors and key not in root._buffers:
+                root.register_buffer(key, torch.empty((), dtype=tensors[key].dtype, device="meta"))
+        try:
+            root.load_state_dict(tensors, strict=strict, assign=True)
+        except RuntimeError as e:  # missing / unexpected keys, size or dtype mismatches
+            raise ValueError(f"load_packed: {path} does not fit the model: {e}") from None
+        # load_state_dict validated every layer it filled (_load_from_state_dict)
+        for name, layer in packed_layers(root):
+            if any(t.is_meta for t in layer.state_dict().values()):  # strict=False and the file lacks its tensors
+                raise ValueError(f"load_packed: {path} holds no tensors for packed layer {name!r}")
+    except BaseException:
+        for m, mods, params, bufs in snapshot:
+            for d, was in ((m._modules, mods), (m._parameters, params), (m._buffers, bufs)):
+                d.clear()
+                d.update(was)
+        raise
     return model
 
 

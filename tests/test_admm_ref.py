@@ -327,6 +327,23 @@ def test_a_nonfinite_dense_grad_leaves_every_grad_as_it_was(check_finite):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_optimizer_state_loads_after_the_model_with_assign(assign):
+    """The usual order (model, then optimizer) with load_state_dict(assign=True): the momenta were dropped (zeros)."""
+    model, opt, cfg = setup(at.ATMCConfig(ratio=0.3, bits=3, init="identity"))
+    x, y = batch()
+    train_steps(model, opt, 2, x, y)
+    sd, osd = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    model2, opt2, _ = setup(cfg)
+    model2.load_state_dict(sd, assign=assign)
+    opt2.load_state_dict(osd)
+    assert torch.equal(opt2.store.mom, opt.store.mom) and float(opt.store.mom.abs().sum()) > 0
+    train_steps(model, opt, 1, x, y)
+    train_steps(model2, opt2, 1, x, y)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_views_survive_set_to_none_and_reassignment():
     model, opt, _ = setup(at.ATMCConfig(ratio=0.3, bits=3, quant_interval=2, init="identity"))  # U is not empty
     x, y = batch()

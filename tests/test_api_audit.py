@@ -6,6 +6,7 @@ late, or blamed the wrong thing.
 
 import json
 import math
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -806,3 +807,15 @@ def test_factor_store_refuses_a_layer_listed_twice():
     layer = at.ATMCLinear(4, 3)
     with pytest.raises(ValueError, match="listed twice"):
         FactorStore([layer, layer])
+
+
+def test_compress_warns_about_an_all_zero_layer():
+    """torchvision's ViT head starts at zero: no entry wins the top-k or the floor, so it stayed zero for good, and
+    the only warning came at finalize_ (suggesting floor='rows', which does not help)."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    nn.init.zeros_(model[2].weight)
+    with pytest.warns(at.CollapseWarning, match=r"the weight of '2' is all zeros.*Initialize it before compress_"):
+        at.compress_(model, at.ATMCConfig(ratio=0.5, bits=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", at.CollapseWarning)  # a live model gets no such warning
+        at.compress_(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), at.ATMCConfig(ratio=0.5, bits=4))

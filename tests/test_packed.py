@@ -621,3 +621,33 @@ def test_corrupt_packed_tensors_are_refused_before_any_kernel(monkeypatch):
             book.copy_(saved)
     monkeypatch.undo()
     assert torch.isfinite(layer(x)).all()
+
+
+def test_a_packed_twins_state_dict_is_refused_whole_with_a_way_out():
+    """Another packed model's weights hold other nonzero counts: the load fails, and it used to leave the
+    failing layer's bias changed and name only the count ("its metadata says"), not how to load such weights.
+    (Layers before it keep what they loaded, as torch's load_state_dict does with any error.)"""
+    models = []
+    for seed in (0, 1):  # (the same buffer sizes, other nonzero counts: the load reaches the packed check)
+        torch.manual_seed(seed)
+        dense = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+        models.append(pk.pack_(at.finalize_(at.compress_(dense, at.ATMCConfig(ratio=0.1, bits=4)))))
+    src, dst = models
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=r"packed layer 2: .*nonzeros.*use at\.load_packed\(model, path\)"):
+        dst.load_state_dict(src.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items() if k.startswith("2."))
+
+
+def test_a_failed_load_packed_leaves_the_model_as_it_was(tmp_path):
+    """A key the file lacks (here a fifth layer) fails after the layers were swapped: they are put back."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    pk.save_packed(pk.pack_(at.finalize_(at.compress_(dense, at.ATMCConfig(ratio=0.1, bits=4)))), tmp_path / "m.st")
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = list(model)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        pk.load_packed(model, tmp_path / "m.st")
+    assert list(model) == layers  # (was: PackedLinear, ReLU, PackedLinear, ReLU, Linear)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
