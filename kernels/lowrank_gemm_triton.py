@@ -203,12 +203,17 @@ def csr_block_m(M: int) -> int:
     return _pow2(M) if M <= 16 else 32
 
 
+def small_block_m(M: int) -> int:
+    """``BLOCK_M`` of the small-M tile path: 16 rows up to ``M = 16``, then 32."""
+    return 16 if M <= 16 else 32
+
+
 def split_k(M: int, N: int, K_total: int, block_n: int = 64, block_k: int = 64) -> int:
     """Splits of the K-steps for the small-M tile path: enough for ``TARGET_PROGRAMS`` programs with
-    ``block_n``-wide tiles of the launcher's ``BLOCK_M`` rows (16, or 32 past 16), at most ``MAX_SPLIT_K``
-    and at most one per ``block_k`` columns of ``K_total`` (a pure function of the shape). The split is
-    fixed before the autotuner picks ``BLOCK_N``: a 128-wide config gets half the programs."""
-    tiles = -(-M // (16 if M <= 16 else 32)) * -(-N // block_n)
+    ``block_n``-wide tiles of :func:`small_block_m` rows, at most ``MAX_SPLIT_K`` and at most one per
+    ``block_k`` columns of ``K_total`` (a pure function of the shape). The split is fixed before the
+    autotuner picks ``BLOCK_N``: a 128-wide config gets half the programs."""
+    tiles = -(-M // small_block_m(M)) * -(-N // block_n)
     want = -(-TARGET_PROGRAMS // tiles)
     return max(1, min(MAX_SPLIT_K, want, -(-K_total // block_k)))
 
@@ -322,7 +327,7 @@ def _tile_launch(
             f"BOOK{s}": book_size if book_gather else 1,
         }
     if small:
-        consts |= {"BLOCK_M": 16 if M <= 16 else 32, "SPLIT_K": splits}
+        consts |= {"BLOCK_M": small_block_m(M), "SPLIT_K": splits}
     meta = (config or {}).get("tile")
     if meta is None and out.device.type != "cpu":
         kernel = _tile_small if small else _tile_large
