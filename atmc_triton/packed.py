@@ -293,10 +293,8 @@ class PackedLayer(nn.Module):
         # bounds. On a failed check the previous tensors are put back and ValueError is raised.
         self._drop_caches()
         names = [f"{f}_{p}" for f in FACTORS for p in _PARTS]
-        old = {n: self._buffers[n] for n in names}
-        saved = {n: t.clone() for n, t in old.items() if not t.is_meta}
-        bias = self.bias
-        bias_saved = bias.detach().clone() if bias is not None and not bias.is_meta else None
+        held = [(self._buffers, n) for n in names] + ([(self._parameters, "bias")] if self.bias is not None else [])
+        old = [(d, n, d[n], None if d[n].is_meta else d[n].detach().clone()) for d, n in held]  # the whole layer
         errors = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -307,17 +305,12 @@ class PackedLayer(nn.Module):
             self.validate(prefix.rstrip("."))
             self._valid_key = self._state_key()
         except ValueError as e:
-            for n in names:
-                if self._buffers[n] is old[n] and n in saved:
-                    old[n].copy_(saved[n])
-                else:
-                    self._buffers[n] = old[n]
-            if bias_saved is not None:  # the whole layer as it was, its bias too
-                if self.bias is bias:
-                    with torch.no_grad():
-                        bias.copy_(bias_saved)
-                else:
-                    self.bias = bias
+            with torch.no_grad():
+                for d, n, t, value in old:  # copied into in place, or replaced (assign=True)
+                    if d[n] is t and value is not None:
+                        t.copy_(value)
+                    else:
+                        d[n] = t
             raise ValueError(
                 f"{e} (a packed layer's formats and nonzero counts are fixed when it is packed: to take another "
                 "packed model's weights, use at.load_packed(model, path) on a file from at.save_packed, which "
