@@ -301,14 +301,17 @@ class ATMCConv2d(ATMCLayer):
                 f"ATMCConv2d: groups={groups!r} must be an int >= 1 dividing {in_channels} and {out_channels}"
             )
         # torch's own checks of the convolution's settings (padding mode, "same" with stride, ...), on no memory;
-        # its padding for padding_mode != "zeros" ("same" included) is ours too
+        # its normalized settings, and its padding for padding_mode != "zeros" ("same" included), are ours too
         conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device="meta"
         )
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size, self.stride, self.padding, self.dilation = (
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+        )
         self.groups, self.padding_mode = groups, padding_mode
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         inn = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
