@@ -210,7 +210,7 @@ def _add_protocol(p: argparse.ArgumentParser, evaluating: bool = False) -> None:
     for flag, (kind, default, text, default_text) in flags.items():
         if evaluating and flag != "--pgd-alpha":  # atmc eval: the checkpoint's protocol unless given
             text = "PGD steps of the evaluation, as --eval-pgd-steps" if flag == "--pgd-steps" else text
-            default_text = "default: the checkpoint's protocol"
+            default, default_text = None, "default: the checkpoint's protocol"
         g.add_argument(flag, type=kind, default=default, help=f"{text} ({default_text})")
     g.add_argument(
         "--suite",
@@ -926,7 +926,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--channels-last", action="store_true", help="evaluate in channels_last memory format (faster on CPU)"
     )
-    e.set_defaults(apgd_steps=None, wrm_gamma=None, wrm_steps=None, wrm_lr=None, func=cmd_eval)
+    e.set_defaults(func=cmd_eval)
     ap.subcommands = sub.choices  # main() names the subcommand in an unknown-flag error
     return ap
 
