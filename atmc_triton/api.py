@@ -35,6 +35,16 @@ class CollapseWarning(UserWarning):
     """The compressed model's output no longer depends on its input (a layer pruned away)."""
 
 
+def _refuse_oversized_floor(who: str, setting: str, n_floor: int, k: int) -> None:
+    """``compress_`` and ``finalize_``: at most half of the budget ``k`` may go to the layer floor (more would
+    crowd out every other entry, or exceed the budget)."""
+    if n_floor > k // 2:
+        raise ValueError(
+            f"{who}: the layer floor ({setting}) needs {n_floor} of the {k} nonzeros the budget allows (at most "
+            "half may go to it); use floor='last' or 'none', or a larger ratio"
+        )
+
+
 def model_floor(model: nn.Module, cfg: ATMCConfig | None = None) -> str:
     """The layer floor in force for ``model``: the one :func:`compress_` resolved (``"auto"`` made
     concrete), else ``cfg``'s (``"auto"`` read as ``"last"``)."""
@@ -329,11 +339,7 @@ def compress_(
     else:
         floor = cfg.floor
     n_floor = floor_indices(plain_layers, floor).numel()
-    if n_floor > k // 2:
-        raise ValueError(
-            f"compress_: the layer floor (ATMCConfig.floor={cfg.floor!r}) needs {n_floor} of the {k} nonzeros "
-            "the budget allows (at most half may go to it); use floor='last' or 'none', or a larger ratio"
-        )
+    _refuse_oversized_floor("compress_", f"ATMCConfig.floor={cfg.floor!r}", n_floor, k)
     dev = layers[0][1].C.device
     model.register_buffer("atmc_nnz_budget", torch.tensor(k, dtype=torch.int64, device=dev))
     model.register_buffer(
@@ -481,11 +487,7 @@ def finalize_(
         offsets.append(offsets[-1] + getattr(layer, f).numel())
     quantized = all(layer.nbits is not None for layer in layers)
     fl = floor_indices(layers, floor, "_z" if quantized else "").to(flat.device)
-    if fl.numel() > k // 2:  # as compress_ refuses it: the floor would crowd out the budget (or exceed it)
-        raise ValueError(
-            f"finalize_: the layer floor (floor={floor!r}) needs {fl.numel()} of the {k} nonzeros the budget "
-            "allows (at most half may go to it); use floor='last' or 'none', or compress with a larger ratio"
-        )
+    _refuse_oversized_floor("finalize_", f"floor={floor!r}", fl.numel(), k)
     kept = flat[fl].clone()
     flat[fl] = 0
     project_topk_(flat, max(k - fl.numel(), 0))
