@@ -313,8 +313,8 @@ def compress_(
                 parent._modules[child_name] = swaps[id(child)]
     swaps.clear()
     layers = atmc_layers(model)
-    with torch.no_grad():
-        dead = [name for name, layer in layers if not layer.C.is_meta and not bool(layer.weight_2d().any())]
+    # no nonzero factor entry: nothing of the layer can enter the top-k (read off the factors, no weight product)
+    dead = [name for name, layer in layers if not layer.C.is_meta and not any(p.any() for _, p in layer.factors())]
     if dead:  # (torchvision zero-initializes its ViT heads)
         warnings.warn(
             f"compress_: the weight of {', '.join(map(repr, dead[:3]))}{' ...' if len(dead) > 3 else ''} is all "
