@@ -94,6 +94,13 @@ class ATMCLayer(nn.Module):
 
     _cached_w: Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickle and ``copy.deepcopy`` leave out :func:`cached_weights`' cache: a copy taken inside the context
+        would otherwise keep that weight after its own factors change."""
+        state = dict(self.__dict__)
+        state.pop("_cached_w", None)
+        return state
+
     def weight_2d(self) -> Tensor:
         """The effective weight as ``[out, in]``: ``U V + C`` plus the identity term."""
         if self._cached_w is not None:
@@ -177,7 +184,8 @@ def cached_weights(model: nn.Module):
 
     For attacks and evaluation: the factors do not change there and only input gradients are
     needed, so materializing W once per context instead of once per forward saves a matmul per
-    layer and PGD step. Factors get no gradients inside.
+    layer and PGD step. Factors get no gradients inside, and must not change there; copies taken
+    inside (``copy.deepcopy``, pickle) carry no cache.
 
     Example:
         >>> model = nn.Sequential(ATMCLinear.from_dense(nn.Linear(4, 2), ATMCConfig(nnz=8)))

@@ -299,13 +299,13 @@ def predicted_table(hbm: float = 3.0e12) -> str:
     """Markdown: per shape, ratio and b of the grid (identity-init layers, sizes by construction, no
     tensors), the packed bytes against the paper's bits, the speedup over cuBLAS fp16 that the bytes
     floor allows at M = 1, and what the model predicts (H100, Triton 3.8's instruction counts and, for the
-    fraction of the floor, 3.6's too; predictions, not measurements). Rows
+    fraction of the floor, 3.6's and 3.9's too; predictions, not measurements). Rows
     for ``pack_(formats="size")`` follow where it stores a factor differently (the bitmap)."""
     lines = [
         "| layer | ratio | b | fmt | packed MB | paper MB | overhead (positions / row ptrs / zero codes) "
         "| floor speedup M=1 | predicted speedup M=1 / 16 | % of floor M=1 / 4 / 16 "
-        "| % of floor, Triton 3.6 counts | M=16 terms | M=1024: path, time / cuBLAS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| % of floor, Triton 3.6 counts | % of floor, Triton 3.9 counts | M=16 terms | M=1024: path, time / cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, N, K in SHAPES:
         for ratio in RATIOS:
@@ -359,7 +359,7 @@ def _predicted_row(name: str, N: int, K: int, ratio: float, bits: int, cands: tu
         f"| {pos / 1e6:.3f} / {ptr / 1e6:.3f} / {max(zero, 0) / 1e6:.3f} MB "
         f"| {(2 * N * K + 2 * (N + K)) / (packed + 2 * (N + K)):.1f}x "
         f"| {pred(1, 'dense') / pred(1):.1f}x / {pred(16, 'dense') / pred(16):.1f}x "
-        f"| {pct_of_floor('3.8')} | {pct_of_floor('3.6')} "
+        f"| {pct_of_floor('3.8')} | {pct_of_floor('3.6')} | {pct_of_floor('3.9')} "
         f"| {bound} "
         f"| {linear_path(1024, cross)}, {pred(1024) / pred(1024, 'dense'):.2f} |"
     )

@@ -1,6 +1,6 @@
 """Instruction issue of the packed-GEMM hot loops, read from the compiled SASS (no GPU needed).
 
-``python -m bench.gemm_issue [--out DIR] [--triton36 PATH|off]`` records the launches a 4096 x 4096
+``python -m bench.gemm_issue [--out DIR] [--side PATH[,PATH...]|off]`` records the launches a 4096 x 4096
 packed layer makes (ratio 0.05, b = 8: bitmap + CSR and CSR + CSR factors; dense codes + bitmap
 for the low-rank layer) for M = 1 ... 128 in Triton's interpreter (kernels not executed), compiles every autotune
 config for sm_90 (:mod:`bench.aot`) and counts the instructions of each kernel's longest loop body.
@@ -87,9 +87,11 @@ def run(triton_path: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gemm_issue", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write gemm_issue.json here")
-    ap.add_argument("--triton36", default="off", help="a triton 3.6.0 `pip --target` directory, or 'off'")
+    ap.add_argument(
+        "--side", "--triton36", default="off", help="Triton `pip --target` directories (3.6.0, the newest), or 'off'"
+    )
     args = ap.parse_args(argv)
-    runs = [run(None)] + ([run(args.triton36)] if args.triton36 != "off" else [])
+    runs = [run(None)] + [run(d) for d in args.side.split(",") if args.side != "off"]
     for res in runs:
         print(f"triton {res['triton']}: warp instructions per element (tile) / per nonzero slot (CSR), sm_90")
         for kind, row in res["per_unit"].items():

@@ -1,8 +1,8 @@
 """Instructions of the fast quantizer's refinement loops, read from the compiled SASS (no GPU needed).
 
-``python -m bench.refine_issue [--out DIR] [--triton36 PATH|off]`` records the launch of
+``python -m bench.refine_issue [--out DIR] [--side PATH[,PATH...]|off]`` records the launch of
 ``fast_refine_kernel`` (:mod:`atmc_triton.kernels.lloyd_window_triton`) in Triton's interpreter,
-compiles it for sm_90 (installed Triton, and Triton 3.6 from ``PATH``), and counts the instructions
+compiles it for sm_90 (installed Triton, and each side install: 3.6, the newest), and counts the instructions
 of each innermost loop of its SASS. One warp issues a loop body once per iteration:
 
 * ``step``: the Viterbi step without its two branches (the V0 branch, ``v0``, and the zero-cluster
@@ -105,7 +105,9 @@ def compile_one(spec_path: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--triton36", default="off", help="a directory holding Triton 3.6 (off: only the installed one)")
+    p.add_argument(
+        "--side", "--triton36", default="off", help="Triton `pip --target` directories (off: only the installed one)"
+    )
     a = p.parse_args(argv)
     import tempfile
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         spec.write_text(json.dumps(record()))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         rows = []
-        for path in [None] + ([a.triton36] if a.triton36 != "off" else []):
+        for path in [None] + [d for d in a.side.split(",") if a.side != "off"]:
             env["PYTHONPATH"] = os.pathsep.join(x for x in (path, str(root), os.environ.get("PYTHONPATH")) if x)
             cmd = [
                 sys.executable,

@@ -21,7 +21,7 @@ a lower bound. Predicted time of a full 32-bit sort of ``n`` keys on an H100:
 ``passes x max(n x count / issue rate, n x 12 B / bandwidth)``. This is a prediction, not a
 measurement. ``torch.sort`` + segment fix-up uses the model's figure for the same ``n``.
 
-``python -m bench.sort_rank [--out DIR] [--triton36 PATH|off]``: the table, and ``sort_rank.json`` in DIR.
+``python -m bench.sort_rank [--out DIR] [--side PATH[,PATH...]|off]``: the table, and ``sort_rank.json`` in DIR.
 """
 
 from __future__ import annotations
@@ -136,11 +136,13 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--triton36", default="off", help="a directory holding Triton 3.6 (off: only the installed one)")
+    p.add_argument(
+        "--side", "--triton36", default="off", help="Triton `pip --target` directories (off: only the installed one)"
+    )
     a = p.parse_args(argv)
     table = rows(compile_specs(specs(), 90))
-    if a.triton36 != "off":
-        table += rows(compile_specs(specs(), 90, a.triton36))
+    for d in a.side.split(",") if a.side != "off" else []:
+        table += rows(compile_specs(specs(), 90, d))
     ref = torch_sort_ms()
     print(f"n = {N_RESNET34:,} keys (ResNet34's factors); torch.sort pairs + segment fix-up (model): {ref} ms on H100")
     print("| Triton | ranking | regs | spills | loops | warp instr / key / pass | passes | predicted sort, H100 |")

@@ -1,10 +1,11 @@
 """Static GPU performance gate: judge every kernel family by what Triton compiles, without a GPU.
 
-``python -m bench.static --out DIR [--arch 90,80,89,121] [--triton36 PATH|auto|off]`` records a
-representative set of launches per kernel family (the launchers driven on CPU tensors under
-``TRITON_INTERPRET=1``, kernels not executed), adds each autotune config the launcher keeps after
-its pruning, compiles everything ahead of time (:mod:`bench.aot`) with the installed Triton and
-with Triton 3.6.0, and reads registers, spill bytes, shared memory, blocks/SM, 128-bit global
+``python -m bench.static --out DIR [--arch 90,80,89,121] [--triton36 PATH|auto|off]
+[--newest PATH|auto|off]`` records a representative set of launches per kernel family (the
+launchers driven on CPU tensors under ``TRITON_INTERPRET=1``, kernels not executed), adds each
+autotune config the launcher keeps after its pruning, compiles everything ahead of time
+(:mod:`bench.aot`) with the installed Triton, with Triton 3.6.0 and with the newest release
+(:data:`SIDE_TRITONS`), and reads registers, spill bytes, shared memory, blocks/SM, 128-bit global
 loads and tensor-core instructions out of the cubin. It writes ``static.json`` and
 ``static.md`` (one row per kernel x Triton version x arch), prints the gate's verdicts and the
 roofline predictions of :mod:`bench.model` against every target.
@@ -42,9 +43,12 @@ __all__ = [
     "record_family",
     "run_gate",
     "triton36_site",
+    "triton_site",
 ]
 
-TRITON36 = "3.6.0"
+TRITON36 = "3.6.0"  # torch 2.11's Triton: the one on the lent H200
+TRITON_NEWEST = "3.9.0"  # the newest Triton release (PyPI, checked 2026-12-01); the installed one may be older
+SIDE_TRITONS = (TRITON36, TRITON_NEWEST)  # gated beside the installed Triton (a version equal to it is not repeated)
 
 
 # ---------------------------------------------------------------------------------------------- SM limits
@@ -362,16 +366,17 @@ def gather(specs: list[dict], arch: int, triton_path: str | None, cache_dir: Pat
     return rows
 
 
-def triton36_site(install: bool = True) -> tuple[str | None, str]:
-    """A directory holding Triton 3.6.0 for the second half of the gate, and how it was found.
+def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:
+    """A directory holding Triton ``version`` for a side half of the gate, and how it was found.
 
-    ``$ATMC_TRITON36`` (an existing ``--target`` install) first, then the cached side install
-    ``~/.cache/atmc_triton/triton-3.6.0``; with ``install``, ``pip install --target`` into that
-    cache when the package index is reachable. Returns ``(None, reason)`` when none can be had.
+    ``$ATMC_TRITON<major><minor>`` (``ATMC_TRITON36``, ``ATMC_TRITON39``: an existing ``--target``
+    install) first, then the cached side install ``~/.cache/atmc_triton/triton-<version>``; with
+    ``install``, ``pip install --target`` into that cache when the package index is reachable.
+    Returns ``(None, reason)`` when none can be had.
     """
     import subprocess
 
-    def version(d: Path) -> str | None:
+    def found(d: Path) -> str | None:
         meta = list(d.glob("triton-*.dist-info"))
         return (
             meta[0].name.removeprefix("triton-").removesuffix(".dist-info")
@@ -379,24 +384,30 @@ def triton36_site(install: bool = True) -> tuple[str | None, str]:
             else None
         )
 
-    env = os.environ.get("ATMC_TRITON36")
+    var = "ATMC_TRITON" + "".join(version.split(".")[:2])
+    env = os.environ.get(var)
     if env:
-        if version(Path(env)) == TRITON36:
-            return env, f"ATMC_TRITON36={env}"
-        return None, f"ATMC_TRITON36={env} holds no triton {TRITON36} (a pip --target directory expected)"
-    side = Path.home() / ".cache" / "atmc_triton" / f"triton-{TRITON36}"
-    if version(side) == TRITON36:
+        if found(Path(env)) == version:
+            return env, f"{var}={env}"
+        return None, f"{var}={env} holds no triton {version} (a pip --target directory expected)"
+    side = Path.home() / ".cache" / "atmc_triton" / f"triton-{version}"
+    if found(side) == version:
         return str(side), f"cached side install {side}"
     if not install:
-        return None, f"no triton {TRITON36} at {side} and installing was not allowed"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(side), f"triton=={TRITON36}"]
+        return None, f"no triton {version} at {side} and installing was not allowed"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(side), f"triton=={version}"]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"pip install triton=={TRITON36} failed: {e}"
-    if res.returncode != 0 or version(side) != TRITON36:
-        return None, f"pip install triton=={TRITON36} failed (index unreachable?): {res.stderr.strip()[-300:]}"
+        return None, f"pip install triton=={version} failed: {e}"
+    if res.returncode != 0 or found(side) != version:
+        return None, f"pip install triton=={version} failed (index unreachable?): {res.stderr.strip()[-300:]}"
     return str(side), f"installed into {side}"
+
+
+def triton36_site(install: bool = True) -> tuple[str | None, str]:
+    """:func:`triton_site` for Triton 3.6.0 (torch 2.11's, the lent GPU's)."""
+    return triton_site(TRITON36, install)
 
 
 def run_gate(
@@ -595,26 +606,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="directory for static.json / static.md")
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 90,80,89,121")
     ap.add_argument("--triton36", default="auto", help="a triton 3.6.0 `pip --target` directory, 'auto' or 'off'")
+    ap.add_argument(
+        "--newest", default="auto", help=f"a triton {TRITON_NEWEST} `pip --target` directory, 'auto' or 'off'"
+    )
     ap.add_argument("--only", default="", help="comma-separated families: " + ", ".join(FAMILIES))
     args = ap.parse_args(argv)
-    if args.triton36 == "off":
-        side, why = None, "--triton36 off"
-    else:
-        if args.triton36 != "auto":
-            os.environ["ATMC_TRITON36"] = args.triton36
-        side, why = triton36_site(install=args.triton36 == "auto")
     archs = tuple(int(a) for a in args.arch.split(","))
     fams = tuple(f.strip() for f in args.only.split(",") if f.strip()) or None
     import triton
 
     notes = [f"installed triton {triton.__version__}"]
     results = [run_gate(None, archs, fams)]
-    if side:
-        notes.append(f"triton {TRITON36}: {why}")
-        results.append(run_gate(side, archs, fams))
-    else:
-        notes.append(f"triton {TRITON36} half SKIPPED: {why}")
-        print(f"[static] WARNING: triton {TRITON36} half skipped: {why}", file=sys.stderr, flush=True)
+    for version, choice in ((TRITON36, args.triton36), (TRITON_NEWEST, args.newest)):
+        if version == triton.__version__:
+            notes.append(f"triton {version}: the installed one")
+            continue
+        if choice == "off":
+            side, why = None, "off on the command line"
+        else:
+            if choice != "auto":
+                os.environ["ATMC_TRITON" + "".join(version.split(".")[:2])] = choice
+            side, why = triton_site(version, install=choice == "auto")
+        if side:
+            notes.append(f"triton {version}: {why}")
+            results.append(run_gate(side, archs, fams))
+        else:
+            notes.append(f"triton {version} half SKIPPED: {why}")
+            print(f"[static] WARNING: triton {version} half skipped: {why}", file=sys.stderr, flush=True)
     for res in results:
         notes.append(f"triton {res['triton']}: {res['compiles']} cold compiles, {res['seconds']:.0f} s")
     md = write_static(args.out, results, notes)

@@ -94,10 +94,11 @@ H100 = {"hbm": 3.0e12, "tc": 780e12, "fma": 60e12, "l1": 20e12, "launch_us": 1.0
 # `python -m bench.gemm_issue` recounts them, bench/results/gemm_issue_2026-11-30_book.json), per Triton: per
 # decoded weight element and BLOCK_M-row tile of the tile kernel ("dense" codes, "bitmap"), per stored
 # nonzero and BLOCK_M rows of the CSR kernel. At "issue" warp instructions/s (132 SMs x 4 schedulers x
-# 1.755 GHz) they bound a kernel's time from below. Triton 3.8 is the model's default; 3.6 (torch 2.11's,
-# the lent H200's) issues 1.4x more for dense tiles and 0.96-0.99x as much for CSR (whose loop has no layout
-# exchange on either since a thread owns whole nonzeros, 4 consecutive ones; before that, the counts at BLOCK_M
-# 2 / 4 / 16 were 2.2 / 2.7 / 1.5x these on 3.8 and 2.8 / 3.0 / 1.7x on 3.6:
+# 1.755 GHz) they bound a kernel's time from below. Triton 3.8 (torch 2.14's) is the model's default; 3.9, the
+# newest, is within 3 % of it; 3.6 (torch 2.11's, the lent H200's) issues 1.4x more for dense tiles and
+# 0.96-0.99x as much for CSR (whose loop has no layout exchange on either since a thread owns whole nonzeros,
+# 4 consecutive ones; before that, the counts at BLOCK_M 2 / 4 / 16 were 2.2 / 2.7 / 1.5x these on 3.8 and
+# 2.8 / 3.0 / 1.7x on 3.6:
 # bench/results/gemm_issue_2026-11-30_csr.json).
 ISSUE_COUNTS = {
     "3.8": {
@@ -110,13 +111,18 @@ ISSUE_COUNTS = {
         "bitmap": {16: 1.33, 32: 1.35, 64: 1.41, 128: 1.61},
         "csr": {1: 0.61, 2: 0.68, 4: 0.81, 8: 1.06, 16: 1.67, 32: 2.73},
     },
+    "3.9": {  # the newest release (bench/results/gemm_issue_2026-12-01_triton39.json): within 3 % of 3.8
+        "dense": {16: 0.63, 32: 0.64, 64: 0.74, 128: 0.91},
+        "bitmap": {16: 1.38, 32: 1.38, 64: 1.37, 128: 1.55},
+        "csr": {1: 0.62, 2: 0.69, 4: 0.82, 8: 1.06, 16: 1.67, 32: 2.73},
+    },
 }
 ISSUE = ISSUE_COUNTS["3.8"]
 
 
 def issue_instructions(M: int, csr_nnz: int, coded_elems: int, bitmap_elems: int = 0, triton: str = "3.8") -> float:
     """Warp instructions the packed kernels' hot loops issue for ``M`` rows (from :data:`ISSUE_COUNTS`
-    of ``triton``, ``"3.8"`` or ``"3.6"``).
+    of ``triton``: ``"3.8"``, ``"3.6"`` or ``"3.9"``).
 
     Tiles: every decoded element once per ``BLOCK_M``-row tile (16 or 32 rows on the split-K path, the
     cheapest of 32/64/128 above); CSR: every nonzero once per ``BLOCK_M`` rows (the launcher's

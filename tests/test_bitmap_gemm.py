@@ -270,5 +270,6 @@ def test_model_counts_per_triton():
     assert issue_instructions(16, 0, 100, triton="3.6") == pytest.approx(100 * ISSUE_COUNTS["3.6"]["dense"][16])
     args = ("split_k", 16, 4096, 4096, 10_000_000, 0, 4096 * 4096)  # dense-coded tiles, issue-bound
     assert predicted_us(*args, triton="3.6") > predicted_us(*args) == predicted_us(*args, triton="3.8")
-    with pytest.raises(ValueError, match=r"triton must be one of \['3.6', '3.8'\], got '3.7'"):
+    assert issue_instructions(16, 10, 0, triton="3.9") == pytest.approx(10 * ISSUE_COUNTS["3.9"]["csr"][16])
+    with pytest.raises(ValueError, match=r"triton must be one of \['3.6', '3.8', '3.9'\], got '3.7'"):
         issue_instructions(1, 10, 0, triton="3.7")

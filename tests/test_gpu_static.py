@@ -1,4 +1,4 @@
-"""The static GPU performance gate (``bench/static.py``) in CI, on the installed Triton and on Triton 3.6.0.
+"""The static GPU performance gate (``bench/static.py``) in CI: the installed Triton, 3.6.0 and the newest release.
 
 Every kernel family's representative launches are compiled for sm_90 (and sm_80, sm_89, sm_121)
 without a GPU and checked against the family's rules: no spills, the blocks/SM the design needs,
@@ -6,8 +6,9 @@ without a GPU and checked against the family's rules: no spills, the blocks/SM t
 before compile. A family that fails today on some Triton is ``xfail(strict=True)`` there with the
 issue that fixes it (``Family.known_failures``), and only for the violations that entry names: any
 other violation fails the test, and when the fix lands the test XPASSes (a failure under strict)
-until the entry is removed. Triton 3.6.0 comes from ``$ATMC_TRITON36`` or a cached ``pip install --target``; if it
-cannot be had (no package index), its half is skipped with the reason, and a warning says so.
+until the entry is removed. Triton 3.6.0 and the newest (``static.SIDE_TRITONS``) come from ``$ATMC_TRITON36`` /
+``$ATMC_TRITON39`` or a cached ``pip install --target``; one that cannot be had (no package index) has its half
+skipped with the reason, and a warning says so; one equal to the installed Triton is not gated twice.
 """
 
 import os
@@ -20,7 +21,7 @@ from bench import model, static
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interp = pytest.mark.skipif(not INTERPRET, reason="records launches in Triton's CPU interpreter")
-VERSIONS = ("installed", static.TRITON36)
+VERSIONS = ("installed", *static.SIDE_TRITONS)
 _RESULTS: dict[str, dict] = {}
 
 
@@ -28,10 +29,15 @@ def _gate(version: str) -> dict:
     """The gate's result for one Triton (run once per session, shared by the family tests)."""
     if version not in _RESULTS:
         path = None
-        if version == static.TRITON36:
-            path, why = static.triton36_site(install=True)
+        if version != "installed":
+            import triton
+
+            if version == triton.__version__:
+                _RESULTS[version] = {"skip": f"Triton {version} is the installed one (its half ran as 'installed')"}
+                return _RESULTS[version]
+            path, why = static.triton_site(version, install=True)
             if path is None:
-                msg = f"static gate: the Triton {static.TRITON36} half is SKIPPED: {why}"
+                msg = f"static gate: the Triton {version} half is SKIPPED: {why}"
                 warnings.warn(msg, stacklevel=2)
                 _RESULTS[version] = {"skip": msg}
                 return _RESULTS[version]
@@ -218,3 +224,24 @@ def test_gpu_check_log_keeps_every_row(tmp_path):
     assert [r["gpu"] for r in recs] == ["test", "test"]
     table = gpu_check.summary(log.rows)
     assert "FAILED boom" in table and "| 2.00 |" in table and "| NO |" in table
+
+
+def test_triton_site_finds_checks_and_refuses(tmp_path, monkeypatch):
+    """A side Triton comes from $ATMC_TRITON<mm> (version checked), then the cache; no install when not allowed."""
+    monkeypatch.setattr(static.Path, "home", lambda: tmp_path)
+    monkeypatch.delenv("ATMC_TRITON39", raising=False)
+    path, why = static.triton_site("3.9.0", install=False)
+    assert path is None and "installing was not allowed" in why
+    cached = tmp_path / ".cache" / "atmc_triton" / "triton-3.9.0"
+    (cached / "triton").mkdir(parents=True)
+    (cached / "triton-3.9.0.dist-info").mkdir()
+    assert static.triton_site("3.9.0", install=False) == (str(cached), f"cached side install {cached}")
+    other = tmp_path / "other"
+    (other / "triton").mkdir(parents=True)
+    (other / "triton-3.8.0.dist-info").mkdir()
+    monkeypatch.setenv("ATMC_TRITON39", str(other))  # the variable wins over the cache, and must hold 3.9.0
+    path, why = static.triton_site("3.9.0", install=False)
+    assert path is None and "holds no triton 3.9.0" in why and why.startswith("ATMC_TRITON39=")
+    monkeypatch.setenv("ATMC_TRITON39", str(cached))
+    assert static.triton_site("3.9.0")[0] == str(cached)
+    assert static.triton36_site(install=False)[1].startswith(("ATMC_TRITON36", "no triton 3.6.0", "cached"))

@@ -173,3 +173,19 @@ def test_cached_weights_context():
     assert torch.equal(out, ref) and gx.abs().sum() > 0
     assert all(layer._cached_w is None for _, layer in at.atmc_layers(model))
     assert model(x).grad_fn is not None
+
+
+def test_copies_made_inside_cached_weights_carry_no_cache():
+    """A deepcopy (or pickle) taken inside the context must not keep its weight cache for good."""
+    torch.manual_seed(0)
+    model = at.compress_(small_cnn(), at.ATMCConfig(ratio=0.2, bits=4))
+    x = torch.randn(2, 3, 8, 8)
+    with at.cached_weights(model):
+        twin = copy.deepcopy(model)
+    assert all(layer._cached_w is None for _, layer in at.atmc_layers(twin))
+    with torch.no_grad():
+        for _, layer in at.atmc_layers(twin):
+            layer.C.mul_(2.0)  # the copy's factors change after the context
+    ref = copy.deepcopy(twin)  # made outside any context
+    assert torch.equal(twin(x), ref(x)) and not torch.equal(twin(x), model(x))
+    assert twin(x).grad_fn is not None
