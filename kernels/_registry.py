@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from collections.abc import Callable, Iterable
 
 import torch
@@ -104,4 +105,9 @@ def _cpu_traces_to(twin: Callable, launcher: Callable) -> Callable:
             return twin(*args, **kwargs)
         return launcher(*args, **kwargs)
 
+    # the launcher's signature with its annotations evaluated in its own module: torch releases whose triton_op
+    # ignores ``schema=`` (2.13 and older, torch 2.11 on the lent GPU among them) infer the schema from this
+    # wrapper, and would evaluate the launcher's string annotations (``from __future__ import annotations``)
+    # in this module, where ``Tensor`` is not defined
+    launch.__signature__ = inspect.signature(launcher, eval_str=True)
     return launch

@@ -195,3 +195,22 @@ def test_cpu_graphs_with_an_aot_backend_hold_the_op_and_equal_the_reference(name
     for a, b in zip(args, want_args):  # the in-place updates (w, mom, mask; u)
         if isinstance(a, torch.Tensor):
             assert same(a, b)
+
+
+def test_op_schemas_can_be_inferred_from_the_cpu_trace_wrappers():
+    """Torch releases whose ``triton_op`` ignores ``schema=`` (2.13 and older: torch 2.11 on the lent GPU) infer the
+    schema from the wrapper that sends CPU traces to the opaque twin; the launchers' annotations are strings
+    (``from __future__ import annotations``), which must resolve in the launcher's module, not the wrapper's."""
+    pytest.importorskip("triton")
+    from atmc_triton.kernels import _registry, admm, lloyd_triton
+
+    launchers = (
+        lloyd_triton.lloyd_quantize_triton,
+        lloyd_triton.errors_for_bits_triton,
+        admm.admm_step_triton,
+        admm.admm_dual_update_triton,
+    )
+    for launcher in launchers:
+        wrapper = _registry._cpu_traces_to(lambda *a, **k: None, launcher)
+        mine = torch.library.infer_schema(wrapper, mutates_args=())
+        assert mine == torch.library.infer_schema(launcher, mutates_args=()) and mine.startswith("(Tensor ")
