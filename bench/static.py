@@ -42,6 +42,7 @@ __all__ = [
     "gather",
     "record_family",
     "run_gate",
+    "side_dir",
     "triton36_site",
     "triton_site",
 ]
@@ -366,12 +367,20 @@ def gather(specs: list[dict], arch: int, triton_path: str | None, cache_dir: Pat
     return rows
 
 
+def side_dir(version: str) -> Path:
+    """Where :func:`triton_site` caches Triton ``version``: per Python minor version, since the package's
+    compiled extension is built for one (a 3.11 install fails to import under 3.12)."""
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    return Path.home() / ".cache" / "atmc_triton" / f"triton-{version}-{py}"
+
+
 def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:
     """A directory holding Triton ``version`` for a side half of the gate, and how it was found.
 
     ``$ATMC_TRITON<major><minor>`` (``ATMC_TRITON36``, ``ATMC_TRITON39``: an existing ``--target``
-    install) first, then the cached side install ``~/.cache/atmc_triton/triton-<version>``; with
-    ``install``, ``pip install --target`` into that cache when the package index is reachable.
+    install) first, then the cached side install :func:`side_dir`
+    (``~/.cache/atmc_triton/triton-<version>-cp<py>``); with ``install``, ``pip install --target``
+    into that cache when the package index is reachable.
     Returns ``(None, reason)`` when none can be had.
     """
     import subprocess
@@ -390,7 +399,7 @@ def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:
         if found(Path(env)) == version:
             return env, f"{var}={env}"
         return None, f"{var}={env} holds no triton {version} (a pip --target directory expected)"
-    side = Path.home() / ".cache" / "atmc_triton" / f"triton-{version}"
+    side = side_dir(version)
     if found(side) == version:
         return str(side), f"cached side install {side}"
     if not install:

@@ -129,7 +129,9 @@ def _bitmap_index(gp_ptr, bm_ptr, nnz, K, N, k0, kk, rn, GROUP: tl.constexpr, BL
     rel = _popc(own & (((own * 0 + 1) << sh) - 1))  # [BK, BN]: set bits below k in its own word
     lw = (kk - k0) // 32  # [BK]: the element's word within the step
     for q in tl.static_range(WPS - 1):  # set bits of the step's earlier words
-        wq = tl.load(bm_ptr + row_w + kw0 + q, mask=n_ok & (kw0 + q < wpr), other=0).to(tl.uint32, bitcast=True)
+        # (tl.where, not `n_ok & scalar`: Triton 3.9's interpreter makes a bool tensor & a scalar bool int32)
+        q_ok = tl.where(kw0 + q < wpr, n_ok, False)
+        wq = tl.load(bm_ptr + row_w + kw0 + q, mask=q_ok, other=0).to(tl.uint32, bitcast=True)
         rel += tl.where(lw[:, None] > q, _popc(wq)[None, :], 0)
     ok = mask & nz & (base[None, :] + rel < nnz)  # a corrupt pointer never reads past the codes
     return base.to(tl.int64), rel, ok

@@ -232,7 +232,12 @@ def test_triton_site_finds_checks_and_refuses(tmp_path, monkeypatch):
     monkeypatch.delenv("ATMC_TRITON39", raising=False)
     path, why = static.triton_site("3.9.0", install=False)
     assert path is None and "installing was not allowed" in why
-    cached = tmp_path / ".cache" / "atmc_triton" / "triton-3.9.0"
+    cached = static.side_dir("3.9.0")
+    assert cached.parent == tmp_path / ".cache" / "atmc_triton" and cached.name.startswith("triton-3.9.0-cp3")
+    wrong_python = cached.with_name("triton-3.9.0-cp27")  # an install for another Python is not taken
+    (wrong_python / "triton").mkdir(parents=True)
+    (wrong_python / "triton-3.9.0.dist-info").mkdir()
+    assert static.triton_site("3.9.0", install=False)[0] is None
     (cached / "triton").mkdir(parents=True)
     (cached / "triton-3.9.0.dist-info").mkdir()
     assert static.triton_site("3.9.0", install=False) == (str(cached), f"cached side install {cached}")
