@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["HAS_TRITON", "metadata_only", "register_op", "tracing"]
+__all__ = ["HAS_TRITON", "fake_propagation", "metadata_only", "register_op", "tracing"]
 
 
 def _has_triton() -> bool:
@@ -40,6 +40,17 @@ def tracing(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return torch.compiler.is_compiling() or is_fake(t)
+
+
+def fake_propagation(t: torch.Tensor) -> bool:
+    """``t`` is a fake tensor outside a functionalizing (AOT) trace: dynamo's or ``torch.export``'s pass that
+    runs an op's fake kernel (for a ``triton_op``, the launcher itself) only for its outputs' metadata. A
+    launcher may return its allocated outputs then, instead of choosing a path from the sizes (which would
+    guard a dynamic dimension). Under AOT tracing (``FunctionalTensor``) it must launch its kernels."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return is_fake(t) and not isinstance(t, FunctionalTensor)
 
 
 def metadata_only(t: torch.Tensor, interpreted: bool, who: str) -> bool:

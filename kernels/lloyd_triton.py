@@ -457,7 +457,7 @@ def _fast_scans(srt: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     prefix2, rank = _new((n,), torch.float64, dev), _new((n,), torch.int32, dev)
     if n:
         starts = torch.zeros(n + 1, dtype=torch.int8, device=dev)  # (empty segments at the end mark n)
-        starts[offsets[:-1]] = 1
+        starts.index_fill_(0, offsets[:-1], 1)  # (not starts[...] = 1: on CUDA that copies a host scalar, a sync)
         args = {"sorted_ptr": srt, "starts_ptr": starts, "n": n, "BLOCK": SCAN_BLOCK}
         wrap_triton(wt.scan_totals_kernel)[(blocks,)](sq_ptr=sq, runs_ptr=runs, **args)
         sq_base, runs_base = torch.cumsum(sq, 0) - sq, (torch.cumsum(runs, 0) - runs).to(torch.int32)

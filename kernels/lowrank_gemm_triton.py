@@ -51,6 +51,7 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ._registry import fake_propagation
 from .lowrank_gemm import (
     IDENTITY_U,
     IDENTITY_V,
@@ -526,6 +527,8 @@ def atmc_linear_triton(x: Tensor, bias: Tensor | None, n: int, r: int, identity:
     """Launcher of op ``atmc_linear`` (same signature and result as :func:`atmc_linear_ref`)."""
     if x.device.type == "cpu" or x.dtype == torch.float64:  # a CPU graph, or float64 x (no tensor-core dtype):
         return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))  # the reference (torch)
+    if fake_propagation(x):  # export / dynamo want the metadata only: no path chosen, so a dynamic batch stays so
+        return x.new_empty(x.shape[0], n)
     return linear_launch(x, bias, n, r, identity, factors)
 
 

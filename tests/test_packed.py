@@ -477,10 +477,12 @@ def triton_on_cpu(monkeypatch):
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def fp32_rtol(device: str) -> float:
+def fp32_rtol(device: str, model: bool = False) -> float:
     """float32 in the interpreter is exact float32; on a GPU the kernels use tf32 tensor cores (10-bit
-    mantissa, as ``F.linear`` under ``allow_tf32``): 4 units of 2^-11 relative to the largest output."""
-    return 1e-5 if device == "cpu" else 4 * 2.0**-11
+    mantissa, as ``F.linear`` under ``allow_tf32``), which truncate their operands: the low-rank product
+    truncates four (x, V, then x V^T and U), 8 units of 2^-11 relative to the largest output of one layer;
+    a whole ``model`` (cuDNN's convolutions are tf32 too) gets float16's bound, the same mantissa."""
+    return 1e-5 if device == "cpu" else 1e-2 if model else 8 * 2.0**-11
 
 
 @pytest.fixture
@@ -500,13 +502,13 @@ def test_packed_model_kernels_match_finalized(device, dtype, kernels_on):
     for batch in (1, 8, 64):
         xb = torch.rand(batch, 1, 28, 28)
         got = packed(xb.to(device).to(dtype)).float().cpu()
-        assert max_rel(got, model(xb)) <= (fp32_rtol(device) if dtype == torch.float32 else 1e-2)
+        assert max_rel(got, model(xb)) <= (fp32_rtol(device, model=True) if dtype == torch.float32 else 1e-2)
         paths |= {m.path(batch, dtype) for _, m in pk.packed_layers(packed) if isinstance(m, pk.PackedLinear)}
     assert "split_k" in paths
     if device == "cuda":
         compiled = torch.compile(packed, fullgraph=True)
         got = compiled(x.cuda().to(dtype)).float().cpu()
-        assert max_rel(got, model(x)) <= (fp32_rtol(device) if dtype == torch.float32 else 1e-2)
+        assert max_rel(got, model(x)) <= (fp32_rtol(device, model=True) if dtype == torch.float32 else 1e-2)
 
 
 def _one_linear(seed=0, n_in=40, n_out=24):
