@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["HAS_TRITON", "fake_propagation", "metadata_only", "register_op", "tracing"]
+__all__ = ["HAS_TRITON", "fake_propagation", "metadata_only", "register_op", "tracing", "wrap_triton"]
 
 
 def _has_triton() -> bool:
@@ -40,6 +40,21 @@ def tracing(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return torch.compiler.is_compiling() or is_fake(t)
+
+
+def wrap_triton(kernel: Callable) -> Callable:
+    """:func:`torch.library.wrap_triton`, except that a kernel of Triton's CPU interpreter
+    (``TRITON_INTERPRET=1``) is returned as it is, to be launched eagerly: torch 2.14 does this
+    itself, while older releases (torch 2.11 on the lent GPU's image) refuse the interpreter's
+    functions, which failed every interpreted launch there."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = kernel
+    while not isinstance(fn, InterpretedFunction) and hasattr(fn, "fn"):  # autotune / heuristics wrappers
+        fn = fn.fn
+    if isinstance(fn, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def fake_propagation(t: torch.Tensor) -> bool:

@@ -58,8 +58,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
+
+from ._registry import wrap_triton
 
 __all__ = [
     "BAND",

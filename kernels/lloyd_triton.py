@@ -50,9 +50,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from ._registry import metadata_only, tracing
+from ._registry import metadata_only, tracing, wrap_triton
 
 __all__ = ["errors_for_bits_triton", "lloyd_quantize_triton"]
 

@@ -49,9 +49,8 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
-from torch.library import wrap_triton
 
-from ._registry import fake_propagation
+from ._registry import fake_propagation, wrap_triton
 from .lowrank_gemm import (
     IDENTITY_U,
     IDENTITY_V,
