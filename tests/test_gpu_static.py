@@ -195,10 +195,36 @@ def test_gpu_check_fails_soft_without_cuda(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_gpu_check_writes_to_out_by_default_and_needs_the_install(tmp_path, monkeypatch):
+    """On the lent machine a plain ``python3 -m bench.gpu_check`` writes ``$OUT/check`` (it used to exit with
+    status 2 for want of ``--out``); without the install (no ``atmc_triton.kernels``) it says what to run."""
+    import importlib.util
+
+    import torch
+
+    from bench import gpu_check
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "run_check", lambda out, budget_s: calls.append(out) or 0)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_check.main([]) == 0 and calls == [tmp_path / "check"]
+    assert gpu_check.main(["--out", str(tmp_path / "x")]) == 0 and calls[-1] == tmp_path / "x"
+    monkeypatch.delenv("OUT")
+    with pytest.raises(SystemExit):
+        gpu_check.main([])
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "atmc_triton.kernels" else find(name, *a)
+    )
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2 and len(calls) == 2
+
+
 @needs_interp
-@pytest.mark.parametrize("index", [2, 3, 5])
+@pytest.mark.parametrize("index", [2, 3, 5, 7, 14])
 def test_gpu_check_correctness_cases_run_in_the_interpreter(index):
-    """The check's own case code (small cases: keep-all / keep-none ADMM, Lloyd) against the references."""
+    """The check's own case code (small cases: keep-all / keep-none ADMM, Lloyd; GEMM at M = 1 fp16 and M = 16
+    fp32, on the pinned configs) against the references."""
     import torch
 
     from bench import gpu_check
