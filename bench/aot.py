@@ -204,13 +204,42 @@ def _tools() -> str | None:
     return str(Path(spec.origin).parent / "backends" / "nvidia" / "bin")
 
 
+def _newest_tools() -> str | None:
+    """The CUDA tools of the newest Triton at hand: the installed one or a side install (``$ATMC_TRITON<mm>``,
+    ``~/.cache/atmc_triton/triton-*``). For a cubin the installed tools cannot decode: Triton 3.6's cuobjdump
+    does not know sm_121a, so with 3.6 installed (torch 2.11) its sm_121 cubins are read with a side 3.9's."""
+    import importlib.util
+
+    def version(site: Path) -> tuple[int, ...]:
+        meta = sorted(site.glob("triton-*.dist-info"))
+        if not meta or not (site / "triton" / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+            return ()
+        return tuple(int(p) for p in re.findall(r"\d+", meta[0].name.removeprefix("triton-"))[:3])
+
+    sites = [Path(v) for k, v in os.environ.items() if re.fullmatch(r"ATMC_TRITON\d+", k)]
+    sites += sorted((Path.home() / ".cache" / "atmc_triton").glob("triton-*"))
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        sites.insert(0, Path(spec.origin).parent.parent)
+    best = max(sites, key=version, default=None)
+    return str(best / "triton" / "backends" / "nvidia" / "bin") if best is not None and version(best) else None
+
+
 def _sass_figures(cubin: bytes, tools: str) -> dict:
-    cuobjdump = str(Path(tools) / "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True)
+        usage = sass = None
+        for attempt in (tools, _newest_tools()):
+            if attempt is None:
+                continue
+            cuobjdump = str(Path(attempt) / "cuobjdump")
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True)
+            if not (usage.returncode or sass.returncode) or "Cannot decode architecture" not in sass.stderr:
+                break  # (an architecture these tools do not know: the newest at hand may)
+    if usage is None or sass is None:
+        raise RuntimeError("cuobjdump not found: no Triton with its bundled CUDA tools")
     if usage.returncode or sass.returncode:
         raise RuntimeError(f"cuobjdump failed: {usage.stderr[-500:]} {sass.stderr[-500:]}")
     fig = {k: int(re.search(rf"\b{k}:(\d+)", usage.stdout).group(1)) for k in ("REG", "STACK", "SHARED", "LOCAL")}
