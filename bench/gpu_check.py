@@ -71,7 +71,9 @@ def poisoned_outputs():
         lloyd_triton._new, lowrank_gemm_triton._empty = saved
 
 
-def _admm_case(n: int, k_frac: float, grad: str, dual: bool = False) -> Callable[[object], dict]:
+def _admm_case(n: int, k_frac: float, grad: str, dual: bool = False, hinted: bool = False) -> Callable[[object], dict]:
+    """``hinted``: a first step, then the checked one with the first step's tau as its hint (the band path)."""
+
     def run(device) -> dict:
         import torch
         from atmc_triton.kernels.admm import admm_dual_update_triton, admm_step_ref, admm_step_triton
@@ -89,10 +91,14 @@ def _admm_case(n: int, k_frac: float, grad: str, dual: bool = False) -> Callable
         k = int(k_frac * n)
         hp = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, rho=1e-3, k=k, nesterov=False)
         ref = dict(w=w.clone(), grad=gr.float(), mom=mom.clone(), z=z, u=u, mask=torch.zeros(n, dtype=torch.bool))
-        tau_ref = admm_step_ref(**ref, **hp)
-        dev = {key: v.to(device) for key, v in dict(w=w, grad=gr, mom=mom, z=z, u=u).items()}
+        hint = None
+        if hinted:  # a reference step first: the checked step starts from its state, hinted with its tau
+            hint = admm_step_ref(**ref, **hp)
+        start = {key: ref[key].clone() for key in ("w", "mom")}
+        tau_ref = admm_step_ref(**ref, **hp, tau_hint=hint)
+        dev = {key: v.to(device) for key, v in dict(grad=gr, z=z, u=u, **start).items()}
         dev["mask"] = torch.zeros(n, dtype=torch.bool, device=device)
-        tau = admm_step_triton(**dev, **hp)
+        tau = admm_step_triton(**dev, **hp, tau_hint=None if hint is None else hint.to(device))
         nnz = int((dev["w"] != 0).sum())
         # the fused update may contract into FMAs: the kept set may differ at ties within one ulp
         differ = int((dev["mask"].cpu() != ref["mask"]).sum())
@@ -131,10 +137,14 @@ def _lloyd_case(sizes: list[int], bits: list[int], errors_for_bits: bool = False
         want = lloyd_quantize_ref(values, offsets, b, 20, 0.0)
         mism = float((got[1] != want[1]).float().mean())
         book_rel = float(((got[0] - want[0]).abs() / want[0].abs().clamp(min=1e-30)).max())
+        # "fast" (the default) promises quality on a GPU, not the reference's bits (a near-tie of its windowed DP
+        # may resolve the other way): each segment's error within 0.1 % of the reference's
+        err_rel = float(((got[3].double() - want[3].double()) / want[3].double().clamp(min=1e-30)).max())
         return {
             "code_mismatch": mism,
             "book_max_rel": book_rel,
-            "ok": mism <= 1e-4 and book_rel <= 1e-5 and not got[2].isnan().any() and bool((got[1] >= 0).all()),
+            "err_max_rel_excess": err_rel,
+            "ok": err_rel <= 1e-3 and not got[2].isnan().any() and bool((got[1] >= 0).all()),
         }
 
     return run
@@ -178,6 +188,7 @@ def pinned_config(M: int) -> dict:
 CORRECTNESS: list[tuple[str, str, Callable]] = [  # (op, case, run(device) -> metrics with "ok")
     ("admm_step", "n=1000003 k=10% fp32 grads", _admm_case(1_000_003, 0.1, "float32")),
     ("admm_step", "n=1000003 k=10% bf16 grads", _admm_case(1_000_003, 0.1, "bfloat16")),
+    ("admm_step", "n=1000003 k=10% fp32 grads, hinted (band path)", _admm_case(1_000_003, 0.1, "float32", hinted=True)),
     ("admm_step", "n=4099 k=n (keep all)", _admm_case(4099, 1.0, "float32")),
     ("admm_step", "n=4099 k=0 (keep none)", _admm_case(4099, 0.0, "float32")),
     ("admm_dual_update", "n=1000003", _admm_case(1_000_003, 0, "float32", dual=True)),

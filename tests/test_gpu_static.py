@@ -221,18 +221,30 @@ def test_gpu_check_writes_to_out_by_default_and_needs_the_install(tmp_path, monk
 
 
 @needs_interp
-@pytest.mark.parametrize("index", [2, 3, 5, 7, 14])
-def test_gpu_check_correctness_cases_run_in_the_interpreter(index):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "n=4099 k=n (keep all)",
+        "n=4099 k=0 (keep none)",
+        "segments 1/7/63/1000/100003, b 8/4/1/8/4",
+        "1024x768 r=0.05 b=4 M=1 fp16",
+        "1024x768 r=0.05 b=4 M=16 fp32",
+        "hinted, small",
+    ],
+)
+def test_gpu_check_correctness_cases_run_in_the_interpreter(case):
     """The check's own case code (small cases: keep-all / keep-none ADMM, Lloyd; GEMM at M = 1 fp16 and M = 16
-    fp32, on the pinned configs) against the references."""
+    fp32, on the pinned configs; the hinted ADMM step, at 40,000 values here) against the references."""
     import torch
 
     from bench import gpu_check
 
+    cases = {c: fn for _, c, fn in gpu_check.CORRECTNESS}
+    assert "n=1000003 k=10% fp32 grads, hinted (band path)" in cases
+    cases["hinted, small"] = gpu_check._admm_case(40_000, 0.1, "float32", hinted=True)
     with gpu_check.poisoned_outputs():
-        op, case, fn = gpu_check.CORRECTNESS[index]
-        res = fn(torch.device("cpu"))
-    assert res["ok"], (op, case, res)
+        res = cases[case](torch.device("cpu"))
+    assert res["ok"], (case, res)
 
 
 def test_gpu_check_log_keeps_every_row(tmp_path):
