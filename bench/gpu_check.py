@@ -131,7 +131,8 @@ def _lloyd_case(sizes: list[int], bits: list[int], errors_for_bits: bool = False
             got = errors_for_bits_triton(values.to(device), offsets.to(device), 20, 0.0).cpu()
             want = errors_for_bits_ref(values, offsets, 20, 0.0)
             rel = float(((got.double() - want.double()).abs() / want.double().abs().clamp(min=1e-12)).max())
-            return {"err_max_rel": rel, "ok": rel <= 1e-4 and not got.isnan().any()}
+            # ("fast" on a GPU: a near-tie may resolve the other way at an equal error, as the gpu tests allow)
+            return {"err_max_rel": rel, "ok": rel <= 1e-3 and not got.isnan().any()}
         b = torch.tensor(bits, dtype=torch.int32)
         got = [t.cpu() for t in lloyd_quantize_triton(values.to(device), offsets.to(device), b.to(device), 20, 0.0)]
         want = lloyd_quantize_ref(values, offsets, b, 20, 0.0)
@@ -140,11 +141,18 @@ def _lloyd_case(sizes: list[int], bits: list[int], errors_for_bits: bool = False
         # "fast" (the default) promises quality on a GPU, not the reference's bits (a near-tie of its windowed DP
         # may resolve the other way): each segment's error within 0.1 % of the reference's
         err_rel = float(((got[3].double() - want[3].double()) / want[3].double().clamp(min=1e-30)).max())
+        o, decoded, sse_rel = offsets.tolist(), True, 0.0
+        for s in range(len(sizes)):  # codes decode to q, and q's error is the one reported
+            cs, qs, xs = got[1][o[s] : o[s + 1]].long(), got[2][o[s] : o[s + 1]], values[o[s] : o[s + 1]].double()
+            decoded &= bool((cs >= 0).all() and (cs < got[0].shape[1]).all()) and torch.equal(qs, got[0][s][cs])
+            sse = float(((xs - qs.double()) ** 2).sum())
+            sse_rel = max(sse_rel, abs(sse - float(got[3][s])) / max(sse, 1e-30))
         return {
             "code_mismatch": mism,
             "book_max_rel": book_rel,
             "err_max_rel_excess": err_rel,
-            "ok": err_rel <= 1e-3 and not got[2].isnan().any() and bool((got[1] >= 0).all()),
+            "reported_vs_recomputed_sse": sse_rel,
+            "ok": err_rel <= 1e-3 and decoded and sse_rel <= 1e-5 and not got[2].isnan().any(),
         }
 
     return run
@@ -370,15 +378,26 @@ class Log:
 
 
 def run_check(out: Path, budget_s: float = BUDGET_S) -> int:
+    import faulthandler
+
+    import torch
+
+    device = torch.device("cuda")
+    t0 = time.time()
+
+    faulthandler.dump_traceback_later(budget_s + 90, exit=True)  # a hung kernel: say where, and end while time is left
+    try:
+        return _run_check(out, budget_s, device, t0)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _run_check(out: Path, budget_s: float, device, t0: float) -> int:
+    """:func:`run_check`'s body (correctness, then the benchmarks), under its hang guard."""
     import torch
 
     from bench.common import environment
 
-    device = torch.device("cuda")
-    t0 = time.time()
-    import faulthandler
-
-    faulthandler.dump_traceback_later(budget_s + 90, exit=True)  # a hung kernel: say where, and end while time is left
     log = Log(out, environment(device))
     log.add({"phase": "start", "left_out": LEFT_OUT})
     failed = 0
@@ -561,11 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("gpu_check: torch is not installed", file=sys.stderr)
         return 2
-    import importlib.util
-
-    if importlib.util.find_spec("atmc_triton") is None or importlib.util.find_spec("atmc_triton.kernels") is None:
-        print(  # (the kernels live in kernels/, which only an install maps to atmc_triton.kernels)
-            "gpu_check: atmc_triton is not installed; first run "
+    try:  # (the kernels live in kernels/, which only an install maps to atmc_triton.kernels)
+        import atmc_triton.kernels  # noqa: F401
+    except ImportError as e:
+        print(
+            f"gpu_check: atmc_triton is not installed ({e}); first run "
             "`python3 -m pip install --no-index --no-deps --no-build-isolation -e .`",
             file=sys.stderr,
         )

@@ -527,6 +527,8 @@ def atmc_linear_triton(x: Tensor, bias: Tensor | None, n: int, r: int, identity:
     if x.device.type == "cpu" or x.dtype == torch.float64:  # a CPU graph, or float64 x (no tensor-core dtype):
         return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))  # the reference (torch)
     if fake_propagation(x):  # export / dynamo want the metadata only: no path chosen, so a dynamic batch stays so
+        check_linear("atmc_linear", x, bias, n, r, identity, factors)  # (neither check reads M)
+        _check_launch("atmc_linear", x, bias)
         return x.new_empty(x.shape[0], n)
     return linear_launch(x, bias, n, r, identity, factors)
 

@@ -782,6 +782,9 @@ def test_fake_propagation_on_cuda_chooses_no_path(monkeypatch):
         facs = [tuple(mode.from_tensor(t).to("cuda") if torch.is_tensor(t) else t for t in f) for f in facs]
         y = lt.atmc_linear_triton(x, None, n, r, IDENTITY_NONE, *(t for f in facs for t in f))
         assert (y.shape, y.dtype, y.device.type) == ((7, n), torch.float16, "cuda")
+        for bad in (x.to(torch.int32), x.view(7, 2, 20)):  # still validated while tracing
+            with pytest.raises(ValueError, match="atmc_linear"):
+                lt.atmc_linear_triton(bad, None, n, r, IDENTITY_NONE, *(t for f in facs for t in f))
         with FunctionalTensorMode():
             xf = FunctionalTensor.to_functional(x)
             with pytest.raises(AssertionError, match="linear_launch"):
