@@ -214,3 +214,24 @@ def test_op_schemas_can_be_inferred_from_the_cpu_trace_wrappers():
         wrapper = _registry._cpu_traces_to(lambda *a, **k: None, launcher)
         mine = torch.library.infer_schema(wrapper, mutates_args=())
         assert mine == torch.library.infer_schema(launcher, mutates_args=()) and mine.startswith("(Tensor ")
+
+
+def test_interpreted_kernels_launch_without_torch_wrap_triton(monkeypatch):
+    """torch 2.11's ``wrap_triton`` (the lent GPU's image) refuses the interpreter's kernels, which failed every
+    interpreted launch there: the kernels' shim hands them over as they are (plain and autotuned); a compiled
+    kernel still goes through torch's ``wrap_triton``."""
+    triton = pytest.importorskip("triton")
+    from atmc_triton.kernels import _registry, admm_triton, lowrank_gemm_triton
+
+    def refuse(kernel):  # torch 2.11's check
+        if not isinstance(kernel, (triton.runtime.jit.JITFunction, triton.runtime.autotuner.Autotuner)):
+            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+        return ("wrapped", kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", refuse)
+    for kernel in (admm_triton._update_kernel, lowrank_gemm_triton._tile_small):
+        interpreted = not isinstance(kernel, triton.runtime.jit.JITFunction) and not isinstance(
+            getattr(kernel, "fn", None), triton.runtime.jit.JITFunction
+        )
+        got = _registry.wrap_triton(kernel)
+        assert got is kernel if interpreted else got == ("wrapped", kernel)
