@@ -141,6 +141,7 @@ def test_sweep_needs_data_or_synthetic(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # (ResNet34 and WRN-16-8 through every stage: run after the quick GPU tests on a lent machine)
 @pytest.mark.parametrize("preset", ["cifar10", "svhn"])
 def test_synthetic_sweep_real_models_on_gpu(tmp_path, preset):
     """The presets' own models (ResNet34, WRN-16-8) through every stage on synthetic data."""
