@@ -1,7 +1,7 @@
 """The static GPU performance gate (``bench/static.py``) in CI: the installed Triton, 3.6.0 and the newest release.
 
-Every kernel family's representative launches are compiled for sm_90 (and sm_80, sm_89, sm_121)
-without a GPU and checked against the family's rules: no spills, the blocks/SM the design needs,
+Every kernel family's representative launches are compiled for sm_90 (and, with the installed Triton, sm_80,
+sm_89, sm_121) without a GPU and checked against the family's rules: no spills, the blocks/SM the design needs,
 128-bit loads in streaming kernels, tensor cores in GEMM tiles at M > 32, autotune configs pruned
 before compile. A family that fails today on some Triton is ``xfail(strict=True)`` there with the
 issue that fixes it (``Family.known_failures``), and only for the violations that entry names: any
@@ -41,7 +41,9 @@ def _gate(version: str) -> dict:
                 warnings.warn(msg, stacklevel=2)
                 _RESULTS[version] = {"skip": msg}
                 return _RESULTS[version]
-        _RESULTS[version] = static.run_gate(path)
+        # the side Tritons on sm_90 only (the H100 / H200 the targets are for): each arch compiles its own set, and
+        # the suite's time is its compile CPU; the installed Triton also proves sm_80 / sm_89 / sm_121 compile
+        _RESULTS[version] = static.run_gate(path, archs=static.ARCHS if path is None else (90,))
     return _RESULTS[version]
 
 
@@ -67,7 +69,7 @@ def test_static_gate(family, version):
     if "skip" in res:
         pytest.skip(res["skip"])
     mine = [r for r in res["rows"] if r["family"] == family]
-    assert {r["arch"] for r in mine} == set(static.ARCHS)
+    assert {r["arch"] for r in mine} == (set(static.ARCHS) if version == "installed" else {90})
     kernels = {r["kernel"] for r in mine}
     assert kernels == {rule.kernel for rule in static.FAMILIES[family].rules}, kernels  # every kernel is judged
     bad = res["violations"][family]
