@@ -1,6 +1,6 @@
-"""The static GPU performance gate (``bench/static.py``) in CI: the installed Triton, 3.6.0 and the newest release.
+"""The static GPU performance gate (``bench/static.py``) in CI: Triton 3.6.0 and the newest release.
 
-Every kernel family's representative launches are compiled for sm_90 (and, with the installed Triton, sm_80,
+Every kernel family's representative launches are compiled for sm_90 (and, with the newest Triton, sm_80,
 sm_89, sm_121) without a GPU and checked against the family's rules: no spills, the blocks/SM the design needs,
 128-bit loads in streaming kernels, tensor cores in GEMM tiles at M > 32, autotune configs pruned
 before compile. A family that fails today on some Triton is ``xfail(strict=True)`` there with the
@@ -8,7 +8,7 @@ issue that fixes it (``Family.known_failures``), and only for the violations tha
 other violation fails the test, and when the fix lands the test XPASSes (a failure under strict)
 until the entry is removed. Triton 3.6.0 and the newest (``static.SIDE_TRITONS``) come from ``$ATMC_TRITON36`` /
 ``$ATMC_TRITON39`` or a cached ``pip install --target``; one that cannot be had (no package index) has its half
-skipped with the reason, and a warning says so; one equal to the installed Triton is not gated twice.
+skipped with the reason, and a warning says so, and the installed Triton stands in for it (see ``_gate``).
 """
 
 import os
@@ -25,25 +25,43 @@ VERSIONS = ("installed", *static.SIDE_TRITONS)
 _RESULTS: dict[str, dict] = {}
 
 
-def _gate(version: str) -> dict:
-    """The gate's result for one Triton (run once per session, shared by the family tests)."""
-    if version not in _RESULTS:
-        path = None
-        if version != "installed":
-            import triton
+def _archs(version: str) -> tuple[int, ...]:
+    """Every arch for the newest Triton (or the installed one standing in); sm_90 only (the H100 / H200 the targets
+    are for) for Triton 3.6.0: each arch compiles its own set, and the suite's time is its compile CPU."""
+    return (90,) if version == static.TRITON36 else static.ARCHS
 
-            if version == triton.__version__:
-                _RESULTS[version] = {"skip": f"Triton {version} is the installed one (its half ran as 'installed')"}
-                return _RESULTS[version]
-            path, why = static.triton_site(version, install=True)
-            if path is None:
-                msg = f"static gate: the Triton {version} half is SKIPPED: {why}"
-                warnings.warn(msg, stacklevel=2)
-                _RESULTS[version] = {"skip": msg}
-                return _RESULTS[version]
-        # the side Tritons on sm_90 only (the H100 / H200 the targets are for): each arch compiles its own set, and
-        # the suite's time is its compile CPU; the installed Triton also proves sm_80 / sm_89 / sm_121 compile
-        _RESULTS[version] = static.run_gate(path, archs=static.ARCHS if path is None else (90,))
+
+def _gate(version: str) -> dict:
+    """The gate's result for one Triton (run once per session, shared by the family tests).
+
+    CI gates Triton 3.6.0 (the lent GPU's) and the newest; the installed Triton (3.8.0 with CI's torch) only
+    stands in for one of them that cannot be had (no package index), so that some Triton is always gated.
+    ``python -m bench.static`` gates all three."""
+    if version in _RESULTS:
+        return _RESULTS[version]
+    import triton
+
+    installed = triton.__version__
+    if version == "installed":
+        if installed in static.SIDE_TRITONS:
+            _RESULTS[version] = {"skip": f"the installed Triton {installed} is gated as its own version"}
+        elif all(static.triton_site(v, install=True)[0] for v in static.SIDE_TRITONS):
+            _RESULTS[version] = {
+                "skip": f"the installed Triton {installed} is neither {static.TRITON36} (the lent GPU's) nor the "
+                f"newest ({static.TRITON_NEWEST}), which are gated here; `python -m bench.static` gates it too"
+            }
+        else:  # a side Triton cannot be had: the installed one stands in
+            _RESULTS[version] = static.run_gate(None, archs=static.ARCHS)
+        return _RESULTS[version]
+    path = None
+    if version != installed:
+        path, why = static.triton_site(version, install=True)
+        if path is None:
+            msg = f"static gate: the Triton {version} half is SKIPPED: {why}"
+            warnings.warn(msg, stacklevel=2)
+            _RESULTS[version] = {"skip": msg}
+            return _RESULTS[version]
+    _RESULTS[version] = static.run_gate(path, archs=_archs(version))
     return _RESULTS[version]
 
 
@@ -69,7 +87,7 @@ def test_static_gate(family, version):
     if "skip" in res:
         pytest.skip(res["skip"])
     mine = [r for r in res["rows"] if r["family"] == family]
-    assert {r["arch"] for r in mine} == (set(static.ARCHS) if version == "installed" else {90})
+    assert {r["arch"] for r in mine} == set(static.ARCHS if version == "installed" else _archs(version))
     kernels = {r["kernel"] for r in mine}
     assert kernels == {rule.kernel for rule in static.FAMILIES[family].rules}, kernels  # every kernel is judged
     bad = res["violations"][family]
@@ -288,3 +306,29 @@ def test_triton_site_finds_checks_and_refuses(tmp_path, monkeypatch):
     monkeypatch.setenv("ATMC_TRITON39", str(cached))
     assert static.triton_site("3.9.0")[0] == str(cached)
     assert static.triton36_site(install=False)[1].startswith(("ATMC_TRITON36", "no triton 3.6.0", "cached"))
+
+
+def test_installed_triton_stands_in_only_for_a_side_triton_that_cannot_be_had(monkeypatch):
+    import triton
+
+    if triton.__version__ in static.SIDE_TRITONS:
+        pytest.skip("the installed Triton is one of the gated versions here")
+    calls = []
+    monkeypatch.setattr(static, "run_gate", lambda path, archs: calls.append((path, archs)) or {"ran": path})
+    saved = dict(_RESULTS)
+    try:
+        _RESULTS.clear()
+        monkeypatch.setattr(static, "triton_site", lambda v, install=True: (f"/side/{v}", "cached"))
+        assert "skip" in _gate("installed") and "neither" in _gate("installed")["skip"] and not calls
+        assert _gate(static.TRITON36) == {"ran": f"/side/{static.TRITON36}"}
+        assert calls[-1] == (f"/side/{static.TRITON36}", (90,))
+        assert _gate(static.TRITON_NEWEST) == {"ran": f"/side/{static.TRITON_NEWEST}"}
+        assert calls[-1][1] == static.ARCHS
+        _RESULTS.clear()
+        monkeypatch.setattr(static, "triton_site", lambda v, install=True: (None, "no package index"))
+        with pytest.warns(UserWarning, match="SKIPPED"):
+            assert "skip" in _gate(static.TRITON_NEWEST)
+        assert _gate("installed") == {"ran": None} and calls[-1] == (None, static.ARCHS)
+    finally:
+        _RESULTS.clear()
+        _RESULTS.update(saved)
