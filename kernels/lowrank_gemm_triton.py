@@ -503,6 +503,8 @@ def linear_launch(
     """
     check_linear("atmc_linear", x, bias, n, r, identity, factors)
     _check_launch("atmc_linear", x, bias)
+    if fake_propagation(x):  # export / dynamo want the metadata only: no path chosen, so a dynamic batch stays so
+        return x.new_empty(x.shape[0], n)
     x = x.contiguous()  # a strided view is read as the reference reads it (the kernels index rows of x)
     bias = None if bias is None else bias.contiguous()
     M, K = x.shape
@@ -526,10 +528,6 @@ def atmc_linear_triton(x: Tensor, bias: Tensor | None, n: int, r: int, identity:
     """Launcher of op ``atmc_linear`` (same signature and result as :func:`atmc_linear_ref`)."""
     if x.device.type == "cpu" or x.dtype == torch.float64:  # a CPU graph, or float64 x (no tensor-core dtype):
         return atmc_linear_ref(x, bias, n, r, identity, *(t for f in factors for t in f))  # the reference (torch)
-    if fake_propagation(x):  # export / dynamo want the metadata only: no path chosen, so a dynamic batch stays so
-        check_linear("atmc_linear", x, bias, n, r, identity, factors)  # (neither check reads M)
-        _check_launch("atmc_linear", x, bias)
-        return x.new_empty(x.shape[0], n)
     return linear_launch(x, bias, n, r, identity, factors)
 
 
