@@ -42,6 +42,8 @@ __all__ = [
     "compile_specs",
     "describe",
     "record_launches",
+    "side_paths",
+    "site_version",
     "spec_id",
     "unique_specs",
 ]
@@ -204,6 +206,19 @@ def _tools() -> str | None:
     return str(Path(spec.origin).parent / "backends" / "nvidia" / "bin")
 
 
+def site_version(site: Path) -> str | None:
+    """The Triton version a ``pip install --target`` directory (or a site-packages) holds, or ``None``."""
+    meta = list(site.glob("triton-*.dist-info"))
+    return (
+        meta[0].name.removeprefix("triton-").removesuffix(".dist-info") if meta and (site / "triton").is_dir() else None
+    )
+
+
+def side_paths(arg: str) -> list[str]:
+    """The ``--side DIR[,DIR...]|off`` option of the SASS-count tools: the side Triton directories it names."""
+    return [] if arg == "off" else arg.split(",")
+
+
 def _newest_tools() -> str | None:
     """The CUDA tools of the newest Triton at hand: the installed one or a side install (``$ATMC_TRITON<mm>``,
     ``~/.cache/atmc_triton/triton-*``). For a cubin the installed tools cannot decode: Triton 3.6's cuobjdump
@@ -211,10 +226,10 @@ def _newest_tools() -> str | None:
     import importlib.util
 
     def version(site: Path) -> tuple[int, ...]:
-        meta = sorted(site.glob("triton-*.dist-info"))
-        if not meta or not (site / "triton" / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        found = site_version(site)
+        if found is None or not (site / "triton" / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
             return ()
-        return tuple(int(p) for p in re.findall(r"\d+", meta[0].name.removeprefix("triton-"))[:3])
+        return tuple(int(p) for p in re.findall(r"\d+", found)[:3])
 
     sites = [Path(v) for k, v in os.environ.items() if re.fullmatch(r"ATMC_TRITON\d+", k)]
     sites += sorted((Path.home() / ".cache" / "atmc_triton").glob("triton-*"))

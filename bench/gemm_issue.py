@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         "--side", "--triton36", default="off", help="Triton `pip --target` directories (3.6.0, the newest), or 'off'"
     )
     args = ap.parse_args(argv)
-    runs = [run(None)] + [run(d) for d in args.side.split(",") if args.side != "off"]
+    from bench.aot import side_paths
+
+    runs = [run(None)] + [run(d) for d in side_paths(args.side)]
     for res in runs:
         print(f"triton {res['triton']}: warp instructions per element (tile) / per nonzero slot (CSR), sm_90")
         for kind, row in res["per_unit"].items():

@@ -272,14 +272,12 @@ def _bench_lloyd(device, scale: bool) -> Iterator[dict]:
 
             fn = lambda bits=bits: lloyd_quantize_triton(values, off, bits, 20, 0.0)  # noqa: E731
         ms = bench_ms(fn, device) if not scale else (fn(), float("nan"))[1]
-        yield (
-            _row(
-                "lloyd_quantize",
-                f"resnet34 factors b={b}",
-                ms,
-                model.lloyd_quantize(sizes, b, method="fast"),  # the default method
-                limit_ms=3.0 if b == 8 else 1.5 if b == 4 else None,
-            )
+        yield _row(
+            "lloyd_quantize",
+            f"resnet34 factors b={b}",
+            ms,
+            model.lloyd_quantize(sizes, b, method="fast"),  # the default method
+            limit_ms=3.0 if b == 8 else 1.5 if b == 4 else None,
         )
 
 
@@ -308,20 +306,15 @@ def _bench_gemm(device, scale: bool) -> Iterator[dict]:
             x = torch.randn(M, k_, device=device).to(dt)
             # on the GPU through the op: a direct launch goes through wrap_triton, whose autotuners with pruning are
             # rebuilt (and re-benchmarked) on every call; the op calls the kernels with it off (CPU: the recording)
-            run = (  # noqa: E731
+            run = (
                 (lambda x=x, lay=layer: lay.triton(x))
                 if device.type == "cuda"
                 else (lambda x=x, lay=layer: linear_launch(x, None, lay.N, lay.r, lay.identity, lay.factors))
             )
             if scale:
                 run()
-                yield (
-                    _row(
-                        "atmc_linear",
-                        f"{N}x{K} M={M}",
-                        float("nan"),
-                        model.atmc_linear(M, N, K, ratio, bits, structure),
-                    )
+                yield _row(
+                    "atmc_linear", f"{N}x{K} M={M}", float("nan"), model.atmc_linear(M, N, K, ratio, bits, structure)
                 )
                 continue
             ms = bench_ms(run, device)

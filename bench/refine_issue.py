@@ -111,13 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     import tempfile
 
+    from bench.aot import side_paths
+
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as d:
         spec = Path(d) / "spec.json"
         spec.write_text(json.dumps(record()))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         rows = []
-        for path in [None] + [d for d in a.side.split(",") if a.side != "off"]:
+        for path in [None, *side_paths(a.side)]:
             env["PYTHONPATH"] = os.pathsep.join(x for x in (path, str(root), os.environ.get("PYTHONPATH")) if x)
             cmd = [
                 sys.executable,

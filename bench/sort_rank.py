@@ -132,7 +132,7 @@ def torch_sort_ms(n: int = N_RESNET34, segments: int = 111) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.aot import compile_specs
+    from bench.aot import compile_specs, side_paths
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     table = rows(compile_specs(specs(), 90))
-    for d in a.side.split(",") if a.side != "off" else []:
+    for d in side_paths(a.side):
         table += rows(compile_specs(specs(), 90, d))
     ref = torch_sort_ms()
     print(f"n = {N_RESNET34:,} keys (ResNet34's factors); torch.sort pairs + segment fix-up (model): {ref} ms on H100")

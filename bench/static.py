@@ -43,6 +43,7 @@ __all__ = [
     "record_family",
     "run_gate",
     "side_dir",
+    "side_env",
     "triton36_site",
     "triton_site",
 ]
@@ -374,6 +375,11 @@ def side_dir(version: str) -> Path:
     return Path.home() / ".cache" / "atmc_triton" / f"triton-{version}-{py}"
 
 
+def side_env(version: str) -> str:
+    """The variable naming an existing install of Triton ``version``: ``ATMC_TRITON36`` for 3.6.x."""
+    return "ATMC_TRITON" + "".join(version.split(".")[:2])
+
+
 def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:
     """A directory holding Triton ``version`` for a side half of the gate, and how it was found.
 
@@ -385,15 +391,9 @@ def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:
     """
     import subprocess
 
-    def found(d: Path) -> str | None:
-        meta = list(d.glob("triton-*.dist-info"))
-        return (
-            meta[0].name.removeprefix("triton-").removesuffix(".dist-info")
-            if meta and (d / "triton").is_dir()
-            else None
-        )
+    from bench.aot import site_version as found
 
-    var = "ATMC_TRITON" + "".join(version.split(".")[:2])
+    var = side_env(version)
     env = os.environ.get(var)
     if env:
         if found(Path(env)) == version:
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             side, why = None, "off on the command line"
         else:
             if choice != "auto":
-                os.environ["ATMC_TRITON" + "".join(version.split(".")[:2])] = choice
+                os.environ[side_env(version)] = choice
             side, why = triton_site(version, install=choice == "auto")
         if side:
             notes.append(f"triton {version}: {why}")

@@ -87,7 +87,7 @@ def test_static_gate(family, version):
     if "skip" in res:
         pytest.skip(res["skip"])
     mine = [r for r in res["rows"] if r["family"] == family]
-    assert {r["arch"] for r in mine} == set(static.ARCHS if version == "installed" else _archs(version))
+    assert {r["arch"] for r in mine} == set(_archs(version))  # (the installed one, when it runs, on every arch)
     kernels = {r["kernel"] for r in mine}
     assert kernels == {rule.kernel for rule in static.FAMILIES[family].rules}, kernels  # every kernel is judged
     bad = res["violations"][family]
