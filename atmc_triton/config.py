@@ -104,7 +104,7 @@ class ATMCConfig:
             half the identity init's training state), ``"identity"`` (the reference's
             W = (B + I) A + C, full rank) or ``"svd"`` (truncated SVD, U V = best rank-r
             approximation, C = 0). The low-rank part bought no accuracy at equal size on digits
-            and MNIST (README, "Does the factorization earn its memory?").
+            and MNIST (README, "A lean C-only layer").
         rank: SVD rank, an int ``>= 1`` or a fraction in (0, 1] of ``min(out, in*kh*kw)``;
             only with ``init="svd"`` (``None`` = full rank).
         exclude: module names or fnmatch patterns (e.g. ``("fc", "*.head")``) that

@@ -98,6 +98,17 @@ def _admm_case(n: int, k_frac: float, grad: str, dual: bool = False, hinted: boo
         tau_ref = admm_step_ref(**ref, **hp, tau_hint=hint)
         dev = {key: v.to(device) for key, v in dict(grad=gr, z=z, u=u, **start).items()}
         dev["mask"] = torch.zeros(n, dtype=torch.bool, device=device)
+        path = None
+        if hinted:  # the same step on copies through the raw launch, whose workspace says the path it took
+            from atmc_triton.kernels.admm_triton import BAND, PATH_WORD, launch_admm_step
+
+            probe = {key: v.clone() for key, v in dev.items()}
+            s, tau = torch.empty_like(probe["w"]), probe["w"].new_empty(())
+            args = [probe[key] for key in ("w", "grad", "mom", "z", "u", "mask")] + [s, tau]
+            ws = launch_admm_step(
+                *args, *(hp[key] for key in ("lr", "momentum", "weight_decay", "rho", "k", "nesterov")), hint.to(device)
+            )
+            path = "band" if int(ws[PATH_WORD]) == BAND else "full"
         tau = admm_step_triton(**dev, **hp, tau_hint=None if hint is None else hint.to(device))
         nnz = int((dev["w"] != 0).sum())
         # the fused update may contract into FMAs: the kept set may differ at ties within one ulp
@@ -111,7 +122,8 @@ def _admm_case(n: int, k_frac: float, grad: str, dual: bool = False, hinted: boo
             "w_max_abs_err": float((dev["w"].cpu() - ref["w"]).abs().max()),
             "tau": t,
             "tau_ref": t_ref,
-            "ok": nnz <= k and differ <= max(2, n // 100_000) and tau_ok,
+            "path": path,
+            "ok": nnz <= k and differ <= max(2, n // 100_000) and tau_ok and path in (None, "band"),
         }
 
     return run
@@ -371,12 +383,12 @@ class Log:
 
 
 def run_check(out: Path, budget_s: float = BUDGET_S) -> int:
+    t0 = time.time()  # (before torch's import: a cold import takes seconds of the budget too)
     import faulthandler
 
     import torch
 
     device = torch.device("cuda")
-    t0 = time.time()
 
     faulthandler.dump_traceback_later(budget_s + 90, exit=True)  # a hung kernel: say where, and end while time is left
     try:

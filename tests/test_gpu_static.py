@@ -252,7 +252,8 @@ def test_gpu_check_writes_to_out_by_default_and_needs_the_install(tmp_path, monk
 )
 def test_gpu_check_correctness_cases_run_in_the_interpreter(case):
     """The check's own case code (small cases: keep-all / keep-none ADMM, Lloyd; GEMM at M = 1 fp16 and M = 16
-    fp32, on the pinned configs; the hinted ADMM step, at 40,000 values here) against the references."""
+    fp32, on the pinned configs; the hinted ADMM step, at 40,000 values here, which must take the band path)
+    against the references."""
     import torch
 
     from bench import gpu_check

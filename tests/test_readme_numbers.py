@@ -159,3 +159,21 @@ def test_codebook_quality_table_spans_its_result_file():
             vs = ratios[(int(b), group, name)]
             lo, hi = fmt(min(vs)), fmt(max(vs))
             assert cell == (lo if lo == hi else f"{lo}–{hi}"), (b, group, name)
+
+
+def test_prediction_table_is_what_the_model_gives_today():
+    """The README's roofline table is the static run it names, and the model still gives it: each kernel at the
+    worst blocks/SM of that run's sm_90 rows (a model change must re-run the table)."""
+    from bench import static
+
+    rows = ["| " + " | ".join(r) + " |" for r in _table("| op | predicted ms H100")]
+    name = re.search(
+        r"The\s+table is the one `python -m bench.static` printed on \S+ \(`bench/results/([\w.-]+)\.md`", README
+    )
+    assert name, "the sentence naming the prediction table's run moved; update this test"
+    blocks: dict[str, int] = {}
+    for r in json.loads((RESULTS / f"{name[1]}.json").read_text())["rows"]:
+        if r.get("ok") and r["arch"] == 90:
+            blocks[r["kernel"]] = min(blocks.get(r["kernel"], 99), r["blocks_sm"])
+    today = static.predictions_table(static.predictions(blocks)).splitlines()[2:]
+    assert len(rows) == 32 and rows == today, [(a, b) for a, b in zip(rows, today) if a != b]
