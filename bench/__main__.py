@@ -1,8 +1,12 @@
 """Run every benchmark: ``python -m bench --out DIR [--only admm,lloyd] [--quick]``.
 
 Each module in ``MODULES`` exposes ``run(ctx) -> (rows, targets)``. On a GPU this measures
-everything in one call (budget: under 8 minutes) and ends with one summary table against the
-targets; ``--quick`` runs tiny sizes on whatever device is present (a smoke test of the code).
+everything and ends with one summary table against the targets; the results files are rewritten after
+every module, so a run cut off by a time limit keeps what the finished modules measured (``gemm`` has its
+own soft budget, ``ATMC_BENCH_GEMM_BUDGET_S``; on a device with a 10-minute limit per command, run the
+modules in separate calls with ``--only``). ``--only`` writes ``results_<modules>.{md,jsonl}``, so runs of
+different modules into one ``--out`` do not overwrite each other. ``--quick`` runs tiny sizes on whatever
+device is present (a smoke test of the code).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ MODULES = ["bench.admm", "bench.lloyd", "bench.gemm", "bench.e2e"]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="directory for results.md / results.jsonl")
+    ap.add_argument("--out", type=Path, required=True, help="directory for results[_<only>].md / .jsonl")
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(m[6:] for m in MODULES))
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test of the benchmark code)")
     args = ap.parse_args(argv)
@@ -33,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     ctx = Ctx(device=device, quick=args.quick, out=args.out)
+    env = environment(device)
+    stem = "results_" + "_".join(sorted(wanted)) if wanted else "results"
     rows, targets, failed = [], [], []
     for name in MODULES:
         if wanted and name[6:] not in wanted:
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         targets += t
         print(f"[bench] {name}: {len(r)} rows in {time.time() - t0:.1f}s", flush=True)
-    md = write_results(args.out, environment(device), rows, targets)
+        write_results(args.out, env, rows, targets, stem)  # after every module: a cut-off run keeps these
+    md = write_results(args.out, env, rows, targets, stem)
     print(md)
     if failed:
         print("FAILED: " + ", ".join(failed), file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,33 @@ def bench_ms(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 20
     return times[len(times) // 2]
 
 
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process (its ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warm_up(fn, calls: int = 12, still: int = 3) -> int:
+    """Call a ``torch.compile``'d ``fn`` until dynamo's graph count has not moved for ``still`` calls (at most
+    ``calls`` calls), so that no recompile lands in a timing; returns the graph count then.
+
+    Example:
+        >>> f = torch.compile(lambda x: x * 2, backend="eager")
+        >>> warm_up(lambda: f(torch.ones(3))) >= 1
+        True
+    """
+    seen, same = -1, 0
+    for _ in range(calls):
+        fn()
+        now = dynamo_graphs()
+        same = same + 1 if now == seen else 0
+        seen = now
+        if same >= still:
+            break
+    return seen
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     if device.type != "cuda":
@@ -99,14 +127,19 @@ def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target]) -> str:
-    """Write ``results.jsonl`` and ``results.md`` under ``out``; return the markdown summary."""
+def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target], stem: str = "results") -> str:
+    """Write ``<stem>.jsonl`` and ``<stem>.md`` under ``out`` (each written whole to a temporary file, then
+    renamed); return the markdown summary."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.jsonl", "w") as f:
+    tmp = out / f"{stem}.jsonl.tmp"
+    with open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps({**env, **asdict(r)}) + "\n")
         for t in targets:
             f.write(json.dumps({**env, "target": asdict(t)}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(out / f"{stem}.jsonl")
     head = f"GPU: {env['gpu']} | commit {env['commit']} | {env['date']} | torch {env['torch']}"
     timings = _fmt_table(
         ["bench", "case", "variant", "median ms", "predicted ms", "measured / predicted", "notes"],
@@ -132,5 +165,6 @@ def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target]) 
         [[t.bench, t.what, f"{t.value:.3g}", t.goal, "yes" if t.met else "NO"] for t in targets],
     )
     md = f"{head}\n\n### Timings (medians)\n\n{timings}\n\n### Targets\n\n{summary}\n"
-    (out / "results.md").write_text(md)
+    (out / f"{stem}.md.tmp").write_text(md)
+    (out / f"{stem}.md.tmp").replace(out / f"{stem}.md")
     return md

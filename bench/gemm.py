@@ -13,7 +13,8 @@ Timed as CUDA graphs (``do_bench_cudagraph``: the GPU time, no Python launch ove
 that cannot be captured falls back to ``do_bench``, noted in the row). Every row carries ``floor``
 (the packed-bytes floor ``(packed bytes + x + y) / measured copy bandwidth`` over its time: the
 fraction of the floor reached), ``pred_us`` (the roofline model of
-:func:`atmc_triton.kernels.lowrank_gemm.predicted_us` on an H100, for the packed and cuBLAS rows)
+:func:`atmc_triton.kernels.lowrank_gemm.predicted_us` with the bandwidth of the GPU found and the installed
+Triton's instruction counts, :func:`model_args`, for the packed and cuBLAS rows)
 and ``meas/pred``.
 
 Layers are synthetic packed factors at a paper-convention size ``ratio * 32 N K`` bits: ``nnz =
@@ -22,10 +23,11 @@ identity-initialized ATMC layer (the factor that started as W holds 85 %, C 15 %
 is empty, as ``finalize_`` leaves it without training), plus a low-rank ("svd") layer whose
 dense-coded U, V hold half of the nonzeros and an "identity+V" layer (5 % in the second factor).
 
-Grid (issue 15), most important first, under a soft time budget (``ATMC_BENCH_GEMM_BUDGET_S``,
-skipped cases are listed): 4096x4096, 11008x4096, the ResNet34 conv-as-GEMM shapes (512x4608,
-256x2304, 128x1152, 64x576) and LeNet's fc1 (500x800) and conv2 (50x500); ratios 0.05, 0.01,
-0.002; b = 8 and 4; M = 1, 4, 16, 128, 1024, 8192. End to end: packed LeNet and ResNet34 (ratio
+Grid (issue 15) under a soft time budget (``ATMC_BENCH_GEMM_BUDGET_S``, skipped cases are listed): 4096x4096,
+11008x4096, the ResNet34 conv-as-GEMM shapes (512x4608, 256x2304, 128x1152, 64x576) and LeNet's fc1 (500x800)
+and conv2 (50x500); ratios 0.05, 0.01, 0.002; b = 8 and 4; M = 1, 4, 16, 128, 1024, 8192; most important
+first (:func:`gemm_cases`): the two big shapes at ratio 0.05, the low-rank and identity+V 4096x4096 layers,
+the big shapes at 0.01 and 0.002, then the small shapes. End to end: packed LeNet and ResNet34 (ratio
 0.01, b = 8) at batch 1 and 256 against the dense fp16 model, both under ``torch.compile``; the
 packed convs also eager in both conv modes (cached dense weight vs decomposed).
 """
@@ -143,8 +145,19 @@ class Layer:
             self.cached = self.torch_weight(x.dtype)
         return F.linear(x, self.cached)
 
-    def predict_us(self, M: int, path: str) -> float:
-        return predicted_us(path, M, self.N, self.K, self.nbytes, self.csr_nnz, self.coded, bitmap_elems=self.bitmap)
+    def predict_us(self, M: int, path: str, hw: dict | None = None, triton: str = "3.8") -> float:
+        return predicted_us(
+            path,
+            M,
+            self.N,
+            self.K,
+            self.nbytes,
+            self.csr_nnz,
+            self.coded,
+            hw=hw,
+            bitmap_elems=self.bitmap,
+            triton=triton,
+        )
 
     def torch_weight(self, dtype):
         U, V, C = (
@@ -224,26 +237,47 @@ MS = (1, 4, 16, 128, 1024, 8192)
 
 
 def gemm_cases(quick: bool) -> list[tuple]:
-    """``(name, N, K, ratio, bits, structure, Ms)``, most important first: the issue-15 grid, then the
-    low-rank and identity+V structures."""
+    """``(name, N, K, ratio, bits, structure, Ms)``, most important first (the time budget cuts the end): the
+    two big shapes at ratio 0.05, the low-rank and identity+V layers, the big shapes at 0.01 and 0.002, then
+    the ResNet34 and LeNet shapes."""
     if quick:
         return [
             ("256x384", 256, 384, 0.05, 8, "identity", (1, 40)),
             ("256x384", 256, 384, 0.05, 4, "svd", (1, 40)),
             ("lenet fc1 500x800", 500, 800, 0.01, 8, "identity", (1,)),
         ]
-    cases = [(name, N, K, ratio, bits, "identity", MS) for name, N, K in SHAPES for ratio in RATIOS for bits in BITS]
-    cases.sort(key=lambda c: (SHAPES.index((c[0], c[1], c[2])) > 1, c))  # the two big shapes first
-    return cases + [
+    big = [(name, N, K, ratio, bits, "identity", MS) for ratio in RATIOS for name, N, K in SHAPES[:2] for bits in BITS]
+    small = [
+        (name, N, K, ratio, bits, "identity", MS) for name, N, K in SHAPES[2:] for ratio in RATIOS for bits in BITS
+    ]
+    structures = [
         ("4096x4096 lowrank", 4096, 4096, 0.05, 4, "svd", (1, 16, 1024)),
         ("4096x4096 ident+V", 4096, 4096, 0.05, 8, "identity+V", (1, 16, 1024, 8192)),
     ]
+    return big[: 2 * len(BITS)] + structures + big[2 * len(BITS) :] + small  # ratio 0.05 of the big shapes first
+
+
+def model_args(device: torch.device, bw: float) -> dict:
+    """``hw`` and ``triton`` for :func:`predicted_us` on this machine: the H100 constants with the HBM
+    bandwidth of the GPU found (``bench.model.gpu_for``: H200 4.3 TB/s, H100 3.0, another its measured copy
+    bandwidth ``bw``), and the installed Triton's instruction counts (3.8's if it has none)."""
+    import triton
+    from atmc_triton.kernels.lowrank_gemm import ISSUE_COUNTS
+
+    from bench.model import gpu_for
+
+    hw = dict(H100)
+    if device.type == "cuda":
+        hw["hbm"] = gpu_for(torch.cuda.get_device_name(device), bw).bandwidth
+    version = ".".join(triton.__version__.split(".")[:2])
+    return {"hw": hw, "triton": version if version in ISSUE_COUNTS else "3.8"}
 
 
 def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Target]]:
     rows, targets = [], []
     dev = ctx.device
     cuda = dev.type == "cuda"
+    margs = model_args(dev, bw)
     for name, N, K, ratio, bits, structure, Ms in gemm_cases(ctx.quick):
         if time.time() > deadline:
             rows.append(Row(BENCH, f"{name} r={ratio} b={bits}", "skipped", float("nan"), {"why": "time budget"}))
@@ -257,7 +291,7 @@ def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Targ
             xb = x.bfloat16()
             floor_ms = (layer.nbytes + x.nbytes + M * N * x.element_size()) / bw * 1e3
             path = layer.path(M)
-            pred = {"packed": layer.predict_us(M, path), "cuBLAS": layer.predict_us(M, "dense")}
+            pred = {"packed": layer.predict_us(M, path, **margs), "cuBLAS": layer.predict_us(M, "dense", **margs)}
             variants = {
                 "cuBLAS fp16 dense": (lambda x=x, w=w16: F.linear(x, w), pred["cuBLAS"]),
                 "cuBLAS bf16 dense": (lambda x=xb, w=wbf: F.linear(x, w), pred["cuBLAS"]),
@@ -450,10 +484,16 @@ def run_e2e(ctx: Ctx, deadline: float) -> list[Row]:
             else ("dense fp32 eager (CPU)", "packed eager (CPU)")
         )
         torch._dynamo.reset()
-        # one compile per model for both batch sizes (dynamic batch): compiling ResNet34 is the slow part
+        # dynamic=True still specializes a batch of 1: two compiles per model (ResNet34's are the slow part), so the
+        # time budget is checked before each batch
         compiled = [torch.compile(m, dynamic=True) if half else m for m in (dense, packed)]
         with torch.no_grad():
             for batch in batches:
+                if time.time() > deadline:
+                    rows.append(
+                        Row(BENCH, f"e2e {name} batch {batch}", "skipped", float("nan"), {"why": "time budget"})
+                    )
+                    continue
                 x = torch.rand(batch, *shape, device=dev, dtype=dtype)
                 for conv_mode in ("decomposed", "dense"):  # ends in "dense", the mode compiled below
                     for _, layer in packed_layers(packed):

@@ -54,3 +54,71 @@ def test_e2e_train_step_is_fits_step():
     opt_ref.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_bench_keeps_finished_modules_when_cut_off_and_only_runs_keep_their_files(tmp_path, monkeypatch):
+    """A run killed in its second module keeps the first module's rows on disk (they used to be written only at
+    the end), and an ``--only`` run writes its own files instead of overwriting ``results.*``."""
+    import types
+
+    import bench.__main__ as main_mod
+    from bench.common import Row
+
+    def module(name, fail):
+        def run(ctx):
+            if fail:
+                raise KeyboardInterrupt  # what a time limit's kill looks like from inside (not caught)
+            return [Row(name, "case", "variant", 1.0)], []
+
+        return types.SimpleNamespace(run=run)
+
+    fake = {"bench.one": module("one", False), "bench.two": module("two", True)}
+    monkeypatch.setattr(main_mod, "MODULES", list(fake))
+    monkeypatch.setattr(main_mod.importlib, "import_module", fake.__getitem__)
+    with pytest.raises(KeyboardInterrupt):
+        main_mod.main(["--quick", "--out", str(tmp_path)])
+    recs = [json.loads(ln) for ln in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["bench"] for r in recs] == ["one"] and "| one" in (tmp_path / "results.md").read_text()
+    assert main_mod.main(["--quick", "--out", str(tmp_path), "--only", "one"]) == 0
+    assert (tmp_path / "results_one.jsonl").exists() and (tmp_path / "results.jsonl").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_gemm_grid_puts_the_issue_cases_first_and_predicts_for_the_gpu_found(monkeypatch):
+    """The time budget cuts the end of the grid: the big shapes at ratio 0.05 and the two structures come first
+    (a sort once put 11008x4096 at ratio 0.002 first and both structures last); predictions use the found GPU's
+    bandwidth and the installed Triton's counts."""
+    import triton
+
+    from bench import gemm
+
+    cases = gemm.gemm_cases(False)
+    assert len(cases) == len(set(cases)) == len(gemm.SHAPES) * len(gemm.RATIOS) * len(gemm.BITS) + 2
+    assert [(c[0], c[3]) for c in cases[:6]] == [("4096x4096", 0.05)] * 2 + [("11008x4096", 0.05)] * 2 + [
+        ("4096x4096 lowrank", 0.05),
+        ("4096x4096 ident+V", 0.05),
+    ]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    args = gemm.model_args(torch.device("cuda"), 1e12)
+    assert args["hw"]["hbm"] == 4.3e12 and gemm.H100["hbm"] == 3.0e12  # (the module constant untouched)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert gemm.model_args(torch.device("cuda"), 1.5e12)["hw"]["hbm"] == 1.5e12  # another GPU: its copy bandwidth
+    version = ".".join(triton.__version__.split(".")[:2])
+    assert gemm.model_args(torch.device("cpu"), 1e12)["triton"] == (
+        version if version in ("3.6", "3.8", "3.9") else "3.8"
+    )
+
+
+def test_warm_up_leaves_no_recompile_for_the_timing():
+    """The compiled reference's ints change every step (ties at tau); after :func:`bench.common.warm_up` (and
+    automatic dynamic) further calls compile nothing, so no compile lands in the timed calls."""
+    from bench.common import dynamo_graphs, warm_up
+
+    torch._dynamo.reset()
+    step = iter(range(100))
+    f = torch.compile(lambda x, n: x * n + 1, backend="eager", dynamic=None)
+    x = torch.ones(4)
+    graphs = warm_up(lambda: f(x, next(step)))
+    for _ in range(5):
+        f(x, next(step))
+    assert dynamo_graphs() == graphs >= 1
