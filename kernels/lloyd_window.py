@@ -39,6 +39,7 @@ __all__ = ["compand_init", "refine_partition"]
 
 COMPAND_CAP = 64.0  # an atom's compand mass: at most this many times its share of the values (or 2 / K), and cnt / K
 STEP_BATCH = 8  # Viterbi steps whose cost tiles one round of numpy calls builds (fewer, larger calls)
+INF_BITS = np.uint64(0x7FF0000000000000)  # the bit pattern of float64 +inf
 
 
 def compand_init(
@@ -138,26 +139,27 @@ def _pass(
     c0t, c1t = torch.empty((S, NC, NC), dtype=torch.float64), torch.empty((S, NC, NC), dtype=torch.float64)  # V + free
     cz = np.empty((S, NC, 2 * NC))  # [V1 + free | V0 + zero] where cluster t may be the zero cluster
     czt = torch.from_numpy(cz)
-    a1t, idxt = torch.empty((S, NC), dtype=torch.int64), torch.empty((S, NC), dtype=torch.int64)  # argmins
-    a1, idx = a1t.numpy(), idxt.numpy()
+    a1t = torch.empty((S, NC), dtype=torch.int64)  # argmins over [V1 + free | V0 + zero]
+    a1 = a1t.numpy()
     # a > b <=> n = C[b] - C[a] < 0 where the counts rise strictly up to the last candidate (counts of
     # nonempty atoms always do): a compare on n instead of a broadcast one on the positions (7x dearer)
     last = win.max((1, 2))[:, None]  # [S, 1]
     rising = bool(np.all((np.diff(C, axis=1) > 0) | (np.arange(C.shape[1] - 1) >= last)))
-    V0 = np.zeros((S, NC))  # best cost with the zero cluster not yet placed
-    V1 = np.full((S, NC), np.inf)  # ... and already placed
-    A0 = np.zeros((T, S, NC), np.int32)  # argmins, [T, S, NC]: a step writes one contiguous block
-    A1 = np.zeros((T, S, NC), np.int32)
+    # the state lives in torch buffers that the minima write in place (numpy views of the same memory): no
+    # allocation per step, and the argmins go straight into their step's rows (views split off once)
+    V0t, V1t = torch.zeros((S, NC), dtype=torch.float64), torch.full((S, NC), np.inf, dtype=torch.float64)
+    V0, V1 = V0t.numpy(), V1t.numpy()  # best cost with the zero cluster not yet placed / already placed
+    V0b, V1b = V0t[:, None, :], V1t[:, None, :]  # [S, 1, NC] (views: they follow the buffers)
+    A0t, A1t = torch.zeros((T, S, NC), dtype=torch.int64), torch.zeros((T, S, NC), dtype=torch.int64)  # argmins
+    A0, A1, A0s, A1s = A0t.numpy(), A1t.numpy(), A0t.unbind(0), A1t.unbind(0)  # a step writes one [S, NC] block
+    frees = Dt[1].unbind(0)  # [H] x [S, NC, NC]: a step's free costs
     Z = np.zeros((T, S, NC), bool)
     zc = za[:, None, None]
     lo_t, hi_t = win.min(2), win.max(2)  # [S, T]
     # V0 matters while the zero cluster may still start (a candidate at or before za); V1 once it may exist
     need0 = (lo_t[:, 1:] <= za[:, None]).any(0).tolist()  # [T - 1], step t: boundary t + 1
     may_zero = ((lo_t[:, :-1] <= za[:, None]) & (za[:, None] <= hi_t[:, 1:])).any(0).tolist()
-
-    def argmin(c: torch.Tensor, out: torch.Tensor) -> np.ndarray:
-        """``out[:] = c.argmin(2)`` (the first minimum, or the first NaN); returns ``c.min(2)`` ``[S, NC]``."""
-        return torch.min(c, 2, out=(torch.empty(S, NC, dtype=torch.float64), out))[0].numpy()
+    add, tmin = torch.add, torch.min
 
     for t in range(T - 1):
         j = t % H
@@ -171,8 +173,7 @@ def _pass(
             else:
                 wh = win[:, t : t + 1 + h].transpose(1, 0, 2)  # [h + 1, S, NC]
                 np.greater(wh[:-1, :, None, :], wh[1:, :, :, None], out=inf_h)
-            bad_h.fill(0.0)
-            np.putmask(bad_h, inf_h, np.inf)
+            np.multiply(inf_h, INF_BITS, out=bad_h.view(np.uint64))  # +0.0 or +inf (cheaper than a putmask)
             np.maximum(n, ones[:h], out=n)  # (n = 0 has s1 = 0)
             np.multiply(s1, s1, out=s1)
             np.divide(s1, n, out=s1)
@@ -180,26 +181,24 @@ def _pass(
             # max(x, bad) = max(x, 0) + bad for bad in {0, inf}, NaN included (np.maximum propagates it);
             # where x = -0 it may keep -0, which V + free turns into the same value (V >= +0 or inf or NaN)
             np.maximum(free, bad_h, out=free)
-        a, b = win[:, t][:, None, :], win[:, t + 1][:, :, None]  # [S, 1, NC] previous, [S, NC, 1] next
-        freet = Dt[1, j]  # [S, NC, NC] this step's free costs
+        freet = frees[j]  # [S, NC, NC] this step's free costs
         if need0[t]:
-            torch.add(torch.from_numpy(V0)[:, None, :], freet, out=c0t)
+            add(V0b, freet, out=c0t)
         if may_zero[t]:  # cluster t may be the zero cluster
+            a, b = win[:, t][:, None, :], win[:, t + 1][:, :, None]  # [S, 1, NC] previous, [S, NC, 1] next
             zero = D[2, j] + np.where((a <= zc) & (zc <= b), bad[j], np.inf)  # it holds the sign change
             np.add(V1[:, None, :], D[1, j], out=cz[:, :, :NC])
             np.add(V0[:, None, :], zero, out=cz[:, :, NC:])
-            V1 = argmin(czt, a1t)
+            tmin(czt, 2, out=(V1t, a1t))  # (the first minimum, or the first NaN)
             use_z = a1 >= NC
             A1[t + 1], Z[t + 1] = a1 - NC * use_z, use_z
         elif np.isfinite(V1).any():
-            torch.add(torch.from_numpy(V1)[:, None, :], freet, out=c1t)
-            V1 = argmin(c1t, idxt)
-            A1[t + 1] = idx
+            add(V1b, freet, out=c1t)
+            tmin(c1t, 2, out=(V1t, A1s[t + 1]))
         if need0[t]:
-            V0 = argmin(c0t, idxt)
-            A0[t + 1] = idx
+            tmin(c0t, 2, out=(V0t, A0s[t + 1]))
         else:
-            V0 = np.full((S, NC), np.inf)
+            V0.fill(np.inf)
     x = V1.argmin(1)  # every last candidate is G
     cost = V1[rows, x]
     flag = np.ones(S, bool)
@@ -209,7 +208,13 @@ def _pass(
         B[:, t] = win[rows, t, x]
         z_here = flag & Z[t, rows, x]
         zero_at[z_here] = t - 1
-        x = np.where(flag, A1[t, rows, x], A0[t, rows, x])
+        # (a row's backpointer is A1's until its zero cluster is met, A0's after: one gather while all agree)
+        if flag.all():
+            x = A1[t, rows, x]
+        elif flag.any():
+            x = np.where(flag, A1[t, rows, x], A0[t, rows, x])
+        else:
+            x = A0[t, rows, x]
         flag &= ~z_here
     B[:, 0] = 0
     return B, zero_at, cost
