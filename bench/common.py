@@ -68,7 +68,9 @@ def dynamo_graphs() -> int:
 
 def warm_up(fn, calls: int = 12, still: int = 3) -> int:
     """Call a ``torch.compile``'d ``fn`` until dynamo's graph count has not moved for ``still`` calls (at most
-    ``calls`` calls), so that no recompile lands in a timing; returns the graph count then.
+    ``calls`` calls), so that no recompile lands in a timing; returns the graph count then. Raises
+    ``torch._dynamo.exc.FailOnRecompileLimitHit`` where dynamo would give up and run a frame eagerly (a
+    "compiled" variant would then time eager code).
 
     Example:
         >>> f = torch.compile(lambda x: x * 2, backend="eager")
@@ -76,13 +78,14 @@ def warm_up(fn, calls: int = 12, still: int = 3) -> int:
         True
     """
     seen, same = -1, 0
-    for _ in range(calls):
-        fn()
-        now = dynamo_graphs()
-        same = same + 1 if now == seen else 0
-        seen = now
-        if same >= still:
-            break
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # no silent fall-back to eager code
+        for _ in range(calls):
+            fn()
+            now = dynamo_graphs()
+            same = same + 1 if now == seen else 0
+            seen = now
+            if same >= still:
+                break
     return seen
 
 
@@ -108,13 +111,17 @@ def predicted(ms: float, op, device: torch.device, bandwidth: float | None = Non
 
 
 def environment(device: torch.device) -> dict:
+    """The GPU, commit, date and torch of a results row; the commit ends in ``+dirty`` when tracked files differ
+    from it (the measured code is then not that commit's)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False, cwd=root).stdout.strip()
+
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-            ).stdout.strip()
-            or "unknown"
-        )
+        commit = git("rev-parse", "--short", "HEAD") or "unknown"
+        if commit != "unknown" and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+dirty"
     except OSError:
         commit = "unknown"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (no GPU)"

@@ -261,16 +261,12 @@ def model_args(device: torch.device, bw: float) -> dict:
     """``hw`` and ``triton`` for :func:`predicted_us` on this machine: the H100 constants with the HBM
     bandwidth of the GPU found (``bench.model.gpu_for``: H200 4.3 TB/s, H100 3.0, another its measured copy
     bandwidth ``bw``), and the installed Triton's instruction counts (3.8's if it has none)."""
-    import triton
-    from atmc_triton.kernels.lowrank_gemm import ISSUE_COUNTS
-
-    from bench.model import gpu_for
+    from bench.model import gpu_for, installed_triton
 
     hw = dict(H100)
     if device.type == "cuda":
         hw["hbm"] = gpu_for(torch.cuda.get_device_name(device), bw).bandwidth
-    version = ".".join(triton.__version__.split(".")[:2])
-    return {"hw": hw, "triton": version if version in ISSUE_COUNTS else "3.8"}
+    return {"hw": hw, "triton": installed_triton()}
 
 
 def run_gemm(ctx: Ctx, bw: float, deadline: float) -> tuple[list[Row], list[Target]]:

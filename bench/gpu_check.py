@@ -288,7 +288,7 @@ def _bench_lloyd(device, scale: bool) -> Iterator[dict]:
             "lloyd_quantize",
             f"resnet34 factors b={b}",
             ms,
-            model.lloyd_quantize(sizes, b, method="fast"),  # the default method
+            model.lloyd_quantize(sizes, b, method="fast", triton=model.installed_triton()),  # the default method
             limit_ms=3.0 if b == 8 else 1.5 if b == 4 else None,
         )
 
@@ -310,6 +310,7 @@ def _bench_gemm(device, scale: bool) -> Iterator[dict]:
     from bench.common import bench_ms
     from bench.gemm import Layer
 
+    tri = model.installed_triton()  # the counts of the Triton that compiled the kernels (3.6 on the H200)
     for N, K, ratio, bits, structure, Ms in GEMM_BENCH:
         n_, k_ = (N * 384 // 4096 // 16 * 16, K * 256 // 4096) if scale else (N, K)  # same specializations
         layer = Layer("bench", n_, k_, ratio, bits, structure, device)
@@ -326,12 +327,15 @@ def _bench_gemm(device, scale: bool) -> Iterator[dict]:
             if scale:
                 run()
                 yield _row(
-                    "atmc_linear", f"{N}x{K} M={M}", float("nan"), model.atmc_linear(M, N, K, ratio, bits, structure)
+                    "atmc_linear",
+                    f"{N}x{K} M={M}",
+                    float("nan"),
+                    model.atmc_linear(M, N, K, ratio, bits, structure, triton=tri),
                 )
                 continue
             ms = bench_ms(run, device)
             dense_ms = bench_ms(lambda x=x, w=layer.w16: F.linear(x, w), device)
-            op = model.atmc_linear(M, N, K, ratio, bits, structure)
+            op = model.atmc_linear(M, N, K, ratio, bits, structure, triton=tri)
             row = _row("atmc_linear", f"{N}x{K} r={ratio} b={bits} {structure} M={M}", ms, op)
             want = F.linear(x, layer.w16).float()  # the autotuned configs' answer against cuBLAS's
             row["max_rel_vs_cublas"] = float((run().float() - want).abs().max() / want.abs().max())

@@ -65,6 +65,16 @@ H200 = GPU("H200 (4.3 TB/s)", bandwidth=4.3e12)
 GPUS = (H100, H200)
 
 
+def installed_triton() -> str:
+    """The installed Triton as a key of the instruction-count tables (``"3.6"``, ``"3.8"``, ``"3.9"``); ``"3.8"``,
+    the model's default, for a release they do not have."""
+    import triton
+    from atmc_triton.kernels.lowrank_gemm import ISSUE_COUNTS
+
+    version = ".".join(triton.__version__.split(".")[:2])
+    return version if version in ISSUE_COUNTS and version in REFINE_SASS else "3.8"  # (both have 3.6, 3.8, 3.9)
+
+
 def gpu_for(name: str, measured_bandwidth: float | None = None) -> GPU:
     """The model GPU for a device name (``torch.cuda.get_device_name``); others use the measured bandwidth."""
     if "H200" in name:
@@ -296,6 +306,7 @@ def _fast_init_chain(largest: int) -> int:
 REFINE_SASS = {
     "3.8": {"step": 895, "v0": 468, "back": 34.5, "cand": 623},
     "3.6": {"step": 865, "v0": 470, "back": 34.75, "cand": 720},
+    "3.9": {"step": 896, "v0": 466, "back": 34.5, "cand": 622},  # fast_refine_sass_2026-12-01_triton39.json
 }
 SHUFFLE_CYCLES = 30  # latency of one dependent shuffle or barrier round of a reduction
 
@@ -406,7 +417,15 @@ def cublas_linear(M: int, N: int, K: int, elt: int = 2) -> Op:
 
 
 def atmc_linear(
-    M: int, N: int, K: int, ratio: float, bits: int, structure: str = "identity", elt: int = 2, formats: str = "speed"
+    M: int,
+    N: int,
+    K: int,
+    ratio: float,
+    bits: int,
+    structure: str = "identity",
+    elt: int = 2,
+    formats: str = "speed",
+    triton: str = "3.8",
 ) -> Op:
     """What a ``PackedLinear`` runs at batch ``M`` with ``elt``-byte activations (``linear_path`` picks the path).
 
@@ -417,7 +436,8 @@ def atmc_linear(
     cores, no decode. "dense" (M >= crossover): cuBLAS on the weight decoded once and cached (the
     one-time decode is not counted). Each packed launch also carries the warp instructions its hot
     loop issues (:func:`~atmc_triton.kernels.lowrank_gemm.issue_instructions`). Floor: the packed
-    bytes + x + y, or the dense FLOPs at M > 32. ``formats``: ``pack_``'s ("speed" or "size").
+    bytes + x + y, or the dense FLOPs at M > 32. ``formats``: ``pack_``'s ("speed" or "size"); ``triton``:
+    whose instruction counts (``ISSUE_COUNTS``).
     """
     from atmc_triton.kernels.lowrank_gemm import dense_crossover, issue_instructions, linear_path
     from atmc_triton.kernels.lowrank_gemm_triton import split_k
@@ -460,7 +480,7 @@ def atmc_linear(
                 elems = {
                     k: sum(f["rows"] * f["cols"] for _, f in tile if f["fmt"] == k) for k in (FMT_DENSE, FMT_BITMAP)
                 }
-                issue = issue_instructions(M, 0, elems[FMT_DENSE], elems[FMT_BITMAP])
+                issue = issue_instructions(M, 0, elems[FMT_DENSE], elems[FMT_BITMAP], triton=triton)
                 launches.append(
                     Launch("_tile_kernel", b_bytes + sum(act[a] for a in acts), written, flops, issue=issue)
                 )
@@ -477,7 +497,7 @@ def atmc_linear(
                         acc_elt * M * n,
                         2 * M * f["nnz"],
                         False,
-                        issue=issue_instructions(M, f["nnz"], 0),
+                        issue=issue_instructions(M, f["nnz"], 0, triton=triton),
                     )
                 )
             if small and tile and out_elt != 4:

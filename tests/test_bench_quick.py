@@ -107,6 +107,14 @@ def test_gemm_grid_puts_the_issue_cases_first_and_predicts_for_the_gpu_found(mon
     assert gemm.model_args(torch.device("cpu"), 1e12)["triton"] == (
         version if version in ("3.6", "3.8", "3.9") else "3.8"
     )
+    from bench import model  # gpu_check's model ops take the same counts: 3.6's dense tiles issue 1.4x more
+
+    slower = model.atmc_linear(16, 4096, 4096, 0.05, 4, triton="3.6").predict_s(model.H100)
+    assert slower > 1.1 * model.atmc_linear(16, 4096, 4096, 0.05, 4).predict_s(model.H100)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert model.installed_triton() == "3.6" and gemm.model_args(torch.device("cpu"), 1e12)["triton"] == "3.6"
+    monkeypatch.setattr(triton, "__version__", "3.12.0")  # a release the tables do not have: 3.8's counts
+    assert model.installed_triton() == "3.8"
 
 
 def test_warm_up_leaves_no_recompile_for_the_timing():
@@ -122,3 +130,26 @@ def test_warm_up_leaves_no_recompile_for_the_timing():
     for _ in range(5):
         f(x, next(step))
     assert dynamo_graphs() == graphs >= 1
+    # without automatic dynamic each new int recompiles until dynamo's limit, then runs eagerly: warm_up raises
+    # instead of letting a "compiled" variant time eager code (its count stops moving there too)
+    torch._dynamo.reset()
+    g = torch.compile(lambda x, n: x * n + 1, backend="eager", dynamic=False)
+    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        warm_up(lambda: g(x, next(step)), calls=20)
+
+
+def test_environment_marks_a_dirty_tree(tmp_path, monkeypatch):
+    """A results row names the commit it measured: ``+dirty`` when tracked files differ from it (the CPU A/B
+    files of 2026-12-01 were labelled with the parent of the code they measured)."""
+    from bench import common
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = {"rev-parse": "abc1234\n", "status": " M kernels/x.py\n"}[cmd[1]]
+        return type("R", (), {"stdout": out})()
+
+    monkeypatch.setattr(common.subprocess, "run", fake_run)
+    assert common.environment(torch.device("cpu"))["commit"] == "abc1234+dirty"
+    assert calls[1][:2] == ["git", "status"] and "--untracked-files=no" in calls[1]
