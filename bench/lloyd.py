@@ -3,9 +3,9 @@
 Side by side in one run, on the same values:
 
 * ``triton``: ``atmc::lloyd_quantize`` with ``method="lloyd"`` (segmented sort, prefix sums, one
-  Lloyd launch, codes pass); the reference rows use it too. The default ``"fast"`` also has a
-  device path (four more launches: two scans, the init and the refinement kernels):
-  ``bench.gpu_check`` times it, ``bench.quant_quality_triton`` checks its quality;
+  Lloyd launch, codes pass; the reference rows use it too) and with the default ``"fast"`` (four more
+  launches: two scans, the init and the refinement kernels), which the speed targets are for (<= 3 ms at
+  b = 8, <= 1.5 ms at b = 4; ``bench.quant_quality_triton`` checks its quality);
 * ``torch.sort alone``: one sort of all values, the floor the issue compares against;
 * ``bucketize + index_add per segment``: the obvious batched-per-segment torch loop (20 iterations,
   no early stop, no host sync);
@@ -178,7 +178,7 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
             Row(
                 BENCH,
                 case,
-                "triton lloyd_quantize",
+                "triton lloyd_quantize, method 'lloyd' (legacy init)",
                 tri_ms,
                 {
                     "x_sort": tri_ms / sort_ms,
@@ -189,10 +189,22 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
                 },
             )
         )
+        # the default method, the one within 1.02x of the optimum, is what the speed targets are for; on a GPU it
+        # promises quality (its error within rounding of the reference's), not the reference's bits
+        def_ms = fast(lambda bits=bits: lloyd_quantize(values, off_t, bits, ITERS, 0.0))
+        err_f = lloyd_quantize(values, off_t, bits, ITERS, 0.0)[3]
+        rerr_f = lloyd_quantize_ref(values, off_t, bits, ITERS, 0.0)[3]
+        op = model.lloyd_quantize(sizes, b, ITERS, method="fast", triton=model.installed_triton())
+        extra = {"x_sort": def_ms / sort_ms, "vs_lloyd": tri_ms / def_ms}
+        extra["err_max_rel"] = float(((err_f - rerr_f).abs() / rerr_f.abs().clamp(min=1e-30)).max())
+        rows.append(
+            Row(BENCH, case, "triton lloyd_quantize, default 'fast'", def_ms, extra | predicted(def_ms, op, dev))
+        )
         if ctx.quick:  # a smoke run on tiny sizes measures nothing worth a target
             continue
-        if b == 8:
-            targets.append(Target(BENCH, f"triton, all {S} segments, b=8 (ms)", tri_ms, "<= 3 ms", tri_ms <= 3.0))
+        limit = 3.0 if b == 8 else 1.5
+        what = f"triton 'fast' (the default), all {S} segments, b={b} (ms)"
+        targets.append(Target(BENCH, what, def_ms, f"<= {limit:g} ms", def_ms <= limit))
         targets.append(
             Target(BENCH, f"triton vs bucketize + index_add, b={b}", buck_ms / tri_ms, ">= 20x", buck_ms / tri_ms >= 20)
         )
