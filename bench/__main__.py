@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     stem = "results_" + "_".join(sorted(wanted)) if wanted else "results"
     rows, targets, failed = [], [], []
+    md = write_results(args.out, env, rows, targets, stem)  # rewritten after every module: a cut-off run keeps those
     for name in MODULES:
         if wanted and name[6:] not in wanted:
             continue
@@ -60,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         targets += t
         print(f"[bench] {name}: {len(r)} rows in {time.time() - t0:.1f}s", flush=True)
-        write_results(args.out, env, rows, targets, stem)  # after every module: a cut-off run keeps these
-    md = write_results(args.out, env, rows, targets, stem)
+        md = write_results(args.out, env, rows, targets, stem)
     print(md)
     if failed:
         print("FAILED: " + ", ".join(failed), file=sys.stderr)

@@ -245,7 +245,8 @@ def _sass_figures(cubin: bytes, tools: str) -> dict:
         f.write(cubin)
         f.flush()
         usage = sass = None
-        for attempt in (tools, _newest_tools()):
+        for find in (lambda: tools, _newest_tools):  # (the newest tools looked up only when these fail)
+            attempt = find()
             if attempt is None:
                 continue
             cuobjdump = str(Path(attempt) / "cuobjdump")

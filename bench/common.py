@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -135,18 +134,12 @@ def _fmt_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target], stem: str = "results") -> str:
-    """Write ``<stem>.jsonl`` and ``<stem>.md`` under ``out`` (each written whole to a temporary file, then
-    renamed); return the markdown summary."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{stem}.jsonl.tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps({**env, **asdict(r)}) + "\n")
-        for t in targets:
-            f.write(json.dumps({**env, "target": asdict(t)}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(out / f"{stem}.jsonl")
+    """Write ``<stem>.jsonl`` and ``<stem>.md`` under ``out`` (each whole or not at all); return the markdown
+    summary."""
+    lines = [json.dumps({**env, **asdict(r)}) for r in rows] + [
+        json.dumps({**env, "target": asdict(t)}) for t in targets
+    ]
+    _replace(out / f"{stem}.jsonl", "".join(f"{ln}\n" for ln in lines))
     head = f"GPU: {env['gpu']} | commit {env['commit']} | {env['date']} | torch {env['torch']}"
     timings = _fmt_table(
         ["bench", "case", "variant", "median ms", "predicted ms", "measured / predicted", "notes"],
@@ -172,6 +165,12 @@ def write_results(out: Path, env: dict, rows: list[Row], targets: list[Target], 
         [[t.bench, t.what, f"{t.value:.3g}", t.goal, "yes" if t.met else "NO"] for t in targets],
     )
     md = f"{head}\n\n### Timings (medians)\n\n{timings}\n\n### Targets\n\n{summary}\n"
-    (out / f"{stem}.md.tmp").write_text(md)
-    (out / f"{stem}.md.tmp").replace(out / f"{stem}.md")
+    _replace(out / f"{stem}.md", md)
     return md
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` over ``path`` whole or not at all (the checkpoints' temporary file, fsync and rename)."""
+    from atmc_triton.checkpoint import atomic_save
+
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text))

@@ -46,6 +46,7 @@ __all__ = [
     "side_env",
     "triton36_site",
     "triton_site",
+    "worst_blocks",
 ]
 
 TRITON36 = "3.6.0"  # torch 2.11's Triton: the one on the lent H200
@@ -583,15 +584,21 @@ def predictions_table(preds: list[dict]) -> str:
     return _table(head + ["target", "measured"], out)
 
 
+def worst_blocks(rows: list[dict]) -> dict[str, int]:
+    """The worst blocks/SM of each kernel on sm_90 over the gate's rows (every Triton compiled): what
+    :func:`predictions` takes."""
+    blocks: dict[str, int] = {}
+    for r in rows:
+        if r.get("ok") and r["arch"] == 90:
+            blocks[r["kernel"]] = min(blocks.get(r["kernel"], 99), r["blocks_sm"])
+    return blocks
+
+
 def write_static(out: Path, results: list[dict], notes: list[str]) -> str:
     """Write ``static.json`` and ``static.md`` under ``out``; return the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for res in results for r in res["rows"]]
-    blocks: dict[str, int] = {}  # the worst blocks/SM of each kernel on sm_90 over the Tritons compiled
-    for r in rows:
-        if r.get("ok") and r["arch"] == 90:
-            blocks[r["kernel"]] = min(blocks.get(r["kernel"], 99), r["blocks_sm"])
-    preds = predictions(blocks)
+    preds = predictions(worst_blocks(rows))
     slim = [{k: v for k, v in r.items() if k != "spec"} for r in rows]
     verdicts = {f"{fam} @ triton {res['triton']}": v for res in results for fam, v in res["violations"].items()}
     (out / "static.json").write_text(

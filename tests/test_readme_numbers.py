@@ -166,9 +166,6 @@ def test_prediction_table_is_what_the_model_gives_today():
         r"The\s+table is the one `python -m bench.static` printed on \S+ \(`bench/results/([\w.-]+)\.md`", README
     )
     assert name, "the sentence naming the prediction table's run moved; update this test"
-    blocks: dict[str, int] = {}
-    for r in json.loads((RESULTS / f"{name[1]}.json").read_text())["rows"]:
-        if r.get("ok") and r["arch"] == 90:
-            blocks[r["kernel"]] = min(blocks.get(r["kernel"], 99), r["blocks_sm"])
+    blocks = static.worst_blocks(json.loads((RESULTS / f"{name[1]}.json").read_text())["rows"])
     today = static.predictions_table(static.predictions(blocks)).splitlines()[2:]
     assert len(rows) == 32 and rows == today, [(a, b) for a, b in zip(rows, today) if a != b]
