@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU: the benchmarks measure GPU kernels; use --quick for a CPU smoke run", file=sys.stderr)
         return 2
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+    known = [m[6:] for m in MODULES]
+    if wanted - set(known):  # (a typo would otherwise run nothing and write empty results_<typo> files)
+        ap.error(f"--only: unknown {', '.join(sorted(wanted - set(known)))}; choose from {', '.join(known)}")
     ctx = Ctx(device=device, quick=args.quick, out=args.out)
     env = environment(device)
     stem = "results_" + "_".join(sorted(wanted)) if wanted else "results"

@@ -77,7 +77,7 @@ def test_bench_keeps_finished_modules_when_cut_off_and_only_runs_keep_their_file
 
     fake = {"bench.one": module("one", False), "bench.two": module("two", True)}
     monkeypatch.setattr(main_mod, "MODULES", list(fake))
-    monkeypatch.setattr(main_mod.importlib, "import_module", fake.__getitem__)
+    monkeypatch.setattr(main_mod, "importlib", types.SimpleNamespace(import_module=fake.__getitem__))  # (only here)
     with pytest.raises(KeyboardInterrupt):
         main_mod.main(["--quick", "--out", str(tmp_path)])
     recs = [json.loads(ln) for ln in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -85,6 +85,16 @@ def test_bench_keeps_finished_modules_when_cut_off_and_only_runs_keep_their_file
     assert main_mod.main(["--quick", "--out", str(tmp_path), "--only", "one"]) == 0
     assert (tmp_path / "results_one.jsonl").exists() and (tmp_path / "results.jsonl").exists()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bench_only_refuses_an_unknown_module(tmp_path, capsys):
+    """``--only gem`` (a typo) is refused by name before anything runs (it ran nothing and wrote empty files)."""
+    import bench.__main__ as main_mod
+
+    with pytest.raises(SystemExit) as e:
+        main_mod.main(["--quick", "--out", str(tmp_path), "--only", "admm,gem"])
+    assert e.value.code == 2 and "--only: unknown gem; choose from admm, lloyd, gemm, e2e" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_gemm_grid_puts_the_issue_cases_first_and_predicts_for_the_gpu_found(monkeypatch):
