@@ -64,10 +64,30 @@ _DTYPES = {
 }
 
 
+def user_cache() -> Path:
+    """``~/.cache/atmc_triton``: the static figures' default cache and the side Triton installs."""
+    return Path.home() / ".cache" / "atmc_triton"
+
+
 def cache_root() -> Path:
     """``$ATMC_STATIC_CACHE`` or ``~/.cache/atmc_triton/static`` (figures and Triton's own cache)."""
     env = os.environ.get("ATMC_STATIC_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "atmc_triton" / "static"
+    return Path(env) if env else user_cache() / "static"
+
+
+_SIDE_ENV = "ATMC_TRITON"
+
+
+def side_dir(version: str) -> Path:
+    """Where a side install of Triton ``version`` is cached (``bench.static.triton_site``): per Python minor
+    version, since the package's compiled extension is built for one (a 3.11 install fails to import under 3.12)."""
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    return user_cache() / f"triton-{version}-{py}"
+
+
+def side_env(version: str) -> str:
+    """The variable naming an existing install of Triton ``version``: ``ATMC_TRITON36`` for 3.6.x."""
+    return _SIDE_ENV + "".join(version.split(".")[:2])
 
 
 def describe(v) -> list:
@@ -231,8 +251,8 @@ def _newest_tools() -> str | None:
             return ()
         return tuple(int(p) for p in re.findall(r"\d+", found)[:3])
 
-    sites = [Path(v) for k, v in os.environ.items() if re.fullmatch(r"ATMC_TRITON\d+", k)]
-    sites += sorted((Path.home() / ".cache" / "atmc_triton").glob("triton-*"))
+    sites = [Path(v) for k, v in os.environ.items() if re.fullmatch(_SIDE_ENV + r"\d+", k)]
+    sites += sorted(user_cache().glob("triton-*"))  # every version's side_dir, for any Python
     spec = importlib.util.find_spec("triton")
     if spec is not None and spec.origin:
         sites.insert(0, Path(spec.origin).parent.parent)

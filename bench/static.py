@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import model
+from bench.aot import side_dir, side_env
 
 __all__ = [
     "ARCHS",
@@ -367,18 +368,6 @@ def gather(specs: list[dict], arch: int, triton_path: str | None, cache_dir: Pat
             row["occupancy"] = row["blocks_sm"] * res["num_warps"] * 32 / lim.threads
         rows.append(row)
     return rows
-
-
-def side_dir(version: str) -> Path:
-    """Where :func:`triton_site` caches Triton ``version``: per Python minor version, since the package's
-    compiled extension is built for one (a 3.11 install fails to import under 3.12)."""
-    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    return Path.home() / ".cache" / "atmc_triton" / f"triton-{version}-{py}"
-
-
-def side_env(version: str) -> str:
-    """The variable naming an existing install of Triton ``version``: ``ATMC_TRITON36`` for 3.6.x."""
-    return "ATMC_TRITON" + "".join(version.split(".")[:2])
 
 
 def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:

@@ -309,6 +309,39 @@ def test_triton_site_finds_checks_and_refuses(tmp_path, monkeypatch):
     assert static.triton36_site(install=False)[1].startswith(("ATMC_TRITON36", "no triton 3.6.0", "cached"))
 
 
+def test_newest_tools_picks_the_highest_triton_with_a_cuobjdump(tmp_path, monkeypatch):
+    """For a cubin the installed tools cannot decode, the newest Triton at hand lends its cuobjdump: side installs
+    from $ATMC_TRITON<mm> and the cache count, a site without the binary or the package does not."""
+    import triton
+
+    from bench import aot
+
+    monkeypatch.setattr(static.Path, "home", lambda: tmp_path)
+    for k in [k for k in os.environ if re.fullmatch(r"ATMC_TRITON\d+", k)]:
+        monkeypatch.delenv(k)
+    installed = aot._newest_tools()
+    assert installed == aot._tools() and installed is not None  # nothing else at hand: the installed Triton's
+
+    def site(path, version: str, binary: bool = True):
+        (path / "triton" / "backends" / "nvidia" / "bin").mkdir(parents=True)
+        (path / f"triton-{version}.dist-info").mkdir()
+        if binary:
+            (path / "triton" / "backends" / "nvidia" / "bin" / "cuobjdump").touch()
+        return str(path / "triton" / "backends" / "nvidia" / "bin")
+
+    mine = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:3])
+    site(static.side_dir("0.1.0"), "0.1.0")  # older than the installed one: not taken
+    site(tmp_path / "nobin", "99.0.0", binary=False)  # the newest, but without cuobjdump: not taken
+    monkeypatch.setenv("ATMC_TRITON990", str(tmp_path / "nobin"))
+    assert aot._newest_tools() == installed
+    newer = f"{mine[0]}.{mine[1] + 1}.0"
+    cached = site(static.side_dir(newer).with_name(f"triton-{newer}-cp27"), newer)  # another Python's: tools work
+    assert aot._newest_tools() == cached
+    env = site(tmp_path / "env", f"{mine[0] + 1}.0.0")
+    monkeypatch.setenv(static.side_env(f"{mine[0] + 1}.0.0"), str(tmp_path / "env"))
+    assert aot._newest_tools() == env
+
+
 def test_installed_triton_stands_in_only_for_a_side_triton_that_cannot_be_had(monkeypatch):
     import triton
 
