@@ -303,10 +303,10 @@ def _fast_init_chain(largest: int) -> int:
 # sign change: about half the steps), the zero-cluster branch (one to three steps: not counted), a backtrack step, a
 # 32-row candidate tile. The float64 divisions' slow paths (52 instructions of the step's loop body, not
 # issued unless a quotient needs the fix-up) are left out; counted, the step was 938 / 913.
-REFINE_SASS = {
-    "3.8": {"step": 895, "v0": 468, "back": 34.5, "cand": 623},
-    "3.6": {"step": 865, "v0": 470, "back": 34.75, "cand": 720},
-    "3.9": {"step": 896, "v0": 466, "back": 34.5, "cand": 622},  # fast_refine_sass_2026-12-01_triton39.json
+REFINE_SASS = {  # fast_refine_sass_2026-12-01_race.json (the backtrack reads no boundary back)
+    "3.8": {"step": 892, "v0": 470, "back": 17.875, "cand": 623},
+    "3.6": {"step": 871, "v0": 470, "back": 17.875, "cand": 709},
+    "3.9": {"step": 880, "v0": 470, "back": 17.875, "cand": 620},
 }
 SHUFFLE_CYCLES = 30  # latency of one dependent shuffle or barrier round of a reduction
 

@@ -105,6 +105,7 @@ def register_op(
     qualname = f"atmc::{name}"
     mutates_args = tuple(mutates_args)
     if launcher is not None and HAS_TRITON:
+        launcher = _on_device(launcher)
         if cpu_opaque:
             twin = torch.library.custom_op(f"{qualname}_cpu", reference, mutates_args=mutates_args)
             twin.register_fake(fake)
@@ -121,12 +122,30 @@ def register_op(
     return op
 
 
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+
+
+def _on_device(launcher: Callable) -> Callable:
+    """``launcher`` run with its first tensor's CUDA device current (``torch.cuda.device_of``; a no-op for other
+    devices): Triton launches on the current device, so tensors on ``cuda:1`` while ``cuda:0`` is current would
+    fail or address the wrong GPU."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        with torch.cuda.device_of(_first_tensor(args, kwargs)):
+            return launcher(*args, **kwargs)
+
+    launch.__signature__ = inspect.signature(launcher, eval_str=True)  # (see _cpu_traces_to)
+    return launch
+
+
 def _cpu_traces_to(twin: Callable, launcher: Callable) -> Callable:
     """``launcher``, except that a trace of CPU tensors calls ``twin`` (same signature)."""
 
     @functools.wraps(launcher)
     def launch(*args, **kwargs):
-        t = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        t = _first_tensor(args, kwargs)
         if t.device.type == "cpu" and tracing(t):
             return twin(*args, **kwargs)
         return launcher(*args, **kwargs)

@@ -384,6 +384,7 @@ def fast_refine_kernel(
     backpointer from a prefetched row in registers, so neither chain waits on memory.
     """
     tl.static_assert(NCP <= 32)
+    tl.static_assert(2 * (2 * W + 1) < NCP)  # a pad column, holding the boundary before the pass
     _, _, prob, K = _problem(bits_ptr, ALL_BITS, NBITS)
     so = prob * 4
     if tl.load(state_ptr + so + 3) != 0:
@@ -504,22 +505,22 @@ def fast_refine_kernel(
             moved = x * 0
             ro = wo + (T - 1) * NCP + ocol
             row = tl.load(win_ptr + ro) | (tl.load(bp_ptr + ro) << 13)  # candidate | backpointers << 13
-            old = tl.load(bnd_ptr + bo + T - 1)
             for ib in range(0, T - 1):  # backtrack from the last boundary
                 tb = T - 1 - ib
                 ro = wo + tl.maximum(tb - 1, 1) * NCP + ocol  # the next step's row, loaded ahead
                 nrow = tl.load(win_ptr + ro) | (tl.load(bp_ptr + ro) << 13)
-                nold = tl.load(bnd_ptr + bo + tl.maximum(tb - 1, 1))
                 pk = _pick(row, ocol, x)
                 bt = pk & 8191
-                moved = moved | (bt != old).to(tl.int32)
+                # the boundary before this pass is the row's pad column (never a load of bnd, which this loop
+                # writes: a warp one step ahead would store bnd[tb - 1] before a lagging warp read it, and the
+                # warps would disagree on `moved`, leave the pass loop apart and desynchronize its barriers)
+                moved = moved | (bt != (_pick(row, ocol, NCP - 1) & 8191)).to(tl.int32)
                 tl.store(bnd_ptr + bo + tb, bt)
                 zh = flag & ((pk >> 23) & 1)
                 zero_at = tl.where(zh != 0, tb - 1, zero_at)
                 x = tl.where(flag != 0, (pk >> 18) & 31, (pk >> 13) & 31)
                 flag = flag & (1 - zh)
                 row = nrow
-                old = nold
             moved = moved | (zero_at != zcur).to(tl.int32)
             zcur = zero_at
             active = (moved != 0) & ((prev_cost - cost) > rtol * cost)

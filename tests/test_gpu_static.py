@@ -13,6 +13,7 @@ skipped with the reason, and a warning says so, and the installed Triton stands 
 
 import os
 import re
+import time
 import warnings
 
 import pytest
@@ -193,6 +194,15 @@ def test_gpu_check_cold_estimate_fits_8_minutes():
     assert est["total_s"] <= 8 * 60, est
 
 
+@pytest.mark.gpu
+def test_gpu_tests_run_compiled_kernels():
+    """With a GPU the ``gpu`` tests must run compiled kernels: conftest chose the interpreter off (by
+    ``torch.cuda.is_available()``), so no ``gpu`` test passes on kernels the interpreter ran on the host."""
+    from atmc_triton.kernels import admm_triton, lloyd_triton
+
+    assert not INTERPRET and not lloyd_triton._interpreted() and not admm_triton.interpreted()
+
+
 def test_gpu_check_fails_soft_without_cuda(tmp_path):
     import subprocess
     import sys
@@ -264,6 +274,30 @@ def test_gpu_check_correctness_cases_run_in_the_interpreter(case):
     with gpu_check.poisoned_outputs():
         res = cases[case](torch.device("cpu"))
     assert res["ok"], (case, res)
+
+
+def test_gpu_check_fails_on_a_benchmarked_gemm_that_disagrees_with_cublas(tmp_path, monkeypatch):
+    """The benchmarks' GEMM rows are the only run of the autotuned configs: one whose result is off from
+    cuBLAS's (or NaN) makes the check fail and says so in its table; an agreeing one does not."""
+    import torch
+
+    from bench import gpu_check
+
+    def gemm(device, scale):
+        row = {"phase": "bench", "op": "atmc_linear", "case": "M=16", "measured_ms": 0.01, "predicted_ms": 0.01}
+        row |= {"x_pred": 1.0, "floor_ms": 0.005, "target": "t", "x_cublas": 2.0}
+        for err in errors:
+            yield row | {"max_rel_vs_cublas": err, "ok": err <= gpu_check.CUBLAS_TOL}
+
+    monkeypatch.setattr(gpu_check, "CORRECTNESS", [])
+    monkeypatch.setattr(gpu_check, "BENCHMARKS", [("gemm", gemm)])
+    errors = [1e-3]  # the rows the fake benchmark yields, set before each run
+    assert gpu_check._run_check(tmp_path, 60.0, torch.device("cpu"), time.time()) == 0
+    assert "FAILED" not in (tmp_path / "gpu_check.md").read_text()
+    for bad in ([1e-3, 0.5], [float("nan")]):
+        errors[:] = bad
+        assert gpu_check._run_check(tmp_path, 60.0, torch.device("cpu"), time.time()) == 1
+        assert "FAILED" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_gpu_check_log_keeps_every_row(tmp_path):

@@ -96,6 +96,29 @@ def test_fast_many_centres_and_passes(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fast_pass_counts_match_the_reference(device, monkeypatch):
+    """Each problem runs the reference's number of refinement passes: one where the first pass moves no boundary
+    (tight clusters; a pass counted as moved there would run a second), several on a Laplace segment. The kernel
+    reads a boundary's value before the pass from its candidate row, not from the boundaries it rewrites."""
+    import atmc_triton.kernels.lloyd as lloyd
+
+    rng = np.random.default_rng(0)
+    tight = [np.repeat(c, 12) + rng.standard_normal(c.size * 12) * 1e-3 for c in rng.standard_normal((3, 3)) * 3]
+    segs, bits = [*tight, rng.laplace(size=150)], [1, 1, 1, 3]
+    want, refine = [], lloyd.refine_partition
+    monkeypatch.setattr(lloyd, "refine_partition", lambda *a, **k: want.append(refine(*a, **k)[2]) or refine(*a, **k))
+    for x, b in zip(segs, bits):  # the reference's count, one segment at a time (it reports the largest)
+        x = torch.from_numpy(x.astype(np.float32))
+        lloyd_quantize_ref(x, torch.tensor([0, x.numel()]), torch.tensor([b], dtype=torch.int32), 20, 1e-5, "fast")
+    monkeypatch.setattr(lloyd, "refine_partition", refine)
+    assert 1 in want[:3] and want[3] >= 3, want  # both kinds reached
+    seen, fast_init = [], lt._fast_init
+    monkeypatch.setattr(lt, "_fast_init", lambda *a: seen.append(fast_init(*a)) or seen[-1])
+    check_fast(*_make(segs, bits, device))
+    assert seen[0][3].cpu().tolist() == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fast_far_outliers(device):
     """One weight 100x out of a Gaussian bulk at b = 6 (b = 6, not 8: a quarter of the interpreter's time): the
     compand cap changes the partition, which the kernel must reproduce (at b = 8 the same segment is 1.84x the

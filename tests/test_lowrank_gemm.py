@@ -517,6 +517,35 @@ def test_large_layer_over_1000(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_csr_rows_past_the_grid_limit_run_as_several_launches(device, monkeypatch):
+    """CUDA allows 65,535 programs on grid axis 1, where the CSR kernel puts the row blocks of x: a call with more
+    (over 2.1M rows) runs row ranges one launch each. With the limit set to 2 blocks here: 3, 40 and 64 rows take
+    one launch per factor, 100 and 70 rows two (a short last range), with the first product's addend and bias (all
+    three factors CSR, U's identity) and without them (a tile factor first), against the reference."""
+    monkeypatch.setattr(lt, "GRID_Y_MAX", 2)
+    grids, wrap = [], lt.wrap_triton
+
+    def record(kernel):
+        launch = wrap(kernel)
+        if kernel is not lt._csr_mm_kernel:
+            return launch
+        return type("G", (), {"__getitem__": lambda _, g: grids.append(g) or launch[g]})()
+
+    monkeypatch.setattr(lt, "wrap_triton", record)
+    for M, fmts, launches in (
+        (3, (FMT_CSR,) * 3, 3),  # a launch per CSR factor (V for t, then C and U)
+        (40, (FMT_CSR,) * 3, 3),
+        (64, (FMT_CSR,) * 3, 3),
+        (100, (FMT_CSR,) * 3, 6),  # 4 blocks of 32 rows: two ranges
+        (70, (FMT_DENSE, FMT_CSR, FMT_CSR), 4),  # U dense: its tile launch writes first, C's ranges add
+    ):
+        grids.clear()
+        x, b, n, r, facs = layer_case(M, 37, 45, 37, IDENTITY_U, fmts, bits=4, density=0.2, device=device, seed=M)
+        assert_close(run_kernel(x, b, n, r, IDENTITY_U, facs), *oracle(x, b, n, r, IDENTITY_U, facs), torch.float32)
+        assert len(grids) == launches and all(g[1] <= 2 for g in grids), (M, grids)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_zero_layer_gives_bias(device):
     for M in (3, 40):
         x, b, n, r, facs = layer_case(M, 7, 9, 3, IDENTITY_NONE, (FMT_EMPTY,) * 3, device=device)

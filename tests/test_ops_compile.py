@@ -216,6 +216,31 @@ def test_op_schemas_can_be_inferred_from_the_cpu_trace_wrappers():
         assert mine == torch.library.infer_schema(launcher, mutates_args=()) and mine.startswith("(Tensor ")
 
 
+def test_launchers_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every registered launcher runs inside
+    ``torch.cuda.device_of(its first tensor)`` (a probe op, called on the meta device, where the launcher runs;
+    the schema is the launcher's). Fails if ``register_op`` registers the bare launcher."""
+    pytest.importorskip("triton")
+    import contextlib
+
+    from atmc_triton.kernels import _registry
+
+    entered, ran = [], []
+    monkeypatch.setattr(torch.cuda, "device_of", lambda t: entered.append(t) or contextlib.nullcontext())
+
+    def launcher(x: torch.Tensor, k: int) -> torch.Tensor:
+        ran.append(len(entered))
+        return x * k
+
+    op = _registry.register_op(
+        "_device_probe", reference=lambda x, k: x * k, fake=lambda x, k: torch.empty_like(x), launcher=launcher
+    )
+    assert "(Tensor x, SymInt k)" in str(torch.ops.atmc._device_probe.default._schema)
+    x = torch.ones(3, device="meta")
+    assert op(x, 2).device.type == "meta" and ran == [1] and entered[0] is x
+    assert torch.equal(op(torch.ones(2), 3), torch.full((2,), 3.0)) and ran == [1]  # CPU: the reference
+
+
 def test_interpreted_kernels_launch_without_torch_wrap_triton(monkeypatch):
     """torch 2.11's ``wrap_triton`` (the lent GPU's image) refuses the interpreter's kernels, which failed every
     interpreted launch there: the kernels' shim hands them over as they are (plain and autotuned); a compiled
