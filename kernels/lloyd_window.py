@@ -97,9 +97,8 @@ def _candidates(B: np.ndarray, G: np.ndarray, W: int) -> np.ndarray:
     spread[:, -2, -1] = np.maximum(G - 1, 0)
     # one atom inside each end of the spread, in place of the window's outermost fine moves: a one-atom
     # cluster next to a neighbour's boundary (three outliers at b = 2 need it: 1.18x the optimum without)
-    if W > 0:  # (W = 0: the current position is the only fine move)
-        local[:, :, 0] = np.minimum(spread[:, :, 0] + 1, spread[:, :, -1])
-        local[:, :, -1] = np.maximum(spread[:, :, -1] - 1, spread[:, :, 0])
+    local[:, :, 0] = np.minimum(spread[:, :, 0] + 1, spread[:, :, -1])
+    local[:, :, -1] = np.maximum(spread[:, :, -1] - 1, spread[:, :, 0])
     win = np.concatenate([local, spread], 2)
     win[:, 0] = 0
     win[:, -1] = G[:, None]
@@ -240,12 +239,13 @@ def refine_partition(
         G: ``[S]`` atoms per problem; za: ``[S]`` the atom boundary at the sign change.
         B: ``[S, K + 2]`` int64 ascending boundaries, ``B[:, 0] = 0``, ``B[:, -1] = G``;
             zc: ``[S]`` the zero cluster's index (``B[zc] <= za <= B[zc + 1]``).
-        W: half window; max_passes: cap on the passes; rtol: a problem stops once a pass
+        W: half window (>= 1); max_passes: cap on the passes; rtol: a problem stops once a pass
             lowers its cost by at most ``rtol`` times the cost (0: once nothing moves).
     Returns:
         Refined ``B`` and ``zc`` and the number of passes run.
     Raises:
-        ValueError: ``C``, ``P1``, ``P2`` not of one 2-D shape with ``B``'s rows; TypeError: not float64.
+        ValueError: ``C``, ``P1``, ``P2`` not of one 2-D shape with ``B``'s rows, or ``W < 1``; TypeError: not
+        float64.
 
     Example:
         >>> s = np.array([-2.0, -1.9, 0.5, 3.0, 3.1, 3.2])
@@ -261,6 +261,8 @@ def refine_partition(
         )
     if not C.dtype == P1.dtype == P2.dtype == np.float64:
         raise TypeError(f"C, P1, P2 must be float64, got {C.dtype}, {P1.dtype}, {P2.dtype}")
+    if isinstance(W, bool) or not isinstance(W, (int, np.integer)) or W < 1:
+        raise ValueError(f"W must be an int >= 1 (the spread's 2 W + 1 points need two ends), got {W!r}")
     B, zc = B.copy(), zc.copy()
     active = np.arange(B.shape[0])
     prev = np.full(B.shape[0], np.inf)

@@ -385,6 +385,7 @@ def fast_refine_kernel(
     """
     tl.static_assert(NCP <= 32)
     tl.static_assert(2 * (2 * W + 1) < NCP)  # a pad column, holding the boundary before the pass
+    tl.static_assert(W >= 1)  # (the spread's 2 W + 1 points need two ends, as refine_partition requires)
     _, _, prob, K = _problem(bits_ptr, ALL_BITS, NBITS)
     so = prob * 4
     if tl.load(state_ptr + so + 3) != 0:
@@ -423,9 +424,8 @@ def fast_refine_kernel(
                 spread = tl.where((o == NC - 1) & (tt == T - 2), tl.maximum(G32 - 1, 0), spread)
                 s_lo = tl.where(tt == 1, tl.minimum(G32, 1), lo.to(tl.int32))  # the spread's ends
                 s_hi = tl.where(tt == T - 2, tl.maximum(G32 - 1, 0), hi.to(tl.int32))
-                if W > 0:  # one atom inside each end (W = 0: the current position is the only fine move)
-                    local = tl.where(o == 0, tl.minimum(s_lo + 1, s_hi), local)
-                    local = tl.where(o == 2 * W, tl.maximum(s_hi - 1, s_lo), local)
+                local = tl.where(o == 0, tl.minimum(s_lo + 1, s_hi), local)  # one atom inside each end
+                local = tl.where(o == 2 * W, tl.maximum(s_hi - 1, s_lo), local)
                 cand = tl.where(o < 2 * W + 1, local, tl.where(o < NC, spread, Bt))
                 cand = tl.where(tt == 0, 0, tl.where(tt == T - 1, G32, cand))
                 at = wo + tt * NCP + o
