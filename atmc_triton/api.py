@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import os
 import warnings
@@ -400,6 +401,9 @@ def check_input_dependence(model: nn.Module, example_input: Tensor | None = None
     if spec is None:
         return None
     shape, dtype, device = spec
+    # where the model is now, not where its last input was: a model moved since (``.cpu()`` after GPU training,
+    # or unpickled on a machine without a GPU) would get its probe on the old device
+    device = next((t.device for t in itertools.chain(root.parameters(), root.buffers())), device)
     shape = (max(1, min(shape[0], 2)), *shape[1:])
     gen = torch.Generator().manual_seed(0)
     xs = [torch.rand(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(2)]

@@ -91,9 +91,11 @@ class Split:
     def take(self, idx: Tensor, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """Rows ``idx`` as ``(float32 x in [0, 1], int64 y)`` on ``device``."""
         idx = idx.to(self.x.device)
-        x = self.x[idx].to(device, non_blocking=True)
+        # asynchronous only towards a GPU: a copy to the host returns before its data has arrived
+        nb = device is not None and torch.device(device).type == "cuda"
+        x = self.x[idx].to(device, non_blocking=nb)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return x, self.y[idx].to(device, non_blocking=True)
+        return x, self.y[idx].to(device, non_blocking=nb)
 
     def to(self, device: torch.device | str | None) -> Split:
         """This split with its tensors on ``device`` (e.g. the whole dataset on the GPU)."""

@@ -50,6 +50,7 @@ __all__ = [
     "rank",
     "restart_count",
     "shard",
+    "sync_buffers_",
     "world_size",
     "wrap_ddp",
 ]
@@ -209,6 +210,22 @@ def atmc_state_names(model: nn.Module) -> list[str]:
         for b, _ in m.named_buffers(recurse=False)
     ]
     return names + [b for b in ("atmc_nnz_budget", "atmc_bits_budget") if b in model._buffers]
+
+
+def sync_buffers_(model: nn.Module) -> None:
+    """Give every rank rank 0's values of ``model``'s buffers other than ATMC's own (BatchNorm statistics).
+
+    DDP broadcasts them from rank 0 at the start of each forward, and the forward then updates each rank's
+    copy from its own shard: after a stage's last step the ranks differ. ``fit`` calls this before its
+    end-of-epoch guard, evaluation and checkpoint, which must see one model on every rank (a guard decision
+    that differed between ranks would leave one rolling back while the other waits in a collective).
+    No-op for one rank.
+    """
+    if not is_distributed():
+        return
+    skip = set(atmc_state_names(model))
+    with torch.no_grad():
+        broadcast_([b for n, b in model.named_buffers() if n not in skip and b.is_contiguous()])
 
 
 def wrap_ddp(model: nn.Module, device: torch.device | str | None = None, **ddp_kwargs) -> nn.Module:

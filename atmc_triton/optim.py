@@ -214,6 +214,8 @@ class ADMM(torch.optim.Optimizer):
     def _sync(self) -> None:
         if self.store.sync():
             self._point_state()
+            if self._floor.device != self.store.device:  # the model moved (``.cuda()`` after ADMM was built)
+                self._floor = self._floor.to(self.store.device)  # else every step indexed across devices
         self._adopt_params()
 
     def _adopt_params(self) -> None:

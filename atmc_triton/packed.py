@@ -151,11 +151,13 @@ class PackedLayer(nn.Module):
         return atmc_decode(self.fmts[f], *self.shapes[f], *self.factor(f)[1:])
 
     def weight_2d(self) -> Tensor:
-        """Dense float32 ``W [out, in] = U V + C`` (plus the identity term), from the packed factors."""
+        """Dense float32 ``W [out, in] = U V + C`` (plus the identity term), from the packed factors; float32 under
+        autocast too (the cached weight must not depend on whether the first call that made it ran in autocast)."""
         U, V, C = (self.decode(f) for f in FACTORS)
         w = C if C is not None else self.U_codes.new_zeros(self.out_dim, self.in_dim, dtype=torch.float32)
         if U is not None and V is not None:
-            w = torch.addmm(w, U, V)
+            with torch.autocast(self.U_codes.device.type, enabled=False):
+                w = torch.addmm(w, U, V)
         if self._identity == IDENTITY_U and V is not None:  # (U + I) V = U V + V
             w = w + V
         if self._identity == IDENTITY_V and U is not None:  # U (V + I) = U V + U

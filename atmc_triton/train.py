@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -87,6 +88,7 @@ from atmc_triton.distributed import (
     is_main,
     rank,
     shard,
+    sync_buffers_,
     world_size,
     wrap_ddp,
 )
@@ -361,6 +363,31 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` (the current GPU) matches ``cuda:N``; otherwise type and index must agree."""
+    if a.type == b.type == "cuda" and (a.index is None or b.index is None):
+        return torch.cuda.current_device() == (a.index if a.index is not None else b.index)
+    return a.type == b.type and a.index == b.index
+
+
+def _model_device(model: nn.Module, device: str | torch.device | None = None, who: str = "fit") -> torch.device:
+    """The device ``who`` runs ``model`` on: ``None``, the model's own (its parameters' and buffers'); else
+    :func:`resolve_device` of ``device`` (``"auto"``: CUDA when present), which must be where the model is.
+
+    Raises:
+        ValueError: the model's tensors are on several devices, or not on ``device`` (move it: ``model.to(d)``).
+    """
+    held = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if len(held) > 1:
+        raise ValueError(f"{who}: the model's parameters and buffers are on several devices {sorted(map(str, held))}")
+    if device is None:
+        return held.pop() if held else resolve_device(None)
+    want = resolve_device(device)
+    if held and not _same_device(want, (have := held.pop())):
+        raise ValueError(f"{who}: the model is on {have} but device={str(device)!r} is {want}; move it (model.to(...))")
+    return want
+
+
 def _seed(seed: int, stage: str, epoch: int, what: str) -> int:
     digest = hashlib.sha256(f"{seed}/{stage}/{epoch}/{what}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -543,7 +570,8 @@ def evaluate(
     carries the masking and collapse flags). The model's train/eval mode is restored.
     ``distributed``: every rank of the running process group calls this together; each
     evaluates its strided share of ``split`` (attack starts seeded per rank) and the counts are
-    summed, so all ranks return the result for the whole split.
+    summed, so all ranks return the result for the whole split. ``device``: ``None`` runs where the model
+    is; any other must be the model's device (``ValueError`` otherwise, before any work).
     """
     _check_kinds(
         "evaluate",
@@ -555,7 +583,7 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
     _check_int("evaluate: batch_size", batch_size, 1)
-    device = resolve_device(device)
+    device = _model_device(model, device, "evaluate")
     if "apgd" in attacks:  # a suite that cannot run fails before any attack does
         resolve_suite(suite, use_autoattack, split.x[:1].float())
     t0, c0 = time.perf_counter(), time.process_time()
@@ -842,7 +870,8 @@ def fit(
     With ``checkpoint``, saves it after every epoch; with ``resume`` and an existing checkpoint
     whose ``meta`` equals ``meta``, continues after its last epoch (a finished stage is a no-op). The
     protocol's evaluation-only settings (:data:`EVAL_ONLY`) may differ: they change what is logged, not a weight.
-    ``on_epoch_end(epoch)`` runs after each saved epoch (epochs count from 1).
+    ``on_epoch_end(epoch)`` runs after each saved epoch (epochs count from 1). ``device``: ``None`` trains where
+    the model is; any other must be the model's device (``ValueError`` otherwise, before any work).
 
     Under a process group of N ranks (torchrun), every rank calls ``fit`` with the same
     arguments: ``model`` is wrapped in DDP (:func:`atmc_triton.distributed.wrap_ddp`) for the
@@ -868,7 +897,7 @@ def fit(
         protocol=(protocol, Protocol, "e.g. atmc_triton.PROTOCOLS['digits']"),
         schedule=(schedule, Schedule, "e.g. Schedule(epochs=10, lr=0.05)"),
     )
-    device = resolve_device(device)
+    device = _model_device(model, device, "fit")
     if not (isinstance(max_nonfinite, int) and max_nonfinite >= 1):
         raise ValueError(f"max_nonfinite must be an int >= 1, got {max_nonfinite!r}")
     world, main = world_size(), is_main()
@@ -1016,6 +1045,8 @@ def fit(
                 post["nnz"] = _nnz(model, optimizer)
                 bar.set_postfix(post, refresh=False)
         bar.close()
+        if world > 1:  # rank 0's BatchNorm statistics everywhere (each rank's last forward updated its own)
+            sync_buffers_(model)
         if world > 1:  # sum the shares: loss * n and correct counts, and the examples seen
             both = all_reduce_(torch.cat([sums, sums.new_tensor([seen])]))
             sums, seen = both[:3], int(both[3])

@@ -69,8 +69,27 @@ def main(out: str) -> None:
         dist.destroy_process_group()
 
 
+def batchnorm_fit(out: str) -> None:
+    """``at.fit`` of a model with BatchNorm (ATMC layers, adversarial, with the guard and the per-epoch evaluation)
+    on two ranks: each saves its BatchNorm statistics after the stage, which must be rank 0's on both."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 10))
+    cfg = at.ATMCConfig(ratio=0.5, bits=4)
+    at.compress_(model, cfg)
+    data = at.load_dataset("digits", subset=128, test_subset=32)
+    proto = at.Protocol(eps=0.1, pgd_steps=1, guard_size=16, guard_drop=0.5)
+    at.fit(model, at.ADMM(model, cfg, lr=0.02), data, proto, at.Schedule(epochs=2, lr=0.02, batch_size=32),
+           stage="bn", eval_size=32)  # fmt: skip
+    bn = {k: v for k, v in model.state_dict().items() if k.startswith("1.")}
+    torch.save(bn, os.path.join(out, f"bn{rank}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     from procwatch import beat_on_optimizer_steps
 
     beat_on_optimizer_steps()  # progress for the test's watchdog
-    sync_check(sys.argv[1]) if sys.argv[2:] == ["sync"] else main(sys.argv[1])
+    mode = sys.argv[2:]
+    sync_check(sys.argv[1]) if mode == ["sync"] else batchnorm_fit(sys.argv[1]) if mode == ["bn"] else main(sys.argv[1])

@@ -485,3 +485,17 @@ def test_reference_backend_matches_auto_and_rejects_unknown():
         assert torch.equal(runs[0][k], runs[1][k]), k
     with pytest.raises(ValueError, match="backend"):
         setup(backend="cuda")
+
+
+def test_admm_moves_its_floor_indices_with_the_model():
+    """ADMM built on the CPU, the model moved afterwards (``model.cuda()``; ``meta`` stands in here): the store
+    follows the model, and the floor's indices must too, or every step indexes the device's buffers with host
+    indices (a copy and a sync per index op on a GPU)."""
+    cfg = at.ATMCConfig(ratio=0.2, bits=4, floor="rows")
+    model = at.compress_(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), cfg)
+    opt = at.ADMM(model, cfg, lr=0.05)
+    floor = opt._floor.clone()
+    assert floor.numel() > 0 and floor.device.type == "cpu"
+    model.to("meta")
+    opt._sync()  # what step() and zero_grad() do first
+    assert opt.store.device.type == "meta" and opt._floor.device.type == "meta" and opt._floor.shape == floor.shape

@@ -49,6 +49,17 @@ def test_ddp_ranks_identical_and_match_single_process(tmp_path):
             assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), k
 
 
+def test_fit_leaves_every_rank_with_rank0s_batchnorm_statistics(tmp_path):
+    """DDP broadcasts BatchNorm statistics at each forward's start and each rank's forward then updates its own:
+    ``fit`` syncs them before the guard, evaluation and checkpoint, so every rank ends with rank 0's."""
+    run_worker(tmp_path, 2, "bn")
+    r0, r1 = (torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in (0, 1))
+    assert set(r0) == {"1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert int(r0["1.num_batches_tracked"]) > 0 and float(r0["1.running_mean"].abs().sum()) > 0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+
+
 def test_sync_quantizer_gives_every_rank_rank0s_codebooks(tmp_path):
     run_worker(tmp_path, 2, "sync")
     r0, r1 = (torch.load(tmp_path / f"sync{r}.pt", weights_only=True) for r in (0, 1))

@@ -206,3 +206,17 @@ def test_an_empty_batch_does_not_break_the_input_dependence_check():
     model(torch.rand(4, 6))
     model(torch.rand(0, 6))
     assert at.check_input_dependence(model, warn=False) == 0
+
+
+def test_the_input_dependence_probe_runs_where_the_model_is_now():
+    """The check probes with inputs shaped like the last one the model saw, on the model's device now: a model
+    trained on a GPU and then moved (``.cpu()``), or unpickled without a GPU, used to get its probe on the old
+    device (``finalize_`` / ``size_report`` failed). The old device is faked as ``meta`` here."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    at.compress_(model, at.ATMCConfig(ratio=0.5, bits=4), progress=False)
+    model(torch.rand(4, 6))
+    shape, dtype, _ = model.__dict__["_atmc_input_spec"]
+    model.__dict__["_atmc_input_spec"] = (shape, dtype, torch.device("meta"))  # as if seen on another device
+    assert at.check_input_dependence(model, warn=False) == 0
+    at.finalize_(model, progress=False)

@@ -372,6 +372,22 @@ def test_conv_cache_follows_loads_and_dtype(cnn):
     assert "weight_cache" not in "".join(packed.state_dict())
 
 
+def test_decoded_weight_is_float32_under_autocast():
+    """``weight_2d`` (what the dense path caches, ``.weight`` and ``export_dense`` read) ignores autocast: under
+    bf16 autocast its ``U V`` product ran in bf16 (a 1e-3 difference), and the first call's mode then stuck in
+    the layer's cache for every later call."""
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 40), torch.randint(0, 5, (8,))
+    model = at.pack_(finalized(nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 5)), 8, 0.5, "svd", 2, x, y))
+    layer = model[0]
+    assert all(layer.fmts[f] != FMT_EMPTY for f in ("U", "V"))  # both factors stored: the product runs
+    want = layer.weight_2d()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer.weight_2d()
+        w = layer.weight
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(w, want.to(w.dtype))
+
+
 def test_half_keeps_float32_codebooks(cnn):
     model, x = cnn
     packed = pk.pack_(copy.deepcopy(model)).half()

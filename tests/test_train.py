@@ -183,6 +183,29 @@ def test_evaluate_reports_accuracy_size_and_restores_mode():
         evaluate(model, test, proto, attacks=("cw",))
 
 
+def test_fit_and_evaluate_run_where_the_model_is(small_digits, monkeypatch):
+    """``device=None`` means the model's device, not "CUDA when present": on a GPU host a CPU model used to get
+    CUDA batches (the model left on the CPU) and fail in its first forward. Faked here: CUDA reported present,
+    so the old default would have built a CUDA generator. A device the model is not on is refused by name."""
+    model = at.build_model("digits_cnn", 10, (1, 8, 8))
+    proto, sched = Protocol(eps=0.1, pgd_steps=1), Schedule(epochs=1, lr=0.01, batch_size=64)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = evaluate(model, small_digits.test, proto, attacks=("pgd",), batch_size=48)
+    assert r.n == 48
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    at.fit(model, opt, small_digits, proto, sched, stage="s", eval_size=0)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    for call in (
+        lambda: evaluate(model, small_digits.test, proto, attacks=(), device="meta"),
+        lambda: at.fit(model, opt, small_digits, proto, sched, stage="s", eval_size=0, device="meta"),
+    ):
+        with pytest.raises(ValueError, match=r"the model is on cpu but device='meta'"):
+            call()
+    model.register_buffer("elsewhere", torch.zeros(1, device="meta"))
+    with pytest.raises(ValueError, match="on several devices"):
+        evaluate(model, small_digits.test, proto, attacks=())
+
+
 def test_gradient_masking_flag():
     base = dict(n=100, clean_acc=0.9)
     assert EvalResult(**base, pgd_acc=0.60, robust_acc=0.565).gradient_masking  # worst case 3.5 points below PGD
