@@ -145,9 +145,14 @@ def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
         raise ValueError(f"labels must be [N] for inputs [N, ...], got {tuple(y.shape)} for {tuple(x.shape)}")
     if y.dtype != torch.long:
         raise ValueError(f"labels must be int64 (torch.long) class indices, got {y.dtype}; pass y.long()")
-    if y.numel() and int(y.min()) < 0:  # cross-entropy would skip -100 (its ignore_index): x back, unattacked
-        raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
-    if x.numel() and not (float(x.detach().min()) >= 0.0 and float(x.detach().max()) <= 1.0):  # NaN fails both
+    # the smallest label and the range of x in one host read (each read is a device sync on a GPU)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    y_min = y.min().double().to(x.device) if y.numel() else zero
+    x_lo, x_hi = (x.detach().min().double(), x.detach().max().double()) if x.numel() else (zero, zero)
+    y_min, x_lo, x_hi = torch.stack([y_min, x_lo, x_hi]).tolist()
+    if y_min < 0:  # cross-entropy would skip -100 (its ignore_index): x back, unattacked
+        raise ValueError(f"labels must be class indices >= 0, got {int(y_min)}")
+    if not (x_lo >= 0.0 and x_hi <= 1.0):  # NaN fails both
         raise ValueError("attack inputs must lie in [0, 1] and be finite, no NaN (normalize inside the model)")
     if eps is not ... and not _real(eps, 0.0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -190,8 +195,10 @@ def _start(x: Tensor, radius: float, noise: Tensor | None, generator: torch.Gene
             f"noise must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}), "
             f"got {tuple(noise.shape)}, {noise.dtype}, {noise.device}"
         )
-    elif noise.numel() and not (float(noise.min()) >= 0.0 and float(noise.max()) <= 1.0):  # NaN fails both
-        raise ValueError("noise must be uniform draws in [0, 1] (the start is x + (2 noise - 1) radius)")
+    elif noise.numel():
+        lo, hi = torch.stack([noise.min(), noise.max()]).tolist()  # one host read (a device sync on a GPU)
+        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both
+            raise ValueError("noise must be uniform draws in [0, 1] (the start is x + (2 noise - 1) radius)")
     return (x + (2.0 * noise - 1.0) * radius).clamp(0.0, 1.0)
 
 

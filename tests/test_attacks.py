@@ -415,3 +415,28 @@ def test_attacks_validate_inputs(batch, bad):
     model = trained_digits_model()
     with pytest.raises(ValueError):
         bad(model, batch[0][:4], batch[1][:4])
+
+
+def test_an_attack_reads_the_device_three_times_whatever_its_steps(monkeypatch):
+    """Each host read of a tensor is a device sync on a GPU, and ``fit`` attacks every step: the largest label (the
+    class-count guard), the input checks (smallest label, range of x) and the noise check are one read each, none
+    per step (the checks took six reads before 2026-12-01)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 4, (8,))
+    reads = []
+    for name in ("tolist", "item", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, _n=name, **k: reads.append(_n) or _r(t, *a, **k))
+    for steps in (1, 5):
+        reads.clear()
+        at.pgd(model, x, y, eps=0.1, alpha=0.02, steps=steps, noise=torch.rand_like(x))
+        assert len(reads) == 3, reads
+    monkeypatch.undo()
+    for bad_x, bad_y, match in (
+        (x * 2, y, r"\[0, 1\]"),
+        (x, y - 1, ">= 0"),
+        (x.masked_fill(x > 0.5, float("nan")), y, "NaN"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            at.pgd(model, bad_x, bad_y, eps=0.1, alpha=0.02, steps=1)
