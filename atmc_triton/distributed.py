@@ -48,7 +48,9 @@ __all__ = [
     "is_main",
     "local_rank",
     "rank",
+    "rank_rng_states",
     "restart_count",
+    "set_rank_rng_state",
     "shard",
     "sync_buffers_",
     "world_size",
@@ -166,6 +168,33 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
         if not t.is_contiguous():
             raise ValueError("broadcast_ needs contiguous tensors")
         dist.broadcast(t.view(torch.uint8) if t.dtype == torch.bool else t, src)
+
+
+def rank_rng_states() -> list[dict[str, Tensor]] | None:
+    """Every rank's own torch generator states, gathered on every rank (``None`` for one rank): the CPU
+    generator and, where CUDA is initialized, the current GPU's. Rank 0 alone writes checkpoints, and its
+    process sees the other GPUs' generators untouched, so a resumed rank must take its own entry back
+    (:func:`set_rank_rng_state`); the package's own draws use explicit generators, a model's dropout does not."""
+    if not is_distributed():
+        return None
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def set_rank_rng_state(states: list[dict[str, Tensor]] | None) -> bool:
+    """Restore this rank's entry of :func:`rank_rng_states` (after the checkpoint's rank-0 states); a list saved
+    by another number of ranks is ignored. Returns whether an entry was restored."""
+    if not is_distributed() or not isinstance(states, list) or len(states) != world_size():
+        return False
+    mine = states[rank()]
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"], torch.cuda.current_device())
+    return True
 
 
 def agree(value: int, what: str) -> int:

@@ -87,6 +87,8 @@ from atmc_triton.distributed import (
     is_distributed,
     is_main,
     rank,
+    rank_rng_states,
+    set_rank_rng_state,
     shard,
     sync_buffers_,
     world_size,
@@ -934,6 +936,7 @@ def fit(
         run = int(ck["extra"].get("nonfinite_run", 0))
         fallback, best = bool(ck["extra"].get("fallback", False)), ck["extra"].get("guard_best")
         set_rng_state(ck["rng"])
+        set_rank_rng_state(ck["extra"].get("rng_ranks"))  # each rank's own generators (rank 0's just above)
         if main and start:
             _logger.info("resuming %s from %s after epoch %d", stage, checkpoint, start)
         changed = _changed_eval_settings(ck["meta"], meta)
@@ -1089,9 +1092,11 @@ def fit(
         if test is not None and len(test):
             ev = evaluate(model, test, protocol, attacks=("pgd",), device=device, seed=seed, distributed=world > 1)
             last.update(test_acc=ev.clean_acc, test_pgd_acc=ev.pgd_acc, test_n=ev.n)
+        rng_ranks = rank_rng_states() if checkpoint is not None and world > 1 else None  # (every rank takes part)
         if main:
             _log(log, last)
             if checkpoint is not None:
+                extra = {"nonfinite_run": run, "fallback": fallback, "guard_best": best}
                 save_checkpoint(
                     checkpoint,
                     model=model,
@@ -1099,7 +1104,7 @@ def fit(
                     meta=meta,
                     epoch=epoch + 1,
                     step=step,
-                    extra={"nonfinite_run": run, "fallback": fallback, "guard_best": best},
+                    extra=extra if rng_ranks is None else {**extra, "rng_ranks": rng_ranks},
                 )
         barrier()  # the checkpoint is complete before any rank goes on (or fails)
         if progress and main:

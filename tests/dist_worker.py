@@ -87,9 +87,47 @@ def batchnorm_fit(out: str) -> None:
     dist.destroy_process_group()
 
 
+class Killed(Exception):
+    pass
+
+
+def dropout_resume(out: str) -> None:
+    """``at.fit`` of a model with dropout on two ranks whose CPU generators differ (rank 1 draws once more per
+    forward): an uninterrupted run, and one killed after epoch 1 and resumed (the generators reseeded in between).
+    Each rank saves whether the two end with equal weights: only when every rank resumes its own generator."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    data = at.load_dataset("digits", subset=128, test_subset=16)
+    proto, sched = at.Protocol(eps=0.1, pgd_steps=1), at.Schedule(epochs=2, lr=0.05, batch_size=32)
+
+    def run(ck: str, kill: bool, resume: bool) -> dict:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+        if rank == 1:
+            model.register_forward_pre_hook(lambda m, a: torch.rand(1) and None)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        if resume:
+            torch.manual_seed(1234)  # whatever the generators hold now: the checkpoint's states must come back
+        stop = (lambda e: (_ for _ in ()).throw(Killed())) if kill else None
+        at.fit(model, opt, data, proto, sched, stage="d", adversarial=False, eval_size=0, checkpoint=ck,
+               resume=resume, on_epoch_end=stop)  # fmt: skip
+        return model.state_dict()
+
+    whole = run(os.path.join(out, "whole.pt"), False, False)
+    ck = os.path.join(out, "killed.pt")
+    try:
+        run(ck, True, False)
+    except Killed:
+        pass
+    resumed = run(ck, False, True)
+    same = all(torch.equal(whole[k], resumed[k]) for k in whole)
+    torch.save({"same": same}, os.path.join(out, f"resume{rank}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     from procwatch import beat_on_optimizer_steps
 
     beat_on_optimizer_steps()  # progress for the test's watchdog
-    mode = sys.argv[2:]
-    sync_check(sys.argv[1]) if mode == ["sync"] else batchnorm_fit(sys.argv[1]) if mode == ["bn"] else main(sys.argv[1])
+    modes = {"sync": sync_check, "bn": batchnorm_fit, "resume": dropout_resume}
+    modes.get(sys.argv[2] if len(sys.argv) > 2 else "", main)(sys.argv[1])

@@ -60,6 +60,14 @@ def test_fit_leaves_every_rank_with_rank0s_batchnorm_statistics(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
 
 
+def test_a_resumed_ddp_run_restores_every_ranks_own_generators(tmp_path):
+    """Rank 0 alone writes the checkpoint; a model's dropout draws from each rank's own global generator (on a GPU:
+    each process's own device, which rank 0's process sees untouched). Killed after epoch 1 and resumed, a run whose
+    ranks' generators differ ends with the uninterrupted run's weights on both ranks."""
+    run_worker(tmp_path, 2, "resume")
+    assert [torch.load(tmp_path / f"resume{r}.pt", weights_only=True)["same"] for r in (0, 1)] == [True, True]
+
+
 def test_sync_quantizer_gives_every_rank_rank0s_codebooks(tmp_path):
     run_worker(tmp_path, 2, "sync")
     r0, r1 = (torch.load(tmp_path / f"sync{r}.pt", weights_only=True) for r in (0, 1))
