@@ -612,6 +612,7 @@ def evaluate(
         disable=None if progress else True,
     )
     oks, worsts = [], []
+    classes: int | None = None
     try:
         # pass 1, per batch: clean, PGD, FGSM (they also start the cascade), WRM; the histograms
         for x, y in iterate_batches(split, batch_size, device=device):
@@ -638,9 +639,10 @@ def evaluate(
             if "wrm" in attacks:
                 bar.set_postfix_str("wrm")
                 counts["wrm"] += int((_predict(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr)) == y).sum())
-            with torch.no_grad():
-                c = model(x[:1]).shape[1]
-            h = torch.stack([_bincount(y, c), _bincount(clean, c)]).cpu()
+            if classes is None:  # (once: a forward of one row, the model's outputs per example)
+                with torch.no_grad():
+                    classes = model(x[:1]).shape[1]
+            h = torch.stack([_bincount(y, classes), _bincount(clean, classes)]).cpu()
             hists = h if hists is None else hists + h
             oks.append(ok.cpu())
             worsts.append(worst.cpu())

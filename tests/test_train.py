@@ -206,6 +206,16 @@ def test_fit_and_evaluate_run_where_the_model_is(small_digits, monkeypatch):
         evaluate(model, small_digits.test, proto, attacks=())
 
 
+def test_evaluate_learns_the_class_count_once(small_digits):
+    """Clean-only evaluation runs one forward per batch, plus one single-row forward for the class count of the
+    histograms (it ran once per batch before 2026-12-01)."""
+    model = at.build_model("digits_cnn", 10, (1, 8, 8))
+    rows = []
+    model.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    r = evaluate(model, small_digits.test, Protocol(eps=0.1, pgd_steps=1), attacks=(), batch_size=16)
+    assert r.n == 48 and sorted(rows) == [1, 16, 16, 16]
+
+
 def test_gradient_masking_flag():
     base = dict(n=100, clean_acc=0.9)
     assert EvalResult(**base, pgd_acc=0.60, robust_acc=0.565).gradient_masking  # worst case 3.5 points below PGD
