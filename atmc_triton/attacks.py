@@ -161,6 +161,14 @@ def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
         warnings.warn(msg, stacklevel=_caller_level())
 
 
+def _seeded_gpus(x: Tensor) -> list[int]:
+    """The GPUs whose generators a suite run may reseed: ``x``'s and the current one (torchattacks seeds the
+    current device, which need not be ``x``'s); none for CPU inputs."""
+    if x.device.type != "cuda":
+        return []
+    return sorted({x.get_device(), torch.cuda.current_device()})
+
+
 def _caller_level() -> int:
     """``stacklevel`` (for a ``warnings.warn`` in the function calling this) of the first frame outside this package,
     however many of the package's functions lie between (``fgsm`` calls ``pgd``, the suite calls each attack)."""
@@ -860,8 +868,7 @@ def robust_suite(
             f"{square_queries}"
         )
     which = resolve_suite(suite, use_autoattack, x)
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_seeded_gpus(x)):
         label, stages = suite_stages(
             model,
             x,

@@ -440,3 +440,22 @@ def test_an_attack_reads_the_device_three_times_whatever_its_steps(monkeypatch):
     ):
         with pytest.raises(ValueError, match=match):
             at.pgd(model, bad_x, bad_y, eps=0.1, alpha=0.02, steps=1)
+
+
+def test_the_suite_forks_the_generators_of_xs_gpu_and_the_current_one(monkeypatch):
+    """torchattacks reseeds the *current* GPU's generator, which need not be the inputs' GPU: the suite forks
+    both (it forked only ``x.device.index or 0``: device 0 for ``cuda`` with another current). A stand-in
+    tensor on ``cuda:1`` with GPU 2 current (no GPU here)."""
+    from atmc_triton.attacks import _seeded_gpus
+
+    class OnGpu:
+        device = torch.device("cuda", 1)
+
+        def get_device(self):
+            return 1
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert _seeded_gpus(OnGpu()) == [1, 2]
+    OnGpu.device = torch.device("cuda")  # an unindexed device: the tensor still knows its GPU
+    assert _seeded_gpus(OnGpu()) == [1, 2]
+    assert _seeded_gpus(torch.zeros(1)) == []
