@@ -242,7 +242,8 @@ def atmc_state_names(model: nn.Module) -> list[str]:
 
 
 def sync_buffers_(model: nn.Module) -> None:
-    """Give every rank rank 0's values of ``model``'s buffers other than ATMC's own (BatchNorm statistics).
+    """Give every rank rank 0's values of ``model``'s buffers other than ATMC's own and those DDP is told to
+    ignore (``_ddp_params_and_buffers_to_ignore``): BatchNorm statistics.
 
     DDP broadcasts them from rank 0 at the start of each forward, and the forward then updates each rank's
     copy from its own shard: after a stage's last step the ranks differ. ``fit`` calls this before its
@@ -252,7 +253,7 @@ def sync_buffers_(model: nn.Module) -> None:
     """
     if not is_distributed():
         return
-    skip = set(atmc_state_names(model))
+    skip = set(atmc_state_names(model)) | set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (as DDP)
     with torch.no_grad():
         broadcast_([b for n, b in model.named_buffers() if n not in skip and b.is_contiguous()])
 
