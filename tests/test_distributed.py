@@ -51,9 +51,12 @@ def test_ddp_ranks_identical_and_match_single_process(tmp_path):
 
 def test_fit_leaves_every_rank_with_rank0s_batchnorm_statistics(tmp_path):
     """DDP broadcasts BatchNorm statistics at each forward's start and each rank's forward then updates its own:
-    ``fit`` syncs them before the guard, evaluation and checkpoint, so every rank ends with rank 0's."""
+    ``fit`` syncs them before the guard, evaluation and checkpoint, so every rank ends with rank 0's; a buffer DDP
+    is told to ignore stays each rank's own."""
     run_worker(tmp_path, 2, "bn")
     r0, r1 = (torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in (0, 1))
+    mine = (r0.pop("mine"), r1.pop("mine"))  # a buffer in _ddp_params_and_buffers_to_ignore: each rank's own
+    assert mine[0].tolist() == [0.0, 0.0] and mine[1].tolist() == [1.0, 1.0]
     assert set(r0) == {"1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
     assert int(r0["1.num_batches_tracked"]) > 0 and float(r0["1.running_mean"].abs().sum()) > 0
     for k in r0:
