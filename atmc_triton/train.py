@@ -1050,9 +1050,9 @@ def fit(
                 post["nnz"] = _nnz(model, optimizer)
                 bar.set_postfix(post, refresh=False)
         bar.close()
-        if world > 1:  # rank 0's BatchNorm statistics everywhere (each rank's last forward updated its own)
-            sync_buffers_(model)
-        if world > 1:  # sum the shares: loss * n and correct counts, and the examples seen
+        if world > 1:
+            sync_buffers_(model)  # rank 0's BatchNorm statistics everywhere (each rank's last forward updated its own)
+            # sum the shares: loss * n and correct counts, and the examples seen
             both = all_reduce_(torch.cat([sums, sums.new_tensor([seen])]))
             sums, seen = both[:3], int(both[3])
         avg = (sums / max(seen, 1)).tolist()

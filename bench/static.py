@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import model
-from bench.aot import side_dir, side_env
+from bench.aot import compile_specs, record_launches, side_dir, side_env, site_version, unique_specs
 
 __all__ = [
     "ARCHS",
@@ -298,7 +298,6 @@ FAMILIES: dict[str, Family] = {
 
 def record_family(fam: Family) -> list[dict]:
     """The family's launches, specialized (e.g. autotune configs), without repeats; needs ``TRITON_INTERPRET=1``."""
-    from bench.aot import record_launches, unique_specs
 
     with record_launches(execute=False) as specs:
         fam.exercise()
@@ -354,7 +353,6 @@ def _what(spec: dict) -> str:
 
 def gather(specs: list[dict], arch: int, triton_path: str | None, cache_dir: Path | None = None) -> list[dict]:
     """Compile ``specs`` for ``sm_<arch>`` and return one figure row per spec."""
-    from bench.aot import compile_specs
 
     rows = []
     for spec, res in zip(specs, compile_specs(specs, arch=arch, triton_path=triton_path, cache_dir=cache_dir)):
@@ -381,16 +379,14 @@ def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:
     """
     import subprocess
 
-    from bench.aot import site_version as found
-
     var = side_env(version)
     env = os.environ.get(var)
     if env:
-        if found(Path(env)) == version:
+        if site_version(Path(env)) == version:
             return env, f"{var}={env}"
         return None, f"{var}={env} holds no triton {version} (a pip --target directory expected)"
     side = side_dir(version)
-    if found(side) == version:
+    if site_version(side) == version:
         return str(side), f"cached side install {side}"
     if not install:
         return None, f"no triton {version} at {side} and installing was not allowed"
@@ -399,7 +395,7 @@ def triton_site(version: str, install: bool = True) -> tuple[str | None, str]:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"pip install triton=={version} failed: {e}"
-    if res.returncode != 0 or found(side) != version:
+    if res.returncode != 0 or site_version(side) != version:
         return None, f"pip install triton=={version} failed (index unreachable?): {res.stderr.strip()[-300:]}"
     return str(side), f"installed into {side}"
 

@@ -424,13 +424,11 @@ def _csr_launch(
     # launches over row ranges of out, addend and a_t (a_t's columns: a flat view from the range's first column)
     rows = GRID_Y_MAX * block_m
     for m0 in range(0, M, rows):
-        part = dict(args)
-        if M > rows:
-            mc = min(rows, M - m0)
-            part |= {"out_ptr": out[m0 : m0 + mc], "M": mc, "a_ptr": a_t.view(-1)[m0:]}
+        mc, part = min(rows, M - m0), args
+        if M > rows:  # (one range, the common case: the tensors as they are)
+            part = args | {"out_ptr": out[m0 : m0 + mc], "M": mc, "a_ptr": a_t.view(-1)[m0:]}
             if addend is not None:
                 part["e_ptr"] = addend[m0 : m0 + mc]
-        mc = part["M"]
         if meta is None:  # CUDA, autotuned
             kernel = _csr_narrow if block_m <= 8 else _csr_wide
 

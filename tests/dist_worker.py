@@ -110,9 +110,12 @@ def dropout_resume(out: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         if resume:
             torch.manual_seed(1234)  # whatever the generators hold now: the checkpoint's states must come back
-        stop = (lambda e: (_ for _ in ()).throw(Killed())) if kill else None
+
+        def stop(epoch: int) -> None:  # a kill after the first saved epoch
+            raise Killed()
+
         at.fit(model, opt, data, proto, sched, stage="d", adversarial=False, eval_size=0, checkpoint=ck,
-               resume=resume, on_epoch_end=stop)  # fmt: skip
+               resume=resume, on_epoch_end=stop if kill else None)  # fmt: skip
         return model.state_dict()
 
     whole = run(os.path.join(out, "whole.pt"), False, False)
