@@ -114,8 +114,20 @@ def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | No
                 b.copy_(v)
 
 
+def _logits_of(out: object) -> Tensor:
+    """``out`` if it is one logits tensor, else a ``ValueError`` saying what to do (a model with auxiliary
+    outputs, e.g. torchvision's GoogLeNet in train mode, returns a tuple)."""
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"the model returned a {type(out).__name__}, not a logits tensor: build it without auxiliary outputs "
+            "(torchvision's GoogLeNet / Inception v3: aux_logits=False)"
+        )
+    return out
+
+
 def _check_classes(out: object, top: int) -> None:
-    if isinstance(out, Tensor) and out.dim() == 2 and top >= out.shape[1]:
+    _logits_of(out)
+    if out.dim() == 2 and top >= out.shape[1]:
         raise ValueError(f"labels must be class indices < the model's {out.shape[1]} outputs, got {top}")
 
 

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -36,7 +37,7 @@ from typing import Any
 from atmc_triton import distributed
 from atmc_triton.attacks import SUITES
 from atmc_triton.checkpoint import CheckpointError, atomic_write, load_checkpoint
-from atmc_triton.config import INITS, ATMCConfig
+from atmc_triton.config import INITS, ATMCConfig, _is_int
 from atmc_triton.data import DATASETS, load_dataset
 from atmc_triton.models import MODELS, is_model_name
 from atmc_triton.train import (
@@ -158,6 +159,13 @@ def _ratios(s: str) -> list[float]:
     return [float(r) for r in s.split(",") if r.strip()]
 
 
+def _milestones(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(m) for m in s.split(",") if m.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated epochs, e.g. 80,120,150; got {s!r}") from None
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -240,7 +248,14 @@ def _add_protocol(p: argparse.ArgumentParser, evaluating: bool = False) -> None:
     )
     g.add_argument("--batch-size-eval", type=_positive_int, default=256, help="evaluation batch size")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order and attack starts")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None if evaluating else 0,
+        help="seed of the test subset and attack starts (default: the checkpoint's, so --test-subset is training's)"
+        if evaluating
+        else "seed of init, data order and attack starts",
+    )
     g.add_argument(
         "--threads",
         type=_positive_int,
@@ -273,6 +288,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "more than this below its best (fast: 0.2; 0 turns the guard off)",
     )
     g.add_argument(
+        "--fallback-steps",
+        type=_positive_int,
+        help="PGD steps the guard falls back to after a rollback (fast: 7 mnist, 10 digits; with PGD training it "
+        "must exceed --pgd-steps)",
+    )
+    g.add_argument(
         "--clean-weight",
         type=float,
         help="loss = w CE(clean) + (1 - w) CE(adv) (0.5 mnist/cifar10/digits, 0 cifar100/svhn)",
@@ -301,6 +322,20 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lr-schedule", choices=list(LR_SCHEDULES), help="per-step LR schedule (paper: cosine, fast: onecycle)"
     )
+    g.add_argument(
+        "--milestones",
+        type=_milestones,
+        default=(),
+        help="step schedule: dense epochs where the LR is multiplied by "
+        "--gamma, e.g. 80,120,150 (required with --lr-schedule step)",
+    )
+    g.add_argument(
+        "--atmc-milestones",
+        type=_milestones,
+        default=(),
+        help="step schedule: the same for the ATMC stage, e.g. 40,70,90",
+    )
+    g.add_argument("--gamma", type=float, default=0.1, help="step schedule: LR factor at each milestone (default 0.1)")
     g.add_argument(
         "--eval-size", type=_nonnegative_int, default=1000, help="test examples for the per-epoch check (0: none)"
     )
@@ -409,7 +444,7 @@ def _setup(a: argparse.Namespace) -> _Setup:
     base = _base_protocol(a.dataset, a.protocol)
     given = {**vars(a), "trades_beta": a.beta}  # --beta sets Protocol.trades_beta
     names = ("eps", "pgd_steps", "pgd_alpha", "clean_weight", "eval_pgd_steps", "train_attack", "fgsm_step")
-    names += ("fgsm_noise", "eps_warmup_epochs", "loss", "trades_beta")
+    names += ("fgsm_noise", "eps_warmup_epochs", "loss", "trades_beta", "fallback_steps")
     over = {k: given[k] for k in names if given[k] is not None}
     if a.guard_drop is not None:
         over["guard_drop"] = a.guard_drop or None
@@ -429,8 +464,25 @@ def _setup(a: argparse.Namespace) -> _Setup:
         "lr_schedule": _pick(a.lr_schedule, recipe.lr_schedule),
         "nesterov": a.nesterov,
     }
-    dense = Schedule(epochs=_pick(a.epochs, recipe.epochs), lr=_pick(a.lr, recipe.lr), **common)
-    atmc = Schedule(epochs=_pick(a.atmc_epochs, recipe.atmc_epochs), lr=_pick(a.atmc_lr, recipe.atmc_lr), **common)
+    dense_epochs, atmc_epochs = _pick(a.epochs, recipe.epochs), _pick(a.atmc_epochs, recipe.atmc_epochs)
+    if common["lr_schedule"] == "step":  # without milestones "step" is a constant LR, which nobody asks for
+        for flag, ms, epochs in (
+            ("--milestones", a.milestones, dense_epochs),
+            ("--atmc-milestones", a.atmc_milestones, atmc_epochs),
+        ):
+            if epochs and not ms:
+                raise ValueError(f"--lr-schedule step needs {flag} (epochs where the LR is multiplied by --gamma)")
+            if ms and ms[-1] >= epochs:
+                raise ValueError(
+                    f"{flag} {','.join(map(str, ms))}: every milestone must be below the stage's {epochs} epochs"
+                )
+    elif a.milestones or a.atmc_milestones:
+        raise ValueError(f"--milestones and --atmc-milestones need --lr-schedule step (not {common['lr_schedule']})")
+    step = {"gamma": a.gamma}
+    dense = Schedule(epochs=dense_epochs, lr=_pick(a.lr, recipe.lr), milestones=a.milestones, **step, **common)
+    atmc = Schedule(
+        epochs=atmc_epochs, lr=_pick(a.atmc_lr, recipe.atmc_lr), milestones=a.atmc_milestones, **step, **common
+    )
     out = a.out or Path("atmc_runs") / f"{a.dataset}_{model.replace(':', '_')}"
     device = distributed.init_from_env(a.device)
     data = _load(a.dataset, a.data_root, download=a.download, subset=a.subset, test_subset=a.test_subset, seed=a.seed)
@@ -519,10 +571,11 @@ def _check_budget(s: _Setup, cfg: ATMCConfig) -> None:
             )
 
 
-def _check_fresh(s: _Setup, stages: list[str]) -> None:
+def _check_fresh(s: _Setup, stages: list[str], outputs: tuple[str, ...] = ()) -> None:
     """Before any work: make ``--out``, and without ``--resume`` move an earlier run's checkpoints of these
-    stages into ``<out>/earlier_<UTC time>/`` (the new run starts over, as asked, and overwrites nothing;
-    ``metrics.jsonl`` is appended to)."""
+    stages and the command's ``outputs`` (``results.json``, ``sweep.*``) into ``<out>/earlier_<UTC time>/``, and
+    copy ``metrics.jsonl`` there (the new run drops these stages' records from it): the new run starts over, as
+    asked, and overwrites nothing."""
     if s.exp.out is None or not distributed.is_main():
         return
     try:  # a file in the way would otherwise surface as a traceback at the first checkpoint, after an epoch
@@ -540,10 +593,15 @@ def _check_fresh(s: _Setup, stages: list[str]) -> None:
         while aside.exists():
             aside = aside.with_name(aside.name + "_")
         aside.mkdir()
-        for n in found:
+        moved = found + [n for n in outputs if (s.exp.out / n).exists()]
+        for n in moved:
             os.replace(s.exp.out / n, aside / n)
+        log = s.exp.out / "metrics.jsonl"  # copied: the records of other stages (another command's) stay in place
+        copied = " (metrics.jsonl copied)" if log.exists() else ""
+        if copied:
+            shutil.copy2(log, aside / log.name)
         _say(
-            f"{s.exp.out} held checkpoints of an earlier run ({', '.join(found)}): moved to {aside} "
+            f"{s.exp.out} held an earlier run ({', '.join(moved)}): moved to {aside}{copied} "
             "(--resume would have continued that run)"
         )
 
@@ -692,7 +750,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = _config(a, recipe_for(a.dataset, a.protocol))  # bad budgets fail before any data is read
     s = _setup(a)
     _check_budget(s, cfg)
-    _check_fresh(s, ["natural"] * s.natural + ["dense"] * (a.dense_checkpoint is None) + ["atmc"])
+    _check_fresh(s, ["natural"] * s.natural + ["dense"] * (a.dense_checkpoint is None) + ["atmc"], ("results.json",))
     given = s.exp.load(a.dense_checkpoint, stages=DENSE_STAGES) if a.dense_checkpoint else None  # checked first
     rows = []
     if s.natural:
@@ -708,11 +766,17 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.png")
+
+
 def cmd_sweep(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ratios = a.ratios
     if not ratios:
         raise ValueError("--ratios needs at least one ratio")
+    if a.ratio is not None or a.nnz is not None:  # each stage's budget is one of --ratios
+        given = "--ratio" if a.ratio is not None else "--nnz"
+        raise ValueError(f"atmc sweep takes its budgets from --ratios (a comma list), not {given}")
     stages = [f"{r:g}" for r in ratios]  # each ratio's stage and checkpoint name
     if len(set(stages)) < len(stages):
         raise ValueError(f"--ratios repeats a ratio ({', '.join(stages)}): each one names its stage's checkpoints")
@@ -721,7 +785,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     s = _setup(a)
     for cfg in cfgs:
         _check_budget(s, cfg)
-    _check_fresh(s, ["dense"] * (a.dense_checkpoint is None) + [f"atmc_r{r:g}" for r in ratios])
+    _check_fresh(s, ["dense"] * (a.dense_checkpoint is None) + [f"atmc_r{r:g}" for r in ratios], SWEEP_FILES)
     given = s.exp.load(a.dense_checkpoint, stages=DENSE_STAGES) if a.dense_checkpoint else None
     dense, t = (given, 0.0) if given is not None else _dense_model(s)
     rows = [_row("dense-adversarial", s.exp.evaluate(dense), t)]
@@ -827,12 +891,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     protocol = dataclasses.replace(base, **over)
     _threads(a.threads or RECIPES[meta["dataset"]].threads)
     device = distributed.init_from_env(a.device)  # under torchrun the test split is shared out to the ranks
-    data = _load(meta["dataset"], a.data_root, download=a.download, test_subset=a.test_subset, seed=a.seed)
+    seed = a.seed if a.seed is not None else meta.get("seed", 0)  # training's subset and attack starts
+    if not _is_int(seed):
+        raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} has a bad seed {seed!r}")
+    data = _load(meta["dataset"], a.data_root, download=a.download, test_subset=a.test_subset, seed=seed)
     exp = Experiment(
         meta["model"],
         data,
         protocol,
-        seed=a.seed,
+        seed=seed,
         device=device,
         eval_batch_size=a.batch_size_eval,
         use_autoattack={"auto": None, "yes": True, "no": False}[a.autoattack],

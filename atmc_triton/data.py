@@ -90,8 +90,9 @@ class Split:
 
     def take(self, idx: Tensor, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """Rows ``idx`` as ``(float32 x in [0, 1], int64 y)`` on ``device``."""
-        idx = idx.to(self.x.device)
-        # asynchronous only towards a GPU: a copy to the host returns before its data has arrived
+        # asynchronous only towards a GPU: a copy to the host returns before its data has arrived (a blocking
+        # host-to-GPU copy of the indices would wait for the stream every batch, when the split is on the GPU)
+        idx = idx.to(self.x.device, non_blocking=self.x.device.type == "cuda")
         nb = device is not None and torch.device(device).type == "cuda"
         x = self.x[idx].to(device, non_blocking=nb)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
@@ -223,15 +224,15 @@ def _augment(x: Tensor, spec: DataSpec, g: torch.Generator) -> Tensor:
     if spec.crop:
         p = spec.crop
         xp = torch.nn.functional.pad(x, (p, p, p, p))
-        i = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
-        j = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
+        i = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device, non_blocking=True)  # (no stream wait)
+        j = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device, non_blocking=True)
         rows = (i[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B, 1, H, 1]
         cols = (j[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B, 1, 1, W]
         bidx = torch.arange(b, device=x.device)[:, None, None, None]
         cidx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = xp[bidx, cidx, rows, cols]
     if spec.flip:
-        flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+        flip = (torch.rand(b, generator=g) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 

@@ -16,7 +16,8 @@ ADMM also broadcasts rank 0's quantizer output once per quantizer step (``sync_q
 * :func:`shard` gives a rank its strided share of a global batch (``DistributedSampler``'s
   convention): with a global batch ``B`` and ``N`` ranks, rank ``r`` trains on rows
   ``r, r + N, ...`` of the batch one process would see, so one step of ``N`` ranks is one step
-  of one process on the same global batch.
+  of one process on the same global batch (BatchNorm aside: each rank normalizes by its shard's
+  statistics unless the model uses ``nn.SyncBatchNorm``).
 
 Example (one process: every helper is a no-op):
     >>> import torch

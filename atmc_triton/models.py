@@ -233,6 +233,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")
+TV_AUX_LOGITS = ("googlenet", "inception_v3")  # built with aux_logits=False (their train-mode output is a tuple)
 
 
 def is_model_name(name: str) -> bool:
@@ -283,10 +284,12 @@ def external_model(name: str, num_classes: int, in_shape: Sequence[int]) -> nn.M
 
             if arch not in torchvision.models.list_models(torchvision.models):
                 raise ValueError(f"torchvision has no classification model {arch!r}")
+            # GoogLeNet and Inception v3 return (logits, aux logits) tuples in train mode: plain logits instead
+            kw = {"aux_logits": False} if arch in TV_AUX_LOGITS else {}
             try:  # vision transformers need the image size
-                model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, image_size=h)
+                model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, image_size=h, **kw)
             except TypeError:
-                model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+                model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
             else:
                 if h != w:  # (its forward would fail on the promised input)
                     raise ValueError(f"{name} takes square images (one image_size), got in_shape {tuple(in_shape)}")

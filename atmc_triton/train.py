@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from atmc_triton.api import compress_, finalize_
 from atmc_triton.attacks import (
+    _logits_of,
     _predict,
     attack_context,
     fgsm,
@@ -74,6 +75,7 @@ from atmc_triton.checkpoint import (
     config_to_dict,
     get_rng_state,
     load_checkpoint,
+    payload_digest,
     remove_partial_writes,
     save_checkpoint,
     set_rng_state,
@@ -84,6 +86,7 @@ from atmc_triton.distributed import (
     agree,
     all_reduce_,
     barrier,
+    broadcast_,
     is_distributed,
     is_main,
     rank,
@@ -160,8 +163,9 @@ class Protocol:
             (``guard_steps`` steps, eval mode) on a fixed seeded batch of ``guard_size`` training
             examples; when it falls more than ``guard_drop`` below its best, the epoch is rolled
             back to the last good checkpoint and the stage goes on with PGD training of
-            ``fallback_steps`` steps (``None`` = ``pgd_steps``; set it above ``pgd_steps`` when the
-            training attack is already PGD).
+            ``fallback_steps`` steps (``None`` = ``pgd_steps``; when the training attack is already PGD it
+            must be above ``pgd_steps``, a ``ValueError`` otherwise: the same PGD would re-run the epoch to
+            the same weights).
     """
 
     eps: float
@@ -237,6 +241,14 @@ class Protocol:
             raise ValueError(f"fallback_steps must be >= 1 or None, got {self.fallback_steps}")
         if self.guard_size < 1 or self.guard_steps < 1:
             raise ValueError(f"guard_size and guard_steps must be >= 1, got {self.guard_size}, {self.guard_steps}")
+        fallback = self.fallback_steps if self.fallback_steps is not None else self.pgd_steps
+        if self.guard_drop is not None and self.train_attack == "pgd" and fallback <= self.pgd_steps:
+            # the fallback would be the same (or a weaker) PGD: the rolled-back epoch re-runs with the same seeds to
+            # the same weights, so the guard would accept the collapse after paying for the epoch twice
+            raise ValueError(
+                f"guard_drop with train_attack='pgd' needs fallback_steps > pgd_steps (the PGD to fall back to), got "
+                f"fallback_steps={self.fallback_steps} and pgd_steps={self.pgd_steps}"
+            )
 
     @property
     def alpha(self) -> float:
@@ -529,7 +541,10 @@ def collapse_reason(label_hist: Sequence[int], *pred_hists: Sequence[int]) -> st
 
 
 def _bincount(v: Tensor, c: int) -> Tensor:
-    return torch.bincount(v.reshape(-1).to(torch.int64), minlength=c)[:c]
+    """``[c]`` counts of each class in ``v`` (values >= c dropped), with no host sync (``torch.bincount`` reads
+    ``v.max()`` back on a GPU)."""
+    v = v.reshape(-1).to(torch.int64).clamp(max=c)
+    return torch.zeros(c + 1, dtype=torch.int64, device=v.device).scatter_add_(0, v, torch.ones_like(v))[:c]
 
 
 def _check_kinds(where: str, **named: tuple[object, type, str]) -> None:
@@ -599,6 +614,8 @@ def evaluate(
     gen = torch.Generator(device).manual_seed(_seed(seed, "eval", me, "attack"))
     keys = ("clean", "robust", *(a for a in ATTACKS if a in attacks and a != "apgd"))
     counts = dict.fromkeys(keys, 0)
+    # pass 1 counts on the model's device, read back once after it (no host sync per batch)
+    tally = {k: torch.zeros((), dtype=torch.int64, device=device) for k in (*keys, "PGD", "FGSM")}
     p = protocol
     pgd_label = f"PGD-{p.eval_steps}"
     broken: dict[str, int] = {}
@@ -620,7 +637,7 @@ def evaluate(
             clean = _predict(model, x)
             worst = clean.clone()
             ok = clean == y
-            counts["clean"] += int(ok.sum())
+            tally["clean"] += ok.sum()
             for name in ("pgd", "fgsm"):
                 if name not in attacks:
                     continue
@@ -630,25 +647,33 @@ def evaluate(
                 else:
                     adv = fgsm(model, x, y, p.eps)
                 a = _predict(model, adv)
-                counts[name] += int((a == y).sum())
+                tally[name] += (a == y).sum()
                 hit = ok & (a != y)
-                worst[hit] = a[hit]
+                worst = torch.where(hit, a, worst)
                 ok &= ~hit
-                key = pgd_label if name == "pgd" else "FGSM"
-                broken[key] = broken.get(key, 0) + int(hit.sum())
+                tally["PGD" if name == "pgd" else "FGSM"] += hit.sum()
             if "wrm" in attacks:
                 bar.set_postfix_str("wrm")
-                counts["wrm"] += int((_predict(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr)) == y).sum())
+                tally["wrm"] += (_predict(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr)) == y).sum()
             if classes is None:  # (once: a forward of one row, the model's outputs per example)
                 with torch.no_grad():
                     classes = model(x[:1]).shape[1]
-            h = torch.stack([_bincount(y, classes), _bincount(clean, classes)]).cpu()
+            h = torch.stack([_bincount(y, classes), _bincount(clean, classes)])
             hists = h if hists is None else hists + h
-            oks.append(ok.cpu())
-            worsts.append(worst.cpu())
+            oks.append(ok)
+            worsts.append(worst)
             bar.update(1)
-        ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
-        worst = torch.cat(worsts) if worsts else torch.zeros(0, dtype=torch.int64)
+        # the one host read of pass 1: its counts, and each example's outcome (pass 2 indexes them on the host)
+        ok = torch.cat(oks).cpu() if oks else torch.zeros(0, dtype=torch.bool)
+        worst = torch.cat(worsts).cpu() if worsts else torch.zeros(0, dtype=torch.int64)
+        hists = None if hists is None else hists.cpu()
+        got = dict(zip(tally, torch.stack(list(tally.values())).tolist()))
+        for k in counts:
+            counts[k] = got[k]
+        if "pgd" in attacks:
+            broken[pgd_label] = got["PGD"]
+        if "fgsm" in attacks:
+            broken["FGSM"] = got["FGSM"]
         # pass 2: the suite as a cascade on the points still robust, re-batched (fewer, fuller batches)
         if "apgd" in attacks:
             todo = ok.nonzero().view(-1)
@@ -746,6 +771,11 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return (text[:limit] + " ...") if len(text) > limit else (text or type(e).__name__)
 
 
+def _state_digest(model: nn.Module) -> str:
+    """``"sha256:<16 hex>"`` of ``model``'s state dict (names, dtypes, shapes and bytes)."""
+    return "sha256:" + payload_digest({"state": model.state_dict()})[:16]
+
+
 def _nonfinite(loss: Tensor, params: list[Tensor]) -> bool:
     """Whether the loss or any gradient is NaN/Inf on any rank (one host sync)."""
     bad = ~torch.isfinite(loss.detach()).all()
@@ -812,11 +842,16 @@ def _trades_kl(logits_adv: Tensor, probs_clean: Tensor) -> Tensor:
 
 
 def _guard_accuracy(model: nn.Module, x: Tensor, y: Tensor, p: Protocol, seed: int, tag: str) -> tuple[float, float]:
-    """Clean and PGD-``guard_steps`` accuracy (eval mode, seeded start) on the guard batch ``x [N, ...]``, ``y [N]``."""
+    """Clean and PGD-``guard_steps`` accuracy (eval mode, seeded start) on the guard batch ``x [N, ...]``, ``y [N]``.
+    Under a process group every rank gets rank 0's figures: the rollback decision is one for all ranks, even if
+    their arithmetic differed in the last bit (a rank rolling back alone would leave the others in a collective)."""
     gen = torch.Generator(x.device).manual_seed(_seed(seed, tag, 0, "guard"))
     adv = pgd(model, x, y, p.eps, 2.5 * p.eps / p.guard_steps, p.guard_steps, generator=gen)
     with torch.no_grad(), attack_context(model, True):
-        return (_predict(model, x) == y).float().mean().item(), (_predict(model, adv) == y).float().mean().item()
+        acc = torch.stack([(_predict(model, x) == y).float().mean(), (_predict(model, adv) == y).float().mean()])
+    broadcast_([acc])
+    clean, robust = acc.tolist()
+    return clean, robust
 
 
 EVAL_ONLY = ("eval_pgd_steps", "apgd_steps", "wrm_gamma", "wrm_steps", "wrm_lr")
@@ -992,7 +1027,8 @@ def fit(
                 # process) and sharded like it, so N ranks attack their shares as one process attacks the batch
                 noise = shard(torch.rand((rows, *x.shape[1:]), generator=atk_gen, device=x.device, dtype=x.dtype))
                 if trades:  # the attack maximizes KL(p_clean || p_adv), TRADES' inner problem
-                    with torch.no_grad(), attack_context(model, p.train_attack_mode == "eval"):
+                    # no_grad inside attack_context, which enables grad: the target needs no graph
+                    with attack_context(model, p.train_attack_mode == "eval"), torch.no_grad():
                         probs = F.softmax(model(x), 1)
                     loss_fn = lambda logits, _y, q=probs: _trades_kl(logits, q)  # noqa: E731
                 x_adv = _train_attack(model, x, y, p, attack, p.train_eps(step, spe), noise, loss_fn)
@@ -1001,11 +1037,11 @@ def fit(
             loss = torch.zeros((), device=device)
             logits_c = logits_a = None
             if not adversarial or cw > 0 or trades:
-                logits_c = net(x)
+                logits_c = _logits_of(net(x))
                 w = 1.0 if trades or not adversarial else cw
                 loss = loss + w * F.cross_entropy(logits_c, y)
             if x_adv is not None:
-                logits_a = net(x_adv)
+                logits_a = _logits_of(net(x_adv))
                 if trades:
                     loss = loss + p.trades_beta * _trades_kl(logits_a, F.softmax(logits_c, 1))
                 else:
@@ -1060,7 +1096,7 @@ def fit(
             "stage": stage,
             "epoch": epoch + 1,
             "step": step,
-            "lr": schedule.lr_at(step, total),
+            "lr": schedule.lr_at(max(step - 1, 0), total),  # the epoch's last step's (not the next one's)
             "loss": avg[0],
             "train_acc": avg[1] if not adversarial or cw > 0 or trades else None,
             "train_adv_acc": avg[2] if adversarial and (cw < 1 or trades) else None,
@@ -1279,7 +1315,9 @@ class Experiment:
             weight_decay=schedule.weight_decay,
             nesterov=schedule.nesterov,
         )
-        meta = {**self.identity, "atmc": config_to_dict(cfg)}
+        # which dense model the stage started from: resuming it from another one (a changed --dense-checkpoint) is
+        # refused, as any other changed training setting is
+        meta = {**self.identity, "atmc": config_to_dict(cfg), "dense_model": _state_digest(dense)}
         self._fit(model, opt, schedule, stage, True, meta)
         finalize_(model, progress=self.progress)
         if self.out is not None and is_main():

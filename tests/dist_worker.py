@@ -81,7 +81,7 @@ def batchnorm_fit(out: str) -> None:
     model.register_buffer("mine", torch.full((2,), float(rank)))  # a buffer DDP is told to leave alone
     model._ddp_params_and_buffers_to_ignore = ["mine"]
     data = at.load_dataset("digits", subset=128, test_subset=32)
-    proto = at.Protocol(eps=0.1, pgd_steps=1, guard_size=16, guard_drop=0.5)
+    proto = at.Protocol(eps=0.1, pgd_steps=1, guard_size=16, guard_drop=0.5, fallback_steps=2)
     at.fit(model, at.ADMM(model, cfg, lr=0.02), data, proto, at.Schedule(epochs=2, lr=0.02, batch_size=32),
            stage="bn", eval_size=32)  # fmt: skip
     bn = {k: v for k, v in model.state_dict().items() if k.startswith("1.") or k == "mine"}
@@ -130,9 +130,33 @@ def dropout_resume(out: str) -> None:
     dist.destroy_process_group()
 
 
+def guard_check(out: str) -> None:
+    """The guard's figures on ranks whose models differ (rank 1's weights zeroed): each rank's own (the broadcast
+    turned off) and what ``_guard_accuracy`` returns (rank 0's on every rank)."""
+    from pipeline_helpers import trained_digits_model
+
+    import atmc_triton.train as train_mod
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = trained_digits_model()
+    if rank == 1:
+        with torch.no_grad():
+            for q in model.parameters():
+                q.zero_()
+    x, y = at.load_dataset("digits", subset=64).train.take(torch.arange(64))
+    proto = at.Protocol(eps=0.1, pgd_steps=1, guard_steps=2)
+    got = train_mod._guard_accuracy(model, x, y, proto, 0, "t")
+    real, train_mod.broadcast_ = train_mod.broadcast_, lambda ts: None
+    own = train_mod._guard_accuracy(model, x, y, proto, 0, "t")
+    train_mod.broadcast_ = real
+    torch.save({"got": got, "own": own}, os.path.join(out, f"guard{rank}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     from procwatch import beat_on_optimizer_steps
 
     beat_on_optimizer_steps()  # progress for the test's watchdog
-    modes = {"sync": sync_check, "bn": batchnorm_fit, "resume": dropout_resume}
+    modes = {"sync": sync_check, "bn": batchnorm_fit, "resume": dropout_resume, "guard": guard_check}
     modes.get(sys.argv[2] if len(sys.argv) > 2 else "", main)(sys.argv[1])

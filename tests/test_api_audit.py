@@ -16,7 +16,7 @@ from torch import nn
 
 import atmc_triton as at
 from atmc_triton.checkpoint import load_checkpoint, save_checkpoint
-from atmc_triton.cli import main
+from atmc_triton.cli import SWEEP_FILES, main
 from atmc_triton.distributed import init_from_env
 from atmc_triton.train import PROTOCOLS, Protocol
 
@@ -377,12 +377,17 @@ def test_a_rerun_without_resume_moves_the_earlier_checkpoints_aside(tmp_path, ca
         assert main(["train", *TINY, "--out", str(out)]) == 0
         saved = {p.name: p.read_bytes() for p in out.glob("*.pt")}
         assert sorted(saved) == ["atmc.pt", "atmc_final.pt", "dense.pt"]
+        log, results = (out / "metrics.jsonl").read_text(), (out / "results.json").read_text()
         capsys.readouterr()
         assert main(["train", *TINY, "--out", str(out)]) == 0  # the README's main job, run twice: it starts over
         err = capsys.readouterr().err
         (aside,) = out.glob("earlier_*")
-        assert f"held checkpoints of an earlier run (dense.pt, atmc.pt, atmc_final.pt): moved to {aside}" in err
+        moved = "dense.pt, atmc.pt, atmc_final.pt, results.json"
+        assert f"held an earlier run ({moved}): moved to {aside} (metrics.jsonl copied)" in err
         assert {p.name: p.read_bytes() for p in aside.glob("*.pt")} == saved  # before: dense.pt rewritten at epoch 1
+        # the first run's log and results too (the rerun dropped its records from metrics.jsonl: 2026-12-01)
+        assert (aside / "metrics.jsonl").read_text() == log and (aside / "results.json").read_text() == results
+        assert (out / "metrics.jsonl").read_text() != log and (out / "results.json").exists()
         assert sorted(p.name for p in out.glob("*.pt")) == sorted(saved)  # the new run's own
         assert main(["train", *TINY, "--out", str(out), "--resume"]) == 0
         assert len(list(out.glob("earlier_*"))) == 1  # --resume moves nothing
@@ -399,9 +404,15 @@ def test_a_rerun_without_resume_moves_the_earlier_checkpoints_aside(tmp_path, ca
         ]
         assert main(sweep) == 0
         assert (out / "dense.pt").exists() and len(list(out.glob("earlier_*"))) == 1
+        records = [json.loads(ln)["stage"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
         assert main(sweep) == 0
-        moved = [sorted(p.name for p in d.glob("*.pt")) for d in sorted(out.glob("earlier_*"))]
-        assert ["atmc_r0.05.pt", "atmc_r0.05_final.pt"] in moved and len(moved) == 2
+        moved = [sorted(p.name for p in d.iterdir()) for d in sorted(out.glob("earlier_*"))]
+        assert len(moved) == 2
+        assert sorted(["atmc_r0.05.pt", "atmc_r0.05_final.pt", "metrics.jsonl", *SWEEP_FILES]) in moved
+        # the train run's records stay in the log; the sweep stage's are the new run's
+        assert [st for st in records if st != "atmc_r0.05"] == [
+            json.loads(ln)["stage"] for ln in (out / "metrics.jsonl").read_text().splitlines() if "atmc_r0.05" not in ln
+        ]
 
 
 @pytest.mark.parametrize("where", ["file", "file/sub"])
@@ -693,7 +704,7 @@ def test_numpy_numbers_are_stored_as_builtins_that_serialize(tmp_path):
     )
     assert (type(cfg.bits), type(cfg.rho), type(cfg.layer_bits[0][1])) == (int, float, int)
     # was: the first checkpoint after pretraining refused meta['protocol']['eps'] (a float32), json.dumps too
-    p = Protocol(eps=np.float32(0.25), pgd_steps=np.int64(3), guard_drop=np.float64(0.2))
+    p = Protocol(eps=np.float32(0.25), pgd_steps=np.int64(3), guard_drop=np.float64(0.2), fallback_steps=np.int64(7))
     s = at.Schedule(epochs=np.int64(2), lr=np.float32(0.1), lr_schedule="step", milestones=[np.int64(1)])
     assert (type(p.eps), type(p.pgd_steps), type(s.epochs), type(s.lr), type(s.milestones[0])) == (
         float,

@@ -63,6 +63,16 @@ def test_fit_leaves_every_rank_with_rank0s_batchnorm_statistics(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
 
 
+def test_the_guard_decision_is_rank0s_on_every_rank(tmp_path):
+    """Each rank computed the guard's accuracy itself, so ranks whose figures differed (in the last bit, or more)
+    could disagree on a rollback, one rolling back while the other waited in a collective. Every rank gets rank
+    0's figures now; here rank 1's model is zeroed, so its own figures differ."""
+    run_worker(tmp_path, 2, "guard")
+    r0, r1 = (torch.load(tmp_path / f"guard{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["own"] != r1["own"] and r0["own"][0] > 0.9  # (the trained model; rank 1 predicts one class)
+    assert r0["got"] == r1["got"] == r0["own"]
+
+
 def test_a_resumed_ddp_run_restores_every_ranks_own_generators(tmp_path):
     """Rank 0 alone writes the checkpoint; a model's dropout draws from each rank's own global generator (on a GPU:
     each process's own device, which rank 0's process sees untouched). Killed after epoch 1 and resumed, a run whose

@@ -2,6 +2,7 @@
 schedule, TRADES, the catastrophic-overfitting guard (rollback on a planted collapse, exact resume after it),
 and the ``--protocol fast`` presets."""
 
+import dataclasses
 import json
 import warnings
 
@@ -76,6 +77,26 @@ def test_single_step_attacks_refuse_bad_input():
         at.n_fgsm(m, x, y, 0.1, noise=torch.rand(3, 1, 4, 4))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         at.fgsm_rs(m, x * 3, y, 0.1)
+
+
+def test_the_guard_needs_a_stronger_pgd_to_fall_back_to():
+    """With PGD training, a fallback of the same PGD re-ran the collapsed epoch with the same seeds to the same
+    weights (a review reproduced it bit for bit) and then accepted it: refused now, in Python and from the CLI."""
+    from atmc_triton import cli
+
+    for fallback in (None, 2, 3):
+        with pytest.raises(ValueError, match=r"fallback_steps > pgd_steps .* pgd_steps=3"):
+            Protocol(eps=0.3, pgd_steps=3, guard_drop=0.2, fallback_steps=fallback)
+    assert Protocol(eps=0.3, pgd_steps=3, guard_drop=0.2, fallback_steps=4).fallback_steps == 4
+    assert Protocol(eps=0.3, pgd_steps=3, guard_drop=0.2, train_attack="fgsm_rs").fallback_steps is None
+    assert Protocol(eps=0.3, pgd_steps=3, fallback_steps=3).guard_drop is None  # no guard: nothing to fall back from
+    parser = cli._parser()
+    base = ["train", "--dataset", "digits", "--protocol", "fast", "--no-progress"]
+    with pytest.raises(ValueError, match="fallback_steps=10 and pgd_steps=10"):  # the preset's fallback, PGD-10 now
+        cli._setup(parser.parse_args([*base, "--pgd-steps", "10"]))
+    assert cli._setup(parser.parse_args([*base, "--pgd-steps", "10", "--fallback-steps", "12"])).exp.protocol == (
+        dataclasses.replace(PROTOCOLS["digits_fast"], pgd_steps=10, fallback_steps=12)
+    )
 
 
 def test_protocol_fields_are_validated_and_eps_ramps():

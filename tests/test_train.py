@@ -1,5 +1,6 @@
 """Training and evaluation: exact resume after a kill, the loss parameter, protocols, schedules, evaluation."""
 
+import copy
 import json
 import random
 
@@ -82,6 +83,13 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, small_digits):
     with pytest.raises(CheckpointError, match="schedule") as e:
         exp("b", resume=True).pretrain(Schedule(epochs=3, lr=0.05, batch_size=32))
     assert "\n" not in str(e.value)
+    # the ATMC stage from another dense model (a changed --dense-checkpoint) is refused, naming it; it used to
+    # continue the old stage silently and report it beside the new dense model
+    other = copy.deepcopy(dense_b)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(CheckpointError, match=r"dense_model='sha256:[0-9a-f]{16}' \(expected 'sha256:[0-9a-f]{16}'\)"):
+        exp("b", resume=True).compress(other, cfg, atmc_s)
 
 
 def test_resume_accepts_changed_evaluation_settings_only(tmp_path, small_digits, caplog):
@@ -214,6 +222,55 @@ def test_evaluate_learns_the_class_count_once(small_digits):
     model.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     r = evaluate(model, small_digits.test, Protocol(eps=0.1, pgd_steps=1), attacks=(), batch_size=16)
     assert r.n == 48 and sorted(rows) == [1, 16, 16, 16]
+
+
+def test_evaluate_reads_the_device_once_not_per_batch(small_digits, monkeypatch):
+    """Pass 1 of ``evaluate`` keeps its counts, outcomes and histograms on the model's device and reads them back
+    once: the host reads (``item``, ``tolist``, ``int`` / ``bool`` / ``float`` of a tensor, ``.cpu()``) do not
+    grow with the number of batches. Each used to cost five to seven per batch (a device sync each on a GPU). The
+    attacks' own input checks are not counted: PGD and FGSM are replaced by sync-free stand-ins here."""
+    import atmc_triton.train as tr
+
+    model = at.build_model("digits_cnn", 10, (1, 8, 8))
+    monkeypatch.setattr(tr, "pgd", lambda m, x, *a, **k: x.flip(0))
+    monkeypatch.setattr(tr, "fgsm", lambda m, x, *a, **k: x.roll(1, 0))
+    reads = []
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(t, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(t, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    proto = Protocol(eps=0.1, pgd_steps=1)
+    per_run = []
+    for batch in (48, 16, 6):  # 1, 3 and 8 batches
+        reads.clear()
+        r = evaluate(model, small_digits.test, proto, attacks=("pgd", "fgsm"), batch_size=batch)
+        per_run.append(len(reads))
+        assert r.n == 48
+    assert per_run[0] == per_run[1] == per_run[2], per_run
+    monkeypatch.undo()
+    # and the counts are those of the stand-ins, worked out here: the adversarial predictions are the clean ones
+    # permuted within each batch
+    with torch.no_grad():
+        x, y = small_digits.test.take(torch.arange(48))
+        clean = model.eval()(x).argmax(1)
+    for batch in (48, 16, 6):
+        monkeypatch.setattr(tr, "pgd", lambda m, x, *a, **k: x.flip(0))
+        monkeypatch.setattr(tr, "fgsm", lambda m, x, *a, **k: x.roll(1, 0))
+        r = evaluate(model, small_digits.test, proto, attacks=("pgd", "fgsm"), batch_size=batch)
+        monkeypatch.undo()
+        pgd_pred = torch.cat([c.flip(0) for c in clean.split(batch)])
+        fgsm_pred = torch.cat([c.roll(1, 0) for c in clean.split(batch)])
+        ok = clean == y
+        hit_pgd = ok & (pgd_pred != y)
+        hit_fgsm = ok & ~hit_pgd & (fgsm_pred != y)
+        assert r.clean_acc == ok.sum().item() / 48
+        assert r.pgd_acc == (pgd_pred == y).sum().item() / 48 and r.fgsm_acc == (fgsm_pred == y).sum().item() / 48
+        assert r.cascade == {"PGD-1": hit_pgd.sum().item(), "FGSM": hit_fgsm.sum().item()}
+        assert r.robust_acc == (ok & ~hit_pgd & ~hit_fgsm).sum().item() / 48
 
 
 def test_gradient_masking_flag():
