@@ -71,10 +71,11 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @contextlib.contextmanager
-def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | None = None):
+def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | None = None, *, top: int | None = None):
     """Run ``model`` for an attack and leave it exactly as found (modes, buffers, grads). With ``labels``, every
     ``[N, C]`` output is checked to have a class for each label: a ``ValueError`` instead of cross-entropy's
-    ``IndexError`` on CPU or, on CUDA, a device-side assert that ends the process's CUDA context.
+    ``IndexError`` on CPU or, on CUDA, a device-side assert that ends the process's CUDA context. ``top``: the
+    largest label when the caller has already read it (no host read here); every output must also be one tensor.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).train()
@@ -93,7 +94,8 @@ def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | No
             if isinstance(m, ATMCLayer) or not m.training:
                 continue
             saved += [(b, b.detach().clone()) for b in m.buffers(recurse=False)]
-    top = int(labels.max()) if labels is not None and labels.numel() else -1
+    if top is None:  # (the attacks pass the largest label their input check read)
+        top = int(labels.max()) if labels is not None and labels.numel() else -1
     hook = model.register_forward_hook(lambda m, a, out: _check_classes(out, top)) if top >= 0 else None
     try:
         for p, _ in grads:
@@ -141,8 +143,10 @@ def _real(v: object, low: float, strict: bool = False) -> bool:
     return _is_real(v) and (v > low if strict else v >= low)
 
 
-def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
-    """Inputs in [0, 1] (no NaN), labels ``[N]``, and ``eps`` (unless omitted, as WRM does) a finite number >= 0."""
+def _check(x: Tensor, y: Tensor, eps: object = ..., noise: Tensor | None = None) -> int:
+    """Inputs in [0, 1] (no NaN), labels ``[N]``, ``eps`` (unless omitted, as WRM does) a finite number >= 0 and
+    ``noise`` (when given) in [0, 1], in one host read; returns the largest label (-1 for none) for
+    :func:`attack_context`."""
     if torch.is_inference_mode_enabled():  # torch.enable_grad() cannot lift it: the input gradient would not exist
         raise RuntimeError("attacks need input gradients: call them outside torch.inference_mode() (no_grad is fine)")
     for what, v in (("inputs x", x), ("labels y", y)):  # a numpy array, a list, or (model, x, y) out of order
@@ -157,20 +161,28 @@ def _check(x: Tensor, y: Tensor, eps: object = ...) -> None:
         raise ValueError(f"labels must be [N] for inputs [N, ...], got {tuple(y.shape)} for {tuple(x.shape)}")
     if y.dtype != torch.long:
         raise ValueError(f"labels must be int64 (torch.long) class indices, got {y.dtype}; pass y.long()")
-    # the smallest label and the range of x in one host read (each read is a device sync on a GPU)
+    # the labels' and x's ranges (and the noise's) in one host read (each read is a device sync on a GPU)
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    y_min = y.min().double().to(x.device) if y.numel() else zero
-    x_lo, x_hi = (x.detach().min().double(), x.detach().max().double()) if x.numel() else (zero, zero)
-    y_min, x_lo, x_hi = torch.stack([y_min, x_lo, x_hi]).tolist()
+
+    def span(t: Tensor | None) -> list[Tensor]:
+        if not isinstance(t, Tensor) or not t.numel():
+            return [zero, zero]
+        t = t.detach()
+        return [t.min().double().to(x.device), t.max().double().to(x.device)]
+
+    y_min, y_max, x_lo, x_hi, n_lo, n_hi = torch.stack([*span(y), *span(x), *span(noise)]).tolist()
     if y_min < 0:  # cross-entropy would skip -100 (its ignore_index): x back, unattacked
         raise ValueError(f"labels must be class indices >= 0, got {int(y_min)}")
     if not (x_lo >= 0.0 and x_hi <= 1.0):  # NaN fails both
         raise ValueError("attack inputs must lie in [0, 1] and be finite, no NaN (normalize inside the model)")
+    if not (n_lo >= 0.0 and n_hi <= 1.0):
+        raise ValueError("noise must be uniform draws in [0, 1] (the start is x + (2 noise - 1) radius)")
     if eps is not ... and not _real(eps, 0.0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if eps is not ... and eps > 1:  # torchattacks' habit is eps=8/255; eps=8 attacks the whole [0, 1] box
         msg = f"eps={eps} is above 1: inputs lie in [0, 1], so the ball is the whole box (meant {eps}/255?)"
         warnings.warn(msg, stacklevel=_caller_level())
+    return int(y_max) if y.numel() else -1
 
 
 def _seeded_gpus(x: Tensor) -> list[int]:
@@ -207,7 +219,8 @@ def _input_grad(model: nn.Module, adv: Tensor, y: Tensor, loss_fn: LossFn) -> Te
 
 
 def _start(x: Tensor, radius: float, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    """``x + (2 noise - 1) radius`` clamped to ``[0, 1]``, ``noise`` uniform ``[0, 1)`` shaped like ``x``."""
+    """``x + (2 noise - 1) radius`` clamped to ``[0, 1]``, ``noise`` uniform ``[0, 1)`` shaped like ``x`` (its range
+    checked by :func:`_check`)."""
     if noise is None:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     elif noise.shape != x.shape or noise.dtype != x.dtype or noise.device != x.device:
@@ -215,10 +228,6 @@ def _start(x: Tensor, radius: float, noise: Tensor | None, generator: torch.Gene
             f"noise must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}), "
             f"got {tuple(noise.shape)}, {noise.dtype}, {noise.device}"
         )
-    elif noise.numel():
-        lo, hi = torch.stack([noise.min(), noise.max()]).tolist()  # one host read (a device sync on a GPU)
-        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both
-            raise ValueError("noise must be uniform draws in [0, 1] (the start is x + (2 noise - 1) radius)")
     return (x + (2.0 * noise - 1.0) * radius).clamp(0.0, 1.0)
 
 
@@ -257,7 +266,7 @@ def pgd(
         >>> bool((adv - x).abs().max() <= 0.1 + 1e-6)
         True
     """
-    _check(x, y, eps)
+    top = _check(x, y, eps, noise)
     if not (_count(steps, 0) and _real(alpha, 0.0)):
         raise ValueError(f"pgd needs steps >= 0 and alpha >= 0, got steps={steps}, alpha={alpha}")
     if noise is not None and (not random_start or noise.shape != x.shape):
@@ -267,7 +276,7 @@ def pgd(
         )
     loss_fn = loss_fn or F.cross_entropy
     x = x.detach()
-    with attack_context(model, eval_mode, labels=y):
+    with attack_context(model, eval_mode, top=top):
         adv = _start(x, eps, noise, generator) if random_start else x.clone()
         for _ in range(steps):
             g = _input_grad(model, adv, y, loss_fn)
@@ -319,11 +328,11 @@ def fgsm_rs(
         >>> bool((adv - x).abs().max() <= 0.1 + 1e-6)
         True
     """
-    _check(x, y, eps)
+    top = _check(x, y, eps, noise)
     if not _real(alpha, 0.0):
         raise ValueError(f"fgsm_rs needs alpha >= 0, got {alpha}")
     x = x.detach()
-    with attack_context(model, eval_mode, labels=y):
+    with attack_context(model, eval_mode, top=top):
         adv = _start(x, eps, noise, generator)
         g = _input_grad(model, adv, y, loss_fn or F.cross_entropy)
         return _project(adv + alpha * g.sign(), x, eps).detach()
@@ -360,12 +369,12 @@ def n_fgsm(
         >>> bool((adv - x).abs().max() <= 0.3 + 1e-6)
         True
     """
-    _check(x, y, eps)
+    top = _check(x, y, eps, noise)
     alpha = eps if alpha is None else alpha
     if not (_real(alpha, 0.0) and _real(k, 0.0)):
         raise ValueError(f"n_fgsm needs alpha >= 0 and k >= 0, got alpha={alpha}, k={k}")
     x = x.detach()
-    with attack_context(model, eval_mode, labels=y):
+    with attack_context(model, eval_mode, top=top):
         adv = _start(x, k * eps, noise, generator)
         g = _input_grad(model, adv, y, loss_fn or F.cross_entropy)
         return (adv + alpha * g.sign()).clamp(0.0, 1.0).detach()
@@ -394,11 +403,11 @@ def wrm(
         >>> bool(adv.min() >= 0 and adv.max() <= 1)
         True
     """
-    _check(x, y)
+    top = _check(x, y)
     if not (_real(gamma, 0.0, strict=True) and _count(steps, 0) and _real(lr, 0.0)):
         raise ValueError(f"wrm needs gamma > 0, steps >= 0, lr >= 0, got {gamma}, {steps}, {lr}")
     x = x.detach()
-    with attack_context(model, eval_mode, labels=y):
+    with attack_context(model, eval_mode, top=top):
         adv = x.clone()
         for t in range(steps):
             a = adv.detach().requires_grad_(True)
@@ -509,13 +518,13 @@ def _apgd(
 ) -> Tensor:
     """APGD restarts over the points still classified correctly; ``losses(x_sub, y_sub)`` gives the losses of one
     round (one per target class for APGD-T), each run ``n_restarts`` times."""
-    _check(x, y, eps)
+    top = _check(x, y, eps)
     if not (_count(steps, 1) and _count(n_restarts, 1)):
         raise ValueError(f"{name} needs steps >= 1 and n_restarts >= 1, got {steps}, {n_restarts}")
     if not (_real(rho, 0.0, strict=True) and rho <= 1):
         raise ValueError(f"{name}: rho must be a number in (0, 1] (AutoAttack: 0.75), got {rho!r}")
     x = x.detach()
-    with attack_context(model, eval_mode, labels=y):
+    with attack_context(model, eval_mode, top=top):
         with torch.no_grad():
             robust = model(x).argmax(1) == y
         adv = x.clone()
@@ -604,8 +613,8 @@ def apgd_dlr(
             f"apgd_dlr: n_target_classes must be an int >= 1 or None (untargeted), got {n_target_classes!r}"
         )
     need = 3 if n_target_classes is None else 4
-    _check(x, y, eps)
-    with torch.no_grad(), attack_context(model, eval_mode, labels=y):
+    top = _check(x, y, eps)
+    with torch.no_grad(), attack_context(model, eval_mode, top=top):
         c = model(x[:1].detach()).shape[1] if x.shape[0] else need
     if c < need:
         kind = "untargeted" if n_target_classes is None else "targeted"
@@ -712,14 +721,14 @@ def cascade(
         >>> list(r.broken), r.robust.shape
         (['fgsm'], torch.Size([4]))
     """
-    _check(x, y, eps)
+    top = _check(x, y, eps)
     if robust is not None and not (
         isinstance(robust, Tensor) and robust.dtype == torch.bool and robust.shape == y.shape
     ):
         what = f"{robust.dtype} {tuple(robust.shape)}" if isinstance(robust, Tensor) else type(robust).__name__
         raise ValueError(f"robust must be a bool mask [N] like the labels {tuple(y.shape)}, got {what}")
     x = x.detach()
-    with attack_context(model, eval_mode=True, labels=y):
+    with attack_context(model, eval_mode=True, top=top):
         pred = _predict(model, x)
         ok = pred == y if robust is None else (pred == y) & robust.to(pred.device)
         x_adv = x.clone()

@@ -417,10 +417,10 @@ def test_attacks_validate_inputs(batch, bad):
         bad(model, batch[0][:4], batch[1][:4])
 
 
-def test_an_attack_reads_the_device_three_times_whatever_its_steps(monkeypatch):
-    """Each host read of a tensor is a device sync on a GPU, and ``fit`` attacks every step: the largest label (the
-    class-count guard), the input checks (smallest label, range of x) and the noise check are one read each, none
-    per step (the checks took six reads before 2026-12-01)."""
+def test_an_attack_reads_the_device_once_whatever_its_steps(monkeypatch):
+    """Each host read of a tensor is a device sync on a GPU, and ``fit`` attacks every step: the input checks
+    (labels' range for the class-count guard and cross-entropy, range of x, the noise's) are one read together,
+    none per step (six reads before 2026-12-01, three until a review the same day)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 4, (8,))
@@ -431,7 +431,11 @@ def test_an_attack_reads_the_device_three_times_whatever_its_steps(monkeypatch):
     for steps in (1, 5):
         reads.clear()
         at.pgd(model, x, y, eps=0.1, alpha=0.02, steps=steps, noise=torch.rand_like(x))
-        assert len(reads) == 3, reads
+        assert len(reads) == 1, reads
+    for attack in (at.fgsm_rs, at.n_fgsm, at.fgsm, at.wrm):
+        reads.clear()
+        attack(model, x, y, **({"noise": torch.rand_like(x)} if attack in (at.fgsm_rs, at.n_fgsm) else {}))
+        assert reads == ["tolist"], (attack.__name__, reads)
     monkeypatch.undo()
     for bad_x, bad_y, match in (
         (x * 2, y, r"\[0, 1\]"),
@@ -440,6 +444,11 @@ def test_an_attack_reads_the_device_three_times_whatever_its_steps(monkeypatch):
     ):
         with pytest.raises(ValueError, match=match):
             at.pgd(model, bad_x, bad_y, eps=0.1, alpha=0.02, steps=1)
+    with pytest.raises(ValueError, match="< the model's 4 outputs, got 4"):  # the class check, from the same read
+        at.pgd(model, x, y.clamp(max=3) + (y == 3).long(), eps=0.1, alpha=0.02, steps=1)
+    for attack in (at.pgd, at.fgsm_rs, at.n_fgsm):
+        with pytest.raises(ValueError, match="noise must be uniform draws in"):
+            attack(model, x, y, 0.1, noise=torch.rand_like(x) + 1)
 
 
 def test_the_suite_forks_the_generators_of_xs_gpu_and_the_current_one(monkeypatch):
