@@ -316,7 +316,8 @@ class Schedule:
     """SGD schedule of one stage: ``lr`` decays by ``lr_schedule`` per step: ``"cosine"``, ``"constant"``,
     ``"step"`` (multiplied by ``gamma`` at each of the epochs in ``milestones``, as the public ATMC
     code's ``--decreasing_lr 80,120,150``), or ``"onecycle"`` (linear from 0 up to ``lr`` over the first
-    40 % of the steps, then linear down to 0: the cyclic schedule of Wong et al. 2020)."""
+    40 % of the steps, then linear down to 0: the cyclic schedule of Wong et al. 2020, whose code also gives the
+    last step a rate of 0)."""
 
     epochs: int
     lr: float
