@@ -296,7 +296,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--clean-weight",
         type=float,
-        help="loss = w CE(clean) + (1 - w) CE(adv) (0.5 mnist/cifar10/digits, 0 cifar100/svhn)",
+        help="loss = w CE(clean) + (1 - w) CE(adv) (0.5 mnist/cifar10/digits, 0 cifar100/svhn and "
+        "mnist --protocol fast)",
     )
     g.add_argument(
         "--train-attack-mode",
@@ -364,7 +365,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--init",
         choices=list(INITS),
         default=ATMCConfig.init,
-        help=f"factor init: identity (W = U (V + I) + C), svd or sparse (W = C only) (default {ATMCConfig.init})",
+        help="factor init: identity (W = U (V + I) + C, or (U + I) V + C when in > out), svd or sparse "
+        f"(W = C only) (default {ATMCConfig.init})",
     )
     b.add_argument("--rank", type=_rank, help="SVD rank (int) or fraction (init=svd only)")
     r = p.add_argument_group("run")

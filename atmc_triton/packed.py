@@ -722,7 +722,10 @@ def unpack(model: nn.Module) -> nn.Module:
     return model
 
 
-to_dense = unpack
+def to_dense(model: nn.Module) -> nn.Module:
+    """Another name of :func:`unpack`: packed layers back to finalized ATMC layers (``W = U V + C``, not plain
+    ``nn.Linear`` / ``nn.Conv2d``: for those use :func:`atmc_triton.export_dense`)."""
+    return unpack(model)
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike) -> int:

@@ -1163,7 +1163,7 @@ class Experiment:
     """One model on one dataset under one protocol: pretrain, compress, evaluate, with checkpoints in ``out``.
 
     Args:
-        model_name: a key of :data:`atmc_triton.models.MODELS`.
+        model_name: a key of :data:`atmc_triton.models.MODELS`, or ``tv:NAME`` / ``timm:NAME``.
         data: the dataset (:func:`atmc_triton.data.load_dataset`).
         out: directory for ``<stage>.pt`` checkpoints and ``metrics.jsonl`` (``None``: keep nothing).
         eval_size: test examples for the per-epoch check (0 = none).
