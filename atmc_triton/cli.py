@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -336,7 +337,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         default=(),
         help="step schedule: the same for the ATMC stage, e.g. 40,70,90",
     )
-    g.add_argument("--gamma", type=float, default=0.1, help="step schedule: LR factor at each milestone (default 0.1)")
+    g.add_argument("--gamma", type=float, help="step schedule: LR factor at each milestone (default 0.1)")
     g.add_argument(
         "--eval-size", type=_nonnegative_int, default=1000, help="test examples for the per-epoch check (0: none)"
     )
@@ -436,6 +437,12 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def _as_flags(message: str, fields: tuple[str, ...]) -> str:
+    """``message`` with each Protocol field name in ``fields`` written as its flag (``trades_beta`` is ``--beta``)."""
+    flag = {f: "--beta" if f == "trades_beta" else "--" + f.replace("_", "-") for f in fields}
+    return re.sub(r"\b(" + "|".join(map(re.escape, flag)) + r")\b", lambda m: flag[m.group(1)], message)
+
+
 def _setup(a: argparse.Namespace) -> _Setup:
     recipe = recipe_for(a.dataset, a.protocol)
     model = a.model or recipe.model
@@ -450,15 +457,20 @@ def _setup(a: argparse.Namespace) -> _Setup:
     over = {k: given[k] for k in names if given[k] is not None}
     if a.guard_drop is not None:
         over["guard_drop"] = a.guard_drop or None
-    protocol = dataclasses.replace(
-        base,
-        **over,
-        apgd_steps=a.apgd_steps,
-        wrm_gamma=a.wrm_gamma,
-        wrm_steps=a.wrm_steps,
-        wrm_lr=a.wrm_lr,
-        train_attack_mode=a.train_attack_mode,
-    )
+    try:
+        protocol = dataclasses.replace(
+            base,
+            **over,
+            apgd_steps=a.apgd_steps,
+            wrm_gamma=a.wrm_gamma,
+            wrm_steps=a.wrm_steps,
+            wrm_lr=a.wrm_lr,
+            train_attack_mode=a.train_attack_mode,
+        )
+    except ValueError as e:  # Protocol names its fields: say the flags that set them
+        raise ValueError(_as_flags(str(e), (*names, "guard_drop"))) from None
+    if a.fallback_steps is not None and protocol.guard_drop is None:
+        raise ValueError("--fallback-steps sets the guard's fallback, but the guard is off here (see --guard-drop)")
     common = {
         "momentum": a.momentum,
         "weight_decay": _pick(a.weight_decay, recipe.weight_decay),
@@ -467,20 +479,25 @@ def _setup(a: argparse.Namespace) -> _Setup:
         "nesterov": a.nesterov,
     }
     dense_epochs, atmc_epochs = _pick(a.epochs, recipe.epochs), _pick(a.atmc_epochs, recipe.atmc_epochs)
+    natural = recipe.natural_baseline if a.natural_baseline is None else a.natural_baseline
+    # the dense schedule trains the dense model, and train's natural baseline even beside --dense-checkpoint
+    trains_dense = a.dense_checkpoint is None or (a.cmd == "train" and natural)
     if common["lr_schedule"] == "step":  # without milestones "step" is a constant LR, which nobody asks for
-        for flag, ms, epochs in (
-            ("--milestones", a.milestones, dense_epochs),
-            ("--atmc-milestones", a.atmc_milestones, atmc_epochs),
+        for flag, ms, epochs, used in (
+            ("--milestones", a.milestones, dense_epochs, trains_dense),
+            ("--atmc-milestones", a.atmc_milestones, atmc_epochs, True),
         ):
-            if epochs and not ms:
+            if used and epochs and not ms:
                 raise ValueError(f"--lr-schedule step needs {flag} (epochs where the LR is multiplied by --gamma)")
             if ms and ms[-1] >= epochs:
                 raise ValueError(
                     f"{flag} {','.join(map(str, ms))}: every milestone must be below the stage's {epochs} epochs"
                 )
-    elif a.milestones or a.atmc_milestones:
-        raise ValueError(f"--milestones and --atmc-milestones need --lr-schedule step (not {common['lr_schedule']})")
-    step = {"gamma": a.gamma}
+    elif a.milestones or a.atmc_milestones or a.gamma is not None:
+        raise ValueError(
+            f"--milestones, --atmc-milestones and --gamma need --lr-schedule step (not {common['lr_schedule']})"
+        )
+    step = {} if a.gamma is None else {"gamma": a.gamma}
     dense = Schedule(epochs=dense_epochs, lr=_pick(a.lr, recipe.lr), milestones=a.milestones, **step, **common)
     atmc = Schedule(
         epochs=atmc_epochs, lr=_pick(a.atmc_lr, recipe.atmc_lr), milestones=a.atmc_milestones, **step, **common
@@ -508,7 +525,6 @@ def _setup(a: argparse.Namespace) -> _Setup:
         max_nonfinite=a.max_nonfinite,
         channels_last=recipe.channels_last if a.channels_last is None else a.channels_last,
     )
-    natural = recipe.natural_baseline if a.natural_baseline is None else a.natural_baseline
     _threads(a.threads or recipe.threads)
     return _Setup(exp, recipe, dense, atmc, natural)
 
@@ -876,9 +892,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} holds model {meta.get('model')!r}, not {a.model!r}")
     if meta.get("dataset") not in DATASETS or not is_model_name(meta.get("model")):
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} names an unknown model/dataset")
-    try:
-        base = Protocol(**meta["protocol"]) if meta.get("protocol") else PROTOCOLS[meta["dataset"]]
-    except TypeError as e:
+    try:  # the guard only trains: a checkpoint from before a guard check evaluates without it
+        stored = meta.get("protocol")
+        base = Protocol(**{**stored, "guard_drop": None}) if stored else PROTOCOLS[meta["dataset"]]
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(a.checkpoint)!r} has a bad protocol: {e}") from None
     over = {
         k: getattr(a, k)

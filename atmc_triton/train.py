@@ -315,9 +315,9 @@ PROTOCOLS: dict[str, Protocol] = {
 class Schedule:
     """SGD schedule of one stage: ``lr`` decays by ``lr_schedule`` per step: ``"cosine"``, ``"constant"``,
     ``"step"`` (multiplied by ``gamma`` at each of the epochs in ``milestones``, as the public ATMC
-    code's ``--decreasing_lr 80,120,150``), or ``"onecycle"`` (linear from 0 up to ``lr`` over the first
-    40 % of the steps, then linear down to 0: the cyclic schedule of Wong et al. 2020, whose code also gives the
-    last step a rate of 0)."""
+    code's ``--decreasing_lr 80,120,150``; a repeated epoch multiplies again, as in ``MultiStepLR``), or
+    ``"onecycle"`` (linear from 0 up to ``lr`` over the first 40 % of the steps, then linear down to 0: the cyclic
+    schedule of Wong et al. 2020, whose code also gives the last step a rate of 0)."""
 
     epochs: int
     lr: float
@@ -542,9 +542,10 @@ def collapse_reason(label_hist: Sequence[int], *pred_hists: Sequence[int]) -> st
 
 
 def _bincount(v: Tensor, c: int) -> Tensor:
-    """``[c]`` counts of each class in ``v`` (values >= c dropped), with no host sync (``torch.bincount`` reads
-    ``v.max()`` back on a GPU)."""
-    v = v.reshape(-1).to(torch.int64).clamp(max=c)
+    """``[c]`` counts of each class in ``v`` (values outside ``[0, c)`` dropped), with no host sync
+    (``torch.bincount`` reads ``v.max()`` back on a GPU)."""
+    v = v.reshape(-1).to(torch.int64)
+    v = torch.where((v < 0) | (v > c), c, v)  # out of range: counted in the dropped last bin
     return torch.zeros(c + 1, dtype=torch.int64, device=v.device).scatter_add_(0, v, torch.ones_like(v))[:c]
 
 
@@ -608,10 +609,11 @@ def evaluate(
     n_all = len(split)
     world = world_size() if distributed else 1
     me = rank() if world > 1 else 0
-    if world > 1:
-        split = Split(shard(split.x, me, world), shard(split.y, me, world))
     modes = [(m, m.training) for m in model.modules()]  # each module's own (a frozen BatchNorm stays in eval)
     model.eval()
+    whole = split
+    if world > 1:
+        split = Split(shard(split.x, me, world), shard(split.y, me, world))
     gen = torch.Generator(device).manual_seed(_seed(seed, "eval", me, "attack"))
     keys = ("clean", "robust", *(a for a in ATTACKS if a in attacks and a != "apgd"))
     counts = dict.fromkeys(keys, 0)
@@ -630,8 +632,11 @@ def evaluate(
         disable=None if progress else True,
     )
     oks, worsts = [], []
-    classes: int | None = None
     try:
+        if n_all:  # the class count from one row of the whole split: a rank with an empty share still sums [2, C]
+            with torch.no_grad():
+                classes = _logits_of(model(whole.take(torch.arange(1), device)[0])).shape[1]
+            hists = torch.zeros(2, classes, dtype=torch.int64, device=device)
         # pass 1, per batch: clean, PGD, FGSM (they also start the cascade), WRM; the histograms
         for x, y in iterate_batches(split, batch_size, device=device):
             bar.set_postfix_str("clean", refresh=False)
@@ -656,11 +661,7 @@ def evaluate(
             if "wrm" in attacks:
                 bar.set_postfix_str("wrm")
                 tally["wrm"] += (_predict(model, wrm(model, x, y, p.wrm_gamma, p.wrm_steps, p.wrm_lr)) == y).sum()
-            if classes is None:  # (once: a forward of one row, the model's outputs per example)
-                with torch.no_grad():
-                    classes = model(x[:1]).shape[1]
-            h = torch.stack([_bincount(y, classes), _bincount(clean, classes)])
-            hists = h if hists is None else hists + h
+            hists += torch.stack([_bincount(y, classes), _bincount(clean, classes)])
             oks.append(ok)
             worsts.append(worst)
             bar.update(1)
@@ -859,6 +860,15 @@ EVAL_ONLY = ("eval_pgd_steps", "apgd_steps", "wrm_gamma", "wrm_steps", "wrm_lr")
 """The :class:`Protocol` fields that no training step reads: a resumed stage may change them."""
 
 
+# meta keys a checkpoint records since a later version: a resume from an earlier checkpoint, which lacks them,
+# skips their check (and logs so) rather than refusing the run
+LATER_META = ("dense_model",)
+
+
+def _drop(d: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
 def _training_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """``meta`` without the protocol's :data:`EVAL_ONLY` fields: what a resumed stage must agree with."""
     p = meta.get("protocol")
@@ -959,8 +969,10 @@ def fit(
         remove_partial_writes(checkpoint)  # what a run killed while writing left behind
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         ck = load_checkpoint(checkpoint)
+        want = _training_settings(meta)
+        unverified = [k for k in LATER_META if k in want and k not in ck["meta"]]  # recorded since that run
         try:
-            check_meta({**ck, "meta": _training_settings(ck["meta"])}, checkpoint, **_training_settings(meta))
+            check_meta({**ck, "meta": _training_settings(ck["meta"])}, checkpoint, **_drop(want, unverified))
         except CheckpointError as e:
             raise CheckpointError(f"{e}; resume with that run's settings, or start over without resuming") from None
         try:
@@ -977,6 +989,13 @@ def fit(
         set_rank_rng_state(ck["extra"].get("rng_ranks"))  # each rank's own generators (rank 0's just above)
         if main and start:
             _logger.info("resuming %s from %s after epoch %d", stage, checkpoint, start)
+        if main and unverified:
+            _logger.warning(
+                "resuming %s from %s, written before checkpoints recorded %s: not verified",
+                stage,
+                checkpoint,
+                ", ".join(unverified),
+            )
         changed = _changed_eval_settings(ck["meta"], meta)
         if main and changed:
             _logger.info(

@@ -154,9 +154,26 @@ def guard_check(out: str) -> None:
     dist.destroy_process_group()
 
 
+def tiny_eval(out: str) -> None:
+    """``evaluate`` on two ranks of a one-example split: rank 1's share is empty. Each rank saves its result's
+    counts and histograms (a short collective timeout turns a rank left waiting into an error)."""
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    test = at.load_dataset("digits", subset=8, test_subset=1).test
+    proto = at.Protocol(eps=0.1, pgd_steps=1, eval_pgd_steps=2, apgd_steps=2)
+    r = at.evaluate(model, test, proto, attacks=("pgd", "apgd"), suite="apgd", distributed=True)
+    got = {"n": r.n, "clean": r.clean_acc, "robust": r.robust_acc, "hists": [r.label_hist, r.clean_hist, r.adv_hist]}
+    torch.save(got, os.path.join(out, f"tiny{rank}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     from procwatch import beat_on_optimizer_steps
 
     beat_on_optimizer_steps()  # progress for the test's watchdog
-    modes = {"sync": sync_check, "bn": batchnorm_fit, "resume": dropout_resume, "guard": guard_check}
+    modes = {"sync": sync_check, "bn": batchnorm_fit, "resume": dropout_resume, "guard": guard_check, "tiny": tiny_eval}
     modes.get(sys.argv[2] if len(sys.argv) > 2 else "", main)(sys.argv[1])

@@ -124,3 +124,12 @@ def test_fsdp_is_refused_with_a_clear_error(tmp_path):
     assert len(lines) == 2
     assert "FSDP2 fully_shard" in lines[0] and "use DDP" in lines[0]
     assert "FSDP" in lines[1] and "DistributedDataParallel" in lines[1]
+
+
+def test_evaluate_on_more_ranks_than_examples_returns_on_every_rank(tmp_path):
+    """A rank with an empty share learned no class count, kept no histograms and skipped their all-reduce, which
+    the other rank waited in (a hang). The class count now comes from the whole split, so every rank sums [2, C]."""
+    run_worker(tmp_path, 2, "tiny")
+    r0, r1 = (torch.load(tmp_path / f"tiny{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0 == r1 and r0["n"] == 1
+    assert [sum(h) for h in r0["hists"]] == [1, 1, 1] and len(r0["hists"][0]) == 10

@@ -92,7 +92,7 @@ def test_the_guard_needs_a_stronger_pgd_to_fall_back_to():
     assert Protocol(eps=0.3, pgd_steps=3, fallback_steps=3).guard_drop is None  # no guard: nothing to fall back from
     parser = cli._parser()
     base = ["train", "--dataset", "digits", "--protocol", "fast", "--no-progress"]
-    with pytest.raises(ValueError, match="fallback_steps=10 and pgd_steps=10"):  # the preset's fallback, PGD-10 now
+    with pytest.raises(ValueError, match="--fallback-steps=10 and --pgd-steps=10"):  # the preset's fallback, PGD-10 now
         cli._setup(parser.parse_args([*base, "--pgd-steps", "10"]))
     assert cli._setup(parser.parse_args([*base, "--pgd-steps", "10", "--fallback-steps", "12"])).exp.protocol == (
         dataclasses.replace(PROTOCOLS["digits_fast"], pgd_steps=10, fallback_steps=12)
