@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
-from atmc_triton.budget import atmc_layers, fit_budget_, floor_indices, nnz_budget, unwrap
+from atmc_triton.budget import atmc_layers, auto_floor, fit_budget_, floor_indices, nnz_budget, nnz_budget_of, unwrap
 from atmc_triton.config import FLOORS, ATMCConfig
 from atmc_triton.kernels import project_topk_
 from atmc_triton.layers import FACTORS, ATMCConv2d, ATMCLayer, ATMCLinear, ATMCMultiheadAttention
@@ -47,10 +47,17 @@ def _refuse_oversized_floor(who: str, setting: str, n_floor: int, k: int) -> Non
 
 
 def model_floor(model: nn.Module, cfg: ATMCConfig | None = None) -> str:
-    """The layer floor in force for ``model``: the one :func:`compress_` resolved (``"auto"`` made
-    concrete), else ``cfg``'s (``"auto"`` read as ``"last"``)."""
-    floor = unwrap(model).__dict__.get("atmc_floor") or (cfg.floor if cfg is not None else "auto")
-    return "last" if floor == "auto" else floor
+    """The layer floor in force for ``model``: its :func:`compress_` config's (else ``cfg``'s), with ``"auto"``
+    resolved by :func:`atmc_triton.budget.auto_floor` from the model's current budget (a ``load_state_dict``
+    brings the saved one), or read as ``"last"`` on a model without one."""
+    root = unwrap(model)
+    c = root.__dict__.get("atmc_config") or cfg
+    floor = c.floor if c is not None else "auto"
+    k = root._buffers.get("atmc_nnz_budget")
+    if floor != "auto":
+        return floor
+    layers = [layer for _, layer in atmc_layers(root)]
+    return auto_floor(layers, int(k)) if k is not None and layers else "last"
 
 
 def progress_enabled(progress: bool | None, weights: int) -> bool:
@@ -137,14 +144,15 @@ def unmatched_layer_bits(cfg: ATMCConfig, names: list[str]) -> list[str]:
 
 
 def _record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: remember the shape and dtype of the model's first tensor input."""
+    """Forward pre-hook: remember the shape and dtype of the model's input when it is one float tensor; a call
+    with anything else (several inputs, keywords, token ids) forgets it: no probe input is known then."""
     if torch.compiler.is_compiling():
         return
-    for t in tree_leaves((args, kwargs)):
-        if isinstance(t, Tensor):
-            if t.is_floating_point() and t.dim() >= 1 and t.numel() > 0:  # an empty batch says nothing
-                module.__dict__["_atmc_input_spec"] = (tuple(t.shape), t.dtype, t.device)
-            return
+    t = args[0] if len(args) == 1 and not kwargs else None
+    if not (isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1):
+        module.__dict__["_atmc_input_spec"] = None
+    elif t.numel() > 0:  # an empty batch says nothing
+        module.__dict__["_atmc_input_spec"] = (tuple(t.shape), t.dtype, t.device)
 
 
 def _hooks_of(m: nn.Module) -> bool:
@@ -308,12 +316,14 @@ def compress_(
             raise ValueError(f"compress_: {name}: {e}") from None
         swaps[id(m)].train(m.training)
         _keep_frozen(m, swaps[id(m)])
-    for parent in model.modules():  # every reference, so shared modules stay shared
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in swaps:
-                parent._modules[child_name] = swaps[id(child)]
-    swaps.clear()
-    layers = atmc_layers(model)
+    # the budget and the floor are worked out on the new layers before any enters the model: a refused budget
+    # leaves the model as it was (compress_ can be called again)
+    layers = [
+        (f"{name}.{sub}" if sub else name, layer)
+        for name, m in targets
+        for sub, layer in swaps[id(m)].named_modules()
+        if isinstance(layer, ATMCLayer)
+    ]
     # no nonzero factor entry: nothing of the layer can enter the top-k (read off the factors, no weight product)
     dead = [name for name, layer in layers if not layer.C.is_meta and not any(p.any() for _, p in layer.factors())]
     if dead:  # (torchvision zero-initializes its ViT heads)
@@ -329,7 +339,7 @@ def compress_(
     k, budget = nnz_budget(layers, cfg, 32 * compressed)
     plain_layers = [layer for _, layer in layers]
     if cfg.floor == "auto":  # the strongest floor that takes at most a quarter of the budget
-        floor = next((f for f in ("rows", "last") if floor_indices(plain_layers, f).numel() <= k // 4), "none")
+        floor = auto_floor(plain_layers, k)
         if floor == "none":
             warnings.warn(
                 f"compress_: the budget (k={k}) is too small for a layer floor: no floor, layers may be pruned "
@@ -341,13 +351,19 @@ def compress_(
         floor = cfg.floor
     n_floor = floor_indices(plain_layers, floor).numel()
     _refuse_oversized_floor("compress_", f"ATMCConfig.floor={cfg.floor!r}", n_floor, k)
+    for parent in model.modules():  # every reference, so shared modules stay shared
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in swaps:
+                parent._modules[child_name] = swaps[id(child)]
+    swaps.clear()
+    layers = atmc_layers(model)  # (module order: the flat-buffer order)
     dev = layers[0][1].C.device
     model.register_buffer("atmc_nnz_budget", torch.tensor(k, dtype=torch.int64, device=dev))
     model.register_buffer(
         "atmc_bits_budget", torch.tensor(-1 if budget is None else budget, dtype=torch.int64, device=dev)
     )
     model.atmc_config = cfg
-    model.atmc_floor = floor  # the floor in force ("auto" resolved); ADMM and finalize_ read it
+    model.atmc_floor = floor  # the floor resolved here (ADMM and finalize_ resolve it again: model_floor)
     if not any(getattr(h, "__name__", "") == "_record_input" for h in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_record_input, with_kwargs=True)
     factor_ids = {id(p) for _, layer in layers for _, p in layer.factors()}
@@ -384,7 +400,9 @@ def check_input_dependence(model: nn.Module, example_input: Tensor | None = None
     shaped like ``example_input`` or like the last input the model saw after :func:`compress_`
     (batch at most 2). The model runs in eval mode and gets its train/eval flags back. With
     ``warn``, any input-independent unit raises a :class:`CollapseWarning`. Returns the count,
-    or ``None`` when no input shape is known or the output is not a float tensor.
+    or ``None`` when no input shape is known (the model's last call was not one float tensor:
+    several inputs, keywords, token ids; pass ``example_input`` only for a one-tensor model) or the
+    output is not a float tensor.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(4, 3))
@@ -476,8 +494,17 @@ def finalize_(
         raise ValueError("finalize_: the model has no ATMC layers")
     if floor is not None and floor not in FLOORS:
         raise ValueError(f"finalize_: floor must be None or one of {FLOORS}, got {floor!r}")
+    k = int(nnz_budget_of(model, "finalize_"))
+    stale = [name for name, layer in atmc_layers(model) if layer.nbits is not None and layer._z_stale()]
+    if stale:
+        warnings.warn(
+            f"finalize_: the factors of {', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''} were written since "
+            "their quantized copy Z was last set (by compress_, an ADMM step, finalize_ or a load): trained by "
+            "another optimizer? finalize_ commits Z, which drops that training. Train with atmc_triton.ADMM, or "
+            "call layer.reset_admm_state() on each ATMC layer first (Z := the quantized factors)",
+            stacklevel=3,
+        )
     floor = model_floor(model) if floor in (None, "auto") else floor
-    k = int(model.atmc_nnz_budget)
     budget = int(model.atmc_bits_budget)
     segs = [(layer, f) for layer in layers for f in FACTORS]
     vals = []
@@ -515,6 +542,7 @@ def finalize_(
             row[1 : 1 + levels.numel()] = levels.float()
     for layer in layers:
         layer.finalized.fill_(True)
+        layer._mark_z()
     if check_input:
         check_input_dependence(model, example_input)
     return model

@@ -9,7 +9,8 @@ bits to minimise, over the compressed model's initial factors,
 ``D(b) = sum over layers l of (pruning error + Lloyd error of the kept entries)_l / ||factors_l||^2``
 
 where the kept entries are the global top-``k(b)`` magnitudes and ``k(b)`` is the largest count
-whose cost fits ``ratio * dense_bits`` (exactly :func:`atmc_triton.nnz_budget`'s rule). The
+whose cost fits ``ratio`` x 32 bits per weight of the compressed layers (exactly
+:func:`atmc_triton.compress_`'s rule, :func:`atmc_triton.nnz_budget`). The
 relative per-layer errors add up, to first order, like the layers' perturbations of the
 output. Search: the best uniform ``b``, then single-layer moves while ``D`` decreases.
 
@@ -27,14 +28,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from atmc_triton.api import compress_
-from atmc_triton.budget import atmc_layers, dense_bits, factor_bits_bound
+from atmc_triton.budget import atmc_layers, factor_bits_bound, ratio_bits, topk_counts
 from atmc_triton.config import ATMCConfig
 from atmc_triton.kernels import lloyd_quantize_ref
 from atmc_triton.layers import ATMCMultiheadAttention
@@ -81,11 +81,8 @@ class _Problem:
         self._err: dict[tuple[int, int, int], float] = {}
 
     def counts(self, k: int) -> list[int]:
-        """Entries of each factor among the global top-``k`` (ties at the threshold kept, as nnz_budget)."""
-        if k <= 0:
-            return [0] * len(self.vals)
-        tau = self.sorted_all[k - 1]
-        return [int(torch.searchsorted(-m, -tau, right=True)) for m in self.mags]
+        """Entries of each factor among the global top-``k`` (ties broken by flat index, as nnz_budget)."""
+        return topk_counts(self.mags, self.sorted_all, k)
 
     def cost(self, k: int, fbits: Sequence[int]) -> int:
         return sum(factor_bits_bound(n, b) for n, b in zip(self.counts(k), fbits))
@@ -132,7 +129,9 @@ def allocation_report(model: nn.Module, cfg: ATMCConfig, candidates: Sequence[in
     work = copy.deepcopy(model).cpu().float()
     if not atmc_layers(work):
         compress_(work, dataclasses.replace(cfg, layer_bits=None))
-    prob = _Problem(work, math.floor(cfg.ratio * dense_bits(work)), cfg.max_iter, cfg.tol, cfg.quant_method)
+    # compress_'s budget: 32 bits per weight of the compressed layers (an excluded layer stays dense, outside it)
+    dense = 32 * sum(layer.C.numel() for _, layer in atmc_layers(work))
+    prob = _Problem(work, ratio_bits(cfg.ratio, dense), cfg.max_iter, cfg.tol, cfg.quant_method)
     # one bit width per name compress_'s layer_bits can address: an attention module's in_proj and out_proj
     # share their module's (ATMCConfig.bits_for is asked once per nn.MultiheadAttention)
     attn = {name for name, m in work.named_modules() if isinstance(m, ATMCMultiheadAttention)}

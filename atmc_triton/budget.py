@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -128,6 +129,54 @@ def _desc(v: Tensor) -> Tensor:
     return torch.sort(v, descending=True).values
 
 
+def nnz_budget_of(model: nn.Module, where: str) -> Tensor:
+    """``model``'s ``atmc_nnz_budget`` buffer (``compress_`` puts it on the module it was given), else a
+    ``ValueError`` that names the submodule holding it, or says the model was never compressed."""
+    k = unwrap(model)._buffers.get("atmc_nnz_budget")
+    if k is not None:
+        return k
+    owner = next((n for n, m in unwrap(model).named_modules() if "atmc_nnz_budget" in m._buffers), None)
+    if owner is None:
+        raise ValueError(f"{where}: the model has no budget buffer; compress it with atmc_triton.compress_")
+    raise ValueError(
+        f"{where}: compress_ was given the submodule {owner!r}, which holds the budget: pass that module "
+        f"(model.get_submodule({owner!r})), or compress the whole model with a filter_fn"
+    )
+
+
+def ratio_bits(ratio: float, dense: int) -> int:
+    """``floor(ratio * dense)`` with ``ratio`` read as the decimal it prints as: ``0.57 * 3200`` is 1824
+    (in floats 1823.99...).
+
+    Example:
+        >>> ratio_bits(0.57, 3200)
+        1824
+    """
+    return math.floor(Fraction(repr(float(ratio))) * dense)
+
+
+def topk_counts(mags: list[Tensor], everything: Tensor, k: int) -> list[int]:
+    """Entries of each factor among the global top-``k`` of the flat order (``|w|`` descending, then flat index
+    ascending, as :func:`atmc_triton.kernels.project_topk_`): ties at the threshold go to the earlier factors.
+    ``mags``: each factor's magnitudes sorted descending; ``everything``: all of them sorted descending.
+
+    Example:
+        >>> m = [torch.tensor([1.0, 1.0]), torch.tensor([1.0])]
+        >>> topk_counts(m, torch.ones(3), 2)
+        [2, 0]
+    """
+    if k <= 0:
+        return [0] * len(mags)
+    tau = everything[k - 1]
+    above = [int(torch.searchsorted(-m, -tau)) for m in mags]  # entries > tau
+    ties = [int(torch.searchsorted(-m, -tau, right=True)) - a for m, a in zip(mags, above)]  # entries == tau
+    left, out = k - sum(above), []
+    for a, t in zip(above, ties):
+        out.append(a + min(t, left))
+        left -= min(t, left)
+    return out
+
+
 @torch.no_grad()
 def nnz_budget(layers: list[tuple[str, ATMCLayer]], cfg: ATMCConfig, dense: int) -> tuple[int, int | None]:
     """Global nonzero budget ``k`` and size budget in bits (``None`` for an explicit ``nnz``).
@@ -142,7 +191,7 @@ def nnz_budget(layers: list[tuple[str, ATMCLayer]], cfg: ATMCConfig, dense: int)
     total = sum(p.numel() for _, p in factors)
     if cfg.nnz is not None:
         return min(cfg.nnz, total), None
-    budget = math.floor(cfg.ratio * dense)
+    budget = ratio_bits(cfg.ratio, dense)
     if cfg.bits is None:
         k = min(budget // 32, total)
     else:
@@ -150,12 +199,7 @@ def nnz_budget(layers: list[tuple[str, ATMCLayer]], cfg: ATMCConfig, dense: int)
         everything = _desc(torch.cat(mags))
 
         def cost(k: int) -> int:  # bound on the bits of the top-k entries
-            tau = everything[k - 1]
-            c = 0
-            for (b, _), m in zip(factors, mags):
-                n = int(torch.searchsorted(-m, -tau, right=True))  # entries >= tau
-                c += factor_bits_bound(n, b)
-            return c
+            return sum(factor_bits_bound(n, b) for (b, _), n in zip(factors, topk_counts(mags, everything, k)))
 
         lo, hi = 0, min(total, budget // min(b for b, _ in factors))
         while lo < hi:
@@ -428,6 +472,8 @@ def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tenso
         carrier = "C" if layer.rank == 0 else "V" if ident == IDENTITY_U else "U"
         a = vals[carrier].abs()  # [out, cols]
         cols = a.shape[1]
+        if a.numel() == 0:  # a layer with no inputs (or outputs): no entry to keep
+            continue
         if rows:
             r = torch.arange(a.shape[0], device=a.device)
             c = a.argmax(dim=1)
@@ -446,6 +492,26 @@ def floor_indices(layers: list[ATMCLayer], mode: str, source: str = "") -> Tenso
     if not out:
         return torch.zeros(0, dtype=torch.int64)
     return torch.cat([o.to(out[0].device) for o in out]).long()
+
+
+def auto_floor(layers: list[ATMCLayer], k: int) -> str:
+    """``ATMCConfig.floor="auto"`` made concrete: the strongest floor (``"rows"``, then ``"last"``) whose entries
+    can take at most a quarter of ``k``, else ``"none"``. Counted from the factors' shapes (the most entries the
+    floor can hold), so the same budget and layers always give the same floor: a model loaded into a freshly
+    compressed twin resolves as the saved one did."""
+
+    def rows(layer: ATMCLayer) -> int:  # a full rows floor of one layer: one entry per row of its carrier, and
+        ident = int(layer.identity)  # for the SVD init one of V's per rank column
+        carrier = layer.C if layer.rank == 0 else layer.V if ident == IDENTITY_U else layer.U
+        if carrier.numel() == 0:
+            return 0
+        svd = layer.rank > 0 and ident == IDENTITY_NONE and layer.V.numel() > 0
+        return carrier.shape[0] + (min(carrier.shape[0], layer.V.shape[0]) if svd else 0)
+
+    full = [rows(layer) for layer in layers]
+    one = [min(n, 1 + (layer.rank > 0 and int(layer.identity) == IDENTITY_NONE)) for n, layer in zip(full, layers)]
+    bound = {"rows": sum(full), "last": sum(one[:-1]) + full[-1] if layers else 0}
+    return next((f for f in ("rows", "last") if bound[f] <= k // 4), "none")
 
 
 def fit_budget_(

@@ -92,6 +92,23 @@ class ATMCLayer(nn.Module):
     def factors(self) -> list[tuple[str, nn.Parameter]]:
         return [(f, getattr(self, f)) for f in FACTORS]
 
+    def _factor_versions(self) -> tuple | None:
+        try:  # (an inference-mode tensor keeps no version counter)
+            return tuple((p.data_ptr(), p._version) for _, p in self.factors())
+        except RuntimeError:
+            return None
+
+    def _mark_z(self) -> None:
+        """Record the factors as they are now: Z was just set from them, or they were trained by ADMM (whose
+        steps move them toward Z). :meth:`_z_stale` then tells whether anything else wrote them since."""
+        self.__dict__["_z_mark"] = self._factor_versions()
+
+    def _z_stale(self) -> bool:
+        """The factors were written in place since :meth:`_mark_z` (another optimizer, a manual edit), so Z no
+        longer follows them. Moved or copied factors (new storage) are not judged."""
+        mark, now = self.__dict__.get("_z_mark"), self._factor_versions()
+        return mark is not None and now is not None and any(a[0] == b[0] and a[1] != b[1] for a, b in zip(now, mark))
+
     _cached_w: Tensor | None = None
 
     def __getstate__(self) -> dict:
@@ -148,6 +165,7 @@ class ATMCLayer(nn.Module):
             getattr(self, f"{f}_u").zero_()
             getattr(self, f"{f}_mask").copy_(p != 0)
         self.finalized.fill_(False)
+        self._mark_z()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         u, ident = state_dict.get(prefix + "U"), state_dict.get(prefix + "identity")
@@ -167,6 +185,7 @@ class ATMCLayer(nn.Module):
                     f"{mine}; it was saved from another ATMC config"
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._mark_z()  # the factors and their Z come from the same state
 
 
 def _init_name(rank: int, identity: int | None) -> str:

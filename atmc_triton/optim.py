@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from atmc_triton import distributed
-from atmc_triton.budget import atmc_layers, floor_indices, unwrap
+from atmc_triton.budget import atmc_layers, floor_indices, nnz_budget_of, unwrap
 from atmc_triton.config import ATMCConfig, _is_real, _plain
 from atmc_triton.kernels import (
     admm_dual_update,
@@ -144,9 +144,7 @@ class ADMM(torch.optim.Optimizer):
                 "of compress_ (cfg.exclude or filter_fn)"
             )
         _check_same_compression(model, cfg)
-        k = getattr(model, "atmc_nnz_budget", None)
-        if k is None:
-            raise ValueError("ADMM: the model has no budget buffer; compress it with atmc_triton.compress_")
+        k = nnz_budget_of(model, "ADMM")
         factor_ids = {id(p) for layer in layers for _, p in layer.factors()}
         factors = [p for layer in layers for _, p in layer.factors()]
         others = [p for p in model.parameters() if id(p) not in factor_ids and p.requires_grad]
@@ -178,6 +176,8 @@ class ADMM(torch.optim.Optimizer):
         from atmc_triton.api import model_floor
 
         self._floor = floor_indices(layers, model_floor(model, cfg)).to(self.store.device)
+        self._root = model  # its budget buffer: a model.load_state_dict after this brings another k (_sync)
+        self._k_seen = (k, k._version)
         self.state["admm"] = {"step": 0, "quant_steps": 0}
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.store.device)
         self._tau: Tensor | None = None  # the last step's threshold: a speed hint for the next (not state)
@@ -192,7 +192,7 @@ class ADMM(torch.optim.Optimizer):
     #: attributes beyond torch.optim.Optimizer's own that a copy or pickle of the optimizer must carry
     _PICKLED = (
         *("cfg", "check_finite", "backend", "sync_quantizer"),
-        *("store", "_layers", "_owners", "_floor", "_nonfinite", "_tau"),
+        *("store", "_layers", "_owners", "_floor", "_nonfinite", "_tau", "_root"),
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -217,6 +217,24 @@ class ADMM(torch.optim.Optimizer):
             if self._floor.device != self.store.device:  # the model moved (``.cuda()`` after ADMM was built)
                 self._floor = self._floor.to(self.store.device)  # else every step indexed across devices
         self._adopt_params()
+        self._sync_budget()
+
+    def _sync_budget(self) -> None:
+        """The model's budget buffer changed since this optimizer last read it (a ``model.load_state_dict`` into a
+        twin whose own k differed): take its k, and the layer floor that k resolves to (one host read, only then).
+        """
+        root = self.__dict__.get("_root")
+        k = None if root is None else root._buffers.get("atmc_nnz_budget")
+        seen = self.__dict__.get("_k_seen")
+        if k is None or (seen is not None and seen[0] is k and seen[1] == k._version):
+            return
+        fg = self.param_groups[0]
+        if not k.is_meta and int(k) != int(fg["k"]):  # (a model moved to "meta" holds no value to read)
+            from atmc_triton.api import model_floor
+
+            fg["k"] = int(k)
+            self._floor = floor_indices(self._layers, model_floor(root, self.cfg)).to(self.store.device)
+        self._k_seen = (k, k._version)
 
     def _adopt_params(self) -> None:
         """Put the model's current Parameter objects in the param groups, with their state, where something
@@ -399,6 +417,8 @@ class ADMM(torch.optim.Optimizer):
             st["quant_steps"] += 1
             if st["quant_steps"] % self.cfg.rho_every == 0:
                 fg["rho"] *= self.cfg.rho_factor
+        for layer in self._layers:  # ADMM trained them: finalize_ may commit their Z
+            layer._mark_z()
         return loss
 
     def _hold_floor(self) -> list[Tensor]:

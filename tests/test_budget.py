@@ -8,6 +8,8 @@ hand in the comments.
 
 import copy
 import dataclasses
+import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -109,13 +111,15 @@ def test_a_ratio_below_one_nonzero_and_its_codebook_is_refused():
 
 
 def _bound_of_top(k: int, factors: list[tuple[int, torch.Tensor]]) -> int:
-    """The oracle: bits of keeping the top-``k`` magnitudes (ties at the threshold all kept), each factor at
-    ``n * b + 32 * min(2^b, n)``."""
-    tau = torch.sort(torch.cat([m for _, m in factors]), descending=True).values[k - 1]
-    total = 0
+    """The oracle: bits of keeping the top-``k`` magnitudes (ties at the threshold to the lowest flat indices, as
+    ``project_topk_``), each factor at ``n * b + 32 * min(2^b, n)``."""
+    flat = torch.cat([m for _, m in factors])
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:k]
+    total, start = 0, 0
     for b, m in factors:
-        n = int((m >= tau).sum())
+        n = sum(start <= i < start + m.numel() for i in order)
         total += n * b + 32 * min(2**b, n) if n else 0
+        start += m.numel()
     return total
 
 
@@ -144,7 +148,7 @@ def test_k_is_the_largest_count_whose_bound_holds(case):
             m.weight.copy_(torch.randint(-3, 4, w.shape, generator=g) * 0.25 if tied else w)
     layer_bits = {str(j): b for j, b in enumerate(bits)}
     cfg = at.ATMCConfig(ratio=ratio, bits=8, layer_bits=layer_bits)
-    budget = int(ratio * at.dense_bits(model))
+    budget = math.floor(Fraction(str(ratio)) * at.dense_bits(model))  # the ratio as the decimal it prints as
     same_factors = at.compress_(copy.deepcopy(model), dataclasses.replace(cfg, ratio=None, nnz=1))
     factors = [
         (layer.nbits, p.detach().abs().reshape(-1))

@@ -366,7 +366,10 @@ def test_conv_cache_follows_loads_and_dtype(cnn):
     for f in "UVC":
         sd[f"0.{f}_book"] = 2 * sd[f"0.{f}_book"]
     packed.load_state_dict(sd)  # new values: the cache is dropped
-    assert torch.equal(conv._dense_weight(torch.float32), 2 * w1)
+    fresh = pk.pack_(copy.deepcopy(model))
+    fresh.load_state_dict(sd)  # (never decoded before: no cache)
+    want = fresh[0]._dense_weight(torch.float32)
+    assert not torch.equal(want, w1) and torch.equal(conv._dense_weight(torch.float32), want)
     packed.half()
     assert conv.weight_cache is None and conv._dense_weight(torch.float16).dtype == torch.float16
     assert "weight_cache" not in "".join(packed.state_dict())
