@@ -33,7 +33,11 @@ import hashlib
 import os
 import pickle
 import random
+import stat
+import sys
 import tempfile
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -96,9 +100,34 @@ def remove_partial_writes(path: str | os.PathLike) -> list[Path]:
     return gone
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask: from ``/proc/self/status`` on Linux (no race), else set and restored under a lock."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permission bits a file written at ``path`` takes: the existing file's, else what ``open`` would give."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     """Call ``save(tmp)`` with the name of a new temporary file next to ``path``, fsync it, then rename
-    it over ``path``: an interrupted save leaves whatever was at ``path`` whole. Returns ``path``.
+    it over ``path``: an interrupted save leaves whatever was at ``path`` whole. Returns ``path``. The file
+    keeps the permission bits of the one it replaces, else takes ``0o666`` less the umask (as ``open`` would).
 
     Example:
         >>> import tempfile, pathlib
@@ -112,6 +141,7 @@ def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp made it 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -240,13 +270,15 @@ def payload_digest(payload: dict[str, Any]) -> str:
 
 # -- save / load --------------------------------------------------------------------------------
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+_DICTS = (dict, OrderedDict, Counter)  # exactly these: weights_only loading refuses a defaultdict, any dict subclass
 
 
 def check_loadable(obj: Any, where: str = "payload") -> None:
     """Raise ``ValueError`` naming the first value of ``obj`` that ``torch.load(weights_only=True)``
-    would refuse: anything but tensors, plain scalars, strings, dtypes, devices and
-    dict/list/tuple/set containers of them (not frozenset, which it refuses). :func:`save_checkpoint`
-    checks before writing, so it never writes a checkpoint :func:`load_checkpoint` then refuses.
+    would refuse: anything but tensors, plain scalars, strings, dtypes, devices and containers of them of
+    exactly the types it rebuilds: dict, OrderedDict, Counter, list, tuple, set, ``torch.Size`` (not a
+    defaultdict, another dict subclass, a namedtuple or a frozenset). :func:`save_checkpoint` checks before
+    writing, so it never writes a checkpoint :func:`load_checkpoint` then refuses.
 
     Example:
         >>> check_loadable({"lr": 0.1, "w": torch.zeros(2), "names": ["a", "b"]})
@@ -259,10 +291,12 @@ def check_loadable(obj: Any, where: str = "payload") -> None:
         if type(obj) is not torch.Tensor and not isinstance(obj, nn.Parameter):
             raise ValueError(f"{where} is a {type(obj).__name__} (a tensor subclass), not a plain tensor")
         return
-    if isinstance(obj, dict):
+    if type(obj) in _DICTS:
         for k, v in obj.items():
             check_loadable(k, f"{where} key {k!r}")
             check_loadable(v, f"{where}[{k!r}]")
+        if type(obj) is OrderedDict:  # its attributes are pickled too (a state_dict's _metadata)
+            check_loadable(vars(obj), f"{where} attributes")
         return
     if isinstance(obj, (list, tuple, set)) and type(obj) in (list, tuple, set, torch.Size):
         for i, v in enumerate(obj):
@@ -271,7 +305,7 @@ def check_loadable(obj: Any, where: str = "payload") -> None:
     if type(obj) not in _PLAIN:
         raise ValueError(
             f"{where} is a {type(obj).__name__}: a checkpoint holds only tensors, plain scalars, strings and "
-            "dict/list/tuple/set of them (torch.load(weights_only=True) would refuse it)"
+            "dict/OrderedDict/Counter/list/tuple/set of them (torch.load(weights_only=True) would refuse it)"
         )
 
 

@@ -26,7 +26,9 @@ more whenever ``r > out in kh kw / (in kh kw + out)`` (every identity-initialize
 ``r = min(out, in kh kw)``), and a nonzero ``C`` needs its own full-size conv on top (cuDNN
 has no sparse conv). ``bench/gemm.py`` times both. The cached weight is a non-persistent buffer
 made by the first eager forward (a graph compiled afterwards reads it; before, it decodes in the
-graph) and dropped on ``load_state_dict`` / ``.to()``.
+graph) and dropped on ``load_state_dict`` / ``.to()``. A compiled graph validates nothing and does not see an edit of
+the packed tensors (in place or replaced): it keeps reading the cached weight (``PackedLinear`` from the crossover on,
+``PackedConv2d`` in "dense" mode) until ``layer.check_valid(force=True)`` or an eager forward drops it.
 
 Exactness: ``unpack(pack_(m))`` reproduces every tensor of a finalized model bit for bit, except
 that a factor entry stored as ``-0.0`` comes back as ``+0.0`` (zeros are not stored).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -85,6 +88,7 @@ _FORMAT_SETS = {"speed": SPEED_FORMATS, "size": SIZE_FORMATS}  # pack_(formats=.
 META_KEY = "atmc_packed"
 FORMAT_VERSION = 2  # 2 added the bitmap factor format; version-1 files (no bitmaps) still load
 _READABLE_VERSIONS = (1, 2)
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 class PackedLayer(nn.Module):
@@ -115,7 +119,7 @@ class PackedLayer(nn.Module):
         self.levels = {f: int(factors[f]["levels"]) for f in FACTORS}
         self._dtype = dtype
         self._cache: tuple | None = None
-        self._valid_key: tuple | None = None  # (id, version) of every packed tensor when last validated
+        self._valid_key: tuple | None = None  # (weakref, version) of every packed tensor when last validated
         self._crossover: dict[int, int] = {}
         self.dense_cache = True  # PackedLinear: may cache the decoded weight for M >= the crossover
         raw = bits is None
@@ -323,8 +327,27 @@ class PackedLayer(nn.Module):
         self._cache = None
         self._buffers["weight_cache"] = None
 
+    def _packed_tensors(self) -> list[Tensor]:
+        return [t for f in FACTORS for t in self.factor(f)[1:]]
+
     def _state_key(self) -> tuple:
-        return tuple((id(t), t._version) for f in FACTORS for t in self.factor(f)[1:])
+        # weak references, not ids: CPython reuses a freed tensor's id for the next one
+        return tuple((weakref.ref(t), t._version) for t in self._packed_tensors())
+
+    def _unchanged(self) -> bool:
+        """Every packed tensor is the one, at the version, that was last validated."""
+        key, now = self._valid_key, self._packed_tensors()
+        return (
+            key is not None
+            and len(key) == len(now)
+            and all(r() is t and v == t._version for (r, v), t in zip(key, now))
+        )
+
+    def __getstate__(self) -> dict:
+        """Pickle and ``copy.deepcopy`` leave out the validation key (weak references): a copy validates once."""
+        state = super().__getstate__()
+        state["_valid_key"] = None
+        return state
 
     def check_valid(self, force: bool = False) -> None:
         """Validate the packed tensors if they changed since the last check (in place or replaced), and
@@ -337,11 +360,17 @@ class PackedLayer(nn.Module):
         """
         if torch.compiler.is_compiling():
             return
-        key = self._state_key()
-        if force or key != self._valid_key:
+        if force or not self._unchanged():
+            key = self._state_key()
             self._drop_caches()
             self.validate()
             self._valid_key = key
+
+    @property
+    def weight(self) -> Tensor:
+        """The decoded dense weight in the original layer's shape (``[out, in]``, ``[out, in / groups, kh, kw]``),
+        for code that reads ``.weight`` (e.g. attention); decoded on each read, read-only."""
+        return self.weight_2d().to(self._dtype).view(self.weight_shape)
 
     @property
     def cache_nbytes(self) -> int:
@@ -350,7 +379,10 @@ class PackedLayer(nn.Module):
         return sum(t.nbytes for t in held if isinstance(t, Tensor))
 
     def _dense_weight(self, dtype: torch.dtype) -> Tensor:
-        """``W`` in ``dtype`` with this layer's weight shape: decoded once and cached (eager mode)."""
+        """``W`` in ``dtype`` with this layer's weight shape: decoded once and cached (eager mode); decoded in the
+        graph under ``torch.export`` (an exported program holds only the packed tensors, never the cache)."""
+        if torch.compiler.is_exporting():
+            return self.weight_2d().to(dtype).view(self.weight_shape)
         w = self.weight_cache
         if w is not None and w.dtype == dtype and w.device == self.U_codes.device:
             return w
@@ -412,11 +444,6 @@ class PackedLinear(PackedLayer):
         if not self.dense_cache:
             return linear_path(M, 1 << 62)
         return linear_path(M, self.crossover(dtype.itemsize))
-
-    @property
-    def weight(self) -> Tensor:
-        """The decoded dense weight ``[out, in]`` (for code that reads ``.weight``, e.g. attention)."""
-        return self.weight_2d().to(self._dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_valid()
@@ -497,6 +524,25 @@ class PackedConv2d(PackedLayer):
         self.padding_mode = padding_mode
         if not (type(groups) is int and groups >= 1 and in_channels % groups == 0 and out_channels % groups == 0):
             raise ValueError(f"PackedConv2d: groups={groups!r} must be an int >= 1 dividing the channel counts")
+        for what, v, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                             ("dilation", self.dilation, 1), ("padding", self.padding, 0)):  # fmt: skip
+            if not (what == "padding" and v in ("same", "valid")) and not (
+                isinstance(v, tuple) and len(v) == 2 and all(type(i) is int and i >= low for i in v)
+            ):
+                raise ValueError(
+                    f"PackedConv2d: {what} must be two ints >= {low}"
+                    + (" or 'same' / 'valid'" if what == "padding" else "")
+                    + f", got {v!r}"
+                )
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"PackedConv2d: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        # torch's own checks of the rest ("same" with a stride) and its padding for padding_mode != "zeros" ("same"
+        # included), as ATMCConv2d takes them
+        try:
+            conv = nn.Conv2d(1, 1, self.kernel_size, self.stride, self.padding, self.dilation, device="meta")
+        except ValueError as e:
+            raise ValueError(f"PackedConv2d: {e}") from None
+        self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
         self.groups = groups
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.conv_mode = conv_mode
@@ -508,8 +554,8 @@ class PackedConv2d(PackedLayer):
         self._setup(out_channels, inn, rank, identity, bits, bias, factors, dtype, device)
 
     def _cached(self, dtype: torch.dtype, make):
-        """``make()`` once per (dtype, device) in eager mode; recomputed in a compiled graph."""
-        if torch.compiler.is_compiling():
+        """``make()`` once per (dtype, device) in eager mode; recomputed in a compiled or exported graph."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return make()
         key = (dtype, self.U_codes.device)
         if self._cache is None or self._cache[0] != key:
@@ -520,10 +566,8 @@ class PackedConv2d(PackedLayer):
     def _conv(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         """This layer's convolution (stride, padding, dilation, padding mode) with weight ``w``."""
         if self.padding_mode != "zeros":
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return F.conv2d(
-                F.pad(x, pad, mode=self.padding_mode), w, bias, self.stride, _pair(0), self.dilation, self.groups
-            )
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, bias, self.stride, _pair(0), self.dilation, self.groups)
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _decomposed_weights(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -557,7 +601,7 @@ class PackedConv2d(PackedLayer):
             y = yc if y is None else y + yc
         if y is None:  # all factors are zero
             y = self._conv(x, x.new_zeros(self.weight_shape), None)
-        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(-1, 1, 1)  # [C, H, W] input too
 
     def extra_repr(self) -> str:
         return (
@@ -628,6 +672,8 @@ def _from_spec(spec: dict[str, Any], device, dtype: torch.dtype | None = None) -
         )
         if any(type(d) is not int or d < 1 for d in dims):
             raise ValueError(f"sizes must be ints >= 1, got {dims}")
+        if type(spec["bias"]) is not bool:
+            raise ValueError(f"bias must be true or false, got {spec['bias']!r}")
         common = {
             "rank": int(spec["rank"]),
             "identity": int(spec["identity"]),
@@ -782,8 +828,9 @@ def load_packed(
 
     Every layer named in the file's header is replaced by a packed layer built straight from its
     spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
-    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``. A ``Linear`` /
-    ``Conv2d`` of other sizes at a layer the file names is a ``ValueError``, before anything changes; on any
+    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``. A layer spec that is
+    not valid (a conv's stride 0, say), or a ``Linear`` / ``Conv2d`` of other sizes or conv geometry at a layer the
+    file names, is a ``ValueError`` naming the layer, before anything changes; on any
     other failure (missing keys, corrupt data) every module, parameter and buffer is put back before raising.
 
     Example (a fresh twin on ``meta`` loads the saved file and gives the same outputs):
@@ -845,15 +892,20 @@ def load_packed(
         raise ValueError(f"load_packed: {path}: bad 'aliases' in the header")
     tensors |= {k: tensors[v] for k, v in aliases.items()}  # the names of shared modules' tensors
     root = unwrap(model)
+    built = {}
     for name, spec in layers.items():  # before anything changes
+        try:
+            built[name] = _from_spec(spec, "meta")
+        except ValueError as e:
+            raise ValueError(f"load_packed: {path}: layer {name!r}: {e}") from None
         _check_fits(root, name, spec, path)
     # every module's children, parameters and buffers as they are: a failure below puts them all back (the
     # swaps and assign=True replace entries of these dicts, never tensors in place)
     snapshot = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in root.modules()]
     try:
         attention_shells_(root, list(layers))  # nn.MultiheadAttention -> ATMCMultiheadAttention where compressed
-        for name, spec in layers.items():
-            _set_module(root, name, _from_spec(spec, "meta"))
+        for name, layer in built.items():
+            _set_module(root, name, layer)
         for key in ("atmc_nnz_budget", "atmc_bits_budget"):  # buffers compress_ put on the root
             if key in tensors and key not in root._buffers:
                 root.register_buffer(key, torch.empty((), dtype=tensors[key].dtype, device="meta"))
@@ -875,9 +927,9 @@ def load_packed(
 
 
 def _check_fits(root: nn.Module, name: str, spec: object, path) -> None:
-    """The model's module at ``name``, when it is a Linear / Conv2d (plain, ATMC or packed), has the sizes of the
-    file's layer: ``load_packed`` replaces it, and a model built with other sizes (another ``num_classes``) would
-    silently take the file's."""
+    """The model's module at ``name``, when it is a Linear / Conv2d (plain, ATMC or packed), has the sizes (and a
+    conv its stride, padding, dilation, groups and padding mode) of the file's layer: ``load_packed`` replaces it, and
+    a model built with other sizes (another ``num_classes``) would silently take the file's."""
     try:
         old = root.get_submodule(name)
     except AttributeError:
@@ -890,12 +942,19 @@ def _check_fits(root: nn.Module, name: str, spec: object, path) -> None:
         mine, keys = "conv2d", ("in_channels", "out_channels", "kernel_size")
     else:
         return  # e.g. an attention shell's placeholder
-    have = {k: list(getattr(old, k)) if isinstance(getattr(old, k), tuple) else getattr(old, k) for k in keys}
-    want = {k: spec.get(k) for k in keys}
+
+    def value(k: str) -> object:
+        return list(getattr(old, k)) if isinstance(getattr(old, k), tuple) else getattr(old, k)
+
+    have, want = {k: value(k) for k in keys}, {k: spec.get(k) for k in keys}
+    if mine == "conv2d" and spec.get("type") == mine:  # the geometry too, named where it differs
+        for k in ("stride", "padding", "dilation", "groups", "padding_mode"):
+            if value(k) != spec.get(k, 1 if k == "groups" else None):  # "groups" is absent for 1
+                have[k], want[k] = value(k), spec.get(k)
     if spec.get("type") != mine or have != want:
         raise ValueError(
             f"load_packed: {path} does not fit the model: layer {name!r} is {type(old).__name__} {have} in the model "
-            f"but a {spec.get('type')} {want} in the file (build the model with the file's sizes)"
+            f"but a {spec.get('type')} {want} in the file (build the model with the file's sizes and geometry)"
         )
 
 
