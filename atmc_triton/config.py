@@ -116,9 +116,11 @@ class ATMCConfig:
             nonzeros) plus one entry per output unit of the last compressed layer (normally the
             classifier: no logit becomes input-independent); ``"rows"``: one entry per output
             unit of every compressed layer; ``"none"``: no floor (layers may be pruned away
-            entirely); ``"auto"`` (default): ``"rows"`` if that floor takes at most a quarter of
-            the budget ``k``, else ``"last"`` if it does, else ``"none"`` with a warning (tiny
-            budgets). An explicit ``"last"`` or ``"rows"`` above half of ``k`` is a ``ValueError``.
+            entirely); ``"auto"`` (default): ``"rows"`` if that floor can take at most a quarter of
+            the budget ``k`` (counted from the layers' shapes), else ``"last"`` if it can, else
+            ``"none"`` with a warning (tiny budgets); resolved from the model's current ``k``, so a
+            loaded state resolves as its model did. An explicit ``"last"`` or ``"rows"`` above half
+            of ``k`` is a ``ValueError``.
 
     Example:
         >>> cfg = ATMCConfig(ratio=0.01, bits=8)
