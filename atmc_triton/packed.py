@@ -798,6 +798,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
             seen[key] = k
             tensors[k] = v.detach().contiguous()
     header = {"version": FORMAT_VERSION, "layers": {n: layer.spec() for n, layer in layers}, "aliases": aliases}
+    header["sha256"] = _packed_digest(header, tensors)  # load_packed refuses a file whose bytes changed since
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(parent):
         raise ValueError(f"save_packed: the directory {parent} does not exist (create it first)")
@@ -808,6 +809,14 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     # a temporary file renamed over ``path``: a crash mid-write leaves the previous file whole
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header)}))
     return os.path.getsize(path)
+
+
+def _packed_digest(header: dict[str, Any], tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of a packed file's header (as canonical JSON, its ``sha256`` left out) and tensors (by name)."""
+    from atmc_triton.checkpoint import payload_digest
+
+    text = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True)
+    return payload_digest({"header": text, "tensors": {k: tensors[k] for k in sorted(tensors)}})
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -884,6 +893,12 @@ def load_packed(
     if not isinstance(header, dict) or header.get("version") not in _READABLE_VERSIONS:
         version = header.get("version") if isinstance(header, dict) else None
         raise ValueError(f"load_packed: unsupported packed format version {version}")
+    digest = header.get("sha256")  # (files written before 2026-12-02 carry none)
+    if digest is not None and digest != _packed_digest(header, tensors):
+        raise ValueError(
+            f"load_packed: {path} is corrupted: its SHA-256 does not match the one save_packed wrote (a changed "
+            "byte in the tensors or the header)"
+        )
     layers = header.get("layers")
     if not isinstance(layers, dict) or not layers or not all(isinstance(n, str) and n for n in layers):
         raise ValueError(f"load_packed: {path}: the header's 'layers' must map layer names to specs")

@@ -293,6 +293,7 @@ def _corrupt(tmp_path, packed, edit):
         meta = fh.metadata()
     header = json.loads(meta[pk.META_KEY])
     edit(tensors, header)
+    header["sha256"] = pk._packed_digest(header, tensors)  # resealed: the structural checks must catch it
     dst = tmp_path / "bad.safetensors"
     save_file(tensors, dst, metadata={pk.META_KEY: json.dumps(header)})
     return dst

@@ -261,7 +261,9 @@ def _edit_header(src: Path, dst: Path, edit) -> Path:
     with safe_open(str(src), "pt") as fh:
         header = json.loads(fh.metadata()[pk.META_KEY])
     edit(header)
-    save_file(load_file(str(src)), str(dst), metadata={pk.META_KEY: json.dumps(header)})
+    tensors = load_file(str(src))
+    header["sha256"] = pk._packed_digest(header, tensors)  # resealed: the structural checks must catch it
+    save_file(tensors, str(dst), metadata={pk.META_KEY: json.dumps(header)})
     return dst
 
 
@@ -301,11 +303,11 @@ def test_packed_file_lacking_a_layers_tensors_is_refused_even_without_strict(pac
     from safetensors.torch import load_file, save_file
 
     with safe_open(str(packed_file), "pt") as fh:
-        meta = fh.metadata()
+        header = json.loads(fh.metadata()[pk.META_KEY])
     dst = tmp_path / "partial.safetensors"
-    save_file(
-        {k: v for k, v in load_file(str(packed_file)).items() if not k.startswith("0.U_")}, str(dst), metadata=meta
-    )
+    tensors = {k: v for k, v in load_file(str(packed_file)).items() if not k.startswith("0.U_")}
+    header["sha256"] = pk._packed_digest(header, tensors)  # resealed: the structural checks must catch it
+    save_file(tensors, str(dst), metadata={pk.META_KEY: json.dumps(header)})
     with pytest.raises(ValueError, match="does not fit the model"):
         pk.load_packed(_skeleton(), dst)
     with pytest.raises(ValueError, match="holds no tensors for packed layer '0'"):
