@@ -6,7 +6,8 @@ bit-packed codes and CSR (:mod:`atmc_triton.kernels.packed_format`) plus a float
 :func:`unpack` is its exact inverse. A packed model's ``state_dict`` holds only those packed
 tensors (and the biases); :func:`save_packed` / :func:`load_packed` write and read it as
 safetensors, building the packed modules directly from the file (empty or meta tensors, no
-dense intermediate) and validating every index and code before use.
+dense intermediate), checking the file's SHA-256 (in its header) and validating every index and code
+before use.
 
 ``PackedLinear`` picks a path per call from the number of rows ``M``
 (:func:`~atmc_triton.kernels.lowrank_gemm.linear_path`): up to the layer's modelled crossover it
@@ -777,9 +778,10 @@ def to_dense(model: nn.Module) -> nn.Module:
 def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     """Write a packed model's ``state_dict`` as safetensors, with each packed layer's spec in the header.
 
-    Returns the file size in bytes: the header plus exactly the bytes of the tensors. The file is
-    written to a temporary file in the same directory and renamed over ``path``, so an interrupted
-    save leaves an existing file at ``path`` intact.
+    Returns the file size in bytes: the header (with a SHA-256 of itself and the tensors, which
+    :func:`load_packed` checks) plus exactly the bytes of the tensors. The file is written to a temporary
+    file in the same directory and renamed over ``path``, so an interrupted save leaves an existing file at
+    ``path`` intact.
     """
     from safetensors.torch import save_file
 
@@ -837,7 +839,8 @@ def load_packed(
 
     Every layer named in the file's header is replaced by a packed layer built straight from its
     spec (meta tensors, no dense weight), then ``load_state_dict(assign=True)`` adopts the file's
-    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``. A layer spec that is
+    tensors on ``device``, validating every packed layer as it fills it. Returns ``model``. A file whose bytes
+    changed since :func:`save_packed` (its SHA-256 does not match) is a ``ValueError``. A layer spec that is
     not valid (a conv's stride 0, say), or a ``Linear`` / ``Conv2d`` of other sizes or conv geometry at a layer the
     file names, is a ``ValueError`` naming the layer, before anything changes; on any
     other failure (missing keys, corrupt data) every module, parameter and buffer is put back before raising.
