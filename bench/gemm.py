@@ -92,6 +92,7 @@ class Layer:
         formats: str = "speed",
     ):
         self.name, self.N, self.K = name, N, K
+        self.ratio, self.bits, self.structure, self.formats = ratio, bits, structure, formats
         nnz = max(3, int((ratio * 32 * N * K - 3 * 32 * 2**bits) // bits))
         g = torch.Generator(device=device).manual_seed(seed)
         if structure == "svd":
@@ -146,6 +147,7 @@ class Layer:
         return F.linear(x, self.cached)
 
     def predict_us(self, M: int, path: str, hw: dict | None = None, triton: str = "3.8") -> float:
+        """:func:`predicted_us` of this layer, charged for each kernel launch the call makes (:func:`launches`)."""
         return predicted_us(
             path,
             M,
@@ -157,6 +159,9 @@ class Layer:
             hw=hw,
             bitmap_elems=self.bitmap,
             triton=triton,
+            launches=1
+            if path == "dense"
+            else launches(M, self.N, self.K, self.ratio, self.bits, self.structure, self.formats),
         )
 
     def torch_weight(self, dtype):
@@ -255,6 +260,13 @@ def gemm_cases(quick: bool) -> list[tuple]:
         ("4096x4096 ident+V", 4096, 4096, 0.05, 8, "identity+V", (1, 16, 1024, 8192)),
     ]
     return big[: 2 * len(BITS)] + structures + big[2 * len(BITS) :] + small  # ratio 0.05 of the big shapes first
+
+
+def launches(M: int, N: int, K: int, ratio: float, bits: int, structure: str, formats: str = "speed") -> int:
+    """Kernel launches of one packed call at batch ``M`` (those ``bench.model.atmc_linear`` lists for the layer)."""
+    from bench.model import atmc_linear as modelled
+
+    return len(modelled(M, N, K, ratio, bits, structure, formats=formats).launches)
 
 
 def model_args(device: torch.device, bw: float) -> dict:
@@ -369,10 +381,13 @@ def _predicted_row(name: str, N: int, K: int, ratio: float, bits: int, cands: tu
     ptr = sum(p["indptr"] for p in parts)
     zero = packed - paper / 8 - pos - ptr - sum(p["pad"] for p in parts)  # dense zeros, word rounding
     args = (N, K, packed, csr, elems[FMT_DENSE])
+    objective = "size" if cands == SIZE_FORMATS else "speed"
     cross = dense_crossover(*args, 2, elems[FMT_BITMAP])
 
     def pred(m, path=None, triton="3.8"):
-        return predicted_us(path or linear_path(m, cross), m, *args, bitmap_elems=elems[FMT_BITMAP], triton=triton)
+        path = path or linear_path(m, cross)
+        calls = 1 if path == "dense" else launches(m, N, K, ratio, bits, "identity", objective)
+        return predicted_us(path, m, *args, bitmap_elems=elems[FMT_BITMAP], triton=triton, launches=calls)
 
     def floor(m):
         return (packed + 2 * m * (N + K)) / hbm * 1e6

@@ -135,7 +135,8 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
     targets: list[Target] = []
 
     sort_ms = fast(lambda: torch.sort(values))
-    sort_op = model.Op("sort", [model.sort_pairs("torch.sort", n, 4, 8, 32)], 8 * n)
+    sort_launches = [model.Launch("torch.sort's index fill", 0, 8 * n), model.sort_pairs("torch.sort", n, 4, 8, 32)]
+    sort_op = model.Op("sort", sort_launches, 8 * n)
     rows.append(Row(BENCH, case0, "torch.sort alone (floor)", sort_ms, predicted(sort_ms, sort_op, dev)))
     if triton_ok:  # where the time goes: the segmented sort, then + prefix sums and sums of squares
         seg_ms = fast(lambda: lloyd_triton._segment_sort(values, off_t))

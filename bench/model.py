@@ -46,18 +46,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GPU:
-    """Measured-class ceilings of one GPU (not datasheet peaks)."""
+    """Assumed ceilings of one GPU (the project's sustained figures, not datasheet peaks; nothing here was measured)."""
 
     name: str
     bandwidth: float = 3.0e12  # B/s, DRAM
     tc_flops: float = 780e12  # bf16 / fp16 tensor-core FLOP/s
-    fma_flops: float = 50e12  # fp32 FFMA FLOP/s (no tensor cores)
+    fma_flops: float = 60e12  # fp32 FFMA FLOP/s (no tensor cores): 132 SMs x 128 lanes x 2 x 1.755 GHz, as lowrank_gemm
     sms: int = 132
     latency: float = 0.6e-6  # s, dependent DRAM load to use
     l2_latency: float = 0.25e-6  # s, dependent L2 hit
     launch: float = 2.5e-6  # s per launch (gap between back-to-back kernels, no CUDA graph)
     issue_rate: float = 132 * 4 * 1.755e9  # warp instructions/s: 4 schedulers per SM, one issue per cycle each
-    clock: float = 1.755e9  # Hz (boost)
+    clock: float = 1.755e9  # Hz: the H100 PCIe's boost (the SXM boosts to 1.98 GHz: issue-bound terms up to 13 % high)
 
 
 H100 = GPU("H100 SXM (3.0 TB/s)", bandwidth=3.0e12)
@@ -243,18 +243,46 @@ def sort_pairs(name: str, n: int, key_bytes: int, value_bytes: int, key_bits: in
     return Launch(name, n * key_bytes + passes * n * (key_bytes + value_bytes), passes * n * (key_bytes + value_bytes))
 
 
-def _lloyd_prepare(n: int, segments: int) -> list[Launch]:
-    """The segmented sort, prefix sums and sums of squares (``lloyd_triton._prepare``)."""
+L2_BYTES = 50e6  # H100 / H200 L2: a gather whose whole source fits is served from it
+
+
+def segment_gather_bytes(sizes: list[int]) -> float:
+    """DRAM bytes ``index_select`` reads gathering the globally sorted float32 values into segment order.
+
+    Segment ``s`` (share ``f = n_s / n``) has its values spread at random over the whole sorted buffer
+    (segments of alike distributions, as the benchmark's), read in rising order: a 32-B sector (8 values)
+    holds one of them with probability ``1 - (1 - f)^8``, so each gathered value costs
+    ``4 (1 - (1 - f)^8) / f`` B (32 as ``f -> 0``, 4 at ``f = 1``), unless the buffer fits in L2 (then 4 B).
+
+    Example:
+        >>> round(segment_gather_bytes([50_000_000] * 4) / 200_000_000, 1)  # 4 equal segments: B per value
+        14.4
+    """
+    n = sum(sizes)
+    if 4 * n <= L2_BYTES:
+        return 4.0 * n
+    return sum(4.0 * n * (1.0 - (1.0 - s / n) ** 8) for s in sizes if s)
+
+
+def _lloyd_prepare(sizes: list[int]) -> list[Launch]:
+    """The segmented sort, prefix sums and sums of squares (``lloyd_triton._prepare``): every launch the
+    launcher makes, as a profiler lists them (each ``torch.sort`` fills its own int64 index first;
+    ``cumsum(dtype=float64)`` casts, then scans)."""
+    n, segments = sum(sizes), len(sizes)
     key = 1 if segments <= 256 else 2 if segments <= 2**15 else 4
     return [
-        Launch("arange (sort indices)", 0, 8 * n),
+        Launch("torch.sort's index fill", 0, 8 * n),
         sort_pairs("torch.sort float32 + int64 indices", n, 4, 8, 32),
         Launch("searchsorted (segment of each value)", 8 * n, 4 * n),
         Launch("segment id to narrow key", 4 * n, key * n),
+        Launch("the stable sort's index fill", 0, 8 * n),
         sort_pairs("stable sort of segment ids", n, key, 8, 8 * key),
-        Launch("index_select", 8 * n + 4 * n, 4 * n),
-        Launch("cumsum float64", 4 * n, 8 * n),
+        Launch("index_select", 8 * n + segment_gather_bytes(sizes), 4 * n),
+        Launch("nan_to_num", 4 * n, 4 * n),
+        Launch("cumsum: cast to float64", 4 * n, 8 * n),
+        Launch("cumsum float64", 8 * n, 8 * n),
         Launch("_sumsq_kernel", 4 * n, 8 * 32 * segments, inflight=4 * 1024, programs=32 * segments),
+        Launch("full (tol)", 0, 8),
     ]
 
 
@@ -275,15 +303,16 @@ FAST_PASSES = {1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 4, 7: 4, 8: 4}  # most windowed-
 
 def _fast_prepare(n: int, block: int = 1024) -> list[Launch]:
     """The fast path's two fused scans (``lloyd_triton._fast_scans``): a byte per value marking the segment
-    starts (zero fill, scatter), block totals (read the sorted values and the marks), torch scans of the
-    totals (five small launches), then each block's scans of squares (float64) and distinct-run ranks
-    (int32) plus what precedes it (read both again, write 12 B per value). The predecessor each value
-    compares with comes from L1."""
+    starts (zero fill, index fill), block totals (read the sorted values and the marks), torch scans of the
+    totals (six small launches: the int32 cumsum promotes to int64), then each block's scans of squares
+    (float64) and distinct-run ranks (int32) plus what precedes it (read both again, write 12 B per value).
+    The predecessor each value compares with comes from L1."""
     blocks = math.ceil(n / block)
     return [
-        Launch("zeros + scatter (segment starts)", 0, n),
+        Launch("zeros (segment starts)", 0, n),
+        Launch("index_fill_ (segment starts)", 0, 0),
         Launch("scan_totals_kernel", 5 * n, 12 * blocks, inflight=5 * block, programs=blocks),
-        *(Launch("cumsum / sub / cast of the block totals", 12 * blocks, 12 * blocks) for _ in range(5)),
+        *(Launch("cumsum / sub / cast of the block totals", 12 * blocks, 12 * blocks) for _ in range(6)),
         Launch("scan_kernel", 5 * n + 12 * blocks, 12 * n, inflight=5 * block, programs=blocks),
     ]
 
@@ -303,10 +332,12 @@ def _fast_init_chain(largest: int) -> int:
 # sign change: about half the steps), the zero-cluster branch (one to three steps: not counted), a backtrack step, a
 # 32-row candidate tile. The float64 divisions' slow paths (52 instructions of the step's loop body, not
 # issued unless a quotient needs the fix-up) are left out; counted, the step was 938 / 913.
-REFINE_SASS = {  # fast_refine_sass_2026-12-01_race.json (the backtrack reads no boundary back)
-    "3.8": {"step": 892, "v0": 470, "back": 17.875, "cand": 623},
-    "3.6": {"step": 871, "v0": 470, "back": 17.875, "cand": 709},
-    "3.9": {"step": 880, "v0": 470, "back": 17.875, "cand": 620},
+REFINE_SASS = {  # fast_refine_sass_2026-12-01_race.json (the backtrack reads no boundary back): its unrolled loop,
+    # 143 instructions, holds 4 steps (4 stores; 8 REDUX, two picks a step): 35.75 a step (17.875 until 2026-12-02,
+    # which divided by the picks)
+    "3.8": {"step": 892, "v0": 470, "back": 35.75, "cand": 623},
+    "3.6": {"step": 871, "v0": 470, "back": 35.75, "cand": 709},
+    "3.9": {"step": 880, "v0": 470, "back": 35.75, "cand": 620},
 }
 SHUFFLE_CYCLES = 30  # latency of one dependent shuffle or barrier round of a reduction
 
@@ -342,7 +373,7 @@ def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "
     K = 2**bits
     fast = method == "fast"
     chain = _lloyd_chain(max(sizes), iters) * (2 if fast else 1)
-    launches = _lloyd_prepare(n, S)
+    launches = _lloyd_prepare(sizes)
     if fast:
         p = FAST_PASSES[bits]
         atoms = S * 3 * 4104 * 8  # atom boundaries and their sums (written, then read per pass)
@@ -369,7 +400,7 @@ def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "
 def lloyd_errors_for_bits(sizes: list[int], iters: int = 20) -> Op:
     """``errors_for_bits``: one sort, then the Lloyd kernel on an ``[S, 8]`` grid (b = 1..8), no codes pass."""
     n, S = sum(sizes), len(sizes)
-    launches = _lloyd_prepare(n, S) + [
+    launches = _lloyd_prepare(sizes) + [
         Launch("_lloyd_kernel", S * 8 * 256 * 4 * (iters + 1), S * 8 * 4, chain=_lloyd_chain(max(sizes), iters)),
     ]
     return Op("lloyd_errors_for_bits", launches, 4 * n, target="(no target; one sort for b = 1..8)")
@@ -440,6 +471,7 @@ def atmc_linear(
     whose instruction counts (``ISSUE_COUNTS``).
     """
     from atmc_triton.kernels.lowrank_gemm import dense_crossover, issue_instructions, linear_path
+    from atmc_triton.kernels.lowrank_gemm_triton import _csr_cols as csr_cols
     from atmc_triton.kernels.lowrank_gemm_triton import split_k
     from atmc_triton.kernels.packed_format import FMT_BITMAP, FMT_CSR, FMT_DENSE
 
@@ -486,8 +518,11 @@ def atmc_linear(
                 )
                 if small and splits > 1:
                     launches.append(Launch("split-K sum (fixed order)", 4 * splits * M * n, 4 * M * n))
-            for a in {a for a, _ in csr} if M > 1 else ():  # x^T [K, M] (t^T) for coalesced CSR gathers
-                launches.append(Launch("transpose activations", act[a], act[a]))
+            for a in {a for a, _ in csr} if M > 1 else ():  # F.pad(x^T) [K + 1, Mp] for coalesced CSR gathers:
+                cols = K if a == "x" else r  # constant_pad_nd fills the [cols + 1, Mp] buffer, then copies
+                pad = act[a] * (cols + 1) * csr_cols(M) // (cols * M)
+                launches.append(Launch("F.pad: fill", 0, pad))
+                launches.append(Launch("F.pad: copy of x^T", act[a], act[a]))
             for i, (a, f) in enumerate(csr):
                 rmw = 0 if (i == 0 and not tile) else acc_elt * M * n
                 launches.append(

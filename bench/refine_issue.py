@@ -7,7 +7,8 @@ of each innermost loop of its SASS. One warp issues a loop body once per iterati
 
 * ``step``: the Viterbi step without its two branches (the V0 branch, ``v0``, and the zero-cluster
   branch, ``zero``: forward branches over more than 300 instructions inside the loop);
-* ``back``: a backtrack step (LLVM unrolls its loop: the body over its picks, one ``REDUX`` each);
+* ``back``: a backtrack step (LLVM unrolls its loop: the body over its stored boundaries, one ``STG`` each;
+  a step makes two picks, two ``REDUX``);
 * ``cand``: a 32-row candidate tile.
 
 These are the per-warp counts :data:`bench.model.REFINE_SASS` holds (the kernel runs 4 warps, one
@@ -80,7 +81,7 @@ def classify(found: list[dict]) -> dict:
     v0, zero = vit["branches"]  # in code order: the V0 branch, then the zero-cluster branch
     cand = max((x for x in found if x["ops"]["F2I"]), key=lambda x: x["size"])
     back = max((x for x in found if x["ops"]["REDUX"] and not x["ops"]["DFMA"]), key=lambda x: x["size"])
-    per_back = back["size"] / back["ops"]["REDUX"]  # one pick (REDUX) per step: LLVM unrolls this loop
+    per_back = back["size"] / back["ops"]["STG"]  # one boundary stored per step (two picks, 2 REDUX): LLVM unrolls
     return {"step": vit["size"] - v0 - zero, "v0": v0, "zero": zero, "back": per_back, "cand": cand["size"]}
 
 

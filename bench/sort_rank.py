@@ -3,10 +3,11 @@
 The quantizer's GPU time is bounded by its sort (``bench.model.lloyd_quantize``): ``torch.sort``
 is CUB's radix sort of (float32 key, int64 index) pairs, about 100 B per value over four passes,
 and ``lloyd_triton._segment_sort`` adds a stable sort of segment ids and a gather. A keys-only
-segmented LSD radix sort would move about 12 B per value and pass. Its one hard step is ranking:
-each key must learn how many keys before it in its block have the same digit (CUB does this with
-warp ``match``/ballot instructions, which Triton does not expose). This script compiles, for
-sm_90 and without a GPU, one complete scatter pass per ranking method Triton offers:
+segmented LSD radix sort would move about 12 B per value and pass (read for the digit counts, read and
+write to scatter; CUB's one-sweep design folds the counting read into one pass up front: 8 B per pass).
+Its one hard step is ranking: each key must learn how many keys before it in its block have the
+same digit (CUB does this with warp ``match``/ballot instructions, which Triton does not expose).
+This script compiles, for sm_90 and without a GPU, one complete scatter pass per ranking method Triton offers:
 
 * ``sort``: ``tl.sort`` of ``digit << log2(B) | index`` (8-bit digits, 4 passes), ``tl.gather``
   of the keys, ``tl.histogram`` for the digit starts;
@@ -123,11 +124,17 @@ def rows(results: list[dict], n: int = N_RESNET34) -> list[dict]:
     return out
 
 
-def torch_sort_ms(n: int = N_RESNET34, segments: int = 111) -> float:
-    """The model's ``torch.sort`` pairs + segment fix-up (``_lloyd_prepare`` less its prefix sums), H100."""
+def torch_sort_ms(sizes: list[int] | None = None) -> float:
+    """The model's ``torch.sort`` pairs + segment fix-up (``_lloyd_prepare`` up to its gather), H100, for
+    segments of ``sizes`` (default: ImageNet ResNet34's 111 factors, :data:`N_RESNET34` values)."""
+    from bench.lloyd import resnet34_shapes
     from bench.model import H100, _lloyd_prepare
 
-    sort = [x for x in _lloyd_prepare(n, segments) if not x.name.startswith(("cumsum", "_sumsq"))]
+    if sizes is None:
+        sizes = [s for o, i in resnet34_shapes() for s in (o * min(o, i), min(o, i) * i, o * i)]
+    launches = _lloyd_prepare(sizes)
+    last = [x.name for x in launches].index("index_select")
+    sort = launches[: last + 1]
     return round(1e3 * sum(x.time_s(H100) for x in sort), 2)
 
 

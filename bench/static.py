@@ -602,6 +602,21 @@ def write_static(out: Path, results: list[dict], notes: list[str]) -> str:
     return md
 
 
+def predict_from(gate_json: Path, out: Path) -> int:
+    """``predictions.json`` / ``predictions.md`` under ``out``: today's model on the blocks/SM of the gate run
+    in ``gate_json`` (its rows are copied, so the file names the compiled figures it used)."""
+    rows = json.loads(gate_json.read_text())["rows"]
+    preds = predictions(worst_blocks(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("triton", "kernel", "arch", "ok", "blocks_sm")
+    doc = {"blocks_from": gate_json.name, "rows": [{k: r.get(k) for k in keep} for r in rows], "predictions": preds}
+    (out / "predictions.json").write_text(json.dumps(doc, indent=1))
+    md = predictions_table(preds)
+    (out / "predictions.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for static.json / static.md")
@@ -611,7 +626,15 @@ def main(argv: list[str] | None = None) -> int:
         "--newest", default="auto", help=f"a triton {TRITON_NEWEST} `pip --target` directory, 'auto' or 'off'"
     )
     ap.add_argument("--only", default="", help="comma-separated families: " + ", ".join(FAMILIES))
+    ap.add_argument(
+        "--predict-from",
+        type=Path,
+        default=None,
+        help="a static.json of an earlier gate run: re-run only the model on its blocks/SM (no compile)",
+    )
     args = ap.parse_args(argv)
+    if args.predict_from:
+        return predict_from(args.predict_from, args.out)
     archs = tuple(int(a) for a in args.arch.split(","))
     fams = tuple(f.strip() for f in args.only.split(",") if f.strip()) or None
     import triton

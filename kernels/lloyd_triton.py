@@ -30,17 +30,19 @@ Bytes per value (float32 values, at most 256 segments; ``bench/model.py``'s ``ll
 counts the same launches), read + written:
 
     floor (read the values, write int16 codes and float32 q)                       10
-    arange of the sort indices                                                     8
+    index fill of the first sort                                                  8
     torch.sort, float32 keys + int64 indices (4 radix passes of 8 bits)          100
-    searchsorted to segment ids, narrow keys, their stable sort (1 pass)          36
-    index_select into segment order                                               16
-    float64 prefix sums, sums of squares                                          16
+    searchsorted to segment ids, narrow keys, index fill, their stable sort      44
+    index_select into segment order (indices 8, written 4, the gather below)   ~41
+    nan_to_num, float64 cast and prefix sums, sums of squares                     40
     Lloyd launch: O(S K log n) binary-search loads per iteration                 ~0
     codes pass (read values, write codes and q)                                   10
-    total, method "lloyd"                                                        186   (18.6x the floor)
-    method "fast": + segment starts 1, both scans 22, init and refinement ~5      214   (21.4x)
+    total, method "lloyd"                                                       ~243   (24x the floor)
+    method "fast": + segment starts 1, both scans 22, init and refinement ~3     ~269   (27x)
 
-The segmented sort (arange to index_select) is 160 of them: a design with one full sort cannot come
+The gather reads a 32-B sector per value or so: each segment's values lie spread over the whole sorted
+buffer (29 B per value for ResNet34's 111 segments, ``bench.model.segment_gather_bytes``). The segmented
+sort (index fill to index_select) is ~193 of them: a design with one full sort cannot come
 near this floor (README, "Static GPU gate, roofline predictions and the one-shot GPU check").
 """
 
@@ -421,8 +423,9 @@ def _segment_sort(values: Tensor, offsets: Tensor) -> Tensor:
 
 
 def _finite(x: Tensor) -> Tensor:
-    """``x`` with non-finite values as 0 (for the global prefix sums; their segment's error is NaN anyway)."""
-    return torch.where(torch.isfinite(x), x, 0.0)
+    """``x`` with non-finite values as 0 (for the global prefix sums; their segment's error is NaN anyway).
+    One elementwise launch (``torch.where(torch.isfinite(x), ...)`` is five on CUDA: ``isfinite`` is composite)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

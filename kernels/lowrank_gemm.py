@@ -159,6 +159,7 @@ def predicted_us(
     hw: dict | None = None,
     bitmap_elems: int = 0,
     triton: str = "3.8",
+    launches: int = 1,
 ) -> float:
     """Predicted microseconds of one ``[M, K] x [K, N]`` packed-layer call on ``path`` (roofline model).
 
@@ -166,8 +167,9 @@ def predicted_us(
     CUDA cores, each gathering ``M`` activations); ``coded_elems`` / ``bitmap_elems``: elements of
     dense-coded / bitmap factors (decoded in tensor-core tiles of at least 16 rows). The time is the
     largest of DRAM bytes, FLOPs, L1 gathers and instruction issue (:func:`issue_instructions`, with the
-    counts of ``triton``).
-    ``"dense"`` is cuBLAS on the cached dense weight.
+    counts of ``triton``), plus ``hw["launch_us"]`` for each of the call's ``launches`` kernel launches (a
+    packed call makes 1 to 6: ``bench.model.atmc_linear`` lists them; 1, the default, is a lower bound).
+    ``"dense"`` is cuBLAS on the cached dense weight (one launch).
 
     Example:
         >>> round(predicted_us("dense", 1, 4096, 4096, 0, 0, 0), 1)  # 32 MiB of fp16 weight at 3 TB/s
@@ -179,12 +181,14 @@ def predicted_us(
         return hw["launch_us"] + 1e6 * max((2 * N * K + io) / hw["hbm"], 2 * M * N * K / hw["tc"])
     if path not in PATHS:
         raise ValueError(f"predicted_us: path must be one of {PATHS}, got {path!r}")
+    if launches < 1:
+        raise ValueError(f"predicted_us: launches must be >= 1, got {launches}")
     rows = max(M, 16)  # an mma tile has at least 16 rows
     fetch = (packed_bytes + io + 4 * M * N) / hw["hbm"]  # + the float32 output pass of the CSR kernel
     compute = 2 * rows * (coded_elems + bitmap_elems) / hw["tc"] + 2 * M * csr_nnz / hw["fma"]
     gather = act_bytes * M * csr_nnz / hw["l1"]
     issue = issue_instructions(M, csr_nnz, coded_elems, bitmap_elems, triton) / hw["issue"]
-    return hw["launch_us"] + 1e6 * max(fetch, compute, gather, issue)
+    return hw["launch_us"] * launches + 1e6 * max(fetch, compute, gather, issue)
 
 
 def dense_crossover(
@@ -195,6 +199,8 @@ def dense_crossover(
     when cuBLAS already wins at ``SMALL_M_PATH + 1``, the smallest ``M`` from which it wins at every
     ``M`` up to there (a step down at a time). Up to ``PACKED_M`` rows the packed kernels always run:
     small batches are where compression pays in memory, and a cached dense weight would undo it.
+    Each path is charged one launch: the packed one's extra launches (1 to 5 more, about 1 µs each) can
+    only move the crossover down, by a few rows.
 
     Example:
         >>> N = K = 4096; nnz = 6_710_886  # 40 % dense: ratio 0.05 of fp32 at 4 bits, one CSR factor

@@ -163,9 +163,7 @@ def test_prediction_table_is_what_the_model_gives_today():
     from bench import static
 
     rows = ["| " + " | ".join(r) + " |" for r in _table("| op | predicted ms H100")]
-    name = re.search(
-        r"The\s+table is the one `python -m bench.static` printed on \S+ \(`bench/results/([\w.-]+)\.md`", README
-    )
+    name = re.search(r"The\s+table is the model's on \S+ \(`bench/results/([\w.-]+)\.md`", README)
     assert name, "the sentence naming the prediction table's run moved; update this test"
     blocks = static.worst_blocks(json.loads((RESULTS / f"{name[1]}.json").read_text())["rows"])
     today = static.predictions_table(static.predictions(blocks)).splitlines()[2:]

@@ -1,0 +1,107 @@
+"""The prediction model counts what the launchers run (the 2026-12-02 review of ``bench/model.py``).
+
+Each test pins one count the review found wrong: the launches torch ops expand to on their own (checked
+with the profiler on CPU, where the same ATen composites run), the gather into segment order, the
+per-launch charge of ``predicted_us`` and the backtrack's instructions per step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from atmc_triton.kernels.lloyd_triton import _finite
+from atmc_triton.kernels.lowrank_gemm import H100, predicted_us
+from atmc_triton.kernels.lowrank_gemm_triton import csr_operand
+from torch.profiler import ProfilerActivity, profile
+
+from bench import model
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+NO_KERNEL = ("aten::empty", "aten::resize_", "aten::as_strided", "aten::view", "aten::t", "aten::transpose")
+
+
+def _ops(fn, leaves: bool = True) -> list[str]:
+    """Names of the ATen ops that ran while ``fn`` ran on CPU: the leaves that launch a kernel (allocations and
+    views left out), or every op."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    parents = {e.cpu_parent.id for e in events if e.cpu_parent is not None}
+    names = [e.name for e in events if e.name.startswith("aten::") and not (leaves and e.id in parents)]
+    return [n for n in names if not (leaves and n.startswith(NO_KERNEL))]
+
+
+def test_finite_is_one_elementwise_op_and_equals_the_isfinite_mask():
+    x = torch.tensor([1.0, float("nan"), -float("inf"), float("inf"), -2.5, 0.0])
+    assert torch.equal(_finite(x), torch.where(torch.isfinite(x), x, 0.0))
+    ops = _ops(lambda: _finite(x))
+    assert ops == ["aten::nan_to_num"], ops
+    slow = _ops(lambda: torch.where(torch.isfinite(x), x, 0.0))
+    assert len(slow) >= 4, slow  # what it replaced: isfinite is a composite of eq, abs, ne, mul, then where
+
+
+def test_cumsum_to_float64_is_a_cast_then_a_scan_and_the_model_counts_both():
+    x = torch.randn(1000)
+    ops = _ops(lambda: torch.cumsum(x, 0, dtype=torch.float64), leaves=False)
+    assert "aten::_to_copy" in ops and "aten::cumsum" in ops, ops
+    names = [launch.name for launch in model._lloyd_prepare([600, 400])]
+    assert "cumsum: cast to float64" in names and "cumsum float64" in names and "nan_to_num" in names
+
+
+def test_every_torch_sort_has_its_index_fill():
+    names = [launch.name for launch in model._lloyd_prepare([600, 400])]
+    sorts = [i for i, n in enumerate(names) if "sort" in n and "fill" not in n and "searchsorted" not in n]
+    fills = [i for i, n in enumerate(names) if "index fill" in n]
+    assert len(sorts) == 2 and len(fills) == 2 and all(f + 1 == s for f, s in zip(fills, sorts)), names
+
+
+@pytest.mark.parametrize("shares", [[1], [1, 1, 1, 1], [50, 30, 15, 4, 1], [1] * 60])
+def test_gather_bytes_match_a_simulated_gather_into_segment_order(shares):
+    """Count the 32-B sectors a gather touches: each segment's values in rising order, segments at random
+    places of the sorted buffer (alike distributions), one segment after another as ``index_select`` reads."""
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    sizes = [n * s // sum(shares) for s in shares]
+    sizes[-1] += n - sum(sizes)
+    seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[torch.randperm(n, generator=g)]
+    sectors = 0
+    for s in range(len(sizes)):
+        pos = torch.nonzero(seg == s).flatten() // 8  # rising positions -> their sectors
+        sectors += int(torch.unique_consecutive(pos).numel())
+    simulated = 32.0 * sectors
+    big = [s * 1000 for s in sizes]  # the same shares, past L2 (the formula is per value, scale-free)
+    predicted = model.segment_gather_bytes(big) / 1000
+    assert predicted == pytest.approx(simulated, rel=0.02)
+    assert model.segment_gather_bytes(sizes) == 4 * n  # fits in L2: read once
+
+
+def test_predicted_us_charges_every_launch():
+    args = ("split_k", 16, 4096, 4096, 10_000_000, 3_000_000, 0)
+    one, four = predicted_us(*args), predicted_us(*args, launches=4)
+    assert four - one == pytest.approx(3 * H100["launch_us"])
+    with pytest.raises(ValueError, match="launches"):
+        predicted_us(*args, launches=0)
+
+
+def test_the_csr_operand_pad_is_two_launches_and_the_model_lists_both():
+    a = torch.randn(16, 64)
+    ops = _ops(lambda: csr_operand(a))
+    assert sum("fill" in o for o in ops) == 1 and sum("copy" in o for o in ops) == 1, ops
+    names = [launch.name for launch in model.atmc_linear(16, 4096, 4096, 0.05, 8).launches]
+    assert names == ["F.pad: fill", "F.pad: copy of x^T", "_csr_mm_kernel", "_csr_mm_kernel"]
+    assert [launch.name for launch in model.atmc_linear(1, 4096, 4096, 0.05, 8).launches] == ["_csr_mm_kernel"] * 2
+
+
+def test_the_backtrack_step_count_divides_by_its_stores():
+    from bench.refine_issue import classify
+
+    gate = json.loads((RESULTS / "fast_refine_sass_2026-12-01_race.json").read_text())
+    for res in gate:
+        got = classify(res["loops"])
+        assert got["back"] == 143 / 4, res["triton"]  # 4 steps unrolled: 4 stores, 8 picks
+        assert model.REFINE_SASS[res["triton"][:3]]["back"] == got["back"]
