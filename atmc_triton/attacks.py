@@ -12,7 +12,7 @@ Conventions (those of torchattacks and AutoAttack):
   before the call. By default (``eval_mode=True``) the attack runs the model in eval mode
   (BatchNorm uses running statistics, dropout is off), the usual choice for evaluation;
   ``eval_mode=False`` runs it in the caller's mode (Madry-style training attacks on a model in
-  train mode) and puts any buffers a forward pass touched back afterwards.
+  train mode). In either mode any buffer a forward pass touched is put back afterwards.
 * ATMC layers materialize ``W = U V + C`` once per attack (:func:`atmc_triton.cached_weights`).
 * defaults follow torchattacks: ``eps=8/255`` everywhere; PGD ``alpha=2/255, steps=10,
   random_start=True``; APGD-CE / APGD-DLR ``steps=100`` (AutoAttack's standard setting;
@@ -88,12 +88,15 @@ def attack_context(model: nn.Module, eval_mode: bool = True, labels: Tensor | No
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]  # an attack that calls backward (torchattacks' FAB) adds
     # to .grad: each parameter gets no grad while the attack runs and its own one back afterwards
-    saved: list[tuple[Tensor, Tensor]] = []
-    if not eval_mode:  # a forward pass in train mode may update buffers (BatchNorm statistics)
-        for m in model.modules():
-            if isinstance(m, ATMCLayer) or not m.training:
-                continue
-            saved += [(b, b.detach().clone()) for b in m.buffers(recurse=False)]
+    # a forward pass may update buffers: BatchNorm statistics in train mode, or a module's own state (a counter, a
+    # cache) in either mode; every module's buffers are put back (an ATMC layer's ADMM state is not touched by a
+    # forward pass and is as large as its weight: not copied)
+    saved = [
+        (b, b.detach().clone())
+        for m in model.modules()
+        if not isinstance(m, ATMCLayer)
+        for b in m.buffers(recurse=False)
+    ]
     if top is None:  # (the attacks pass the largest label their input check read)
         top = int(labels.max()) if labels is not None and labels.numel() else -1
     hook = model.register_forward_hook(lambda m, a, out: _check_classes(out, top)) if top >= 0 else None
@@ -447,9 +450,9 @@ def _apgd_run(
     rho: float,
     generator: torch.Generator | None,
     loss_fn: PerSampleLoss,
-) -> tuple[Tensor, Tensor]:
-    """One APGD run maximizing ``loss_fn``; returns ``(x_adv, fooled [N] bool)`` (``x_adv``: a fooling point if
-    any, else the highest-loss one)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One APGD run maximizing ``loss_fn``; returns ``(x_adv, fooled [N] bool, best loss [N])`` (``x_adv``: a fooling
+    point if any, else the highest-loss one, whose loss is the third)."""
     n = x.shape[0]
     view = (n,) + (1,) * (x.dim() - 1)
 
@@ -500,7 +503,7 @@ def _apgd_run(
             reduced_last, best_at_check = reduce, loss_best.clone()
             since, increases = 0, torch.zeros_like(increases)
             period = max(period - p_decr, p_min)
-    return torch.where(fooled.view(view), x_fool, x_best), fooled
+    return torch.where(fooled.view(view), x_fool, x_best), fooled, loss_best
 
 
 def _apgd(
@@ -517,7 +520,9 @@ def _apgd(
     name: str,
 ) -> Tensor:
     """APGD restarts over the points still classified correctly; ``losses(x_sub, y_sub)`` gives the losses of one
-    round (one per target class for APGD-T), each run ``n_restarts`` times."""
+    round (one per target class for APGD-T), each run ``n_restarts`` times. A point never fooled keeps the
+    highest-loss point of its round's restarts (a later restart with a lower loss does not overwrite it); the
+    rounds' losses differ (APGD-T: one target each), so the best is taken per round and the last round's is kept."""
     top = _check(x, y, eps)
     if not (_count(steps, 1) and _count(n_restarts, 1)):
         raise ValueError(f"{name} needs steps >= 1 and n_restarts >= 1, got {steps}, {n_restarts}")
@@ -530,13 +535,16 @@ def _apgd(
         adv = x.clone()
         n_rounds = len(losses(x[:0], y[:0]))
         for r in range(n_rounds):
+            best = torch.full(y.shape, -math.inf, device=x.device)  # this round's best loss per point
             for _ in range(n_restarts):
                 idx = robust.nonzero().view(-1)
                 if idx.numel() == 0:
                     break
                 fn = losses(x[idx], y[idx])[r]
-                a, fooled = _apgd_run(model, x[idx], y[idx], eps, steps, rho, generator, fn)
-                adv[idx] = a
+                a, fooled, loss = _apgd_run(model, x[idx], y[idx], eps, steps, rho, generator, fn)
+                keep = fooled | (loss.to(best.dtype) > best[idx]) | (best[idx] == -math.inf)
+                adv[idx[keep]] = a[keep]
+                best[idx] = torch.maximum(best[idx], loss.to(best.dtype))
                 robust[idx[fooled]] = False
     return _clip_ball(adv, x, eps).detach()  # idempotent on APGD's clipped points (no rounding)
 
@@ -600,7 +608,8 @@ def apgd_dlr(
     Args:
         x: ``[N, ...]`` inputs in ``[0, 1]``; y: ``[N]`` labels.
     Returns:
-        ``x_adv`` like ``x``: the last point found misclassified, else the highest-loss one of the last run.
+        ``x_adv`` like ``x``: the last point found misclassified, else the highest-loss one of the restarts
+        (targeted: of the last target class's restarts).
 
     Example:
         >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))
@@ -614,8 +623,7 @@ def apgd_dlr(
         )
     need = 3 if n_target_classes is None else 4
     top = _check(x, y, eps)
-    with torch.no_grad(), attack_context(model, eval_mode, top=top):
-        c = model(x[:1].detach()).shape[1] if x.shape[0] else need
+    c = _n_classes(model, x, eval_mode, top)
     if c < need:
         kind = "untargeted" if n_target_classes is None else "targeted"
         raise ValueError(f"apgd_dlr: the {kind} DLR loss needs >= {need} classes, the model has {c}")
@@ -669,7 +677,8 @@ class SuiteResult:
     """A cascade of attacks on one batch: each stage ran only on the points every earlier stage missed.
 
     Attributes:
-        suite: the label (``"aa-torchattacks"``, ``"autoattack-standard"``, ``"apgd-ce-100+apgd-t-100"``, ...).
+        suite: the label (``"aa-torchattacks"``, ``"autoattack-standard"``, ``"apgd-ce-100+apgd-t-100"``,
+            ``"autoattack-standard(steps-5,3targets,square-20)"``, ...).
         x_adv: ``[N, ...]`` the worst case per example: the first point that fooled the model, else ``x``.
         robust: ``[N]`` bool, correct on ``x`` and on every stage's output.
         pred: ``[N]`` the model's predictions on ``x_adv``.
@@ -752,7 +761,10 @@ def cascade(
 
 
 def resolve_suite(suite: str, use_autoattack: bool | None, x: Tensor) -> str:
-    """The suite ``robust_suite`` runs for these arguments and inputs like ``x`` (``ValueError`` if it cannot)."""
+    """The suite ``robust_suite`` runs for these arguments and inputs like ``x`` (``ValueError`` if it cannot).
+
+    fra31's and torchattacks' attacks make float32 tensors: for other dtypes ``"auto"`` picks ``"apgd"`` and an
+    explicit ``"autoattack"`` / ``"torchattacks"`` is a ``ValueError``."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
     if use_autoattack is not None:  # the older switch: True = fra31's AutoAttack, False = the built-in APGD suite
@@ -768,11 +780,26 @@ def resolve_suite(suite: str, use_autoattack: bool | None, x: Tensor) -> str:
             )
         if x.dim() != 4:
             raise ValueError(f"the torchattacks suite needs image batches [N, C, H, W], got {tuple(x.shape)}")
+    if suite in ("autoattack", "torchattacks") and x.dtype != torch.float32:
+        raise ValueError(
+            f"the {suite} suite needs float32 inputs (its attacks make float32 tensors), got {x.dtype}: "
+            "pass x.float() with a float32 model, or suite='apgd' (any floating dtype)"
+        )
     if suite == "auto":
+        if x.dtype != torch.float32:  # fra31's and torchattacks' attacks draw float32 noise: they fail or cast
+            return "apgd"
         if autoattack_available():
             return "autoattack"
         return "torchattacks" if torchattacks_available() and x.dim() == 4 else "apgd"
     return suite
+
+
+def _n_classes(model: nn.Module, x: Tensor, eval_mode: bool = True, top: int | None = None) -> int:
+    """The model's number of outputs for inputs like ``x``, read on its first row, or on a row of zeros for an empty
+    batch (so an empty batch gets the same stages and label as any other)."""
+    row = x[:1].detach() if x.shape[0] else x.new_zeros((1, *x.shape[1:]))
+    with torch.no_grad(), attack_context(model, eval_mode, top=top):
+        return _logits_of(model(row)).shape[1]
 
 
 def _seed_from(generator: torch.Generator | None) -> int:
@@ -793,17 +820,39 @@ def suite_stages(
     generator: torch.Generator | None = None,
     version: str = "standard",
 ) -> tuple[str, list[tuple[str, AttackFn]]]:
-    """The label and the stages of a resolved suite (``"autoattack"``, ``"torchattacks"`` or ``"apgd"``)."""
-    with torch.no_grad(), attack_context(model):
-        c = model(x[:1]).shape[1] if x.shape[0] else 10
+    """The label and the stages of a resolved suite (``"autoattack"``, ``"torchattacks"`` or ``"apgd"``).
+
+    The class count is read on ``x``'s first row (a row of zeros for an empty batch: the same label either way). Every
+    suite runs ``steps`` iterations per gradient attack, ``min(n_target_classes, classes - 1)`` target classes and
+    ``square_queries`` Square queries, seeded from ``generator``; a suite short of AutoAttack's standard settings
+    (100 / 9 / 5000), or without APGD-T (a model with fewer than 4 classes), says so in its label, e.g.
+    ``autoattack-standard(steps-5,3targets,square-20)``,
+    ``autoattack-standard(steps-100,2targets,square-5000,no-apgd-t)`` or
+    ``aa-torchattacks(apgd-ce-5,apgd-t-5,fab-t-5,square-20)``. Square follows AutoAttack: at 5000 queries its
+    schedule of square sizes is the unrescaled one (``resc_schedule=False``, as fra31's AutoAttack runs it); at any
+    other count the schedule is rescaled to the queries it has (``resc_schedule=True``), so a short run still shrinks
+    its squares."""
+    c = _n_classes(model, x)
     k = min(n_target_classes, c - 1)
     std = steps == 100 and square_queries == 5000 and k == min(9, c - 1)
     tk = "" if k == min(9, c - 1) else f"-{k}targets"  # a non-standard target count is in the stage names
+    rescale = square_queries != 5000  # AutoAttack's standard Square: 5000 queries, resc_schedule=False
     if suite == "autoattack":
         from autoattack import AutoAttack
 
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, verbose=False, device=str(x.device))
+        seed = _seed_from(generator)
+        dev = str(x.device)
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, verbose=False, device=dev)
+        # the sub-attacks run the suite's settings (AutoAttack's constructor set its standard ones)
+        for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
+            attack.n_iter = steps
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = k
+        adversary.square.n_queries, adversary.square.rescale_schedule = square_queries, rescale
+        dropped = [a for a, low in (("apgd-t", 4), ("apgd-dlr", 3)) if c < low and a in adversary.attacks_to_run]
+        adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a not in dropped]  # DLR needs the classes
         name = f"autoattack-{version}"
+        if not std or dropped:
+            name += f"(steps-{steps},{k}targets,square-{square_queries}" + "".join(f",no-{a}" for a in dropped) + ")"
         return name, [(name, lambda a, b: adversary.run_standard_evaluation(a, b, bs=max(1, a.shape[0])))]
     if suite == "torchattacks":
         import torchattacks as ta
@@ -830,12 +879,21 @@ def suite_stages(
             ),
             (
                 f"square-{square_queries}",
-                ta.Square(model, norm="Linf", eps=eps, n_queries=square_queries, n_restarts=1, seed=seed),
+                ta.Square(
+                    model,
+                    norm="Linf",
+                    eps=eps,
+                    n_queries=square_queries,
+                    n_restarts=1,
+                    seed=seed,
+                    resc_schedule=rescale,
+                ),
             ),
         ]
         if c < 4:  # targeted DLR needs 4 classes
             stages = [s for s in stages if not s[0].startswith("apgd-t")]
-        label = "aa-torchattacks" if std else "aa-torchattacks(" + ",".join(n for n, _ in stages) + ")"
+        full = std and c >= 4  # else the label names the stages that run
+        label = "aa-torchattacks" if full else "aa-torchattacks(" + ",".join(n for n, _ in stages) + ")"
         return label, [(n, a) for n, a in stages]
     stages = [(f"apgd-ce-{steps}", lambda a, b: apgd_ce(model, a, b, eps, steps, generator=generator))]
     if c >= 4:
@@ -870,11 +928,14 @@ def robust_suite(
     ``version``); else torchattacks (PyPI, a dependency of this package) with AutoAttack's standard
     settings: APGD-CE-``steps``, APGD-T-``steps`` over ``n_target_classes`` targets,
     FAB-T-``steps``, Square-``square_queries`` (defaults 100 / 9 / 100 / 5000; images
-    ``[N, C, H, W]`` only); else the built-in APGD-CE + APGD-T (:func:`apgd_dlr`). ``"autoattack"``,
-    ``"torchattacks"`` and ``"apgd"`` force one (a missing package is a ``ValueError``);
-    ``use_autoattack`` (older switch) True/False means ``"autoattack"`` / ``"apgd"``. The result
-    names the suite that ran (``SuiteResult.suite``). The global RNG is left as found
-    (torchattacks reseeds it; its seed here comes from ``generator``).
+    ``[N, C, H, W]`` only); else the built-in APGD-CE + APGD-T (:func:`apgd_dlr`); for inputs that are not
+    float32, always the built-in one. ``"autoattack"``, ``"torchattacks"`` and ``"apgd"`` force one (a missing
+    package or a non-float32 ``x`` for the first two is a ``ValueError``); ``use_autoattack`` (older switch)
+    True/False means ``"autoattack"`` / ``"apgd"``. fra31's AutoAttack runs its sub-attacks with these
+    ``steps``, ``n_target_classes`` and ``square_queries``. The result names the suite that ran and, when short of
+    AutoAttack's standard settings, with what (``SuiteResult.suite``, see :func:`suite_stages`); an empty batch
+    gets the same label. The global RNG is left as found (fra31's AutoAttack and torchattacks reseed it; their
+    seed here comes from ``generator``, so a seeded ``generator`` repeats the run).
 
     Example:
         >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))

@@ -360,10 +360,15 @@ def test_apgd_restarts_only_attack_robust_points(batch):
 def test_robust_attack_uses_autoattack_when_installed(batch, monkeypatch):
     calls = {}
 
-    class FakeAutoAttack:
-        def __init__(self, model, norm, eps, version, verbose, device):
+    class FakeAutoAttack:  # fra31's constructor and the sub-attack settings the suite sets
+        def __init__(self, model, norm, eps, seed, version, verbose, device):
             calls.update(norm=norm, eps=eps, version=version)
-            self.model = model
+            self.model, self.seed = model, seed
+            self.apgd = types.SimpleNamespace(n_iter=100)
+            self.apgd_targeted = types.SimpleNamespace(n_iter=100, n_target_classes=9)
+            self.fab = types.SimpleNamespace(n_iter=100, n_target_classes=9)
+            self.square = types.SimpleNamespace(n_queries=5000, rescale_schedule=False)
+            self.attacks_to_run = ["apgd-ce", "apgd-t", "fab-t", "square"]
 
         def run_standard_evaluation(self, x, y, bs):
             calls["training"] = self.model.training
