@@ -727,9 +727,9 @@ def summary(rows: list[dict[str, Any]], reference: str = "dense-adversarial") ->
 def _suite_hint(rows: list[dict[str, Any]]) -> str | None:
     """How to get the full AutoAttack-grade suite when a lighter one ran."""
     suite = next((r["suite"] for r in rows if r.get("suite")), None)
-    if suite is None or suite == "aa-torchattacks" or suite.startswith("autoattack"):
+    if suite is None or suite == "aa-torchattacks" or (suite.startswith("autoattack") and "(" not in suite):
         return None
-    if suite.startswith("aa-torchattacks("):
+    if suite.startswith(("aa-torchattacks(", "autoattack")):  # a shortened one: "...(steps-5,3targets,square-20)"
         return (
             f"suite {suite} is lighter than AutoAttack's standard; for the full one: "
             "--apgd-steps 100 --square-queries 5000"

@@ -271,3 +271,22 @@ def test_attack_context_puts_back_every_buffer_a_forward_pass_moved(mode, eval_m
         k for k, v in model.state_dict().items() if not torch.equal(v, before[k])
     ]
     assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize(
+    ("label", "hint"),
+    [
+        ("autoattack-standard", None),
+        ("aa-torchattacks", None),
+        ("autoattack-standard(steps-5,3targets,square-20)", "lighter than AutoAttack's standard"),
+        ("aa-torchattacks(apgd-ce-5,apgd-t-5,fab-t-5,square-20)", "lighter than AutoAttack's standard"),
+        ("apgd-ce-5+apgd-t-5-3targets", "has no FAB-T and no Square"),
+    ],
+)
+def test_the_cli_names_a_shortened_autoattack_as_lighter(label, hint):
+    """A shortened fra31 AutoAttack (labelled since its sub-attacks run the suite's settings) was taken for the
+    full suite: the CLI printed no hint for ``autoattack-standard(steps-5,...)``."""
+    from atmc_triton.cli import _suite_hint
+
+    got = _suite_hint([{"suite": label}])
+    assert (got is None) if hint is None else (hint in got and label in got)
