@@ -461,8 +461,10 @@ def atmc_linear(
     """What a ``PackedLinear`` runs at batch ``M`` with ``elt``-byte activations (``linear_path`` picks the path).
 
     "split_k" (M <= 32): split-K tiles stream the dense-coded factors into a ``[SPLIT_K, M, n]`` fp32
-    workspace, one fixed-order sum, then one CSR pass per CSR factor (read-modify-write of the fp32
-    sum) and a final cast; a stage of CSR factors only writes its output from the first CSR pass.
+    workspace, one fixed-order sum, then one CSR pass per activation of the CSR factors (the launcher's
+    ``csr_groups``: the factors on ``x`` in one launch; read-modify-write of the fp32 sum) and a final cast;
+    a stage of CSR factors only writes its output from its first CSR pass (the identity-init layer with both
+    factors CSR: one launch at ``M = 1``, plus ``F.pad``'s fill and copy of ``x^T`` at ``M > 1``).
     "tile" (32 < M < crossover): large tensor-core tiles for dense codes and bitmaps, CSR SpMM on CUDA
     cores, no decode. "dense" (M >= crossover): cuBLAS on the weight decoded once and cached (the
     one-time decode is not counted). Each packed launch also carries the warp instructions its hot
@@ -523,16 +525,21 @@ def atmc_linear(
                 pad = act[a] * (cols + 1) * csr_cols(M) // (cols * M)
                 launches.append(Launch("F.pad: fill", 0, pad))
                 launches.append(Launch("F.pad: copy of x^T", act[a], act[a]))
-            for i, (a, f) in enumerate(csr):
+            groups: dict[str, list] = {}  # lowrank_gemm_triton.csr_groups: the factors on one activation, pairwise
+            for a, f in csr:
+                groups.setdefault(a, []).append(f)
+            launch_groups = [(a, g[i : i + 2]) for a, g in groups.items() for i in range(0, len(g), 2)]
+            for i, (a, group) in enumerate(launch_groups):
                 rmw = 0 if (i == 0 and not tile) else acc_elt * M * n
+                nnz = sum(f["nnz"] for f in group)
                 launches.append(
                     Launch(
                         "_csr_mm_kernel",
-                        f["bytes"] + act[a] + rmw,
+                        sum(f["bytes"] for f in group) + act[a] + rmw,
                         acc_elt * M * n,
-                        2 * M * f["nnz"],
+                        2 * M * nnz,
                         False,
-                        issue=issue_instructions(M, f["nnz"], 0, triton=triton),
+                        issue=issue_instructions(M, nnz, 0, triton=triton),
                     )
                 )
             if small and tile and out_elt != 4:

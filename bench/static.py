@@ -171,7 +171,10 @@ GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype, formats): bench/gemm.
     (384, 256, 0.05, 4, "identity", 16, "fp32", "speed"),  # ... fp32 activations (tf32 tensor cores)
     (384, 256, 0.05, 4, "identity", 16, "fp32", "size"),
     (384, 256, 0.05, 4, "identity", 20, "fp32", "speed"),  # 16 < M <= 32: split-K tiles with BLOCK_M = 32
-    (384, 256, 0.05, 8, "identity", 1, "fp16", "speed"),  # M = 1: CSR factors (narrow)
+    (384, 256, 0.05, 8, "identity", 1, "fp16", "speed"),  # M = 1: CSR factors (narrow), C and U in one launch
+    (384, 256, 0.05, 8, "identity", 8, "fp16", "speed"),  # ... M = 8: the fused CSR launch, BLOCK_M 8 (narrow)
+    (384, 256, 0.05, 8, "identity", 16, "fp16", "speed"),  # ... M = 16: BLOCK_M 16 (wide)
+    (384, 256, 0.05, 8, "identity", 40, "fp16", "speed"),  # ... M > 32: BLOCK_M 32, the most registers
     (384, 256, 0.05, 4, "identity", 40, "fp16", "speed"),  # M > 32: dense codes in large tiles + CSR SpMM (no decode)
     (384, 256, 0.05, 4, "identity", 40, "fp16", "size"),  # ... a bitmap factor in large tiles
     (384, 256, 0.05, 4, "identity", 40, "fp32", "speed"),

@@ -436,12 +436,57 @@ def _column(c):
 
 
 @triton.jit
+def _csr_tail(
+    indices_ptr,
+    words_ptr,
+    book_ptr,
+    book_len,
+    start,
+    end,
+    nnz_v,
+    K,
+    row_elems,
+    WIDTH: tl.constexpr,
+    ZERO_ROW: tl.constexpr,
+    G: tl.constexpr,
+):
+    """``(t_off, t_ok, t_val)`` ``[BR, G]`` of a factor's tail: each row's nonzeros in ``[nnz_v, nnz)`` (fewer
+    than ``G``, past the last whole group of the streams), scalar loads; ``t_off`` the offsets of their rows of
+    ``A^T`` (``ZERO_ROW``: masked slots point at the zero row ``K``)."""
+    tj = tl.maximum(start, nnz_v)[:, None] + tl.arange(0, G)[None, :]  # [BR, G]
+    t_ok = tj < end[:, None]
+    t_col = _column(tl.load(indices_ptr + tj, mask=t_ok, other=0))
+    t_ok = t_ok & (t_col.to(tl.uint32, bitcast=True) < K)
+    t_val = _dequant(words_ptr, book_ptr, book_len, tj, t_ok, WIDTH, 1)  # [BR, G]
+    if ZERO_ROW:
+        t_off = tl.where(t_ok, t_col, K).to(tl.int64) * row_elems
+    else:
+        t_off = t_col.to(tl.int64) * row_elems
+    return t_off, t_ok, t_val
+
+
+@triton.jit
+def _csr_tail_add(acc2, c: tl.constexpr, t_off, t_ok, t_val, a_ptr, m0, ZERO_ROW: tl.constexpr, VEC: tl.constexpr):
+    """``acc2 [BR, VEC] +`` the tail ``(t_off, t_ok, t_val)`` (:func:`_csr_tail`) times chunk ``c`` of the rows."""
+    v = tl.arange(0, VEC)[None, None, :]  # [1, 1, VEC]
+    if ZERO_ROW:
+        a = tl.load(a_ptr + m0 + c * VEC + v + t_off[:, :, None])  # [BR, G, VEC]
+    else:
+        a = tl.load(a_ptr + m0 + c * VEC + v + t_off[:, :, None], mask=t_ok[:, :, None], other=0.0)
+    acc2 += tl.sum(a.to(tl.float32) * t_val[:, :, None], axis=1)
+    return acc2
+
+
+@triton.jit
 def _csr_store(
     acc,
     c: tl.constexpr,
     t_off,
     t_ok,
     t_val,
+    t2_off,
+    t2_ok,
+    t2_val,
     a_ptr,
     out_ptr,
     stride_om,
@@ -456,6 +501,7 @@ def _csr_store(
     HAS_ADDEND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ZERO_ROW: tl.constexpr,
+    HAS_SECOND: tl.constexpr,
     NCH: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -463,15 +509,13 @@ def _csr_store(
     G: tl.constexpr,
 ):
     """``out[m, rows] (+)= sum_j acc + tail`` for chunk ``c`` (``acc [BR * BJ / G, VEC]``, rows ``m = m0 + c VEC
-    + v``); the tail: the ``[BR, G]`` slots past the last whole ``G``-group of the streams (``t_off``, ...)."""
+    + v``); the tail: the ``[BR, G]`` slots past the last whole ``G``-group of the streams (``t_off``, ...), and
+    with ``HAS_SECOND`` the second factor's (``t2_off``, ...)."""
     if c < NCH:
         acc2 = tl.sum(tl.reshape(acc, (BLOCK_R, BLOCK_J // G, VEC)), axis=1)  # [BR, VEC]
-        v = tl.arange(0, VEC)[None, None, :]  # [1, 1, VEC]
-        if ZERO_ROW:
-            a = tl.load(a_ptr + m0 + c * VEC + v + t_off[:, :, None])  # [BR, G, VEC]
-        else:
-            a = tl.load(a_ptr + m0 + c * VEC + v + t_off[:, :, None], mask=t_ok[:, :, None], other=0.0)
-        acc2 += tl.sum(a.to(tl.float32) * t_val[:, :, None], axis=1)
+        acc2 = _csr_tail_add(acc2, c, t_off, t_ok, t_val, a_ptr, m0, ZERO_ROW, VEC)
+        if HAS_SECOND:
+            acc2 = _csr_tail_add(acc2, c, t2_off, t2_ok, t2_val, a_ptr, m0, ZERO_ROW, VEC)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BR, 1]
         rm = m0 + c * VEC + tl.arange(0, VEC)[None, :]  # [1, VEC]
         rm64 = rm.to(tl.int64)
@@ -488,64 +532,36 @@ def _csr_store(
 
 
 @triton.jit
-def _csr_mm_kernel(
-    out_ptr,
-    stride_om,
-    M,
-    N,
-    a_ptr,
-    stride_akv,
-    K,
-    indptr_ptr,
+def _csr_walk(
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    acc4,
+    acc5,
+    acc6,
+    acc7,
+    a_ptrs,
+    row_elems,
+    start,
+    end,
+    nnz_v,
     indices_ptr,
     words_ptr,
     book_ptr,
     book_len,
-    nnz,
-    e_ptr,
-    stride_em,
-    bias_ptr,
-    M_BUCKET,
+    K,
     WIDTH: tl.constexpr,
-    INIT: tl.constexpr,
-    HAS_ADDEND: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     ZERO_ROW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    NCH: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    G: tl.constexpr,
 ):
-    """``out[m, n] (+)= sum_j A[m, col_j] * val_j`` over the nonzeros ``j`` of CSR row ``n`` of ``S [N, K]``.
-
-    One program: ``BLOCK_M`` rows of ``A``/``out`` times ``BLOCK_R`` rows of ``S``; it owns those
-    output elements (plain read-modify-write, no atomics). ``INIT``: write ``E + bias + ...``
-    instead of adding to ``out`` (the first launch of a stage, no zero fill).
-
-    ``a_ptr`` is ``A^T [K (+ 1), Mp]`` row-major, row stride ``stride_akv * VEC`` elements (``Mp``, a
-    multiple of ``VEC``); ``ZERO_ROW``: ``Mp`` is a multiple of ``BLOCK_M`` (columns ``M .. Mp`` are
-    padding, read but never stored) and row ``K`` is zeros, where every slot past its row's end or
-    with a column outside ``[0, K)`` points, so the activation gather needs no mask. Else the gather is
-    masked (``BLOCK_M`` must then be ``VEC``).
-
-    A thread owns ``G = 4`` consecutive nonzero slots of one row, aligned to a multiple of 4 in the
-    streams (slots before the row's start or past its end are masked): their column indices and 8-bit
-    codes are one vector load each (8 / 4 bytes), their codebook entries one load per nonzero, and each
-    nonzero's ``BLOCK_M`` activations ``BLOCK_M / VEC`` (at most 8) aligned vectors of ``VEC`` (16 bytes:
-    8 fp16), each chunk with its own ``[BLOCK_R * BLOCK_J / G, VEC]`` accumulator. Nonzeros past the last
-    whole group of the streams (fewer than 4) are a tail, added after the loop. The column indices of
-    chunk ``j + 1`` are loaded while chunk ``j`` gathers (a register prefetch), so an iteration waits on
-    one load latency, not two in a chain.
-    """
-    NCH: tl.constexpr = BLOCK_M // VEC
-    G: tl.constexpr = 4
-    tl.static_assert(BLOCK_M % VEC == 0 and NCH <= 8 and (ZERO_ROW or NCH == 1) and BLOCK_J % G == 0)
+    """The whole ``G``-groups of one factor's rows ``[start, end)`` (``[BR]``, clamped; ``nnz_v``: the whole
+    groups of its streams) into the chunk accumulators ``acc0 .. acc7`` (:func:`_csr_mm_kernel`'s loop)."""
     QG: tl.constexpr = BLOCK_R * BLOCK_J // G
-    pid_r = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    start, end = _row_range(indptr_ptr, rows, N, nnz)
-    nnz_v = nnz - nnz % G  # whole groups: the vector loads never pass it
     longest = tl.max(end - (start // G) * G, axis=0)
     stq = tl.reshape(tl.broadcast_to(start[:, None], (BLOCK_R, BLOCK_J // G)), (QG,))  # [QG]: thread q's row
     enq = tl.reshape(tl.broadcast_to(tl.minimum(end, nnz_v)[:, None], (BLOCK_R, BLOCK_J // G)), (QG,))
@@ -555,19 +571,6 @@ def _csr_mm_kernel(
     rel0 = base - stq  # [QG]
     lenq = tl.maximum(enq - stq, 0).to(tl.uint32, bitcast=True)[:, None]  # [QG, 1]
     rg = tl.arange(0, G)[None, :]  # [1, G]
-    m0 = pid_m * BLOCK_M
-    a_ptrs = a_ptr + m0 + tl.arange(0, VEC)[None, :]  # [1, VEC]
-    # elements per row of A^T (a multiple of VEC); with ZERO_ROW, offsets are products of two zero-extended
-    # 32-bit values (one wide multiply, not a 64 x 64 one)
-    row_elems = tl.full((), stride_akv * VEC, tl.uint32).to(tl.int64)
-    acc0 = tl.zeros((QG, VEC), dtype=tl.float32)  # one accumulator per chunk, reduced over j after the loop
-    acc1 = tl.zeros((QG, VEC), dtype=tl.float32)
-    acc2 = tl.zeros((QG, VEC), dtype=tl.float32)
-    acc3 = tl.zeros((QG, VEC), dtype=tl.float32)
-    acc4 = tl.zeros((QG, VEC), dtype=tl.float32)
-    acc5 = tl.zeros((QG, VEC), dtype=tl.float32)
-    acc6 = tl.zeros((QG, VEC), dtype=tl.float32)
-    acc7 = tl.zeros((QG, VEC), dtype=tl.float32)
     codes_ptr = words_ptr.to(tl.pointer_type(tl.uint8))  # 8-bit codes: byte j of the stream
     cols_next = tl.load(indices_ptr + (base[:, None] + rg), mask=(base < enq)[:, None], other=0)  # [QG, G]
     for j0 in range(0, longest, BLOCK_J):
@@ -605,25 +608,159 @@ def _csr_mm_kernel(
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _csr_nonzero(
             *accs, a_ptrs, c3, o3, j3_, s3, *args, WIDTH, ZERO_ROW, NCH, VEC
         )
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _csr_mm_kernel(
+    out_ptr,
+    stride_om,
+    M,
+    N,
+    a_ptr,
+    stride_akv,
+    K,
+    indptr_ptr,
+    indices_ptr,
+    words_ptr,
+    book_ptr,
+    book_len,
+    nnz,
+    indptr2_ptr,
+    indices2_ptr,
+    words2_ptr,
+    book2_ptr,
+    book2_len,
+    nnz2,
+    e_ptr,
+    stride_em,
+    bias_ptr,
+    M_BUCKET,
+    WIDTH: tl.constexpr,
+    WIDTH2: tl.constexpr,
+    HAS_SECOND: tl.constexpr,
+    INIT: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ZERO_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """``out[m, n] (+)= sum_j A[m, col_j] * val_j`` over the nonzeros ``j`` of CSR row ``n`` of ``S [N, K]``
+    (``HAS_SECOND``: of ``S`` and then of a second CSR factor ``S2 [N, K]`` on the same ``A``).
+
+    One program: ``BLOCK_M`` rows of ``A``/``out`` times ``BLOCK_R`` rows of ``S``; it owns those
+    output elements (plain read-modify-write, no atomics). ``INIT``: write ``E + bias + ...``
+    instead of adding to ``out`` (the first launch of a stage, no zero fill).
+
+    ``HAS_SECOND``: the program walks the nonzeros of the same ``BLOCK_R`` rows of ``S2`` (``indptr2``,
+    ``indices2``, ``words2``, ``book2``, ``book2_len``, ``nnz2``, codes of ``WIDTH2`` bits; its own tail)
+    after those of ``S``, into the same accumulators, and stores once: one launch, one pass over ``out`` and
+    one gather of ``A`` per nonzero for both factors (the widths may differ, each walk is specialized on its
+    own). Without it, the second factor's arguments are unused and the compiled code is the one-factor kernel.
+
+    ``a_ptr`` is ``A^T [K (+ 1), Mp]`` row-major, row stride ``stride_akv * VEC`` elements (``Mp``, a
+    multiple of ``VEC``); ``ZERO_ROW``: ``Mp`` is a multiple of ``BLOCK_M`` (columns ``M .. Mp`` are
+    padding, read but never stored) and row ``K`` is zeros, where every slot past its row's end or
+    with a column outside ``[0, K)`` points, so the activation gather needs no mask. Else the gather is
+    masked (``BLOCK_M`` must then be ``VEC``).
+
+    A thread owns ``G = 4`` consecutive nonzero slots of one row, aligned to a multiple of 4 in the
+    streams (slots before the row's start or past its end are masked): their column indices and 8-bit
+    codes are one vector load each (8 / 4 bytes), their codebook entries one load per nonzero, and each
+    nonzero's ``BLOCK_M`` activations ``BLOCK_M / VEC`` (at most 8) aligned vectors of ``VEC`` (16 bytes:
+    8 fp16), each chunk with its own ``[BLOCK_R * BLOCK_J / G, VEC]`` accumulator. Nonzeros past the last
+    whole group of the streams (fewer than 4) are a tail, added after the loop. The column indices of
+    chunk ``j + 1`` are loaded while chunk ``j`` gathers (a register prefetch), so an iteration waits on
+    one load latency, not two in a chain.
+    """
+    NCH: tl.constexpr = BLOCK_M // VEC
+    G: tl.constexpr = 4
+    tl.static_assert(BLOCK_M % VEC == 0 and NCH <= 8 and (ZERO_ROW or NCH == 1) and BLOCK_J % G == 0)
+    QG: tl.constexpr = BLOCK_R * BLOCK_J // G
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    start, end = _row_range(indptr_ptr, rows, N, nnz)
+    nnz_v = nnz - nnz % G  # whole groups: the vector loads never pass it
+    m0 = pid_m * BLOCK_M
+    a_ptrs = a_ptr + m0 + tl.arange(0, VEC)[None, :]  # [1, VEC]
+    # elements per row of A^T (a multiple of VEC); with ZERO_ROW, offsets are products of two zero-extended
+    # 32-bit values (one wide multiply, not a 64 x 64 one)
+    row_elems = tl.full((), stride_akv * VEC, tl.uint32).to(tl.int64)
+    acc0 = tl.zeros((QG, VEC), dtype=tl.float32)  # one accumulator per chunk, reduced over j after the loop
+    acc1 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc2 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc3 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc4 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc5 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc6 = tl.zeros((QG, VEC), dtype=tl.float32)
+    acc7 = tl.zeros((QG, VEC), dtype=tl.float32)
+    accs = (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _csr_walk(
+        *accs,
+        a_ptrs,
+        row_elems,
+        start,
+        end,
+        nnz_v,
+        indices_ptr,
+        words_ptr,
+        book_ptr,
+        book_len,
+        K,
+        WIDTH,
+        ZERO_ROW,
+        NCH,
+        VEC,
+        BLOCK_R,
+        BLOCK_J,
+        G,
+    )
     # the tail: each row's nonzeros in [nnz_v, nnz) (fewer than G), scalar loads
-    tj = tl.maximum(start, nnz_v)[:, None] + rg  # [BR, G]
-    t_ok = tj < end[:, None]
-    t_col = _column(tl.load(indices_ptr + tj, mask=t_ok, other=0))
-    t_ok = t_ok & (t_col.to(tl.uint32, bitcast=True) < K)
-    t_val = _dequant(words_ptr, book_ptr, book_len, tj, t_ok, WIDTH, 1)  # [BR, G]
-    if ZERO_ROW:
-        t_off = tl.where(t_ok, t_col, K).to(tl.int64) * row_elems
+    t_off, t_ok, t_val = _csr_tail(
+        indices_ptr, words_ptr, book_ptr, book_len, start, end, nnz_v, K, row_elems, WIDTH, ZERO_ROW, G
+    )
+    if HAS_SECOND:  # the second factor's rows: the same program, accumulators and output elements
+        start2, end2 = _row_range(indptr2_ptr, rows, N, nnz2)
+        nnz2_v = nnz2 - nnz2 % G
+        accs = (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _csr_walk(
+            *accs,
+            a_ptrs,
+            row_elems,
+            start2,
+            end2,
+            nnz2_v,
+            indices2_ptr,
+            words2_ptr,
+            book2_ptr,
+            book2_len,
+            K,
+            WIDTH2,
+            ZERO_ROW,
+            NCH,
+            VEC,
+            BLOCK_R,
+            BLOCK_J,
+            G,
+        )
+        t2_off, t2_ok, t2_val = _csr_tail(
+            indices2_ptr, words2_ptr, book2_ptr, book2_len, start2, end2, nnz2_v, K, row_elems, WIDTH2, ZERO_ROW, G
+        )
     else:
-        t_off = t_col.to(tl.int64) * row_elems
-    st = (t_off, t_ok, t_val, a_ptr, out_ptr, stride_om, e_ptr, stride_em, bias_ptr, M, N, m0, pid_r)
-    _csr_store(acc0, 0, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
-    _csr_store(acc1, 1, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
-    _csr_store(acc2, 2, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
-    _csr_store(acc3, 3, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
-    _csr_store(acc4, 4, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
-    _csr_store(acc5, 5, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
-    _csr_store(acc6, 6, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
-    _csr_store(acc7, 7, *st, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, NCH, VEC, BLOCK_R, BLOCK_J, G)
+        t2_off, t2_ok, t2_val = t_off, t_ok, t_val  # (unused)
+    st = (t_off, t_ok, t_val, t2_off, t2_ok, t2_val, a_ptr, out_ptr, stride_om, e_ptr, stride_em, bias_ptr, M, N)
+    _csr_store(acc0, 0, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc1, 1, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc2, 2, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc3, 3, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc4, 4, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc5, 5, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc6, 6, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
+    _csr_store(acc7, 7, *st, m0, pid_r, INIT, HAS_ADDEND, HAS_BIAS, ZERO_ROW, HAS_SECOND, NCH, VEC, BLOCK_R, BLOCK_J, G)
 
 
 @triton.jit

@@ -5,7 +5,8 @@ pure torch ops plus ``wrap_triton`` kernels (``torch.compile(fullgraph=True)`` t
 
 1. ``t = x deq(V)^T (+ x)`` ``[M, r]`` float32, skipped when ``U`` is empty; ``t`` *is* ``x``
    when ``V`` is empty and the identity is on ``V`` (the usual identity-init layer);
-2. ``y = x deq(C)^T + t deq(U)^T (+ t) + bias``.
+2. ``y = x deq(C)^T + t deq(U)^T (+ t) + bias``; with the identity on ``U`` and ``U`` empty (the
+   identity-init layer with ``K > N``), ``y = x deq(C)^T + x deq(V)^T + bias`` in one stage.
 
 Dense-coded and bitmap factors run in :func:`_tile_kernel`: an output tile ``[BLOCK_M, BLOCK_N]``
 runs the K-steps of ``x deq(C)^T`` and then, as extra K-steps of the same accumulator, those of
@@ -15,15 +16,21 @@ tf32 for fp32 inputs). CSR factors run in
 :func:`_csr_mm_kernel`, a second launch on the same output: one program owns ``BLOCK_M`` rows of
 ``M`` times ``BLOCK_R`` rows of the factor and walks their nonzeros, gathering the activations
 from ``x^T`` (the ``BLOCK_M`` values one nonzero needs are contiguous; the sorted columns of a
-row keep neighbouring lanes on neighbouring activations). When a stage has only CSR factors, the
-first CSR launch writes the output itself (bias and identity term included): no zero fill.
+row keep neighbouring lanes on neighbouring activations). The CSR factors of a stage that share an
+activation run in ONE launch (:func:`csr_groups`): the usual identity-init layer, where ``t`` is
+``x``, has ``y = x deq(C)^T + x deq(U)^T (+ x) + bias`` with both factors CSR, and its programs walk
+the nonzeros of C's rows and then of U's (or V's) same rows into the same accumulators
+(``HAS_SECOND``; each factor its own code width) and store once. When a stage has only CSR
+factors, that first CSR launch writes the output itself (bias and identity term included): no
+zero fill, no read-modify-write; so an all-CSR identity-init layer is one launch at ``M = 1``
+(plus :func:`csr_operand`'s padded ``x^T`` at ``M > 1``).
 
 Why a second kernel instead of fusing CSR rows into the tiles: the nonzeros per row vary, and a
 fused walk would need a ``[BLOCK_M, BLOCK_N, BLOCK_J]`` gather per tile (registers explode at
 GEMM tile sizes) while the tensor-core loop sits idle; separately, each kernel gets its own
-tiles. The price is one read-modify-write of the output per extra CSR factor: ``M N`` x 8 bytes
-(fp32) or 4 (fp16), against >= 3 bytes per nonzero read; at ``M = 1`` that is 32 KB for a
-4096-wide layer, against megabytes of codes. ``bench/gemm.py`` measures that pass.
+tiles. The price, when a stage also has tile factors, is one read-modify-write of the output per
+CSR launch: ``M N`` x 8 bytes (fp32) or 4 (fp16), against >= 3 bytes per nonzero read; at ``M = 1``
+that is 32 KB for a 4096-wide layer, against megabytes of codes. ``bench/gemm.py`` measures that pass.
 
 Two regimes, picked by ``M``:
 
@@ -31,14 +38,15 @@ Two regimes, picked by ``M``:
   the combined K-steps of both factors, ``SPLIT_K`` chosen by :func:`split_k` so that at least
   ``TARGET_PROGRAMS`` programs are in flight; each split stores float32 partials to its own slice
   of a ``[SPLIT_K, M, N]`` workspace and one ``sum(0)`` adds them in a fixed order (no atomics:
-  two runs give the same bits). The CSR kernel then adds into that float32 sum.
+  two runs give the same bits). The CSR launch then adds into that float32 sum.
 * ``M > SMALL_M`` (GEMM-like, bound by tensor-core FLOPs): big tiles, no split, direct stores.
   No per-call decode: CSR factors run the CSR kernel at every ``M`` (``config={"densify": True}``
   decodes them into plain tile operands first, for the benchmark's comparison). From the
   crossover of :func:`~atmc_triton.kernels.lowrank_gemm.linear_path` on, packed layers skip
   these kernels and call cuBLAS on a dense weight decoded once and cached per layer.
 
-Autotuning keys on a power-of-two bucket of ``M`` (plus the shapes and code widths). The
+Autotuning keys on a power-of-two bucket of ``M`` (plus the shapes, code widths and, for the CSR
+kernel, whether it walks a second factor). The
 codebook is read with a small-table load that stays in L1 (``book_gather=False``, the default)
 or kept in registers/shared memory and read with ``tl.gather`` (``book_gather=True``); the
 benchmark times both.
@@ -68,6 +76,7 @@ __all__ = [
     "TARGET_PROGRAMS",
     "atmc_decode_triton",
     "csr_block_m",
+    "csr_groups",
     "csr_operand",
     "atmc_linear_triton",
     "decode_launch",
@@ -152,7 +161,7 @@ def _prune_large(configs, named_args, **kwargs):
 
 
 _TILE_KEY = ["M_BUCKET", "N", "K1", "K2", "KIND1", "WIDTH1", "KIND2", "WIDTH2"]
-_CSR_KEY = ["M_BUCKET", "N", "K", "WIDTH"]
+_CSR_KEY = ["M_BUCKET", "N", "K", "WIDTH", "WIDTH2", "HAS_SECOND"]
 _tile_small = triton.autotune(  # no reset_to_zero: every split stores its own slice of the workspace
     TILE_SMALL_CONFIGS, key=_TILE_KEY + ["SPLIT_K"], prune_configs_by={"early_config_prune": _prune_small}
 )(_tile_kernel)
@@ -375,10 +384,12 @@ def _csr_launch(
     init: bool = False,
     addend: Tensor | None = None,
     bias: Tensor | None = None,
+    second: _Factor | None = None,
 ) -> None:
     """``out += a deq(f)^T`` for a CSR factor ``f [N, K]`` and ``a_t = csr_operand(a)`` (``init``:
-    ``out = addend + bias + a deq(f)^T``). With ``M`` contiguous, the ``BLOCK_M`` activations one
-    nonzero multiplies are one or a few 16-byte vector reads."""
+    ``out = addend + bias + a deq(f)^T``); ``second``, a CSR factor of the same shape on the same ``a``:
+    ``out (+)= a deq(f)^T + a deq(second)^T`` in the same launch (one pass over ``out``). With ``M``
+    contiguous, the ``BLOCK_M`` activations one nonzero multiplies are one or a few 16-byte vector reads."""
     M, N = out.shape
     block_m = csr_block_m(M)
     zero_row = M > 1
@@ -386,7 +397,14 @@ def _csr_launch(
     mp = _csr_cols(M) if zero_row else 1
     if a_t.shape != ((f.cols + 1, mp) if zero_row else (f.cols,)) or not a_t.is_contiguous():
         raise ValueError(f"_csr_launch: a_t {tuple(a_t.shape)} is not csr_operand(a) for M = {M}, K = {f.cols}")
+    if second is not None and (second.fmt != FMT_CSR or (second.rows, second.cols) != (f.rows, f.cols)):
+        raise ValueError(
+            f"_csr_launch: the second factor must be CSR [{f.rows}, {f.cols}], got format {second.fmt} "
+            f"[{second.rows}, {second.cols}]"
+        )
     book, book_len, _ = _book_args(f)
+    g = f if second is None else second  # (without a second factor: placeholders the kernel never reads)
+    book2, book2_len, _ = _book_args(g)
     args = {
         "out_ptr": out,
         "stride_om": out.stride(0),
@@ -401,11 +419,19 @@ def _csr_launch(
         "book_ptr": f.codes if book is None else book,
         "book_len": book_len,
         "nnz": f.indices.numel(),
+        "indptr2_ptr": g.indptr,
+        "indices2_ptr": g.indices,
+        "words2_ptr": g.codes,
+        "book2_ptr": g.codes if book2 is None else book2,
+        "book2_len": book2_len,
+        "nnz2": g.indices.numel(),
         "e_ptr": out if addend is None else addend,
         "stride_em": 0 if addend is None else addend.stride(0),
         "bias_ptr": out if bias is None else bias,
         "M_BUCKET": _pow2(M),
         "WIDTH": f.width,
+        "WIDTH2": 0 if second is None else second.width,
+        "HAS_SECOND": second is not None,
         "INIT": init,
         "HAS_ADDEND": init and addend is not None,
         "HAS_BIAS": init and bias is not None,
@@ -473,19 +499,20 @@ def _packed_matmul(
             a_t[id(a)] = csr_operand(a)
         return a_t[id(a)]
 
+    groups = csr_groups(sparse)  # one CSR launch per activation: up to two factors walked by the same programs
     if small and tile:  # split-K: float32 partials per split, summed in a fixed order (deterministic)
         splits = (cfg.get("tile") or {}).get("SPLIT_K") or split_k(M, N, sum(a.shape[1] for a, _ in tile))
         ws = _empty((splits, M, N), torch.float32, device)
         _tile_launch(ws, tile, addend, bias, dot, True, gather, config)
         out = ws[0] if splits == 1 else ws.sum(0)
-        for a, f in sparse:
-            _csr_launch(out, transposed(a), f, small, config)
+        for a, f, second in groups:
+            _csr_launch(out, transposed(a), f, small, config, second=second)
         return out.to(out_dtype)
     out = _empty((M, N), out_dtype, device)
     if tile or not sparse:  # the tile kernel writes every element (an epilogue-only launch without products)
         fixed = config if tile else {**cfg, "tile": FIXED_CONFIG["tile_large"]}
         _tile_launch(out, tile, addend, bias, dot, False, gather, fixed)
-    for i, (a, f) in enumerate(sparse):
+    for i, (a, f, second) in enumerate(groups):
         first = i == 0 and not tile
         _csr_launch(
             out,
@@ -496,8 +523,25 @@ def _packed_matmul(
             init=first,
             addend=addend if first else None,
             bias=bias if first else None,
+            second=second,
         )
     return out
+
+
+def csr_groups(sparse: list) -> list:
+    """The CSR launches of one stage: ``[(a, f, second)]`` for ``sparse = [(a, f)]`` CSR products, the factors
+    that share an activation ``a`` (the same tensor, so the same ``K``) paired into one launch (``second``: the
+    pair's other factor, or ``None``), in the order of their first factors. The usual identity-init layer (``t``
+    is ``x``) so makes one CSR launch for ``x deq(C)^T + x deq(U)^T``; the code widths of a pair may differ."""
+    by_act: dict[int, list] = {}
+    for a, f in sparse:
+        by_act.setdefault(id(a), []).append((a, f))
+    groups = []
+    for pairs in by_act.values():
+        for i in range(0, len(pairs), 2):
+            a, f = pairs[i]
+            groups.append((a, f, pairs[i + 1][1] if i + 1 < len(pairs) else None))
+    return groups
 
 
 def _check_launch(op: str, x: Tensor, bias: Tensor | None) -> None:
@@ -523,6 +567,9 @@ def linear_launch(
     if M == 0:
         return x.new_zeros(0, n)
     U, V, C = (_Factor(f[0], rows, cols, *f[1:]) for f, (rows, cols) in zip(factors, ((n, r), (r, K), (n, K))))
+    if identity == IDENTITY_U and U.fmt == FMT_EMPTY:  # W = (0 + I) V + C: V [n, K] is one more product on x, and
+        # two CSR factors share the launch (the identity-init layer with K > n); no t stage, no t buffer
+        return _packed_matmul(M, n, [(x, C), (x, V)], None, bias, x.dtype, x.dtype, config)
     t = None
     if U.fmt != FMT_EMPTY or identity == IDENTITY_U:
         if V.fmt != FMT_EMPTY:  # t = x V^T (+ x)  [M, r]

@@ -93,8 +93,40 @@ def test_the_csr_operand_pad_is_two_launches_and_the_model_lists_both():
     ops = _ops(lambda: csr_operand(a))
     assert sum("fill" in o for o in ops) == 1 and sum("copy" in o for o in ops) == 1, ops
     names = [launch.name for launch in model.atmc_linear(16, 4096, 4096, 0.05, 8).launches]
-    assert names == ["F.pad: fill", "F.pad: copy of x^T", "_csr_mm_kernel", "_csr_mm_kernel"]
-    assert [launch.name for launch in model.atmc_linear(1, 4096, 4096, 0.05, 8).launches] == ["_csr_mm_kernel"] * 2
+    assert names == ["F.pad: fill", "F.pad: copy of x^T", "_csr_mm_kernel"]  # C and U share x: one CSR launch
+    assert [launch.name for launch in model.atmc_linear(1, 4096, 4096, 0.05, 8).launches] == ["_csr_mm_kernel"]
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_the_model_lists_the_launches_the_launcher_makes(M, monkeypatch):
+    """The identity-init CSR + CSR layer of ``bench/gemm.py`` (256 x 256, ratio 0.05, b = 8: C and U both CSR, the
+    README rows' structure) run through the launcher in the interpreter: its Triton launches, plus ``F.pad``'s fill
+    and copy per padded operand (``csr_operand`` at ``M > 1``, counted above), are the model's launch list."""
+    from atmc_triton.kernels import lowrank_gemm_triton as lt
+    from atmc_triton.kernels.packed_format import FMT_CSR
+
+    from bench.gemm import Layer
+
+    layer = Layer("review", 256, 256, 0.05, 8, "identity", torch.device("cpu"))
+    assert [f[0] for f in layer.factors] == [FMT_CSR, 0, FMT_CSR], "the layer's structure changed"
+    ran, wrap, operand = [], lt.wrap_triton, lt.csr_operand
+
+    def record(kernel):
+        ran.append(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
+        return wrap(kernel)
+
+    def padded(a):
+        if a.shape[0] > 1:
+            ran.extend(["F.pad: fill", "F.pad: copy of x^T"])
+        return operand(a)
+
+    monkeypatch.setattr(lt, "wrap_triton", record)
+    monkeypatch.setattr(lt, "csr_operand", padded)
+    x = torch.randn(M, 256)
+    y = lt.linear_launch(x, None, 256, layer.r, layer.identity, layer.factors, {})
+    torch.testing.assert_close(y, x @ layer.w16.float().T, rtol=2e-2, atol=2e-2 * float(y.abs().max()))
+    modelled = [launch.name for launch in model.atmc_linear(M, 256, 256, 0.05, 8).launches]
+    assert sorted(ran) == sorted(modelled), (ran, modelled)
 
 
 def test_the_backtrack_step_count_divides_by_its_stores():
