@@ -464,7 +464,7 @@ def atmc_linear(
     workspace, one fixed-order sum, then one CSR pass per activation of the CSR factors (the launcher's
     ``csr_groups``: the factors on ``x`` in one launch; read-modify-write of the fp32 sum) and a final cast;
     a stage of CSR factors only writes its output from its first CSR pass (the identity-init layer with both
-    factors CSR: one launch at ``M = 1``, plus ``F.pad``'s fill and copy of ``x^T`` at ``M > 1``).
+    factors CSR: one launch at ``M = 1``, plus the one-launch padded transpose of ``x`` at ``M > 1``).
     "tile" (32 < M < crossover): large tensor-core tiles for dense codes and bitmaps, CSR SpMM on CUDA
     cores, no decode. "dense" (M >= crossover): cuBLAS on the weight decoded once and cached (the
     one-time decode is not counted). Each packed launch also carries the warp instructions its hot
@@ -520,11 +520,10 @@ def atmc_linear(
                 )
                 if small and splits > 1:
                     launches.append(Launch("split-K sum (fixed order)", 4 * splits * M * n, 4 * M * n))
-            for a in {a for a, _ in csr} if M > 1 else ():  # F.pad(x^T) [K + 1, Mp] for coalesced CSR gathers:
-                cols = K if a == "x" else r  # constant_pad_nd fills the [cols + 1, Mp] buffer, then copies
-                pad = act[a] * (cols + 1) * csr_cols(M) // (cols * M)
-                launches.append(Launch("F.pad: fill", 0, pad))
-                launches.append(Launch("F.pad: copy of x^T", act[a], act[a]))
+            for a in {a for a, _ in csr} if M > 1 else ():  # csr_operand: x^T padded to [K + 1, Mp] for
+                cols = K if a == "x" else r  # coalesced CSR gathers, one _transpose_pad_kernel launch that reads
+                pad = act[a] * (cols + 1) * csr_cols(M) // (cols * M)  # x once and writes every padded element
+                launches.append(Launch("_transpose_pad_kernel", act[a], pad))
             groups: dict[str, list] = {}  # lowrank_gemm_triton.csr_groups: the factors on one activation, pairwise
             for a, f in csr:
                 groups.setdefault(a, []).append(f)

@@ -102,7 +102,8 @@ class Rule:
 
     ``when(spec)`` narrows a rule to some specializations (e.g. GEMM tiles used at M > 32).
     ``min_blocks``: resident blocks per H100 SM the design needs (from registers, warps and shared
-    memory); ``vector_loads``: at least one 128-bit global load (``LDG.E.128``); ``tensor_cores``:
+    memory); ``vector_loads``: at least one 128-bit global load (``LDG.E.128``); ``vector_stores``: at least
+    one 128-bit global store (``STG.E.128``); ``tensor_cores``:
     HGMMA or HMMA in the SASS; ``max_spill``: local-memory bytes per thread.
     """
 
@@ -110,6 +111,7 @@ class Rule:
     min_blocks: int = 1
     max_spill: int = 0
     vector_loads: bool = False
+    vector_stores: bool = False
     tensor_cores: bool = False
     smem_bound: Callable[[dict], int | None] | None = None  # the launcher's estimate must bound the real use
     when: Callable[[dict], bool] | None = None
@@ -185,7 +187,7 @@ GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype, formats): bench/gemm.
 
 def _exercise_gemm() -> None:
     import torch
-    from atmc_triton.kernels.lowrank_gemm_triton import _Factor, decode_launch, linear_launch
+    from atmc_triton.kernels.lowrank_gemm_triton import _Factor, decode_launch, linear_launch, transpose_pad
 
     from bench.gemm import Layer
 
@@ -201,6 +203,10 @@ def _exercise_gemm() -> None:
             if f[0]:
                 for dtype in (torch.float32, torch.float16):
                     decode_launch(_Factor(f[0], rows, cols, *f[1:]), dtype)
+    # the CSR operand's padded x^T (the linear launches above record it at K = 256): a 4096-wide x at each Mp
+    # regime (flat runs of 2, 4, 16 and 64 columns, [64, 64] tiles at Mp = 128) in each dtype, and the fp32 t
+    for M, dt in ((2, "fp16"), (4, "fp16"), (4, "bf16"), (4, "fp32"), (16, "bf16"), (40, "fp16"), (100, "fp16")):
+        transpose_pad(torch.zeros(M, 4096, dtype=dtypes[dt]))
 
 
 def _gemm_configs(specs: list[dict], keep_m1: bool = False) -> list[dict]:
@@ -291,6 +297,13 @@ FAMILIES: dict[str, Family] = {
             Rule("_tile_kernel", tensor_cores=True, when=_large_tile, why="tensor cores in every tile used at M > 32"),
             Rule("_csr_mm_kernel"),
             Rule("_decode_kernel", why="one-time decode of a cached weight, off the per-call path: no spills"),
+            Rule(
+                "_transpose_pad_kernel",
+                _blocks(2048 * 2),
+                vector_loads=True,
+                vector_stores=True,
+                why="the CSR operand's padded x^T: a copy, 2,048 elements a program (4 KB in fp16)",
+            ),
         ),
     ),
 }
@@ -332,6 +345,8 @@ def check_family(fam: Family, rows: list[dict]) -> list[str]:
                 )
             if rule.vector_loads and r["sass"]["ldg128"] == 0:
                 bad.append(f"{where}: no 128-bit global loads ({r['sass']['ldg']} narrower LDG; {rule.why})")
+            if rule.vector_stores and r["sass"].get("stg128", 0) == 0:
+                bad.append(f"{where}: no 128-bit global stores ({r['sass'].get('stg', 0)} narrower STG; {rule.why})")
             bound = rule.smem_bound(r["spec"]) if rule.smem_bound else None
             if bound is not None and r["smem"] > bound:
                 bad.append(f"{where}: uses {r['smem']} B shared memory, above the launcher's estimate {bound}")

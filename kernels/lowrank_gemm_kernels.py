@@ -11,7 +11,8 @@ Bytes per element (what the roofline model counts): a dense-coded factor reads `
 bytes per weight element plus its codebook once per program (L1); a CSR factor reads, per
 nonzero, its column index (2 bytes, int16, or 4) and ``WIDTH / 8`` bytes of code, plus 4 bytes per
 row of ``indptr``, and gathers ``BLOCK_M`` activations (2 or 4 bytes each) per nonzero from L1/L2 (``x^T``,
-which the launcher copies once per call, padded to a multiple of ``BLOCK_M`` columns plus a zero row).
+which ``_transpose_pad_kernel`` writes once per call in one launch, padded to a multiple of ``BLOCK_M`` columns
+plus a zero row: it reads ``x`` once, ``M K`` elements, and writes ``(K + 1) Mp``).
 A bitmap factor reads 1/8 byte per element (its bitmap), ``WIDTH / 8`` bytes per nonzero and a 4-byte
 group pointer per ``GROUP`` (256) elements; it is decoded in the tile loop and fed to the tensor cores like
 dense codes, at the cost of integer work per element (a bit test, a popcount, a code fetch from L1).
@@ -819,3 +820,47 @@ def _decode_kernel(
         if ACCUM:
             v += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _transpose_pad_kernel(
+    x_ptr,
+    out_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_o,
+    num_m,
+    FLAT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``out [K + 1, Mp] = x^T`` padded with zeros (columns ``m >= M`` and row ``K``): the CSR kernel's activation
+    operand in one launch (``F.pad(x.t(), ...)`` is two, a fill and a copy). Every element of ``out`` is written.
+
+    A program reads a ``[BLOCK_M, BLOCK_K]`` tile of ``x [M, K]`` (rows of ``x``: ``K`` contiguous, vector loads
+    when ``stride_xm`` is 16-divisible) and writes it transposed, ``[BLOCK_K, BLOCK_M]`` (rows of ``x^T``; the
+    layout change goes through shared memory). ``FLAT`` (``BLOCK_M == stride_o == Mp``): the tile is ``BLOCK_K``
+    whole rows of ``out``, one contiguous run, stored flat and unmasked (full 16-byte vectors even when a row is
+    4 or 8 bytes) except in the last row block. 1-D grid, ``pid = pid_k * num_m + pid_m`` (no axis limit below
+    2^31 programs); offsets in int64 (``M K`` and ``(K + 1) Mp`` may pass 2^31).
+    """
+    pid = tl.program_id(0)
+    pid_k = pid // num_m
+    pid_m = pid % num_m
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK] rows of out
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] columns of out
+    src = x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :]  # [BM, BK]
+    v = tl.load(src, mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)  # zeros: row K, columns >= M
+    vt = tl.trans(v)  # [BK, BM]
+    if FLAT:
+        o = pid_k.to(tl.int64) * (BLOCK_K * BLOCK_M) + tl.arange(0, BLOCK_K * BLOCK_M)
+        flat = tl.reshape(vt, (BLOCK_K * BLOCK_M,))
+        if (pid_k + 1) * BLOCK_K <= K + 1:  # a whole tile inside out: no mask, full-width vector stores
+            tl.store(out_ptr + o, flat)
+        else:
+            row = pid_k * BLOCK_K + tl.arange(0, BLOCK_K * BLOCK_M) // BLOCK_M
+            tl.store(out_ptr + o, flat, mask=row <= K)
+    else:
+        dst = out_ptr + k[:, None].to(tl.int64) * stride_o + m[None, :]
+        tl.store(dst, vt, mask=(k[:, None] <= K) & (m[None, :] < stride_o))

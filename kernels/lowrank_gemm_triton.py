@@ -23,7 +23,9 @@ the nonzeros of C's rows and then of U's (or V's) same rows into the same accumu
 (``HAS_SECOND``; each factor its own code width) and store once. When a stage has only CSR
 factors, that first CSR launch writes the output itself (bias and identity term included): no
 zero fill, no read-modify-write; so an all-CSR identity-init layer is one launch at ``M = 1``
-(plus :func:`csr_operand`'s padded ``x^T`` at ``M > 1``).
+and two at ``M > 1``: :func:`csr_operand`'s padded ``x^T`` ``[K + 1, Mp]`` is one
+:func:`_transpose_pad_kernel` launch (:func:`transpose_pad`; ``F.pad``, a fill and a copy, only for CPU
+tensors without Triton's interpreter).
 
 Why a second kernel instead of fusing CSR rows into the tiles: the nonzeros per row vary, and a
 fused walk would need a ``[BLOCK_M, BLOCK_N, BLOCK_J]`` gather per tile (registers explode at
@@ -57,6 +59,7 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from ._registry import fake_propagation, wrap_triton
 from .lowrank_gemm import (
@@ -68,7 +71,7 @@ from .lowrank_gemm import (
     check_linear,
     linear_op,
 )
-from .lowrank_gemm_kernels import _csr_mm_kernel, _decode_kernel, _tile_kernel
+from .lowrank_gemm_kernels import _csr_mm_kernel, _decode_kernel, _tile_kernel, _transpose_pad_kernel
 from .packed_format import BITMAP_GROUP, FMT_BITMAP, FMT_CSR, FMT_DENSE, FMT_EMPTY, code_width
 
 __all__ = [
@@ -82,6 +85,7 @@ __all__ = [
     "decode_launch",
     "linear_launch",
     "split_k",
+    "transpose_pad",
 ]
 
 SMALL_M = 32
@@ -362,12 +366,58 @@ def csr_operand(a: Tensor) -> Tensor:
     ``A^T`` padded to ``[K + 1, Mp]`` (``Mp``: ``M`` rounded up to :func:`csr_block_m`), the padding zeros.
 
     Row ``K`` (zeros) is where the kernel points every masked slot, and ``Mp`` columns let it gather
-    ``BLOCK_M`` activations per nonzero without a mask (one copy of ``a``, as the plain transpose was).
+    ``BLOCK_M`` activations per nonzero without a mask. Built by :func:`transpose_pad`, ONE launch that reads
+    ``a`` once and writes every element of the padded copy, wherever the Triton kernel runs (CUDA, or CPU
+    tensors under Triton's interpreter); CPU tensors without the interpreter take ``F.pad`` (a fill, then a copy).
     """
     M = a.shape[0]
     if M == 1:
         return a.reshape(-1)
-    return torch.nn.functional.pad(a.t(), (0, _csr_cols(M) - M, 0, 1))  # one copy: [K + 1, Mp], contiguous
+    if a.device.type == "cpu" and not _INTERPRETED:
+        return torch.nn.functional.pad(a.t(), (0, _csr_cols(M) - M, 0, 1))  # one copy: [K + 1, Mp], contiguous
+    return transpose_pad(a)
+
+
+_INTERPRETED = isinstance(_transpose_pad_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 when it was decorated
+TRANSPOSE_TILE = 2048  # elements a _transpose_pad_kernel program moves when Mp <= 64 (16 a thread, 4 warps)
+TRANSPOSE_BLOCK = 64  # its [64, 64] tiles for wider Mp
+
+
+def transpose_pad(a: Tensor, out: Tensor | None = None) -> Tensor:
+    """``F.pad(a.t(), (0, Mp - M, 0, 1))`` for ``a [M, K]`` in one :func:`_transpose_pad_kernel` launch: ``out
+    [K + 1, Mp]`` (``Mp`` = :func:`_csr_cols` ``(M)``), ``a``'s dtype, every element written (``out``: a
+    contiguous buffer to write into, else a new one). ``Mp <= 64``: a program writes ``TRANSPOSE_TILE // Mp``
+    whole rows (one contiguous run); wider: ``[64, 64]`` tiles. One 1-D grid axis, any ``K``."""
+    M, K = a.shape
+    mp = _csr_cols(M)
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if out is None:
+        out = _empty((K + 1, mp), a.dtype, a.device)
+    elif out.shape != (K + 1, mp) or out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError(
+            f"transpose_pad: out must be a contiguous {a.dtype} [{K + 1}, {mp}], got {out.dtype} {tuple(out.shape)}"
+        )
+    flat = mp <= TRANSPOSE_BLOCK  # (Mp is then a power of two: csr_block_m's)
+    block_m = mp if flat else TRANSPOSE_BLOCK
+    block_k = TRANSPOSE_TILE // mp if flat else TRANSPOSE_BLOCK
+    num_m = triton.cdiv(mp, block_m)
+    programs = triton.cdiv(K + 1, block_k) * num_m
+    if programs >= 2**31:
+        raise ValueError(f"transpose_pad: [{M}, {K}] needs {programs} programs, above CUDA's 2^31 - 1")
+    wrap_triton(_transpose_pad_kernel)[(programs,)](
+        x_ptr=a,
+        out_ptr=out,
+        M=M,
+        K=K,
+        stride_xm=a.stride(0),
+        stride_o=mp,
+        num_m=num_m,
+        FLAT=flat,
+        BLOCK_K=block_k,
+        BLOCK_M=block_m,
+    )
+    return out
 
 
 def _csr_cols(M: int) -> int:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from atmc_triton.kernels.lloyd_triton import _finite
 from atmc_triton.kernels.lowrank_gemm import H100, predicted_us
-from atmc_triton.kernels.lowrank_gemm_triton import csr_operand
 from torch.profiler import ProfilerActivity, profile
 
 from bench import model
@@ -88,20 +87,28 @@ def test_predicted_us_charges_every_launch():
         predicted_us(*args, launches=0)
 
 
-def test_the_csr_operand_pad_is_two_launches_and_the_model_lists_both():
+def test_the_csr_operand_is_one_launch_and_the_model_lists_it():
+    """``csr_operand`` at ``M > 1`` is ONE ``_transpose_pad_kernel`` launch (``F.pad``, which it replaced, was a fill
+    and a copy: kept only for CPU tensors without Triton's interpreter, and still two ATen kernels there)."""
+    from atmc_triton.kernels import lowrank_gemm_triton as lt
+
     a = torch.randn(16, 64)
-    ops = _ops(lambda: csr_operand(a))
+    ops = _ops(lambda: torch.nn.functional.pad(a.t(), (0, 0, 0, 1)))
     assert sum("fill" in o for o in ops) == 1 and sum("copy" in o for o in ops) == 1, ops
+    assert lt._INTERPRETED  # (conftest: no GPU here) csr_operand takes the kernel, as on CUDA
     names = [launch.name for launch in model.atmc_linear(16, 4096, 4096, 0.05, 8).launches]
-    assert names == ["F.pad: fill", "F.pad: copy of x^T", "_csr_mm_kernel"]  # C and U share x: one CSR launch
+    assert names == ["_transpose_pad_kernel", "_csr_mm_kernel"]  # C and U share x: one CSR launch
+    pad = model.atmc_linear(16, 4096, 4096, 0.05, 8).launches[0]
+    assert (pad.read, pad.written) == (2 * 16 * 4096, 2 * 4097 * 16)  # reads x, writes [K + 1, Mp]
     assert [launch.name for launch in model.atmc_linear(1, 4096, 4096, 0.05, 8).launches] == ["_csr_mm_kernel"]
 
 
 @pytest.mark.parametrize("M", [1, 4])
 def test_the_model_lists_the_launches_the_launcher_makes(M, monkeypatch):
     """The identity-init CSR + CSR layer of ``bench/gemm.py`` (256 x 256, ratio 0.05, b = 8: C and U both CSR, the
-    README rows' structure) run through the launcher in the interpreter: its Triton launches, plus ``F.pad``'s fill
-    and copy per padded operand (``csr_operand`` at ``M > 1``, counted above), are the model's launch list."""
+    README rows' structure) run through the launcher in the interpreter: its Triton launches (the padded transpose
+    of ``x`` at ``M > 1`` among them, and nothing outside ``wrap_triton``: ``csr_operand``'s ``F.pad`` fallback,
+    two launches, must not run) are the model's launch list."""
     from atmc_triton.kernels import lowrank_gemm_triton as lt
     from atmc_triton.kernels.packed_format import FMT_CSR
 
@@ -109,19 +116,18 @@ def test_the_model_lists_the_launches_the_launcher_makes(M, monkeypatch):
 
     layer = Layer("review", 256, 256, 0.05, 8, "identity", torch.device("cpu"))
     assert [f[0] for f in layer.factors] == [FMT_CSR, 0, FMT_CSR], "the layer's structure changed"
-    ran, wrap, operand = [], lt.wrap_triton, lt.csr_operand
+    ran, wrap, pad = [], lt.wrap_triton, torch.nn.functional.pad
 
     def record(kernel):
         ran.append(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
         return wrap(kernel)
 
-    def padded(a):
-        if a.shape[0] > 1:
-            ran.extend(["F.pad: fill", "F.pad: copy of x^T"])
-        return operand(a)
+    def padded(*args, **kwargs):
+        ran.extend(["F.pad: fill", "F.pad: copy of x^T"])
+        return pad(*args, **kwargs)
 
     monkeypatch.setattr(lt, "wrap_triton", record)
-    monkeypatch.setattr(lt, "csr_operand", padded)
+    monkeypatch.setattr(torch.nn.functional, "pad", padded)
     x = torch.randn(M, 256)
     y = lt.linear_launch(x, None, 256, layer.r, layer.identity, layer.factors, {})
     torch.testing.assert_close(y, x @ layer.w16.float().T, rtol=2e-2, atol=2e-2 * float(y.abs().max()))
