@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["HAS_TRITON", "fake_propagation", "metadata_only", "register_op", "tracing", "wrap_triton"]
+__all__ = ["HAS_TRITON", "fake_propagation", "metadata_only", "no_data", "register_op", "tracing", "wrap_triton"]
 
 
 def _has_triton() -> bool:
@@ -40,6 +40,13 @@ def tracing(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return torch.compiler.is_compiling() or is_fake(t)
+
+
+def no_data(t: torch.Tensor) -> bool:
+    """``t`` has no data to read: a meta tensor (``device="meta"``) or a fake / traced one (:func:`tracing`).
+    Checks that read values (``.item()``, ``.tolist()``, finiteness, offsets) or that ask for a kernel-capable
+    device must be skipped then; the op only propagates metadata."""
+    return t.device.type == "meta" or tracing(t)
 
 
 def wrap_triton(kernel: Callable) -> Callable:
@@ -61,11 +68,12 @@ def fake_propagation(t: torch.Tensor) -> bool:
     """``t`` is a fake tensor outside a functionalizing (AOT) trace: dynamo's or ``torch.export``'s pass that
     runs an op's fake kernel (for a ``triton_op``, the launcher itself) only for its outputs' metadata. A
     launcher may return its allocated outputs then, instead of choosing a path from the sizes (which would
-    guard a dynamic dimension). Under AOT tracing (``FunctionalTensor``) it must launch its kernels."""
+    guard a dynamic dimension). Under AOT tracing (``FunctionalTensor``) it must launch its kernels. A meta
+    tensor (:func:`no_data`) counts too: no kernel can run on it."""
     from torch._subclasses.fake_tensor import is_fake
     from torch._subclasses.functional_tensor import FunctionalTensor
 
-    return is_fake(t) and not isinstance(t, FunctionalTensor)
+    return t.device.type == "meta" or (is_fake(t) and not isinstance(t, FunctionalTensor))
 
 
 def metadata_only(t: torch.Tensor, interpreted: bool, who: str) -> bool:
@@ -73,7 +81,10 @@ def metadata_only(t: torch.Tensor, interpreted: bool, who: str) -> bool:
     CPU interpreter (``interpreted``), whose kernels cannot be traced into a graph. Dynamo's fake propagation
     only needs the outputs' metadata, so the launcher returns its allocated outputs; a functionalizing (AOT)
     trace cannot work there and is refused, naming ``who``. (A registered op never gets here with CPU tensors:
-    it sends CPU traces to its opaque twin; this serves direct launcher calls.)"""
+    it sends CPU traces to its opaque twin; this serves direct launcher calls.) A meta tensor (:func:`no_data`)
+    always only propagates metadata."""
+    if t.device.type == "meta":
+        return True
     if not ((interpreted or t.device.type == "cpu") and tracing(t)):
         return False
     from torch._subclasses.functional_tensor import FunctionalTensor

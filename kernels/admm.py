@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._registry import HAS_TRITON, metadata_only, register_op, tracing
+from ._registry import HAS_TRITON, metadata_only, no_data, register_op
 
 if HAS_TRITON:
     from .admm_triton import interpreted, launch_admm_step, launch_dual_update
@@ -210,7 +210,7 @@ def admm_dual_update_ref(u: Tensor, w: Tensor, z: Tensor) -> None:
 
 
 def _check_triton_device(t: Tensor, name: str) -> None:
-    if tracing(t) or t.device.type == "cuda" or (t.device.type == "cpu" and interpreted()):
+    if no_data(t) or t.device.type == "cuda" or (t.device.type == "cpu" and interpreted()):
         return
     raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {t.device}")
 

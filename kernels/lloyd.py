@@ -33,6 +33,11 @@ distance matrix, and no host synchronisation (converged segments are frozen with
 the fits of a batch's segments run side by side (:mod:`.lloyd_batch`, numpy), since per segment
 an iteration of torch calls costs more than its arithmetic.
 
+Non-finite values (every method, the reference and the Triton kernel alike): a segment holding a NaN or
+an infinity gets ``err = NaN`` (for every ``b`` in :func:`errors_for_bits`); its codebook row, codes and
+``q`` are unspecified (whatever the fit produced), but nothing raises and the other segments are
+computed as if it were absent.
+
 Output layout, shared with the Triton kernel: ``codebook [S, 257]`` float32 with the zero
 centre in slot 0 and the free centres ascending in slots ``1..K`` (unused slots are 0);
 ``codes [n]`` int16 slot indices (2**8 free centres plus the zero are 257 symbols, one more
@@ -88,25 +93,32 @@ def check_method(method: str, name: str = "lloyd_quantize") -> None:
 
 
 def _check_inputs(
-    values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float, method: str = "fast"
+    values: Tensor,
+    offsets: Tensor,
+    bits: Tensor | None,
+    max_iter: int,
+    tol: float,
+    method: str = "fast",
+    name: str = "lloyd_quantize",
 ) -> list[int]:
-    """Validate the arguments (reading offsets and bits back); return the offsets as a list."""
-    check_method(method)
+    """Validate the arguments (reading offsets and bits back); return the offsets as a list. Messages start
+    with ``name``, the entry point called."""
+    check_method(method, name)
     if values.dim() != 1 or values.dtype != torch.float32:
-        raise ValueError(f"lloyd_quantize: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
+        raise ValueError(f"{name}: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
     if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
-        raise ValueError("lloyd_quantize: offsets must be a 1-D int64 tensor [S + 1]")
+        raise ValueError(f"{name}: offsets must be a 1-D int64 tensor [S + 1]")
     if bits is not None and (
         bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64)
     ):
-        raise ValueError("lloyd_quantize: bits must be a 1-D int32/int64 tensor [S]")
+        raise ValueError(f"{name}: bits must be a 1-D int32/int64 tensor [S]")
     if max_iter < 0 or not (tol >= 0):
-        raise ValueError(f"lloyd_quantize: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
+        raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
     bounds = offsets.tolist()
     if bounds[0] != 0 or bounds[-1] != values.numel() or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError("lloyd_quantize: offsets must rise from 0 to values.numel()")
+        raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
     if bits is not None and any(not 1 <= b <= MAX_BITS for b in bits.tolist()):
-        raise ValueError(f"lloyd_quantize: bits must lie in 1..{MAX_BITS}, got {bits.tolist()}")
+        raise ValueError(f"{name}: bits must lie in 1..{MAX_BITS}, got {bits.tolist()}")
     return bounds
 
 
@@ -233,6 +245,12 @@ def _uncancelled(s: Tensor, c: Tensor, err: Tensor, total_sq: Tensor) -> Tensor:
     return err
 
 
+def _finite(total_sq: Tensor) -> bool:
+    """Whether a segment is finite, from its float64 sum of squares (finite for any finite float32 values:
+    at most 2^31 of them, each square <= 1.2e77): a NaN or an infinity in the segment makes it NaN or inf."""
+    return bool(torch.isfinite(total_sq))
+
+
 def _quantile_init(s: Tensor, K: int) -> Tensor:
     """The legacy init: midpoint quantiles ``s[((2j + 1) m) // (2K)]`` of the sorted nonzeros ``[K]``."""
     j = torch.arange(K, device=s.device)
@@ -325,8 +343,9 @@ def _quantize_many(
     from :func:`_fast_inits`."""
     if method == "lloyd":
         return _fits(items, [_quantile_init(s, K) for s, _, _ in items], max_iter, tol)
-    if method == "optimal":
-        return _fits(items, [_dp_init(s, p1, K) for s, p1, _ in items], 0, tol)
+    if method == "optimal":  # (the DP needs finite values: a non-finite segment's error is NaN whatever its init)
+        inits = [_dp_init(s, p1, K) if _finite(tsq) else _quantile_init(s, K) for s, p1, tsq in items]
+        return _fits(items, inits, 0, tol)
     if inits is None:
         raise ValueError("_quantize_many: the fast method needs its inits")
     out: list = [None] * len(items)
@@ -384,7 +403,8 @@ def _fast_inits(items: list[tuple[Tensor, Tensor]], K: int) -> list[Tensor]:
         lo, hi = B[r, :-1], B[r, 1:]
         n = C[r, hi] - C[r, lo]
         keep = (n > 0) & (np.arange(K + 1) != zc[r])
-        means = (P1[r, hi[keep]] - P1[r, lo[keep]]) / n[keep]
+        with np.errstate(invalid="ignore"):  # non-finite values (inf - inf): NaN errors (the module docstring)
+            means = (P1[r, hi[keep]] - P1[r, lo[keep]]) / n[keep]
         out[pr[0]] = torch.from_numpy(np.unique(means.astype(np.float32))).to(items[pr[0]][0].device)
     return out
 
@@ -423,13 +443,14 @@ def _lloyd_segment(x: Tensor, st: Stats, b: int, fit, book: Tensor, codes: Tenso
     has more than ``2**b`` nonzeros) into ``book [NUM_SLOTS]``, ``codes [n]``, ``q [n]``; return its error."""
     s, p1, total_sq = st  # [m], [m + 1], []
     K = 2**b
+    nan = x.new_full((), float("nan"), dtype=torch.float64)  # a non-finite segment's error (the module docstring)
     if s.numel() <= K:  # kept exactly
         uniq = torch.unique(s)  # sorted
         book[1 : 1 + uniq.numel()] = uniq
         nzm = x != 0
         codes.copy_(torch.where(nzm, torch.searchsorted(uniq, x) + 1, 0))
         q.copy_(x)
-        return x.new_zeros((), dtype=torch.float64)
+        return x.new_zeros((), dtype=torch.float64) if _finite(total_sq) else nan
     c, nneg, err = fit
     F = c.numel() - 1
     book[1 : 1 + nneg] = c[:nneg]
@@ -441,7 +462,7 @@ def _lloyd_segment(x: Tensor, st: Stats, b: int, fit, book: Tensor, codes: Tenso
     pos = _bucket(x, round_down_midpoints(c))  # [n]; zeros land on the zero
     torch.index_select(slot, 0, pos, out=codes)
     torch.index_select(c, 0, pos, out=q)
-    return err
+    return err if _finite(total_sq) else nan
 
 
 def lloyd_quantize_ref(
@@ -496,13 +517,16 @@ def errors_for_bits_ref(values: Tensor, offsets: Tensor, max_iter: int, tol: flo
         >>> e.shape, bool((e[:, 1:] <= e[:, :-1]).all())
         (torch.Size([2, 8]), True)
     """
-    bounds = _check_inputs(values, offsets, None, max_iter, tol, method)
+    bounds = _check_inputs(values, offsets, None, max_iter, tol, method, "errors_for_bits")
     S = len(bounds) - 1
     err = torch.zeros(S, MAX_BITS, dtype=torch.float32, device=values.device)
     for batch in _stat_batches(values, bounds, CHUNK_VALUES if method != "optimal" else 1):
         for b in range(1, MAX_BITS + 1):
             for i, (_, _, e) in _batch_fits(batch, dict.fromkeys(range(S), b), max_iter, tol, method).items():
                 err[i, b - 1] = e
+        for i, (_, _, total_sq) in batch:
+            if not _finite(total_sq):  # every b, kept exactly (<= 2**b nonzeros) or not
+                err[i] = float("nan")
     return err
 
 

@@ -25,6 +25,11 @@ reference. The prefix sums are taken over the whole sorted buffer (not restarted
 segment) and in a different order than the reference's, so a centre can differ from the
 reference by one float32 ulp where a float64 mean lies within rounding noise of a float32
 rounding boundary; that is rare and only moves codes of values within an ulp of a midpoint.
+The error is ``total_sq - gain`` (float64); where that is ``<= 1e-9 total_sq`` (it cancels: a tiny error
+beside large values) the Lloyd launch sums the squares about the centres directly instead, as the
+reference does (``_uncancelled``: a branch of the same launch, no extra one; for ``"fast"`` both fits'
+errors before the lower is kept). Non-finite values follow
+the reference's rule (:mod:`.lloyd`'s docstring): the segment's error is NaN.
 
 Bytes per value (float32 values, at most 256 segments; ``bench/model.py``'s ``lloyd_quantize``
 counts the same launches), read + written:
@@ -53,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._registry import metadata_only, tracing, wrap_triton
+from ._registry import metadata_only, no_data, wrap_triton
 
 __all__ = ["errors_for_bits_triton", "lloyd_quantize_triton"]
 
@@ -176,6 +181,49 @@ def _iterate(F, Keff, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, 
 
 
 @triton.jit
+def _direct_sse(sorted_ptr, start, end, F, Keff, nneg, LANES: tl.constexpr):
+    """The SSE of the segment's sorted values ``[start, end)`` about their nearest centres, summed directly in
+    float64 (the reference's ``_uncancelled``): the centres ``F[:nneg], 0, F[nneg:Keff]``, each value's the
+    count of round-down midpoints below it (ties to the lower centre), as in :func:`_assign` and the codes pass.
+    O(n K) work for one segment: only where ``total_sq - gain`` cancels (:func:`_lloyd_kernel`)."""
+    lane = tl.arange(0, LANES)
+    f_prev = tl.gather(F, tl.maximum(lane - 1, 0), 0)
+    f_next = tl.gather(F, tl.minimum(lane + 1, LANES - 1), 0)
+    c_lo = tl.where(lane < nneg, F, tl.where(lane == nneg, 0.0, f_prev))  # sorted centre i
+    c_hi = tl.where(lane + 1 < nneg, f_next, tl.where(lane + 1 == nneg, 0.0, F))  # sorted centre i + 1
+    mid = _round_down_f32((c_lo.to(tl.float64) + c_hi.to(tl.float64)) * 0.5)
+    mid = tl.where(lane < Keff, mid, float("inf"))  # [LANES]
+    acc = tl.zeros([LANES], tl.float64)
+    for off in range(start, end, LANES):
+        p = off + lane
+        inb = p < end
+        x = tl.load(sorted_ptr + p, mask=inb, other=0.0)
+        k = tl.zeros([LANES], tl.int32)  # midpoints below x: 2 * LANES virtual slots, +inf past LANES
+        for i in tl.static_range(9):
+            step = LANES >> i
+            probe = k + step - 1
+            mv = tl.where(probe < LANES, tl.gather(mid, tl.minimum(probe, LANES - 1), 0), float("inf"))
+            k = tl.where(mv < x, k + step, k)
+        f_k = tl.gather(F, tl.minimum(k, LANES - 1), 0)
+        f_k1 = tl.gather(F, tl.maximum(k - 1, 0), 0)
+        c = tl.where(k < nneg, f_k, tl.where(k == nneg, 0.0, f_k1))  # sorted centre k
+        d = x.to(tl.float64) - c.to(tl.float64)
+        acc += tl.where(inb, d * d, 0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _uncancelled(err, total_sq, exact, sorted_ptr, start, end, F, Keff, nneg, LANES: tl.constexpr):
+    """``err`` (``total_sq - gain``, float64), or where that cancels (``<= 1e-9`` of ``total_sq``: a tiny error
+    beside large values, where a float64 rounding of the total can pass it) the error summed directly
+    (:func:`_direct_sse`), as the reference's ``lloyd._uncancelled`` does: a rare branch of the Lloyd launch, no
+    extra launch. Not for a segment kept exactly (error 0) nor a non-finite one (error NaN)."""
+    if (err <= 1e-9 * total_sq) & (total_sq < float("inf")) & (exact.to(tl.int32) == 0):
+        err = _direct_sse(sorted_ptr, start, end, F, Keff, nneg, LANES)
+    return err
+
+
+@triton.jit
 def _problem(bits_ptr, ALL_BITS: tl.constexpr, NBITS: tl.constexpr):
     """This program's ``(seg, b, prob, K)``: segment, bits, problem index (segment, or segment x bits when
     ``ALL_BITS``: grid ``(S, NBITS)``, bits ``program_id(1) + 1``) and free centres ``2**b``."""
@@ -264,12 +312,14 @@ def _lloyd_kernel(
     Fa, nn_a, err_a = _iterate(
         f_init, K, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, max_iter, exact, LANES
     )
+    err_a = _uncancelled(err_a, total_sq, exact, sorted_ptr, start, end, Fa, K, nn_a, LANES)
     if FAST:
         Kb = tl.load(ninit_ptr + prob)
         Fb = tl.load(init_ptr + prob * LANES + lane)
         Fb, nn_b, err_b = _iterate(
             Fb, Kb, sorted_ptr, prefix_ptr, start, n_s, steps, total_sq, tol, max_iter, exact, LANES
         )
+        err_b = _uncancelled(err_b, total_sq, exact, sorted_ptr, start, end, Fb, Kb, nn_b, LANES)
         use_b = exact | (err_b <= err_a)  # never worse than the legacy init
     else:
         Kb = n_uniq
@@ -282,7 +332,10 @@ def _lloyd_kernel(
     Keff = tl.where(use_b, Kb, K)
     act = lane < Keff
     nneg = tl.where(use_b, nn_b, nn_a)
-    err = tl.where(exact, 0.0, tl.where(use_b, err_b, err_a))
+    err = tl.where(exact, 0.0, tl.where(use_b, err_b, err_a))  # (both uncancelled before the choice, as in lloyd)
+    # the non-finite rule (lloyd's module docstring): a NaN or an infinity makes total_sq NaN or inf (float64 sums
+    # of finite float32 squares stay finite), and the segment's error NaN, kept exactly or not
+    err = tl.where(total_sq < float("inf"), err, float("nan"))
     if ALL_BITS:
         tl.store(err_ptr + seg * NBITS + b - 1, err.to(tl.float32))
     else:
@@ -389,10 +442,9 @@ def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, 
         raise ValueError(
             f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {values.device}"
         )
-    if offsets.numel() > 1 or values.numel() > 0:
-        o = offsets.tolist()
-        if o[0] != 0 or o[-1] != values.numel() or any(a > b for a, b in zip(o, o[1:])):
-            raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
+    o = offsets.tolist()  # always (offsets [k != 0] with no values too): the kernels index with them
+    if o[0] != 0 or o[-1] != values.numel() or any(a > b for a, b in zip(o, o[1:])):
+        raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
     if bits is not None and bits.numel() and not bool(((bits >= 1) & (bits <= NBITS)).all()):
         raise ValueError(f"{name}: bits must lie in 1..{NBITS}, got {bits.tolist()}")
 
@@ -403,8 +455,9 @@ def _dense(t: Tensor | None) -> Tensor | None:
 
 
 def _skip_value_checks(values: Tensor) -> bool:
-    """Under tracing or CUDA-graph capture the value checks (which read tensors back) are skipped."""
-    return tracing(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    """Without data (meta or fake tensors, tracing: :func:`._registry.no_data`) or under CUDA-graph capture the
+    value checks (which read tensors back) and the device check are skipped."""
+    return no_data(values) or (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _interpreted() -> bool:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._registry import HAS_TRITON, register_op, tracing
+from ._registry import HAS_TRITON, no_data, register_op
 from .packed_format import (
     BITMAP_GROUP,
     FMT_BITMAP,
@@ -476,7 +476,7 @@ def atmc_linear_ref(x: Tensor, bias: Tensor | None, n: int, r: int, identity: in
         >>> atmc_linear_ref(torch.ones(1, 2), None, 2, 2, 2, *u, *none, *none).tolist()  # U (0 + I) x
         [[2.0, 2.0]]
     """
-    check_linear("atmc_linear", x, bias, n, r, identity, factors, values=not tracing(x))
+    check_linear("atmc_linear", x, bias, n, r, identity, factors, values=not no_data(x))
     K = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     U, V, C = (_decoded(f[0], rows, cols, *f[1:], acc) for f, (rows, cols) in zip(factors, ((n, r), (r, K), (n, K))))
@@ -514,7 +514,7 @@ def atmc_decode_ref(
         [[4.0, 0.0, 0.5]]
     """
     check_factor("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices, codes.device)
-    if not tracing(codes):  # a traced graph (or a fake tensor) cannot branch on data
+    if not no_data(codes):  # a traced graph (or a fake or meta tensor) cannot branch on data
         check_factor_values("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices)
     return decode_factor_ref(fmt, rows, cols, codes, book, indptr, indices)
 
@@ -562,7 +562,8 @@ def _backward(ctx, grad):
             dx = dx + s
     if C is not None:
         dx = dx + g @ C
-    db = grad.sum(0).to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[1] else None
+    # summed in g's float32 (float64) and then cast: an fp16 sum over a large batch overflows or rounds
+    db = g.sum(0).to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[1] else None
     return (dx.to(dtype), db) + (None,) * 18
 
 

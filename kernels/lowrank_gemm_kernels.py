@@ -227,8 +227,12 @@ def _k_steps(
 
 @triton.jit
 def _mma(acc, a, b, DOT: tl.constexpr):
-    if DOT == 0:
-        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="tf32")  # fp32 x: tf32 tensor cores
+    """``acc += a b`` on tensor cores: fp16 / bf16 operands for ``DOT`` 1 / 2, tf32 for ``DOT`` 0 and for a
+    float32 ``a`` whatever ``DOT`` says: the low-rank intermediate ``t = x deq(V)^T (+ x)`` (kept in float32
+    between the two stages) is never rounded to fp16 / bf16 before its product with ``U`` (tf32 keeps its
+    float32 range; an fp16 ``t`` overflowed past 65504 and lost the float32-accumulated bits)."""
+    if DOT == 0 or a.dtype == tl.float32:
+        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="tf32")  # fp32 x or t: tf32 tensor cores
     elif DOT == 1:
         acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     else:

@@ -609,7 +609,7 @@ def linear_launch(
     """
     check_linear("atmc_linear", x, bias, n, r, identity, factors)
     _check_launch("atmc_linear", x, bias)
-    if fake_propagation(x):  # export / dynamo want the metadata only: no path chosen, so a dynamic batch stays so
+    if fake_propagation(x):  # meta x, or export / dynamo want the metadata only: no path chosen (a dynamic batch stays)
         return x.new_empty(x.shape[0], n)
     x = x.contiguous()  # a strided view is read as the reference reads it (the kernels index rows of x)
     bias = None if bias is None else bias.contiguous()
@@ -647,4 +647,6 @@ def atmc_decode_triton(
     if codes.device.type == "cpu":
         return atmc_decode_ref(fmt, rows, cols, codes, book, indptr, indices)
     check_factor("atmc_decode", "W", fmt, rows, cols, codes, book, indptr, indices, codes.device)
+    if fake_propagation(codes):  # meta tensors, or dynamo / export fake propagation: the metadata only
+        return codes.new_empty(rows, cols, dtype=torch.float32)
     return decode_launch(_Factor(fmt, rows, cols, codes, book, indptr, indices))
