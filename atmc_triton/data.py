@@ -66,10 +66,12 @@ DATASETS: dict[str, DataSpec] = {
 @dataclass(frozen=True)
 class Split:
     """``x [N, C, H, W]`` (uint8 read as ``x / 255``, or float in ``[0, 1]``) and labels ``y [N]``
-    (any integer dtype, stored as int64).
+    (any integer dtype, stored as int64; class indices, so ``>= 0``).
 
     Raises:
-        ValueError: other shapes, ``x`` neither uint8 nor float, or labels not integers.
+        ValueError: other shapes, ``x`` neither uint8 nor float, float ``x`` outside ``[0, 1]`` or not finite
+            (e.g. images in ``0..255`` as floats, or already normalized: normalize inside the model), or labels
+            not integers or negative.
     """
 
     x: Tensor
@@ -82,6 +84,15 @@ class Split:
             raise ValueError(f"Split needs uint8 or floating-point x, got {self.x.dtype}")
         if self.y.dtype.is_floating_point or self.y.dtype.is_complex or self.y.dtype == torch.bool:
             raise ValueError(f"Split needs integer class labels y, got {self.y.dtype}")
+        if self.x.dtype.is_floating_point and self.x.numel():
+            lo, hi = (float(v) for v in torch.aminmax(self.x))
+            if not (lo >= 0.0 and hi <= 1.0):  # (False for NaN too)
+                raise ValueError(
+                    f"Split needs float x in [0, 1] (uint8 for 0..255), got values in [{lo:g}, {hi:g}]; "
+                    "scale images to [0, 1] and normalize inside the model (Normalize)"
+                )
+        if self.y.numel() and int(self.y.min()) < 0:
+            raise ValueError(f"Split needs class labels >= 0, got {int(self.y.min())}")
         if self.y.dtype != torch.long:
             object.__setattr__(self, "y", self.y.long())
 
@@ -114,12 +125,30 @@ class Split:
 
 @dataclass(frozen=True)
 class DataBundle:
-    """A dataset: ``name``, ``spec`` (:class:`DataSpec`), ``train`` and ``test`` :class:`Split`."""
+    """A dataset: ``name``, ``spec`` (:class:`DataSpec`), ``train`` and ``test`` :class:`Split`.
+
+    Raises:
+        ValueError: a split whose inputs are not shaped ``spec.in_shape`` or whose labels are not below
+            ``spec.num_classes`` (the model is built from ``spec``).
+    """
 
     name: str
     spec: DataSpec
     train: Split
     test: Split
+
+    def __post_init__(self):
+        for part, sp in (("train", self.train), ("test", self.test)):
+            if tuple(sp.x.shape[1:]) != tuple(self.spec.in_shape):
+                raise ValueError(
+                    f"DataBundle {self.name!r}: {part} inputs are {tuple(sp.x.shape[1:])}, "
+                    f"the spec says {tuple(self.spec.in_shape)}"
+                )
+            if len(sp) and int(sp.y.max()) >= self.spec.num_classes:
+                raise ValueError(
+                    f"DataBundle {self.name!r}: {part} label {int(sp.y.max())} is not below the spec's "
+                    f"{self.spec.num_classes} classes"
+                )
 
 
 def _digits() -> tuple[Split, Split]:

@@ -1,0 +1,31 @@
+"""Review of the data, model zoo, DDP helpers and pruning baselines (2026-12-02): each test failed before its fix."""
+
+import pytest
+import torch
+
+from atmc_triton.data import DataBundle, DataSpec, Split
+
+
+def test_split_refuses_float_images_outside_0_1_and_negative_labels():
+    """Float images in 0..255 (or already normalized, or NaN) used to be accepted: clean training and evaluation
+    ran on them silently and the first attack failed later, blaming its own inputs. Negative labels too."""
+    y = torch.tensor([0, 1, 2, 1])
+    for bad in (torch.rand(4, 1, 8, 8) * 255, torch.randn(4, 1, 8, 8), torch.full((4, 1, 8, 8), float("nan"))):
+        with pytest.raises(ValueError, match=r"float x in \[0, 1\]"):
+            Split(bad, y)
+    with pytest.raises(ValueError, match="labels >= 0"):
+        Split(torch.rand(4, 1, 8, 8), torch.tensor([-1, 0, 1, 2]))
+    ok = Split(torch.rand(4, 1, 8, 8), y)  # in range: kept as given, labels int64
+    assert ok.y.dtype == torch.long and len(Split(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))) == 0
+
+
+def test_databundle_checks_its_splits_against_the_spec():
+    """A label >= num_classes (an IndexError in the loss on CPU, a device-side assert on CUDA) or inputs not shaped
+    like ``spec.in_shape`` (a matmul shape error deep in the model) are refused where the bundle is made."""
+    spec = DataSpec(3, (1, 8, 8))
+    good = Split(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match="train label 7 is not below the spec's 3 classes"):
+        DataBundle("toy", spec, Split(good.x, torch.tensor([0, 1, 2, 7])), good)
+    with pytest.raises(ValueError, match=r"test inputs are \(1, 4, 4\), the spec says \(1, 8, 8\)"):
+        DataBundle("toy", spec, good, Split(torch.rand(2, 1, 4, 4), torch.tensor([0, 1])))
+    assert len(DataBundle("toy", spec, good, good).train) == 4
