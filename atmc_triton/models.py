@@ -232,6 +232,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+DEFAULT_CHANNELS = {"lenet": 1, "resnet34": 3, "wrn16_8": 3, "digits_cnn": 1}  # in_shape[0] when none is given
 EXTERNAL_PREFIXES = ("tv:", "timm:")
 TV_AUX_LOGITS = ("googlenet", "inception_v3")  # built with aux_logits=False (their train-mode output is a tuple)
 
@@ -324,7 +325,8 @@ def build_model(
     or any torchvision / timm classifier as ``tv:NAME`` / ``timm:NAME`` (:func:`external_model`).
 
     ``in_shape = (C, H, W)`` of one input (default: the model's usual dataset; required for
-    ``tv:`` / ``timm:``); ``mean``/``std`` add a :class:`Normalize` in front.
+    ``tv:`` / ``timm:``); ``mean``/``std`` add a :class:`Normalize` in front, one value per input
+    channel (``ValueError`` otherwise, also against the default ``in_shape``).
 
     Example:
         >>> import atmc_triton as at
@@ -335,8 +337,11 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, tv:NAME or timm:NAME")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    if mean is not None and in_shape is not None and len(in_shape) == 3 and len(mean) != int(in_shape[0]):
-        raise ValueError(f"mean and std need one value per input channel ({int(in_shape[0])}), got {len(mean)}")
+    # the channel count: in_shape's, else the built-in model's default (lenet / digits_cnn 1, resnet34 / wrn16_8 3)
+    chans = int(in_shape[0]) if in_shape is not None and len(in_shape) == 3 else DEFAULT_CHANNELS.get(name)
+    for what, v in (("mean", mean), ("std", std)):
+        if v is not None and chans is not None and len(v) != chans:
+            raise ValueError(f"{what} needs one value per input channel ({chans}), got {len(v)}")
     if name not in MODELS:
         if in_shape is None or len(in_shape) != 3:
             raise ValueError(f"{name} needs in_shape=(C, H, W)")

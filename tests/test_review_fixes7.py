@@ -29,3 +29,19 @@ def test_databundle_checks_its_splits_against_the_spec():
     with pytest.raises(ValueError, match=r"test inputs are \(1, 4, 4\), the spec says \(1, 8, 8\)"):
         DataBundle("toy", spec, good, Split(torch.rand(2, 1, 4, 4), torch.tensor([0, 1])))
     assert len(DataBundle("toy", spec, good, good).train) == 4
+
+
+def test_build_model_checks_mean_std_against_the_default_in_shape():
+    """Without ``in_shape`` the channel check was skipped: ``lenet`` (1 channel) with a 3-channel mean built and then
+    failed in its first forward with a conv channel error (the 1-channel input broadcast to 3 channels), and
+    ``resnet34`` with a 1-channel mean/std was accepted and silently applied one statistic to every channel."""
+    from atmc_triton.models import build_model
+
+    with pytest.raises(ValueError, match=r"mean needs one value per input channel \(1\), got 3"):
+        build_model("lenet", mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"mean needs one value per input channel \(3\), got 1"):
+        build_model("resnet34", mean=(0.5,), std=(0.25,))
+    with pytest.raises(ValueError, match=r"std needs one value per input channel \(3\), got 1"):
+        build_model("wrn16_8", 10, (3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25,))
+    m = build_model("digits_cnn", mean=(0.5,), std=(0.25,))  # right count: built, and runs
+    assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
