@@ -186,6 +186,14 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
         raise DataError(f"cannot load {name} from {root}: {first}{hint}") from None
 
 
+def _check_subsets(where: str, subset, test_subset, seed) -> None:
+    for arg, v in (("subset", subset), ("test_subset", test_subset)):
+        if v is not None and not (_is_int(v) and v >= 1):
+            raise DataError(f"{where}: {arg} must be None or an int >= 1, got {v!r}")
+    if not _is_int(seed):
+        raise DataError(f"{where}: seed must be an int, got {seed!r}")
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -207,11 +215,7 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    for arg, v in (("subset", subset), ("test_subset", test_subset)):  # checked before any file is read
-        if v is not None and not (_is_int(v) and v >= 1):
-            raise DataError(f"load_dataset: {arg} must be None or an int >= 1, got {v!r}")
-    if not _is_int(seed):
-        raise DataError(f"load_dataset: seed must be an int, got {seed!r}")
+    _check_subsets("load_dataset", subset, test_subset, seed)  # before any file is read
     spec = DATASETS[name]
     if name == "digits":
         train, test = _digits()
@@ -279,7 +283,12 @@ def iterate_batches(
 
     With a (CPU) ``generator`` the order is a permutation drawn from it and, when ``spec`` is
     given, training augmentation (crop / flip per ``spec``) is drawn from it too; without one,
-    batches come in order, unaugmented (evaluation).
+    batches come in order, unaugmented (evaluation). The last batch may be smaller; ``drop_last``
+    leaves it out, except when the whole split is smaller than ``batch_size``: then that one short
+    batch is still yielded (an epoch always has a step).
+
+    Raises:
+        ValueError: ``batch_size`` not an int >= 1.
 
     Example:
         >>> d = load_dataset("digits")
@@ -287,8 +296,8 @@ def iterate_batches(
         >>> tuple(x.shape), float(x.min()) >= 0.0, float(x.max()) <= 1.0
         ((32, 1, 8, 8), True, True)
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not (_is_int(batch_size) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
@@ -300,5 +309,10 @@ def iterate_batches(
 
 
 def with_subsets(bundle: DataBundle, subset: int | None, test_subset: int | None, seed: int = 0) -> DataBundle:
-    """``bundle`` with seeded random subsets of its splits."""
+    """``bundle`` with seeded random subsets of its splits (as :func:`load_dataset`'s ``subset`` / ``test_subset``).
+
+    Raises:
+        DataError: a subset size not None or an int >= 1, or a seed not an int.
+    """
+    _check_subsets("with_subsets", subset, test_subset, seed)
     return replace(bundle, train=bundle.train.subset(subset, seed), test=bundle.test.subset(test_subset, seed + 1))

@@ -45,3 +45,21 @@ def test_build_model_checks_mean_std_against_the_default_in_shape():
         build_model("wrn16_8", 10, (3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25,))
     m = build_model("digits_cnn", mean=(0.5,), std=(0.25,))  # right count: built, and runs
     assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_iterate_batches_and_with_subsets_check_their_sizes():
+    """``batch_size=True`` used to yield batches of one row, ``4.0`` a bare ``TypeError`` from ``range``;
+    ``with_subsets(b, 2.5, None)`` a ``TypeError`` from slicing and ``True`` a one-row subset."""
+    from atmc_triton.data import DataError, iterate_batches, synthetic_dataset, with_subsets
+
+    d = synthetic_dataset("cifar10", 10, 3)
+    for bs in (True, 4.0, "4", 0):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            list(iterate_batches(d.train, bs))
+    for v in (2.5, True, 0):
+        with pytest.raises(DataError, match="with_subsets: subset must be None or an int >= 1"):
+            with_subsets(d, v, None)
+    assert [len(y) for _, y in iterate_batches(d.train, 4)] == [4, 4, 2]
+    assert [len(y) for _, y in iterate_batches(d.train, 4, drop_last=True)] == [4, 4]
+    assert [len(y) for _, y in iterate_batches(d.train, 16, drop_last=True)] == [10]  # (documented: one short batch)
+    assert len(with_subsets(d, 5, 2).train) == 5
