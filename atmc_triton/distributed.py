@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from atmc_triton.config import _is_int
+
 __all__ = [
     "agree",
     "all_reduce_",
@@ -219,13 +221,19 @@ def agree(value: int, what: str) -> int:
 
 
 def shard(t: Tensor, rank_: int | None = None, world: int | None = None) -> Tensor:
-    """Rows ``rank, rank + world, ...`` of ``t`` (this rank's share of a global batch).
+    """Rows ``rank, rank + world, ...`` of ``t`` (this rank's share of a global batch); ``rank_`` / ``world``
+    default to this process's.
+
+    Raises:
+        ValueError: ``world`` not an int >= 1, or ``rank_`` not an int in ``[0, world)``.
 
     Example:
         >>> shard(torch.arange(8), 1, 4).tolist()
         [1, 5]
     """
     r, w = (rank() if rank_ is None else rank_), (world_size() if world is None else world)
+    if not (_is_int(w) and w >= 1 and _is_int(r) and 0 <= r < w):
+        raise ValueError(f"shard: rank must be an int in [0, world) and world an int >= 1, got rank {r!r}, world {w!r}")
     return t if w == 1 else t[r::w]
 
 

@@ -63,3 +63,17 @@ def test_iterate_batches_and_with_subsets_check_their_sizes():
     assert [len(y) for _, y in iterate_batches(d.train, 4, drop_last=True)] == [4, 4]
     assert [len(y) for _, y in iterate_batches(d.train, 16, drop_last=True)] == [10]  # (documented: one short batch)
     assert len(with_subsets(d, 5, 2).train) == 5
+
+
+def test_shard_refuses_a_rank_outside_the_world():
+    """``shard(t, 5, 4)`` gave row 5 alone, ``shard(t, -1, 4)`` row 7 (another rank's rows), and ``shard(t, 1)`` in
+    one process every row, as if rank 1 of a world of one were rank 0: a caller's wrong rank went unnoticed."""
+    from atmc_triton.distributed import shard
+
+    t = torch.arange(8)
+    for r, w in ((5, 4), (-1, 4), (1, None), (0, 0), (1, 4.0), (True, 2)):
+        with pytest.raises(ValueError, match=r"shard: rank must be an int in \[0, world\)"):
+            shard(t, r, w)
+    assert shard(t, 1, 4).tolist() == [1, 5] and shard(t).tolist() == list(range(8)) and shard(t, 0, 1) is t
+    shares = [shard(t[:7], r, 3).tolist() for r in range(3)]  # every row once, over the ranks
+    assert sorted(sum(shares, [])) == list(range(7))
