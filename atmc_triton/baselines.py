@@ -5,9 +5,10 @@
 * **NAP** (natural pruning): the same from a naturally trained model with natural fine-tuning.
 
 Pruned weights stay 32-bit floats, so a budget of ``ratio`` times the dense 32-bit size allows
-``nnz = floor(ratio * dense_bits / 32)`` nonzeros (:func:`nnz_for_ratio`); one global
-magnitude threshold spans every ``nn.Linear`` / ``nn.Conv2d`` weight (biases and norms are
-neither pruned nor counted, as in :mod:`atmc_triton.budget`). :func:`pruned_size` reports the
+``nnz = floor(ratio * dense_bits / 32)`` nonzeros (:func:`nnz_for_ratio`; ``ratio`` read as the
+decimal it prints as, like ATMC's own budget); one global magnitude threshold spans every
+``nn.Linear`` / ``nn.Conv2d`` weight (biases and norms are neither pruned nor counted, as in
+:mod:`atmc_triton.budget`). :func:`pruned_size` reports the
 size in the same conventions as :func:`atmc_triton.size_report`. Models with an
 ``nn.MultiheadAttention`` are refused (``ValueError``): its ``in_proj_weight`` is no layer's
 ``.weight``, so it would be neither pruned nor counted (ATMC compresses it).
@@ -31,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from atmc_triton.budget import dense_bits, unwrap
+from atmc_triton.budget import dense_bits, ratio_bits, unwrap
 from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
 
 __all__ = ["MaskedSGD", "magnitude_masks", "magnitude_prune_", "nnz_for_ratio", "prunable", "pruned_size"]
@@ -57,7 +58,8 @@ def prunable(model: nn.Module, filter_fn: Filter | None = None) -> list[tuple[st
 
 
 def nnz_for_ratio(model: nn.Module, ratio: float) -> int:
-    """Nonzero 32-bit weights that fit ``ratio`` of the dense 32-bit size: ``floor(ratio * dense_bits / 32)``.
+    """Nonzero 32-bit weights that fit ``ratio`` of the dense 32-bit size: ``floor(ratio * dense_bits / 32)``,
+    with ``ratio`` read as the decimal it prints as (:func:`atmc_triton.budget.ratio_bits`, ATMC's own budget).
 
     Example:
         >>> nnz_for_ratio(nn.Linear(100, 10), 0.01)
@@ -66,7 +68,7 @@ def nnz_for_ratio(model: nn.Module, ratio: float) -> int:
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
     prunable(model)  # (refuses an attention model, whose dense size the baselines would not match)
-    return math.floor(ratio * dense_bits(model) / 32)
+    return ratio_bits(ratio, dense_bits(model)) // 32  # (a float product: 0.018 x LeNet's bits is 1 short)
 
 
 @torch.no_grad()

@@ -77,3 +77,20 @@ def test_shard_refuses_a_rank_outside_the_world():
     assert shard(t, 1, 4).tolist() == [1, 5] and shard(t).tolist() == list(range(8)) and shard(t, 0, 1) is t
     shares = [shard(t[:7], r, 3).tolist() for r in range(3)]  # every row once, over the ranks
     assert sorted(sum(shares, [])) == list(range(7))
+
+
+def test_nnz_for_ratio_matches_atmc_budget_convention():
+    """``nnz_for_ratio`` took the float product ``ratio * dense_bits / 32``: at 0.018 of LeNet (13,776,000 bits) it
+    gave 7,748 nonzeros where ATMC's budget (``ratio_bits``, the ratio as a decimal) allows 7,749, and 28 for
+    ``Linear(100, 1)`` at 0.29 (0.29 x 3200 is 927.99... in floats): the AP / NAP baselines got one weight less than
+    the ATMC points they are compared with."""
+    from torch import nn
+
+    from atmc_triton.baselines import nnz_for_ratio
+    from atmc_triton.budget import dense_bits, ratio_bits
+    from atmc_triton.models import build_model
+
+    assert nnz_for_ratio(nn.Linear(100, 1, bias=False), 0.29) == 29
+    lenet = build_model("lenet")
+    assert nnz_for_ratio(lenet, 0.018) == 7749 == ratio_bits(0.018, dense_bits(lenet)) // 32
+    assert nnz_for_ratio(lenet, 0.01) == 4305 and nnz_for_ratio(nn.Linear(100, 10), 0.01) == 10
