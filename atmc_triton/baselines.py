@@ -26,13 +26,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from atmc_triton.budget import dense_bits, ratio_bits, unwrap
+from atmc_triton.config import _is_int, _is_real
 from atmc_triton.kernels.packed_format import choose_format, factor_nbytes
 
 __all__ = ["MaskedSGD", "magnitude_masks", "magnitude_prune_", "nnz_for_ratio", "prunable", "pruned_size"]
@@ -65,7 +65,7 @@ def nnz_for_ratio(model: nn.Module, ratio: float) -> int:
         >>> nnz_for_ratio(nn.Linear(100, 10), 0.01)
         10
     """
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
+    if not (_is_real(ratio) and 0 < ratio <= 1):  # (numpy's numbers too; not a bool)
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
     prunable(model)  # (refuses an attention model, whose dense size the baselines would not match)
     return ratio_bits(ratio, dense_bits(model)) // 32  # (a float product: 0.018 x LeNet's bits is 1 short)
@@ -86,8 +86,9 @@ def magnitude_masks(model: nn.Module, nnz: int, filter_fn: Filter | None = None)
     if not layers:
         raise ValueError("magnitude_masks: the model has no nn.Linear / nn.Conv2d weights to prune")
     total = sum(m.weight.numel() for _, m in layers)
-    if not (isinstance(nnz, int) and 0 <= nnz <= total):
+    if not (_is_int(nnz) and 0 <= nnz <= total):  # (numpy's integers too; not a bool)
         raise ValueError(f"magnitude_masks: nnz must be an int in [0, {total}], got {nnz!r}")
+    nnz = int(nnz)
     mags = torch.cat([m.weight.detach().abs().reshape(-1).float().cpu() for _, m in layers])  # [total]
     if not torch.isfinite(mags).all():
         raise ValueError("magnitude_masks: the weights hold NaN or Inf")

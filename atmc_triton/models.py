@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from atmc_triton.config import _is_int
+
 __all__ = [
     "MODELS",
     "CaffeLeNet",
@@ -335,8 +337,9 @@ def build_model(
     """
     if not is_model_name(name):
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, tv:NAME or timm:NAME")
-    if not (isinstance(num_classes, int) and num_classes >= 2):
+    if not (_is_int(num_classes) and num_classes >= 2):  # (numpy's integers too; not a bool)
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    num_classes = int(num_classes)
     # the channel count: in_shape's, else the built-in model's default (lenet / digits_cnn 1, resnet34 / wrn16_8 3)
     chans = int(in_shape[0]) if in_shape is not None and len(in_shape) == 3 else DEFAULT_CHANNELS.get(name)
     for what, v in (("mean", mean), ("std", std)):

@@ -94,3 +94,26 @@ def test_nnz_for_ratio_matches_atmc_budget_convention():
     lenet = build_model("lenet")
     assert nnz_for_ratio(lenet, 0.018) == 7749 == ratio_bits(0.018, dense_bits(lenet)) // 32
     assert nnz_for_ratio(lenet, 0.01) == 4305 and nnz_for_ratio(nn.Linear(100, 10), 0.01) == 10
+
+
+def test_numpy_numbers_accepted_and_bools_refused_like_the_rest_of_the_package():
+    """``build_model("lenet", np.int64(10))``, ``magnitude_masks(m, np.int64(3))`` and ``nnz_for_ratio(m,
+    np.float32(0.5))`` were refused ("must be an int", got ``np.int64(10)``) while ``load_dataset`` takes numpy
+    integers; ``magnitude_masks(m, True)`` kept one weight and ``nnz_for_ratio(m, True)`` read ratio 1."""
+    import numpy as np
+    from torch import nn
+
+    from atmc_triton.baselines import magnitude_masks, nnz_for_ratio
+    from atmc_triton.models import build_model
+
+    m = build_model("lenet", np.int64(10))
+    assert m(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    lin = nn.Linear(4, 2)
+    assert int(magnitude_masks(nn.Sequential(lin), np.int64(3))["0"].sum()) == 3
+    assert nnz_for_ratio(lin, np.float32(0.5)) == 4
+    with pytest.raises(ValueError, match="nnz must be an int"):
+        magnitude_masks(nn.Sequential(lin), True)
+    with pytest.raises(ValueError, match="ratio must be a number"):
+        nnz_for_ratio(lin, True)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        build_model("lenet", True)
