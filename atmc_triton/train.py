@@ -955,6 +955,13 @@ def fit(
         raise ValueError(
             f"the batch size {schedule.batch_size} is global: it must be divisible by the {world} processes"
         )
+    n_train = len(data.train)
+    if world > 1 and n_train < schedule.batch_size and n_train % world:  # the one short batch an epoch trains on
+        raise ValueError(
+            f"the training split has {n_train} rows, fewer than the batch size {schedule.batch_size}: each epoch "
+            f"is one batch of {n_train} rows, which the {world} processes cannot share equally (DDP's average of "
+            f"unequal shares is not the one-process step); use a row count divisible by {world}, or >= the batch size"
+        )
     meta = {
         **(meta or {}),
         "stage": stage,

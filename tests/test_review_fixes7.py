@@ -117,3 +117,27 @@ def test_numpy_numbers_accepted_and_bools_refused_like_the_rest_of_the_package()
         nnz_for_ratio(lin, True)
     with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
         build_model("lenet", True)
+
+
+@pytest.mark.parametrize(("rows", "refused"), [(63, True), (1, True), (64, False), (200, False)])
+def test_fit_refuses_a_short_training_split_the_ranks_cannot_share(rows, refused, monkeypatch):
+    """A training split smaller than the (global) batch size trains on one short batch per epoch; with 2 ranks
+    and an odd row count the shares were unequal (DDP's average of the rank means is then not the one-process
+    step), and with 1 row one rank's share was empty (a NaN loss). Faked world of 2: the check comes before any
+    collective, so a refused split fails here; an accepted one trains (no process group: no collective runs)."""
+    import atmc_triton as at
+    import atmc_triton.train as tr
+    from atmc_triton.data import load_dataset
+    from atmc_triton.train import Protocol, Schedule
+
+    data = load_dataset("digits", subset=rows, test_subset=8)
+    model = at.build_model("digits_cnn", 10, (1, 8, 8))
+    monkeypatch.setattr(tr, "world_size", lambda: 2)
+    sched = Schedule(epochs=1, lr=0.01, batch_size=128)
+    opt, proto = torch.optim.SGD(model.parameters(), lr=0.01), Protocol(eps=0.1, pgd_steps=1)
+    call = lambda: at.fit(model, opt, data, proto, sched, stage="s", eval_size=0)  # noqa: E731
+    if refused:
+        with pytest.raises(ValueError, match="cannot share equally"):
+            call()
+    else:
+        call()  # no process group: the collectives are skipped, so an accepted split trains to the end
