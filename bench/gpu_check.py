@@ -8,7 +8,8 @@
    compiles stay under 60; :data:`LEFT_OUT` says which specializations it leaves to ``pytest -m gpu``);
 2. the benchmarks (:data:`BENCHMARKS`), autotuned over the configs the static gate accepts (the
    launchers prune the rest before compiling), each against its target and the roofline
-   prediction of :mod:`bench.model`, and each GEMM row's output against cuBLAS's;
+   prediction of :mod:`bench.model`, and each GEMM row's output against cuBLAS's (rows with
+   ``M <= SPARSE_MAX_M`` also time ``torch.sparse`` CSR, cuSPARSE, side by side);
 3. one table: measured vs target vs prediction.
 
 Every row is appended to ``DIR/gpu_check.jsonl`` (flushed and fsynced) the moment it is measured;
@@ -38,6 +39,7 @@ from pathlib import Path
 
 BUDGET_S = 420.0  # the soft deadline: 7 of the 8 minutes
 MAX_CORRECTNESS_COMPILES = 60
+SPARSE_MAX_M = 16  # GEMM rows up to this batch also time torch.sparse CSR (the issue's side-by-side)
 CUBLAS_TOL = 1e-2  # a benchmarked GEMM's max |packed - cuBLAS| / max |cuBLAS| (fp16 roundings: ~1e-3)
 STARTUP_S = 25.0  # python + torch + CUDA context + first allocations, on the test machine (estimate only)
 TIMING_OVERHEAD_S = 0.5  # one bench_ms call (25 ms warm-up + 200 ms of repetitions + sync), estimate only
@@ -295,7 +297,7 @@ def _bench_lloyd(device, scale: bool) -> Iterator[dict]:
 
 
 GEMM_BENCH = (  # (N, K, ratio, bits, structure, Ms): the targets' layers
-    (4096, 4096, 0.05, 8, "identity", (1, 16, 1024, 8192)),
+    (4096, 4096, 0.05, 8, "identity", (1, 4, 16, 1024, 8192)),
     (4096, 4096, 0.05, 4, "identity", (1, 16, 1024, 8192)),
     (11008, 4096, 0.05, 4, "identity", (1, 16)),
     (4096, 4096, 0.05, 4, "svd", (16, 1024)),
@@ -327,12 +329,8 @@ def _bench_gemm(device, scale: bool) -> Iterator[dict]:
             )
             if scale:
                 run()
-                yield _row(
-                    "atmc_linear",
-                    f"{N}x{K} M={M}",
-                    float("nan"),
-                    model.atmc_linear(M, N, K, ratio, bits, structure, triton=tri),
-                )
+                op = model.atmc_linear(M, N, K, ratio, bits, structure, triton=tri)
+                yield _row("atmc_linear", f"{N}x{K} M={M}", float("nan"), op) | {"M": M}
                 continue
             ms = bench_ms(run, device)
             dense_ms = bench_ms(lambda x=x, w=layer.w16: F.linear(x, w), device)
@@ -343,6 +341,16 @@ def _bench_gemm(device, scale: bool) -> Iterator[dict]:
             row["ok"] = row["max_rel_vs_cublas"] <= CUBLAS_TOL  # the only check of the autotuned configs
             row["cublas_ms"] = dense_ms
             row["x_cublas"] = dense_ms / ms
+            row["M"] = M
+            if M <= SPARSE_MAX_M:  # torch.sparse CSR (cuSPARSE SpMM) side by side, where the packed kernels run
+                try:
+                    if getattr(layer, "sparse_ops", None) is None:
+                        layer.make_sparse()
+                    sparse_ms = bench_ms(lambda x=x, lay=layer: lay.torch_sparse(x), device)
+                    row["torch_sparse_ms"] = sparse_ms
+                    row["x_torch_sparse"] = sparse_ms / ms
+                except Exception as e:  # beta API: a failure is recorded, not fatal
+                    row["torch_sparse_error"] = f"{type(e).__name__}: {e}"[:200]
             yield row
 
 
@@ -462,6 +470,8 @@ def summary(rows: list[dict]) -> str:
             met = {True: "yes", False: "NO"}.get(r.get("met"), "")
             if "x_cublas" in r:
                 met = f"{r['x_cublas']:.2f}x cuBLAS"
+                if "x_torch_sparse" in r:
+                    met += f", {r['x_torch_sparse']:.2f}x torch.sparse"
             res = "" if r.get("ok") is not False else f"FAILED: {r['max_rel_vs_cublas']:.3g} from cuBLAS (max rel)"
             lines.append(
                 f"| bench | {r['op']} | {r['case']} | {res} | {r['measured_ms']:.4g} | {r['predicted_ms']:.4g} | "
@@ -542,7 +552,8 @@ def estimate(triton_path: str | None, per_kernel: int | None = None) -> dict:
     with record_launches(execute=False):  # only the rows' predictions are needed: dry launches
         rows = [row for _, fn in BENCHMARKS for row in fn(torch.device("cpu"), True)]
     for row in rows:
-        calls = 2 if row["op"] == "atmc_linear" else 1  # + cuBLAS
+        # + cuBLAS, and torch.sparse where M <= SPARSE_MAX_M (charged at the packed kernel's time)
+        calls = (2 + (row["M"] <= SPARSE_MAX_M)) if row["op"] == "atmc_linear" else 1
         timings += calls
         run_s += calls * 20 * row["predicted_ms"] / 1e3  # beyond the fixed 225 ms of a do_bench call
     tuned = sum(1 for s in bench + corr if s.get("autotuned"))

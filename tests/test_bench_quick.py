@@ -166,3 +166,18 @@ def test_environment_marks_a_dirty_tree(tmp_path, monkeypatch):
     monkeypatch.setattr(common.subprocess, "run", fake_run)
     assert common.environment(torch.device("cpu"))["commit"] == "abc1234+dirty"
     assert calls[1][:2] == ["git", "status"] and "--untracked-files=no" in calls[1]
+
+
+def test_gpu_check_reports_torch_sparse_beside_cublas():
+    """The GEMM issue asks for cuBLAS and torch.sparse side by side from one run: the one-shot GPU check's table
+    names both for a small-batch row, and only cuBLAS for a row past ``SPARSE_MAX_M``."""
+    from bench import gpu_check
+
+    base = {"phase": "bench", "op": "atmc_linear", "measured_ms": 0.01, "predicted_ms": 0.008, "x_pred": 1.25}
+    base |= {"floor_ms": 0.0034, "target": "t", "x_cublas": 2.0, "ok": True}
+    small = base | {"case": "4096x4096 M=4", "M": 4, "x_torch_sparse": 5.5}
+    large = base | {"case": "4096x4096 M=1024", "M": 1024}
+    table = gpu_check.summary([small, large]).splitlines()
+    assert table[2].endswith("| 2.00x cuBLAS, 5.50x torch.sparse |"), table[2]
+    assert table[3].endswith("| 2.00x cuBLAS |"), table[3]
+    assert any(M <= gpu_check.SPARSE_MAX_M for *_, Ms in gpu_check.GEMM_BENCH for M in Ms)
