@@ -58,9 +58,13 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _norm(mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
+def _norm(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> nn.Module:
+    """A :class:`Normalize` for ``channels`` input channels (``nn.Identity`` without ``mean`` / ``std``)."""
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
+    for what, v in (("mean", mean), ("std", std)):
+        if v is not None and len(v) != channels:
+            raise ValueError(f"{what} needs one value per input channel ({channels}), got {len(v)}")
     return nn.Identity() if mean is None else Normalize(mean, std)
 
 
@@ -83,7 +87,7 @@ class CaffeLeNet(nn.Module):
     ):
         super().__init__()
         c, h, w = in_shape
-        self.normalize = _norm(mean, std)
+        self.normalize = _norm(mean, std, c)
         self.features = nn.Sequential(nn.Conv2d(c, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2))
         fh, fw = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
         if fh < 1 or fw < 1:
@@ -118,7 +122,7 @@ class CifarResNet(ResNet):
         self.conv1 = nn.Conv2d(in_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
-        self.normalize = _norm(mean, std)
+        self.normalize = _norm(mean, std, in_shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(self.normalize(x))
@@ -167,7 +171,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
-        self.normalize = _norm(mean, std)
+        self.normalize = _norm(mean, std, in_shape[0])
         self.conv1 = nn.Conv2d(in_shape[0], widths[0], 3, 1, 1, bias=False)
         blocks: list[nn.Module] = []
         cin = widths[0]
@@ -210,7 +214,7 @@ class DigitsCNN(nn.Module):
     ):
         super().__init__()
         c, h, w = in_shape
-        self.normalize = _norm(mean, std)
+        self.normalize = _norm(mean, std, c)
         self.features = nn.Sequential(
             nn.Conv2d(c, 32, 3, padding=1),
             nn.ReLU(inplace=True),
@@ -234,7 +238,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-DEFAULT_CHANNELS = {"lenet": 1, "resnet34": 3, "wrn16_8": 3, "digits_cnn": 1}  # in_shape[0] when none is given
 EXTERNAL_PREFIXES = ("tv:", "timm:")
 TV_AUX_LOGITS = ("googlenet", "inception_v3")  # built with aux_logits=False (their train-mode output is a tuple)
 
@@ -339,16 +342,11 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, tv:NAME or timm:NAME")
     if not (_is_int(num_classes) and num_classes >= 2):  # (numpy's integers too; not a bool)
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    num_classes = int(num_classes)
-    # the channel count: in_shape's, else the built-in model's default (lenet / digits_cnn 1, resnet34 / wrn16_8 3)
-    chans = int(in_shape[0]) if in_shape is not None and len(in_shape) == 3 else DEFAULT_CHANNELS.get(name)
-    for what, v in (("mean", mean), ("std", std)):
-        if v is not None and chans is not None and len(v) != chans:
-            raise ValueError(f"{what} needs one value per input channel ({chans}), got {len(v)}")
+    num_classes = int(num_classes)  # (mean / std are checked against the channels by _norm, where they are used)
     if name not in MODELS:
         if in_shape is None or len(in_shape) != 3:
             raise ValueError(f"{name} needs in_shape=(C, H, W)")
-        return nn.Sequential(_norm(mean, std), external_model(name, num_classes, in_shape))
+        return nn.Sequential(_norm(mean, std, int(in_shape[0])), external_model(name, num_classes, in_shape))
     kw: dict = {"num_classes": num_classes, "mean": mean, "std": std}
     if in_shape is not None:
         if len(in_shape) != 3:
