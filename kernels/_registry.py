@@ -21,7 +21,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["HAS_TRITON", "fake_propagation", "metadata_only", "no_data", "register_op", "tracing", "wrap_triton"]
+__all__ = [
+    "HAS_TRITON",
+    "fake_propagation",
+    "interpreted",
+    "metadata_only",
+    "no_data",
+    "register_op",
+    "tracing",
+    "wrap_triton",
+]
 
 
 def _has_triton() -> bool:
@@ -49,19 +58,23 @@ def no_data(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or tracing(t)
 
 
-def wrap_triton(kernel: Callable) -> Callable:
-    """:func:`torch.library.wrap_triton`, except that a kernel of Triton's CPU interpreter
-    (``TRITON_INTERPRET=1``) is returned as it is, to be launched eagerly: torch 2.14 does this
-    itself, while older releases (torch 2.11 on the lent GPU's image) refuse the interpreter's
-    functions, which failed every interpreted launch there."""
+def interpreted(kernel: Callable) -> bool:
+    """Whether ``kernel`` (a ``@triton.jit`` function, autotuned or not) runs in Triton's CPU interpreter
+    (``TRITON_INTERPRET=1`` when it was decorated)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     fn = kernel
     while not isinstance(fn, InterpretedFunction) and hasattr(fn, "fn"):  # autotune / heuristics wrappers
         fn = fn.fn
-    if isinstance(fn, InterpretedFunction):
-        return kernel
-    return torch.library.wrap_triton(kernel)
+    return isinstance(fn, InterpretedFunction)
+
+
+def wrap_triton(kernel: Callable) -> Callable:
+    """:func:`torch.library.wrap_triton`, except that a kernel of Triton's CPU interpreter
+    (``TRITON_INTERPRET=1``) is returned as it is, to be launched eagerly: torch 2.14 does this
+    itself, while older releases (torch 2.11 on the lent GPU's image) refuse the interpreter's
+    functions, which failed every interpreted launch there."""
+    return kernel if interpreted(kernel) else torch.library.wrap_triton(kernel)
 
 
 def fake_propagation(t: torch.Tensor) -> bool:

@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.jit import JITFunction
 
+from ._registry import interpreted as _interpreted_kernel
 from ._registry import wrap_triton
 
 __all__ = [
@@ -492,7 +492,7 @@ def _dual_kernel(
 
 def interpreted() -> bool:
     """Whether these kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when imported)."""
-    return not isinstance(_update_kernel, JITFunction)
+    return _interpreted_kernel(_update_kernel)
 
 
 def launch_plan(n: int, block: int = BLOCK, max_programs: int = MAX_PROGRAMS) -> tuple[int, int]:

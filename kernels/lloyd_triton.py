@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._registry import metadata_only, no_data, wrap_triton
+from ._registry import interpreted, metadata_only, no_data, wrap_triton
 
 __all__ = ["errors_for_bits_triton", "lloyd_quantize_triton"]
 
@@ -462,7 +462,7 @@ def _skip_value_checks(values: Tensor) -> bool:
 
 def _interpreted() -> bool:
     """Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_lloyd_kernel, triton.runtime.JITFunction)
+    return interpreted(_lloyd_kernel)
 
 
 def _segment_sort(values: Tensor, offsets: Tensor) -> Tensor:

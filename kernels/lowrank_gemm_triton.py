@@ -59,9 +59,8 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
-from ._registry import fake_propagation, wrap_triton
+from ._registry import fake_propagation, interpreted, wrap_triton
 from .lowrank_gemm import (
     IDENTITY_U,
     IDENTITY_V,
@@ -373,12 +372,11 @@ def csr_operand(a: Tensor) -> Tensor:
     M = a.shape[0]
     if M == 1:
         return a.reshape(-1)
-    if a.device.type == "cpu" and not _INTERPRETED:
+    if a.device.type == "cpu" and not interpreted(_transpose_pad_kernel):
         return torch.nn.functional.pad(a.t(), (0, _csr_cols(M) - M, 0, 1))  # one copy: [K + 1, Mp], contiguous
     return transpose_pad(a)
 
 
-_INTERPRETED = isinstance(_transpose_pad_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 when it was decorated
 TRANSPOSE_TILE = 2048  # elements a _transpose_pad_kernel program moves when Mp <= 64 (16 a thread, 4 warps)
 TRANSPOSE_BLOCK = 64  # its [64, 64] tiles for wider Mp
 
@@ -621,7 +619,7 @@ def linear_launch(
         # two CSR factors share the launch (the identity-init layer with K > n); no t stage, no t buffer
         return _packed_matmul(M, n, [(x, C), (x, V)], None, bias, x.dtype, x.dtype, config)
     t = None
-    if U.fmt != FMT_EMPTY or identity == IDENTITY_U:
+    if U.fmt != FMT_EMPTY:  # (the identity on U with U empty returned above)
         if V.fmt != FMT_EMPTY:  # t = x V^T (+ x)  [M, r]
             t = _packed_matmul(
                 M, r, [(x, V)], x if identity == IDENTITY_V else None, None, torch.float32, x.dtype, config

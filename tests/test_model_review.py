@@ -95,7 +95,7 @@ def test_the_csr_operand_is_one_launch_and_the_model_lists_it():
     a = torch.randn(16, 64)
     ops = _ops(lambda: torch.nn.functional.pad(a.t(), (0, 0, 0, 1)))
     assert sum("fill" in o for o in ops) == 1 and sum("copy" in o for o in ops) == 1, ops
-    assert lt._INTERPRETED  # (conftest: no GPU here) csr_operand takes the kernel, as on CUDA
+    assert lt.interpreted(lt._transpose_pad_kernel)  # (conftest: no GPU here) csr_operand takes the kernel, as on CUDA
     names = [launch.name for launch in model.atmc_linear(16, 4096, 4096, 0.05, 8).launches]
     assert names == ["_transpose_pad_kernel", "_csr_mm_kernel"]  # C and U share x: one CSR launch
     pad = model.atmc_linear(16, 4096, 4096, 0.05, 8).launches[0]
