@@ -474,7 +474,7 @@ def atmc_linear(
     """
     from atmc_triton.kernels.lowrank_gemm import dense_crossover, issue_instructions, linear_path
     from atmc_triton.kernels.lowrank_gemm_triton import _csr_cols as csr_cols
-    from atmc_triton.kernels.lowrank_gemm_triton import split_k
+    from atmc_triton.kernels.lowrank_gemm_triton import csr_groups, split_k
     from atmc_triton.kernels.packed_format import FMT_BITMAP, FMT_CSR, FMT_DENSE
 
     lay = packed_layer(N, K, ratio, bits, structure, formats)
@@ -524,11 +524,8 @@ def atmc_linear(
                 cols = K if a == "x" else r  # coalesced CSR gathers, one _transpose_pad_kernel launch that reads
                 pad = act[a] * (cols + 1) * csr_cols(M) // (cols * M)  # x once and writes every padded element
                 launches.append(Launch("_transpose_pad_kernel", act[a], pad))
-            groups: dict[str, list] = {}  # lowrank_gemm_triton.csr_groups: the factors on one activation, pairwise
-            for a, f in csr:
-                groups.setdefault(a, []).append(f)
-            launch_groups = [(a, g[i : i + 2]) for a, g in groups.items() for i in range(0, len(g), 2)]
-            for i, (a, group) in enumerate(launch_groups):
+            for i, (a, *pair) in enumerate(csr_groups(csr)):  # the launcher's: the factors on one activation, pairwise
+                group = [f for f in pair if f is not None]
                 rmw = 0 if (i == 0 and not tile) else acc_elt * M * n
                 nnz = sum(f["nnz"] for f in group)
                 launches.append(

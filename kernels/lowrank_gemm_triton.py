@@ -580,10 +580,11 @@ def csr_groups(sparse: list) -> list:
     """The CSR launches of one stage: ``[(a, f, second)]`` for ``sparse = [(a, f)]`` CSR products, the factors
     that share an activation ``a`` (the same tensor, so the same ``K``) paired into one launch (``second``: the
     pair's other factor, or ``None``), in the order of their first factors. The usual identity-init layer (``t``
-    is ``x``) so makes one CSR launch for ``x deq(C)^T + x deq(U)^T``; the code widths of a pair may differ."""
-    by_act: dict[int, list] = {}
+    is ``x``) so makes one CSR launch for ``x deq(C)^T + x deq(U)^T``; the code widths of a pair may differ.
+    (``a`` is a dict key: a tensor hashes by identity; ``bench.model`` groups activation names the same way.)"""
+    by_act: dict = {}
     for a, f in sparse:
-        by_act.setdefault(id(a), []).append((a, f))
+        by_act.setdefault(a, []).append((a, f))
     groups = []
     for pairs in by_act.values():
         for i in range(0, len(pairs), 2):
