@@ -264,20 +264,56 @@ def segment_gather_bytes(sizes: list[int]) -> float:
     return sum(4.0 * n * (1.0 - (1.0 - s / n) ** 8) for s in sizes if s)
 
 
-def _lloyd_prepare(sizes: list[int]) -> list[Launch]:
+# SASS instruction totals per warp of the split's two kernels (split_count_kernel, split_scatter_kernel; no loops, no
+# branches: each warp issues every instruction once), 8 warps, by bins NB (python -m bench.sort_rank,
+# bench/results/sort_rank_2026-12-02_split.json)
+SPLIT_SASS = {
+    "3.8": {128: (472, 1424), 256: (560, 1424), 1024: (2208, 6560)},
+    "3.6": {128: (656, 1368), 256: (816, 1368), 1024: (4184, 6328)},
+    "3.9": {128: (472, 1032), 256: (560, 1032), 1024: (2112, 4648)},
+}
+
+
+def _segment_split(n: int, S: int, triton: str = "3.8") -> list[Launch]:
+    """``lloyd_split_triton.segment_sort`` after its ``torch.sort``: the count kernel (read the int64 index,
+    write the segment byte and two ``[blocks, NB]`` tables), the scan of the counts, the scatter kernel (the
+    segment byte, the block's values, the tables' rows; write each value once). Issue: :data:`SPLIT_SASS`."""
+    from atmc_triton.kernels.lloyd_split_triton import SPLIT_WARPS, split_shape
+
+    nb, block, _ = split_shape(S)
+    count, scatter = SPLIT_SASS[triton][min(k for k in SPLIT_SASS[triton] if k >= nb)]
+    blocks = math.ceil(n / block)
+    tab, seg = 4 * blocks * nb, (1 if S <= 256 else 2) * n
+    return [
+        Launch("split_count_kernel", 8 * n, seg + 2 * tab, issue=blocks * SPLIT_WARPS * count),
+        Launch("cumsum of the block counts", tab, tab),
+        Launch("split_scatter_kernel", seg + 4 * n + 2 * tab, 4 * n, issue=blocks * SPLIT_WARPS * scatter),
+    ]
+
+
+def _lloyd_prepare(sizes: list[int], triton: str = "3.8") -> list[Launch]:
     """The segmented sort, prefix sums and sums of squares (``lloyd_triton._prepare``): every launch the
     launcher makes, as a profiler lists them (each ``torch.sort`` fills its own int64 index first;
-    ``cumsum(dtype=float64)`` casts, then scans)."""
+    ``cumsum(dtype=float64)`` casts, then scans). The split by segment is :func:`_segment_split` up to
+    ``MAX_SEGMENTS`` segments, else the reference's fix-up (``segment_sort_ref``)."""
+    from atmc_triton.kernels.lloyd_split_triton import MAX_SEGMENTS
+
     n, segments = sum(sizes), len(sizes)
     key = 1 if segments <= 256 else 2 if segments <= 2**15 else 4
+    if segments <= MAX_SEGMENTS:
+        split = _segment_split(n, segments, triton)
+    else:
+        split = [
+            Launch("searchsorted (segment of each value)", 8 * n, 4 * n),
+            Launch("segment id to narrow key", 4 * n, key * n),
+            Launch("the stable sort's index fill", 0, 8 * n),
+            sort_pairs("stable sort of segment ids", n, key, 8, 8 * key),
+            Launch("index_select", 8 * n + segment_gather_bytes(sizes), 4 * n),
+        ]
     return [
         Launch("torch.sort's index fill", 0, 8 * n),
         sort_pairs("torch.sort float32 + int64 indices", n, 4, 8, 32),
-        Launch("searchsorted (segment of each value)", 8 * n, 4 * n),
-        Launch("segment id to narrow key", 4 * n, key * n),
-        Launch("the stable sort's index fill", 0, 8 * n),
-        sort_pairs("stable sort of segment ids", n, key, 8, 8 * key),
-        Launch("index_select", 8 * n + segment_gather_bytes(sizes), 4 * n),
+        *split,
         Launch("nan_to_num", 4 * n, 4 * n),
         Launch("cumsum: cast to float64", 4 * n, 8 * n),
         Launch("cumsum float64", 8 * n, 8 * n),
@@ -373,7 +409,7 @@ def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "
     K = 2**bits
     fast = method == "fast"
     chain = _lloyd_chain(max(sizes), iters) * (2 if fast else 1)
-    launches = _lloyd_prepare(sizes)
+    launches = _lloyd_prepare(sizes, triton)
     if fast:
         p = FAST_PASSES[bits]
         atoms = S * 3 * 4104 * 8  # atom boundaries and their sums (written, then read per pass)

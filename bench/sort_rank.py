@@ -22,7 +22,12 @@ a lower bound. Predicted time of a full 32-bit sort of ``n`` keys on an H100:
 ``passes x max(n x count / issue rate, n x 12 B / bandwidth)``. This is a prediction, not a
 measurement. ``torch.sort`` + segment fix-up uses the model's figure for the same ``n``.
 
-``python -m bench.sort_rank [--out DIR] [--side PATH[,PATH...]|off]``: the table, and ``sort_rank.json`` in DIR.
+The quantizer's own split by segment (:mod:`atmc_triton.kernels.lloyd_split_triton`, one pass after
+``torch.sort``) is compiled too, at 111 segments (ResNet34's, 128 bins), 256 and 1,024: its two kernels' SASS
+instruction totals (no loops and no branches: each warp issues every instruction once) are
+``bench.model.SPLIT_SASS``.
+
+``python -m bench.sort_rank [--out DIR] [--side PATH[,PATH...]|off]``: the tables, and ``sort_rank.json`` in DIR.
 """
 
 from __future__ import annotations
@@ -99,6 +104,57 @@ def specs() -> list[dict]:
     ]
 
 
+SPLIT_SEGMENTS = (111, 256, 1024)
+
+
+def split_specs() -> list[dict]:
+    """The split's two kernels as ``lloyd_split_triton.segment_sort`` launches them, at :data:`SPLIT_SEGMENTS`."""
+    from atmc_triton.kernels import lloyd_split_triton as ls
+
+    t = lambda dtype: ["tensor", dtype, True]  # noqa: E731
+    out = []
+    for S in SPLIT_SEGMENTS:
+        nb, block, logb = ls.split_shape(S)
+        seg = t("u8" if S <= 256 else "i16")
+        shape = {"NB": ["int", nb], "BLOCK": ["int", block]}
+        count = {"idx_ptr": t("i64"), "offsets_ptr": t("i64"), "seg_ptr": seg, "counts_ptr": t("i32")}
+        count |= {"adj_ptr": t("i32"), "n": ["int", N_RESNET34], "S": ["int", S]}
+        count["LOG_NB"] = ["int", nb.bit_length() - 1]
+        scatter = {"by_value_ptr": t("fp32"), "seg_ptr": seg, "cum_ptr": t("i32"), "adj_ptr": t("i32")}
+        scatter |= {"out_ptr": t("fp32"), "n": ["int", N_RESNET34], "LOGB": ["int", logb]}
+        for name, args in (("split_count_kernel", count), ("split_scatter_kernel", scatter)):
+            opts = {"num_warps": ls.SPLIT_WARPS, "num_stages": 1}
+            out.append({"module": ls.__name__, "name": name, "args": args | shape, "options": opts})
+    return out
+
+
+def split_rows(results: list[dict]) -> list[dict]:
+    out = []
+    for spec, r in zip(split_specs(), results):
+        if not r["ok"]:
+            raise RuntimeError(r["error"])
+        a = spec["args"]
+        out.append(
+            {
+                "triton": r["triton"],
+                "kernel": spec["name"],
+                "segments": a["S"][1] if "S" in a else None,
+                "NB": a["NB"][1],
+                "BLOCK": a["BLOCK"][1],
+                "regs": r["regs"],
+                "spill_bytes": r["spill_bytes"],
+                "smem": r["smem"],
+                "sass_total": r["sass"]["total"],
+                "loops": int(r["sass"]["loop"] > 2),
+                "ldg128": r["sass"]["ldg128"],
+                "warp_instr_per_value": round(r["sass"]["total"] * spec["options"]["num_warps"] / a["BLOCK"][1], 2),
+            }
+        )
+    for count, scatter in zip(out[::2], out[1::2]):
+        scatter["segments"] = count["segments"]
+    return out
+
+
 def rows(results: list[dict], n: int = N_RESNET34) -> list[dict]:
     from bench.model import H100
 
@@ -125,7 +181,7 @@ def rows(results: list[dict], n: int = N_RESNET34) -> list[dict]:
 
 
 def torch_sort_ms(sizes: list[int] | None = None) -> float:
-    """The model's ``torch.sort`` pairs + segment fix-up (``_lloyd_prepare`` up to its gather), H100, for
+    """The model's ``torch.sort`` pairs + segment fix-up (``_lloyd_prepare`` up to its split), H100, for
     segments of ``sizes`` (default: ImageNet ResNet34's 111 factors, :data:`N_RESNET34` values)."""
     from bench.lloyd import resnet34_shapes
     from bench.model import H100, _lloyd_prepare
@@ -133,13 +189,17 @@ def torch_sort_ms(sizes: list[int] | None = None) -> float:
     if sizes is None:
         sizes = [s for o, i in resnet34_shapes() for s in (o * min(o, i), min(o, i) * i, o * i)]
     launches = _lloyd_prepare(sizes)
-    last = [x.name for x in launches].index("index_select")
+    names = [x.name for x in launches]
+    last = names.index("split_scatter_kernel" if "split_scatter_kernel" in names else "index_select")
     sort = launches[: last + 1]
     return round(1e3 * sum(x.time_s(H100) for x in sort), 2)
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
+
     from bench.aot import compile_specs, side_paths
+    from bench.common import environment
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
@@ -148,8 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     table = rows(compile_specs(specs(), 90))
+    split = split_rows(compile_specs(split_specs(), 90))
     for d in side_paths(a.side):
         table += rows(compile_specs(specs(), 90, d))
+        split += split_rows(compile_specs(split_specs(), 90, d))
     ref = torch_sort_ms()
     print(f"n = {N_RESNET34:,} keys (ResNet34's factors); torch.sort pairs + segment fix-up (model): {ref} ms on H100")
     print("| Triton | ranking | regs | spills | loops | warp instr / key / pass | passes | predicted sort, H100 |")
@@ -159,10 +221,20 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['triton']} | {r['variant']} | {r['regs']} | {r['spill_bytes']} | {r['loops']} "
             f"| {r['warp_instr_per_key_pass']} | {r['passes']} | {r['predicted_sort_ms_h100']} ms |"
         )
+    print("\nThe quantizer's split by segment (lloyd_split_triton), sm_90, 8 warps (no loops, no branches):")
+    print("| Triton | kernel | segments | NB | BLOCK | regs | spills | smem | SASS | LDG.128 | warp instr/value |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in split:
+        print(
+            f"| {r['triton']} | {r['kernel']} | {r['segments']} | {r['NB']} | {r['BLOCK']} | {r['regs']} "
+            f"| {r['spill_bytes']} | {r['smem']} | {r['sass_total']} | {r['ldg128']} | {r['warp_instr_per_value']} |"
+        )
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         floor = round(1e3 * 4 * 12 * N_RESNET34 / 3.0e12, 3)  # four keys-only passes at 12 B per key
         doc = {"n": N_RESNET34, "torch_sort_fixup_ms_h100": ref, "keys_only_bytes_ms_h100": floor, "rows": table}
+        doc["split"] = split
+        doc["environment"] = environment(torch.device("cpu"))  # compiled for sm_90 here: no GPU ran
         (a.out / "sort_rank.json").write_text(json.dumps(doc, indent=1))
 
 

@@ -156,6 +156,7 @@ def _exercise_admm() -> None:
 
 def _exercise_lloyd() -> None:
     import torch
+    from atmc_triton.kernels.lloyd_split_triton import segment_sort
     from atmc_triton.kernels.lloyd_triton import errors_for_bits_triton, lloyd_quantize_triton
 
     x = torch.randn(30000)
@@ -163,6 +164,10 @@ def _exercise_lloyd() -> None:
     for method in ("lloyd", "fast"):  # "fast" adds the init kernel and the FAST Lloyd kernel
         lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0, method)
         errors_for_bits_triton(x, off, 20, 0.0, method)
+    # the split by segment (the launchers above take the reference's fix-up in the interpreter, where tl.sort is
+    # slow): 16, 128 (ResNet34's 111 segments), 512 and 1,024 bins, one block each
+    for S in (3, 111, 300, 1024):
+        segment_sort(x[: S + 100], torch.tensor([*range(S), S + 100]))
 
 
 GEMM_CASES = (  # (N, K, ratio, bits, structure, M, dtype, formats): bench/gemm.py's layers (N >= K: identity on V)
@@ -254,6 +259,7 @@ def _large_tile(spec: dict) -> bool:
 
 
 STREAM = "streaming kernel: 128-bit loads of contiguous data"
+SPLIT = "one pass bound by what it issues (bench.sort_rank), not by its bytes: no spills, 2 blocks (16 warps) per SM"
 
 
 def _blocks(inflight: int) -> int:
@@ -285,6 +291,8 @@ FAMILIES: dict[str, Family] = {
             Rule("scan_kernel", _blocks(1024 * 5), vector_loads=True, why=STREAM),
             Rule("_sumsq_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
             Rule("_codes_kernel", _blocks(1024 * 4), vector_loads=True, why=STREAM),
+            Rule("split_count_kernel", min_blocks=2, why=SPLIT),
+            Rule("split_scatter_kernel", min_blocks=2, why=SPLIT),
         ),
     ),
     "gemm": Family(

@@ -4,10 +4,9 @@ Same semantics and output layout as :func:`atmc_triton.kernels.lloyd.lloyd_quant
 The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
 ``torch.compile(fullgraph=True)``:
 
-1. segmented sort: one float32 sort of all values, then a stable sort of their segment ids
-   (a 1-2 pass radix sort on uint8/int16 keys; int32 keys past 2**15 segments) leaves every
-   segment ascending in its own range ``[offsets[s], offsets[s+1])`` (zeros included, in the
-   middle of the segment);
+1. segmented sort (:mod:`.lloyd_split_triton`): one float32 ``torch.sort`` of all values, then a stable
+   split by segment (two Triton launches; the torch fix-up past 1,024 segments) leaves every segment
+   ascending in its own range ``[offsets[s], offsets[s+1])`` (zeros included, in the middle of the segment);
 2. float64 inclusive prefix sums of the sorted buffer, and per-segment sums of squares;
 3. ONE Lloyd launch, one program per segment (``[S, 8]`` programs for :func:`errors_for_bits`),
    every iteration in registers: 256 lanes hold the free centres, each iteration is a binary
@@ -37,18 +36,16 @@ counts the same launches), read + written:
     floor (read the values, write int16 codes and float32 q)                       10
     index fill of the first sort                                                  8
     torch.sort, float32 keys + int64 indices (4 radix passes of 8 bits)          100
-    searchsorted to segment ids, narrow keys, index fill, their stable sort      44
-    index_select into segment order (indices 8, written 4, the gather below)   ~41
+    the split by segment (.lloyd_split_triton; its torch fix-up moved ~85)      ~21
     nan_to_num, float64 cast and prefix sums, sums of squares                     40
     Lloyd launch: O(S K log n) binary-search loads per iteration                 ~0
     codes pass (read values, write codes and q)                                   10
-    total, method "lloyd"                                                       ~243   (24x the floor)
-    method "fast": + segment starts 1, both scans 22, init and refinement ~3     ~269   (27x)
+    total, method "lloyd"                                                       ~179   (18x the floor)
+    method "fast": + segment starts 1, both scans 22, init and refinement ~3     ~205   (21x)
 
-The gather reads a 32-B sector per value or so: each segment's values lie spread over the whole sorted
-buffer (29 B per value for ResNet34's 111 segments, ``bench.model.segment_gather_bytes``). The segmented
-sort (index fill to index_select) is ~193 of them: a design with one full sort cannot come
-near this floor (README, "Static GPU gate, roofline predictions and the one-shot GPU check").
+The segmented sort (index fill to the split) is ~129 of them: a design with one full sort cannot come
+near this floor (README, "Static GPU gate, roofline predictions and the one-shot GPU check"); the split
+is bound by what it issues rather than by its bytes (``bench/sort_rank.py``).
 """
 
 from __future__ import annotations
@@ -466,13 +463,13 @@ def _interpreted() -> bool:
 
 
 def _segment_sort(values: Tensor, offsets: Tensor) -> Tensor:
-    """``values`` with each segment sorted ascending in place of its range: ``[n]`` float32."""
-    S = offsets.numel() - 1
-    by_value, idx = torch.sort(values)  # [n], [n] int64
-    seg = torch.searchsorted(offsets[1:], idx, right=True, out_int32=True)  # segment of each sorted value
-    key_dtype = torch.uint8 if S <= 256 else torch.int16 if S <= 2**15 else torch.int32
-    perm = torch.sort(seg.to(key_dtype), stable=True)[1]  # few radix passes on a narrow key
-    return by_value.index_select(0, perm)
+    """``values`` with each segment sorted ascending in place of its range: ``[n]`` float32
+    (:mod:`.lloyd_split_triton`: one ``torch.sort``, then the Triton split by segment)."""
+    from . import lloyd_split_triton as ls
+
+    if _interpreted() and values.numel() > ls.INTERPRETED_MAX:  # the same bits (the interpreter's tl.sort is slow)
+        return ls.segment_sort_ref(values, offsets)
+    return ls.segment_sort(values, offsets)
 
 
 def _finite(x: Tensor) -> Tensor:

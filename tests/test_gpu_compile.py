@@ -59,6 +59,7 @@ def _exercise_admm():
 
 
 def _exercise_lloyd():
+    from atmc_triton.kernels.lloyd_split_triton import segment_sort
     from atmc_triton.kernels.lloyd_triton import errors_for_bits_triton, lloyd_quantize_triton
 
     x = torch.randn(3000)
@@ -68,6 +69,8 @@ def _exercise_lloyd():
     x, off = x[:300], torch.tensor([0, 100, 103, 300])  # the fast path's kernels (slow in the interpreter)
     lloyd_quantize_triton(x, off, torch.tensor([3, 2, 1], dtype=torch.int32), 5, 1e-5, "fast")
     errors_for_bits_triton(x, off, 5, 1e-5, "fast")
+    segment_sort(x, off)  # the launchers' split (the reference's fix-up in the interpreter): 16 and 512 bins
+    segment_sort(x, torch.tensor([*range(290), 300]))
 
 
 def _exercise_gemm():
@@ -138,6 +141,8 @@ def test_every_kernel_compiles_for_sm90(recorder, tmp_path):
         "fast_refine_kernel",
         "scan_totals_kernel",
         "scan_kernel",
+        "split_count_kernel",
+        "split_scatter_kernel",
         "_tile_kernel",
         "_csr_mm_kernel",
     }

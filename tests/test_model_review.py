@@ -52,11 +52,17 @@ def test_cumsum_to_float64_is_a_cast_then_a_scan_and_the_model_counts_both():
     assert "cumsum: cast to float64" in names and "cumsum float64" in names and "nan_to_num" in names
 
 
-def test_every_torch_sort_has_its_index_fill():
-    names = [launch.name for launch in model._lloyd_prepare([600, 400])]
+@pytest.mark.parametrize("segments", [2, 1024, 1025])
+def test_every_torch_sort_has_its_index_fill(segments):
+    """One ``torch.sort`` then the Triton split up to ``MAX_SEGMENTS`` segments; past it the reference's fix-up,
+    whose stable sort of segment ids is a second ``torch.sort`` with its own index fill."""
+    names = [launch.name for launch in model._lloyd_prepare([600] + [1] * (segments - 1))]
     sorts = [i for i, n in enumerate(names) if "sort" in n and "fill" not in n and "searchsorted" not in n]
     fills = [i for i, n in enumerate(names) if "index fill" in n]
-    assert len(sorts) == 2 and len(fills) == 2 and all(f + 1 == s for f, s in zip(fills, sorts)), names
+    assert len(sorts) == len(fills) == (1 if segments <= 1024 else 2), names
+    assert all(f + 1 == s for f, s in zip(fills, sorts)), names
+    split = ["split_count_kernel", "cumsum of the block counts", "split_scatter_kernel"]
+    assert (names[2:5] == split) == (segments <= 1024), names
 
 
 @pytest.mark.parametrize("shares", [[1], [1, 1, 1, 1], [50, 30, 15, 4, 1], [1] * 60])
