@@ -149,3 +149,17 @@ def test_the_backtrack_step_count_divides_by_its_stores():
         got = classify(res["loops"])
         assert got["back"] == 143 / 4, res["triton"]  # 4 steps unrolled: 4 stores, 8 picks
         assert model.REFINE_SASS[res["triton"][:3]]["back"] == got["back"]
+
+
+def test_split_sass_is_the_sort_rank_run():
+    """``bench.model.SPLIT_SASS`` (the split's instruction totals) is what ``python -m bench.sort_rank`` compiled, for
+    every Triton and bin count of its results file, and the model picks the smallest table entry that covers NB."""
+    run = json.loads((RESULTS / "sort_rank_2026-12-02_split.json").read_text())
+    got: dict = {}
+    for r in run["split"]:
+        version = ".".join(r["triton"].split(".")[:2])
+        got.setdefault(version, {}).setdefault(r["NB"], {})[r["kernel"]] = r["sass_total"]
+    pair = ("split_count_kernel", "split_scatter_kernel")
+    assert {v: {nb: tuple(k[x] for x in pair) for nb, k in t.items()} for v, t in got.items()} == model.SPLIT_SASS
+    launches = {x.name: x for x in model._segment_split(1_000_000, 111, "3.6")}  # 128 bins
+    assert launches["split_scatter_kernel"].issue == 977 * 8 * model.SPLIT_SASS["3.6"][128][1]  # 977 blocks of 1,024
