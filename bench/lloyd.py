@@ -141,7 +141,7 @@ def run(ctx: Ctx) -> tuple[list[Row], list[Target]]:
     if triton_ok:  # where the time goes: the segmented sort, then + prefix sums and sums of squares
         seg_ms = fast(lambda: lloyd_triton._segment_sort(values, off_t))
         rows.append(Row(BENCH, case0, "triton pipeline: segmented sort only", seg_ms, {"x_sort": seg_ms / sort_ms}))
-        prep_ms = fast(lambda: lloyd_triton._prepare(values, off_t))
+        prep_ms = fast(lambda: lloyd_triton._prepare(values, off_t, False))
         rows.append(Row(BENCH, case0, "triton pipeline: sort + prefix sums + sums of squares", prep_ms))
         ms = fast(lambda: errors_for_bits(values, off_t, ITERS, 0.0, "lloyd"))
         rows.append(Row(BENCH, case0, "triton errors_for_bits (b = 1..8, one sort)", ms, {"x_sort": ms / sort_ms}))

@@ -291,11 +291,11 @@ def _segment_split(n: int, S: int, triton: str = "3.8") -> list[Launch]:
     ]
 
 
-def _lloyd_prepare(sizes: list[int], triton: str = "3.8") -> list[Launch]:
-    """The segmented sort, prefix sums and sums of squares (``lloyd_triton._prepare``): every launch the
-    launcher makes, as a profiler lists them (each ``torch.sort`` fills its own int64 index first;
-    ``cumsum(dtype=float64)`` casts, then scans). The split by segment is :func:`_segment_split` up to
-    ``MAX_SEGMENTS`` segments, else the reference's fix-up (``segment_sort_ref``)."""
+def _lloyd_prepare(sizes: list[int], triton: str = "3.8", fast: bool = False) -> list[Launch]:
+    """The segmented sort, scans and sums of squares (``lloyd_triton._prepare``): every launch the launcher
+    makes, as a profiler lists them (each ``torch.sort`` fills its own int64 index first). The split by segment
+    is :func:`_segment_split` up to ``MAX_SEGMENTS`` segments, else the reference's fix-up
+    (``segment_sort_ref``); the scans are :func:`_scans` (``fast``: with squares and ranks)."""
     from atmc_triton.kernels.lloyd_split_triton import MAX_SEGMENTS
 
     n, segments = sum(sizes), len(sizes)
@@ -314,9 +314,7 @@ def _lloyd_prepare(sizes: list[int], triton: str = "3.8") -> list[Launch]:
         Launch("torch.sort's index fill", 0, 8 * n),
         sort_pairs("torch.sort float32 + int64 indices", n, 4, 8, 32),
         *split,
-        Launch("nan_to_num", 4 * n, 4 * n),
-        Launch("cumsum: cast to float64", 4 * n, 8 * n),
-        Launch("cumsum float64", 8 * n, 8 * n),
+        *_scans(n, fast),
         Launch("_sumsq_kernel", 4 * n, 8 * 32 * segments, inflight=4 * 1024, programs=32 * segments),
         Launch("full (tol)", 0, 8),
     ]
@@ -337,19 +335,25 @@ FAST_PASSES = {1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 4, 7: 4, 8: 4}  # most windowed-
 # 11 to 25 passes at b = 8 (the prediction with 25 passes for every segment: 9.7 ms instead of 4.5).
 
 
-def _fast_prepare(n: int, block: int = 1024) -> list[Launch]:
-    """The fast path's two fused scans (``lloyd_triton._fast_scans``): a byte per value marking the segment
-    starts (zero fill, index fill), block totals (read the sorted values and the marks), torch scans of the
-    totals (six small launches: the int32 cumsum promotes to int64), then each block's scans of squares
-    (float64) and distinct-run ranks (int32) plus what precedes it (read both again, write 12 B per value).
-    The predecessor each value compares with comes from L1."""
+def _scans(n: int, fast: bool, block: int = 1024) -> list[Launch]:
+    """The quantizer's two scans (``lloyd_triton._scans``): block totals (read the sorted values), torch scans
+    of the totals (two small launches per total: cumsum, subtract; the int32 run count's cumsum promotes to
+    int64, a cast back), then each block's inclusive prefix sums of the finite values plus what precedes it
+    (float64, 8 B per value written). ``fast`` adds a byte per value marking the segment starts (zero fill,
+    index fill; read by both scans), the prefix sums of squares (float64) and the distinct-run ranks (int32):
+    20 B written per value. The predecessor each value compares with comes from L1."""
     blocks = math.ceil(n / block)
+    read, per_block, written = (5, 20, 20) if fast else (4, 8, 8)
+    small = 7 if fast else 2
+    marks = [Launch("zeros (segment starts)", 0, n), Launch("index_fill_ (segment starts)", 0, 0)] if fast else []
     return [
-        Launch("zeros (segment starts)", 0, n),
-        Launch("index_fill_ (segment starts)", 0, 0),
-        Launch("scan_totals_kernel", 5 * n, 12 * blocks, inflight=5 * block, programs=blocks),
-        *(Launch("cumsum / sub / cast of the block totals", 12 * blocks, 12 * blocks) for _ in range(6)),
-        Launch("scan_kernel", 5 * n + 12 * blocks, 12 * n, inflight=5 * block, programs=blocks),
+        *marks,
+        Launch("scan_totals_kernel", read * n, per_block * blocks, inflight=read * block, programs=blocks),
+        *(
+            Launch("cumsum / sub / cast of the block totals", per_block * blocks, per_block * blocks)
+            for _ in range(small)
+        ),
+        Launch("scan_kernel", read * n + per_block * blocks, written * n, inflight=read * block, programs=blocks),
     ]
 
 
@@ -400,7 +404,7 @@ def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "
     (binary searches over its sorted values, L2 latency per step). Floor: read the values once and
     write codes (int16) and q (float32): 10 B/value. Targets (ResNet34): <= 3 ms at b = 8, <= 1.5 ms
     at b = 4. ``method="lloyd"``: the chain does not depend on K (256 lanes at every b).
-    ``method="fast"`` adds the scans of :func:`_fast_prepare`, the init and refinement kernels (one
+    ``method="fast"`` adds squares and ranks to the scans of :func:`_scans`, the init and refinement kernels (one
     program per segment each; the refinement's critical path is the windowed-DP passes,
     :data:`FAST_PASSES`, proportional to K, costed from its compiled instructions, :data:`REFINE_SASS`
     of ``triton``) and a second Lloyd run in the Lloyd kernel.
@@ -409,13 +413,13 @@ def lloyd_quantize(sizes: list[int], bits: int, iters: int = 20, method: str = "
     K = 2**bits
     fast = method == "fast"
     chain = _lloyd_chain(max(sizes), iters) * (2 if fast else 1)
-    launches = _lloyd_prepare(sizes, triton)
+    launches = _lloyd_prepare(sizes, triton, fast)
     if fast:
         p = FAST_PASSES[bits]
         atoms = S * 3 * 4104 * 8  # atom boundaries and their sums (written, then read per pass)
         rows = S * 264 * 32 * 24 * p  # per pass: candidates, their counts and sums, backpointers
         loads, serial = _fast_refine(bits, p, triton)
-        launches += _fast_prepare(n) + [
+        launches += [
             Launch("fast_init_kernel", 0, atoms, chain=_fast_init_chain(max(sizes))),
             Launch("fast_refine_kernel", atoms * p, rows, chain=loads, serial=serial),
         ]

@@ -7,7 +7,8 @@ The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
 1. segmented sort (:mod:`.lloyd_split_triton`): one float32 ``torch.sort`` of all values, then a stable
    split by segment (two Triton launches; the torch fix-up past 1,024 segments) leaves every segment
    ascending in its own range ``[offsets[s], offsets[s+1])`` (zeros included, in the middle of the segment);
-2. float64 inclusive prefix sums of the sorted buffer, and per-segment sums of squares;
+2. float64 inclusive prefix sums of the sorted buffer (two scan launches of :mod:`.lloyd_window_triton`, which for
+   ``"fast"`` also write the prefix sums of squares and the distinct-run ranks), and per-segment sums of squares;
 3. ONE Lloyd launch, one program per segment (``[S, 8]`` programs for :func:`errors_for_bits`),
    every iteration in registers: 256 lanes hold the free centres, each iteration is a binary
    search of the float32 round-down midpoints over the segment's sorted values plus
@@ -15,9 +16,9 @@ The launcher is pure torch ops plus ``wrap_triton`` kernels, so it traces under
 4. an elementwise pass that writes codes and q in the original order by searching each value
    against its segment's midpoints.
 
-``method="fast"`` adds, between 2 and 3, the prefix sums of squares and the distinct-run ranks (two
-scan launches) and the init and refinement launches of :mod:`.lloyd_window_triton`; the Lloyd launch
-then also runs from that init and keeps the lower error. ``method="optimal"`` runs the reference on host copies.
+``method="fast"`` adds, between 2 and 3, the init and refinement launches of :mod:`.lloyd_window_triton`; the
+Lloyd launch then also runs from that init and keeps the lower error. ``method="optimal"`` runs the reference on
+host copies.
 
 Floating point: means are float64 prefix-sum differences rounded to float32, like the
 reference. The prefix sums are taken over the whole sorted buffer (not restarted per
@@ -37,12 +38,14 @@ counts the same launches), read + written:
     index fill of the first sort                                                  8
     torch.sort, float32 keys + int64 indices (4 radix passes of 8 bits)          100
     the split by segment (.lloyd_split_triton; its torch fix-up moved ~85)      ~21
-    nan_to_num, float64 cast and prefix sums, sums of squares                     40
+    the scans: prefix sums (read 4 twice, write 8), sums of squares (read 4)      20
     Lloyd launch: O(S K log n) binary-search loads per iteration                 ~0
     codes pass (read values, write codes and q)                                   10
-    total, method "lloyd"                                                       ~179   (18x the floor)
-    method "fast": + segment starts 1, both scans 22, init and refinement ~3     ~205   (21x)
+    total, method "lloyd"                                                       ~159   (16x the floor)
+    method "fast": + segment starts 1 (read twice), squares and ranks 12,
+    init and refinement ~3                                                      ~177   (18x)
 
+(nan_to_num and ``cumsum(dtype=float64)`` moved 40 B for the prefix sums until 2026-12-02.)
 The segmented sort (index fill to the split) is ~129 of them: a design with one full sort cannot come
 near this floor (README, "Static GPU gate, roofline predictions and the one-shot GPU check"); the split
 is bound by what it issues rather than by its bytes (``bench/sort_rank.py``).
@@ -472,54 +475,63 @@ def _segment_sort(values: Tensor, offsets: Tensor) -> Tensor:
     return ls.segment_sort(values, offsets)
 
 
-def _finite(x: Tensor) -> Tensor:
-    """``x`` with non-finite values as 0 (for the global prefix sums; their segment's error is NaN anyway).
-    One elementwise launch (``torch.where(torch.isfinite(x), ...)`` is five on CUDA: ``isfinite`` is composite)."""
-    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-
-
 def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Output allocation (tests poison it with NaN / sentinels to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _prepare(values: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Segment-sorted values, their float64 inclusive prefix sums and ``[S, SPLIT]`` partial sums of squares."""
+def _prepare(values: Tensor, offsets: Tensor, fast: bool) -> tuple[Tensor, ...]:
+    """``(srt, prefix, sumsq, prefix2, rank)``: the segment-sorted values, the float64 inclusive prefix sums of
+    their finite values, ``[S, SPLIT]`` partial sums of squares and, with ``fast``, the scans of
+    :func:`_scans` (else ``None``)."""
     S = offsets.numel() - 1
     srt = _segment_sort(values, offsets)
-    prefix = torch.cumsum(_finite(srt), 0, dtype=torch.float64)  # one segment's NaN must not reach the next
+    prefix, prefix2, rank = _scans(srt, offsets, fast)  # one segment's NaN must not reach the next: as 0
     sumsq = _new((S, SPLIT), torch.float64, values.device)
     if S:
         wrap_triton(_sumsq_kernel)[(S, SPLIT)](
             sorted_ptr=srt, offsets_ptr=offsets, out_ptr=sumsq, SPLIT=SPLIT, BLOCK=SUMSQ_BLOCK
         )
-    return srt, prefix, sumsq
+    return srt, prefix, sumsq, prefix2, rank
 
 
-def _fast_scans(srt: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """``(prefix2 [n] f64, rank [n] i32)`` of the segment-sorted ``srt``: inclusive prefix sums of the
-    squares (non-finite values as 0) and inclusive counts of distinct-run starts among the nonzeros (a
-    run starts at each segment's first value and wherever a value differs from its predecessor). Two
-    launches of :mod:`.lloyd_window_triton` (block totals, then block scans plus what precedes them)."""
+def _scans(srt: Tensor, offsets: Tensor, fast: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(prefix [n] f64, prefix2 [n] f64, rank [n] i32)`` of the segment-sorted ``srt``: inclusive prefix sums of
+    the values and (``fast``) of their squares, non-finite values as 0, and (``fast``) inclusive counts of
+    distinct-run starts among the nonzeros (a run starts at each segment's first position and wherever a value
+    differs from its predecessor); ``prefix2`` and ``rank`` are ``None`` without ``fast``. Two launches of
+    :mod:`.lloyd_window_triton` (block totals, then block scans plus what precedes them): they replace
+    ``nan_to_num`` and ``cumsum(dtype=float64)`` (a cast, then a scan)."""
     from . import lloyd_window_triton as wt
 
     n, dev = srt.numel(), srt.device
     blocks = triton.cdiv(n, SCAN_BLOCK)
-    sq, runs = _new((blocks,), torch.float64, dev), _new((blocks,), torch.int32, dev)
-    prefix2, rank = _new((n,), torch.float64, dev), _new((n,), torch.int32, dev)
-    if n:
+    prefix = _new((n,), torch.float64, dev)
+    prefix2, rank = (_new((n,), torch.float64, dev), _new((n,), torch.int32, dev)) if fast else (None, None)
+    if not n:
+        return prefix, prefix2, rank
+    s1 = _new((blocks,), torch.float64, dev)
+    unused = _new((1,), torch.float64, dev)  # (the outputs a scan without fast does not write: no aliasing)
+    sq, runs, starts = unused, unused, srt  # (starts: not read without fast)
+    if fast:
+        sq, runs = _new((blocks,), torch.float64, dev), _new((blocks,), torch.int32, dev)
         starts = torch.zeros(n + 1, dtype=torch.int8, device=dev)  # (empty segments at the end mark n)
         starts.index_fill_(0, offsets[:-1], 1)  # (not starts[...] = 1: on CUDA that copies a host scalar, a sync)
-        args = {"sorted_ptr": srt, "starts_ptr": starts, "n": n, "BLOCK": SCAN_BLOCK}
-        wrap_triton(wt.scan_totals_kernel)[(blocks,)](sq_ptr=sq, runs_ptr=runs, **args)
+    args = {"sorted_ptr": srt, "starts_ptr": starts, "n": n, "FAST": fast, "BLOCK": SCAN_BLOCK}
+    wrap_triton(wt.scan_totals_kernel)[(blocks,)](s1_ptr=s1, sq_ptr=sq, runs_ptr=runs, **args)
+    s1_base, sq_base, runs_base = torch.cumsum(s1, 0) - s1, unused, unused
+    if fast:
         sq_base, runs_base = torch.cumsum(sq, 0) - sq, (torch.cumsum(runs, 0) - runs).to(torch.int32)
-        wrap_triton(wt.scan_kernel)[(blocks,)](
-            sq_base_ptr=sq_base, runs_base_ptr=runs_base, prefix2_ptr=prefix2, rank_ptr=rank, **args
-        )
-    return prefix2, rank
+    wrap_triton(wt.scan_kernel)[(blocks,)](
+        s1_base_ptr=s1_base, sq_base_ptr=sq_base, runs_base_ptr=runs_base, prefix_ptr=prefix,
+        prefix2_ptr=unused if prefix2 is None else prefix2, rank_ptr=unused if rank is None else rank, **args,
+    )  # fmt: skip
+    return prefix, prefix2, rank
 
 
-def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None) -> tuple[Tensor, ...]:
+def _fast_init(
+    srt: Tensor, prefix: Tensor, prefix2: Tensor, rank: Tensor, offsets: Tensor, bits: Tensor | None
+) -> tuple[Tensor, ...]:
     """The fast path's init on the device (:mod:`.lloyd_window_triton`): ``init [P, LANES]`` f32 free
     centres (+inf padded), ``ninit [P]``, ``exact [P]`` and ``passes [P]`` int32, with ``P = S``, or
     ``S * NBITS`` (row ``s * NBITS + b - 1``) when ``bits`` is None."""
@@ -528,7 +540,6 @@ def _fast_init(srt: Tensor, prefix: Tensor, offsets: Tensor, bits: Tensor | None
     from .lloyd_window import COMPAND_CAP
 
     S, dev = offsets.numel() - 1, srt.device
-    prefix2, rank = _fast_scans(srt, offsets)
     P = S if bits is not None else S * NBITS
     i32, f64 = torch.int32, torch.float64
     init, ninit, exact, passes = _new((P, LANES), torch.float32, dev), *(_new((P,), i32, dev) for _ in range(3))
@@ -586,12 +597,12 @@ def lloyd_quantize_triton(
     err = _new((S,), torch.float32, dev)
     if S == 0 or metadata_only(values, _interpreted(), "atmc lloyd kernels"):
         return book, codes, q, err
-    srt, prefix, sumsq = _prepare(values, offsets)
+    fast = method == "fast"
+    srt, prefix, sumsq, prefix2, rank = _prepare(values, offsets, fast)
     mids = _new((S, LANES), torch.float32, dev)
     nneg = _new((S,), torch.int32, dev)
     tol_t = torch.full((1,), tol, dtype=torch.float64, device=dev)
-    fast = method == "fast"
-    init, ninit, iexact, _ = _fast_init(srt, prefix, offsets, bits) if fast else (nneg,) * 4
+    init, ninit, iexact, _ = _fast_init(srt, prefix, prefix2, rank, offsets, bits) if fast else (nneg,) * 4
     wrap_triton(_lloyd_kernel)[(S,)](
         sorted_ptr=srt, prefix_ptr=prefix, sumsq_ptr=sumsq, offsets_ptr=offsets, bits_ptr=bits.to(torch.int32),
         tol_ptr=tol_t, init_ptr=init, ninit_ptr=ninit, iexact_ptr=iexact, book_ptr=book, mids_ptr=mids,
@@ -620,11 +631,11 @@ def errors_for_bits_triton(values: Tensor, offsets: Tensor, max_iter: int, tol: 
     err = _new((S, NBITS), torch.float32, dev)
     if S == 0 or metadata_only(values, _interpreted(), "atmc lloyd kernels"):
         return err
-    srt, prefix, sumsq = _prepare(values, offsets)
+    fast = method == "fast"
+    srt, prefix, sumsq, prefix2, rank = _prepare(values, offsets, fast)
     tol_t = torch.full((1,), tol, dtype=torch.float64, device=dev)
     unused = _new((1,), torch.int32, dev)  # codebook / midpoint / nneg outputs are not written here
-    fast = method == "fast"
-    init, ninit, iexact, _ = _fast_init(srt, prefix, offsets, None) if fast else (unused,) * 4
+    init, ninit, iexact, _ = _fast_init(srt, prefix, prefix2, rank, offsets, None) if fast else (unused,) * 4
     wrap_triton(_lloyd_kernel)[(S, NBITS)](
         sorted_ptr=srt, prefix_ptr=prefix, sumsq_ptr=sumsq, offsets_ptr=offsets, bits_ptr=unused, tol_ptr=tol_t,
         init_ptr=init, ninit_ptr=ninit, iexact_ptr=iexact, book_ptr=unused, mids_ptr=unused, nneg_ptr=unused,

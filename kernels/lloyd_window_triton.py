@@ -2,8 +2,9 @@
 
 Triton twin of the numpy path :func:`atmc_triton.kernels.lloyd._fast_inits` (with
 :func:`.lloyd_window.compand_init` and :func:`.lloyd_window.refine_partition`): four launches, no
-host synchronisation. ``scan_totals_kernel`` and ``scan_kernel`` give the prefix sums of squares and
-the distinct-run ranks of the segment-sorted values; then one program per segment (per segment and
+host synchronisation. ``scan_totals_kernel`` and ``scan_kernel`` give the prefix sums of the values (both
+methods: ``FAST=0`` writes only those), of their squares and the distinct-run ranks of the segment-sorted
+values; then one program per segment (per segment and
 bit width for ``errors_for_bits``), on the segment's sorted nonzeros ``s [m]`` (zeros skipped) with
 ``K = 2**b`` free centres:
 
@@ -39,9 +40,9 @@ therefore quality, not bits: the same SSE up to such ties (tested: ratio to the 
 ``<= 1.02``, never above the legacy quantizer, codes decoding to ``q``); segments kept exactly
 (``<= K`` distinct nonzeros) match the reference bit for bit.
 
-Bytes per value (device path), added to the ``"lloyd"`` path's sort and prefix sums: a byte
-marking segment starts (written, then read by both scans), the sorted values read by both scans,
-and 12 B written (the float64 prefix of squares, the int32 ranks). The init and the refinement
+Bytes per value (device path), added to the ``"lloyd"`` path's sort and scans (which read the sorted values
+twice and write the float64 prefix sums, 8 B): a byte marking segment starts (written, then read by both
+scans) and 12 B written (the float64 prefix of squares, the int32 ranks). The init and the refinement
 read only ``O(G + K NC passes)`` per segment (scratch: ``[P, 4104]`` int32 + 2 float64 atoms,
 ``[P, 264, 32]`` int32 x 3 + float64 x 2 candidates and backpointers, ``[P, 264]`` int32 x 2).
 """
@@ -74,64 +75,83 @@ INT_MAX = tl.constexpr(2147483647)  # a global a kernel may read
 
 
 @triton.jit
-def _scan_terms(sorted_ptr, starts_ptr, n, BLOCK: tl.constexpr):
-    """One block's squares (float64, non-finite as 0) and distinct-run starts among nonzeros (int32): a
-    nonzero starts a run at its segment's first position (``starts``) or where it differs from its
-    predecessor (NaN != NaN: every NaN is a run, as with torch's ``!=``)."""
+def _scan_terms(sorted_ptr, starts_ptr, n, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    """One block's values and squares (float64, non-finite as 0) and, with ``FAST``, its distinct-run starts among
+    nonzeros (int32; else zeros, ``starts`` not read): a nonzero starts a run at its segment's first position
+    (``starts``) or where it differs from its predecessor (NaN != NaN: every NaN is a run, as with torch's ``!=``)."""
     p0 = tl.program_id(0).to(tl.int64) * BLOCK
     p = p0 + tl.arange(0, BLOCK)
     inb = p < n
     if p0 + BLOCK <= n:  # every block but the last: unmasked (128-bit) loads
         x = tl.load(sorted_ptr + p)
-        first = tl.load(starts_ptr + p) != 0
     else:
         x = tl.load(sorted_ptr + p, mask=inb, other=0.0)
-        first = tl.load(starts_ptr + p, mask=inb, other=0) != 0
-    prev = tl.load(sorted_ptr + p - 1, mask=inb & (p > 0), other=0.0)  # (the same lines: L1)
     xf = tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0).to(tl.float64)
-    new = inb & (x != 0) & (first | (x != prev))
-    return xf * xf, new.to(tl.int32)
+    new = tl.zeros([BLOCK], tl.int32)
+    if FAST:
+        if p0 + BLOCK <= n:
+            first = tl.load(starts_ptr + p) != 0
+        else:
+            first = tl.load(starts_ptr + p, mask=inb, other=0) != 0
+        prev = tl.load(sorted_ptr + p - 1, mask=inb & (p > 0), other=0.0)  # (the same lines: L1)
+        new = (inb & (x != 0) & (first | (x != prev))).to(tl.int32)
+    return xf, xf * xf, new
 
 
 @triton.jit(do_not_specialize=["n"])
 def scan_totals_kernel(
     sorted_ptr,  # [n] f32: each segment ascending within its range
-    starts_ptr,  # [n + 1] i8: 1 at each segment's first position
-    sq_ptr,  # [blocks] f64 out: the block's sum of squares
-    runs_ptr,  # [blocks] i32 out: the block's run starts
+    starts_ptr,  # [n + 1] i8: 1 at each segment's first position (FAST only)
+    s1_ptr,  # [blocks] f64 out: the block's sum of finite values
+    sq_ptr,  # [blocks] f64 out: the block's sum of squares (FAST only)
+    runs_ptr,  # [blocks] i32 out: the block's run starts (FAST only)
     n,
+    FAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Pass 1 of the fast path's two scans (prefix sums of squares, distinct-run ranks): block totals."""
-    sq, new = _scan_terms(sorted_ptr, starts_ptr, n, BLOCK)
-    tl.store(sq_ptr + tl.program_id(0), tl.sum(sq, 0))
-    tl.store(runs_ptr + tl.program_id(0), tl.sum(new, 0))
+    """Pass 1 of the quantizer's scans (prefix sums of values; with ``FAST`` also of squares, distinct-run
+    ranks): block totals."""
+    xf, sq, new = _scan_terms(sorted_ptr, starts_ptr, n, FAST, BLOCK)
+    tl.store(s1_ptr + tl.program_id(0), tl.sum(xf, 0))
+    if FAST:
+        tl.store(sq_ptr + tl.program_id(0), tl.sum(sq, 0))
+        tl.store(runs_ptr + tl.program_id(0), tl.sum(new, 0))
 
 
 @triton.jit(do_not_specialize=["n"])
 def scan_kernel(
     sorted_ptr,  # [n] f32
-    starts_ptr,  # [n + 1] i8
-    sq_base_ptr,  # [blocks] f64: squares before each block (exclusive scan of pass 1's totals)
-    runs_base_ptr,  # [blocks] i32: run starts before each block
-    prefix2_ptr,  # [n] f64 out: inclusive prefix sums of squares
-    rank_ptr,  # [n] i32 out: inclusive count of distinct-run starts among nonzeros
+    starts_ptr,  # [n + 1] i8 (FAST only)
+    s1_base_ptr,  # [blocks] f64: finite values before each block (exclusive scan of pass 1's totals)
+    sq_base_ptr,  # [blocks] f64: squares before each block (FAST only)
+    runs_base_ptr,  # [blocks] i32: run starts before each block (FAST only)
+    prefix_ptr,  # [n] f64 out: inclusive prefix sums of the values, non-finite as 0
+    prefix2_ptr,  # [n] f64 out: inclusive prefix sums of squares (FAST only)
+    rank_ptr,  # [n] i32 out: inclusive count of distinct-run starts among nonzeros (FAST only)
     n,
+    FAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Pass 2: each block's inclusive scans plus what came before it (reads 5 B and writes 12 B per value,
-    where the torch ops it replaces moved ~74 B)."""
-    sq, new = _scan_terms(sorted_ptr, starts_ptr, n, BLOCK)
+    """Pass 2: each block's inclusive scans plus what came before it (reads 4 B and writes 8 B per value; with
+    ``FAST`` 5 B and 20 B, where the torch ops they replace moved ~114 B)."""
+    xf, sq, new = _scan_terms(sorted_ptr, starts_ptr, n, FAST, BLOCK)
     p0 = tl.program_id(0).to(tl.int64) * BLOCK
     p = p0 + tl.arange(0, BLOCK)
-    c2 = tl.cumsum(sq, 0) + tl.load(sq_base_ptr + tl.program_id(0))
-    r = tl.cumsum(new, 0) + tl.load(runs_base_ptr + tl.program_id(0))
-    if p0 + BLOCK <= n:
-        tl.store(prefix2_ptr + p, c2)
-        tl.store(rank_ptr + p, r)
+    full = p0 + BLOCK <= n
+    c1 = tl.cumsum(xf, 0) + tl.load(s1_base_ptr + tl.program_id(0))
+    if full:
+        tl.store(prefix_ptr + p, c1)
     else:
-        tl.store(prefix2_ptr + p, c2, mask=p < n)
-        tl.store(rank_ptr + p, r, mask=p < n)
+        tl.store(prefix_ptr + p, c1, mask=p < n)
+    if FAST:
+        c2 = tl.cumsum(sq, 0) + tl.load(sq_base_ptr + tl.program_id(0))
+        r = tl.cumsum(new, 0) + tl.load(runs_base_ptr + tl.program_id(0))
+        if full:
+            tl.store(prefix2_ptr + p, c2)
+            tl.store(rank_ptr + p, r)
+        else:
+            tl.store(prefix2_ptr + p, c2, mask=p < n)
+            tl.store(rank_ptr + p, r, mask=p < n)
 
 
 @triton.jit

@@ -175,14 +175,14 @@ def test_fast_non_finite_value_poisons_only_its_segment(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_scans_match_torch(device):
-    """The fused scans: ranks exactly, prefix sums of squares to float64 rounding, across blocks (1,024
+    """The fused scans: ranks exactly, prefix sums of values and of squares to float64 rounding, across blocks (1,024
     values each), empty segments (inside and at the end), a run continuing into the next segment, NaN."""
     rng = np.random.default_rng(15)
     segs = [rng.integers(-3, 4, 2100) * 0.5, [], np.full(7, 0.5), [0.5], rng.standard_normal(63), [0.0, 2.0], [], []]
     segs[4][5] = np.nan
     values, offsets, _ = _make(segs, [1] * len(segs), device)
     srt = lt._segment_sort(values, offsets)
-    prefix2, rank = (t.cpu() for t in lt._fast_scans(srt, offsets))
+    prefix, prefix2, rank = (t.cpu() for t in lt._scans(srt, offsets, True))
     s, o = srt.cpu(), offsets.cpu()
     new = torch.ones(s.numel(), dtype=torch.bool)
     new[1:] = s[1:] != s[:-1]
@@ -190,6 +190,8 @@ def test_fast_scans_match_torch(device):
     assert torch.equal(rank, torch.cumsum(new & (s != 0), 0, dtype=torch.int32))
     want = torch.cumsum(torch.where(torch.isfinite(s), s, 0.0).double().square(), 0)
     torch.testing.assert_close(prefix2, want, rtol=1e-12, atol=1e-12)
+    want1 = torch.cumsum(torch.where(torch.isfinite(s), s, 0.0).double(), 0)  # (the prefix sums: same launches)
+    torch.testing.assert_close(prefix, want1, rtol=1e-12, atol=1e-12)
     assert int(rank[2099]) < int(rank[2100 + 6])  # the 0.5 run of segment 2 is new (segment 0 ends with 1.5)
 
 
@@ -312,13 +314,13 @@ def test_fast_atoms_match_the_reference_on_the_grid():
     segs, bits = [t3, out], [2, 5]
     assert all(np.unique(x).size > 512 for x in segs)  # the grid, not one atom per run
     values, offsets, bits_t = _make(segs, bits, "cpu")
-    srt, prefix, _ = lt._prepare(values, offsets)
+    srt, prefix, _, prefix2, rank = lt._prepare(values, offsets, True)
     made, new, wrap = [], lt._new, lt.wrap_triton
     no_launch = {None: lambda **kw: None}  # the refinement is not needed here: launch it on no grid
     with pytest.MonkeyPatch.context() as mp:  # keep the launcher's scratch tensors
         mp.setattr(lt, "_new", lambda *a: made.append(new(*a)) or made[-1])
         mp.setattr(lt, "wrap_triton", lambda k: wrap(k) if k is not wt.fast_refine_kernel else _AnyGrid(no_launch))
-        lt._fast_init(srt, prefix, offsets, bits_t)
+        lt._fast_init(srt, prefix, prefix2, rank, offsets, bits_t)
     (atoms,) = [t for t in made if t.shape == (2, wt.ASTRIDE) and t.dtype == torch.int32]
     (state,) = [t for t in made if t.shape == (2, 4)]
     o = offsets.tolist()

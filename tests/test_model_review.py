@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from atmc_triton.kernels.lloyd_triton import _finite
 from atmc_triton.kernels.lowrank_gemm import H100, predicted_us
 from torch.profiler import ProfilerActivity, profile
 
@@ -35,21 +34,18 @@ def _ops(fn, leaves: bool = True) -> list[str]:
     return [n for n in names if not (leaves and n.startswith(NO_KERNEL))]
 
 
-def test_finite_is_one_elementwise_op_and_equals_the_isfinite_mask():
-    x = torch.tensor([1.0, float("nan"), -float("inf"), float("inf"), -2.5, 0.0])
-    assert torch.equal(_finite(x), torch.where(torch.isfinite(x), x, 0.0))
-    ops = _ops(lambda: _finite(x))
-    assert ops == ["aten::nan_to_num"], ops
-    slow = _ops(lambda: torch.where(torch.isfinite(x), x, 0.0))
-    assert len(slow) >= 4, slow  # what it replaced: isfinite is a composite of eq, abs, ne, mul, then where
-
-
-def test_cumsum_to_float64_is_a_cast_then_a_scan_and_the_model_counts_both():
-    x = torch.randn(1000)
-    ops = _ops(lambda: torch.cumsum(x, 0, dtype=torch.float64), leaves=False)
-    assert "aten::_to_copy" in ops and "aten::cumsum" in ops, ops
-    names = [launch.name for launch in model._lloyd_prepare([600, 400])]
-    assert "cumsum: cast to float64" in names and "cumsum float64" in names and "nan_to_num" in names
+@pytest.mark.parametrize("fast", [False, True])
+def test_prefix_sums_are_the_scans_and_no_torch_pass(fast):
+    """The prefix sums come from the two scan kernels for both methods (they replaced ``nan_to_num`` and
+    ``cumsum(dtype=float64)``, a cast and a scan: three passes over the values); ``fast`` adds the segment-start
+    marks, and its scans also write squares and ranks (20 B per value written, 8 without)."""
+    names = [launch.name for launch in model._lloyd_prepare([600, 400], fast=fast)]
+    assert not {"nan_to_num", "cumsum: cast to float64", "cumsum float64"} & set(names), names
+    assert names.count("scan_totals_kernel") == names.count("scan_kernel") == 1
+    assert ("zeros (segment starts)" in names) == fast
+    assert names.count("cumsum / sub / cast of the block totals") == (7 if fast else 2)
+    scan = next(x for x in model._lloyd_prepare([10**6], fast=fast) if x.name == "scan_kernel")
+    assert scan.written == (20 if fast else 8) * 10**6
 
 
 @pytest.mark.parametrize("segments", [2, 1024, 1025])
