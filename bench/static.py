@@ -165,8 +165,8 @@ def _exercise_lloyd() -> None:
         lloyd_quantize_triton(x, off, torch.tensor([8, 2, 4], dtype=torch.int32), 20, 0.0, method)
         errors_for_bits_triton(x, off, 20, 0.0, method)
     # the split by segment (the launchers above take the reference's fix-up in the interpreter, where tl.sort is
-    # slow): 16, 128 (ResNet34's 111 segments), 512 and 1,024 bins, one block each
-    for S in (3, 111, 300, 1024):
+    # slow): 16, 128 (ResNet34's 111 segments) and 1,024 bins, one block each (512: tests/test_gpu_compile.py)
+    for S in (3, 111, 1024):
         segment_sort(x[: S + 100], torch.tensor([*range(S), S + 100]))
 
 

@@ -163,21 +163,20 @@ def test_split_equals_the_reference_on_drawn_problems(p):
 
 def test_lloyd_launchers_with_the_split_match_the_reference_fixup(monkeypatch):
     """The launchers in the interpreter take the reference's fix-up past ``INTERPRETED_MAX`` values; with the
-    kernels (cap raised) every output is bit-identical, at both methods and in ``errors_for_bits``."""
+    kernels (cap raised) every output is bit-identical: ``lloyd_quantize`` (``"fast"``) and ``errors_for_bits``
+    (``"lloyd"``)."""
     lt = pytest.importorskip("atmc_triton.kernels.lloyd_triton")
     ran, wrap = [], lt.wrap_triton
     monkeypatch.setattr(ls, "wrap_triton", lambda k: ran.append(k.__name__) or wrap(k))
     v = values_for(300, 9)
     off, bits = torch.tensor([0, 100, 103, 300]), torch.tensor([3, 2, 4], dtype=torch.int32)
-    for method in ("lloyd", "fast"):
-        monkeypatch.setattr(ls, "INTERPRETED_MAX", 0)
-        ref = lt.lloyd_quantize_triton(v, off, bits, 5, 1e-5, method)
-        ref_err = lt.errors_for_bits_triton(v, off, 5, 1e-5, method)
-        assert not ran
-        monkeypatch.setattr(ls, "INTERPRETED_MAX", 10**6)
-        got = lt.lloyd_quantize_triton(v, off, bits, 5, 1e-5, method)
-        got_err = lt.errors_for_bits_triton(v, off, 5, 1e-5, method)
-        assert ran == ["split_count_kernel", "split_scatter_kernel"] * 2
-        ran.clear()
-        for a, b in zip((*got, got_err), (*ref, ref_err)):
-            assert same_bits(a, b) if a.dtype == torch.float32 else torch.equal(a, b)
+    monkeypatch.setattr(ls, "INTERPRETED_MAX", 0)
+    ref = lt.lloyd_quantize_triton(v, off, bits, 5, 1e-5, "fast")
+    ref_err = lt.errors_for_bits_triton(v, off, 5, 1e-5, "lloyd")  # (one launcher per method: the interpreter
+    assert not ran  # takes about 3 s a split)
+    monkeypatch.setattr(ls, "INTERPRETED_MAX", 10**6)
+    got = lt.lloyd_quantize_triton(v, off, bits, 5, 1e-5, "fast")
+    got_err = lt.errors_for_bits_triton(v, off, 5, 1e-5, "lloyd")
+    assert ran == ["split_count_kernel", "split_scatter_kernel"] * 2
+    for a, b in zip((*got, got_err), (*ref, ref_err)):
+        assert same_bits(a, b) if a.dtype == torch.float32 else torch.equal(a, b)
