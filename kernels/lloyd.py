@@ -92,6 +92,33 @@ def check_method(method: str, name: str = "lloyd_quantize") -> None:
         raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
 
 
+def check_arguments(
+    values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float, name: str = "lloyd_quantize"
+) -> None:
+    """The checks that read no tensor back (shapes, dtypes, ``max_iter``, ``tol``), shared by the reference and
+    the Triton launchers (:func:`.lloyd_triton._check`); messages start with ``name``, the entry point called."""
+    if values.dim() != 1 or values.dtype != torch.float32:
+        raise ValueError(f"{name}: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
+        raise ValueError(f"{name}: offsets must be a 1-D int64 tensor [S + 1]")
+    if bits is not None and (
+        bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(f"{name}: bits must be a 1-D int32/int64 tensor [S]")
+    if max_iter < 0 or not (tol >= 0):
+        raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
+
+
+def check_values(values: Tensor, offsets: Tensor, bits: Tensor | None, name: str = "lloyd_quantize") -> list[int]:
+    """The checks that read ``offsets`` and ``bits`` back (a host sync on CUDA); returns the offsets as a list."""
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != values.numel() or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
+    if bits is not None and any(not 1 <= b <= MAX_BITS for b in bits.tolist()):
+        raise ValueError(f"{name}: bits must lie in 1..{MAX_BITS}, got {bits.tolist()}")
+    return bounds
+
+
 def _check_inputs(
     values: Tensor,
     offsets: Tensor,
@@ -104,22 +131,8 @@ def _check_inputs(
     """Validate the arguments (reading offsets and bits back); return the offsets as a list. Messages start
     with ``name``, the entry point called."""
     check_method(method, name)
-    if values.dim() != 1 or values.dtype != torch.float32:
-        raise ValueError(f"{name}: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
-    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
-        raise ValueError(f"{name}: offsets must be a 1-D int64 tensor [S + 1]")
-    if bits is not None and (
-        bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64)
-    ):
-        raise ValueError(f"{name}: bits must be a 1-D int32/int64 tensor [S]")
-    if max_iter < 0 or not (tol >= 0):
-        raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
-    bounds = offsets.tolist()
-    if bounds[0] != 0 or bounds[-1] != values.numel() or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
-    if bits is not None and any(not 1 <= b <= MAX_BITS for b in bits.tolist()):
-        raise ValueError(f"{name}: bits must lie in 1..{MAX_BITS}, got {bits.tolist()}")
-    return bounds
+    check_arguments(values, offsets, bits, max_iter, tol, name)
+    return check_values(values, offsets, bits, name)
 
 
 def _sorted_nonzeros(x: Tensor) -> Tensor:

@@ -420,33 +420,23 @@ def _codes_kernel(
 
 
 def _check(values: Tensor, offsets: Tensor, bits: Tensor | None, max_iter: int, tol: float, name: str) -> None:
-    """Metadata checks (always) and value checks (eager only: they read offsets and bits back)."""
-    if values.dim() != 1 or values.dtype != torch.float32:
-        raise ValueError(f"{name}: values must be 1-D float32, got {values.dtype} {tuple(values.shape)}")
+    """The reference's checks (:func:`.lloyd.check_arguments`, always; :func:`.lloyd.check_values`, eager only:
+    they read offsets and bits back) plus the kernels' own: at most ``2**31 - 1`` values, one device."""
+    from .lloyd import check_arguments, check_values
+
+    check_arguments(values, offsets, bits, max_iter, tol, name)
     if values.numel() >= 2**31:
         raise ValueError(f"{name}: at most 2**31 - 1 values per call, got {values.numel()}")
-    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
-        raise ValueError(f"{name}: offsets must be a 1-D int64 tensor [S + 1]")
-    if bits is not None and (
-        bits.dim() != 1 or bits.numel() != offsets.numel() - 1 or bits.dtype not in (torch.int32, torch.int64)
-    ):
-        raise ValueError(f"{name}: bits must be a 1-D int32/int64 tensor [S]")
     for t, what in ((offsets, "offsets"), (bits, "bits")):
         if t is not None and t.device != values.device:
             raise ValueError(f"{name}: {what} is on {t.device}, values on {values.device}")
-    if max_iter < 0 or not (tol >= 0):
-        raise ValueError(f"{name}: need max_iter >= 0 and tol >= 0, got {max_iter}, {tol}")
     if _skip_value_checks(values):
         return  # value checks read tensors back: skipped under tracing and CUDA-graph capture
     if not (values.device.type == "cuda" or (values.device.type == "cpu" and _interpreted())):
         raise ValueError(
             f"{name}: the Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1), got {values.device}"
         )
-    o = offsets.tolist()  # always (offsets [k != 0] with no values too): the kernels index with them
-    if o[0] != 0 or o[-1] != values.numel() or any(a > b for a, b in zip(o, o[1:])):
-        raise ValueError(f"{name}: offsets must rise from 0 to values.numel()")
-    if bits is not None and bits.numel() and not bool(((bits >= 1) & (bits <= NBITS)).all()):
-        raise ValueError(f"{name}: bits must lie in 1..{NBITS}, got {bits.tolist()}")
+    check_values(values, offsets, bits, name)  # always (offsets [k != 0] with no values too): kernels index with them
 
 
 def _dense(t: Tensor | None) -> Tensor | None:
