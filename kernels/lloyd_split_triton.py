@@ -28,9 +28,10 @@ keys and int64 indices 100):
     this split: count (idx 8, segment 1), scatter (segment 1, value 4, write 4), the [blocks, NB]
     tables (counts, adj written; cumsum read and write; cum, adj read: 24 NB / BLOCK)              ~21
 
-Both kernels issue more than they move (``bench/sort_rank.py``: 6-8 and 8-11 warp instructions per value on
-sm_90, the scatter's ``tl.sort`` most of it), so the split is predicted at about 0.8 ms for ResNet34's
-45M values on an H100 against the reference's 1.3 ms (``bench/model.py``, a prediction).
+Both kernels issue more than they move (``bench/sort_rank.py``, sm_90, 128 bins: 3.7-5.1 and 8.1-11.1 warp
+instructions per value over Triton 3.6-3.9, the scatter's ``tl.sort`` most of it; up to 8.2 and 12.8 at 1,024
+bins), so the split is predicted at 0.74 ms for ResNet34's 45M values on an H100 against the reference's
+1.29 ms (``bench/model.py``, a prediction).
 
 Example:
     >>> v, off = torch.tensor([3.0, 1.0, 2.0, 0.5, -1.0]), torch.tensor([0, 3, 5])
