@@ -59,19 +59,34 @@ LEFT_OUT = (
 @contextlib.contextmanager
 def poisoned_outputs():
     """Launcher output allocations start as NaN (floats) or a sentinel (ints): an unwritten element shows."""
-    from atmc_triton.kernels import lloyd_triton, lowrank_gemm_triton
+    from atmc_triton.kernels import lloyd_split_triton, lloyd_triton, lowrank_gemm_triton
 
     def poison(shape, dtype, device):
         import torch
 
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -12345, dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else 77 if dtype == torch.uint8 else -12345
+        return torch.full(shape, fill, dtype=dtype, device=device)
 
-    saved = lloyd_triton._new, lowrank_gemm_triton._empty
-    lloyd_triton._new = lowrank_gemm_triton._empty = poison
+    saved = lloyd_triton._new, lowrank_gemm_triton._empty, lloyd_split_triton._empty
+    lloyd_triton._new = lowrank_gemm_triton._empty = lloyd_split_triton._empty = poison
     try:
         yield
     finally:
-        lloyd_triton._new, lowrank_gemm_triton._empty = saved
+        lloyd_triton._new, lowrank_gemm_triton._empty, lloyd_split_triton._empty = saved
+
+
+@contextlib.contextmanager
+def split_in_interpreter():
+    """The Lloyd launchers split by segment with the Triton kernels in the interpreter too (the check's dry
+    recordings must hold the launches a GPU makes; executed, the interpreter takes about 1.3 s a block)."""
+    from atmc_triton.kernels import lloyd_split_triton
+
+    saved = lloyd_split_triton.INTERPRETED_MAX
+    lloyd_split_triton.INTERPRETED_MAX = 2**62
+    try:
+        yield
+    finally:
+        lloyd_split_triton.INTERPRETED_MAX = saved
 
 
 def _admm_case(n: int, k_frac: float, grad: str, dual: bool = False, hinted: bool = False) -> Callable[[object], dict]:
@@ -173,6 +188,27 @@ def _lloyd_case(sizes: list[int], bits: list[int], errors_for_bits: bool = False
     return run
 
 
+def _split_case(sizes: list[int]) -> Callable[[object], dict]:
+    """The quantizer's segmented sort (``torch.sort`` + the Triton split) against the torch fix-up: the same
+    bits (NaN, +-inf, +-0 and ties included)."""
+
+    def run(device) -> dict:
+        import torch
+        from atmc_triton.kernels.lloyd_split_triton import segment_sort, segment_sort_ref
+
+        g = torch.Generator().manual_seed(len(sizes))
+        values = torch.randn(sum(sizes), generator=g)
+        for special, share in ((0.0, 0.1), (-0.0, 0.05), (0.5, 0.05), (float("nan"), 1e-4), (float("inf"), 1e-4)):
+            values[torch.rand(values.numel(), generator=g) < share] = special
+        offsets = torch.tensor([0] + sizes).cumsum(0)
+        got = segment_sort(values.to(device), offsets.to(device)).cpu()
+        want = segment_sort_ref(values.to(device), offsets.to(device)).cpu()  # (torch.sort's order on the device)
+        diff = int((got.view(torch.int32) != want.view(torch.int32)).sum())
+        return {"values_differing": diff, "ok": diff == 0}
+
+    return run
+
+
 def _gemm_case(N: int, K: int, ratio: float, bits: int, structure: str, M: int, dtype: str) -> Callable:
     def run(device) -> dict:
         import torch
@@ -221,6 +257,8 @@ CORRECTNESS: list[tuple[str, str, Callable]] = [  # (op, case, run(device) -> me
         _lloyd_case([1, 7, 63, 1000, 100_003], [8, 4, 1, 8, 4]),
     ),
     ("lloyd_errors_for_bits", "segments 7/1000/100003", _lloyd_case([7, 1000, 100_003], [], errors_for_bits=True)),
+    ("segment_sort", "111 segments, 2.1M values (128 bins)", _split_case([0, 3] + [19_000] * 108 + [47_001])),
+    ("segment_sort", "300 segments, 30k values (512 bins, 2-byte ids)", _split_case([1] * 299 + [29_701])),
     ("atmc_linear", "1024x768 r=0.05 b=4 M=1 fp16", _gemm_case(1024, 768, 0.05, 4, "identity", 1, "float16")),
     ("atmc_linear", "1024x768 r=0.05 b=4 M=16 fp16", _gemm_case(1024, 768, 0.05, 4, "identity", 16, "float16")),
     ("atmc_linear", "1024x768 r=0.05 b=8 M=16 fp16", _gemm_case(1024, 768, 0.05, 8, "identity", 16, "float16")),
@@ -493,11 +531,11 @@ def record_check() -> tuple[list[dict], list[dict]]:
     from bench.static import _gemm_configs
 
     cpu = torch.device("cpu")
-    with record_launches(execute=False) as corr:
+    with split_in_interpreter(), record_launches(execute=False) as corr:
         for _, _, fn in CORRECTNESS:
             with contextlib.suppress(Exception):  # dry launches leave outputs unwritten: comparisons may raise
                 fn(cpu)
-    with record_launches(execute=False) as bench:
+    with split_in_interpreter(), record_launches(execute=False) as bench:
         for _, fn in BENCHMARKS:
             for _ in fn(cpu, True):
                 pass

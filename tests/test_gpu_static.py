@@ -258,6 +258,7 @@ def test_gpu_check_writes_to_out_by_default_and_needs_the_install(tmp_path, monk
         "1024x768 r=0.05 b=4 M=1 fp16",
         "1024x768 r=0.05 b=4 M=16 fp32",
         "hinted, small",
+        "split, small",
     ],
 )
 def test_gpu_check_correctness_cases_run_in_the_interpreter(case):
@@ -271,6 +272,7 @@ def test_gpu_check_correctness_cases_run_in_the_interpreter(case):
     cases = {c: fn for _, c, fn in gpu_check.CORRECTNESS}
     assert "n=1000003 k=10% fp32 grads, hinted (band path)" in cases
     cases["hinted, small"] = gpu_check._admm_case(40_000, 0.1, "float32", hinted=True)
+    cases["split, small"] = gpu_check._split_case([0, 3, 1500, 0, 700])  # (3 blocks of 1,024: ~4 s here)
     with gpu_check.poisoned_outputs():
         res = cases[case](torch.device("cpu"))
     assert res["ok"], (case, res)
