@@ -248,28 +248,38 @@ def is_model_name(name: str) -> bool:
 
 
 def _adapt_stem(model: nn.Module, in_chans: int) -> None:
-    """Rebuild the first ``nn.Conv2d`` of a torchvision model for ``in_chans`` input channels."""
+    """Rebuild the first ``nn.Conv2d`` of a torchvision model for ``in_chans`` input channels, initialized like the
+    one it replaces: weights (and a nonzero bias) drawn from a normal with the replaced tensor's standard deviation,
+    a zero bias kept zero. That is the family's own init wherever it does not depend on the input channels
+    (``kaiming_normal_(mode="fan_out")`` in the ResNets, VGGs, MobileNets, EfficientNets; a fixed std elsewhere),
+    where PyTorch's default for a new conv (``kaiming_uniform_(a=sqrt(5))``, fan-in based) gives the 7x7 ResNet stem
+    about 3x the std at one channel. (A fan-in init, as ViT's patch projection, keeps the 3-channel std.)"""
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
                 if child.in_channels != in_chans:
                     if child.groups != 1:
                         raise ValueError(f"cannot adapt a grouped stem conv to {in_chans} input channels")
-                    setattr(
-                        parent,
-                        name,
-                        nn.Conv2d(
-                            in_chans,
-                            child.out_channels,
-                            child.kernel_size,
-                            child.stride,
-                            child.padding,
-                            child.dilation,
-                            1,
-                            child.bias is not None,
-                            child.padding_mode,
-                        ),
+                    conv = nn.Conv2d(
+                        in_chans,
+                        child.out_channels,
+                        child.kernel_size,
+                        child.stride,
+                        child.padding,
+                        child.dilation,
+                        1,
+                        child.bias is not None,
+                        child.padding_mode,
                     )
+                    with torch.no_grad():
+                        for new, old in ((conv.weight, child.weight), (conv.bias, child.bias)):
+                            if new is None:
+                                continue
+                            if bool((old == 0).all()):
+                                new.zero_()
+                            else:
+                                new.normal_(0.0, float(old.float().std()))
+                    setattr(parent, name, conv)
                 return
 
 

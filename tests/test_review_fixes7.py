@@ -141,3 +141,23 @@ def test_fit_refuses_a_short_training_split_the_ranks_cannot_share(rows, refused
             call()
     else:
         call()  # no process group: the collectives are skipped, so an accepted split trains to the end
+
+
+@pytest.mark.parametrize("arch", ["tv:resnet18", "tv:squeezenet1_1"])
+def test_adapted_tv_stem_keeps_the_family_init(arch):
+    """A ``tv:`` model for 1-channel input gets a new stem conv: drawn like the 3-channel one it replaces (ResNet's
+    kaiming fan-out std sqrt(2 / (64 * 49)) = 0.025, where PyTorch's default for a new conv gave 0.082), a zero
+    bias kept zero (SqueezeNet's stem has one)."""
+    from atmc_triton.models import external_model
+
+    torch.manual_seed(0)
+    ref = external_model(arch, 10, (3, 32, 32))
+    torch.manual_seed(0)
+    one = external_model(arch, 10, (1, 32, 32))
+    old, new = (next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)) for net in (ref, one))
+    assert new.in_channels == 1 and old.in_channels == 3
+    assert float(new.weight.std()) == pytest.approx(float(old.weight.std()), rel=0.1)
+    if arch == "tv:resnet18":
+        assert float(new.weight.std()) == pytest.approx((2 / (64 * 49)) ** 0.5, rel=0.1)
+    else:
+        assert new.bias is not None and bool((new.bias == 0).all()) and bool((old.bias == 0).all())
