@@ -278,12 +278,12 @@ def _segment_split(n: int, S: int, triton: str = "3.8") -> list[Launch]:
     """``lloyd_split_triton.segment_sort`` after its ``torch.sort``: the count kernel (read the int64 index,
     write the segment byte and two ``[blocks, NB]`` tables), the scan of the counts, the scatter kernel (the
     segment byte, the block's values, the tables' rows; write each value once). Issue: :data:`SPLIT_SASS`."""
-    from atmc_triton.kernels.lloyd_split_triton import SPLIT_WARPS, split_shape
+    from atmc_triton.kernels.lloyd_split_triton import SPLIT_WARPS, _seg_dtype, split_shape
 
     nb, block, _ = split_shape(S)
     count, scatter = SPLIT_SASS[triton][min(k for k in SPLIT_SASS[triton] if k >= nb)]
     blocks = math.ceil(n / block)
-    tab, seg = 4 * blocks * nb, (1 if S <= 256 else 2) * n
+    tab, seg = 4 * blocks * nb, _seg_dtype(S).itemsize * n
     return [
         Launch("split_count_kernel", 8 * n, seg + 2 * tab, issue=blocks * SPLIT_WARPS * count),
         Launch("cumsum of the block counts", tab, tab),
@@ -299,10 +299,10 @@ def _lloyd_prepare(sizes: list[int], triton: str = "3.8", fast: bool = False) ->
     from atmc_triton.kernels.lloyd_split_triton import MAX_SEGMENTS
 
     n, segments = sum(sizes), len(sizes)
-    key = 1 if segments <= 256 else 2 if segments <= 2**15 else 4
     if segments <= MAX_SEGMENTS:
         split = _segment_split(n, segments, triton)
     else:
+        key = 1 if segments <= 256 else 2 if segments <= 2**15 else 4
         split = [
             Launch("searchsorted (segment of each value)", 8 * n, 4 * n),
             Launch("segment id to narrow key", 4 * n, key * n),

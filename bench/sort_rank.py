@@ -130,7 +130,8 @@ def split_specs() -> list[dict]:
 
 def split_rows(results: list[dict]) -> list[dict]:
     out = []
-    for spec, r in zip(split_specs(), results):
+    segments = [S for S in SPLIT_SEGMENTS for _ in ("count", "scatter")]  # split_specs' order
+    for spec, S, r in zip(split_specs(), segments, results, strict=True):
         if not r["ok"]:
             raise RuntimeError(r["error"])
         a = spec["args"]
@@ -138,7 +139,7 @@ def split_rows(results: list[dict]) -> list[dict]:
             {
                 "triton": r["triton"],
                 "kernel": spec["name"],
-                "segments": a["S"][1] if "S" in a else None,
+                "segments": S,
                 "NB": a["NB"][1],
                 "BLOCK": a["BLOCK"][1],
                 "regs": r["regs"],
@@ -150,8 +151,6 @@ def split_rows(results: list[dict]) -> list[dict]:
                 "warp_instr_per_value": round(r["sass"]["total"] * spec["options"]["num_warps"] / a["BLOCK"][1], 2),
             }
         )
-    for count, scatter in zip(out[::2], out[1::2]):
-        scatter["segments"] = count["segments"]
     return out
 
 

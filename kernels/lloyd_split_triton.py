@@ -73,7 +73,9 @@ def split_shape(S: int) -> tuple[int, int, int]:
 def _segment_of(src, offsets_ptr, S, NB: tl.constexpr, LOG_NB: tl.constexpr):
     """Segment (int32) of each original position ``src``: the last ``s < S`` with ``offsets[s] <=`` it (past an
     empty segment, whose offset equals the next one's). ``log2(NB)`` unrolled halving steps, each one load
-    (from L1: ``offsets`` is at most ``8 (MAX_SEGMENTS + 1)`` bytes) and one compare."""
+    (from L1: ``offsets`` is at most ``8 (MAX_SEGMENTS + 1)`` bytes) and one compare. (Not
+    ``lloyd_triton._count_le``, the codes pass's search: its runtime-bounded loop with a lower and an upper bound
+    made this kernel issue about 9.1 warp instructions per value on sm_90 with Triton 3.8, against 3.7.)"""
     seg = tl.zeros(src.shape, tl.int32)
     for k in tl.static_range(LOG_NB):
         cand = seg + (NB >> (k + 1))
