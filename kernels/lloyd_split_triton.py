@@ -148,8 +148,24 @@ def _seg_dtype(S: int) -> torch.dtype:
     return torch.uint8 if S <= 256 else torch.int16
 
 
+def _check(values: Tensor, offsets: Tensor) -> None:
+    """The checks that read nothing back (the Lloyd launchers also check that ``offsets`` rise from 0 to ``n``,
+    which needs a host sync)."""
+    if values.dim() != 1 or values.dtype != torch.float32 or not values.is_contiguous():
+        raise ValueError(
+            f"segment_sort: values must be 1-D contiguous float32, got {values.dtype} {tuple(values.shape)}"
+        )
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64 or not offsets.is_contiguous():
+        raise ValueError("segment_sort: offsets must be a 1-D contiguous int64 tensor [S + 1]")
+    if offsets.device != values.device:
+        raise ValueError(f"segment_sort: offsets are on {offsets.device}, values on {values.device}")
+    if values.numel() >= 2**31:
+        raise ValueError(f"segment_sort: at most 2**31 - 1 values, got {values.numel()}")
+
+
 def segment_sort_ref(values: Tensor, offsets: Tensor) -> Tensor:
     """``values [n]`` with each segment of ``offsets [S + 1]`` sorted ascending in its own range (torch ops)."""
+    _check(values, offsets)
     S = offsets.numel() - 1
     by_value, idx = torch.sort(values)  # [n], [n] int64
     seg = torch.searchsorted(offsets[1:], idx, right=True, out_int32=True)  # segment of each sorted value
@@ -161,9 +177,10 @@ def segment_sort_ref(values: Tensor, offsets: Tensor) -> Tensor:
 def segment_sort(values: Tensor, offsets: Tensor) -> Tensor:
     """:func:`segment_sort_ref` with the split in Triton (``S <= MAX_SEGMENTS``): ``[n]`` float32.
 
-    ``values`` contiguous float32 (``n < 2**31``) and ``offsets`` rising from 0 to ``n``, on one device: the
-    Lloyd launchers check both before they call it.
+    ``values`` contiguous float32 (``n < 2**31``) and ``offsets`` int64, on one device (else ``ValueError``);
+    ``offsets`` must rise from 0 to ``n``: the Lloyd launchers check that before they call it (reading them back).
     """
+    _check(values, offsets)
     n, S = values.numel(), offsets.numel() - 1
     if S > MAX_SEGMENTS or n == 0:
         return segment_sort_ref(values, offsets)

@@ -180,3 +180,21 @@ def test_lloyd_launchers_with_the_split_match_the_reference_fixup(monkeypatch):
     assert ran == ["split_count_kernel", "split_scatter_kernel"] * 2
     for a, b in zip((*got, got_err), (*ref, ref_err)):
         assert same_bits(a, b) if a.dtype == torch.float32 else torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "values, offsets, needle",
+    [
+        (torch.zeros(4, dtype=torch.float64), torch.tensor([0, 4]), "float32"),
+        (torch.zeros(2, 2), torch.tensor([0, 4]), "1-D"),
+        (torch.zeros(8)[::2], torch.tensor([0, 4]), "contiguous"),
+        (torch.zeros(4), torch.tensor([0, 4], dtype=torch.int32), "int64"),
+        (torch.zeros(4), torch.tensor([], dtype=torch.int64), r"\[S \+ 1\]"),
+        (torch.zeros(4), torch.tensor([0, 4], device="meta"), "offsets are on meta"),
+    ],
+)
+def test_bad_inputs_are_refused_before_any_launch(values, offsets, needle, poisoned):
+    for fn in (ls.segment_sort, ls.segment_sort_ref):
+        with pytest.raises(ValueError, match=needle):
+            fn(values, offsets)
+    assert not poisoned  # nothing allocated, no kernel launched
